@@ -1,0 +1,187 @@
+//! The event log: one JSON object per line, appended with a single `write()` to a
+//! `0600` file in a private directory, never through a symlink. The preload library
+//! writes it; `styxy-preload log` and `stats` read it.
+
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Coordinated, and the requested port was granted.
+    Kept,
+    /// Coordinated, and another port was granted.
+    Remapped,
+    /// Left alone: no coordinator, an error answer, a single-instance type…
+    Passthrough,
+    /// Seen and never changed: port-0 or unbound listens, observe mode, listen confirmations.
+    Observed,
+    /// A connect the session's remaps redirected.
+    Redirected,
+    /// A connect refused because another session holds the port (isolation).
+    Isolated,
+    Error,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Kept => "kept",
+            Action::Remapped => "remapped",
+            Action::Passthrough => "passthrough",
+            Action::Observed => "observed",
+            Action::Redirected => "redirected",
+            Action::Isolated => "isolated",
+            Action::Error => "error",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub ts: u64,
+    pub session: Option<String>,
+    pub pid: u32,
+    pub comm: String,
+    /// `bind`, `listen` or `connect`.
+    #[serde(default)]
+    pub call: String,
+    pub requested_port: u16,
+    pub port: u16,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    pub service_type: Option<String>,
+    pub action: Action,
+    pub reason: Option<String>,
+    pub latency_us: u64,
+    pub backend: Option<String>,
+    /// `EADDRINUSE` retries before the bind succeeded.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The log cap in bytes (`STYXY_PRELOAD_LOG_MAX`, default 16 MiB): past it the file
+/// becomes `<log>.1` (replacing the previous one) and a new file starts.
+pub fn max_bytes() -> u64 {
+    std::env::var("STYXY_PRELOAD_LOG_MAX").ok().and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(16 << 20)
+}
+
+pub fn rotated_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".1");
+    PathBuf::from(p)
+}
+
+/// Appends one event with a single `write()` (atomic for lines this short on
+/// `O_APPEND`), creating the private directory on first use.
+pub fn append(path: &Path, ev: &Event) -> io::Result<()> {
+    let mut line = serde_json::to_vec(ev).map_err(io::Error::other)?;
+    line.push(b'\n');
+    if let Some(dir) = path.parent() {
+        if path == paths::event_log_path() && std::env::var_os("STYXY_PRELOAD_LOG").is_none() {
+            paths::ensure_private_dir(dir)?;
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len + line.len() as u64 > max_bytes() && len > 0 {
+        // Whoever renames first wins; a racing writer appends to the renamed file, still read.
+        let _ = std::fs::rename(path, rotated_path(path));
+        drop(f);
+        f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+    }
+    f.write_all(&line)
+}
+
+/// Every event in the rotated file then the current one, oldest first. Lines that do
+/// not parse (a torn write after a crash, a foreign line) are skipped.
+pub fn read_all(path: &Path) -> io::Result<Vec<Event>> {
+    let mut out = Vec::new();
+    let mut found = false;
+    for p in [rotated_path(path), path.to_path_buf()] {
+        match std::fs::read(&p) {
+            Ok(data) => {
+                found = true;
+                out.extend(parse_lines(&data));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !found {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no event log at {}", path.display())));
+    }
+    Ok(out)
+}
+
+pub fn parse_lines(data: &[u8]) -> Vec<Event> {
+    data.split(|b| *b == b'\n').filter(|l| !l.is_empty()).filter_map(|l| serde_json::from_slice(l).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(port: u16) -> Event {
+        Event {
+            ts: now_ms(),
+            session: Some("s".into()),
+            pid: 1,
+            comm: "x".into(),
+            call: "bind".into(),
+            requested_port: 3000,
+            port,
+            family: "ipv4".into(),
+            service_type: Some("dev".into()),
+            action: Action::Remapped,
+            reason: None,
+            latency_us: 10,
+            backend: Some("unix".into()),
+            retries: 0,
+        }
+    }
+
+    #[test]
+    fn append_read_rotate() {
+        let dir = std::env::temp_dir().join(format!("styxy-evlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        append(&path, &ev(3001)).unwrap();
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{torn\n").unwrap();
+        append(&path, &ev(3002)).unwrap();
+        let got = read_all(&path).unwrap();
+        assert_eq!(got.iter().map(|e| e.port).collect::<Vec<_>>(), vec![3001, 3002]);
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        // a symlink at the log path is not followed
+        let link = dir.join("link.jsonl");
+        std::os::unix::fs::symlink(dir.join("target"), &link).unwrap();
+        assert!(append(&link, &ev(1)).is_err());
+        assert!(!dir.join("target").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,336 @@
+//! HTTP/1.1 to a coordinator, over a Unix socket (the built-in daemon) or TCP (Styxy),
+//! with ureq and a connector of our own.
+//!
+//! One fresh connection per request, never kept: programs close fds they did not
+//! open. Our sockets are `CLOEXEC`, never on fd 0–2, and every wait is bounded by a
+//! connect timeout and a total deadline.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport};
+
+/// Where a coordinator answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The built-in daemon: HTTP over a Unix socket.
+    Unix(PathBuf),
+    /// Styxy (or the built-in daemon's `--http`): HTTP over TCP, bearer token.
+    Tcp { addr: SocketAddr, token: Option<String> },
+}
+
+impl Endpoint {
+    /// Parses `unix:/path` or `http://host:port` (host an IP address or `localhost`).
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        if let Some(path) = url.strip_prefix("unix:") {
+            let path = path.trim_start_matches("//");
+            if !path.starts_with('/') {
+                return Err(format!("'{url}': a unix: URL needs an absolute path, e.g. unix:/run/user/1000/styxy-preload/daemon.sock"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("'{url}': expected unix:/path or http://host:port"))?
+            .trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("'{url}': the port is missing, e.g. http://127.0.0.1:9876"))?;
+        let port: u16 = port.parse().map_err(|_| format!("'{url}': '{port}' is not a port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip: IpAddr = if host == "localhost" {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            host.parse().map_err(|_| format!("'{url}': '{host}' is not an IP address or localhost"))?
+        };
+        Ok(Endpoint::Tcp { addr: SocketAddr::new(ip, port), token: None })
+    }
+
+    /// `unix` or `http`, as the event log's `backend` field names it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Endpoint::Unix(_) => "unix",
+            Endpoint::Tcp { .. } => "http",
+        }
+    }
+
+    pub fn with_token(self, token: Option<String>) -> Endpoint {
+        match self {
+            Endpoint::Tcp { addr, .. } => Endpoint::Tcp { addr, token },
+            e => e,
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp { addr, .. } => write!(f, "http://{addr}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub total: Duration,
+    /// The largest response body accepted.
+    pub max_body: u64,
+}
+
+impl Timeouts {
+    /// For the hooks: a local daemon answers in well under a millisecond; a bind
+    /// must return within 300 ms whatever the coordinator does.
+    pub const HOOK: Timeouts = Timeouts { connect: Duration::from_millis(50), total: Duration::from_millis(250), max_body: 64 * 1024 };
+    /// For the CLI: more patience, bigger answers (allocation lists).
+    pub const CLI: Timeouts = Timeouts { connect: Duration::from_millis(500), total: Duration::from_secs(5), max_body: 8 * 1024 * 1024 };
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// `Retry-After` in seconds, on a 429.
+    pub retry_after: Option<u64>,
+}
+
+impl Response {
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_slice(&self.body).map_err(|e| Error::Protocol(format!("HTTP {}: not the expected JSON ({e})", self.status)))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// Nothing answers at the endpoint.
+    Unreachable(String),
+    Timeout,
+    /// Something answered, but not HTTP/JSON we understand.
+    Protocol(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Unreachable(e) => write!(f, "coordinator unreachable: {e}"),
+            Error::Timeout => write!(f, "coordinator timeout"),
+            Error::Protocol(e) => write!(f, "bad answer from coordinator: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// One request: `method` `path` with an optional JSON body.
+pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(t.total))
+        .timeout_connect(Some(t.connect))
+        .max_idle_connections(0)
+        .max_redirects(0)
+        .max_response_header_size(16 * 1024)
+        .input_buffer_size(16 * 1024)
+        .output_buffer_size(16 * 1024)
+        .user_agent("styxy-preload")
+        .build();
+    let agent = ureq::Agent::with_parts(config, SockConnector(ep.clone()), NoResolver);
+    let url = match ep {
+        Endpoint::Unix(_) => format!("http://localhost{path}"),
+        Endpoint::Tcp { addr, .. } => format!("http://{addr}{path}"),
+    };
+    let auth = match ep {
+        Endpoint::Tcp { token: Some(tok), .. } => Some(format!("Bearer {tok}")),
+        _ => None,
+    };
+    let result = match (method, body) {
+        ("GET", _) => with_auth(agent.get(&url), &auth).call(),
+        ("DELETE", _) => with_auth(agent.delete(&url), &auth).call(),
+        ("POST", b) => with_auth(agent.post(&url), &auth).header("Content-Type", "application/json").send(b.unwrap_or(b"{}")),
+        ("PUT", b) => with_auth(agent.put(&url), &auth).header("Content-Type", "application/json").send(b.unwrap_or(b"{}")),
+        _ => return Err(Error::Protocol(format!("unsupported method {method}"))),
+    };
+    let mut res = result.map_err(map_err)?;
+    let status = res.status().as_u16();
+    let retry_after = res.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let body = res.body_mut().with_config().limit(t.max_body).read_to_vec().map_err(map_err)?;
+    Ok(Response { status, body, retry_after })
+}
+
+fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: &Option<String>) -> ureq::RequestBuilder<B> {
+    match auth {
+        Some(a) => req.header("Authorization", a),
+        None => req,
+    }
+}
+
+fn map_err(e: ureq::Error) -> Error {
+    match e {
+        ureq::Error::Timeout(_) => Error::Timeout,
+        ureq::Error::Io(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => Error::Timeout,
+        ureq::Error::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::AddrNotAvailable
+            ) =>
+        {
+            Error::Unreachable(e.to_string())
+        }
+        e => Error::Protocol(e.to_string()),
+    }
+}
+
+/// The address comes from the endpoint, never from DNS.
+#[derive(Debug)]
+struct NoResolver;
+
+impl Resolver for NoResolver {
+    fn resolve(&self, _: &ureq::http::Uri, _: &ureq::config::Config, _: NextTimeout) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let mut addrs = self.empty();
+        addrs.truncate(0);
+        addrs.push(SocketAddr::from(([127, 0, 0, 1], 0)));
+        Ok(addrs)
+    }
+}
+
+#[derive(Debug)]
+struct SockConnector(Endpoint);
+
+impl Connector<()> for SockConnector {
+    type Out = SockTransport;
+
+    fn connect(&self, details: &ConnectionDetails, _: Option<()>) -> Result<Option<SockTransport>, ureq::Error> {
+        let timeout = details.timeout.not_zero().map(|t| *t).unwrap_or(Duration::from_millis(50));
+        let sock = connect(&self.0, timeout)?;
+        let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
+        Ok(Some(SockTransport { sock, buffers }))
+    }
+}
+
+/// A connected stream socket, `CLOEXEC`, never on fd 0–2, connected within `timeout`
+/// (a Unix socket whose backlog is full fails at once rather than blocking).
+pub fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Socket> {
+    let (domain, addr) = match ep {
+        Endpoint::Unix(p) => (Domain::UNIX, SockAddr::unix(p)?),
+        Endpoint::Tcp { addr, .. } => (Domain::for_address(*addr), SockAddr::from(*addr)),
+    };
+    let sock = above_stdio(Socket::new(domain, Type::STREAM, None)?)?;
+    match ep {
+        Endpoint::Unix(_) => {
+            sock.set_nonblocking(true)?;
+            sock.connect(&addr)?;
+            sock.set_nonblocking(false)?;
+        }
+        Endpoint::Tcp { .. } => {
+            sock.connect_timeout(&addr, timeout)?;
+            sock.set_nodelay(true)?;
+        }
+    }
+    Ok(sock)
+}
+
+/// Moves a socket that landed on fd 0–2 (a program started with stdio closed) to fd ≥ 3,
+/// so that nothing the program writes to "stdout" ends up in our request.
+fn above_stdio(sock: Socket) -> io::Result<Socket> {
+    if sock.as_raw_fd() > 2 {
+        return Ok(sock);
+    }
+    // SAFETY: plain fcntl on a valid fd; the new fd is owned by the returned Socket.
+    let fd = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { Socket::from_raw_fd(fd) })
+}
+
+#[derive(Debug)]
+struct SockTransport {
+    sock: Socket,
+    buffers: LazyBuffers,
+}
+
+fn io_err(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
+    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+        ureq::Error::Timeout(timeout.reason)
+    } else {
+        ureq::Error::Io(e)
+    }
+}
+
+impl Transport for SockTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        let timeout = timeout.for_write();
+        self.sock.set_write_timeout(timeout.not_zero().map(|t| *t)).map_err(ureq::Error::Io)?;
+        let out = &self.buffers.output()[..amount];
+        (&self.sock).write_all(out).map_err(|e| io_err(e, &timeout))
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        let timeout = timeout.for_read();
+        self.sock.set_read_timeout(timeout.not_zero().map(|t| *t)).map_err(ureq::Error::Io)?;
+        let n = loop {
+            match (&self.sock).read(self.buffers.input_append_buf()) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r.map_err(|e| io_err(e, &timeout))?,
+            }
+        };
+        self.buffers.input_appended(n);
+        Ok(n > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_urls() {
+        assert_eq!(Endpoint::parse("unix:/run/x.sock").unwrap(), Endpoint::Unix("/run/x.sock".into()));
+        assert_eq!(Endpoint::parse("unix:///run/x.sock").unwrap(), Endpoint::Unix("/run/x.sock".into()));
+        assert_eq!(
+            Endpoint::parse("http://127.0.0.1:9876/").unwrap(),
+            Endpoint::Tcp { addr: "127.0.0.1:9876".parse().unwrap(), token: None }
+        );
+        assert_eq!(
+            Endpoint::parse("http://localhost:9877").unwrap(),
+            Endpoint::Tcp { addr: "127.0.0.1:9877".parse().unwrap(), token: None }
+        );
+        assert_eq!(
+            Endpoint::parse("http://[::1]:9877").unwrap(),
+            Endpoint::Tcp { addr: "[::1]:9877".parse().unwrap(), token: None }
+        );
+        for bad in ["unix:rel", "https://x:1", "http://127.0.0.1", "http://example.com:80", "http://1.2.3.4:99999"] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unreachable_endpoints_fail_fast() {
+        let dir = std::env::temp_dir().join(format!("styxy-http-test-{}", std::process::id()));
+        let ep = Endpoint::Unix(dir.join("nothing.sock"));
+        let t = std::time::Instant::now();
+        assert!(matches!(call(&ep, "GET", "/status", None, Timeouts::HOOK), Err(Error::Unreachable(_))));
+        // a TCP port nobody listens on: bind one, learn its number, close it
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let ep = Endpoint::Tcp { addr, token: None };
+        assert!(matches!(call(&ep, "GET", "/status", None, Timeouts::HOOK), Err(Error::Unreachable(_))));
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,337 @@
+//! Which ports are coordinated, and as which service type: a pure function of the
+//! port (DESIGN.md "Intercept policy"), over Styxy's 17 built-in service types.
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceType {
+    pub name: String,
+    pub range: (u16, u16),
+    pub preferred: Vec<u16>,
+    /// Styxy's `instance_behavior: "single"`: never remapped.
+    pub single: bool,
+}
+
+/// What the hooks do with a bind of a given port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Pass through, never ask. The reason names the rule.
+    Untouched(&'static str),
+    /// Always ask the coordinator for this type; remap on conflict.
+    Coordinated(String),
+    /// Bind as is; ask for a port of this fallback type only after `EADDRINUSE`.
+    OnConflict(String),
+    /// A single-instance type: never remapped, a second instance fails as usual.
+    Single(String),
+}
+
+impl Decision {
+    pub fn service_type(&self) -> Option<&str> {
+        match self {
+            Decision::Untouched(_) => None,
+            Decision::Coordinated(t) | Decision::OnConflict(t) | Decision::Single(t) => Some(t),
+        }
+    }
+}
+
+/// The fallback type for ports outside every range (on-conflict remaps).
+pub const FALLBACK_TYPE: &str = "dev";
+
+/// Ports debuggers attach to by number: Node inspector, JDWP, debugpy.
+pub const DEBUGGER_PORTS: [u16; 3] = [9229, 5005, 5678];
+
+/// Styxy's own listener and the ports its client probes.
+pub const STYXY_PORTS: (u16, u16) = (9876, 9880);
+
+/// Default ports of well-known tools outside every range, and the type they belong to.
+pub const TOOL_DEFAULTS: [(u16, &str); 11] = [
+    (5173, "dev"),   // Vite
+    (5174, "dev"),   // Vite, second instance
+    (4173, "dev"),   // vite preview
+    (4200, "ui"),    // Angular
+    (4321, "dev"),   // Astro
+    (8888, "dev"),   // Jupyter
+    (8080, "api"),   // everything
+    (9222, "test"),  // Chrome DevTools
+    (6006, "storybook"),
+    (1313, "docs"),  // Hugo
+    (5000, "functions"), // Flask
+];
+
+fn t(name: &str, lo: u16, hi: u16, p0: u16) -> ServiceType {
+    ServiceType {
+        name: name.to_string(),
+        range: (lo, hi),
+        preferred: (p0..p0 + 4).collect(),
+        single: name == "ai",
+    }
+}
+
+/// Styxy's built-in service types (`styxy-api.md` §5).
+pub fn builtin_types() -> Vec<ServiceType> {
+    vec![
+        t("dev", 3000, 3099, 3000),
+        t("monitoring", 3100, 3199, 3100),
+        t("ui", 4000, 4099, 4000),
+        t("docs", 4100, 4199, 4100),
+        t("hub", 4400, 4499, 4400),
+        t("functions", 5000, 5099, 5001),
+        t("database", 5430, 5499, 5430),
+        t("storybook", 6006, 6029, 6006),
+        t("infrastructure", 6370, 6399, 6370),
+        t("api", 8000, 8099, 8000),
+        t("proxy", 8100, 8199, 8100),
+        t("build", 8200, 8299, 8200),
+        t("messaging", 9050, 9098, 9050),
+        t("auth", 9099, 9199, 9099),
+        t("test", 9200, 9299, 9200),
+        t("coordination", 9870, 9899, 9870),
+        t("ai", 11400, 11499, 11430),
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub lo: u16,
+    pub hi: u16,
+    /// `None`: leave these ports alone.
+    pub service_type: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub types: Vec<ServiceType>,
+    pub rules: Vec<Rule>,
+    /// Ports of the coordinator in use (its TCP listener): never touched.
+    pub coordinator_ports: Vec<u16>,
+    /// The first port of the kernel's ephemeral range.
+    pub ephemeral_low: u16,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { types: builtin_types(), rules: vec![], coordinator_ports: vec![], ephemeral_low: 32768 }
+    }
+}
+
+impl Policy {
+    pub fn decide(&self, port: u16) -> Decision {
+        if port == 0 {
+            return Decision::Untouched("port 0");
+        }
+        if (STYXY_PORTS.0..=STYXY_PORTS.1).contains(&port) || self.coordinator_ports.contains(&port) {
+            return Decision::Untouched("coordinator port");
+        }
+        if let Some(r) = self.rules.iter().find(|r| (r.lo..=r.hi).contains(&port)) {
+            return match &r.service_type {
+                None => Decision::Untouched("STYXY_PRELOAD_PORTS"),
+                Some(ty) => self.typed(ty),
+            };
+        }
+        if port < 1024 {
+            return Decision::Untouched("privileged port");
+        }
+        if port >= self.ephemeral_low {
+            return Decision::Untouched("ephemeral range");
+        }
+        if DEBUGGER_PORTS.contains(&port) {
+            return Decision::Untouched("debugger port");
+        }
+        if let Some(ty) = self.types.iter().find(|t| (t.range.0..=t.range.1).contains(&port)) {
+            return self.typed(&ty.name);
+        }
+        if let Some((_, ty)) = TOOL_DEFAULTS.iter().find(|(p, _)| *p == port) {
+            if self.known(ty) {
+                return self.typed(ty);
+            }
+        }
+        Decision::OnConflict(FALLBACK_TYPE.to_string())
+    }
+
+    fn typed(&self, ty: &str) -> Decision {
+        match self.types.iter().find(|t| t.name == ty) {
+            Some(t) if t.single => Decision::Single(ty.to_string()),
+            _ => Decision::Coordinated(ty.to_string()),
+        }
+    }
+
+    pub fn known(&self, ty: &str) -> bool {
+        self.types.iter().any(|t| t.name == ty)
+    }
+
+    pub fn service_type(&self, name: &str) -> Option<&ServiceType> {
+        self.types.iter().find(|t| t.name == name)
+    }
+
+    /// Adds `STYXY_PRELOAD_PORTS` rules: `port=type` or `from-to=type`, separated by
+    /// commas or spaces; type `off` leaves the ports alone. Types must be known: an
+    /// unknown name would make Styxy invent a range and keep it for good.
+    pub fn add_rules(&mut self, spec: &str) -> Result<(), String> {
+        for item in spec.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
+            let (ports, ty) = item
+                .split_once('=')
+                .ok_or_else(|| format!("'{item}': expected PORT=TYPE or FROM-TO=TYPE"))?;
+            let parse = |s: &str| {
+                s.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("'{item}': '{s}' is not a port (1-65535)"))
+            };
+            let (lo, hi) = match ports.split_once('-') {
+                Some((a, b)) => (parse(a)?, parse(b)?),
+                None => (parse(ports)?, parse(ports)?),
+            };
+            if lo > hi {
+                return Err(format!("'{item}': {lo} is above {hi}"));
+            }
+            let service_type = match ty.trim() {
+                "off" | "none" => None,
+                t if self.known(t) => Some(t.to_string()),
+                t => {
+                    let names: Vec<&str> = self.types.iter().map(|t| t.name.as_str()).collect();
+                    return Err(format!("'{item}': unknown service type '{t}' (known: {}, or off)", names.join(", ")));
+                }
+            };
+            self.rules.push(Rule { lo, hi, service_type });
+        }
+        Ok(())
+    }
+
+    /// Replaces the type table with a coordinator's `GET /config` answer (`range`, or
+    /// `port_range` as in Styxy's files). Leaves the table alone if the answer holds
+    /// no usable type.
+    pub fn apply_config(&mut self, config: &Value) -> bool {
+        let Some(map) = config.get("service_types").and_then(Value::as_object) else {
+            return false;
+        };
+        let mut types = Vec::new();
+        for (name, v) in map {
+            let range = v.get("range").or_else(|| v.get("port_range")).and_then(Value::as_array);
+            let port = |x: &Value| x.as_u64().and_then(|p| u16::try_from(p).ok());
+            let ports: Option<Vec<u16>> = range.and_then(|r| r.iter().map(port).collect());
+            let Some(&[lo, hi]) = ports.as_deref() else {
+                continue;
+            };
+            let preferred = v
+                .get("preferred_ports")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(port).collect())
+                .unwrap_or_default();
+            let single = v.get("instance_behavior").and_then(Value::as_str) == Some("single");
+            types.push(ServiceType { name: name.clone(), range: (lo, hi), preferred, single });
+        }
+        if types.is_empty() {
+            return false;
+        }
+        types.sort_by_key(|t| t.range.0);
+        self.types = types;
+        true
+    }
+
+    /// The policy of this process's environment: `STYXY_PRELOAD_PORTS` rules (bad
+    /// entries are reported in the error and otherwise ignored), the kernel's
+    /// ephemeral range and the coordinator's TCP port.
+    pub fn from_env() -> (Policy, Option<String>) {
+        let mut p = Policy::default();
+        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+            if let Some(lo) = range.split_whitespace().next().and_then(|s| s.parse().ok()) {
+                p.ephemeral_low = lo;
+            }
+        }
+        if let Some(port) = std::env::var("STYXY_DAEMON_PORT").ok().and_then(|s| s.parse().ok()) {
+            p.coordinator_ports.push(port);
+        }
+        let mut err = None;
+        if let Ok(spec) = std::env::var("STYXY_PRELOAD_PORTS") {
+            if let Err(e) = p.add_rules(&spec) {
+                err = Some(e);
+            }
+        }
+        (p, err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions() {
+        let p = Policy::default();
+        let c = |t: &str| Decision::Coordinated(t.to_string());
+        let table = [
+            (0, Decision::Untouched("port 0")),
+            (80, Decision::Untouched("privileged port")),
+            (1023, Decision::Untouched("privileged port")),
+            (3000, c("dev")),
+            (3099, c("dev")),
+            (3100, c("monitoring")),
+            (5173, c("dev")),
+            (4200, c("ui")),
+            (4321, c("dev")),
+            (8888, c("dev")),
+            (8000, c("api")),
+            (8080, c("api")),
+            (9222, c("test")),
+            (9250, c("test")),
+            (4444, c("hub")), // Selenium hub
+            (6006, c("storybook")),
+            (1313, c("docs")),
+            (5000, c("functions")),
+            (9229, Decision::Untouched("debugger port")),
+            (5005, Decision::Untouched("debugger port")),
+            (5678, Decision::Untouched("debugger port")),
+            (9876, Decision::Untouched("coordinator port")),
+            (9880, Decision::Untouched("coordinator port")),
+            (11434, Decision::Single("ai".into())),
+            (12345, Decision::OnConflict("dev".into())),
+            (32767, Decision::OnConflict("dev".into())),
+            (32768, Decision::Untouched("ephemeral range")),
+            (60000, Decision::Untouched("ephemeral range")),
+        ];
+        for (port, want) in table {
+            assert_eq!(p.decide(port), want, "port {port}");
+        }
+    }
+
+    #[test]
+    fn every_builtin_type_is_known_and_ranges_do_not_overlap() {
+        let types = builtin_types();
+        assert_eq!(types.len(), 17);
+        for w in types.windows(2) {
+            assert!(w[0].range.1 < w[1].range.0, "{:?} overlaps {:?}", w[0], w[1]);
+        }
+        let p = Policy::default();
+        for (port, ty) in TOOL_DEFAULTS {
+            assert!(p.known(ty), "{port} maps to unknown type {ty}");
+        }
+    }
+
+    #[test]
+    fn rules_override_and_reject_unknown_types() {
+        let mut p = Policy::default();
+        p.add_rules("12345=api, 7000-7099=ui 3000=off").unwrap();
+        assert_eq!(p.decide(12345), Decision::Coordinated("api".into()));
+        assert_eq!(p.decide(7050), Decision::Coordinated("ui".into()));
+        assert_eq!(p.decide(3000), Decision::Untouched("STYXY_PRELOAD_PORTS"));
+        for bad in ["1=Dev", "x=dev", "0=dev", "9-1=dev", "3000", "70000=dev"] {
+            assert!(Policy::default().add_rules(bad).is_err(), "{bad}");
+        }
+        let e = Policy::default().add_rules("1234=vite").unwrap_err();
+        assert!(e.contains("unknown service type 'vite'") && e.contains("dev"), "{e}");
+    }
+
+    #[test]
+    fn coordinator_config_replaces_types() {
+        let mut p = Policy::default();
+        let cfg = serde_json::json!({"service_types": {
+            "dev": {"preferred_ports": [3000], "range": [3000, 3009], "instance_behavior": "multi"},
+            "ml": {"preferred_ports": [7000], "port_range": [7000, 7010], "instance_behavior": "single"},
+            "broken": {"range": [1]}
+        }});
+        assert!(p.apply_config(&cfg));
+        assert_eq!(p.types.len(), 2);
+        assert_eq!(p.decide(3005), Decision::Coordinated("dev".into()));
+        assert_eq!(p.decide(3050), Decision::OnConflict("dev".into()));
+        assert_eq!(p.decide(7005), Decision::Single("ml".into()));
+        assert!(!p.apply_config(&serde_json::json!({"error": "x"})));
+        assert_eq!(p.types.len(), 2);
+    }
+}

@@ -1,0 +1,68 @@
+//! Sessions: one agent, one terminal or one `exec` tree, named by
+//! `STYXY_PRELOAD_SESSION` and sent to the coordinator as Styxy's `instance_id`.
+
+use crate::api::valid_instance_id;
+
+pub const ENV: &str = "STYXY_PRELOAD_SESSION";
+
+/// The session of this process, if any. A value outside Styxy's instance-id rules is
+/// made to fit (other characters become `_`) rather than sent as is.
+pub fn from_env() -> Option<String> {
+    let raw = std::env::var(ENV).ok().filter(|s| !s.is_empty())?;
+    Some(sanitize(&raw))
+}
+
+pub fn sanitize(raw: &str) -> String {
+    if valid_instance_id(raw) {
+        return raw.to_string();
+    }
+    let s: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(100)
+        .collect();
+    if s.is_empty() {
+        "_".to_string()
+    } else {
+        s
+    }
+}
+
+/// A new session id: `s-<pid>-<time>`, unique on this machine.
+pub fn new_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("s-{}-{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
+}
+
+/// The 32-bit tag of a session in the shared port map (FNV-1a, never 0: 0 means
+/// "no session").
+pub fn tag(session: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in session.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    if h == 0 {
+        1
+    } else {
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert_eq!(sanitize("agent-1_a"), "agent-1_a");
+        assert_eq!(sanitize("my agent/1"), "my_agent_1");
+        assert_eq!(sanitize(&"x".repeat(300)).len(), 100);
+        assert!(valid_instance_id(&new_id()));
+        assert_ne!(tag("a"), tag("b"));
+        assert_ne!(tag(""), 0);
+    }
+}
