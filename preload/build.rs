@@ -1,1 +1,33 @@
-fn main() {}
+//! Builds the always-loaded interposer `libstyxy_preload.so` from `shim/lib.rs` and
+//! puts it next to the core library in the profile's output directory.
+//!
+//! It is a separate `rustc` call because the shim is `no_std` and needs
+//! `-C panic=abort`, which Cargo only sets per profile, while the core must unwind
+//! (its hooks catch panics so that none crosses into the host program).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=shim/lib.rs");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let target = std::env::var("TARGET").expect("TARGET");
+    let host = std::env::var("HOST").expect("HOST");
+    let so = out.join("libstyxy_preload.so");
+    let mut cmd = Command::new(rustc);
+    cmd.args(["--crate-name", "styxy_preload", "--crate-type", "cdylib", "--edition", "2021"])
+        .args(["-C", "panic=abort", "-C", "opt-level=3", "-C", "debuginfo=0", "-C", "strip=debuginfo"])
+        .args(["-C", "link-arg=-Wl,-z,now,-z,relro"])
+        .arg("-o")
+        .arg(&so)
+        .arg("shim/lib.rs");
+    if target != host {
+        cmd.args(["--target", &target]);
+    }
+    let status = cmd.status().expect("cannot run rustc for the shim");
+    assert!(status.success(), "building the interposer (shim/lib.rs) failed");
+    // OUT_DIR is <target-dir>/<profile>/build/<pkg>-<hash>/out
+    let profile_dir = out.ancestors().nth(3).expect("profile directory");
+    std::fs::copy(&so, profile_dir.join("libstyxy_preload.so")).expect("cannot copy libstyxy_preload.so");
+}

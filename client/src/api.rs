@@ -140,11 +140,8 @@ fn valid_chars(s: &str, max: usize, ok: impl Fn(char) -> bool) -> bool {
 
 /// Makes `raw` fit a service name: other characters become `-`, cut at 100.
 pub fn service_name(comm: &str, requested: u16) -> String {
-    let mut s: String = comm
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
-        .take(90)
-        .collect();
+    let mut s: String =
+        comm.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' }).take(90).collect();
     if s.is_empty() {
         s.push_str("process");
     }
@@ -157,10 +154,8 @@ mod tests {
 
     #[test]
     fn reply_shapes() {
-        let ok: AllocateReply = serde_json::from_str(
-            r#"{"success":true,"port":3000,"lock_id":"a","message":"Port 3000 allocated for dev service"}"#,
-        )
-        .unwrap();
+        let ok: AllocateReply =
+            serde_json::from_str(r#"{"success":true,"port":3000,"lock_id":"a","message":"Port 3000 allocated for dev service"}"#).unwrap();
         assert_eq!(ok.granted(), Some((3000, Some("a"))));
         let reuse: AllocateReply = serde_json::from_str(
             r#"{"port":11430,"lockId":"b","message":"m","existing":true,"existingInstanceId":"x","existingPid":1,"allocatedAt":1}"#,

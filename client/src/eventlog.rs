@@ -96,12 +96,8 @@ pub fn append(path: &Path, ev: &Event) -> io::Result<()> {
             paths::ensure_private_dir(dir)?;
         }
     }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
+    let mut f =
+        std::fs::OpenOptions::new().append(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if len + line.len() as u64 > max_bytes() && len > 0 {
         // Whoever renames first wins; a racing writer appends to the renamed file, still read.

@@ -35,13 +35,9 @@ impl Endpoint {
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("'{url}': expected unix:/path or http://host:port"))?
-            .trim_end_matches('/');
-        let (host, port) = rest
-            .rsplit_once(':')
-            .ok_or_else(|| format!("'{url}': the port is missing, e.g. http://127.0.0.1:9876"))?;
+        let rest =
+            url.strip_prefix("http://").ok_or_else(|| format!("'{url}': expected unix:/path or http://host:port"))?.trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("'{url}': the port is missing, e.g. http://127.0.0.1:9876"))?;
         let port: u16 = port.parse().map_err(|_| format!("'{url}': '{port}' is not a port"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let ip: IpAddr = if host == "localhost" {
@@ -178,7 +174,10 @@ fn map_err(e: ureq::Error) -> Error {
         ureq::Error::Io(e)
             if matches!(
                 e.kind(),
-                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::AddrNotAvailable
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::NotFound
+                    | io::ErrorKind::PermissionDenied
+                    | io::ErrorKind::AddrNotAvailable
             ) =>
         {
             Error::Unreachable(e.to_string())
@@ -310,10 +309,7 @@ mod tests {
             Endpoint::parse("http://localhost:9877").unwrap(),
             Endpoint::Tcp { addr: "127.0.0.1:9877".parse().unwrap(), token: None }
         );
-        assert_eq!(
-            Endpoint::parse("http://[::1]:9877").unwrap(),
-            Endpoint::Tcp { addr: "[::1]:9877".parse().unwrap(), token: None }
-        );
+        assert_eq!(Endpoint::parse("http://[::1]:9877").unwrap(), Endpoint::Tcp { addr: "[::1]:9877".parse().unwrap(), token: None });
         for bad in ["unix:rel", "https://x:1", "http://127.0.0.1", "http://example.com:80", "http://1.2.3.4:99999"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }

@@ -12,10 +12,7 @@ use std::path::{Path, PathBuf};
 const APP: &str = "styxy-preload";
 
 fn env_dir(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from).filter(|p| p.is_absolute())
 }
 
 fn uid() -> u32 {
@@ -66,10 +63,7 @@ pub fn daemon_log_path() -> PathBuf {
 
 /// The event log: `STYXY_PRELOAD_LOG` if set, else `events.jsonl` in the state directory.
 pub fn event_log_path() -> PathBuf {
-    std::env::var_os("STYXY_PRELOAD_LOG")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| state_dir().join("events.jsonl"))
+    std::env::var_os("STYXY_PRELOAD_LOG").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| state_dir().join("events.jsonl"))
 }
 
 /// Creates `dir` (and parents) with mode 0700 and checks that it is a real directory
@@ -102,13 +96,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let mut tmp = OsString::from(path.as_os_str());
     tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
     let res = f.write_all(data).and_then(|_| f.sync_all());
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);

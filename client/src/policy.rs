@@ -45,26 +45,21 @@ pub const STYXY_PORTS: (u16, u16) = (9876, 9880);
 
 /// Default ports of well-known tools outside every range, and the type they belong to.
 pub const TOOL_DEFAULTS: [(u16, &str); 11] = [
-    (5173, "dev"),   // Vite
-    (5174, "dev"),   // Vite, second instance
-    (4173, "dev"),   // vite preview
-    (4200, "ui"),    // Angular
-    (4321, "dev"),   // Astro
-    (8888, "dev"),   // Jupyter
-    (8080, "api"),   // everything
-    (9222, "test"),  // Chrome DevTools
+    (5173, "dev"),  // Vite
+    (5174, "dev"),  // Vite, second instance
+    (4173, "dev"),  // vite preview
+    (4200, "ui"),   // Angular
+    (4321, "dev"),  // Astro
+    (8888, "dev"),  // Jupyter
+    (8080, "api"),  // everything
+    (9222, "test"), // Chrome DevTools
     (6006, "storybook"),
-    (1313, "docs"),  // Hugo
+    (1313, "docs"),      // Hugo
     (5000, "functions"), // Flask
 ];
 
 fn t(name: &str, lo: u16, hi: u16, p0: u16) -> ServiceType {
-    ServiceType {
-        name: name.to_string(),
-        range: (lo, hi),
-        preferred: (p0..p0 + 4).collect(),
-        single: name == "ai",
-    }
+    ServiceType { name: name.to_string(), range: (lo, hi), preferred: (p0..p0 + 4).collect(), single: name == "ai" }
 }
 
 /// Styxy's built-in service types (`styxy-api.md` §5).
@@ -168,9 +163,7 @@ impl Policy {
     /// unknown name would make Styxy invent a range and keep it for good.
     pub fn add_rules(&mut self, spec: &str) -> Result<(), String> {
         for item in spec.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
-            let (ports, ty) = item
-                .split_once('=')
-                .ok_or_else(|| format!("'{item}': expected PORT=TYPE or FROM-TO=TYPE"))?;
+            let (ports, ty) = item.split_once('=').ok_or_else(|| format!("'{item}': expected PORT=TYPE or FROM-TO=TYPE"))?;
             let parse = |s: &str| {
                 s.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("'{item}': '{s}' is not a port (1-65535)"))
             };
@@ -209,11 +202,8 @@ impl Policy {
             let Some(&[lo, hi]) = ports.as_deref() else {
                 continue;
             };
-            let preferred = v
-                .get("preferred_ports")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(port).collect())
-                .unwrap_or_default();
+            let preferred =
+                v.get("preferred_ports").and_then(Value::as_array).map(|a| a.iter().filter_map(port).collect()).unwrap_or_default();
             let single = v.get("instance_behavior").and_then(Value::as_str) == Some("single");
             types.push(ServiceType { name: name.clone(), range: (lo, hi), preferred, single });
         }

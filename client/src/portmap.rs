@@ -49,10 +49,7 @@ impl PortMap {
     /// Maps an existing map read-only (the hooks). Fails if it is missing, of the
     /// wrong size or magic, or a symlink.
     pub fn open_readonly(path: &Path) -> io::Result<PortMap> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
         let map = Self::map(&f, libc::PROT_READ)?;
         if map.header().load(Ordering::Acquire) != MAGIC {
             return Err(io::Error::other("port map not initialised"));

@@ -16,11 +16,7 @@ pub fn sanitize(raw: &str) -> String {
     if valid_instance_id(raw) {
         return raw.to_string();
     }
-    let s: String = raw
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-        .take(100)
-        .collect();
+    let s: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(100).collect();
     if s.is_empty() {
         "_".to_string()
     } else {
@@ -30,10 +26,7 @@ pub fn sanitize(raw: &str) -> String {
 
 /// A new session id: `s-<pid>-<time>`, unique on this machine.
 pub fn new_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     format!("s-{}-{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
 

@@ -1,1 +1,360 @@
-//! placeholder
+//! The built-in coordinator: a Styxy-compatible HTTP API on a Unix socket (and
+//! optionally TCP) for machines without Styxy, and the reference the tests run against.
+//!
+//! Unlike Styxy it records the client's pid and start time, frees an allocation when
+//! its owners are gone, never hands out a port bound at OS level, persists its state
+//! atomically and re-validates it on start, and publishes the shared port map that
+//! lets `connect()` follow a session's remaps.
+
+pub mod metrics;
+pub mod procinfo;
+pub mod server;
+pub mod state;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+use styxy_preload_client::paths;
+use styxy_preload_client::policy::Policy;
+use styxy_preload_client::portmap::PortMap;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::server::Peer;
+use crate::state::{Snapshot, State};
+
+pub fn now_ms() -> u64 {
+    styxy_preload_client::eventlog::now_ms()
+}
+
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("{} styxy-preload daemon: {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()), format!($($arg)*))
+    };
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Exit after this long without requests while holding no allocation (None: never).
+    pub idle_exit: Option<Duration>,
+    /// Also serve TCP here, with the bearer token from the token file.
+    pub http: Option<SocketAddr>,
+    /// How long a session's freed mapping is remembered for a restarting server.
+    pub grace: Duration,
+    /// How often dead owners are swept.
+    pub sweep_every: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            idle_exit: Some(Duration::from_secs(600)),
+            http: None,
+            grace: Duration::from_secs(120),
+            sweep_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Everything the handlers share.
+pub struct Shared {
+    pub state: Mutex<State>,
+    pub instances: Mutex<HashMap<String, Value>>,
+    pub started: Instant,
+    pub last_activity: AtomicU64,
+    pub token: Option<String>,
+    pub metrics: metrics::Metrics,
+    persist_tx: Mutex<mpsc::Sender<Persist>>,
+    /// Serialises snapshot writes (the writer thread and the final one at exit).
+    write_lock: Mutex<()>,
+}
+
+enum Persist {
+    Save,
+    Stop,
+}
+
+impl Shared {
+    /// Asks the writer thread to save the state; the answer does not wait for the disk.
+    pub fn persist(&self) {
+        let _ = self.persist_tx.lock().send(Persist::Save);
+    }
+}
+
+#[derive(Debug)]
+pub enum RunError {
+    AlreadyRunning,
+    Io(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::AlreadyRunning => {
+                write!(f, "another styxy-preload daemon already runs for this user ({})", paths::runtime_dir().display())
+            }
+            RunError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn ioe(what: &str, path: &std::path::Path) -> impl FnOnce(io::Error) -> RunError {
+    let what = format!("{what} {}", path.display());
+    move |e| RunError::Io(format!("{what}: {e}"))
+}
+
+/// Holds the per-user lock for the daemon's lifetime: one daemon per runtime directory.
+fn take_lock(dir: &std::path::Path) -> Result<std::fs::File, RunError> {
+    let path = dir.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(ioe("cannot open", &path))?;
+    // SAFETY: flock on a valid fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(RunError::AlreadyRunning);
+    }
+    Ok(f)
+}
+
+fn load_state(st: &mut State) {
+    let path = paths::daemon_state_path();
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            log!("cannot read state {}: {e}; starting empty", path.display());
+            return;
+        }
+    };
+    match serde_json::from_slice::<Snapshot>(&data) {
+        Ok(snap) => {
+            let (kept, dropped) = st.restore(snap, now_ms());
+            log!("state recovered from {}: {kept} live allocations kept, {dropped} dead ones freed", path.display());
+        }
+        Err(e) => {
+            let aside = path.with_extension(format!("corrupt-{}", now_ms()));
+            let moved = std::fs::rename(&path, &aside);
+            log!(
+                "state file {} is corrupt ({e}); moved aside to {} ({}); starting empty",
+                path.display(),
+                aside.display(),
+                if moved.is_ok() { "ok" } else { "move failed" }
+            );
+        }
+    }
+}
+
+fn read_or_create_token() -> Result<String, RunError> {
+    let path = paths::token_path();
+    if let Some(t) = styxy_preload_client::discovery::read_token(&path) {
+        if t.len() >= 32 {
+            return Ok(t);
+        }
+    }
+    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    paths::write_atomic(&path, token.as_bytes(), 0o600).map_err(ioe("cannot write token", &path))?;
+    Ok(token)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or the idle timeout.
+pub fn run(opts: Options) -> Result<(), RunError> {
+    let dir = paths::runtime_dir();
+    paths::ensure_private_dir(&dir).map_err(ioe("cannot create", &dir))?;
+    let _lock = take_lock(&dir)?;
+    let state_dir = paths::state_dir();
+    paths::ensure_private_dir(&state_dir).map_err(ioe("cannot create", &state_dir))?;
+
+    let (policy, rule_err) = Policy::from_env();
+    if let Some(e) = rule_err {
+        log!("STYXY_PRELOAD_PORTS ignored in part: {e}");
+    }
+    let map = match PortMap::create(&paths::portmap_path()) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log!("no shared port map ({e}): connect() will not follow remaps");
+            None
+        }
+    };
+    let mut st = State::new(policy, map, opts.grace.as_millis() as u64);
+    load_state(&mut st);
+
+    let token = match opts.http {
+        Some(_) => Some(read_or_create_token()?),
+        None => None,
+    };
+    let (tx, rx) = mpsc::channel();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(st),
+        instances: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+        last_activity: AtomicU64::new(now_ms()),
+        token,
+        metrics: metrics::Metrics::default(),
+        persist_tx: Mutex::new(tx),
+        write_lock: Mutex::new(()),
+    });
+    let writer = {
+        let sh = shared.clone();
+        std::thread::Builder::new().name("persist".into()).spawn(move || persist_loop(&sh, rx)).map_err(|e| RunError::Io(e.to_string()))?
+    };
+
+    let sock = paths::socket_path();
+    let _ = std::fs::remove_file(&sock); // stale: we hold the lock
+    let std_listener = std::os::unix::net::UnixListener::bind(&sock).map_err(ioe("cannot bind", &sock))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(ioe("cannot chmod", &sock))?;
+    std_listener.set_nonblocking(true).map_err(ioe("cannot configure", &sock))?;
+    let pid_path = paths::daemon_pid_path();
+    let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| RunError::Io(e.to_string()))?;
+    let result = rt.block_on(serve(shared.clone(), std_listener, opts));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&pid_path);
+    drop(rt);
+    let _ = shared.persist_tx.lock().send(Persist::Stop);
+    let _ = writer.join();
+    write_snapshot(&shared);
+    log!("stopped");
+    result
+}
+
+async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListener, opts: Options) -> Result<(), RunError> {
+    let app = server::router(shared.clone());
+    let unix = UnixListener::from_std(std_listener).map_err(|e| RunError::Io(e.to_string()))?;
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    tokio::spawn(accept_unix(unix, app.clone(), uid));
+    if let Some(addr) = opts.http {
+        let tcp = TcpListener::bind(addr).await.map_err(|e| RunError::Io(format!("cannot bind {addr}: {e}")))?;
+        log!("serving TCP on {addr} (bearer token in {})", paths::token_path().display());
+        tokio::spawn(accept_tcp(tcp, app));
+    }
+    log!("serving on {} (pid {})", paths::socket_path().display(), std::process::id());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| RunError::Io(e.to_string()))?;
+    let mut tick = tokio::time::interval(opts.sweep_every);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { log!("SIGTERM"); break; }
+            _ = tokio::signal::ctrl_c() => { log!("SIGINT"); break; }
+            _ = tick.tick() => {
+                let sh = shared.clone();
+                let (freed, held) = tokio::task::spawn_blocking(move || {
+                    let mut st = sh.state.lock();
+                    (st.sweep(now_ms()), st.allocs.len())
+                }).await.unwrap_or((0, 1));
+                if freed > 0 {
+                    shared.persist();
+                }
+                if let Some(idle) = opts.idle_exit {
+                    let quiet = now_ms().saturating_sub(shared.last_activity.load(Ordering::Relaxed));
+                    if held == 0 && quiet > idle.as_millis() as u64 {
+                        log!("idle for {}s with no allocations: exiting", quiet / 1000);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn accept_unix(listener: UnixListener, app: axum::Router, uid: u32) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        if cred.uid() != uid {
+            log!("refused a connection from uid {} (pid {:?})", cred.uid(), cred.pid());
+            continue;
+        }
+        let peer = Peer { pid: cred.pid().and_then(|p| u32::try_from(p).ok()), tcp: false };
+        tokio::spawn(serve_conn(stream, app.clone(), peer));
+    }
+}
+
+async fn accept_tcp(listener: TcpListener, app: axum::Router) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_conn(stream, app.clone(), Peer { pid: None, tcp: true }));
+    }
+}
+
+/// One connection: headers within 2 s, the whole exchange within 10 s.
+async fn serve_conn<S>(io: S, app: axum::Router, peer: Peer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt;
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer);
+        app.clone().oneshot(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(2))
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+}
+
+fn write_snapshot(shared: &Shared) {
+    let _serial = shared.write_lock.lock();
+    let snap = shared.state.lock().snapshot(now_ms());
+    let path = paths::daemon_state_path();
+    match serde_json::to_vec_pretty(&snap) {
+        Ok(data) => {
+            if let Err(e) = paths::write_atomic(&path, &data, 0o600) {
+                log!("cannot save state to {}: {e}", path.display());
+            }
+        }
+        Err(e) => log!("cannot encode state: {e}"),
+    }
+}
+
+/// Saves the state whenever asked, coalescing bursts: one write covers every change
+/// made before it started.
+fn persist_loop(shared: &Shared, rx: mpsc::Receiver<Persist>) {
+    while let Ok(Persist::Save) = rx.recv() {
+        let mut stop = false;
+        while let Ok(m) = rx.try_recv() {
+            stop |= matches!(m, Persist::Stop);
+        }
+        write_snapshot(shared);
+        if stop {
+            break;
+        }
+    }
+}
+
+/// Where `daemon start` sends the daemon's stderr.
+pub fn log_path() -> PathBuf {
+    paths::daemon_log_path()
+}

@@ -1,0 +1,67 @@
+//! What the daemon asks the OS: is a process alive (and still the same process), its
+//! command name, and is a port bound at OS level.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// The process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22),
+/// which tells a live process from a reused pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may hold spaces and parentheses: the fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// True if `pid` runs and is the process that started at `start` (0: unknown, any).
+pub fn alive(pid: u32, start: u64) -> bool {
+    match start_time(pid) {
+        Some(s) => start == 0 || s == start,
+        None => false,
+    }
+}
+
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
+}
+
+/// True if a socket listens on `port` (or holds it without `SO_REUSEADDR`), on any
+/// address, IPv4 or IPv6: a test bind of the dual-stack wildcard with `SO_REUSEADDR`.
+pub fn port_in_use(port: u16) -> bool {
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    match test_bind(v6, false) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => test_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true).is_err(),
+        Err(_) => true,
+    }
+}
+
+fn test_bind(addr: SocketAddr, v4: bool) -> std::io::Result<()> {
+    let domain = if v4 { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    if !v4 {
+        s.set_only_v6(false)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_is_alive_and_listeners_are_seen() {
+        let me = std::process::id();
+        let st = start_time(me).unwrap();
+        assert!(alive(me, st));
+        assert!(!alive(me, st + 1));
+        assert!(!alive(u32::MAX - 1, 0));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        assert!(port_in_use(p));
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        assert!(port_in_use(l6.local_addr().unwrap().port()));
+        drop(l);
+        assert!(!port_in_use(p));
+    }
+}

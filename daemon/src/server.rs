@@ -1,0 +1,450 @@
+//! The HTTP API: Styxy's endpoints and JSON shapes over a Unix socket (peer uid
+//! checked) and optionally TCP (bearer token). Bad input gets a 4xx JSON error; one
+//! slow client never blocks the others (a task per connection, bounded reads).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Extension, Json, Router};
+use serde_json::{json, Map, Value};
+use styxy_preload_client::api::{valid_instance_id, valid_service_name, valid_service_type};
+
+use crate::state::{AllocError, AllocRequest, Owner};
+use crate::{now_ms, procinfo, Shared};
+
+/// The largest request body accepted (Styxy: 10 kB).
+pub const MAX_BODY: usize = 16 * 1024;
+/// How much of an oversized body is read (and dropped) before answering 413.
+const DRAIN_MAX: usize = 8 << 20;
+const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    /// From `SO_PEERCRED` on the Unix socket; unknown over TCP.
+    pub pid: Option<u32>,
+    pub tcp: bool,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"success": false, "error": self.1}))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/config", get(config))
+        .route("/allocate", post(allocate))
+        .route("/allocate/{lock_id}", delete(release))
+        .route("/allocations", get(allocations))
+        .route("/check/{port}", get(check))
+        .route("/instance/register", post(instance_register))
+        .route("/instance/{id}/heartbeat", put(heartbeat))
+        .route("/instance/list", get(instance_list))
+        .route("/register-instance", post(register_pid))
+        .route("/suggest/{ty}", get(suggest))
+        .route("/cleanup", post(cleanup))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
+        .with_state(shared)
+}
+
+/// Bearer-token check for TCP (`/status` is open, as on Styxy) and the idle clock.
+async fn guard(AxState(sh): AxState<Arc<Shared>>, req: Request<Body>, next: axum::middleware::Next) -> Response {
+    sh.last_activity.store(now_ms(), Ordering::Relaxed);
+    let tcp = req.extensions().get::<Peer>().map(|p| p.tcp).unwrap_or(true);
+    if tcp && req.uri().path() != "/status" {
+        let h = req.headers();
+        let given = h
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
+        match (&sh.token, given) {
+            (Some(t), Some(g)) if constant_time_eq(t.as_bytes(), g.trim().as_bytes()) => {}
+            (_, None) => {
+                return ApiError(StatusCode::UNAUTHORIZED, "Authentication required. Send Authorization: Bearer <token>".into())
+                    .into_response()
+            }
+            _ => return ApiError(StatusCode::UNAUTHORIZED, "Invalid API key".into()).into_response(),
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the body, keeping at most `MAX_BODY` bytes. A bigger one is read to its end
+/// (up to `DRAIN_MAX`) and discarded, so that the client, still sending, gets its 413
+/// instead of a broken pipe.
+async fn read_capped(mut body: Body) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad(format!("unreadable request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total > DRAIN_MAX {
+                break;
+            }
+            if total <= MAX_BODY {
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    if total > MAX_BODY {
+        return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY} bytes")));
+    }
+    Ok(buf)
+}
+
+/// Reads a JSON object body: 413 past `MAX_BODY`, 408 if it does not arrive in
+/// time, 400 if it is not a JSON object.
+async fn json_body(body: Body) -> Result<Map<String, Value>, ApiError> {
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read_capped(body)).await {
+        Err(_) => return Err(ApiError(StatusCode::REQUEST_TIMEOUT, "request body did not arrive in time".into())),
+        Ok(r) => r?,
+    };
+    if bytes.is_empty() {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad("request body must be a JSON object")),
+        Err(e) => Err(ApiError::bad(format!("malformed JSON: {e}"))),
+    }
+}
+
+fn port_value(v: &Value, field: &str) -> Result<u16, ApiError> {
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    n.filter(|n| (1..=65535).contains(n))
+        .map(|n| n as u16)
+        .ok_or_else(|| ApiError::bad(format!("{field} must be an integer between 1 and 65535")))
+}
+
+fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad(format!("{field} must be a string"))),
+    }
+}
+
+fn parse_allocate(m: &Map<String, Value>, peer: Peer) -> Result<AllocRequest, ApiError> {
+    let service_type = opt_str(m, "service_type")?.ok_or_else(|| ApiError::bad("service_type is required"))?;
+    if !valid_service_type(service_type) {
+        return Err(ApiError::bad("service_type must be 1-50 characters of A-Z, a-z, 0-9 and -"));
+    }
+    let service_name = opt_str(m, "service_name")?.unwrap_or("unnamed-service");
+    if !valid_service_name(service_name) {
+        return Err(ApiError::bad("service_name must be 1-100 characters of A-Z, a-z, 0-9, ., _ and -"));
+    }
+    let session = opt_str(m, "instance_id")?;
+    if let Some(s) = session {
+        if !valid_instance_id(s) {
+            return Err(ApiError::bad("instance_id must be 1-100 characters of A-Z, a-z, 0-9, _ and -"));
+        }
+    }
+    let project_path = opt_str(m, "project_path")?;
+    if project_path.is_some_and(|p| p.len() > 1000) {
+        return Err(ApiError::bad("project_path must be at most 1000 characters"));
+    }
+    let preferred_port = m.get("preferred_port").map(|v| port_value(v, "preferred_port")).transpose()?;
+    let requested_port = match m.get("requested_port") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(port_value(v, "requested_port")?),
+    };
+    let dry_run = match m.get("dry_run") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("dry_run must be true or false")),
+    };
+    let exclude = match m.get("exclude") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) if a.len() <= 256 => a.iter().map(|v| port_value(v, "exclude[]")).collect::<Result<_, _>>()?,
+        Some(_) => return Err(ApiError::bad("exclude must be an array of at most 256 ports")),
+    };
+    let pid = match m.get("pid") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            Some(v.as_u64().filter(|p| *p > 0 && *p <= i32::MAX as u64).ok_or_else(|| ApiError::bad("pid must be a positive integer"))?
+                as u32)
+        }
+    };
+    let comm = opt_str(m, "comm")?.map(|c| c.chars().take(64).collect::<String>());
+    let owner_pid = pid.or(peer.pid);
+    Ok(AllocRequest {
+        service_type: service_type.to_string(),
+        service_name: service_name.to_string(),
+        preferred_port,
+        session: session.filter(|s| *s != "default").map(str::to_string),
+        project_path: project_path.map(str::to_string),
+        dry_run,
+        requested_port,
+        comm: comm.or_else(|| owner_pid.and_then(procinfo::comm)),
+        exclude,
+        owner: owner_pid.and_then(Owner::of),
+    })
+}
+
+async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
+    let started = std::time::Instant::now();
+    let m = json_body(body).await?;
+    let req = parse_allocate(&m, peer)?;
+    let result = sh.state.lock().allocate(&req, now_ms());
+    sh.metrics.observe_allocate(started.elapsed(), result.is_ok());
+    match result {
+        Ok(g) => {
+            if !req.dry_run && !g.existing {
+                sh.persist();
+            }
+            let mut v = json!({
+                "success": true,
+                "port": g.port,
+                "lock_id": g.lock_id,
+                "message": format!("Port {} allocated for {} service", g.port, req.service_type),
+            });
+            if g.existing {
+                v["existing"] = json!(true);
+            }
+            if req.dry_run {
+                v = json!({"success": true, "port": g.port, "dry_run": true, "message": format!("Port {} is available", g.port),
+                           "service_type": req.service_type, "service_name": req.service_name});
+            }
+            if let Some(h) = g.holder {
+                v["holder"] = serde_json::to_value(h).unwrap_or(Value::Null);
+            }
+            Ok(Json(v).into_response())
+        }
+        Err(AllocError::UnknownType(t)) => {
+            let st = sh.state.lock();
+            let names: Vec<&str> = st.types().iter().map(|t| t.name.as_str()).collect();
+            Err(ApiError::bad(format!("unknown service type '{t}'; known types: {}", names.join(", "))))
+        }
+        Err(AllocError::Exhausted { ty, range, allocated }) => Ok((
+            StatusCode::BAD_REQUEST,
+            Json(json!({
+                "success": false,
+                "error": format!("No available ports in range {}-{} for service type {ty}", range.0, range.1),
+                "context": {"allocated_ports": allocated, "port_range": [range.0, range.1], "service_type": ty},
+            })),
+        )
+            .into_response()),
+    }
+}
+
+fn valid_uuid_v4(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).map(|u| u.get_version_num() == 4 && s.len() == 36).unwrap_or(false)
+}
+
+async fn release(AxState(sh): AxState<Arc<Shared>>, Path(lock_id): Path<String>) -> ApiResult {
+    if !valid_uuid_v4(&lock_id) {
+        return Err(ApiError::bad("lock_id must be a valid UUID v4"));
+    }
+    let released = sh.state.lock().release(&lock_id, now_ms());
+    match released {
+        Some(a) => {
+            sh.persist();
+            Ok(Json(json!({"success": true, "port": a.port, "message": format!("Port {} released", a.port)})).into_response())
+        }
+        None => Err(ApiError::bad(format!("Lock ID {lock_id} not found"))),
+    }
+}
+
+async fn status(AxState(sh): AxState<Arc<Shared>>) -> Response {
+    let allocations = sh.state.lock().allocs.len();
+    Json(json!({
+        "status": "running",
+        "daemon": "styxy-preload",
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime": sh.started.elapsed().as_secs(),
+        "allocations": allocations,
+        "instances": sh.instances.lock().len(),
+        "memory": {"rss_bytes": rss_bytes()},
+    }))
+    .into_response()
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+async fn config(AxState(sh): AxState<Arc<Shared>>) -> Response {
+    let st = sh.state.lock();
+    let types: Map<String, Value> = st
+        .types()
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                json!({"preferred_ports": t.preferred, "range": [t.range.0, t.range.1], "description": format!("{} services", t.name),
+                       "examples": [], "instance_behavior": if t.single { "single" } else { "multi" }}),
+            )
+        })
+        .collect();
+    Json(json!({"service_types": types, "compliance": {}})).into_response()
+}
+
+fn allocation_json(a: &crate::state::Allocation, now: u64) -> Value {
+    json!({
+        "port": a.port,
+        "lockId": a.lock_id,
+        "service_type": a.service_type, "serviceType": a.service_type,
+        "service_name": a.service_name, "serviceName": a.service_name,
+        "instance_id": a.session, "instanceId": a.session,
+        "project_path": a.project_path, "projectPath": a.project_path,
+        "process_id": a.owners.first().map(|o| o.pid),
+        "pids": a.owners.iter().map(|o| o.pid).collect::<Vec<_>>(),
+        "allocated_at": humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(a.allocated_at_ms)).to_string(),
+        "age_s": now.saturating_sub(a.allocated_at_ms) / 1000,
+        "requested_port": a.requested_port,
+        "comm": a.comm,
+    })
+}
+
+async fn allocations(AxState(sh): AxState<Arc<Shared>>) -> Response {
+    let now = now_ms();
+    let st = sh.state.lock();
+    let list: Vec<Value> = st.allocs.values().map(|a| allocation_json(a, now)).collect();
+    Json(json!({"allocations": list})).into_response()
+}
+
+async fn check(AxState(sh): AxState<Arc<Shared>>, Path(port): Path<String>) -> ApiResult {
+    let port = port_value(&Value::String(port), "port")?;
+    let st = sh.state.lock();
+    let alloc = st.allocs.get(&port).map(|a| allocation_json(a, now_ms()));
+    let in_use = procinfo::port_in_use(port);
+    Ok(Json(json!({
+        "port": port,
+        "available": alloc.is_none() && !in_use,
+        "allocated_to": alloc,
+        "system_usage": if in_use { json!({"in_use": true}) } else { Value::Null },
+    }))
+    .into_response())
+}
+
+async fn instance_register(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
+    let m = json_body(body).await?;
+    let id = opt_str(&m, "instance_id")?.ok_or_else(|| ApiError::bad("instance_id is required"))?;
+    if !valid_instance_id(id) {
+        return Err(ApiError::bad("instance_id must be 1-100 characters of A-Z, a-z, 0-9, _ and -"));
+    }
+    let now = now_ms();
+    let entry = json!({"instance_id": id, "working_directory": m.get("working_directory"), "metadata": m.get("metadata"),
+                       "registered_at": now, "last_heartbeat": now});
+    sh.instances.lock().insert(id.to_string(), entry);
+    Ok(Json(json!({"success": true, "instance_id": id, "message": format!("Instance {id} registered")})).into_response())
+}
+
+async fn heartbeat(AxState(sh): AxState<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+    let now = now_ms();
+    let mut inst = sh.instances.lock();
+    match inst.get_mut(&id) {
+        Some(e) => {
+            e["last_heartbeat"] = json!(now);
+            Ok(Json(json!({"success": true, "instance_id": id, "last_heartbeat": now})).into_response())
+        }
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("Instance {id} not found"))),
+    }
+}
+
+async fn instance_list(AxState(sh): AxState<Arc<Shared>>) -> Response {
+    let list: Vec<Value> = sh.instances.lock().values().cloned().collect();
+    Json(json!({"instances": list})).into_response()
+}
+
+/// `POST /register-instance`: Styxy's pid registration. The built-in daemon also
+/// takes `port`: the pid (a `listen()`) becomes an owner of that port's allocation.
+async fn register_pid(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
+    let m = json_body(body).await?;
+    let pid = match m.get("pid") {
+        None | Some(Value::Null) => peer.pid,
+        Some(v) => {
+            Some(v.as_u64().filter(|p| *p > 0 && *p <= i32::MAX as u64).ok_or_else(|| ApiError::bad("pid must be a positive integer"))?
+                as u32)
+        }
+    };
+    let id = match (opt_str(&m, "instance_id")?, pid) {
+        (Some(i), _) => i.to_string(),
+        (None, Some(p)) => format!("ldpreload-{p}"),
+        (None, None) => return Err(ApiError::bad("instance_id or pid is required")),
+    };
+    let confirmed = match (m.get("port"), pid.and_then(Owner::of)) {
+        (Some(p), Some(owner)) => {
+            let port = port_value(p, "port")?;
+            sh.state.lock().confirm(port, owner)
+        }
+        _ => false,
+    };
+    if confirmed {
+        sh.persist();
+    }
+    Ok(Json(json!({"success": true, "instance_id": id, "confirmed": confirmed, "message": "registered"})).into_response())
+}
+
+async fn suggest(
+    AxState(sh): AxState<Arc<Shared>>,
+    Path(ty): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult {
+    let count = q.get("count").and_then(|c| c.parse::<usize>().ok()).unwrap_or(5).clamp(1, 100);
+    let mut st = sh.state.lock();
+    let t = st.policy.service_type(&ty).cloned().ok_or_else(|| ApiError::bad(format!("unknown service type '{ty}'")))?;
+    let ports = st.suggest(&t, count, now_ms());
+    Ok(Json(json!({"service_type": ty, "suggestions": ports, "count": ports.len(), "message": "not reserved"})).into_response())
+}
+
+async fn cleanup(AxState(sh): AxState<Arc<Shared>>, headers: HeaderMap, body: Body) -> ApiResult {
+    let _ = headers;
+    let m = json_body(body).await?;
+    let force = m.get("force").and_then(Value::as_bool).unwrap_or(false);
+    let cleaned = {
+        let mut st = sh.state.lock();
+        if force {
+            st.clear(now_ms())
+        } else {
+            st.sweep(now_ms())
+        }
+    };
+    if cleaned > 0 {
+        sh.persist();
+    }
+    Ok(Json(json!({"success": true, "cleaned": cleaned, "message": format!("Cleaned {cleaned} allocations")})).into_response())
+}
+
+async fn metrics(AxState(sh): AxState<Arc<Shared>>) -> Response {
+    let text = {
+        let st = sh.state.lock();
+        sh.metrics.render(&st)
+    };
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,386 @@
+//! Allocation state: who holds which port, for which session and requested port, and
+//! the rules for granting one. Pure bookkeeping under the daemon's lock; the OS is
+//! consulted through `procinfo` only.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use styxy_preload_client::api::Holder;
+use styxy_preload_client::policy::{Policy, ServiceType};
+use styxy_preload_client::portmap::PortMap;
+use styxy_preload_client::session;
+
+use crate::procinfo;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    /// Start time in clock ticks since boot, against pid reuse (0: unknown).
+    pub start: u64,
+}
+
+impl Owner {
+    pub fn of(pid: u32) -> Option<Owner> {
+        procinfo::start_time(pid).map(|start| Owner { pid, start })
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Allocation {
+    pub lock_id: String,
+    pub port: u16,
+    pub service_type: String,
+    pub service_name: String,
+    pub session: Option<String>,
+    pub project_path: Option<String>,
+    pub requested_port: Option<u16>,
+    pub comm: Option<String>,
+    pub owners: Vec<Owner>,
+    pub allocated_at_ms: u64,
+}
+
+impl Allocation {
+    fn live(&self) -> bool {
+        self.owners.iter().any(|o| procinfo::alive(o.pid, o.start)) || procinfo::port_in_use(self.port)
+    }
+}
+
+/// A session's last mapping, remembered for the grace period after it was freed.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Recent {
+    pub session: String,
+    pub requested: u16,
+    pub port: u16,
+    pub freed_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+pub struct Snapshot {
+    pub saved_at_ms: u64,
+    pub allocations: Vec<Allocation>,
+    pub recent: Vec<Recent>,
+}
+
+/// A validated `POST /allocate`.
+#[derive(Debug, Clone, Default)]
+pub struct AllocRequest {
+    pub service_type: String,
+    pub service_name: String,
+    pub preferred_port: Option<u16>,
+    pub session: Option<String>,
+    pub project_path: Option<String>,
+    pub dry_run: bool,
+    pub requested_port: Option<u16>,
+    pub comm: Option<String>,
+    pub exclude: Vec<u16>,
+    pub owner: Option<Owner>,
+}
+
+#[derive(Debug)]
+pub struct Grant {
+    pub port: u16,
+    pub lock_id: String,
+    /// The session already held this requested port (idempotent answer).
+    pub existing: bool,
+    /// Who holds the preferred port, when another port was granted.
+    pub holder: Option<Holder>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum AllocError {
+    UnknownType(String),
+    Exhausted { ty: String, range: (u16, u16), allocated: Vec<u16> },
+}
+
+pub struct State {
+    pub allocs: BTreeMap<u16, Allocation>,
+    pub recent: Vec<Recent>,
+    pub policy: Policy,
+    pub map: Option<PortMap>,
+    pub grace_ms: u64,
+    pub port_in_use: fn(u16) -> bool,
+}
+
+impl State {
+    pub fn new(policy: Policy, map: Option<PortMap>, grace_ms: u64) -> State {
+        State { allocs: BTreeMap::new(), recent: Vec::new(), policy, map, grace_ms, port_in_use: procinfo::port_in_use }
+    }
+
+    pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
+        let ty = self.policy.service_type(&req.service_type).cloned().ok_or_else(|| AllocError::UnknownType(req.service_type.clone()))?;
+        let requested = req.requested_port.or(req.preferred_port);
+        if let (Some(s), Some(r)) = (&req.session, requested) {
+            if let Some(a) = self.allocs.values_mut().find(|a| a.session.as_ref() == Some(s) && a.requested_port == Some(r)) {
+                if !req.exclude.contains(&a.port) {
+                    if let Some(o) = &req.owner {
+                        if !a.owners.contains(o) {
+                            a.owners.push(o.clone());
+                        }
+                    }
+                    return Ok(Grant { port: a.port, lock_id: a.lock_id.clone(), existing: true, holder: None });
+                }
+            }
+        }
+        self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
+        let remembered = match (&req.session, requested) {
+            (Some(s), Some(r)) => self.recent.iter().rev().find(|x| &x.session == s && x.requested == r).map(|x| x.port),
+            _ => None,
+        };
+        let candidates =
+            remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
+        let mut granted = None;
+        for port in candidates {
+            if port == 0 || req.exclude.contains(&port) || !self.free(port, now_ms) {
+                continue;
+            }
+            granted = Some(port);
+            break;
+        }
+        let Some(port) = granted else {
+            return Err(AllocError::Exhausted {
+                ty: ty.name.clone(),
+                range: ty.range,
+                allocated: self.allocs.keys().copied().filter(|p| (ty.range.0..=ty.range.1).contains(p)).collect(),
+            });
+        };
+        let holder = match req.preferred_port {
+            Some(p) if p != port => Some(self.holder_of(p)),
+            _ => None,
+        };
+        let lock_id = uuid::Uuid::new_v4().to_string();
+        if req.dry_run {
+            return Ok(Grant { port, lock_id, existing: false, holder });
+        }
+        let a = Allocation {
+            lock_id: lock_id.clone(),
+            port,
+            service_type: ty.name.clone(),
+            service_name: req.service_name.clone(),
+            session: req.session.clone(),
+            project_path: req.project_path.clone(),
+            requested_port: requested,
+            comm: req.comm.clone(),
+            owners: req.owner.iter().cloned().collect(),
+            allocated_at_ms: now_ms,
+        };
+        self.publish(&a);
+        self.allocs.insert(port, a);
+        Ok(Grant { port, lock_id, existing: false, holder })
+    }
+
+    /// A port is free if no live allocation holds it and nothing is bound to it.
+    /// An allocation whose owners are all gone (and whose port nobody serves) is freed here.
+    fn free(&mut self, port: u16, now_ms: u64) -> bool {
+        if let Some(a) = self.allocs.get(&port) {
+            if a.live() {
+                return false;
+            }
+            self.remove(port, now_ms);
+        }
+        !(self.port_in_use)(port)
+    }
+
+    fn holder_of(&self, port: u16) -> Holder {
+        match self.allocs.get(&port) {
+            Some(a) => Holder { session: a.session.clone(), pid: a.owners.first().map(|o| o.pid), comm: a.comm.clone() },
+            None => Holder { session: None, pid: None, comm: None },
+        }
+    }
+
+    fn publish(&self, a: &Allocation) {
+        if let Some(map) = &self.map {
+            let tag = a.session.as_deref().map(session::tag).unwrap_or(0);
+            map.set_held(a.port, tag);
+            if let Some(r) = a.requested_port.filter(|_| tag != 0) {
+                map.insert(tag, r, a.port);
+            }
+        }
+    }
+
+    fn unpublish(&self, a: &Allocation) {
+        if let Some(map) = &self.map {
+            map.set_held(a.port, 0);
+            if let (Some(s), Some(r)) = (&a.session, a.requested_port) {
+                let tag = session::tag(s);
+                if map.lookup(tag, r) == Some(a.port) {
+                    map.remove(tag, r);
+                }
+            }
+        }
+    }
+
+    /// Drops the allocation at `port`, remembering the session's mapping.
+    pub fn remove(&mut self, port: u16, now_ms: u64) -> Option<Allocation> {
+        let a = self.allocs.remove(&port)?;
+        self.unpublish(&a);
+        if let (Some(s), Some(r)) = (&a.session, a.requested_port) {
+            self.recent.retain(|x| !(&x.session == s && x.requested == r));
+            self.recent.push(Recent { session: s.clone(), requested: r, port, freed_at_ms: now_ms });
+        }
+        Some(a)
+    }
+
+    pub fn release(&mut self, lock_id: &str, now_ms: u64) -> Option<Allocation> {
+        let port = self.allocs.values().find(|a| a.lock_id == lock_id)?.port;
+        self.remove(port, now_ms)
+    }
+
+    /// Frees every allocation whose owners are gone and whose port nobody serves.
+    /// Returns how many were freed.
+    pub fn sweep(&mut self, now_ms: u64) -> usize {
+        let dead: Vec<u16> = self.allocs.values().filter(|a| !a.live()).map(|a| a.port).collect();
+        for p in &dead {
+            self.remove(*p, now_ms);
+        }
+        dead.len()
+    }
+
+    pub fn clear(&mut self, now_ms: u64) -> usize {
+        let ports: Vec<u16> = self.allocs.keys().copied().collect();
+        for p in &ports {
+            self.remove(*p, now_ms);
+        }
+        ports.len()
+    }
+
+    /// Adds `owner` to the allocation at `port` (a `listen()` confirmation).
+    pub fn confirm(&mut self, port: u16, owner: Owner) -> bool {
+        match self.allocs.get_mut(&port) {
+            Some(a) => {
+                if !a.owners.contains(&owner) {
+                    a.owners.push(owner);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn snapshot(&self, now_ms: u64) -> Snapshot {
+        Snapshot { saved_at_ms: now_ms, allocations: self.allocs.values().cloned().collect(), recent: self.recent.clone() }
+    }
+
+    /// Reloads a snapshot, keeping only allocations that are still live (an owner
+    /// alive and the same process, or the port still served). Returns (kept, dropped).
+    pub fn restore(&mut self, snap: Snapshot, now_ms: u64) -> (usize, usize) {
+        let (mut kept, mut dropped) = (0, 0);
+        self.recent = snap.recent;
+        for a in snap.allocations {
+            if a.live() && !self.allocs.contains_key(&a.port) {
+                self.publish(&a);
+                self.allocs.insert(a.port, a);
+                kept += 1;
+            } else {
+                dropped += 1;
+                if let (Some(s), Some(r)) = (&a.session, a.requested_port) {
+                    self.recent.push(Recent { session: s.clone(), requested: r, port: a.port, freed_at_ms: now_ms });
+                }
+            }
+        }
+        (kept, dropped)
+    }
+
+    pub fn types(&self) -> &[ServiceType] {
+        &self.policy.types
+    }
+
+    /// Free ports of a type, without reserving them (`/suggest`).
+    pub fn suggest(&mut self, ty: &ServiceType, count: usize, now_ms: u64) -> Vec<u16> {
+        let mut out = Vec::new();
+        for p in ty.preferred.iter().copied().chain(ty.range.0..=ty.range.1) {
+            if out.len() >= count {
+                break;
+            }
+            if !out.contains(&p) && self.free(p, now_ms) {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_os(_: u16) -> bool {
+        false
+    }
+
+    fn state() -> State {
+        let mut s = State::new(Policy::default(), None, 60_000);
+        s.port_in_use = no_os;
+        s
+    }
+
+    fn me() -> Option<Owner> {
+        Owner::of(std::process::id())
+    }
+
+    fn req(session: &str, port: u16) -> AllocRequest {
+        AllocRequest {
+            service_type: "dev".into(),
+            service_name: "t".into(),
+            preferred_port: Some(port),
+            session: Some(session.into()),
+            requested_port: Some(port),
+            owner: me(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn grants_requested_then_others_and_is_idempotent_per_session() {
+        let mut s = state();
+        let a = s.allocate(&req("a", 3000), 0).unwrap();
+        assert_eq!((a.port, a.existing), (3000, false));
+        let b = s.allocate(&req("b", 3000), 0).unwrap();
+        assert_eq!(b.port, 3001);
+        assert_eq!(b.holder.unwrap().session.as_deref(), Some("a"));
+        let b2 = s.allocate(&req("b", 3000), 0).unwrap();
+        assert_eq!((b2.port, b2.existing, b2.lock_id), (3001, true, b.lock_id));
+        let mut ex = req("b", 3000);
+        ex.exclude = vec![3001];
+        assert_ne!(s.allocate(&ex, 0).unwrap().port, 3001);
+    }
+
+    #[test]
+    fn dead_owner_is_freed_and_grace_gives_the_port_back() {
+        let mut s = state();
+        s.allocate(&req("a", 3000), 0).unwrap();
+        let mut dead = req("b", 3000);
+        dead.owner = Some(Owner { pid: std::process::id(), start: 1 }); // not this process's start time
+        assert_eq!(s.allocate(&dead, 0).unwrap().port, 3001);
+        assert_eq!(s.sweep(10), 1);
+        assert_eq!(s.allocs.len(), 1);
+        s.remove(3000, 10); // session a is gone too: 3000 is free again
+                            // within the grace period, session b gets 3001 back although 3000 is free
+        assert_eq!(s.allocate(&req("b", 3000), 20).unwrap().port, 3001);
+        s.remove(3001, 40);
+        // after the grace period the memory is gone and the requested port wins
+        assert_eq!(s.allocate(&req("b", 3000), 100_000).unwrap().port, 3000);
+    }
+
+    #[test]
+    fn os_bound_ports_are_skipped_and_exhaustion_is_an_error() {
+        let mut s = state();
+        s.port_in_use = |p| p == 8000;
+        let mut r = req("a", 8000);
+        r.service_type = "api".into();
+        assert_eq!(s.allocate(&r, 0).unwrap().port, 8001);
+        let mut ports = vec![8001];
+        for i in 0..98 {
+            let mut r = req(&format!("s{i}"), 8000);
+            r.service_type = "api".into();
+            ports.push(s.allocate(&r, 0).unwrap().port);
+        }
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), 99);
+        let mut r = req("last", 8000);
+        r.service_type = "api".into();
+        assert!(matches!(s.allocate(&r, 0), Err(AllocError::Exhausted { .. })));
+        r.service_type = "nope".into();
+        assert_eq!(s.allocate(&r, 0).unwrap_err(), AllocError::UnknownType("nope".into()));
+    }
+}

@@ -1,0 +1,55 @@
+//! `listen()`: confirms a coordinated port (the pid becomes an owner of its
+//! allocation) and observes listens on port 0 or unbound sockets. Never changes anything.
+
+use std::time::Instant;
+
+use libc::c_int;
+use serde_json::json;
+use styxy_preload_client::eventlog::Action;
+use styxy_preload_client::http::{self, Timeouts};
+use styxy_preload_client::policy::Decision;
+
+use crate::process::{self, Mode};
+use crate::report::{self, Outcome};
+use crate::sys::{self, ListenFn};
+
+pub unsafe fn listen(fd: c_int, backlog: c_int, real: ListenFn) -> c_int {
+    let entry_errno = sys::errno();
+    let before = sys::local_addr(fd);
+    sys::set_errno(entry_errno);
+    let rc = real(fd, backlog);
+    if rc != 0 {
+        return rc;
+    }
+    let p = process::get();
+    let started = Instant::now();
+    match before {
+        Some(a) if a.port == 0 => {
+            // the kernel picked a port at listen(): observe it
+            if let Some(now) = sys::local_addr(fd) {
+                let outcome = Outcome {
+                    call: "listen",
+                    requested: 0,
+                    port: now.port,
+                    addr: &now,
+                    service_type: None,
+                    action: Action::Observed,
+                    reason: Some("port chosen by the kernel".into()),
+                    started,
+                    backend: None,
+                    retries: 0,
+                };
+                report::event(p, outcome);
+            }
+        }
+        Some(a) if p.mode != Mode::Observe && matches!(p.policy.decide(a.port), Decision::Coordinated(_)) => {
+            if let Some(ep) = process::endpoint() {
+                let body = json!({"pid": process::pid(), "instance_id": p.session, "port": a.port, "project_path": p.cwd});
+                let _ = http::call(ep, "POST", "/register-instance", Some(body.to_string().as_bytes()), Timeouts::HOOK);
+            }
+        }
+        _ => {}
+    }
+    sys::set_errno(entry_errno);
+    0
+}

@@ -1,0 +1,118 @@
+//! Per-process state, computed on first use and published lock-free (`OnceBox`):
+//! the environment's settings, the coordinator, the shared port map.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use once_cell::race::OnceBox;
+use styxy_preload_client::discovery;
+use styxy_preload_client::http::{Endpoint, Timeouts};
+use styxy_preload_client::paths;
+use styxy_preload_client::policy::Policy;
+use styxy_preload_client::portmap::PortMap;
+use styxy_preload_client::session;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Ask before every coordinated bind (default).
+    Coordinate,
+    /// Bind as asked; ask only after `EADDRINUSE`.
+    OnConflict,
+    /// Never change a port; log what would have been coordinated.
+    Observe,
+}
+
+pub struct Process {
+    pub mode: Mode,
+    pub session: Option<String>,
+    /// The session's tag in the port map (0 without a session).
+    pub tag: u32,
+    pub notify: bool,
+    pub isolate: bool,
+    pub policy: Policy,
+    pub comm: String,
+    pub log_path: PathBuf,
+    pub cwd: Option<String>,
+}
+
+fn env_is(name: &str, values: &[&str]) -> bool {
+    std::env::var(name).map(|v| values.contains(&v.trim().to_ascii_lowercase().as_str())).unwrap_or(false)
+}
+
+impl Process {
+    fn from_env() -> Process {
+        let mode = if env_is("STYXY_DISABLE_REASSIGN", &["1", "true", "yes"]) {
+            Mode::Observe
+        } else {
+            match std::env::var("STYXY_PRELOAD_MODE").unwrap_or_default().trim() {
+                "on-conflict" => Mode::OnConflict,
+                "observe" => Mode::Observe,
+                _ => Mode::Coordinate,
+            }
+        };
+        let session = session::from_env();
+        let comm = std::fs::read_to_string("/proc/self/comm").map(|c| c.trim_end().to_string()).unwrap_or_else(|_| "?".into());
+        Process {
+            mode,
+            tag: session.as_deref().map(session::tag).unwrap_or(0),
+            session,
+            notify: !env_is("STYXY_PRELOAD_NOTIFY", &["off", "0", "false", "no"]),
+            isolate: !env_is("STYXY_PRELOAD_ISOLATE", &["off", "0", "false", "no"]),
+            policy: Policy::from_env().0,
+            comm,
+            log_path: paths::event_log_path(),
+            cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().chars().take(1000).collect()),
+        }
+    }
+}
+
+static PROCESS: OnceBox<Process> = OnceBox::new();
+static ENDPOINT: OnceBox<Option<Endpoint>> = OnceBox::new();
+static MAP: AtomicPtr<PortMap> = AtomicPtr::new(std::ptr::null_mut());
+
+pub fn get() -> &'static Process {
+    PROCESS.get_or_init(|| Box::new(Process::from_env()))
+}
+
+/// The coordinator: `STYXY_URL` (what `exec` hands down), else discovered once.
+pub fn endpoint() -> Option<&'static Endpoint> {
+    ENDPOINT
+        .get_or_init(|| {
+            Box::new(match discovery::from_env_url() {
+                Ok(Some(ep)) => Some(ep),
+                Ok(None) => discovery::discover(Timeouts::HOOK).ok().flatten().map(|f| f.endpoint),
+                Err(_) => None,
+            })
+        })
+        .as_ref()
+}
+
+/// The built-in daemon's port map: next to its socket when `STYXY_URL` names one,
+/// else in the runtime directory. Not cached while missing, so a process started
+/// before the daemon finds it later.
+pub fn portmap() -> Option<&'static PortMap> {
+    let p = MAP.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: published once below and never freed.
+        return Some(unsafe { &*p });
+    }
+    let path = match discovery::from_env_url() {
+        Ok(Some(Endpoint::Unix(sock))) => sock.with_file_name("ports.map"),
+        _ => paths::portmap_path(),
+    };
+    let map = Box::into_raw(Box::new(PortMap::open_readonly(&path).ok()?));
+    match MAP.compare_exchange(std::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
+        // SAFETY: we just published it; it lives for the process.
+        Ok(_) => Some(unsafe { &*map }),
+        Err(winner) => {
+            // SAFETY: ours lost the race and was never shared.
+            drop(unsafe { Box::from_raw(map) });
+            Some(unsafe { &*winner })
+        }
+    }
+}
+
+pub fn pid() -> u32 {
+    // SAFETY: getpid cannot fail; called each time, so a forked child reports its own.
+    unsafe { libc::getpid() as u32 }
+}

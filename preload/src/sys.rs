@@ -1,0 +1,96 @@
+//! Small unsafe helpers around libc: errno, socket type, sockaddr copies with another port.
+
+use libc::{c_int, sockaddr, sockaddr_storage, socklen_t, AF_INET, AF_INET6};
+
+pub type AddrFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+pub type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+
+pub fn errno() -> c_int {
+    // SAFETY: the thread's errno location is always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(e: c_int) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = e }
+}
+
+/// An IPv4/IPv6 socket address copied out of the caller's memory, port substitutable.
+#[derive(Clone, Copy)]
+pub struct Addr {
+    storage: sockaddr_storage,
+    len: socklen_t,
+    pub family: c_int,
+    pub port: u16,
+}
+
+impl Addr {
+    /// # Safety
+    /// `addr` points to `len` readable bytes (the caller's sockaddr).
+    pub unsafe fn read(addr: *const sockaddr, len: socklen_t) -> Option<Addr> {
+        if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+            return None;
+        }
+        let family = c_int::from(std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()));
+        let need = match family {
+            AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
+            AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
+            _ => return None,
+        };
+        if (len as usize) < need || len as usize > std::mem::size_of::<sockaddr_storage>() {
+            return None;
+        }
+        let mut storage: sockaddr_storage = std::mem::zeroed();
+        std::ptr::copy_nonoverlapping(addr.cast::<u8>(), (&mut storage as *mut sockaddr_storage).cast::<u8>(), len as usize);
+        let port = u16::from_be(std::ptr::read_unaligned((addr as *const u8).add(2).cast::<u16>()));
+        Some(Addr { storage, len, family, port })
+    }
+
+    pub fn with_port(mut self, port: u16) -> Addr {
+        // sin_port and sin6_port are both at offset 2
+        // SAFETY: storage is large enough and we write two bytes at offset 2.
+        unsafe {
+            std::ptr::write_unaligned((&mut self.storage as *mut sockaddr_storage).cast::<u8>().add(2).cast::<u16>(), port.to_be());
+        }
+        self.port = port;
+        self
+    }
+
+    pub fn ptr(&self) -> *const sockaddr {
+        (&self.storage as *const sockaddr_storage).cast()
+    }
+
+    pub fn len(&self) -> socklen_t {
+        self.len
+    }
+
+    pub fn family_name(&self) -> &'static str {
+        if self.family == AF_INET6 {
+            "ipv6"
+        } else {
+            "ipv4"
+        }
+    }
+}
+
+/// `SO_TYPE` of the socket, or `None` if it cannot be read.
+pub fn sock_type(fd: c_int) -> Option<c_int> {
+    let mut ty: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: valid out-pointers of the right size.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) };
+    (rc == 0).then_some(ty)
+}
+
+/// The local address of a socket (its port 0 when unbound).
+pub fn local_addr(fd: c_int) -> Option<Addr> {
+    // SAFETY: storage is large enough; len tells getsockname its size.
+    unsafe {
+        let mut storage: sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<sockaddr_storage>() as socklen_t;
+        if libc::getsockname(fd, (&mut storage as *mut sockaddr_storage).cast(), &mut len) != 0 {
+            return None;
+        }
+        Addr::read((&storage as *const sockaddr_storage).cast(), len)
+    }
+}

@@ -1,0 +1,40 @@
+//! `styxy-preload env`: the exports that make every process of a shell coordinated,
+//! for agents that set `LD_PRELOAD` globally.
+
+use styxy_preload_client::session;
+
+use crate::cli::{EnvArgs, Shell};
+use crate::{coordinator, libpath};
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+pub fn run(a: EnvArgs) -> Result<i32, String> {
+    let lib = libpath::find()?;
+    let session = super::session_arg(a.session)?.unwrap_or_else(session::new_id);
+    let endpoint = match coordinator::discover()? {
+        Some(f) => f.endpoint,
+        None => coordinator::start_daemon(&[])?,
+    };
+    let lib = lib.to_string_lossy().into_owned();
+    let rest: Vec<String> = std::env::var("LD_PRELOAD")
+        .unwrap_or_default()
+        .split([':', ' '])
+        .filter(|p| !p.is_empty() && !p.ends_with(libpath::LIB))
+        .map(str::to_string)
+        .collect();
+    let preload = std::iter::once(lib).chain(rest).collect::<Vec<_>>().join(":");
+    let vars = [("LD_PRELOAD", preload), ("STYXY_URL", endpoint.to_string()), (session::ENV, session)];
+    for (k, v) in vars {
+        match a.shell {
+            Shell::Bash | Shell::Zsh => println!("export {k}={}", quote(&v)),
+            Shell::Fish => println!("set -gx {k} {}", quote(&v)),
+        }
+    }
+    match a.shell {
+        Shell::Bash | Shell::Zsh => println!("unset STYXY_PRELOAD_DISABLE"),
+        Shell::Fish => println!("set -e STYXY_PRELOAD_DISABLE"),
+    }
+    Ok(0)
+}

@@ -1,0 +1,180 @@
+//! `styxy-preload exec -- CMD`: run CMD in a session with the library loaded, forward
+//! signals, exit with its status, and clean up after its tree.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+
+use serde_json::json;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::low_level::siginfo::Cause;
+use styxy_preload_client::api::AllocateReply;
+use styxy_preload_client::eventlog::{self, Action};
+use styxy_preload_client::http::{self, Endpoint, Timeouts};
+use styxy_preload_client::policy::Policy;
+use styxy_preload_client::{paths, session};
+
+use crate::cli::ExecArgs;
+use crate::{coordinator, elf, libpath};
+
+pub fn run(a: ExecArgs) -> Result<i32, String> {
+    let lib = libpath::find()?;
+    let session = super::session_arg(a.session)?.unwrap_or_else(session::new_id);
+    let endpoint = match coordinator::discover()? {
+        Some(found) => Some(found.endpoint),
+        None if a.no_start_daemon => {
+            eprintln!("styxy-preload: no coordinator answers and --no-start-daemon is set: ports pass through uncoordinated");
+            None
+        }
+        None => Some(coordinator::start_daemon(&[])?),
+    };
+    let program = a.cmd.first().ok_or("no command given")?.clone();
+    warn_if_unreachable(&program);
+
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let preload = match std::env::var("LD_PRELOAD") {
+        Ok(old) if !old.is_empty() => {
+            let rest: Vec<&str> = old.split([':', ' ']).filter(|p| !p.is_empty() && !p.ends_with(libpath::LIB)).collect();
+            std::iter::once(lib.to_string_lossy().as_ref()).chain(rest).collect::<Vec<_>>().join(":")
+        }
+        _ => lib.to_string_lossy().into_owned(),
+    };
+    env.insert("LD_PRELOAD".into(), preload);
+    env.insert(session::ENV.into(), session.clone());
+    if let Some(ep) = &endpoint {
+        env.insert("STYXY_URL".into(), ep.to_string());
+    }
+    if let Some(m) = a.mode {
+        env.insert("STYXY_PRELOAD_MODE".into(), m.as_env().into());
+    }
+    if a.no_isolate {
+        env.insert("STYXY_PRELOAD_ISOLATE".into(), "0".into());
+    }
+    let mut args: Vec<String> = a.cmd[1..].to_vec();
+    if !a.ports.is_empty() {
+        let ep = endpoint.as_ref().ok_or("--port needs a coordinator, and none answers (drop --no-start-daemon)")?;
+        for spec in &a.ports {
+            let (name, port) = preallocate(ep, &session, spec)?;
+            let token = format!("{{{name}}}");
+            args = args.into_iter().map(|x| x.replace(&token, &port.to_string())).collect();
+            env.insert(name, port.to_string());
+        }
+    }
+
+    let started_ms = eventlog::now_ms();
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
+    let mut cmd = Command::new(&program);
+    cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let (code, what) = match e.kind() {
+                std::io::ErrorKind::NotFound => (127, "command not found"),
+                std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
+                _ => (126, "cannot execute"),
+            };
+            eprintln!("styxy-preload: {program}: {what}");
+            return Ok(code);
+        }
+    };
+    let pid = child.id() as i32;
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for origin in signals.forever() {
+            // A terminal's ^C already reached the child (same process group): forward
+            // only signals sent to us by a process (kill, a supervisor).
+            if !matches!(origin.cause, Cause::Kernel) {
+                // SAFETY: plain kill(2) of our own child.
+                unsafe { libc::kill(pid, origin.signal) };
+            }
+        }
+    });
+    let status = child.wait().map_err(|e| format!("waiting for {program}: {e}"))?;
+    handle.close();
+    let _ = forwarder.join();
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+
+    if let Some(ep @ Endpoint::Unix(_)) = &endpoint {
+        // the daemon frees what dead processes held; live ones (daemonised servers, other
+        // processes of the session) keep theirs
+        let _ = http::call(ep, "POST", "/cleanup", Some(b"{}"), Timeouts::CLI);
+    }
+    if !a.quiet {
+        summary(&session, started_ms);
+    }
+    Ok(code)
+}
+
+fn warn_if_unreachable(program: &str) {
+    let Some(path) = elf::resolve(program) else {
+        return;
+    };
+    let why = match elf::kind(&path) {
+        elf::Kind::Static => "is statically linked: LD_PRELOAD does not reach it",
+        elf::Kind::Go => "is a Go program: its net package makes raw syscalls that LD_PRELOAD does not see",
+        _ => return,
+    };
+    eprintln!("styxy-preload: {program} {why}; its ports are not coordinated (use --port NAME=TYPE to hand it one)");
+}
+
+/// `--port NAME[=TYPE|=PORT]`: allocate in the session before the command starts.
+fn preallocate(ep: &Endpoint, session: &str, spec: &str) -> Result<(String, u16), String> {
+    let (name, what) = spec.split_once('=').unwrap_or((spec, "dev"));
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("--port {spec}: '{name}' is not a valid environment variable name"));
+    }
+    let policy = Policy::from_env().0;
+    let (ty, requested) = match what.parse::<u16>() {
+        Ok(0) => return Err(format!("--port {spec}: port 0 is not a port to coordinate")),
+        Ok(p) => (policy.decide(p).service_type().unwrap_or("dev").to_string(), p),
+        Err(_) => {
+            let t = policy
+                .service_type(what)
+                .ok_or_else(|| format!("--port {spec}: unknown service type '{what}'; known: {}", known(&policy)))?;
+            (t.name.clone(), t.preferred.first().copied().unwrap_or(t.range.0))
+        }
+    };
+    let reply = allocate(ep, session, &ty, requested, std::process::id())?;
+    Ok((name.to_string(), reply.0))
+}
+
+fn known(p: &Policy) -> String {
+    p.types.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Allocates `requested` (or another port of `ty`) for `session`, owned by `pid`.
+pub fn allocate(ep: &Endpoint, session: &str, ty: &str, requested: u16, pid: u32) -> Result<(u16, Option<String>), String> {
+    let body = json!({
+        "service_type": ty,
+        "service_name": format!("styxy-preload-{requested}"),
+        "preferred_port": requested,
+        "requested_port": requested,
+        "instance_id": session,
+        "pid": pid,
+        "project_path": std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned()),
+    });
+    let res = http::call(ep, "POST", "/allocate", Some(body.to_string().as_bytes()), Timeouts::CLI)
+        .map_err(|e| format!("allocating a {ty} port at {ep}: {e}"))?;
+    let reply: AllocateReply = res.json().map_err(|e| e.to_string())?;
+    match reply.granted() {
+        Some((port, lock)) => Ok((port, lock.map(str::to_string))),
+        None => Err(format!("the coordinator refused a {ty} port: {}", reply.error.unwrap_or_else(|| format!("HTTP {}", res.status)))),
+    }
+}
+
+fn summary(session: &str, since_ms: u64) {
+    let Ok(events) = eventlog::read_all(&paths::event_log_path()) else {
+        return;
+    };
+    let remaps: Vec<String> = events
+        .iter()
+        .filter(|e| e.ts >= since_ms && e.session.as_deref() == Some(session) && e.action == Action::Remapped)
+        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, e.comm))
+        .collect();
+    if !remaps.is_empty() {
+        let n = remaps.len();
+        eprintln!("styxy-preload: session {session}: {n} port{} remapped: {}", if n == 1 { "" } else { "s" }, remaps.join(", "));
+    }
+}

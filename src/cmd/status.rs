@@ -1,0 +1,99 @@
+//! `styxy-preload status`: a doctor. Each problem comes with its fix; exit 1 when
+//! something is broken.
+
+use std::ffi::CString;
+use std::time::Instant;
+
+use styxy_preload_client::http::{self};
+use styxy_preload_client::{paths, policy::Policy, session};
+
+use crate::coordinator::{self, PROBE};
+use crate::libpath;
+
+pub fn run() -> Result<i32, String> {
+    let mut broken = 0;
+    let mut bad = |what: String, fix: String| {
+        println!("✗ {what}\n    fix: {fix}");
+        broken += 1;
+    };
+    match libpath::find() {
+        Ok(lib) => match loadable(&lib).and_then(|_| loadable(&lib.with_file_name(libpath::CORE))) {
+            Ok(()) => println!("✓ library: {} (loads)", lib.display()),
+            Err(e) => {
+                bad(format!("library {} does not load: {e}", lib.display()), "rebuild with `cargo build --release --workspace`".into())
+            }
+        },
+        Err(e) => bad(format!("library: {e}"), "build it with `cargo build --release --workspace`, or set STYXY_PRELOAD_LIB".into()),
+    }
+    match coordinator::discover() {
+        Err(e) => {
+            bad(format!("coordinator: {e}"), "set STYXY_URL to unix:/path/to/daemon.sock or http://127.0.0.1:9876, or unset it".into())
+        }
+        Ok(None) => bad(
+            format!(
+                "coordinator: none answers (built-in socket {}, Styxy at {})",
+                paths::socket_path().display(),
+                styxy_preload_client::discovery::styxy_endpoint()
+            ),
+            "start one with `styxy-preload daemon start` (exec starts it by itself)".into(),
+        ),
+        Ok(Some(found)) => {
+            let mut times = Vec::new();
+            let mut ok = true;
+            for _ in 0..5 {
+                let t = Instant::now();
+                ok &= matches!(http::call(&found.endpoint, "GET", "/status", None, PROBE), Ok(r) if r.status == 200);
+                times.push(t.elapsed().as_micros());
+            }
+            times.sort_unstable();
+            if ok {
+                println!("✓ coordinator: {} ({}; /status median {} µs)", found.endpoint, found.why, times[2]);
+            } else {
+                bad(
+                    format!("coordinator {} ({}) does not answer /status", found.endpoint, found.why),
+                    "check STYXY_URL, or restart with `styxy-preload daemon stop; styxy-preload daemon start`".into(),
+                );
+            }
+        }
+    }
+    let mode = std::env::var("STYXY_PRELOAD_MODE").unwrap_or_else(|_| "coordinate".into());
+    if !["coordinate", "on-conflict", "observe"].contains(&mode.as_str()) {
+        bad(format!("STYXY_PRELOAD_MODE={mode} is not a mode"), "use coordinate, on-conflict or observe".into());
+    } else {
+        println!(
+            "✓ mode: {mode}{}",
+            if std::env::var("STYXY_PRELOAD_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0") {
+                " (but STYXY_PRELOAD_DISABLE is set: the hooks do nothing)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Err(e) = Policy::default().add_rules(&std::env::var("STYXY_PRELOAD_PORTS").unwrap_or_default()) {
+        bad(format!("STYXY_PRELOAD_PORTS: {e}"), "fix the rule, e.g. STYXY_PRELOAD_PORTS=\"7000-7099=ui,9000=off\"".into());
+    }
+    match session::from_env() {
+        Some(s) => println!("✓ session: {s}"),
+        None => println!("· session: none in this shell (exec makes one)"),
+    }
+    let log = paths::event_log_path();
+    match std::fs::metadata(&log) {
+        Ok(m) => println!("✓ log: {} ({} bytes)", log.display(), m.len()),
+        Err(_) => println!("· log: {} (nothing logged yet)", log.display()),
+    }
+    Ok(if broken > 0 { 1 } else { 0 })
+}
+
+fn loadable(path: &std::path::Path) -> Result<(), String> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: dlopen with RTLD_LOCAL never interposes on this process; the handle is closed.
+    unsafe {
+        let h = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if h.is_null() {
+            let e = libc::dlerror();
+            return Err(if e.is_null() { "dlopen failed".into() } else { std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned() });
+        }
+        libc::dlclose(h);
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Resolving the coordinator for the CLI, and starting the built-in daemon in the
+//! background when nothing answers.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use styxy_preload_client::discovery::{self, Found};
+use styxy_preload_client::http::{Endpoint, Timeouts};
+use styxy_preload_client::paths;
+
+/// Quick probes: a local coordinator answers `/status` in well under a millisecond.
+pub const PROBE: Timeouts = Timeouts { connect: Duration::from_millis(200), total: Duration::from_secs(1), max_body: 1 << 20 };
+
+pub fn discover() -> Result<Option<Found>, String> {
+    discovery::discover(PROBE)
+}
+
+pub fn builtin() -> Endpoint {
+    Endpoint::Unix(paths::socket_path())
+}
+
+/// Starts `styxy-preload daemon run` detached (own session, stderr to the daemon log)
+/// and waits until its socket answers.
+pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
+    let ep = builtin();
+    if discovery::answers(&ep, PROBE) {
+        return Ok(ep);
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    let state = paths::state_dir();
+    paths::ensure_private_dir(&state).map_err(|e| format!("cannot create {}: {e}", state.display()))?;
+    let log_path = paths::daemon_log_path();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("daemon").arg("run").args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    cmd.env("STYXY_PRELOAD_DISABLE", "1").env_remove("LD_PRELOAD");
+    // SAFETY: setsid, fork and _exit are async-signal-safe. The daemon gets its own
+    // session, and the intermediate process exits at once, so the daemon is adopted
+    // by init and never lingers as a zombie of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            match libc::fork() {
+                0 => Ok(()),
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => libc::_exit(0),
+            }
+        });
+    }
+    let mut intermediate = cmd.spawn().map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let _ = intermediate.wait();
+    // If another daemon won the race for the per-user lock, it is the one that answers.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if discovery::answers(&ep, PROBE) {
+            return Ok(ep);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(format!("the daemon did not answer within 5 s; see {}", log_path.display()))
+}

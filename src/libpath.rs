@@ -1,0 +1,47 @@
+//! Finding `libstyxy_preload.so` (and the core beside it): next to this executable,
+//! then `$STYXY_PRELOAD_LIB`, then the install locations.
+
+use std::path::{Path, PathBuf};
+
+pub const LIB: &str = "libstyxy_preload.so";
+pub const CORE: &str = "libstyxy_preload_core.so";
+
+fn candidates() -> Vec<PathBuf> {
+    let mut c = Vec::new();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        c.push(dir.join(LIB));
+        c.push(dir.join("../lib/styxy-preload").join(LIB));
+    }
+    if let Some(p) = std::env::var_os("STYXY_PRELOAD_LIB").filter(|p| !p.is_empty()) {
+        c.push(PathBuf::from(p));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        c.push(PathBuf::from(home).join(".local/lib/styxy-preload").join(LIB));
+    }
+    c.push(PathBuf::from("/usr/local/lib/styxy-preload").join(LIB));
+    c
+}
+
+/// The library's absolute path, with its core beside it; or what is wrong and how to fix it.
+pub fn find() -> Result<PathBuf, String> {
+    let tried = candidates();
+    for p in &tried {
+        if p.is_file() {
+            let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+            let core = p.with_file_name(CORE);
+            if !core.is_file() {
+                return Err(format!(
+                    "{} is there but {} is missing beside it; reinstall both (scripts/install.sh) or rebuild (cargo build --release --workspace)",
+                    p.display(),
+                    core.display()
+                ));
+            }
+            return Ok(p);
+        }
+    }
+    let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    Err(format!(
+        "{LIB} not found (looked in: {}). Build it with `cargo build --release --workspace`, or set STYXY_PRELOAD_LIB=/path/to/{LIB}",
+        list.join(", ")
+    ))
+}
