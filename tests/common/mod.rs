@@ -1,0 +1,258 @@
+//! The end-to-end tests' world: a private HOME / XDG_RUNTIME_DIR / XDG_STATE_HOME per
+//! test, its own daemon, every process it starts killed when it ends (pass or fail),
+//! and the kernel's view of ports (/proc/net/tcp*).
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use styxy_preload_client::http::{self, Endpoint, Timeouts};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_styxy-preload"))
+}
+
+/// `libstyxy_preload.so`, beside the binary (the core next to it).
+pub fn lib() -> PathBuf {
+    let p = bin().with_file_name("libstyxy_preload.so");
+    assert!(p.is_file(), "{} missing: build with cargo build --workspace", p.display());
+    assert!(p.with_file_name("libstyxy_preload_core.so").is_file(), "core library missing beside {}", p.display());
+    p
+}
+
+/// Tests that use the well-known ranges (3000, 8000…) take this lock: the ports are
+/// the machine's, whatever private world each test has. A file lock, so it also
+/// serialises test processes (nextest) and not only threads.
+pub struct RangeLock(std::fs::File);
+
+pub fn lock_ranges() -> RangeLock {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("styxy-ranges.lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).unwrap();
+    // SAFETY: flock on an open fd; released when the file closes.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    RangeLock(f)
+}
+
+/// Compiles a C fixture from tests/fixtures once per test binary.
+pub fn fixture(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fixtures-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    });
+    let out = dir.join(name);
+    if !out.exists() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
+        let compiler = cc::Build::new().cargo_metadata(false).target(&target_triple()).host(&target_triple()).opt_level(1).get_compiler();
+        let tmp = dir.join(format!("{name}.tmp.{:?}", std::thread::current().id()));
+        let status = compiler.to_command().arg("-o").arg(&tmp).arg(&src).arg("-lpthread").status().unwrap();
+        assert!(status.success(), "cc failed for {}", src.display());
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+fn target_triple() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::Builder::new().prefix("styxy-test-").tempdir().unwrap();
+        for d in ["home", "run", "state", "config"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(dir.path().join("run")).unwrap().permissions(), 0o700);
+        World { dir, children: Vec::new() }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path("run/styxy-preload/daemon.sock")
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.socket())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.path("state/styxy-preload/events.jsonl")
+    }
+
+    /// A command in this world: private dirs, nothing of ours inherited from the test's environment.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env("HOME", self.path("home"))
+            .env("XDG_RUNTIME_DIR", self.path("run"))
+            .env("XDG_STATE_HOME", self.path("state"))
+            .env("XDG_CONFIG_HOME", self.path("config"))
+            .env("STYXY_DAEMON_PORT", "1") // never reach a real Styxy on this machine
+            .env_remove("LD_PRELOAD")
+            .env_remove("STYXY_URL")
+            .env_remove("STYXY_PRELOAD_SESSION")
+            .env_remove("STYXY_PRELOAD_DISABLE")
+            .env_remove("STYXY_PRELOAD_MODE")
+            .env_remove("STYXY_PRELOAD_PORTS")
+            .env_remove("STYXY_DAEMON_HOST");
+        c
+    }
+
+    pub fn cli(&self) -> Command {
+        self.cmd(bin())
+    }
+
+    /// `program` with the library loaded, in `session`, told where the daemon is.
+    pub fn preloaded(&self, session: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = self.cmd(program);
+        c.env("LD_PRELOAD", lib()).env("STYXY_URL", format!("unix:{}", self.socket().display()));
+        if let Some(s) = session {
+            c.env("STYXY_PRELOAD_SESSION", s);
+        }
+        c
+    }
+
+    pub fn start_daemon(&self) {
+        let out = self.cli().args(["daemon", "start", "--idle-exit", "0"]).output().unwrap();
+        assert!(out.status.success(), "daemon start: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.path("run/styxy-preload/daemon.pid")).ok()?.trim().parse().ok()
+    }
+
+    /// Starts `cmd` in its own process group (killed with the world), output captured to files.
+    pub fn spawn(&mut self, mut cmd: Command, name: &str) -> u32 {
+        let out = std::fs::File::create(self.path(&format!("{name}.out"))).unwrap();
+        let err = std::fs::File::create(self.path(&format!("{name}.err"))).unwrap();
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    pub fn output_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.out"))).unwrap_or_default()
+    }
+
+    pub fn stderr_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.err"))).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self, pid: u32) {
+        // SAFETY: kill(2) of a process group we created.
+        unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.remove(i);
+            let _ = c.wait();
+        }
+    }
+
+    pub fn events(&self) -> Vec<styxy_preload_client::eventlog::Event> {
+        styxy_preload_client::eventlog::read_all(&self.log_path()).unwrap_or_default()
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> http::Response {
+        http::call(&self.endpoint(), method, path, body.map(str::as_bytes), Timeouts::CLI).unwrap()
+    }
+
+    pub fn json(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let r = self.call(method, path, body);
+        (r.status, serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SAFETY: kill(2) of process groups we created.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        if let Some(pid) = self.daemon_pid() {
+            // SAFETY: the daemon of this world (its pid file is private to the world).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns Some, or panics after `secs` (a "does not hang" bound).
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// TCP ports the process `pid` listens on (kernel view: its socket inodes in /proc/net/tcp*).
+pub fn listening_ports(pid: u32) -> BTreeSet<u16> {
+    let mut inodes = BTreeSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(l) = std::fs::read_link(fd.path()) {
+                let l = l.to_string_lossy().into_owned();
+                if let Some(i) = l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                    inodes.insert(i.to_string());
+                }
+            }
+        }
+    }
+    let mut ports = BTreeSet::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(f).unwrap_or_default().lines().skip(1) {
+            let c: Vec<&str> = line.split_whitespace().collect();
+            if c.len() > 9 && c[3] == "0A" && inodes.contains(c[9]) {
+                if let Some(p) = c[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) {
+                    ports.insert(p);
+                }
+            }
+        }
+    }
+    ports
+}
+
+/// Listening ports of `pid` and all its descendants.
+pub fn tree_ports(pid: u32) -> BTreeSet<u16> {
+    let mut out = listening_ports(pid);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            out.extend(tree_ports(c));
+        }
+    }
+    out
+}
+
+/// GET http://host:port/path with our own client; the body as text.
+pub fn http_get(host: &str, port: u16, path: &str) -> Option<String> {
+    let addr: std::net::IpAddr = host.parse().ok()?;
+    let ep = Endpoint::Tcp { addr: std::net::SocketAddr::new(addr, port), token: None };
+    let r = http::call(&ep, "GET", path, None, Timeouts::CLI).ok()?;
+    (r.status == 200).then(|| String::from_utf8_lossy(&r.body).trim().to_string())
+}
+
+pub fn run(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
