@@ -1,0 +1,216 @@
+//! The preload library in real processes (python3, node, a C fixture) under the real
+//! built-in daemon, checked with the kernel's view of the ports.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use styxy_preload_client::eventlog::Action;
+
+/// Starts the C fixture serving `port` in `session` (WHO=name) and waits until it listens; returns (pid, actual port).
+fn serve(w: &mut World, session: Option<&str>, port: u16, name: &str) -> (u32, u16) {
+    let mut c = w.preloaded(session, fixture("binder"));
+    c.args(["serve", &port.to_string()]).env("WHO", name);
+    let pid = w.spawn(c, name);
+    let p = wait_for(10, &format!("{name} listening"), || listening_ports(pid).into_iter().next());
+    (pid, p)
+}
+
+fn lines(out: &[u8]) -> Vec<Vec<String>> {
+    text(out).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+}
+
+#[test]
+fn five_python_servers_asking_for_8000_all_serve_on_distinct_ports() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut pids = Vec::new();
+    for i in 0..5 {
+        let dir = w.path(&format!("srv{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("who"), format!("srv{i}")).unwrap();
+        let mut c = w.preloaded(Some(&format!("py{i}")), "python3");
+        c.args(["-m", "http.server", "8000"]).current_dir(&dir);
+        pids.push(w.spawn(c, &format!("py{i}")));
+    }
+    let mut ports = BTreeSet::new();
+    for (i, pid) in pids.iter().enumerate() {
+        let port = wait_for(20, "python server listening", || tree_ports(*pid).into_iter().next());
+        assert_eq!(http_get("127.0.0.1", port, "/who").as_deref(), Some(&*format!("srv{i}")), "server {i} on {port}");
+        ports.insert(port);
+    }
+    assert_eq!(ports.len(), 5, "{ports:?}");
+    assert!(ports.contains(&8000), "{ports:?}");
+    assert!(ports.iter().all(|p| (8000..=8099).contains(p)), "{ports:?}");
+    let ev = w.events();
+    let remapped = ev.iter().filter(|e| e.action == Action::Remapped && e.requested_port == 8000).count();
+    let kept = ev.iter().filter(|e| e.action == Action::Kept && e.requested_port == 8000).count();
+    assert_eq!((remapped, kept), (4, 1), "{ev:#?}");
+    let who = w.stderr_of("py1") + &w.stderr_of("py2") + &w.stderr_of("py3") + &w.stderr_of("py4") + &w.stderr_of("py0");
+    assert_eq!(who.matches("styxy-preload: port 8000 is taken; python3").count(), 4, "{who}");
+}
+
+#[test]
+fn node_dual_stack_next_to_python_on_ipv4_serves_one_port_for_both_families() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut py = w.preloaded(Some("py"), "python3");
+    py.args(["-m", "http.server", "3000", "--bind", "127.0.0.1"]).current_dir(w.path("home"));
+    let py = w.spawn(py, "py");
+    let py_port = wait_for(10, "python listening", || tree_ports(py).into_iter().next());
+    assert_eq!(py_port, 3000);
+    let mut node = w.preloaded(Some("node"), "node");
+    node.args(["-e", "require('http').createServer((q,r)=>r.end('node')).listen(3000)"]);
+    let node = w.spawn(node, "node");
+    let ports = wait_for(10, "node listening", || Some(tree_ports(node)).filter(|p| !p.is_empty()));
+    assert_eq!(ports.len(), 1, "node listens once, dual stack: {ports:?}");
+    let p = *ports.iter().next().unwrap();
+    assert_ne!(p, 3000);
+    assert_eq!(http_get("127.0.0.1", p, "/").as_deref(), Some("node"));
+    assert_eq!(http_get("::1", p, "/").as_deref(), Some("node"));
+    assert!(http_get("127.0.0.1", 3000, "/").is_some(), "python still answers on 3000");
+}
+
+#[test]
+fn only_interesting_binds_change_and_the_rest_return_exactly_what_libc_returns() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let (_, held) = serve(&mut w, Some("other"), 4010, "holder");
+    assert_eq!(held, 4010);
+    let sock = |n: &str| w.path(n).to_string_lossy().into_owned();
+    // without the library, on a free port of the same type
+    let mut plain = w.cmd(fixture("binder"));
+    plain.args(["battery", "4020", &sock("plain.sock")]);
+    let plain = lines(&run(plain).stdout);
+    // with it, on the port the other session holds
+    let mut ours = w.preloaded(Some("mine"), fixture("binder"));
+    ours.args(["battery", "4010", &sock("ours.sock")]);
+    let out = run(ours);
+    let ours = lines(&out.stdout);
+    assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}\n{}", text(&out.stderr));
+    let get = |v: &Vec<Vec<String>>, label: &str| v.iter().find(|l| l[0] == label).cloned().unwrap_or_else(|| panic!("no {label}"));
+    // the interesting binds: remapped, to one port for IPv4 and IPv6
+    let (v4, v6) = (get(&ours, "tcp4-any"), get(&ours, "tcp6-any"));
+    assert_eq!((&v4[1][..], &v6[1][..]), ("0", "0"));
+    assert_ne!(v4[3], "4010");
+    assert_eq!(v4[3], v6[3], "one requested port → one actual port per session, v4 and v6");
+    // a forked child binding it again fails as it would without us (the parent holds it)
+    assert_eq!(get(&ours, "child-tcp4-again")[1..3], get(&plain, "child-tcp4-again")[1..3]);
+    assert_eq!(get(&ours, "child-tcp4-again")[2], "98");
+    // everything else: the same return value and errno as plain libc
+    for label in ["udp4", "tcp4-port0", "port0-nonzero", "tcp4-low", "tcp4-badaddr", "unix", "badfd", "nulladdr"] {
+        let (a, b) = (get(&ours, label), get(&plain, label));
+        assert_eq!(a[1..a.len().min(3)], b[1..b.len().min(3)], "{label}: {ours:?} vs {plain:?}");
+    }
+    assert_eq!(get(&ours, "udp4")[3], "4010", "UDP is never remapped");
+}
+
+#[test]
+fn thirty_two_threads_bind_at_once_and_a_fork_from_a_thread_still_binds() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    for p in [4040, 4045, 4050] {
+        serve(&mut w, Some("other"), p, &format!("holder{p}"));
+    }
+    let mut c = w.preloaded(Some("threads"), fixture("binder"));
+    c.args(["threads", "4040", "32", "4150"]);
+    let t = std::time::Instant::now();
+    let out = run(c);
+    assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
+    let rows = lines(&out.stdout);
+    let got: Vec<i64> = rows.iter().filter(|l| l[0] == "thread").map(|l| l[2].parse().unwrap()).collect();
+    assert_eq!(got.len(), 32, "{}", text(&out.stdout));
+    assert!(got.iter().all(|p| *p > 0), "every bind succeeds: {got:?}");
+    let distinct: BTreeSet<i64> = got.iter().copied().collect();
+    assert_eq!(distinct.len(), 32, "no duplicates: {got:?}");
+    assert!(!distinct.contains(&4040) && !distinct.contains(&4045) && !distinct.contains(&4050));
+    assert!(rows.iter().any(|l| l[0] == "forked-child-exit" && l[1] == "0"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn without_a_daemon_behaviour_is_plain() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    // no daemon: STYXY_URL names a socket nobody serves
+    let mut busy = w.cmd(fixture("binder"));
+    busy.args(["serve", "8050"]);
+    let busy = w.spawn(busy, "busy");
+    wait_for(10, "busy server", || listening_ports(busy).into_iter().next());
+    let script = "import socket,time\ns=socket.socket()\nt=time.perf_counter()\ntry:\n  s.bind(('0.0.0.0',8050)); r='bound'\nexcept OSError as e: r='errno %d' % e.errno\nprint(r, round((time.perf_counter()-t)*1000))";
+    let mut c = w.preloaded(Some("nodaemon"), "python3");
+    c.args(["-c", script]);
+    let out = text(&run(c).stdout);
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(f[..2], ["errno", "98"], "{out}");
+    assert!(f[2].parse::<u64>().unwrap() < 300, "bind took {} ms", f[2]);
+    let ev = w.events();
+    assert!(ev.iter().any(|e| e.action == Action::Passthrough && e.reason.as_deref() == Some("no coordinator")), "{ev:?}");
+}
+
+#[test]
+fn a_frozen_daemon_costs_a_bind_at_most_the_timeout() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    let pid = w.daemon_pid().unwrap();
+    // SAFETY: this world's daemon.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let script = "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\nt=time.perf_counter()\ns.bind(('127.0.0.1',8060))\nprint(s.getsockname()[1], round((time.perf_counter()-t)*1000))";
+    let mut c = w.preloaded(Some("frozen"), "python3");
+    c.args(["-c", script]);
+    let out = run(c);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let s = text(&out.stdout);
+    let f: Vec<&str> = s.split_whitespace().collect();
+    assert_eq!(f.first(), Some(&"8060"), "{s} {}", text(&out.stderr));
+    assert!(f[1].parse::<u64>().unwrap() <= 1000, "a bind took {} ms with the daemon frozen", f[1]);
+    assert!(w.events().iter().any(|e| e.reason.as_deref() == Some("coordinator timeout")));
+}
+
+#[test]
+fn nothing_is_written_into_an_fd_2_that_is_a_socket() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    serve(&mut w, Some("other"), 4060, "holder");
+    let mut c = w.preloaded(Some("mine"), fixture("binder"));
+    c.args(["stderr-socket", "4060"]);
+    let out = text(&run(c).stdout);
+    assert!(out.contains("fd2 2 bytes-in-socket 0"), "{out}");
+    assert!(out.lines().next().unwrap().starts_with("bind 0 0 "), "the bind was remapped: {out}");
+    assert!(w.events().iter().any(|e| e.action == Action::Remapped && e.requested_port == 4060));
+}
+
+#[test]
+fn errno_is_untouched_stdio_may_be_closed_and_close_range_is_survived() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    serve(&mut w, Some("other"), 4070, "h1");
+    serve(&mut w, Some("other"), 4071, "h2");
+    let mut c = w.preloaded(Some("mine"), fixture("binder"));
+    c.args(["errno0", "4070"]);
+    let out = text(&run(c).stdout);
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(f[..4], ["rc", "0", "errno", "0"], "{out}");
+    assert_ne!(f[5], "4070");
+    // close_range(3, ~0) between two binds: a fresh connection per request
+    let mut c = w.preloaded(Some("mine"), fixture("binder"));
+    c.args(["closerange", "4071", "4072"]);
+    let rows = lines(&run(c).stdout);
+    assert_eq!(rows[0][1], "0", "{rows:?}");
+    assert_ne!(rows[0][3], "4071");
+    assert_eq!((rows[1][1].as_str(), rows[1][3].as_str()), ("0", "4072"), "{rows:?}");
+    // started with fds 0-2 closed: our sockets never sit on them
+    let mut c = w.preloaded(Some("mine"), "sh");
+    c.args(["-c", &format!("exec 0<&- 1>&- 2>&- {} serve 4070", fixture("binder").display())]).env("WHO", "closed");
+    let pid = w.spawn(c, "closed");
+    let port = wait_for(10, "server with stdio closed", || listening_ports(pid).into_iter().next());
+    assert_ne!(port, 4070);
+    assert_eq!(http_get("127.0.0.1", port, "/").as_deref(), Some("closed"));
+}
