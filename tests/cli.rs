@@ -1,0 +1,218 @@
+//! The CLI as people and agents use it: exec (daemon started on demand, exit codes,
+//! signals, release), log, env, status.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn exec(w: &World, args: &[&str]) -> std::process::Command {
+    let mut c = w.cli();
+    c.arg("exec").args(args);
+    c
+}
+
+#[test]
+fn two_exec_sessions_start_the_daemon_and_both_serve() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let mut pids = Vec::new();
+    for i in 0..2 {
+        let dir = w.path(&format!("s{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("who"), format!("s{i}")).unwrap();
+        let mut c = exec(&w, &["--", "python3", "-m", "http.server", "8000"]);
+        c.current_dir(&dir);
+        pids.push(w.spawn(c, &format!("s{i}")));
+    }
+    let mut ports = Vec::new();
+    for (i, pid) in pids.iter().enumerate() {
+        let port = wait_for(20, "exec'd server listening", || tree_ports(*pid).into_iter().next());
+        assert_eq!(http_get("127.0.0.1", port, "/who").as_deref(), Some(&*format!("s{i}")));
+        ports.push(port);
+    }
+    assert_ne!(ports[0], ports[1]);
+    assert!(ports.contains(&8000));
+    let remapped = if ports[0] == 8000 { "s1" } else { "s0" };
+    assert!(w.stderr_of(remapped).contains("port 8000 is taken; python3"), "{}", w.stderr_of(remapped));
+    // log --json: every line parses and tells what happened
+    let out = run({
+        let mut c = w.cli();
+        c.args(["log", "--json"]);
+        c
+    });
+    let events: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(events.iter().any(|e| e["action"] == "remapped" && e["requested_port"] == 8000 && e["port"] != 8000), "{events:?}");
+    assert!(events.iter().any(|e| e["action"] == "kept" && e["port"] == 8000));
+    let table = text(
+        &run({
+            let mut c = w.cli();
+            c.arg("log");
+            c
+        })
+        .stdout,
+    );
+    assert!(table.contains("8000 →") && table.contains("remapped"), "{table}");
+}
+
+#[test]
+fn exit_status_signals_and_missing_commands() {
+    let mut w = World::new();
+    let code = |args: &[&str]| run(exec(&w, args)).status.code();
+    assert_eq!(code(&["--", "sh", "-c", "exit 3"]), Some(3));
+    assert_eq!(code(&["--", "sh", "-c", "kill -TERM $$"]), Some(128 + 15));
+    let out = run(exec(&w, &["--", "/nonexistent/cmd"]));
+    assert_eq!(out.status.code(), Some(127));
+    assert!(text(&out.stderr).contains("/nonexistent/cmd: command not found"));
+    let notexec = w.path("notexec");
+    std::fs::write(&notexec, "x").unwrap();
+    assert_eq!(code(&["--", notexec.to_str().unwrap()]), Some(126));
+    // SIGINT sent to exec reaches the child
+    let script = "import signal,sys,time\nsignal.signal(signal.SIGINT, lambda *a: (print('got SIGINT', flush=True), sys.exit(7)))\nprint('ready', flush=True)\ntime.sleep(30)";
+    let mut c = w.cli();
+    c.args(["exec", "--", "python3", "-c", script]);
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+    assert_eq!(&buf, b"ready\n");
+    // SAFETY: kill(2) of our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(7), "{rest}");
+    assert!(rest.contains("got SIGINT"));
+    let _ = &mut w;
+}
+
+#[test]
+fn a_short_exec_in_the_session_leaves_the_servers_port_alone() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let mut c = exec(&w, &["--session", "x", "--", "python3", "-m", "http.server", "8010"]);
+    c.current_dir(w.path("home"));
+    let srv = w.spawn(c, "srv");
+    let port = wait_for(20, "server", || tree_ports(srv).into_iter().next());
+    assert_eq!(port, 8010);
+    let out = run(exec(&w, &["--session", "x", "--", "true"]));
+    assert!(out.status.success());
+    let (_, list) = w.json("GET", "/allocations", None);
+    assert!(list["allocations"].as_array().unwrap().iter().any(|a| a["port"] == 8010 && a["instance_id"] == "x"), "{list}");
+    // another session still finds 8010 taken
+    let mut c = exec(
+        &w,
+        &[
+            "--session",
+            "y",
+            "--",
+            "python3",
+            "-c",
+            "import socket; s=socket.socket(); s.bind(('127.0.0.1',8010)); print(s.getsockname()[1])",
+        ],
+    );
+    c.current_dir(w.path("home"));
+    let out = text(&run(c).stdout);
+    assert_ne!(out.trim(), "8010");
+    assert!(http_get("127.0.0.1", 8010, "/").is_some());
+}
+
+#[test]
+fn log_follow_shows_a_new_remap() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut follow = w.cli();
+    follow.args(["log", "-f", "--json"]);
+    let f = w.spawn(follow, "follow");
+    let _ = f;
+    let mut c = w.preloaded(Some("a"), fixture("binder"));
+    c.args(["serve", "4080"]);
+    let a = w.spawn(c, "a");
+    wait_for(10, "a listening", || listening_ports(a).into_iter().next());
+    let start = std::time::Instant::now();
+    let mut c = w.preloaded(Some("b"), fixture("binder"));
+    c.args(["serve", "4080"]);
+    let b = w.spawn(c, "b");
+    let port = wait_for(10, "b listening", || listening_ports(b).into_iter().next());
+    assert_ne!(port, 4080);
+    wait_for(5, "log -f printing the remap", || w.output_of("follow").contains("\"remapped\"").then_some(()));
+    eprintln!("log -f showed the remap {:?} after the bind started", start.elapsed());
+    // the follower survives rotation of the log
+    let log = w.log_path();
+    std::fs::rename(&log, styxy_preload_client::eventlog::rotated_path(&log)).unwrap();
+    let mut c = w.preloaded(Some("c"), fixture("binder"));
+    c.args(["serve", "4080"]);
+    let c = w.spawn(c, "c");
+    wait_for(10, "c listening", || listening_ports(c).into_iter().next());
+    wait_for(5, "log -f after rotation", || (w.output_of("follow").matches("\"remapped\"").count() == 2).then_some(()));
+}
+
+#[test]
+fn env_makes_a_plain_shell_coordinated() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut c = w.preloaded(Some("holder"), fixture("binder"));
+    c.args(["serve", "8020"]);
+    let h = w.spawn(c, "holder");
+    wait_for(10, "holder", || listening_ports(h).into_iter().next());
+    let mut c = w.cmd("bash");
+    c.args(["-c", "eval \"$(\"$0\" env)\"; exec python3 -m http.server 8020", bin().to_str().unwrap()]).current_dir(w.path("home"));
+    let srv = w.spawn(c, "shell");
+    let port = wait_for(20, "server from the eval'd shell", || tree_ports(srv).into_iter().next());
+    assert_ne!(port, 8020, "coordinated: moved off the held port");
+    assert!(http_get("127.0.0.1", port, "/").is_some());
+    let out = text(
+        &run({
+            let mut c = w.cli();
+            c.args(["env", "--shell", "fish", "--session", "agent-1"]);
+            c
+        })
+        .stdout,
+    );
+    assert!(out.contains("set -gx STYXY_PRELOAD_SESSION 'agent-1'") && out.contains("libstyxy_preload.so"), "{out}");
+}
+
+#[test]
+fn status_names_each_problem_with_its_fix() {
+    let w = World::new();
+    // no daemon
+    let out = run({
+        let mut c = w.cli();
+        c.arg("status");
+        c
+    });
+    let s = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert!(s.contains("✓ library") && s.contains("✗ coordinator: none answers") && s.contains("fix: start one"), "{s}");
+    w.start_daemon();
+    let out = run({
+        let mut c = w.cli();
+        c.arg("status");
+        c
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // a binary without its library beside it
+    let lonely = w.path("bin/styxy-preload");
+    std::fs::create_dir_all(lonely.parent().unwrap()).unwrap();
+    std::fs::copy(bin(), &lonely).unwrap();
+    let out = run({
+        let mut c = w.cmd(&lonely);
+        c.arg("status");
+        c
+    });
+    let s = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(s.contains("✗ library: libstyxy_preload.so not found") && s.contains("fix: build it"), "{s}");
+    let out = run({
+        let mut c = w.cmd(&lonely);
+        c.args(["exec", "--", "true"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("STYXY_PRELOAD_LIB"), "{}", text(&out.stderr));
+    let _ = Duration::ZERO;
+}
