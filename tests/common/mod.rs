@@ -17,8 +17,28 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_styxy-preload"))
 }
 
+/// `cargo build --workspace` leaves the core library beside the binary; `cargo test`
+/// builds it only as a dependency, in `deps/`. Put the freshest one where a build puts
+/// it (copy, then rename: atomic for concurrent test processes).
+fn ensure_core_beside_binary() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dst = bin().with_file_name("libstyxy_preload_core.so");
+        let src = bin().with_file_name("deps").join("libstyxy_preload_core.so");
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if let Some(s) = mtime(&src) {
+            if mtime(&dst).is_none_or(|d| d < s) {
+                let tmp = dst.with_extension(format!("so.tmp.{}", std::process::id()));
+                std::fs::copy(&src, &tmp).unwrap();
+                std::fs::rename(&tmp, &dst).unwrap();
+            }
+        }
+    });
+}
+
 /// `libstyxy_preload.so`, beside the binary (the core next to it).
 pub fn lib() -> PathBuf {
+    ensure_core_beside_binary();
     let p = bin().with_file_name("libstyxy_preload.so");
     assert!(p.is_file(), "{} missing: build with cargo build --workspace", p.display());
     assert!(p.with_file_name("libstyxy_preload_core.so").is_file(), "core library missing beside {}", p.display());
@@ -69,6 +89,7 @@ pub struct World {
 
 impl World {
     pub fn new() -> World {
+        lib();
         let dir = tempfile::Builder::new().prefix("styxy-test-").tempdir().unwrap();
         for d in ["home", "run", "state", "config"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
