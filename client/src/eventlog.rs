@@ -116,12 +116,20 @@ pub fn append(path: &Path, ev: &Event) -> io::Result<()> {
 /// Every event in the rotated file then the current one, oldest first. Lines that do
 /// not parse (a torn write after a crash, a foreign line) are skipped.
 pub fn read_all(path: &Path) -> io::Result<Vec<Event>> {
+    read_with_len(path).map(|(ev, _)| ev)
+}
+
+/// As `read_all`, plus how many bytes of the current file were read (where a
+/// follower continues).
+pub fn read_with_len(path: &Path) -> io::Result<(Vec<Event>, u64)> {
     let mut out = Vec::new();
     let mut found = false;
+    let mut len = 0;
     for p in [rotated_path(path), path.to_path_buf()] {
         match std::fs::read(&p) {
             Ok(data) => {
                 found = true;
+                len = data.len() as u64;
                 out.extend(parse_lines(&data));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -131,7 +139,7 @@ pub fn read_all(path: &Path) -> io::Result<Vec<Event>> {
     if !found {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no event log at {}", path.display())));
     }
-    Ok(out)
+    Ok((out, len))
 }
 
 pub fn parse_lines(data: &[u8]) -> Vec<Event> {

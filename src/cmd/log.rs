@@ -13,9 +13,9 @@ pub fn run(a: LogArgs) -> Result<i32, String> {
     let path = paths::event_log_path();
     let since_ms = a.since.map(|d| eventlog::now_ms().saturating_sub(d.as_millis() as u64));
     let keep = |e: &Event| a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s)) && since_ms.is_none_or(|t| e.ts >= t);
-    let events = match eventlog::read_all(&path) {
-        Ok(ev) => ev,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.follow => vec![],
+    let (events, read_len) = match eventlog::read_with_len(&path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.follow => (vec![], 0),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!(
                 "styxy-preload: nothing logged yet ({} does not exist). Run a server under `styxy-preload exec -- …` first.",
@@ -43,7 +43,8 @@ pub fn run(a: LogArgs) -> Result<i32, String> {
     let _ = out.flush();
     drop(out);
     if a.follow {
-        follow(&path, |e| keep(e), a.json);
+        // continue exactly after what was read above (0 if the log did not exist yet)
+        follow(&path, read_len, |e| keep(e), a.json);
     }
     Ok(0)
 }
@@ -81,14 +82,17 @@ fn print(out: &mut impl Write, e: &Event, json: bool) {
     );
 }
 
-/// Prints events appended from now on, like `tail -f`; follows the file across rotation.
-fn follow(path: &std::path::Path, keep: impl Fn(&Event) -> bool, json: bool) {
+/// Prints events appended after byte `from`, like `tail -f`; follows the file across
+/// rotation (a new file is read from its start).
+fn follow(path: &std::path::Path, from: u64, keep: impl Fn(&Event) -> bool, json: bool) {
     let mut file: Option<std::fs::File> = None;
     let mut pending = Vec::new();
+    let mut from = from;
     loop {
         if file.is_none() {
             if let Ok(mut f) = std::fs::File::open(path) {
-                let _ = f.seek(SeekFrom::End(0));
+                let _ = f.seek(SeekFrom::Start(from));
+                from = 0;
                 file = Some(f);
             }
         }
