@@ -149,8 +149,10 @@ pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Tim
     let result = match (method, body) {
         ("GET", _) => with_auth(agent.get(&url), &auth).call(),
         ("DELETE", _) => with_auth(agent.delete(&url), &auth).call(),
-        ("POST", b) => with_auth(agent.post(&url), &auth).header("Content-Type", "application/json").send(b.unwrap_or(b"{}")),
-        ("PUT", b) => with_auth(agent.put(&url), &auth).header("Content-Type", "application/json").send(b.unwrap_or(b"{}")),
+        ("POST", Some(b)) => with_auth(agent.post(&url), &auth).header("Content-Type", "application/json").send(b),
+        ("PUT", Some(b)) => with_auth(agent.put(&url), &auth).header("Content-Type", "application/json").send(b),
+        ("POST", None) => with_auth(agent.post(&url), &auth).send_empty(),
+        ("PUT", None) => with_auth(agent.put(&url), &auth).send_empty(),
         _ => return Err(Error::Protocol(format!("unsupported method {method}"))),
     };
     let mut res = result.map_err(map_err)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State as AxState};
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json, Router};
@@ -365,7 +365,9 @@ async fn instance_register(AxState(sh): AxState<Arc<Shared>>, body: Body) -> Api
     Ok(Json(json!({"success": true, "instance_id": id, "message": format!("Instance {id} registered")})).into_response())
 }
 
-async fn heartbeat(AxState(sh): AxState<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+async fn heartbeat(AxState(sh): AxState<Arc<Shared>>, Path(id): Path<String>, body: Body) -> ApiResult {
+    // read whatever the client sent, so that it gets the answer rather than a closed connection
+    let _ = json_body(body).await;
     let now = now_ms();
     let mut inst = sh.instances.lock();
     match inst.get_mut(&id) {
@@ -423,8 +425,7 @@ async fn suggest(
     Ok(Json(json!({"service_type": ty, "suggestions": ports, "count": ports.len(), "message": "not reserved"})).into_response())
 }
 
-async fn cleanup(AxState(sh): AxState<Arc<Shared>>, headers: HeaderMap, body: Body) -> ApiResult {
-    let _ = headers;
+async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
     let m = json_body(body).await?;
     let force = m.get("force").and_then(Value::as_bool).unwrap_or(false);
     let cleaned = {
