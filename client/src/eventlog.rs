@@ -86,29 +86,33 @@ pub fn rotated_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+fn open_append(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().append(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
+}
+
 /// Appends one event with a single `write()` (atomic for lines this short on
-/// `O_APPEND`), creating the private directory on first use.
+/// `O_APPEND`). The private directory is created on first use only: the common case
+/// costs one open, one fstat, one write.
 pub fn append(path: &Path, ev: &Event) -> io::Result<()> {
     let mut line = serde_json::to_vec(ev).map_err(io::Error::other)?;
     line.push(b'\n');
-    if let Some(dir) = path.parent() {
-        if path == paths::event_log_path() && std::env::var_os("STYXY_PRELOAD_LOG").is_none() {
-            paths::ensure_private_dir(dir)?;
+    let mut f = match open_append(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = path.parent().ok_or(e)?;
+            if std::env::var_os("STYXY_PRELOAD_LOG").is_some() {
+                std::fs::create_dir_all(dir)?;
+            } else {
+                paths::ensure_private_dir(dir)?;
+            }
+            open_append(path)?
         }
-    }
-    let mut f =
-        std::fs::OpenOptions::new().append(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+        r => r?,
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if len + line.len() as u64 > max_bytes() && len > 0 {
         // Whoever renames first wins; a racing writer appends to the renamed file, still read.
         let _ = std::fs::rename(path, rotated_path(path));
-        drop(f);
-        f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
+        f = open_append(path)?;
     }
     f.write_all(&line)
 }

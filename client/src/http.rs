@@ -162,7 +162,10 @@ pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Tim
     Ok(Response { status, body, retry_after })
 }
 
+/// Adds the bearer token, and `Connection: close`: one request per connection, so the
+/// server closes at once instead of waiting for another request.
 fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: &Option<String>) -> ureq::RequestBuilder<B> {
+    let req = req.header("Connection", "close");
     match auth {
         Some(a) => req.header("Authorization", a),
         None => req,
@@ -211,7 +214,9 @@ impl Connector<()> for SockConnector {
         let timeout = details.timeout.not_zero().map(|t| *t).unwrap_or(Duration::from_millis(50));
         let sock = connect(&self.0, timeout)?;
         let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
-        Ok(Some(SockTransport { sock, buffers }))
+        // connect already set SO_SNDTIMEO on a Unix socket
+        let write_timeout = matches!(self.0, Endpoint::Unix(_)).then_some(timeout);
+        Ok(Some(SockTransport { sock, buffers, read_timeout: None, write_timeout }))
     }
 }
 
@@ -225,9 +230,9 @@ pub fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Socket> {
     let sock = above_stdio(Socket::new(domain, Type::STREAM, None)?)?;
     match ep {
         Endpoint::Unix(_) => {
-            sock.set_nonblocking(true)?;
-            sock.connect(&addr)?;
-            sock.set_nonblocking(false)?;
+            // a Unix connect waits for room in a full backlog (a frozen daemon) for at most SO_SNDTIMEO
+            sock.set_write_timeout(Some(timeout))?;
+            sock.connect(&addr).map_err(|e| if e.kind() == io::ErrorKind::WouldBlock { io::ErrorKind::TimedOut.into() } else { e })?;
         }
         Endpoint::Tcp { .. } => {
             sock.connect_timeout(&addr, timeout)?;
@@ -255,6 +260,25 @@ fn above_stdio(sock: Socket) -> io::Result<Socket> {
 struct SockTransport {
     sock: Socket,
     buffers: LazyBuffers,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+}
+
+/// Sets a socket timeout only when it must shrink by more than a few milliseconds
+/// (ureq hands us the remaining budget each time): one setsockopt per connection in
+/// the common case, and the deadline still holds within that slack.
+fn tighten(cached: &mut Option<Duration>, want: Option<Duration>, set: impl FnOnce(Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+    const SLACK: Duration = Duration::from_millis(5);
+    let stale = match (*cached, want) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(c), Some(w)) => w + SLACK < c,
+    };
+    if stale {
+        set(want)?;
+        *cached = want;
+    }
+    Ok(())
 }
 
 fn io_err(e: io::Error, timeout: &NextTimeout) -> ureq::Error {
@@ -272,14 +296,16 @@ impl Transport for SockTransport {
 
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         let timeout = timeout.for_write();
-        self.sock.set_write_timeout(timeout.not_zero().map(|t| *t)).map_err(ureq::Error::Io)?;
+        let sock = &self.sock;
+        tighten(&mut self.write_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_write_timeout(t)).map_err(ureq::Error::Io)?;
         let out = &self.buffers.output()[..amount];
         (&self.sock).write_all(out).map_err(|e| io_err(e, &timeout))
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         let timeout = timeout.for_read();
-        self.sock.set_read_timeout(timeout.not_zero().map(|t| *t)).map_err(ureq::Error::Io)?;
+        let sock = &self.sock;
+        tighten(&mut self.read_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_read_timeout(t)).map_err(ureq::Error::Io)?;
         let n = loop {
             match (&self.sock).read(self.buffers.input_append_buf()) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -220,7 +220,9 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let pid_path = paths::daemon_pid_path();
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| RunError::Io(e.to_string()))?;
+    // One thread: a request is a few microseconds of work under one lock, and a single
+    // thread saves a cross-thread wake-up (futex + eventfd) per connection.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| RunError::Io(e.to_string()))?;
     let result = rt.block_on(serve(shared.clone(), std_listener, opts));
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&pid_path);
@@ -339,13 +341,25 @@ fn write_snapshot(shared: &Shared) {
     }
 }
 
+/// How long the writer waits after a change for more before it writes: a burst of
+/// allocations costs one write and one fsync, not one each.
+const PERSIST_DEBOUNCE: Duration = Duration::from_millis(50);
+
 /// Saves the state whenever asked, coalescing bursts: one write covers every change
 /// made before it started.
 fn persist_loop(shared: &Shared, rx: mpsc::Receiver<Persist>) {
     while let Ok(Persist::Save) = rx.recv() {
         let mut stop = false;
-        while let Ok(m) = rx.try_recv() {
-            stop |= matches!(m, Persist::Stop);
+        let until = Instant::now() + PERSIST_DEBOUNCE;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(Persist::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
+                Ok(Persist::Save) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+            }
         }
         write_snapshot(shared);
         if stop {

@@ -6,9 +6,13 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 /// The process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22),
 /// which tells a live process from a reused pid.
 pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    use std::io::Read;
+    // one read into a stack buffer: this runs for every allocation
+    let mut buf = [0u8; 1024];
+    let n = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?.read(&mut buf).ok()?;
+    let stat = std::str::from_utf8(buf.get(..n)?).ok()?;
     // comm may hold spaces and parentheses: the fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     rest.split(' ').nth(19)?.parse().ok()
 }
 

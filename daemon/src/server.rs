@@ -209,7 +209,7 @@ fn parse_allocate(m: &Map<String, Value>, peer: Peer) -> Result<AllocRequest, Ap
         requested_port,
         comm: comm.or_else(|| owner_pid.and_then(procinfo::comm)),
         exclude,
-        owner: owner_pid.and_then(Owner::of),
+        owner: owner_pid.map(Owner::pid),
     })
 }
 

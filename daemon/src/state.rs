@@ -23,6 +23,19 @@ impl Owner {
     pub fn of(pid: u32) -> Option<Owner> {
         procinfo::start_time(pid).map(|start| Owner { pid, start })
     }
+
+    /// An owner known by pid only: its start time is read when it is recorded.
+    pub fn pid(pid: u32) -> Owner {
+        Owner { pid, start: 0 }
+    }
+
+    fn resolved(&self) -> Option<Owner> {
+        if self.start != 0 {
+            Some(self.clone())
+        } else {
+            Owner::of(self.pid)
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -112,10 +125,9 @@ impl State {
         if let (Some(s), Some(r)) = (&req.session, requested) {
             if let Some(a) = self.allocs.values_mut().find(|a| a.session.as_ref() == Some(s) && a.requested_port == Some(r)) {
                 if !req.exclude.contains(&a.port) {
-                    if let Some(o) = &req.owner {
-                        if !a.owners.contains(o) {
-                            a.owners.push(o.clone());
-                        }
+                    // the common case (the same process binding again) reads nothing from /proc
+                    if let Some(o) = req.owner.as_ref().filter(|o| !a.owners.iter().any(|x| x.pid == o.pid)).and_then(Owner::resolved) {
+                        a.owners.push(o);
                     }
                     return Ok(Grant { port: a.port, lock_id: a.lock_id.clone(), existing: true, holder: None });
                 }
@@ -160,7 +172,7 @@ impl State {
             project_path: req.project_path.clone(),
             requested_port: requested,
             comm: req.comm.clone(),
-            owners: req.owner.iter().cloned().collect(),
+            owners: req.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
             allocated_at_ms: now_ms,
         };
         self.publish(&a);
