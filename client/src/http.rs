@@ -216,7 +216,7 @@ impl Connector<()> for SockConnector {
         let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
         // connect already set SO_SNDTIMEO on a Unix socket
         let write_timeout = matches!(self.0, Endpoint::Unix(_)).then_some(timeout);
-        Ok(Some(SockTransport { sock, buffers, read_timeout: None, write_timeout }))
+        Ok(Some(SockTransport { sock, buffers, read_timeout: None, write_timeout, pending: Vec::new() }))
     }
 }
 
@@ -262,6 +262,22 @@ struct SockTransport {
     buffers: LazyBuffers,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    /// Output held back until the first read: the head and body of a request leave in
+    /// one write, so the server wakes up once.
+    pending: Vec<u8>,
+}
+
+impl SockTransport {
+    fn flush(&mut self, timeout: &NextTimeout) -> Result<(), ureq::Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let sock = &self.sock;
+        tighten(&mut self.write_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_write_timeout(t)).map_err(ureq::Error::Io)?;
+        let r = (&self.sock).write_all(&self.pending).map_err(|e| io_err(e, timeout));
+        self.pending.clear();
+        r
+    }
 }
 
 /// Sets a socket timeout only when it must shrink by more than a few milliseconds
@@ -295,14 +311,16 @@ impl Transport for SockTransport {
     }
 
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
-        let timeout = timeout.for_write();
-        let sock = &self.sock;
-        tighten(&mut self.write_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_write_timeout(t)).map_err(ureq::Error::Io)?;
         let out = &self.buffers.output()[..amount];
-        (&self.sock).write_all(out).map_err(|e| io_err(e, &timeout))
+        self.pending.extend_from_slice(out);
+        if self.pending.len() > 64 * 1024 {
+            self.flush(&timeout.for_write())?;
+        }
+        Ok(())
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.flush(&timeout.for_write())?;
         let timeout = timeout.for_read();
         let sock = &self.sock;
         tighten(&mut self.read_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_read_timeout(t)).map_err(ureq::Error::Io)?;

@@ -310,7 +310,8 @@ async fn accept_tcp(listener: TcpListener, app: axum::Router) {
     }
 }
 
-/// One connection: headers within 2 s, the whole exchange within 10 s.
+/// One connection, one request (clients send `Connection: close`; keep-alive off), the
+/// whole exchange within 10 s: a stalled client only holds its own task.
 async fn serve_conn<S>(io: S, app: axum::Router, peer: Peer)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -320,10 +321,7 @@ where
         req.extensions_mut().insert(peer);
         app.clone().oneshot(req)
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(2))
-        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    let conn = hyper::server::conn::http1::Builder::new().keep_alive(false).serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
 }
 

@@ -32,7 +32,15 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
     let Some(ty) = decision.service_type().map(str::to_string) else {
         return plain();
     };
-    if sys::sock_type(fd) != Some(SOCK_STREAM) {
+    let ask_first = matches!(decision, Decision::Coordinated(_)) && p.mode == Mode::Coordinate;
+    if !ask_first && p.mode != Mode::Observe {
+        // on-conflict ports (and Single types) are bound as asked: nothing else happens
+        // unless the kernel says EADDRINUSE
+        let rc = plain();
+        if rc == 0 || sys::errno() != EADDRINUSE || sys::sock_type(fd) != Some(SOCK_STREAM) {
+            return rc;
+        }
+    } else if sys::sock_type(fd) != Some(SOCK_STREAM) {
         return plain();
     }
     let started = Instant::now();
@@ -48,28 +56,16 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
         backend,
         retries,
     };
-    let ask_first = match (&decision, p.mode) {
-        (_, Mode::Observe) => {
-            let rc = plain();
-            report::event(p, out(orig.port, Action::Observed, Some("observe mode".into()), None, 0));
-            return rc;
-        }
-        (Decision::Single(_), _) => {
-            let rc = plain();
-            if rc != 0 && sys::errno() == EADDRINUSE {
-                let why = format!("single-instance type {ty}: not remapped");
-                report::event(p, out(orig.port, Action::Passthrough, Some(why), None, 0));
-            }
-            return rc;
-        }
-        (Decision::Coordinated(_), Mode::Coordinate) => true,
-        _ => false,
-    };
-    if !ask_first {
+    if p.mode == Mode::Observe {
         let rc = plain();
-        if rc == 0 || sys::errno() != EADDRINUSE {
-            return rc;
-        }
+        report::event(p, out(orig.port, Action::Observed, Some("observe mode".into()), None, 0));
+        return rc;
+    }
+    if let Decision::Single(_) = decision {
+        let why = format!("single-instance type {ty}: not remapped");
+        report::event(p, out(orig.port, Action::Passthrough, Some(why), None, 0));
+        sys::set_errno(EADDRINUSE);
+        return -1;
     }
     let Some(ep) = process::endpoint() else {
         let rc = plain();
