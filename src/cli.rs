@@ -71,8 +71,9 @@ pub struct ExecArgs {
     /// Let connects reach other sessions' servers (isolation off)
     #[arg(long)]
     pub no_isolate: bool,
-    /// Allocate before starting: NAME=TYPE, NAME=PORT or NAME; exported as $NAME and substituted for {NAME} in arguments
-    #[arg(long = "port", value_name = "NAME[=TYPE|=PORT]")]
+    /// Allocate before starting: NAME=TYPE, NAME=PORT or NAME (a dev port); exported as $NAME and
+    /// substituted for {NAME} in arguments. `auto`: the variables the recognised tool reads (PORT, UVICORN_PORT, …)
+    #[arg(long = "port", value_name = "NAME[=TYPE|=PORT]|auto")]
     pub ports: Vec<String>,
     /// The command and its arguments
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]

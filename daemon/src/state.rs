@@ -123,7 +123,14 @@ impl State {
         let ty = self.policy.service_type(&req.service_type).cloned().ok_or_else(|| AllocError::UnknownType(req.service_type.clone()))?;
         let requested = req.requested_port.or(req.preferred_port);
         if let (Some(s), Some(r)) = (&req.session, requested) {
-            if let Some(a) = self.allocs.values_mut().find(|a| a.session.as_ref() == Some(s) && a.requested_port == Some(r)) {
+            // the session already holds this requested port, or holds the port itself
+            // (a tool handed it by `exec --port` binds it): the same allocation, shared
+            let mine = |a: &&Allocation| a.session.as_ref() == Some(s);
+            let found = match self.allocs.values().filter(mine).find(|a| a.requested_port == Some(r)) {
+                Some(a) => Some(a.port),
+                None => self.allocs.get(&r).filter(mine).map(|a| a.port),
+            };
+            if let Some(a) = found.and_then(|p| self.allocs.get_mut(&p)) {
                 if !req.exclude.contains(&a.port) {
                     // the common case (the same process binding again) reads nothing from /proc
                     if let Some(o) = req.owner.as_ref().filter(|o| !a.owners.iter().any(|x| x.pid == o.pid)).and_then(Owner::resolved) {

@@ -17,7 +17,7 @@ use styxy_preload_client::policy::Policy;
 use styxy_preload_client::{paths, session};
 
 use crate::cli::ExecArgs;
-use crate::{coordinator, elf, libpath};
+use crate::{coordinator, elf, libpath, tools};
 
 pub fn run(a: ExecArgs) -> Result<i32, String> {
     let lib = libpath::find()?;
@@ -55,7 +55,15 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let mut args: Vec<String> = a.cmd[1..].to_vec();
     if !a.ports.is_empty() {
         let ep = endpoint.as_ref().ok_or("--port needs a coordinator, and none answers (drop --no-start-daemon)")?;
-        for spec in &a.ports {
+        let specs: Vec<String> = a
+            .ports
+            .iter()
+            .flat_map(|s| match s.as_str() {
+                "auto" => tools::variables(&a.cmd).iter().map(|(var, ty)| format!("{var}={ty}")).collect(),
+                _ => vec![s.clone()],
+            })
+            .collect();
+        for spec in &specs {
             let (name, port) = preallocate(ep, &session, spec)?;
             let token = format!("{{{name}}}");
             args = args.into_iter().map(|x| x.replace(&token, &port.to_string())).collect();
