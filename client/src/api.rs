@@ -195,3 +195,30 @@ mod tests {
         assert!(valid_service_name(&service_name(&"é".repeat(300), 1)));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A coordinator's answer, whatever its bytes, parses or fails; it never panics,
+        /// and a grant is only ever a real port.
+        #[test]
+        fn any_answer_is_handled(body in prop::collection::vec(any::<u8>(), 0..256), port in any::<i64>(), ok in any::<bool>()) {
+            if let Ok(r) = serde_json::from_slice::<AllocateReply>(&body) {
+                let _ = r.granted();
+            }
+            let text = format!(r#"{{"success":{ok},"port":{port},"lock_id":"x"}}"#);
+            if let Ok(r) = serde_json::from_str::<AllocateReply>(&text) {
+                prop_assert!(r.granted().is_none_or(|(p, _)| p != 0 && i64::from(p) == port));
+            }
+        }
+
+        #[test]
+        fn rules_and_urls_never_panic(s in "[ -~]{0,40}") {
+            let _ = crate::policy::Policy::default().add_rules(&s);
+            let _ = crate::http::Endpoint::parse(&s);
+        }
+    }
+}

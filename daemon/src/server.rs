@@ -449,3 +449,65 @@ async fn metrics(AxState(sh): AxState<Arc<Shared>>) -> Response {
     };
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[ -~]{0,12}".prop_map(Value::String),
+            (0u32..70000).prop_map(|n| json!(n)),
+            (0u32..70000).prop_map(|n| Value::String(n.to_string())),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z_]{1,16}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn request() -> impl Strategy<Value = Map<String, Value>> {
+        let field = prop_oneof![
+            Just("service_type"),
+            Just("service_name"),
+            Just("preferred_port"),
+            Just("requested_port"),
+            Just("instance_id"),
+            Just("project_path"),
+            Just("dry_run"),
+            Just("pid"),
+            Just("comm"),
+            Just("exclude"),
+        ];
+        let known = prop_oneof![Just(json!("dev")), Just(json!("api")), Just(json!("ai")), json_value()];
+        prop::collection::vec((field, known), 0..8).prop_map(|kv| kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Whatever the body, validation answers Ok or a 4xx, never panics, and what it
+        /// accepts satisfies Styxy's rules.
+        #[test]
+        fn validation_never_panics(m in request()) {
+            match parse_allocate(&m, Peer { pid: None, tcp: false }) {
+                Ok(r) => {
+                    prop_assert!(valid_service_type(&r.service_type));
+                    prop_assert!(r.preferred_port.is_none_or(|p| p != 0));
+                    prop_assert!(r.session.as_deref().is_none_or(valid_instance_id));
+                }
+                Err(ApiError(status, msg)) => {
+                    prop_assert!(status.is_client_error());
+                    prop_assert!(!msg.is_empty());
+                }
+            }
+        }
+    }
+}

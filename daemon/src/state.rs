@@ -403,3 +403,71 @@ mod tests {
         assert_eq!(s.allocate(&r, 0).unwrap_err(), AllocError::UnknownType("nope".into()));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc { ty: usize, session: u8, port: Option<u16>, dry: bool },
+        Release(usize),
+        Sweep,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0usize..4, 0u8..6, proptest::option::of(prop_oneof![2990u16..3110, 8000u16..8100, 1u16..65535]), any::<bool>())
+                .prop_map(|(ty, session, port, dry)| Op::Alloc { ty, session, port, dry }),
+            1 => (0usize..64).prop_map(Op::Release),
+            1 => Just(Op::Sweep),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any sequence of allocations and releases: a granted port is never held by a
+        /// second allocation, and a session asking again for its requested port gets
+        /// the same one.
+        #[test]
+        fn never_grants_one_port_twice(ops in prop::collection::vec(op(), 1..80)) {
+            let mut st = State::new(Policy::default(), None, 60_000);
+            st.port_in_use = |_| false;
+            let me = Owner::of(std::process::id());
+            let types = ["dev", "api", "storybook", "ai"];
+            let mut locks = Vec::new();
+            for o in ops {
+                match o {
+                    Op::Alloc { ty, session, port, dry } => {
+                        let held: BTreeSet<u16> = st.allocs.keys().copied().collect();
+                        let req = AllocRequest {
+                            service_type: types[ty].into(),
+                            service_name: "f".into(),
+                            preferred_port: port,
+                            requested_port: port,
+                            session: Some(format!("s{session}")),
+                            owner: me.clone(),
+                            dry_run: dry,
+                            ..Default::default()
+                        };
+                        if let Ok(g) = st.allocate(&req, 0) {
+                            if g.existing {
+                                let a = &st.allocs[&g.port];
+                                prop_assert_eq!(a.session.as_deref(), req.session.as_deref());
+                            } else {
+                                prop_assert!(!held.contains(&g.port), "port {} granted twice", g.port);
+                                if !dry { locks.push(g.lock_id); }
+                            }
+                        }
+                    }
+                    Op::Release(i) => if let Some(l) = locks.get(i % locks.len().max(1)).cloned() { st.release(&l, 0); },
+                    Op::Sweep => { st.sweep(0); }
+                }
+            }
+        }
+    }
+
+    use std::collections::BTreeSet;
+}

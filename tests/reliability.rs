@@ -1,0 +1,330 @@
+//! Faults, load and hostile input (DESIGN.md "What the host process must never see",
+//! "The built-in daemon"): the host program keeps working, the daemon keeps serving.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use styxy_preload_client::eventlog::Action;
+use styxy_preload_client::http::{self, Timeouts};
+
+/// Python in `session` binding 127.0.0.1:`port`: prints the port it got and the ms the bind took.
+fn py_bind(w: &World, session: &str, port: u16, extra_env: &[(&str, &str)]) -> (u16, u64, String) {
+    let script = format!(
+        "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\nt=time.perf_counter()\ns.bind(('127.0.0.1',{port}))\nprint(s.getsockname()[1], round((time.perf_counter()-t)*1000))"
+    );
+    let mut c = w.preloaded(Some(session), "python3");
+    c.args(["-c", &script]).envs(extra_env.iter().copied());
+    let out = run(c);
+    let s = text(&out.stdout);
+    let f: Vec<u64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    assert_eq!(f.len(), 2, "python failed: {s} {}", text(&out.stderr));
+    (f[0] as u16, f[1], text(&out.stderr))
+}
+
+fn hold(w: &mut World, session: &str, port: u16, name: &str) -> u16 {
+    let mut c = w.preloaded(Some(session), fixture("binder"));
+    c.args(["serve", &port.to_string()]);
+    let pid = w.spawn(c, name);
+    wait_for(10, name, || listening_ports(pid).into_iter().next())
+}
+
+#[test]
+fn an_unwritable_log_or_a_full_disk_changes_nothing_for_the_program() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    hold(&mut w, "other", 4200, "holder");
+    for log in ["/dev/full", "/etc/passwd/not-a-dir/events.jsonl"] {
+        let (port, _, err) = py_bind(&w, "mine", 4200, &[("STYXY_PRELOAD_LOG", log)]);
+        assert_ne!(port, 4200, "still coordinated with the log at {log}");
+        assert!(err.contains("got"), "{err}");
+    }
+}
+
+#[test]
+fn hostile_answers_from_a_coordinator_end_in_pass_through_within_the_budget() {
+    let _r = lock_ranges();
+    let w = World::new();
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("truncated", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"succ".to_vec(), false),
+        ("oversized", format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 10 << 20).into_bytes(), true),
+        ("wrong types", b"HTTP/1.1 200 OK\r\nContent-Length: 34\r\n\r\n{\"success\":true,\"port\":\"eighty\"}  ".to_vec(), false),
+        ("out of range", b"HTTP/1.1 200 OK\r\nContent-Length: 31\r\n\r\n{\"success\":true,\"port\":70000}".to_vec(), false),
+        (
+            "html error",
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\nContent-Length: 23\r\n\r\n<html>Error</html>     ".to_vec(),
+            false,
+        ),
+        ("redirect", b"HTTP/1.1 302 Found\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n".to_vec(), false),
+        ("never ends", b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{".to_vec(), true),
+        ("not http", b"\x00\x01garbage\r\n\r\n".to_vec(), false),
+    ];
+    for (name, answer, stall) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("fake.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let server = std::thread::spawn(move || {
+            let accept_until = Instant::now() + Duration::from_secs(10);
+            let conn = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break Some(s),
+                    Err(_) if Instant::now() < accept_until => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => break None,
+                }
+            };
+            if let Some(mut s) = conn {
+                s.set_nonblocking(false).unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(&answer);
+                if stall {
+                    // keep sending nothing (or a trickle of an oversized body) until the client gives up
+                    let end = Instant::now() + Duration::from_secs(3);
+                    while Instant::now() < end && s.write_all(&[b' '; 1024]).is_ok() {
+                        std::thread::sleep(Duration::from_millis(if name == "oversized" { 0 } else { 100 }));
+                    }
+                }
+            }
+        });
+        let url = format!("unix:{}", sock.display());
+        let (port, ms, _) = py_bind(&w, "hostile", 4410, &[("STYXY_URL", &url)]);
+        assert_eq!(port, 4410, "{name}: the original address is bound");
+        assert!(ms <= 1000, "{name}: bind took {ms} ms");
+        let _ = server.join();
+        let ev = w.events();
+        let last = ev.last().unwrap();
+        assert_eq!(last.action, Action::Passthrough, "{name}: {last:?}");
+        assert!(!last.reason.as_deref().unwrap_or("").is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn a_hundred_processes_binding_three_ports_each_get_distinct_ports() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    // 300 binds over four types of 100 ports each: 75 per type, so ports this machine
+    // uses in those ranges leave enough room
+    let bases = [3000u16, 4000, 8000, 9200];
+    let mut pids = Vec::new();
+    for i in 0..100 {
+        let ports: Vec<String> = (0..3).map(|k| bases[(i + k) % 4].to_string()).collect();
+        let mut c = w.preloaded(Some(&format!("load{i}")), fixture("binder"));
+        c.arg("hold").args(&ports);
+        pids.push(w.spawn(c, &format!("load{i}")));
+    }
+    let mut all = BTreeSet::new();
+    for (i, pid) in pids.iter().enumerate() {
+        let ports = wait_for(60, "every process holding 3 ports", || Some(listening_ports(*pid)).filter(|p| p.len() == 3));
+        for p in ports {
+            assert!(all.insert(p), "port {p} twice (process {i})");
+        }
+    }
+    assert_eq!(all.len(), 300);
+    let (_, list) = w.json("GET", "/allocations", None);
+    assert_eq!(list["allocations"].as_array().unwrap().len(), 300);
+}
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
+
+#[test]
+fn ten_thousand_allocate_release_cycles_leak_neither_fds_nor_memory() {
+    let w = World::new();
+    w.start_daemon();
+    let pid = w.daemon_pid().unwrap();
+    let cycle = |n: usize| {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let ep = w.endpoint();
+                std::thread::spawn(move || {
+                    for i in 0..n / 4 {
+                        let body = format!(r#"{{"service_type":"docs","instance_id":"c{t}-{i}"}}"#);
+                        let r = http::call(&ep, "POST", "/allocate", Some(body.as_bytes()), Timeouts::CLI).unwrap();
+                        let v: Value = serde_json::from_slice(&r.body).unwrap();
+                        let lock = v["lock_id"].as_str().unwrap();
+                        let r = http::call(&ep, "DELETE", &format!("/allocate/{lock}"), None, Timeouts::CLI).unwrap();
+                        assert_eq!(r.status, 200);
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    };
+    cycle(2000); // warm up allocator arenas and the runtime
+    let (fds, rss) = (fd_count(pid), rss_kb(pid));
+    cycle(10_000);
+    let (fds2, rss2) = (fd_count(pid), rss_kb(pid));
+    eprintln!("daemon fds {fds} -> {fds2}, RSS {rss} kB -> {rss2} kB");
+    assert!(fds2 <= fds + 2, "fds grew from {fds} to {fds2}");
+    assert!(rss2 <= rss + 4096, "RSS grew from {rss} kB to {rss2} kB");
+    let (_, list) = w.json("GET", "/allocations", None);
+    assert_eq!(list["allocations"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn forks_from_a_busy_multithreaded_process_bind_fine() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    let mut c = w.preloaded(Some("forks"), fixture("binder"));
+    c.args(["forkstress", "4420", "50"]);
+    let out = run(c);
+    assert_eq!(text(&out.stdout).trim(), "forks-ok 50 of 50", "{}", text(&out.stderr));
+}
+
+#[test]
+fn no_fd_of_ours_survives_exec() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    hold(&mut w, "other", 4430, "holder");
+    // bind (remapped: log, daemon socket), connect in the session (port map), then exec
+    let script = "import socket,os\ns=socket.socket(); s.bind(('127.0.0.1',4430)); s.listen()\nc=socket.socket()\ntry: c.connect(('127.0.0.1',4430))\nexcept OSError: pass\nos.execv('/bin/ls', ['ls','-l','/proc/self/fd'])";
+    let mut c = w.preloaded(Some("mine"), "python3");
+    c.args(["-c", script]);
+    let out = text(&run(c).stdout);
+    for ours in ["daemon.sock", "events.jsonl", "ports.map", "socket:", "styxy"] {
+        assert!(!out.contains(ours), "{ours} survived exec:\n{out}");
+    }
+}
+
+#[test]
+fn another_uid_is_refused_on_the_unix_socket() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("not root: cannot drop privileges to test another uid; the 0700 directory refuses it anyway");
+        return;
+    }
+    let w = World::new();
+    w.start_daemon();
+    use std::os::unix::fs::PermissionsExt;
+    // open the path up so that only the daemon's peer-uid check stands in the way
+    for d in [w.path(""), w.path("run"), w.path("run/styxy-preload")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(w.socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // refused: the connection is closed without an answer (EOF, or EPIPE/ECONNRESET if it is already gone)
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\ntry:\n  s.sendall(b'GET /status HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); print(repr(s.recv(100)))\nexcept (BrokenPipeError, ConnectionResetError): print(repr(b''))";
+    let mut c = w.cmd("python3");
+    c.args(["-c", script]).arg(w.socket());
+    // SAFETY: setgid/setuid in the child before exec.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run(c);
+    assert_eq!(text(&out.stdout).trim(), "b''", "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(w.json("GET", "/status", None).0, 200, "still serving its own user");
+    let log = std::fs::read_to_string(w.path("state/styxy-preload/daemon.log")).unwrap();
+    assert!(log.contains("refused a connection from uid 65534"), "{log}");
+}
+
+#[test]
+fn planted_symlinks_are_not_followed() {
+    let w = World::new();
+    // a symlink where the socket goes: replaced by the daemon's socket, its target untouched
+    let dir = w.path("run/styxy-preload");
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let target = w.path("precious");
+    std::fs::write(&target, "keep").unwrap();
+    std::os::unix::fs::symlink(&target, w.socket()).unwrap();
+    w.start_daemon();
+    assert!(std::fs::symlink_metadata(w.socket()).unwrap().file_type().is_socket_like());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    // a symlink in place of the runtime directory: refused with a clear error
+    let w2 = World::new();
+    std::os::unix::fs::symlink(w2.path("home"), w2.path("run/styxy-preload")).unwrap();
+    let out = run({
+        let mut c = w2.cli();
+        c.args(["daemon", "run", "--idle-exit", "1"]);
+        c
+    });
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("is not a directory"), "{}", text(&out.stderr));
+}
+
+trait SocketLike {
+    fn is_socket_like(&self) -> bool;
+}
+
+impl SocketLike for std::fs::FileType {
+    fn is_socket_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_socket(self)
+    }
+}
+
+#[test]
+fn a_truncated_state_file_is_moved_aside_and_the_daemon_starts() {
+    let w = World::new();
+    let dir = w.path("state/styxy-preload");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("daemon-state.json"), b"").unwrap();
+    w.start_daemon();
+    assert_eq!(w.json("GET", "/status", None).0, 200);
+}
+
+#[test]
+fn a_setuid_program_is_untouched() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("not root: cannot make a setuid-root program to test");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("suid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let plain = dir.join("binder");
+    let suid = dir.join("binder-suid");
+    std::fs::copy(fixture("binder"), &plain).unwrap();
+    std::fs::copy(fixture("binder"), &suid).unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let w = World::new();
+    let as_nobody = |prog: &std::path::Path| {
+        let mut c = w.preloaded(Some("suid"), prog);
+        c.arg("maps");
+        // SAFETY: setgid/setuid in the child before exec.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        text(&run(c).stdout).trim().to_string()
+    };
+    let control = as_nobody(&plain);
+    let suid_out = as_nobody(&suid);
+    let _ = std::fs::remove_dir_all(&dir);
+    if control != "styxy-mapped 1" {
+        eprintln!("the library is not readable by nobody here ({control}); nothing to compare");
+        return;
+    }
+    if suid_out.is_empty() {
+        eprintln!("this mount ignores the setuid bit; nothing to compare");
+        return;
+    }
+    assert_eq!(suid_out, "styxy-mapped 0", "the loader must not load us into a setuid program");
+}
