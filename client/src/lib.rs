@@ -11,3 +11,4 @@ pub mod paths;
 pub mod policy;
 pub mod portmap;
 pub mod session;
+pub mod sticky;

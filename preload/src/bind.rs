@@ -6,10 +6,13 @@
 use std::time::Instant;
 
 use libc::{c_int, sockaddr, socklen_t, EADDRINUSE, SOCK_STREAM};
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use styxy_preload_client::api::{self, AllocateReply, AllocateRequest};
-use styxy_preload_client::eventlog::Action;
+use styxy_preload_client::eventlog::{self, Action};
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Decision;
+use styxy_preload_client::sticky;
 
 use crate::process::{self, Mode, Process};
 use crate::report::{self, Outcome};
@@ -72,6 +75,39 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
         report::event(p, out(orig.port, Action::Passthrough, Some("no coordinator".into()), None, 0));
         return rc;
     };
+    let styxy = matches!(ep, Endpoint::Tcp { .. });
+    let backend = Some(ep.backend());
+    if styxy {
+        // Styxy's allocate is not idempotent: the session's own mapping, if any, is on disk
+        if let Some(m) = p.session.as_deref().and_then(|s| sticky::lookup(s, orig.port)) {
+            let target = orig.with_port(m.port);
+            sys::set_errno(entry_errno);
+            if real(fd, target.ptr(), target.len()) == 0 {
+                if let Some(s) = &p.session {
+                    sticky::add_owner(s, &m.lock_id, process::pid());
+                }
+                let action = if m.port == orig.port { Action::Kept } else { Action::Remapped };
+                report::event(p, out(m.port, action, Some("the session's mapping".into()), backend, 0));
+                // last: our own file work above may have set errno (libuv checks it after a 0)
+                sys::set_errno(entry_errno);
+                return 0;
+            }
+            if sys::errno() == EADDRINUSE {
+                report::event(p, out(m.port, Action::Error, Some("session already holds this port".into()), backend, 0));
+                sys::set_errno(EADDRINUSE);
+                return -1;
+            }
+            return plain();
+        }
+        let until = sticky::backoff_until();
+        let now = eventlog::now_ms();
+        if until > now {
+            let rc = plain();
+            let why = format!("rate limited (429): not asking again for {} s", (until - now).div_ceil(1000));
+            report::event(p, out(orig.port, Action::Passthrough, Some(why), backend, 0));
+            return rc;
+        }
+    }
     let mut req = AllocateRequest {
         service_type: ty.clone(),
         service_name: Some(api::service_name(&p.comm, orig.port)),
@@ -84,27 +120,46 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
         exclude: if ask_first { vec![] } else { vec![orig.port] },
         ..Default::default()
     };
-    let backend = Some(ep.backend());
     let mut retries = 0;
     loop {
         let reply = match allocate(ep, &req) {
             Ok(r) => r,
-            Err(reason) => {
+            Err(f) => {
+                if let Some(secs) = f.retry_after {
+                    sticky::set_backoff_until(eventlog::now_ms() + secs.max(1) * 1000);
+                }
+                if styxy {
+                    warn_once(p, ep, &f.reason);
+                }
                 let rc = plain();
-                report::event(p, out(orig.port, Action::Passthrough, Some(reason), backend, retries));
+                report::event(p, out(orig.port, Action::Passthrough, Some(f.reason), backend, retries));
                 return rc;
             }
         };
-        let Some((port, _lock)) = reply.granted() else {
+        let Some((mut port, lock)) = reply.granted() else {
             let rc = plain();
             report::event(p, out(orig.port, Action::Passthrough, Some("no port granted".into()), backend, retries));
             return rc;
         };
+        let mut lock = lock.map(str::to_string);
+        if styxy {
+            if let (Some(s), Some(l)) = (&p.session, &lock) {
+                // another process of the session mapped this port first: use its port
+                if let Err(winner) = sticky::claim(s, &sticky::Mapping { requested: orig.port, port, lock_id: l.clone() }) {
+                    port = winner.port;
+                    lock = Some(winner.lock_id);
+                }
+                if let Some(l) = &lock {
+                    sticky::add_owner(s, l, process::pid());
+                }
+            } else if let (None, Some(l)) = (&p.session, &lock) {
+                release_at_exit(ep, l);
+            }
+        }
         let target = orig.with_port(port);
         sys::set_errno(entry_errno);
         let rc = real(fd, target.ptr(), target.len());
         if rc == 0 {
-            sys::set_errno(entry_errno);
             let (action, reason) = if port == orig.port {
                 (Action::Kept, None)
             } else {
@@ -113,6 +168,7 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
                 (Action::Remapped, Some(format!("port {} is taken{holder}", orig.port)))
             };
             report::event(p, out(port, action, reason, backend, retries));
+            sys::set_errno(entry_errno);
             return 0;
         }
         let err = sys::errno();
@@ -134,6 +190,45 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
     }
 }
 
+/// One line on stderr per process when Styxy cannot be used, not one per bind.
+fn warn_once(p: &Process, ep: &Endpoint, reason: &str) {
+    static WARNED: AtomicU32 = AtomicU32::new(0);
+    let pid = process::pid();
+    if WARNED.swap(pid, Ordering::Relaxed) != pid {
+        report::notify(p, &format!("{ep}: {reason}; ports pass through uncoordinated"));
+    }
+}
+
+/// Locks a process outside any session took from Styxy, released when it exits
+/// (Styxy never notices a dead client by itself). Best effort, bounded.
+static OWN_LOCKS: parking_lot::Mutex<Vec<(u32, String)>> = parking_lot::Mutex::new(Vec::new());
+static EXIT_ENDPOINT: once_cell::race::OnceBox<Endpoint> = once_cell::race::OnceBox::new();
+
+fn release_at_exit(ep: &Endpoint, lock: &str) {
+    static REGISTERED: AtomicU32 = AtomicU32::new(0);
+    let _ = EXIT_ENDPOINT.get_or_init(|| Box::new(ep.clone()));
+    if let Some(mut locks) = OWN_LOCKS.try_lock_for(std::time::Duration::from_millis(5)) {
+        locks.push((process::pid(), lock.to_string()));
+    }
+    if REGISTERED.swap(1, Ordering::Relaxed) == 0 {
+        // SAFETY: registering a plain extern "C" fn.
+        unsafe { libc::atexit(release_own_locks) };
+    }
+}
+
+extern "C" fn release_own_locks() {
+    let _ = std::panic::catch_unwind(|| {
+        let (Some(ep), Some(locks)) = (EXIT_ENDPOINT.get(), OWN_LOCKS.try_lock()) else {
+            return;
+        };
+        let pid = process::pid();
+        let t = Timeouts { connect: std::time::Duration::from_millis(50), total: std::time::Duration::from_millis(300), max_body: 4096 };
+        for (_, lock) in locks.iter().filter(|(p, _)| *p == pid) {
+            let _ = http::call(ep, "DELETE", &format!("/allocate/{lock}"), None, t);
+        }
+    });
+}
+
 fn holder_text(reply: &AllocateReply) -> String {
     match &reply.holder {
         Some(h) => match (&h.session, h.pid, &h.comm) {
@@ -150,8 +245,20 @@ fn notify_remap(p: &Process, requested: u16, port: u16, _holder: &str) {
     report::notify(p, &format!("port {requested} is taken; {} (pid {}) got {port}", p.comm, process::pid()));
 }
 
-/// `POST /allocate`; the reason of any failure is what the event log says.
-pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, String> {
+/// Why an allocation failed (the event log's reason), and Styxy's `Retry-After`.
+pub struct Failure {
+    pub reason: String,
+    pub retry_after: Option<u64>,
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Failure {
+        Failure { reason, retry_after: None }
+    }
+}
+
+/// `POST /allocate`.
+pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, Failure> {
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let res = http::call(ep, "POST", "/allocate", Some(&body), Timeouts::HOOK).map_err(|e| match e {
         http::Error::Unreachable(_) => "no coordinator".to_string(),
@@ -159,12 +266,12 @@ pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, S
         e => e.to_string(),
     })?;
     match res.status {
-        200 => res.json::<AllocateReply>().map_err(|e| e.to_string()),
-        429 => Err("rate limited (429)".into()),
-        401 => Err("coordinator refused the token (401)".into()),
+        200 => Ok(res.json::<AllocateReply>().map_err(|e| e.to_string())?),
+        429 => Err(Failure { reason: "rate limited (429)".into(), retry_after: Some(res.retry_after.unwrap_or(60)) }),
+        401 => Err("coordinator refused the token (401)".to_string().into()),
         s => {
             let msg = res.json::<AllocateReply>().ok().and_then(|r| r.error).unwrap_or_else(|| "non-JSON error page".into());
-            Err(format!("coordinator answered {s}: {msg}"))
+            Err(format!("coordinator answered {s}: {msg}").into())
         }
     }
 }

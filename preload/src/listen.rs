@@ -1,12 +1,13 @@
 //! `listen()`: confirms a coordinated port (the pid becomes an owner of its
 //! allocation) and observes listens on port 0 or unbound sockets. Never changes anything.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use libc::c_int;
 use serde_json::json;
 use styxy_preload_client::eventlog::Action;
-use styxy_preload_client::http::{self, Timeouts};
+use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Decision;
 
 use crate::process::{self, Mode};
@@ -44,8 +45,16 @@ pub unsafe fn listen(fd: c_int, backlog: c_int, real: ListenFn) -> c_int {
         }
         Some(a) if p.mode != Mode::Observe && matches!(p.policy.decide(a.port), Decision::Coordinated(_)) => {
             if let Some(ep) = process::endpoint() {
-                let body = json!({"pid": process::pid(), "instance_id": p.session, "port": a.port, "project_path": p.cwd});
-                let _ = http::call(ep, "POST", "/register-instance", Some(body.to_string().as_bytes()), Timeouts::HOOK);
+                // Styxy learns a client's pid only this way, and counts every request
+                // against 100 a minute: once per process. The built-in daemon makes
+                // the pid an owner of this port's allocation: every listen.
+                static REGISTERED: AtomicU32 = AtomicU32::new(0);
+                let pid = process::pid();
+                let styxy = matches!(ep, Endpoint::Tcp { .. });
+                if !styxy || REGISTERED.swap(pid, Ordering::Relaxed) != pid {
+                    let body = json!({"pid": pid, "instance_id": p.session, "port": a.port, "project_path": p.cwd});
+                    let _ = http::call(ep, "POST", "/register-instance", Some(body.to_string().as_bytes()), Timeouts::HOOK);
+                }
             }
         }
         _ => {}

@@ -14,7 +14,7 @@ use styxy_preload_client::api::AllocateReply;
 use styxy_preload_client::eventlog::{self, Action};
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Policy;
-use styxy_preload_client::{paths, session};
+use styxy_preload_client::{paths, session, sticky};
 
 use crate::cli::ExecArgs;
 use crate::{coordinator, elf, libpath, tools};
@@ -104,15 +104,48 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let _ = forwarder.join();
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
 
-    if let Some(ep @ Endpoint::Unix(_)) = &endpoint {
+    match &endpoint {
         // the daemon frees what dead processes held; live ones (daemonised servers, other
         // processes of the session) keep theirs
-        let _ = http::call(ep, "POST", "/cleanup", Some(b"{}"), Timeouts::CLI);
+        Some(ep @ Endpoint::Unix(_)) => {
+            let _ = http::call(ep, "POST", "/cleanup", Some(b"{}"), Timeouts::CLI);
+        }
+        // Styxy never notices dead clients: release the locks nobody alive uses
+        Some(ep @ Endpoint::Tcp { .. }) => release_dead_locks(ep, &session),
+        None => {}
     }
     if !a.quiet {
         summary(&session, started_ms);
     }
     Ok(code)
+}
+
+/// Releases, concurrently and each within 3 s (a Styxy DELETE can take a second), the
+/// session's locks whose processes are all gone. Styxy's fresh-install quirk answers
+/// 400 "ENOENT" although the release succeeded: that counts as released. A lock whose
+/// release fails stays on disk for the next `exec` of the session to try again.
+fn release_dead_locks(ep: &Endpoint, session: &str) {
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let dead: Vec<sticky::Mapping> =
+        sticky::entries(session).into_iter().filter(|(_, pids)| !pids.iter().any(|p| alive(*p))).map(|(m, _)| m).collect();
+    let t = Timeouts { total: std::time::Duration::from_secs(3), ..Timeouts::CLI };
+    std::thread::scope(|s| {
+        for m in &dead {
+            s.spawn(move || {
+                // "not found": Styxy already dropped it (its 30-minute expiry)
+                let released = match http::call(ep, "DELETE", &format!("/allocate/{}", m.lock_id), None, t) {
+                    Ok(r) => {
+                        r.status == 200
+                            || (r.status == 400 && ["ENOENT", "not found"].iter().any(|k| String::from_utf8_lossy(&r.body).contains(k)))
+                    }
+                    Err(_) => false,
+                };
+                if released {
+                    sticky::forget(session, m);
+                }
+            });
+        }
+    });
 }
 
 fn warn_if_unreachable(program: &str) {

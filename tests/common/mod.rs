@@ -183,6 +183,15 @@ impl World {
         }
     }
 
+    /// SIGTERM to `pid` alone (not its group), then wait for it: what a supervisor does to `exec`.
+    pub fn terminate(&mut self, pid: u32) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) of our child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let i = self.children.iter().position(|c| c.id() == pid)?;
+        let mut c = self.children.remove(i);
+        c.wait().ok()
+    }
+
     pub fn events(&self) -> Vec<styxy_preload_client::eventlog::Event> {
         styxy_preload_client::eventlog::read_all(&self.log_path()).unwrap_or_default()
     }
