@@ -274,18 +274,14 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     Ok(())
 }
 
-async fn accept_unix(listener: UnixListener, app: axum::Router, uid: u32) {
+// Both loops accept with axum's `Listener`, which retries transient accept errors
+// (EMFILE, ECONNABORTED) itself.
+
+async fn accept_unix(mut listener: UnixListener, app: axum::Router, uid: u32) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-        };
-        let cred = match stream.peer_cred() {
-            Ok(c) => c,
-            Err(_) => continue,
+        let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
+        let Ok(cred) = stream.peer_cred() else {
+            continue;
         };
         if cred.uid() != uid {
             log!("refused a connection from uid {} (pid {:?})", cred.uid(), cred.pid());
@@ -296,15 +292,9 @@ async fn accept_unix(listener: UnixListener, app: axum::Router, uid: u32) {
     }
 }
 
-async fn accept_tcp(listener: TcpListener, app: axum::Router) {
+async fn accept_tcp(mut listener: TcpListener, app: axum::Router) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-        };
+        let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
         let _ = stream.set_nodelay(true);
         tokio::spawn(serve_conn(stream, app.clone(), Peer { pid: None, tcp: true }));
     }
