@@ -86,7 +86,12 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
                 if let Some(s) = &p.session {
                     sticky::add_owner(s, &m.lock_id, process::pid());
                 }
-                let action = if m.port == orig.port { Action::Kept } else { Action::Remapped };
+                let action = if m.port == orig.port {
+                    Action::Kept
+                } else {
+                    notify_remap(p, orig.port, m.port);
+                    Action::Remapped
+                };
                 report::event(p, out(m.port, action, Some("the session's mapping".into()), backend, 0));
                 // last: our own file work above may have set errno (libuv checks it after a 0)
                 sys::set_errno(entry_errno);
@@ -164,7 +169,7 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
                 (Action::Kept, None)
             } else {
                 let holder = holder_text(&reply);
-                notify_remap(p, orig.port, port, &holder);
+                notify_remap(p, orig.port, port);
                 (Action::Remapped, Some(format!("port {} is taken{holder}", orig.port)))
             };
             report::event(p, out(port, action, reason, backend, retries));
@@ -241,7 +246,7 @@ fn holder_text(reply: &AllocateReply) -> String {
     }
 }
 
-fn notify_remap(p: &Process, requested: u16, port: u16, _holder: &str) {
+fn notify_remap(p: &Process, requested: u16, port: u16) {
     report::notify(p, &format!("port {requested} is taken; {} (pid {}) got {port}", p.comm, process::pid()));
 }
 

@@ -87,20 +87,31 @@ pub fn endpoint() -> Option<&'static Endpoint> {
         .as_ref()
 }
 
-/// The built-in daemon's port map: next to its socket when `STYXY_URL` names one,
-/// else in the runtime directory. Not cached while missing, so a process started
-/// before the daemon finds it later.
+/// Where the built-in daemon's port map is: next to its socket when `STYXY_URL` names
+/// one, in the runtime directory when `STYXY_URL` is unset, nowhere with Styxy (TCP).
+fn portmap_path() -> Option<&'static PathBuf> {
+    static PATH: OnceBox<Option<PathBuf>> = OnceBox::new();
+    PATH.get_or_init(|| {
+        Box::new(match std::env::var("STYXY_URL").ok().filter(|u| !u.trim().is_empty()) {
+            None => Some(paths::portmap_path()),
+            Some(url) => match Endpoint::parse(url.trim()) {
+                Ok(Endpoint::Unix(sock)) => Some(sock.with_file_name("ports.map")),
+                _ => None,
+            },
+        })
+    })
+    .as_ref()
+}
+
+/// The built-in daemon's port map. Not cached while missing (one failed open), so a
+/// process started before the daemon finds it later.
 pub fn portmap() -> Option<&'static PortMap> {
     let p = MAP.load(Ordering::Acquire);
     if !p.is_null() {
         // SAFETY: published once below and never freed.
         return Some(unsafe { &*p });
     }
-    let path = match discovery::from_env_url() {
-        Ok(Some(Endpoint::Unix(sock))) => sock.with_file_name("ports.map"),
-        _ => paths::portmap_path(),
-    };
-    let map = Box::into_raw(Box::new(PortMap::open_readonly(&path).ok()?));
+    let map = Box::into_raw(Box::new(PortMap::open_readonly(portmap_path()?).ok()?));
     match MAP.compare_exchange(std::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
         // SAFETY: we just published it; it lives for the process.
         Ok(_) => Some(unsafe { &*map }),

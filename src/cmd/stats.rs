@@ -148,13 +148,15 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return Ok(0);
     }
+    // Value's Display ignores widths: format numbers as strings first
+    let num = |v: &Value| v.as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     println!("{summary}\n");
     println!(
         "{:<14} {:>6} {:>6} {:>8} {:>12} {:>7} {:>8} {:>9} {:>9}",
         "TYPE", "BINDS", "KEPT", "REMAPPED", "PASSTHROUGH", "ERRORS", "RETRIES", "P50 µs", "P99 µs"
     );
     for (t, v) in &types {
-        let n = |k: &str| v[k].as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        let n = |k: &str| num(&v[k]);
         println!(
             "{:<14} {:>6} {:>6} {:>8} {:>12} {:>7} {:>8} {:>9} {:>9}",
             t,
@@ -171,25 +173,14 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
     if !sessions.is_empty() {
         println!("\n{:<24} {:>6} {:>7} {:>10}", "SESSION", "BINDS", "REMAPS", "HELD NOW");
         for (s, v) in &sessions {
-            println!(
-                "{:<24} {:>6} {:>7} {:>10}",
-                s,
-                v["binds"],
-                v["remaps"],
-                v["ports_held_now"].as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
-            );
+            println!("{:<24} {:>6} {:>7} {:>10}", s, num(&v["binds"]), num(&v["remaps"]), num(&v["ports_held_now"]));
         }
     }
     if !ranges.is_empty() {
         println!("\n{:<14} {:>5} {:>5} {:>6}", "RANGE", "HELD", "SIZE", "USE");
         for r in &ranges {
-            println!(
-                "{:<14} {:>5} {:>5} {:>5.1}%",
-                r["service_type"].as_str().unwrap_or("?"),
-                r["held"],
-                r["size"],
-                r["use"].as_f64().unwrap_or(0.0) * 100.0
-            );
+            let pct = format!("{:.1}%", r["use"].as_f64().unwrap_or(0.0) * 100.0);
+            println!("{:<14} {:>5} {:>5} {:>6}", r["service_type"].as_str().unwrap_or("?"), num(&r["held"]), num(&r["size"]), pct);
         }
     }
     Ok(0)
