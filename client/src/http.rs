@@ -83,8 +83,9 @@ pub struct Timeouts {
 
 impl Timeouts {
     /// For the hooks: a local daemon answers in well under a millisecond; a bind
-    /// must return within 300 ms whatever the coordinator does.
-    pub const HOOK: Timeouts = Timeouts { connect: Duration::from_millis(50), total: Duration::from_millis(250), max_body: 64 * 1024 };
+    /// must return within 300 ms whatever the coordinator does (measured: ~260 ms at
+    /// 250, too close), so the whole request gets 200.
+    pub const HOOK: Timeouts = Timeouts { connect: Duration::from_millis(50), total: Duration::from_millis(200), max_body: 64 * 1024 };
     /// For the CLI: more patience, bigger answers (allocation lists).
     pub const CLI: Timeouts = Timeouts { connect: Duration::from_millis(500), total: Duration::from_secs(5), max_body: 8 * 1024 * 1024 };
 }
