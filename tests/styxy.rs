@@ -22,6 +22,10 @@ struct Styxy {
 
 impl Styxy {
     fn start(w: &mut World, window_s: &str) -> Styxy {
+        Self::start_with(w, window_s, "")
+    }
+
+    fn start_with(w: &mut World, window_s: &str, extra_type: &str) -> Styxy {
         let dir = w.path("home/.styxy");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("auth.token"), "ab".repeat(32)).unwrap();
@@ -30,7 +34,8 @@ impl Styxy {
         c.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_styxy.py"))
             .arg(&log)
             .arg(&control)
-            .env("FAKE_WINDOW_S", window_s);
+            .env("FAKE_WINDOW_S", window_s)
+            .env("FAKE_EXTRA_TYPE", extra_type);
         w.spawn(c, "styxy");
         let port = wait_for(10, "the stand-in Styxy", || w.output_of("styxy").trim().parse().ok());
         Styxy { port, log, control }
@@ -185,4 +190,25 @@ fn every_failure_is_a_pass_through_within_the_budget_with_a_reason() {
     c.arg("log");
     let table = text(&run(c).stdout);
     assert!(table.contains("coordinator timeout") && table.contains("(401)"), "{table}");
+}
+
+#[test]
+fn a_users_own_styxy_type_is_coordinated_under_its_name() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let s = Styxy::start_with(&mut w, "60", "ml:7000:7099");
+    let script = "import socket; s=socket.socket(); s.bind(('127.0.0.1',7005)); s.listen(); print(s.getsockname()[1])";
+    let mut c = w.cli();
+    c.args(["exec", "--session", "ml", "--", "python3", "-c", script]);
+    let out = run(with_styxy(&s, c));
+    assert_eq!(text(&out.stdout).trim(), "7005", "{}", text(&out.stderr));
+    let allocs = s.allocates();
+    assert_eq!(allocs.len(), 1, "7005 is in the user's type `ml`, so it is coordinated: {allocs:#?}");
+    assert_eq!(allocs[0]["body"]["service_type"], "ml");
+    // with the built-in table only, 7005 is tried as is and never asked about
+    let before = s.allocates().len();
+    let mut c = w.preloaded(Some("plain"), "python3");
+    c.args(["-c", script]).env("STYXY_URL", s.url());
+    let _ = run(with_styxy(&s, c));
+    assert_eq!(s.allocates().len(), before);
 }

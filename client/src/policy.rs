@@ -215,9 +215,10 @@ impl Policy {
         true
     }
 
-    /// The policy of this process's environment: `STYXY_PRELOAD_PORTS` rules (bad
-    /// entries are reported in the error and otherwise ignored), the kernel's
-    /// ephemeral range and the coordinator's TCP port.
+    /// The policy of this process's environment: the coordinator's types
+    /// (`STYXY_PRELOAD_TYPES`, its `GET /config` as `exec` hands it down),
+    /// `STYXY_PRELOAD_PORTS` rules (bad entries are reported in the error and otherwise
+    /// ignored), the kernel's ephemeral range and the coordinator's TCP port.
     pub fn from_env() -> (Policy, Option<String>) {
         let mut p = Policy::default();
         if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
@@ -227,6 +228,10 @@ impl Policy {
         }
         if let Some(port) = std::env::var("STYXY_DAEMON_PORT").ok().and_then(|s| s.parse().ok()) {
             p.coordinator_ports.push(port);
+        }
+        // the coordinator's own types (its GET /config), as `exec` hands them down
+        if let Some(cfg) = std::env::var("STYXY_PRELOAD_TYPES").ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+            p.apply_config(&cfg);
         }
         let mut err = None;
         if let Ok(spec) = std::env::var("STYXY_PRELOAD_PORTS") {

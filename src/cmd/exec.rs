@@ -45,6 +45,9 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     env.insert(session::ENV.into(), session.clone());
     if let Some(ep) = &endpoint {
         env.insert("STYXY_URL".into(), ep.to_string());
+        if let Some(types) = coordinator_types(ep) {
+            env.insert("STYXY_PRELOAD_TYPES".into(), types);
+        }
     }
     if let Some(m) = a.mode {
         env.insert("STYXY_PRELOAD_MODE".into(), m.as_env().into());
@@ -118,6 +121,19 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
         summary(&session, started_ms);
     }
     Ok(code)
+}
+
+/// The coordinator's service types (`GET /config`), when they differ from Styxy's
+/// built-in table: a user's own types in `~/.styxy/config.json` are then coordinated
+/// too, under names Styxy knows. One request per `exec`.
+fn coordinator_types(ep: &Endpoint) -> Option<String> {
+    let r = http::call(ep, "GET", "/config", None, Timeouts::CLI).ok().filter(|r| r.status == 200)?;
+    let cfg: serde_json::Value = r.json().ok()?;
+    let mut theirs = Policy::default();
+    if !theirs.apply_config(&cfg) || theirs.types == Policy::default().types {
+        return None;
+    }
+    Some(json!({ "service_types": cfg["service_types"] }).to_string())
 }
 
 /// Releases, concurrently and each within 3 s (a Styxy DELETE can take a second), the
