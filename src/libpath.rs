@@ -45,3 +45,11 @@ pub fn find() -> Result<PathBuf, String> {
         list.join(", ")
     ))
 }
+
+/// `LD_PRELOAD` with `lib` first, keeping what the environment already preloads
+/// (without an older copy of ours).
+pub fn preload_value(lib: &Path) -> String {
+    let old = std::env::var("LD_PRELOAD").unwrap_or_default();
+    let rest = old.split([':', ' ']).filter(|p| !p.is_empty() && !p.ends_with(LIB));
+    std::iter::once(lib.to_string_lossy().as_ref()).chain(rest).collect::<Vec<_>>().join(":")
+}

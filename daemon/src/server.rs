@@ -148,6 +148,10 @@ fn port_value(v: &Value, field: &str) -> Result<u16, ApiError> {
         .ok_or_else(|| ApiError::bad(format!("{field} must be an integer between 1 and 65535")))
 }
 
+fn pid_value(v: &Value) -> Result<u32, ApiError> {
+    v.as_u64().filter(|p| *p > 0 && *p <= i32::MAX as u64).map(|p| p as u32).ok_or_else(|| ApiError::bad("pid must be a positive integer"))
+}
+
 fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
     match m.get(field) {
         None | Some(Value::Null) => Ok(None),
@@ -192,10 +196,7 @@ fn parse_allocate(m: &Map<String, Value>, peer: Peer) -> Result<AllocRequest, Ap
     };
     let pid = match m.get("pid") {
         None | Some(Value::Null) => None,
-        Some(v) => {
-            Some(v.as_u64().filter(|p| *p > 0 && *p <= i32::MAX as u64).ok_or_else(|| ApiError::bad("pid must be a positive integer"))?
-                as u32)
-        }
+        Some(v) => Some(pid_value(v)?),
     };
     let comm = opt_str(m, "comm")?.map(|c| c.chars().take(64).collect::<String>());
     let owner_pid = pid.or(peer.pid);
@@ -390,10 +391,7 @@ async fn register_pid(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extens
     let m = json_body(body).await?;
     let pid = match m.get("pid") {
         None | Some(Value::Null) => peer.pid,
-        Some(v) => {
-            Some(v.as_u64().filter(|p| *p > 0 && *p <= i32::MAX as u64).ok_or_else(|| ApiError::bad("pid must be a positive integer"))?
-                as u32)
-        }
+        Some(v) => Some(pid_value(v)?),
     };
     let id = match (opt_str(&m, "instance_id")?, pid) {
         (Some(i), _) => i.to_string(),

@@ -17,14 +17,7 @@ pub fn run(a: EnvArgs) -> Result<i32, String> {
         Some(f) => f.endpoint,
         None => coordinator::start_daemon(&[])?,
     };
-    let lib = lib.to_string_lossy().into_owned();
-    let rest: Vec<String> = std::env::var("LD_PRELOAD")
-        .unwrap_or_default()
-        .split([':', ' '])
-        .filter(|p| !p.is_empty() && !p.ends_with(libpath::LIB))
-        .map(str::to_string)
-        .collect();
-    let preload = std::iter::once(lib).chain(rest).collect::<Vec<_>>().join(":");
+    let preload = libpath::preload_value(&lib);
     let vars = [("LD_PRELOAD", preload), ("STYXY_URL", endpoint.to_string()), (session::ENV, session)];
     for (k, v) in vars {
         match a.shell {

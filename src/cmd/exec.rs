@@ -34,14 +34,7 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     warn_if_unreachable(&program);
 
     let mut env: BTreeMap<String, String> = BTreeMap::new();
-    let preload = match std::env::var("LD_PRELOAD") {
-        Ok(old) if !old.is_empty() => {
-            let rest: Vec<&str> = old.split([':', ' ']).filter(|p| !p.is_empty() && !p.ends_with(libpath::LIB)).collect();
-            std::iter::once(lib.to_string_lossy().as_ref()).chain(rest).collect::<Vec<_>>().join(":")
-        }
-        _ => lib.to_string_lossy().into_owned(),
-    };
-    env.insert("LD_PRELOAD".into(), preload);
+    env.insert("LD_PRELOAD".into(), libpath::preload_value(&lib));
     env.insert(session::ENV.into(), session.clone());
     if let Some(ep) = &endpoint {
         env.insert("STYXY_URL".into(), ep.to_string());
