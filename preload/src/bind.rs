@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use libc::{c_int, sockaddr, socklen_t, EADDRINUSE, SOCK_STREAM};
+use libc::{EADDRINUSE, SOCK_STREAM};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use styxy_preload_client::api::{self, AllocateReply, AllocateRequest};
@@ -14,44 +14,40 @@ use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Decision;
 use styxy_preload_client::sticky;
 
+use crate::call::{Caller, Socket, Verdict};
 use crate::process::{self, Mode, Process};
 use crate::report::{self, Outcome};
-use crate::sys::{self, Addr, AddrFn};
+use crate::sys::Addr;
 
 /// Granted ports that turned out taken at OS level before we give up and bind as asked.
 const MAX_RETRIES: u32 = 3;
 
-pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrFn) -> c_int {
-    let entry_errno = sys::errno();
-    let plain = || {
-        sys::set_errno(entry_errno);
-        real(fd, addr, len)
-    };
-    let Some(orig) = Addr::read(addr, len) else {
-        return plain();
-    };
-    let p = process::get();
+/// Decides and carries out a `bind()` of `orig` on `sock` for `who`.
+pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> Verdict {
+    if orig.port < 1024 {
+        return Verdict::AsAsked;
+    }
     let decision = p.policy.decide(orig.port);
     let Some(ty) = decision.service_type().map(str::to_string) else {
-        return plain();
+        return Verdict::AsAsked;
     };
     let ask_first = matches!(decision, Decision::Coordinated(_)) && p.mode == Mode::Coordinate;
     if !ask_first && p.mode != Mode::Observe {
         // on-conflict ports (and Single types) are bound as asked: nothing else happens
         // unless the kernel says EADDRINUSE
-        let rc = plain();
-        if rc == 0 || sys::errno() != EADDRINUSE || sys::sock_type(fd) != Some(SOCK_STREAM) {
-            return rc;
+        let r = sock.run(None);
+        if r != Err(EADDRINUSE) || sock.sock_type() != Some(SOCK_STREAM) {
+            return Verdict::Done(r);
         }
-    } else if sys::sock_type(fd) != Some(SOCK_STREAM) {
-        return plain();
+    } else if sock.sock_type() != Some(SOCK_STREAM) {
+        return Verdict::AsAsked;
     }
     let started = Instant::now();
     let out = |port, action, reason: Option<String>, backend, retries| Outcome {
         call: "bind",
         requested: orig.port,
         port,
-        addr: &orig,
+        addr: orig,
         service_type: Some(&ty),
         action,
         reason,
@@ -59,69 +55,63 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
         backend,
         retries,
     };
+    let event = |o| report::event(p, who, o);
     if p.mode == Mode::Observe {
-        let rc = plain();
-        report::event(p, out(orig.port, Action::Observed, Some("observe mode".into()), None, 0));
-        return rc;
+        event(out(orig.port, Action::Observed, Some("observe mode".into()), None, 0));
+        return Verdict::AsAsked;
     }
     if let Decision::Single(_) = decision {
         let why = format!("single-instance type {ty}: not remapped");
-        report::event(p, out(orig.port, Action::Passthrough, Some(why), None, 0));
-        sys::set_errno(EADDRINUSE);
-        return -1;
+        event(out(orig.port, Action::Passthrough, Some(why), None, 0));
+        return Verdict::Done(Err(EADDRINUSE));
     }
     let Some(ep) = process::endpoint() else {
-        let rc = plain();
-        report::event(p, out(orig.port, Action::Passthrough, Some("no coordinator".into()), None, 0));
-        return rc;
+        event(out(orig.port, Action::Passthrough, Some("no coordinator".into()), None, 0));
+        return Verdict::AsAsked;
     };
     let styxy = matches!(ep, Endpoint::Tcp { .. });
     let backend = Some(ep.backend());
     if styxy {
         // Styxy's allocate is not idempotent: the session's own mapping, if any, is on disk
         if let Some(m) = p.session.as_deref().and_then(|s| sticky::lookup(s, orig.port)) {
-            let target = orig.with_port(m.port);
-            sys::set_errno(entry_errno);
-            if real(fd, target.ptr(), target.len()) == 0 {
-                if let Some(s) = &p.session {
-                    sticky::add_owner(s, &m.lock_id, process::pid());
+            return match sock.run(Some(&orig.with_port(m.port))) {
+                Ok(()) => {
+                    if let Some(s) = &p.session {
+                        sticky::add_owner(s, &m.lock_id, who.pid);
+                    }
+                    let action = if m.port == orig.port {
+                        Action::Kept
+                    } else {
+                        notify_remap(p, who, orig.port, m.port);
+                        Action::Remapped
+                    };
+                    event(out(m.port, action, Some("the session's mapping".into()), backend, 0));
+                    Verdict::Done(Ok(()))
                 }
-                let action = if m.port == orig.port {
-                    Action::Kept
-                } else {
-                    notify_remap(p, orig.port, m.port);
-                    Action::Remapped
-                };
-                report::event(p, out(m.port, action, Some("the session's mapping".into()), backend, 0));
-                // last: our own file work above may have set errno (libuv checks it after a 0)
-                sys::set_errno(entry_errno);
-                return 0;
-            }
-            if sys::errno() == EADDRINUSE {
-                report::event(p, out(m.port, Action::Error, Some("session already holds this port".into()), backend, 0));
-                sys::set_errno(EADDRINUSE);
-                return -1;
-            }
-            return plain();
+                Err(EADDRINUSE) => {
+                    event(out(m.port, Action::Error, Some("session already holds this port".into()), backend, 0));
+                    Verdict::Done(Err(EADDRINUSE))
+                }
+                Err(_) => Verdict::AsAsked,
+            };
         }
         let until = sticky::backoff_until();
         let now = eventlog::now_ms();
         if until > now {
-            let rc = plain();
             let why = format!("rate limited (429): not asking again for {} s", (until - now).div_ceil(1000));
-            report::event(p, out(orig.port, Action::Passthrough, Some(why), backend, 0));
-            return rc;
+            event(out(orig.port, Action::Passthrough, Some(why), backend, 0));
+            return Verdict::AsAsked;
         }
     }
     let mut req = AllocateRequest {
         service_type: ty.clone(),
-        service_name: Some(api::service_name(&p.comm, orig.port)),
+        service_name: Some(api::service_name(who.comm, orig.port)),
         preferred_port: Some(orig.port),
         instance_id: p.session.clone(),
-        project_path: p.cwd.clone(),
-        pid: Some(process::pid()),
+        project_path: who.cwd.map(str::to_string),
+        pid: Some(who.pid),
         requested_port: Some(orig.port),
-        comm: Some(p.comm.clone()),
+        comm: Some(who.comm.to_string()),
         exclude: if ask_first { vec![] } else { vec![orig.port] },
         ..Default::default()
     };
@@ -134,17 +124,15 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
                     sticky::set_backoff_until(eventlog::now_ms() + secs.max(1) * 1000);
                 }
                 if styxy {
-                    warn_once(p, ep, &f.reason);
+                    warn_once(p, who, ep, &f.reason);
                 }
-                let rc = plain();
-                report::event(p, out(orig.port, Action::Passthrough, Some(f.reason), backend, retries));
-                return rc;
+                event(out(orig.port, Action::Passthrough, Some(f.reason), backend, retries));
+                return Verdict::AsAsked;
             }
         };
         let Some((mut port, lock)) = reply.granted() else {
-            let rc = plain();
-            report::event(p, out(orig.port, Action::Passthrough, Some("no port granted".into()), backend, retries));
-            return rc;
+            event(out(orig.port, Action::Passthrough, Some("no port granted".into()), backend, retries));
+            return Verdict::AsAsked;
         };
         let mut lock = lock.map(str::to_string);
         if styxy {
@@ -155,40 +143,38 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
                     lock = Some(winner.lock_id);
                 }
                 if let Some(l) = &lock {
-                    sticky::add_owner(s, l, process::pid());
+                    sticky::add_owner(s, l, who.pid);
                 }
             } else if let (None, Some(l)) = (&p.session, &lock) {
-                release_at_exit(ep, l);
+                if who.pid == process::pid() {
+                    release_at_exit(ep, l);
+                }
             }
         }
-        let target = orig.with_port(port);
-        sys::set_errno(entry_errno);
-        let rc = real(fd, target.ptr(), target.len());
-        if rc == 0 {
-            let (action, reason) = if port == orig.port {
-                (Action::Kept, None)
-            } else {
-                let holder = holder_text(&reply);
-                notify_remap(p, orig.port, port);
-                (Action::Remapped, Some(format!("port {} is taken{holder}", orig.port)))
-            };
-            report::event(p, out(port, action, reason, backend, retries));
-            sys::set_errno(entry_errno);
-            return 0;
-        }
-        let err = sys::errno();
+        let err = match sock.run(Some(&orig.with_port(port))) {
+            Ok(()) => {
+                let (action, reason) = if port == orig.port {
+                    (Action::Kept, None)
+                } else {
+                    let holder = holder_text(&reply);
+                    notify_remap(p, who, orig.port, port);
+                    (Action::Remapped, Some(format!("port {} is taken{holder}", orig.port)))
+                };
+                event(out(port, action, reason, backend, retries));
+                return Verdict::Done(Ok(()));
+            }
+            Err(e) => e,
+        };
         if err == EADDRINUSE && reply.existing == Some(true) {
             // The session already holds this mapping: a second bind of the same port
             // must fail as it would without us (get-port, tests expecting EADDRINUSE).
-            report::event(p, out(port, Action::Error, Some("session already holds this port".into()), backend, retries));
-            sys::set_errno(EADDRINUSE);
-            return -1;
+            event(out(port, Action::Error, Some("session already holds this port".into()), backend, retries));
+            return Verdict::Done(Err(EADDRINUSE));
         }
         if err != EADDRINUSE || retries >= MAX_RETRIES {
-            let rc = plain();
             let reason = format!("bind to granted port {port} failed: {}", std::io::Error::from_raw_os_error(err));
-            report::event(p, out(orig.port, Action::Error, Some(reason), backend, retries));
-            return rc;
+            event(out(orig.port, Action::Error, Some(reason), backend, retries));
+            return Verdict::AsAsked;
         }
         retries += 1;
         req.exclude.push(port);
@@ -196,10 +182,9 @@ pub unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrF
 }
 
 /// One line on stderr per process when Styxy cannot be used, not one per bind.
-fn warn_once(p: &Process, ep: &Endpoint, reason: &str) {
+fn warn_once(p: &Process, who: &Caller, ep: &Endpoint, reason: &str) {
     static WARNED: AtomicU32 = AtomicU32::new(0);
-    let pid = process::pid();
-    if WARNED.swap(pid, Ordering::Relaxed) != pid {
+    if WARNED.swap(who.pid, Ordering::Relaxed) != who.pid {
         report::notify(p, &format!("{ep}: {reason}; ports pass through uncoordinated"));
     }
 }
@@ -246,8 +231,8 @@ fn holder_text(reply: &AllocateReply) -> String {
     }
 }
 
-fn notify_remap(p: &Process, requested: u16, port: u16) {
-    report::notify(p, &format!("port {requested} is taken; {} (pid {}) got {port}", p.comm, process::pid()));
+fn notify_remap(p: &Process, who: &Caller, requested: u16, port: u16) {
+    report::notify(p, &format!("port {requested} is taken; {} (pid {}) got {port}", who.comm, who.pid));
 }
 
 /// Why an allocation failed (the event log's reason), and Styxy's `Retry-After`.

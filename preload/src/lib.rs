@@ -8,38 +8,142 @@
 //! There is no lock and no thread here: per-process state is published lock-free, so
 //! a child forked while another thread was inside a hook starts clean.
 
-mod bind;
-mod connect;
-mod listen;
-mod process;
+pub mod bind;
+pub mod call;
+pub mod connect;
+pub mod listen;
+pub mod process;
 mod report;
-mod sys;
+pub mod sys;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use libc::{c_int, sockaddr, socklen_t};
+use libc::{c_int, sockaddr, socklen_t, ECONNREFUSED};
 
-pub use sys::{AddrFn, ListenFn};
+pub use call::{Caller, Route, Socket, Verdict};
+pub use sys::{Addr, AddrFn, ListenFn};
 
 /// # Safety
 /// Called by the interposer with the program's `bind()` arguments and libc's `bind`.
 #[no_mangle]
 pub unsafe extern "C" fn styxy_core_bind(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrFn) -> c_int {
-    guarded(|| bind::bind(fd, addr, len, real), || real(fd, addr, len))
+    let plain = || real(fd, addr, len);
+    guarded(
+        || {
+            let p = process::get();
+            match Addr::read(addr, len) {
+                Some(orig) if !p.supervised => {
+                    let mut sock = Local { fd, call: LocalCall::Bind(addr, len, real), errno: sys::errno() };
+                    finish(bind::decide(p, &p.caller(), &orig, &mut sock), sock.errno, plain)
+                }
+                _ => plain(),
+            }
+        },
+        plain,
+    )
 }
 
 /// # Safety
 /// Called by the interposer with the program's `listen()` arguments and libc's `listen`.
 #[no_mangle]
 pub unsafe extern "C" fn styxy_core_listen(fd: c_int, backlog: c_int, real: ListenFn) -> c_int {
-    guarded(|| listen::listen(fd, backlog, real), || real(fd, backlog))
+    let plain = || real(fd, backlog);
+    guarded(
+        || {
+            let p = process::get();
+            if p.supervised {
+                return plain();
+            }
+            let mut sock = Local { fd, call: LocalCall::Listen(backlog, real), errno: sys::errno() };
+            finish(listen::decide(p, &p.caller(), &mut sock), sock.errno, plain)
+        },
+        plain,
+    )
 }
 
 /// # Safety
 /// Called by the interposer with the program's `connect()` arguments and libc's `connect`.
 #[no_mangle]
 pub unsafe extern "C" fn styxy_core_connect(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrFn) -> c_int {
-    guarded(|| connect::connect(fd, addr, len, real), || real(fd, addr, len))
+    let plain = || real(fd, addr, len);
+    guarded(
+        || {
+            let p = process::get();
+            let errno = sys::errno();
+            let route = match Addr::read(addr, len) {
+                Some(orig) if !p.supervised => connect::route(p, &orig, &mut || sys::sock_type(fd)),
+                _ => Route::AsAsked,
+            };
+            sys::set_errno(errno);
+            match route {
+                Route::AsAsked => plain(),
+                Route::To(target) => real(fd, target.ptr(), target.len()),
+                Route::Refused => {
+                    sys::set_errno(ECONNREFUSED);
+                    -1
+                }
+            }
+        },
+        plain,
+    )
+}
+
+/// The program's own socket, in this process.
+struct Local {
+    fd: c_int,
+    call: LocalCall,
+    /// errno at entry: what a successful call leaves behind.
+    errno: c_int,
+}
+
+enum LocalCall {
+    Bind(*const sockaddr, socklen_t, AddrFn),
+    Listen(c_int, ListenFn),
+}
+
+impl Socket for Local {
+    fn sock_type(&mut self) -> Option<c_int> {
+        sys::sock_type(self.fd)
+    }
+
+    fn local_addr(&mut self) -> Option<Addr> {
+        sys::local_addr(self.fd)
+    }
+
+    fn run(&mut self, addr: Option<&Addr>) -> Result<(), c_int> {
+        sys::set_errno(self.errno);
+        // SAFETY: the program's own arguments, or our copy of its address.
+        let rc = unsafe {
+            match (&self.call, addr) {
+                (LocalCall::Bind(_, _, real), Some(a)) => real(self.fd, a.ptr(), a.len()),
+                (LocalCall::Bind(ptr, len, real), None) => real(self.fd, *ptr, *len),
+                (LocalCall::Listen(backlog, real), _) => real(self.fd, *backlog),
+            }
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(sys::errno())
+        }
+    }
+}
+
+/// The verdict as the program sees it: a return value and errno.
+fn finish(v: Verdict, entry_errno: c_int, plain: impl FnOnce() -> c_int) -> c_int {
+    match v {
+        Verdict::AsAsked => {
+            sys::set_errno(entry_errno);
+            plain()
+        }
+        Verdict::Done(Ok(())) => {
+            sys::set_errno(entry_errno);
+            0
+        }
+        Verdict::Done(Err(e)) => {
+            sys::set_errno(e);
+            -1
+        }
+    }
 }
 
 thread_local! {

@@ -4,30 +4,27 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use libc::c_int;
 use serde_json::json;
 use styxy_preload_client::eventlog::Action;
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Decision;
 
-use crate::process::{self, Mode};
+use crate::call::{Caller, Socket, Verdict};
+use crate::process::{self, Mode, Process};
 use crate::report::{self, Outcome};
-use crate::sys::{self, ListenFn};
 
-pub unsafe fn listen(fd: c_int, backlog: c_int, real: ListenFn) -> c_int {
-    let entry_errno = sys::errno();
-    let before = sys::local_addr(fd);
-    sys::set_errno(entry_errno);
-    let rc = real(fd, backlog);
-    if rc != 0 {
-        return rc;
+/// Makes the `listen()` on `sock`, then tells the coordinator or the log about it.
+pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
+    let before = sock.local_addr();
+    let r = sock.run(None);
+    if r.is_err() {
+        return Verdict::Done(r);
     }
-    let p = process::get();
     let started = Instant::now();
     match before {
         Some(a) if a.port == 0 => {
             // the kernel picked a port at listen(): observe it
-            if let Some(now) = sys::local_addr(fd) {
+            if let Some(now) = sock.local_addr() {
                 let outcome = Outcome {
                     call: "listen",
                     requested: 0,
@@ -40,7 +37,7 @@ pub unsafe fn listen(fd: c_int, backlog: c_int, real: ListenFn) -> c_int {
                     backend: None,
                     retries: 0,
                 };
-                report::event(p, outcome);
+                report::event(p, who, outcome);
             }
         }
         Some(a) if p.mode != Mode::Observe && matches!(p.policy.decide(a.port), Decision::Coordinated(_)) => {
@@ -49,16 +46,14 @@ pub unsafe fn listen(fd: c_int, backlog: c_int, real: ListenFn) -> c_int {
                 // against 100 a minute: once per process. The built-in daemon makes
                 // the pid an owner of this port's allocation: every listen.
                 static REGISTERED: AtomicU32 = AtomicU32::new(0);
-                let pid = process::pid();
                 let styxy = matches!(ep, Endpoint::Tcp { .. });
-                if !styxy || REGISTERED.swap(pid, Ordering::Relaxed) != pid {
-                    let body = json!({"pid": pid, "instance_id": p.session, "port": a.port, "project_path": p.cwd});
+                if !styxy || REGISTERED.swap(who.pid, Ordering::Relaxed) != who.pid {
+                    let body = json!({"pid": who.pid, "instance_id": p.session, "port": a.port, "project_path": who.cwd});
                     let _ = http::call(ep, "POST", "/register-instance", Some(body.to_string().as_bytes()), Timeouts::HOOK);
                 }
             }
         }
         _ => {}
     }
-    sys::set_errno(entry_errno);
-    0
+    Verdict::Done(Ok(()))
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use once_cell::race::OnceBox;
+
+use crate::call::Caller;
 use styxy_preload_client::discovery;
 use styxy_preload_client::http::{Endpoint, Timeouts};
 use styxy_preload_client::paths;
@@ -33,6 +35,9 @@ pub struct Process {
     pub comm: String,
     pub log_path: PathBuf,
     pub cwd: Option<String>,
+    /// Under `exec`'s seccomp supervisor, which answers this process's bind, listen
+    /// and connect itself: the library steps aside (no double remap).
+    pub supervised: bool,
 }
 
 fn env_is(name: &str, values: &[&str]) -> bool {
@@ -62,8 +67,23 @@ impl Process {
             comm,
             log_path: paths::event_log_path(),
             cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().chars().take(1000).collect()),
+            supervised: env_is(SUPERVISED_ENV, &["1"]) && seccomp_filtered(),
         }
     }
+
+    /// This process, as the caller of a hook.
+    pub fn caller(&self) -> Caller<'_> {
+        Caller { pid: pid(), comm: &self.comm, cwd: self.cwd.as_deref() }
+    }
+}
+
+/// Set by `exec --seccomp` in the environment it hands down.
+pub const SUPERVISED_ENV: &str = "STYXY_PRELOAD_SUPERVISED";
+
+/// Whether a seccomp filter is on this process (`Seccomp: 2`): the variable alone
+/// could have leaked into a process outside the supervised tree.
+fn seccomp_filtered() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])))
 }
 
 static PROCESS: OnceBox<Process> = OnceBox::new();

@@ -3,7 +3,8 @@
 
 use styxy_preload_client::eventlog::{self, Action, Event};
 
-use crate::process::{self, Process};
+use crate::call::Caller;
+use crate::process::Process;
 use crate::sys::{self, Addr};
 
 pub struct Outcome<'a> {
@@ -20,13 +21,13 @@ pub struct Outcome<'a> {
 }
 
 /// Appends the event; errno is left as it was (the log write must not leak into it).
-pub fn event(p: &Process, o: Outcome) {
+pub fn event(p: &Process, who: &Caller, o: Outcome) {
     let errno = sys::errno();
     let ev = Event {
         ts: eventlog::now_ms(),
         session: p.session.clone(),
-        pid: process::pid(),
-        comm: p.comm.clone(),
+        pid: who.pid,
+        comm: who.comm.to_string(),
         call: o.call.to_string(),
         requested_port: o.requested,
         port: o.port,

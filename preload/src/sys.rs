@@ -46,6 +46,27 @@ impl Addr {
         Some(Addr { storage, len, family, port })
     }
 
+    /// The address in `bytes` (a sockaddr as the kernel would read it).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Addr> {
+        let len = socklen_t::try_from(bytes.len()).ok()?;
+        // SAFETY: `bytes` is `len` readable bytes; read() copies them unaligned.
+        unsafe { Addr::read(bytes.as_ptr().cast(), len) }
+    }
+
+    /// 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104.
+    pub fn is_loopback(&self) -> bool {
+        // SAFETY: the family says which sockaddr the storage holds, and both fit in it.
+        unsafe {
+            if self.family == AF_INET {
+                let a = &*self.ptr().cast::<libc::sockaddr_in>();
+                return u32::from_be(a.sin_addr.s_addr) >> 24 == 127;
+            }
+            let a = &*self.ptr().cast::<libc::sockaddr_in6>();
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+
     pub fn with_port(mut self, port: u16) -> Addr {
         // sin_port and sin6_port are both at offset 2
         // SAFETY: storage is large enough and we write two bytes at offset 2.

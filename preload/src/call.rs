@@ -1,0 +1,44 @@
+//! The seam between the decisions (`bind`, `listen`, `connect`) and whoever carries
+//! them out: this library inside the calling process, or `exec`'s seccomp supervisor
+//! holding a copy of the caller's socket. One decision path for both.
+
+use libc::c_int;
+
+use crate::sys::Addr;
+
+/// The process that made the call.
+pub struct Caller<'a> {
+    pub pid: u32,
+    pub comm: &'a str,
+    pub cwd: Option<&'a str>,
+}
+
+/// The caller's socket, and the hooked call on it.
+pub trait Socket {
+    /// `SO_TYPE`, or `None` when it cannot be read.
+    fn sock_type(&mut self) -> Option<c_int>;
+    /// The bound address (port 0 when unbound).
+    fn local_addr(&mut self) -> Option<Addr>;
+    /// Makes the call (bind or listen) — with `addr` instead of the program's own
+    /// address when given. The errno on failure.
+    fn run(&mut self, addr: Option<&Addr>) -> Result<(), c_int>;
+}
+
+/// How a hooked `bind()` or `listen()` ends.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing to change: the program's call runs as it made it.
+    AsAsked,
+    /// The call was made: its result, or its errno.
+    Done(Result<(), c_int>),
+}
+
+/// Where a hooked `connect()` goes.
+#[derive(Clone, Copy)]
+pub enum Route {
+    AsAsked,
+    /// The session remapped this port: connect here instead.
+    To(Addr),
+    /// Another session's server: as if nothing listened.
+    Refused,
+}
