@@ -75,6 +75,13 @@ pub struct ExecArgs {
     /// substituted for {NAME} in arguments. `auto`: the variables the recognised tool reads (PORT, UVICORN_PORT, …)
     #[arg(long = "port", value_name = "NAME[=TYPE|=PORT]|auto")]
     pub ports: Vec<String>,
+    /// Answer the tree's bind/listen/connect from a seccomp filter (Linux): reaches static and Go
+    /// programs, which LD_PRELOAD does not. On by itself when CMD is one of those
+    #[arg(long, conflicts_with = "no_seccomp")]
+    pub seccomp: bool,
+    /// Never use the seccomp filter, even for a static or Go CMD
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// The command and its arguments
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,

@@ -7,6 +7,7 @@ mod cmd;
 mod coordinator;
 mod elf;
 mod libpath;
+mod seccomp;
 mod tools;
 
 use clap::Parser;

@@ -22,9 +22,14 @@ use crate::sys::Addr;
 /// Granted ports that turned out taken at OS level before we give up and bind as asked.
 const MAX_RETRIES: u32 = 3;
 
+/// A bind nobody coordinates: a privileged port, or one no service type claims.
+pub fn untouched(p: &Process, orig: &Addr) -> bool {
+    orig.port < 1024 || matches!(p.policy.decide(orig.port), Decision::Untouched(_))
+}
+
 /// Decides and carries out a `bind()` of `orig` on `sock` for `who`.
 pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> Verdict {
-    if orig.port < 1024 {
+    if untouched(p, orig) {
         return Verdict::AsAsked;
     }
     let decision = p.policy.decide(orig.port);

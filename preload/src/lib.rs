@@ -77,7 +77,7 @@ pub unsafe extern "C" fn styxy_core_connect(fd: c_int, addr: *const sockaddr, le
             sys::set_errno(errno);
             match route {
                 Route::AsAsked => plain(),
-                Route::To(target) => real(fd, target.ptr(), target.len()),
+                Route::To(target) => real(fd, target.ptr(), target.socklen()),
                 Route::Refused => {
                     sys::set_errno(ECONNREFUSED);
                     -1
@@ -115,7 +115,7 @@ impl Socket for Local {
         // SAFETY: the program's own arguments, or our copy of its address.
         let rc = unsafe {
             match (&self.call, addr) {
-                (LocalCall::Bind(_, _, real), Some(a)) => real(self.fd, a.ptr(), a.len()),
+                (LocalCall::Bind(_, _, real), Some(a)) => real(self.fd, a.ptr(), a.socklen()),
                 (LocalCall::Bind(ptr, len, real), None) => real(self.fd, *ptr, *len),
                 (LocalCall::Listen(backlog, real), _) => real(self.fd, *backlog),
             }

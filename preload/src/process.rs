@@ -67,7 +67,7 @@ impl Process {
             comm,
             log_path: paths::event_log_path(),
             cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().chars().take(1000).collect()),
-            supervised: env_is(SUPERVISED_ENV, &["1"]) && seccomp_filtered(),
+            supervised: std::env::var(SUPERVISED_ENV).ok().and_then(|v| v.parse().ok()).is_some_and(|n: u32| seccomp_filters() >= n),
         }
     }
 
@@ -77,13 +77,19 @@ impl Process {
     }
 }
 
-/// Set by `exec --seccomp` in the environment it hands down.
+/// Set by `exec --seccomp` in the environment it hands down: how many seccomp filters
+/// a process under its filter has at least. The variable alone could have leaked into
+/// a process outside the supervised tree, or the filter could have been refused.
 pub const SUPERVISED_ENV: &str = "STYXY_PRELOAD_SUPERVISED";
 
-/// Whether a seccomp filter is on this process (`Seccomp: 2`): the variable alone
-/// could have leaked into a process outside the supervised tree.
-fn seccomp_filtered() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])))
+/// The seccomp filters on this process (`Seccomp_filters`, Linux 5.9+; before, 1 for
+/// any filter).
+pub fn seccomp_filters() -> u32 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u32>().ok());
+    field("Seccomp_filters:").unwrap_or_else(|| u32::from(field("Seccomp:") == Some(2)))
 }
 
 static PROCESS: OnceBox<Process> = OnceBox::new();

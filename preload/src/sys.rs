@@ -81,7 +81,7 @@ impl Addr {
         (&self.storage as *const sockaddr_storage).cast()
     }
 
-    pub fn len(&self) -> socklen_t {
+    pub fn socklen(&self) -> socklen_t {
         self.len
     }
 

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde_json::json;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -17,7 +19,9 @@ use styxy_preload_client::policy::Policy;
 use styxy_preload_client::{paths, session, sticky};
 
 use crate::cli::ExecArgs;
-use crate::{coordinator, elf, libpath, tools};
+use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
+
+use crate::{coordinator, elf, libpath, seccomp, tools};
 
 pub fn run(a: ExecArgs) -> Result<i32, String> {
     let lib = libpath::find()?;
@@ -31,7 +35,7 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
         None => Some(coordinator::start_daemon(&[])?),
     };
     let program = a.cmd.first().ok_or("no command given")?.clone();
-    warn_if_unreachable(&program);
+    let seccomp = use_seccomp(a.seccomp, a.no_seccomp, &program);
 
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("LD_PRELOAD".into(), libpath::preload_value(&lib));
@@ -47,6 +51,9 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     }
     if a.no_isolate {
         env.insert("STYXY_PRELOAD_ISOLATE".into(), "0".into());
+    }
+    if seccomp {
+        env.insert(SUPERVISED_ENV.into(), (seccomp_filters() + 1).to_string());
     }
     let mut args: Vec<String> = a.cmd[1..].to_vec();
     if !a.ports.is_empty() {
@@ -71,6 +78,18 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let mut cmd = Command::new(&program);
     cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
+    let prepared = if seccomp {
+        // the supervisor decides as a hooked process of the session would: with its environment
+        for (k, v) in env.iter().filter(|(k, _)| *k != "LD_PRELOAD") {
+            std::env::set_var(k, v);
+        }
+        // orphans of the tree stay our descendants: we may take their sockets, and reap them
+        // SAFETY: prctl on ourselves.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        Some(seccomp::prepare(&mut cmd, matches!(endpoint, Some(Endpoint::Unix(_)))).map_err(|e| format!("seccomp mode: {e}"))?)
+    } else {
+        None
+    };
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -83,19 +102,39 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
             return Ok(code);
         }
     };
+    let supervisor = prepared
+        .map(|p| p.start())
+        .and_then(|r| r.map_err(|why| eprintln!("styxy-preload: seccomp mode is off ({why}); {program} runs without it")).ok());
     let pid = child.id() as i32;
     let handle = signals.handle();
-    let forwarder = std::thread::spawn(move || {
-        for origin in signals.forever() {
-            // A terminal's ^C already reached the child (same process group): forward
-            // only signals sent to us by a process (kill, a supervisor).
-            if !matches!(origin.cause, Cause::Kernel) {
-                // SAFETY: plain kill(2) of our own child.
-                unsafe { libc::kill(pid, origin.signal) };
+    let tree = Arc::new(AtomicBool::new(false));
+    let forwarder = std::thread::spawn({
+        let tree = tree.clone();
+        move || {
+            for origin in signals.forever() {
+                // A terminal's ^C already reached the child (same process group): forward
+                // only signals sent to us by a process (kill, a supervisor).
+                if !matches!(origin.cause, Cause::Kernel) {
+                    let to = if tree.load(Ordering::Acquire) { children() } else { vec![pid] };
+                    for p in to {
+                        // SAFETY: plain kill(2) of our own child.
+                        unsafe { libc::kill(p, origin.signal) };
+                    }
+                }
             }
         }
     });
     let status = child.wait().map_err(|e| format!("waiting for {program}: {e}"))?;
+    if let Some(supervisor) = supervisor {
+        // The supervisor answers the bind/connect calls of the whole tree: without it they
+        // would fail (ENOSYS). Stay until the tree's last process has gone.
+        tree.store(true, Ordering::Release);
+        reap_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !supervisor.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
     handle.close();
     let _ = forwarder.join();
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
@@ -157,16 +196,53 @@ fn release_dead_locks(ep: &Endpoint, session: &str) {
     });
 }
 
-fn warn_if_unreachable(program: &str) {
-    let Some(path) = elf::resolve(program) else {
-        return;
+/// `--seccomp`, or a static or Go program without `--no-seccomp`; and possible here.
+fn use_seccomp(asked: bool, refused: bool, program: &str) -> bool {
+    let why = match elf::resolve(program).map(|p| elf::kind(&p)) {
+        Some(elf::Kind::Static) => Some("is statically linked: LD_PRELOAD does not reach it"),
+        Some(elf::Kind::Go) => Some("is a Go program: its net package makes raw syscalls that LD_PRELOAD does not see"),
+        _ => None,
     };
-    let why = match elf::kind(&path) {
-        elf::Kind::Static => "is statically linked: LD_PRELOAD does not reach it",
-        elf::Kind::Go => "is a Go program: its net package makes raw syscalls that LD_PRELOAD does not see",
-        _ => return,
+    if !asked && (refused || why.is_none()) {
+        if let Some(why) = why {
+            eprintln!("styxy-preload: {program} {why}; its ports are not coordinated (drop --no-seccomp, or use --port NAME=TYPE)");
+        }
+        return false;
+    }
+    match seccomp::unavailable() {
+        None => true,
+        Some(reason) => {
+            let uncoordinated = if why.is_some() { ": its ports are not coordinated" } else { "" };
+            eprintln!("styxy-preload: seccomp mode is off ({reason}); {program} runs without it{uncoordinated}");
+            false
+        }
+    }
+}
+
+/// Reaps every process of the tree that ends up ours (we are its subreaper).
+fn reap_all() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        if unsafe { libc::waitpid(-1, &mut status, 0) } < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return; // ECHILD: none left
+        }
+    }
+}
+
+/// Our children: the orphans of the tree, once the command has exited.
+fn children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
     };
-    eprintln!("styxy-preload: {program} {why}; its ports are not coordinated (use --port NAME=TYPE to hand it one)");
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)) == Some(me.as_str())
+        })
+        .collect()
 }
 
 /// `--port NAME[=TYPE|=PORT]`: allocate in the session before the command starts.

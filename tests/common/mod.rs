@@ -60,18 +60,56 @@ pub fn lock_ranges() -> RangeLock {
 
 /// Compiles a C fixture from tests/fixtures once per test binary.
 pub fn fixture(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
+    build_fixture(name, name, &[])
+}
+
+/// The C fixture, statically linked: `LD_PRELOAD` never reaches it.
+pub fn static_fixture(name: &str) -> PathBuf {
+    build_fixture(name, &format!("{name}-static"), &["-static"])
+}
+
+/// A Go fixture (tests/fixtures/NAME.go) built with the distribution's Go, once per
+/// test binary; the build cache is shared by all tests.
+pub fn go_fixture(name: &str) -> PathBuf {
+    let out = fixtures_dir().join(name);
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !out.exists() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.go"));
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let status = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .env("GOCACHE", tmp.join("go-cache"))
+            .env("GOPATH", tmp.join("go-path"))
+            .env("GO111MODULE", "off")
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "")
+            .status()
+            .expect("cannot run go: install the distribution's Go (apt-get install golang-go)");
+        assert!(status.success(), "go build failed for {}", src.display());
+    }
+    out
+}
+
+fn fixtures_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fixtures-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
-    });
-    let out = dir.join(name);
+    })
+}
+
+fn build_fixture(name: &str, out_name: &str, flags: &[&str]) -> PathBuf {
+    let dir = fixtures_dir();
+    let out = dir.join(out_name);
     if !out.exists() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
         let compiler = cc::Build::new().cargo_metadata(false).target(&target_triple()).host(&target_triple()).opt_level(1).get_compiler();
-        let tmp = dir.join(format!("{name}.tmp.{:?}", std::thread::current().id()));
-        let status = compiler.to_command().arg("-o").arg(&tmp).arg(&src).arg("-lpthread").status().unwrap();
+        let tmp = dir.join(format!("{out_name}.tmp.{:?}", std::thread::current().id()));
+        let status = compiler.to_command().args(flags).arg("-o").arg(&tmp).arg(&src).arg("-lpthread").status().unwrap();
         assert!(status.success(), "cc failed for {}", src.display());
         std::fs::rename(&tmp, &out).unwrap();
     }
@@ -164,6 +202,15 @@ impl World {
         let pid = child.id();
         self.children.push(child);
         pid
+    }
+
+    /// The exit status of a process `spawn` started, once it has ended.
+    pub fn exit_status(&mut self, pid: u32) -> Option<std::process::ExitStatus> {
+        self.children.iter_mut().find(|c| c.id() == pid)?.try_wait().ok().flatten()
+    }
+
+    pub fn finished(&mut self, pid: u32) -> bool {
+        self.exit_status(pid).is_some()
     }
 
     pub fn output_of(&self, name: &str) -> String {

@@ -1,0 +1,87 @@
+//! `exec --seccomp`: coordination for programs `LD_PRELOAD` never reaches — statically
+//! linked ones, and Go's `net` package, which makes raw syscalls. The child gets a
+//! seccomp filter before `execve` ([`filter`]); `exec` answers its `bind`, `listen`
+//! and `connect` calls, and those of its whole tree, with the library's decisions
+//! ([`supervisor`]).
+
+mod filter;
+mod supervisor;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::thread::JoinHandle;
+
+/// Why seccomp mode cannot work on this machine, checked before the child starts;
+/// `None` when it can. (Where installing the filter itself is refused, the child
+/// reports it: see [`Prepared::start`].)
+pub fn unavailable() -> Option<String> {
+    let action = libc::SECCOMP_RET_USER_NOTIF;
+    // SAFETY: plain syscalls on our own process; every fd we get is closed.
+    unsafe {
+        if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0, &action as *const u32) != 0 {
+            return Some(match io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENOSYS) => "this kernel has no seccomp".into(),
+                Some(libc::EPERM | libc::EACCES) => "seccomp is not permitted here".into(),
+                _ => "the kernel has no seccomp user notification (Linux 5.0+)".into(),
+            });
+        }
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) as libc::c_int;
+        if pidfd < 0 {
+            return Some("the kernel has no pidfd_open (Linux 5.3+)".into());
+        }
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, pidfd, 0) as libc::c_int;
+        let err = io::Error::last_os_error();
+        libc::close(pidfd);
+        if copy < 0 {
+            return Some(match err.raw_os_error() {
+                Some(libc::ENOSYS) => "the kernel has no pidfd_getfd (Linux 5.6+)".into(),
+                _ => format!("pidfd_getfd is refused: {err}"),
+            });
+        }
+        libc::close(copy);
+    }
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse::<u8>().ok());
+    if scope == Some(3) || (scope == Some(2) && !has_cap_sys_ptrace()) {
+        return Some(format!("Yama's ptrace_scope {} forbids taking another process's socket", scope.unwrap_or(0)));
+    }
+    None
+}
+
+fn has_cap_sys_ptrace() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()))
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
+}
+
+/// A command set up to install the filter; [`Prepared::start`] after it spawned.
+pub struct Prepared {
+    ours: OwnedFd,
+    theirs: Option<OwnedFd>,
+}
+
+/// Makes `cmd`'s child install the filter (trapping `connect` too when `connect`).
+pub fn prepare(cmd: &mut Command, connect: bool) -> io::Result<Prepared> {
+    let (ours, theirs) = filter::socketpair()?;
+    let prog = filter::program(&filter::trapped(connect));
+    let fd = theirs.as_raw_fd();
+    // SAFETY: install() makes syscalls only, and `prog` moves into the closure.
+    unsafe { cmd.pre_exec(move || filter::install(&prog, fd)) };
+    Ok(Prepared { ours, theirs: Some(theirs) })
+}
+
+impl Prepared {
+    /// After the child started: the supervisor's thread, or why the child runs
+    /// without a filter. The thread ends when no process uses the filter any more.
+    pub fn start(mut self) -> Result<JoinHandle<()>, String> {
+        drop(self.theirs.take());
+        let listener = filter::receive(&self.ours)?;
+        std::thread::Builder::new()
+            .name("styxy-seccomp".into())
+            .spawn(move || supervisor::run(listener))
+            .map_err(|e| format!("cannot start the supervisor: {e}"))
+    }
+}

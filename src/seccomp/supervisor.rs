@@ -1,0 +1,313 @@
+//! The supervisor: answers the filtered calls of every process under `exec` with the
+//! library's own decisions (`bind::decide`, `listen::decide`, `connect::route`),
+//! carried out on a copy of the caller's socket taken with `pidfd_getfd` — so the
+//! caller cannot change the address after the check. It runs on a thread of `exec`,
+//! an ancestor of the whole tree (Yama's ptrace scope 1 allows no one else), until no
+//! process uses the filter any more. When it cannot act on a call it lets the call
+//! run as the program made it.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use libc::{c_int, seccomp_notif, seccomp_notif_resp};
+use styxy_preload_core::{bind, connect, listen, process, Addr, Caller, Route, Socket, Verdict};
+
+/// What the caller's syscall returns.
+enum Answer {
+    /// Run it as the program made it.
+    Continue,
+    Return(Result<(), c_int>),
+}
+
+/// Serves `listener` until the last process using the filter is gone.
+pub fn run(listener: OwnedFd) {
+    let listener = Arc::new(listener);
+    let fd = listener.as_raw_fd();
+    loop {
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            break;
+        }
+        if pfd.revents & libc::POLLIN == 0 {
+            break; // POLLHUP: no process uses the filter any more
+        }
+        // SAFETY: the kernel wants a zeroed struct of exactly this layout.
+        let mut req: seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut req) } != 0 {
+            match errno() {
+                // the caller was interrupted or killed before we took its call
+                libc::ENOENT | libc::EINTR => continue,
+                e => {
+                    eprintln!("styxy-preload: the seccomp supervisor stops: {}", std::io::Error::from_raw_os_error(e));
+                    break;
+                }
+            }
+        }
+        let answer = catch_unwind(AssertUnwindSafe(|| handle(&listener, &req))).unwrap_or(Some(Answer::Continue));
+        if let Some(a) = answer {
+            respond(fd, req.id, a);
+        }
+    }
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn respond(listener: RawFd, id: u64, a: Answer) {
+    let mut resp = seccomp_notif_resp { id, val: 0, error: 0, flags: 0 };
+    match a {
+        Answer::Continue => resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+        Answer::Return(Ok(())) => {}
+        Answer::Return(Err(e)) => resp.error = -e,
+    }
+    // SAFETY: a valid response; ENOENT (the caller died meanwhile) needs nothing.
+    unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) };
+}
+
+/// `None` when a thread answers later (a blocking connect).
+fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif) -> Option<Answer> {
+    let nr = i64::from(req.data.nr);
+    let args = req.data.args;
+    let mut sock = Remote {
+        listener: listener.as_raw_fd(),
+        id: req.id,
+        tid: req.pid,
+        fd: args[0] as c_int,
+        call: Call::Listen(0),
+        target: None,
+        copy: None,
+        unreachable: false,
+    };
+    let p = process::get();
+    let verdict = if nr == libc::SYS_listen {
+        sock.call = Call::Listen(args[1] as c_int);
+        let Ok(who) = sock.target().cloned() else {
+            return Some(Answer::Continue);
+        };
+        listen::decide(p, &who.caller(), &mut sock)
+    } else {
+        let Some(orig) = read_addr(req.pid, args[1], args[2] as usize).filter(|_| sock.valid()) else {
+            return Some(Answer::Continue);
+        };
+        if nr == libc::SYS_connect {
+            return match connect::route(p, &orig, &mut || sock.sock_type()) {
+                Route::AsAsked => Some(Answer::Continue),
+                Route::Refused => Some(Answer::Return(Err(libc::ECONNREFUSED))),
+                Route::To(target) => sock.connect(listener, target),
+            };
+        }
+        if bind::untouched(p, &orig) {
+            return Some(Answer::Continue);
+        }
+        sock.call = Call::Bind(orig);
+        let Ok(who) = sock.target().cloned() else {
+            return Some(Answer::Continue);
+        };
+        bind::decide(p, &who.caller(), &orig, &mut sock)
+    };
+    Some(match verdict {
+        _ if sock.unreachable => Answer::Continue,
+        Verdict::AsAsked => Answer::Continue,
+        Verdict::Done(r) => Answer::Return(r),
+    })
+}
+
+/// The sockaddr the caller passed, read from its memory.
+fn read_addr(tid: u32, ptr: u64, len: usize) -> Option<Addr> {
+    if !(2..=std::mem::size_of::<libc::sockaddr_storage>()).contains(&len) {
+        return None;
+    }
+    let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+    let remote = libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len };
+    // SAFETY: one iovec each side; the kernel checks the remote range.
+    let n = unsafe { libc::process_vm_readv(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n != len as isize {
+        return None;
+    }
+    Addr::from_bytes(&buf[..len])
+}
+
+/// The calling process: who it is, and a pidfd to take its socket with.
+#[derive(Clone)]
+struct Target {
+    pid: u32,
+    comm: String,
+    cwd: Option<String>,
+    pidfd: Arc<OwnedFd>,
+}
+
+impl Target {
+    fn caller(&self) -> Caller<'_> {
+        Caller { pid: self.pid, comm: &self.comm, cwd: self.cwd.as_deref() }
+    }
+}
+
+enum Call {
+    Bind(Addr),
+    Listen(c_int),
+}
+
+/// The caller's socket, seen through a copy in this process.
+struct Remote {
+    listener: RawFd,
+    id: u64,
+    /// The calling thread.
+    tid: u32,
+    /// The socket's number in the caller.
+    fd: c_int,
+    call: Call,
+    target: Option<Result<Target, c_int>>,
+    copy: Option<Result<Arc<OwnedFd>, c_int>>,
+    /// The socket could not be reached: the call runs as made, whatever was decided.
+    unreachable: bool,
+}
+
+impl Remote {
+    /// Whether the caller still waits for this notification (so its pid and memory
+    /// were still the caller's when we read them).
+    fn valid(&self) -> bool {
+        // SAFETY: ioctl with a pointer to the id.
+        unsafe { libc::ioctl(self.listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &self.id) == 0 }
+    }
+
+    fn target(&mut self) -> Result<&Target, c_int> {
+        if self.target.is_none() {
+            let t = self.open_target();
+            if let Err(e) = &t {
+                self.give_up(*e);
+            }
+            self.target = Some(t);
+        }
+        self.target.as_ref().expect("set above").as_ref().map_err(|e| *e)
+    }
+
+    fn open_target(&self) -> Result<Target, c_int> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.tid)).map_err(|_| libc::ESRCH)?;
+        let pid: u32 = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)?;
+        // SAFETY: plain syscall; the fd is ours on success.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as c_int;
+        if raw < 0 {
+            return Err(errno());
+        }
+        // SAFETY: a fresh fd (pidfd_open sets close-on-exec).
+        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        if !self.valid() {
+            return Err(libc::ESRCH); // the pid may have been reused
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string()).unwrap_or_else(|_| "?".into());
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|d| d.to_string_lossy().chars().take(1000).collect());
+        Ok(Target { pid, comm, cwd, pidfd })
+    }
+
+    fn copy(&mut self) -> Result<RawFd, c_int> {
+        if self.copy.is_none() {
+            let c = self.take_copy();
+            if let Err(e) = &c {
+                self.give_up(*e);
+            }
+            self.copy = Some(c);
+        }
+        self.copy.as_ref().expect("set above").as_ref().map(|f| f.as_raw_fd()).map_err(|e| *e)
+    }
+
+    fn take_copy(&mut self) -> Result<Arc<OwnedFd>, c_int> {
+        let pidfd = self.target()?.pidfd.as_raw_fd();
+        // SAFETY: plain syscall; the fd is ours on success (close-on-exec by the kernel).
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, self.fd, 0) } as c_int;
+        if raw < 0 {
+            return Err(errno());
+        }
+        // SAFETY: a fresh fd.
+        Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    fn give_up(&mut self, e: c_int) {
+        self.unreachable = true;
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if e != libc::ESRCH && !WARNED.swap(true, Ordering::Relaxed) {
+            let err = std::io::Error::from_raw_os_error(e);
+            eprintln!("styxy-preload: cannot reach the socket of thread {} ({err}): its calls run uncoordinated", self.tid);
+        }
+    }
+
+    /// Connects the caller's socket to `to`: here when it does not block, else on a
+    /// thread of its own that answers when the connect does.
+    fn connect(&mut self, listener: &Arc<OwnedFd>, to: Addr) -> Option<Answer> {
+        let Ok(fd) = self.copy() else {
+            return Some(Answer::Continue);
+        };
+        // SAFETY: fcntl on our own copy.
+        let blocking = unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK == 0;
+        let copy = self.copy.take().and_then(Result::ok).expect("copied above");
+        let go = move || connect_fd(copy.as_raw_fd(), &to);
+        if !blocking {
+            return Some(Answer::Return(go()));
+        }
+        let (listener, id) = (listener.clone(), self.id);
+        let spawned =
+            std::thread::Builder::new().name("styxy-connect".into()).spawn(move || respond(listener.as_raw_fd(), id, Answer::Return(go())));
+        match spawned {
+            Ok(_) => None,
+            Err(_) => Some(Answer::Continue),
+        }
+    }
+}
+
+fn connect_fd(fd: RawFd, to: &Addr) -> Result<(), c_int> {
+    // SAFETY: our copy of the socket and our copy of the address.
+    if unsafe { libc::connect(fd, to.ptr(), to.socklen()) } == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+impl Socket for Remote {
+    fn sock_type(&mut self) -> Option<c_int> {
+        let fd = self.copy().ok()?;
+        let mut ty: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: valid out-pointers of the right size.
+        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) };
+        (rc == 0).then_some(ty)
+    }
+
+    fn local_addr(&mut self) -> Option<Addr> {
+        let fd = self.copy().ok()?;
+        let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
+        let mut len = buf.len() as libc::socklen_t;
+        // SAFETY: buf is large enough; len tells getsockname its size.
+        if unsafe { libc::getsockname(fd, buf.as_mut_ptr().cast(), &mut len) } != 0 {
+            return None;
+        }
+        Addr::from_bytes(&buf[..len as usize])
+    }
+
+    fn run(&mut self, addr: Option<&Addr>) -> Result<(), c_int> {
+        let fd = self.copy()?;
+        // SAFETY: our copy of the socket and of the address.
+        let rc = unsafe {
+            match &self.call {
+                Call::Bind(orig) => {
+                    let a = addr.unwrap_or(orig);
+                    libc::bind(fd, a.ptr(), a.socklen())
+                }
+                Call::Listen(backlog) => libc::listen(fd, *backlog),
+            }
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(errno())
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! `exec`'s seccomp mode: programs `LD_PRELOAD` never reaches — statically linked C,
+//! Go — coordinated by the supervisor, with the kernel's view of their ports.
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use styxy_preload_client::eventlog::Action;
+
+/// `exec --session S [flags] -- program args`, started in the world; its pid.
+fn exec(w: &mut World, session: &str, flags: &[&str], program: &std::path::Path, args: &[&str], name: &str) -> u32 {
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", session]).args(flags).arg("--").arg(program).args(args).env("WHO", name);
+    w.spawn(c, name)
+}
+
+fn lines_of(w: &World, name: &str) -> Vec<Vec<String>> {
+    w.output_of(name).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+}
+
+/// The pids of `pid`'s descendants (not `pid` itself).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            out.push(c);
+            out.extend(descendants(c));
+        }
+    }
+    out
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
+}
+
+#[test]
+fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_ports() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    let a = exec(&mut w, "one", &[], &server, &["serve", "8000"], "one");
+    let pa = wait_for(20, "first static server", || tree_ports(a).into_iter().next());
+    let b = exec(&mut w, "two", &[], &server, &["serve", "8000"], "two");
+    let pb = wait_for(20, "second static server", || tree_ports(b).into_iter().next());
+    assert_eq!(pa, 8000, "{}", w.stderr_of("one"));
+    assert_ne!(pb, 8000, "{}", w.stderr_of("two"));
+    // each port is its own server's (the kernel's view, then a real request)
+    assert_eq!(http_get("127.0.0.1", pa, "/").as_deref(), Some("one"));
+    assert_eq!(http_get("127.0.0.1", pb, "/").as_deref(), Some("two"));
+    // the program saw success and the port it got (getsockname after our bind)
+    assert_eq!(lines_of(&w, "two")[0], ["bind", "0", "0", &pb.to_string()]);
+    // the same stderr line and event as the library, with the server's own pid and name
+    let server_pid = descendants(b)[0];
+    let line = format!("styxy-preload: port 8000 is taken; binder-static (pid {server_pid}) got {pb}");
+    assert!(w.stderr_of("two").lines().any(|l| l == line), "{}", w.stderr_of("two"));
+    let ev = w.events().into_iter().find(|e| e.session.as_deref() == Some("two") && e.call == "bind").expect("an event");
+    assert_eq!(
+        (ev.action, ev.pid, ev.comm.as_str(), ev.requested_port, ev.port),
+        (Action::Remapped, server_pid, "binder-static", 8000, pb)
+    );
+    // registered: the allocation is the server's
+    let (_, list) = w.json("GET", "/allocations", None);
+    let alloc = list["allocations"].as_array().unwrap().iter().find(|x| x["port"] == pb).cloned().unwrap_or_default();
+    assert!(alloc["pids"].as_array().is_some_and(|p| p.contains(&server_pid.into())), "{list}");
+}
+
+#[test]
+fn two_go_servers_asking_for_8080_both_serve_and_each_reaches_its_own() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = go_fixture("goserver");
+    let mut ports = BTreeSet::new();
+    for name in ["gopher-a", "gopher-b"] {
+        let pid = exec(&mut w, name, &[], &server, &["8080", name], name);
+        let port = wait_for(30, name, || tree_ports(pid).into_iter().next());
+        ports.insert(port);
+        // inside its session, a connect to 8080 reaches its own server, wherever it went
+        let out = wait_for(10, "its request to itself", || w.output_of(name).lines().find(|l| l.starts_with("self")).map(str::to_string));
+        assert_eq!(out, format!("self {name}"), "{}", w.stderr_of(name));
+        assert_eq!(w.output_of(name).lines().next(), Some(format!("listening {port}").as_str()));
+        assert_eq!(http_get("127.0.0.1", port, "/").as_deref(), Some(name));
+    }
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    assert!(ports.contains(&8080), "{ports:?}");
+    assert!(w.stderr_of("gopher-b").contains("port 8080 is taken; goserver (pid"), "{}", w.stderr_of("gopher-b"));
+}
+
+#[test]
+fn a_blocking_connect_follows_the_remap_and_another_sessions_server_is_refused() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    let a = exec(&mut w, "owner", &[], &server, &["serve", "8000"], "owner");
+    wait_for(20, "the owner's server", || tree_ports(a).into_iter().next());
+    let b = exec(&mut w, "mine", &[], &server, &["serve", "8000"], "mine");
+    let pb = wait_for(20, "my server", || tree_ports(b).into_iter().next());
+    assert_ne!(pb, 8000);
+    let get = |w: &World, session: &str| {
+        let mut c = w.cli();
+        c.args(["exec", "--quiet", "--session", session, "--"]).arg(&server).args(["get", "8000"]);
+        text(&run(c).stdout).trim().to_string()
+    };
+    assert_eq!(get(&w, "mine"), "body mine", "a blocking connect to 8000 in my session reaches my server");
+    assert_eq!(get(&w, "owner"), "body owner");
+    assert_eq!(get(&w, "third"), format!("connect-error {}", libc::ECONNREFUSED), "another session's server is not reachable");
+}
+
+#[test]
+fn every_other_bind_returns_exactly_what_the_kernel_returns() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    let holder = exec(&mut w, "other", &[], &server, &["serve", "4010"], "holder");
+    assert_eq!(wait_for(20, "holder", || tree_ports(holder).into_iter().next()), 4010);
+    let sock = |n: &str| w.path(n).to_string_lossy().into_owned();
+    let mut plain = w.cmd(&server);
+    plain.args(["battery", "4020", &sock("plain.sock")]);
+    let plain: Vec<Vec<String>> = text(&run(plain).stdout).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", "mine", "--"]).arg(&server).args(["battery", "4010", &sock("ours.sock")]);
+    let out = run(c);
+    let ours: Vec<Vec<String>> = text(&out.stdout).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+    assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}\n{}", text(&out.stderr));
+    let get = |v: &Vec<Vec<String>>, label: &str| v.iter().find(|l| l[0] == label).cloned().unwrap_or_else(|| panic!("no {label}"));
+    let (v4, v6) = (get(&ours, "tcp4-any"), get(&ours, "tcp6-any"));
+    assert_eq!((&v4[1][..], &v6[1][..]), ("0", "0"));
+    assert_ne!(v4[3], "4010");
+    assert_eq!(v4[3], v6[3], "one requested port → one actual port per session, v4 and v6");
+    assert_eq!(get(&ours, "child-tcp4-again")[1..3], ["-1", "98"], "a forked child binding it again fails as without us");
+    for label in ["udp4", "tcp4-port0", "port0-nonzero", "tcp4-low", "tcp4-badaddr", "unix", "badfd", "nulladdr"] {
+        let (a, b) = (get(&ours, label), get(&plain, label));
+        assert_eq!(a[1..a.len().min(3)], b[1..b.len().min(3)], "{label}: {ours:?} vs {plain:?}");
+    }
+    assert_eq!(get(&ours, "udp4")[3], "4010", "UDP is never remapped");
+}
+
+#[test]
+fn a_dynamic_program_with_the_library_and_the_filter_is_remapped_once() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let a = exec(&mut w, "first", &[], &fixture("binder"), &["serve", "8000"], "first");
+    assert_eq!(wait_for(20, "first server", || tree_ports(a).into_iter().next()), 8000);
+    // exec hands the library down too; under the filter it steps aside
+    let b = exec(&mut w, "both", &["--seccomp"], &fixture("binder"), &["serve", "8000"], "both");
+    let pb = wait_for(20, "second server", || tree_ports(b).into_iter().next());
+    assert_ne!(pb, 8000);
+    let server = descendants(b)[0];
+    let maps = std::fs::read_to_string(format!("/proc/{server}/maps")).unwrap();
+    assert!(maps.contains("libstyxy_preload.so"), "the library is loaded in the supervised program");
+    let binds: Vec<_> = w.events().into_iter().filter(|e| e.pid == server && e.call == "bind").collect();
+    assert_eq!(binds.len(), 1, "{binds:?}");
+    assert_eq!((binds[0].action, binds[0].port), (Action::Remapped, pb));
+}
+
+#[test]
+fn the_whole_tree_is_supervised_and_exec_stays_until_its_last_process_has_gone() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    let a = exec(&mut w, "first", &[], &server, &["serve", "8000"], "first");
+    assert_eq!(wait_for(20, "first server", || tree_ports(a).into_iter().next()), 8000);
+    // a shell that starts the server in the background and exits at once: the server is
+    // an orphan, reparented to exec
+    let script = format!("{} serve 8000 > {} &", server.display(), w.path("orphan.out").display());
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--seccomp", "--session", "tree", "--", "sh", "-c", &script]);
+    let e = w.spawn(c, "tree");
+    let port = wait_for(20, "the orphan's server", || tree_ports(e).into_iter().next());
+    assert_ne!(port, 8000);
+    let orphan = wait_for(10, "the shell to exit", || {
+        let d = descendants(e);
+        (d.len() == 1 && comm(d[0]) == "binder-static").then(|| d[0])
+    });
+    let bound = std::fs::read_to_string(w.path("orphan.out")).unwrap_or_default();
+    assert_eq!(bound.lines().next(), Some(format!("bind 0 0 {port}").as_str()), "the orphan's bind was remapped");
+    assert!(!w.finished(e), "exec answers the orphan's calls: it stays");
+    // SAFETY: kill(2) of the orphan server this test started.
+    unsafe { libc::kill(orphan as i32, libc::SIGTERM) };
+    let status = wait_for(10, "exec to end after the tree", || w.exit_status(e));
+    assert_eq!(status.code(), Some(0), "the shell's status: {}", w.stderr_of("tree"));
+}
+
+#[test]
+fn where_seccomp_is_refused_exec_says_so_in_one_line_and_runs_the_program() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    for (errno, reason) in [("EPERM", "seccomp is not permitted here"), ("ENOSYS", "this kernel has no seccomp")] {
+        let mut c = w.cmd(fixture("noseccomp"));
+        c.args([errno]).arg(bin()).args(["exec", "--quiet", "--session", errno, "--"]).arg(&server).args(["serve", "8000"]);
+        let pid = w.spawn(c, errno);
+        assert_eq!(wait_for(20, "the server", || tree_ports(pid).into_iter().next()), 8000);
+        let line =
+            format!("styxy-preload: seccomp mode is off ({reason}); {} runs without it: its ports are not coordinated", server.display());
+        assert_eq!(w.stderr_of(errno).trim_end(), line);
+        w.kill(pid);
+    }
+    // inside a tree an outer exec supervises: the inner one says so, and the outer one coordinates
+    let a = exec(&mut w, "first", &[], &server, &["serve", "8000"], "first");
+    assert_eq!(wait_for(20, "first server", || tree_ports(a).into_iter().next()), 8000);
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--seccomp", "--session", "outer", "--"])
+        .arg(bin())
+        .args(["exec", "--quiet", "--seccomp", "--session", "inner", "--"])
+        .arg(&server)
+        .args(["serve", "8000"]);
+    let nested = w.spawn(c, "nested");
+    assert_ne!(wait_for(20, "the nested server", || tree_ports(nested).into_iter().next()), 8000);
+    assert!(
+        w.stderr_of("nested").contains("seccomp mode is off (an outer seccomp supervisor already answers this tree)"),
+        "{}",
+        w.stderr_of("nested")
+    );
+    assert!(w.events().iter().any(|e| e.session.as_deref() == Some("outer") && e.action == Action::Remapped));
+}
+
+#[test]
+fn no_seccomp_leaves_a_static_program_alone_and_says_why() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    let seccomp_of = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap().trim().to_string()
+    };
+    let off = exec(&mut w, "off", &["--no-seccomp"], &server, &["serve", "4030"], "off");
+    assert_eq!(wait_for(20, "the server", || tree_ports(off).into_iter().next()), 4030);
+    assert_eq!(seccomp_of(descendants(off)[0]), "0", "no filter");
+    assert!(w.stderr_of("off").contains("is statically linked: LD_PRELOAD does not reach it"), "{}", w.stderr_of("off"));
+    // and without the flag, the same program gets the filter
+    let on = exec(&mut w, "on", &[], &server, &["serve", "4031"], "on");
+    assert_eq!(wait_for(20, "the server", || tree_ports(on).into_iter().next()), 4031);
+    assert_eq!(seccomp_of(descendants(on)[0]), "2", "filtered");
+    assert_eq!(w.stderr_of("on"), "", "nothing to say when nothing changed");
+}
