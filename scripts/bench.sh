@@ -11,6 +11,7 @@ alloc_bench=$(ls -t target/release/deps/allocate-* | grep -v '\.d$' | head -n 1)
 tmp=$(mktemp -d /tmp/styxy-bench.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 cc -O2 -o "$tmp/bindbench" scripts/bench/bindbench.c
+cc -O2 -static -o "$tmp/bindbench-static" scripts/bench/bindbench.c
 cc -O2 -o "$tmp/listener" scripts/bench/listener.c
 cc -O2 -o "$tmp/binder" tests/fixtures/binder.c -lpthread
 cc -O2 -shared -fPIC -o "$tmp/empty.so" scripts/bench/empty.c

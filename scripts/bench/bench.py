@@ -168,6 +168,40 @@ try:
     wait_listen(lst)
     c_raw, c_ours = paired("connect", 12002, n, env("bench-c", lib=False), env("bench-c"))
     row("loopback connect to a port the session did not remap, p50", f"{c_ours[0]:.2f} µs", f"raw {c_raw[0]:.2f} µs", f"{c_ours[0] - c_raw[0]:+.2f} µs", "≤ +5 µs", c_ours[0] - c_raw[0] <= 5)
+
+    # 3b. the seccomp supervisor (exec --seccomp): a statically linked program, which
+    # the library never reaches; every connect and bind is a round trip to exec
+    print("seccomp supervisor…", file=sys.stderr)
+    nc = 1000 if S else 10000
+
+    def supervised(mode, port, n, session):
+        out = subprocess.run([a.bin, "exec", "--quiet", "--seccomp", "--session", session, "--", f"{T}/bindbench-static", mode, str(port), str(n)],
+                             env=world, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"exec --seccomp bindbench {mode}: {out.stderr}")
+        return [float(x) for x in out.stdout.split()]
+
+    def timed(f):
+        t = time.perf_counter()
+        r = f()
+        return r, time.perf_counter() - t
+
+    raw_c, sup_c, raw_t, sup_t = [], [], [], []
+    for _ in range(3 if S else 5):
+        r, t = timed(lambda: bindbench("connect", 12002, nc, world))
+        raw_c.append(r)
+        raw_t.append(t)
+        r, t = timed(lambda: supervised("connect", 12002, nc, "bench-sc"))
+        sup_c.append(r)
+        sup_t.append(t)
+    med = lambda xs, i: statistics.median(x[i] for x in xs)
+    p50r, p50s, mr, ms = med(raw_c, 0), med(sup_c, 0), med(raw_c, 2), med(sup_c, 2)
+    row(f"{nc:,} loopback connects (unmapped port) by a static program under the seccomp filter: p50 / mean",
+        f"{p50s:.2f} / {ms:.2f} µs", f"raw {p50r:.2f} / {mr:.2f} µs", f"+{p50s - p50r:.2f} µs p50, {ms / mr:.2f}× mean; whole run {statistics.median(sup_t):.2f} s vs {statistics.median(raw_t):.2f} s", "—", "—")
+    m2 = 200 if S else 2000
+    sb = [supervised("bind", 8064, m2, "bench-sb") for _ in range(3)]
+    row("coordinated bind, kept, static program under the seccomp filter (built-in daemon): p50 / p99",
+        f"{med(sb, 0):.1f} / {med(sb, 1):.1f} µs", f"raw {raw[0]:.2f} µs", f"+{med(sb, 0) - raw[0]:.1f} µs", "—", "—")
     kill_all()
 
     # 4. daemon throughput

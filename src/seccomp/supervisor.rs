@@ -191,15 +191,26 @@ impl Remote {
     }
 
     fn open_target(&self) -> Result<Target, c_int> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.tid)).map_err(|_| libc::ESRCH)?;
-        let pid: u32 = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)?;
-        // SAFETY: plain syscall; the fd is ours on success.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as c_int;
-        if raw < 0 {
-            return Err(errno());
-        }
-        // SAFETY: a fresh fd (pidfd_open sets close-on-exec).
-        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let pidfd_open = |pid: u32| {
+            // SAFETY: plain syscall; the fd is ours on success (close-on-exec).
+            let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as c_int;
+            // SAFETY: a fresh fd.
+            if raw < 0 {
+                Err(errno())
+            } else {
+                Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }))
+            }
+        };
+        // the calling thread is the process itself, unless it is another thread of it
+        let (pid, pidfd) = match pidfd_open(self.tid) {
+            Ok(fd) => (self.tid, fd),
+            Err(libc::EINVAL) => {
+                let status = std::fs::read_to_string(format!("/proc/{}/status", self.tid)).map_err(|_| libc::ESRCH)?;
+                let pid = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)?;
+                (pid, pidfd_open(pid)?)
+            }
+            Err(e) => return Err(e),
+        };
         if !self.valid() {
             return Err(libc::ESRCH); // the pid may have been reused
         }
