@@ -235,3 +235,25 @@ fn no_seccomp_leaves_a_static_program_alone_and_says_why() {
     assert_eq!(seccomp_of(descendants(on)[0]), "2", "filtered");
     assert_eq!(w.stderr_of("on"), "", "nothing to say when nothing changed");
 }
+
+#[test]
+fn threads_binding_at_once_and_a_fork_from_a_thread_are_all_answered() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    for p in [4040, 4045, 4050] {
+        let pid = exec(&mut w, "other", &[], &server, &["serve", &p.to_string()], &format!("holder{p}"));
+        assert_eq!(wait_for(20, "holder", || tree_ports(pid).into_iter().next()), p);
+    }
+    // binds from threads other than the main one: the supervisor finds their process
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", "threads", "--"]).arg(&server).args(["threads", "4040", "16", "4150"]);
+    let out = run(c);
+    let rows: Vec<Vec<String>> = text(&out.stdout).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+    let got: BTreeSet<i64> = rows.iter().filter(|l| l[0] == "thread").map(|l| l[2].parse().unwrap()).collect();
+    assert_eq!(got.len(), 16, "every bind succeeds, no duplicates: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(got.iter().all(|p| *p > 0 && ![4040, 4045, 4050].contains(p)), "{got:?}");
+    assert!(rows.iter().any(|l| l[0] == "forked-child-exit" && l[1] == "0"), "{}", text(&out.stdout));
+    let threads = w.events().into_iter().filter(|e| e.session.as_deref() == Some("threads") && e.call == "bind").count();
+    assert!(threads >= 16, "the supervisor answered the threads' binds: {threads} events");
+}

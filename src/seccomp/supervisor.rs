@@ -204,7 +204,8 @@ impl Remote {
         // the calling thread is the process itself, unless it is another thread of it
         let (pid, pidfd) = match pidfd_open(self.tid) {
             Ok(fd) => (self.tid, fd),
-            Err(libc::EINVAL) => {
+            // EINVAL before Linux 6.9, ENOENT since: not a thread-group leader
+            Err(libc::EINVAL | libc::ENOENT) => {
                 let status = std::fs::read_to_string(format!("/proc/{}/status", self.tid)).map_err(|_| libc::ESRCH)?;
                 let pid = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)?;
                 (pid, pidfd_open(pid)?)
