@@ -8,7 +8,7 @@ use styxy_preload_client::http::{self};
 use styxy_preload_client::{paths, policy::Policy, session};
 
 use crate::coordinator::{self, PROBE};
-use crate::libpath;
+use crate::{libpath, seccomp};
 
 pub fn run() -> Result<i32, String> {
     let mut broken = 0;
@@ -75,6 +75,10 @@ pub fn run() -> Result<i32, String> {
     match session::from_env() {
         Some(s) => println!("✓ session: {s}"),
         None => println!("· session: none in this shell (exec makes one)"),
+    }
+    match seccomp::unavailable() {
+        None => println!("✓ seccomp mode: available (exec uses it for static and Go programs, or with --seccomp)"),
+        Some(why) => println!("· seccomp mode: unavailable ({why}); static and Go programs are not coordinated"),
     }
     let log = paths::event_log_path();
     match std::fs::metadata(&log) {
