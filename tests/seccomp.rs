@@ -257,3 +257,22 @@ fn threads_binding_at_once_and_a_fork_from_a_thread_are_all_answered() {
     let threads = w.events().into_iter().filter(|e| e.session.as_deref() == Some("threads") && e.call == "bind").count();
     assert!(threads >= 16, "the supervisor answered the threads' binds: {threads} events");
 }
+
+#[test]
+fn a_daemon_started_inside_the_supervised_tree_is_not_waited_on_by_its_own_test_binds() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    // 8000 is held by a program nobody coordinates: the daemon finds it with a test bind
+    let mut plain = w.cmd(fixture("binder"));
+    plain.args(["serve", "8000"]);
+    let plain = w.spawn(plain, "plain");
+    assert_eq!(wait_for(10, "the plain server", || listening_ports(plain).into_iter().next()), 8000);
+    // no coordinator when exec starts: the tree starts the daemon, under the filter
+    let script = format!("\"{}\" daemon start && exec \"{}\" serve 8000", bin().display(), static_fixture("binder").display());
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--seccomp", "--no-start-daemon", "--session", "inside", "--", "sh", "-c", &script]);
+    let e = w.spawn(c, "inside");
+    let port = wait_for(20, "the server", || tree_ports(e).into_iter().find(|p| *p != 8000));
+    let ev = w.events().into_iter().find(|x| x.session.as_deref() == Some("inside") && x.call == "bind").expect("an event");
+    assert_eq!((ev.action, ev.port), (Action::Remapped, port), "{ev:?} {}", w.stderr_of("inside"));
+}

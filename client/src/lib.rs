@@ -12,3 +12,9 @@ pub mod policy;
 pub mod portmap;
 pub mod session;
 pub mod sticky;
+
+/// Marks the built-in daemon's own test binds (the 4th syscall argument, which `bind`
+/// ignores): `exec`'s seccomp filter lets them through. A daemon started inside a
+/// supervised tree would otherwise wait on the supervisor while the supervisor waits
+/// on it.
+pub const UNSUPERVISED_BIND: u64 = 0x5354_5958_5950_524f;

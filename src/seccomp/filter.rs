@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use libc::{c_int, sock_filter, sock_fprog};
+use styxy_preload_client::UNSUPERVISED_BIND;
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -23,15 +24,25 @@ pub fn trapped(connect: bool) -> Vec<i64> {
     calls
 }
 
-/// The BPF program: another architecture (a 32-bit program) or another syscall is
-/// allowed; one of `calls` is a user notification.
+/// The BPF program: another architecture (a 32-bit program), another syscall, or a
+/// call tagged [`UNSUPERVISED_BIND`] in its 4th argument (the daemon's own test binds)
+/// is allowed; one of `calls` is a user notification.
 pub fn program(calls: &[i64]) -> Vec<sock_filter> {
     let op = |code: u32, k: u32, jt: u8, jf: u8| sock_filter { code: code as u16, jt, jf, k };
     let n = calls.len() as u8;
     let (ld, jeq, ret) =
         (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, libc::BPF_RET | libc::BPF_K);
-    // offsets into struct seccomp_data: nr at 0, arch at 4
-    let mut p = vec![op(ld, 4, 0, 0), op(jeq, AUDIT_ARCH, 0, n + 1), op(ld, 0, 0, 0)];
+    // struct seccomp_data: nr at 0, arch at 4, args[3] at 40 (low half) and 44
+    let (tag_lo, tag_hi) = (UNSUPERVISED_BIND as u32, (UNSUPERVISED_BIND >> 32) as u32);
+    let mut p = vec![
+        op(ld, 4, 0, 0),
+        op(jeq, AUDIT_ARCH, 0, n + 5), // → ALLOW
+        op(ld, 40, 0, 0),
+        op(jeq, tag_lo, 0, 2), // → ld nr
+        op(ld, 44, 0, 0),
+        op(jeq, tag_hi, n + 1, 0), // → ALLOW
+        op(ld, 0, 0, 0),
+    ];
     for (i, nr) in calls.iter().enumerate() {
         // jump over the remaining compares and the ALLOW to the USER_NOTIF
         p.push(op(jeq, *nr as u32, n - i as u8, 0));
@@ -143,21 +154,44 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_trapped_call_jumps_to_the_notification_and_the_rest_to_allow() {
-        for connect in [false, true] {
-            let calls = trapped(connect);
-            let p = program(&calls);
-            let notify = p.len() - 1;
-            assert_eq!(p[notify].k, libc::SECCOMP_RET_USER_NOTIF);
-            assert_eq!(p[notify - 1].k, libc::SECCOMP_RET_ALLOW);
-            assert_eq!(1 + 1 + p[1].jf as usize, notify - 1, "another arch is allowed");
-            for (i, nr) in calls.iter().enumerate() {
-                let at = 3 + i;
-                assert_eq!(p[at].k, *nr as u32);
-                assert_eq!(at + 1 + p[at].jt as usize, notify);
-                assert_eq!(p[at].jf, 0);
+    /// Runs the classic-BPF program on a `seccomp_data` (the three instructions it uses).
+    fn verdict(p: &[sock_filter], nr: i64, arch: u32, arg3: u64) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&(nr as i32).to_ne_bytes());
+        data[4..8].copy_from_slice(&arch.to_ne_bytes());
+        data[40..48].copy_from_slice(&arg3.to_ne_bytes());
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let i = p[pc];
+            match u32::from(i.code) {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    acc = u32::from_ne_bytes(data[i.k as usize..i.k as usize + 4].try_into().unwrap());
+                    pc += 1;
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => pc += 1 + usize::from(if acc == i.k { i.jt } else { i.jf }),
+                c if c == libc::BPF_RET | libc::BPF_K => return i.k,
+                c => panic!("unexpected instruction {c:#x}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_trapped_calls_notify_and_everything_else_is_allowed() {
+        use libc::{SECCOMP_RET_ALLOW as ALLOW, SECCOMP_RET_USER_NOTIF as NOTIFY};
+        for connect in [false, true] {
+            let p = program(&trapped(connect));
+            assert_eq!(verdict(&p, libc::SYS_bind, AUDIT_ARCH, 0), NOTIFY);
+            assert_eq!(verdict(&p, libc::SYS_listen, AUDIT_ARCH, 7), NOTIFY);
+            assert_eq!(verdict(&p, libc::SYS_connect, AUDIT_ARCH, 0), if connect { NOTIFY } else { ALLOW });
+            for nr in [libc::SYS_read, libc::SYS_accept, libc::SYS_socket, libc::SYS_sendto, libc::SYS_execve] {
+                assert_eq!(verdict(&p, nr, AUDIT_ARCH, 0), ALLOW, "syscall {nr}");
+            }
+            // a 32-bit program's calls (other numbers there) are never trapped
+            assert_eq!(verdict(&p, libc::SYS_bind, 0x4000_0003, 0), ALLOW);
+            // the daemon's tagged test bind goes through; half a tag does not
+            assert_eq!(verdict(&p, libc::SYS_bind, AUDIT_ARCH, UNSUPERVISED_BIND), ALLOW);
+            assert_eq!(verdict(&p, libc::SYS_bind, AUDIT_ARCH, UNSUPERVISED_BIND & 0xffff_ffff), NOTIFY);
+            assert_eq!(verdict(&p, libc::SYS_bind, AUDIT_ARCH, UNSUPERVISED_BIND & !0xffff_ffff), NOTIFY);
         }
     }
 }
