@@ -12,21 +12,22 @@ pub struct ServiceType {
     pub single: bool,
 }
 
-/// What the hooks do with a bind of a given port.
+/// What the hooks do with a bind of a given port. Borrows the policy's type names: no
+/// allocation on the hooks' path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Decision<'a> {
     /// Pass through, never ask. The reason names the rule.
     Untouched(&'static str),
     /// Always ask the coordinator for this type; remap on conflict.
-    Coordinated(String),
+    Coordinated(&'a str),
     /// Bind as is; ask for a port of this fallback type only after `EADDRINUSE`.
-    OnConflict(String),
+    OnConflict(&'a str),
     /// A single-instance type: never remapped, a second instance fails as usual.
-    Single(String),
+    Single(&'a str),
 }
 
-impl Decision {
-    pub fn service_type(&self) -> Option<&str> {
+impl<'a> Decision<'a> {
+    pub fn service_type(&self) -> Option<&'a str> {
         match self {
             Decision::Untouched(_) => None,
             Decision::Coordinated(t) | Decision::OnConflict(t) | Decision::Single(t) => Some(t),
@@ -110,7 +111,7 @@ impl Default for Policy {
 }
 
 impl Policy {
-    pub fn decide(&self, port: u16) -> Decision {
+    pub fn decide(&self, port: u16) -> Decision<'_> {
         if port == 0 {
             return Decision::Untouched("port 0");
         }
@@ -140,13 +141,13 @@ impl Policy {
                 return self.typed(ty);
             }
         }
-        Decision::OnConflict(FALLBACK_TYPE.to_string())
+        Decision::OnConflict(FALLBACK_TYPE)
     }
 
-    fn typed(&self, ty: &str) -> Decision {
+    fn typed<'a>(&'a self, ty: &'a str) -> Decision<'a> {
         match self.types.iter().find(|t| t.name == ty) {
-            Some(t) if t.single => Decision::Single(ty.to_string()),
-            _ => Decision::Coordinated(ty.to_string()),
+            Some(t) if t.single => Decision::Single(ty),
+            _ => Decision::Coordinated(ty),
         }
     }
 
@@ -250,7 +251,7 @@ mod tests {
     #[test]
     fn decisions() {
         let p = Policy::default();
-        let c = |t: &str| Decision::Coordinated(t.to_string());
+        let c = |t: &'static str| Decision::Coordinated(t);
         let table = [
             (0, Decision::Untouched("port 0")),
             (80, Decision::Untouched("privileged port")),
@@ -275,9 +276,9 @@ mod tests {
             (5678, Decision::Untouched("debugger port")),
             (9876, Decision::Untouched("coordinator port")),
             (9880, Decision::Untouched("coordinator port")),
-            (11434, Decision::Single("ai".into())),
-            (12345, Decision::OnConflict("dev".into())),
-            (32767, Decision::OnConflict("dev".into())),
+            (11434, Decision::Single("ai")),
+            (12345, Decision::OnConflict("dev")),
+            (32767, Decision::OnConflict("dev")),
             (32768, Decision::Untouched("ephemeral range")),
             (60000, Decision::Untouched("ephemeral range")),
         ];
@@ -303,8 +304,8 @@ mod tests {
     fn rules_override_and_reject_unknown_types() {
         let mut p = Policy::default();
         p.add_rules("12345=api, 7000-7099=ui 3000=off").unwrap();
-        assert_eq!(p.decide(12345), Decision::Coordinated("api".into()));
-        assert_eq!(p.decide(7050), Decision::Coordinated("ui".into()));
+        assert_eq!(p.decide(12345), Decision::Coordinated("api"));
+        assert_eq!(p.decide(7050), Decision::Coordinated("ui"));
         assert_eq!(p.decide(3000), Decision::Untouched("STYXY_PRELOAD_PORTS"));
         for bad in ["1=Dev", "x=dev", "0=dev", "9-1=dev", "3000", "70000=dev"] {
             assert!(Policy::default().add_rules(bad).is_err(), "{bad}");
@@ -323,9 +324,9 @@ mod tests {
         }});
         assert!(p.apply_config(&cfg));
         assert_eq!(p.types.len(), 2);
-        assert_eq!(p.decide(3005), Decision::Coordinated("dev".into()));
-        assert_eq!(p.decide(3050), Decision::OnConflict("dev".into()));
-        assert_eq!(p.decide(7005), Decision::Single("ml".into()));
+        assert_eq!(p.decide(3005), Decision::Coordinated("dev"));
+        assert_eq!(p.decide(3050), Decision::OnConflict("dev"));
+        assert_eq!(p.decide(7005), Decision::Single("ml"));
         assert!(!p.apply_config(&serde_json::json!({"error": "x"})));
         assert_eq!(p.types.len(), 2);
     }

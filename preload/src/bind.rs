@@ -29,11 +29,11 @@ pub fn untouched(p: &Process, orig: &Addr) -> bool {
 
 /// Decides and carries out a `bind()` of `orig` on `sock` for `who`.
 pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> Verdict {
-    if untouched(p, orig) {
+    if orig.port < 1024 {
         return Verdict::AsAsked;
     }
     let decision = p.policy.decide(orig.port);
-    let Some(ty) = decision.service_type().map(str::to_string) else {
+    let Some(ty) = decision.service_type() else {
         return Verdict::AsAsked;
     };
     let ask_first = matches!(decision, Decision::Coordinated(_)) && p.mode == Mode::Coordinate;
@@ -53,7 +53,7 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         requested: orig.port,
         port,
         addr: orig,
-        service_type: Some(&ty),
+        service_type: Some(ty),
         action,
         reason,
         started,
@@ -109,7 +109,7 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         }
     }
     let mut req = AllocateRequest {
-        service_type: ty.clone(),
+        service_type: ty.to_string(),
         service_name: Some(api::service_name(who.comm, orig.port)),
         preferred_port: Some(orig.port),
         instance_id: p.session.clone(),
