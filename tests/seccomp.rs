@@ -176,10 +176,12 @@ fn the_whole_tree_is_supervised_and_exec_stays_until_its_last_process_has_gone()
     let bound = std::fs::read_to_string(w.path("orphan.out")).unwrap_or_default();
     assert_eq!(bound.lines().next(), Some(format!("bind 0 0 {port}").as_str()), "the orphan's bind was remapped");
     assert!(!w.finished(e), "exec answers the orphan's calls: it stays");
-    // SAFETY: kill(2) of the orphan server this test started.
-    unsafe { libc::kill(orphan as i32, libc::SIGTERM) };
+    // a SIGTERM to exec goes to what is left of the tree; exec ends after it, with the shell's status
+    // SAFETY: kill(2) of the exec this test started.
+    unsafe { libc::kill(e as i32, libc::SIGTERM) };
     let status = wait_for(10, "exec to end after the tree", || w.exit_status(e));
     assert_eq!(status.code(), Some(0), "the shell's status: {}", w.stderr_of("tree"));
+    assert!(!std::path::Path::new(&format!("/proc/{orphan}")).exists(), "the orphan got the signal and was reaped");
 }
 
 #[test]
@@ -187,14 +189,20 @@ fn where_seccomp_is_refused_exec_says_so_in_one_line_and_runs_the_program() {
     let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
-    for (errno, reason) in [("EPERM", "seccomp is not permitted here"), ("ENOSYS", "this kernel has no seccomp")] {
-        let mut c = w.cmd(fixture("noseccomp"));
-        c.args([errno]).arg(bin()).args(["exec", "--quiet", "--session", errno, "--"]).arg(&server).args(["serve", "8000"]);
-        let pid = w.spawn(c, errno);
+    for (call, errno, reason) in [
+        ("seccomp", "EPERM", "seccomp is not permitted here"),
+        ("seccomp", "ENOSYS", "this kernel has no seccomp"),
+        ("pidfd_getfd", "ENOSYS", "the kernel has no pidfd_getfd (Linux 5.6+)"),
+        ("pidfd_getfd", "EPERM", "pidfd_getfd is refused: Operation not permitted (os error 1)"),
+    ] {
+        let name = format!("{call}-{errno}");
+        let mut c = w.cmd(fixture("deny"));
+        c.args([call, errno]).arg(bin()).args(["exec", "--quiet", "--session", &name, "--"]).arg(&server).args(["serve", "8000"]);
+        let pid = w.spawn(c, &name);
         assert_eq!(wait_for(20, "the server", || tree_ports(pid).into_iter().next()), 8000);
         let line =
             format!("styxy-preload: seccomp mode is off ({reason}); {} runs without it: its ports are not coordinated", server.display());
-        assert_eq!(w.stderr_of(errno).trim_end(), line);
+        assert_eq!(w.stderr_of(&name).trim_end(), line);
         w.kill(pid);
     }
     // inside a tree an outer exec supervises: the inner one says so, and the outer one coordinates

@@ -10,10 +10,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use libc::{c_int, sock_filter, sock_fprog};
 use styxy_preload_client::UNSUPERVISED_BIND;
 
+/// The `AUDIT_ARCH_*` of the programs we answer for; 0 where we have not built it.
 #[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xC000_003E;
+pub const AUDIT_ARCH: u32 = 0xC000_003E;
 #[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xC000_00B7;
+pub const AUDIT_ARCH: u32 = 0xC000_00B7;
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub const AUDIT_ARCH: u32 = 0;
 
 /// The syscalls the supervisor answers.
 pub fn trapped(connect: bool) -> Vec<i64> {

@@ -17,6 +17,9 @@ use std::thread::JoinHandle;
 /// `None` when it can. (Where installing the filter itself is refused, the child
 /// reports it: see [`Prepared::start`].)
 pub fn unavailable() -> Option<String> {
+    if filter::AUDIT_ARCH == 0 {
+        return Some(format!("not built for {}", std::env::consts::ARCH));
+    }
     let action = libc::SECCOMP_RET_USER_NOTIF;
     // SAFETY: plain syscalls on our own process; every fd we get is closed.
     unsafe {
