@@ -212,3 +212,39 @@ fn a_users_own_styxy_type_is_coordinated_under_its_name() {
     let _ = run(with_styxy(&s, c));
     assert_eq!(s.allocates().len(), before);
 }
+
+#[test]
+fn static_servers_under_the_seccomp_supervisor_ask_styxy_once_each_and_release_at_the_end() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, "60");
+    let server = static_fixture("binder");
+    let mut pids = Vec::new();
+    let mut ports = BTreeSet::new();
+    for i in 0..2 {
+        let mut c = w.cli();
+        c.args(["exec", "--session", &format!("static-{i}"), "--"]).arg(&server).args(["serve", "8000"]).env("WHO", format!("s{i}"));
+        let pid = w.spawn(with_styxy(&s, c), &format!("static-{i}"));
+        let port = wait_for(20, "static server", || tree_ports(pid).into_iter().next());
+        assert_eq!(http_get("127.0.0.1", port, "/").as_deref(), Some(format!("s{i}").as_str()));
+        ports.insert(port);
+        pids.push(pid);
+    }
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    let allocs = s.allocates();
+    assert_eq!(allocs.len(), 2, "one allocate per server: {allocs:#?}");
+    assert!(allocs.iter().all(|a| a["body"]["service_type"] == "api" && a["body"]["preferred_port"] == 8000), "{allocs:#?}");
+    // Styxy learns each server's own pid (not exec's)
+    let registered: BTreeSet<u64> =
+        s.requests().iter().filter(|r| r["path"] == "/register-instance").filter_map(|r| r["body"]["pid"].as_u64()).collect();
+    for pid in &pids {
+        let server_pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap().trim().parse::<u64>().unwrap();
+        assert!(registered.contains(&server_pid), "{registered:?} lacks {server_pid}");
+    }
+    for pid in pids {
+        w.terminate(pid);
+    }
+    let r = http::call(&s.endpoint(), "GET", "/allocations", None, Timeouts::CLI).unwrap();
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["allocations"].as_array().unwrap().len(), 0, "released at the end: {v:#}");
+}
