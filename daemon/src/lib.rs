@@ -234,6 +234,16 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     result
 }
 
+/// What `TcpListener::bind` does, with the bind `exec`'s seccomp filter lets through.
+fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    procinfo::bind_unsupervised(&s, &addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
 async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListener, opts: Options) -> Result<(), RunError> {
     let app = server::router(shared.clone());
     let unix = UnixListener::from_std(std_listener).map_err(|e| RunError::Io(e.to_string()))?;
@@ -241,7 +251,7 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     let uid = unsafe { libc::getuid() };
     tokio::spawn(accept_unix(unix, app.clone(), uid));
     if let Some(addr) = opts.http {
-        let tcp = TcpListener::bind(addr).await.map_err(|e| RunError::Io(format!("cannot bind {addr}: {e}")))?;
+        let tcp = tcp_listener(addr).map_err(|e| RunError::Io(format!("cannot bind {addr}: {e}")))?;
         log!("serving TCP on {addr} (bearer token in {})", paths::token_path().display());
         tokio::spawn(accept_tcp(tcp, app));
     }

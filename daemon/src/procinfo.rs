@@ -47,9 +47,13 @@ fn test_bind(addr: SocketAddr, v4: bool) -> std::io::Result<()> {
         s.set_only_v6(false)?;
     }
     s.set_reuse_address(true)?;
-    let addr = socket2::SockAddr::from(addr);
-    // bind(2) with the tag that exec's seccomp filter lets through
-    // SAFETY: a valid socket, address and length; the extra argument is ignored by bind.
+    bind_unsupervised(&s, &addr.into())
+}
+
+/// bind(2) with the tag that `exec`'s seccomp filter lets through: the daemon's own binds
+/// never wait on a supervisor that may be waiting on the daemon.
+pub fn bind_unsupervised(s: &socket2::Socket, addr: &socket2::SockAddr) -> std::io::Result<()> {
+    // SAFETY: a valid socket, address and length; bind ignores the extra argument.
     let rc = unsafe { libc::syscall(libc::SYS_bind, s.as_raw_fd(), addr.as_ptr(), addr.len(), styxy_preload_client::UNSUPERVISED_BIND) };
     if rc == 0 {
         Ok(())
