@@ -78,18 +78,9 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let mut cmd = Command::new(&program);
     cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
-    let prepared = if seccomp {
-        // the supervisor decides as a hooked process of the session would: with its environment
-        for (k, v) in env.iter().filter(|(k, _)| *k != "LD_PRELOAD") {
-            std::env::set_var(k, v);
-        }
-        // orphans of the tree stay our descendants: we may take their sockets, and reap them
-        // SAFETY: prctl on ourselves.
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        Some(seccomp::prepare(&mut cmd, matches!(endpoint, Some(Endpoint::Unix(_)))).map_err(|e| format!("seccomp mode: {e}"))?)
-    } else {
-        None
-    };
+    // connect is trapped only where it can be virtualised: the built-in daemon's port map
+    let connect = matches!(endpoint, Some(Endpoint::Unix(_)));
+    let prepared = seccomp.then(|| seccomp::prepare(&mut cmd, &env, connect)).transpose().map_err(|e| format!("seccomp mode: {e}"))?;
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -115,7 +106,7 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
                 // A terminal's ^C already reached the child (same process group): forward
                 // only signals sent to us by a process (kill, a supervisor).
                 if !matches!(origin.cause, Cause::Kernel) {
-                    let to = if tree.load(Ordering::Acquire) { children() } else { vec![pid] };
+                    let to = if tree.load(Ordering::Acquire) { seccomp::orphans() } else { vec![pid] };
                     for p in to {
                         // SAFETY: plain kill(2) of our own child.
                         unsafe { libc::kill(p, origin.signal) };
@@ -126,14 +117,8 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     });
     let status = child.wait().map_err(|e| format!("waiting for {program}: {e}"))?;
     if let Some(supervisor) = supervisor {
-        // The supervisor answers the bind/connect calls of the whole tree: without it they
-        // would fail (ENOSYS). Stay until the tree's last process has gone.
         tree.store(true, Ordering::Release);
-        reap_all();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while !supervisor.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        supervisor.wait_for_tree();
     }
     handle.close();
     let _ = forwarder.join();
@@ -217,32 +202,6 @@ fn use_seccomp(asked: bool, refused: bool, program: &str) -> bool {
             false
         }
     }
-}
-
-/// Reaps every process of the tree that ends up ours (we are its subreaper).
-fn reap_all() {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid out-pointer.
-        if unsafe { libc::waitpid(-1, &mut status, 0) } < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return; // ECHILD: none left
-        }
-    }
-}
-
-/// Our children: the orphans of the tree, once the command has exited.
-fn children() -> Vec<i32> {
-    let me = std::process::id().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            // "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)) == Some(me.as_str())
-        })
-        .collect()
 }
 
 /// `--port NAME[=TYPE|=PORT]`: allocate in the session before the command starts.

@@ -7,11 +7,13 @@
 mod filter;
 mod supervisor;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Why seccomp mode cannot work on this machine, checked before the child starts;
 /// `None` when it can. (Where installing the filter itself is refused, the child
@@ -67,7 +69,16 @@ pub struct Prepared {
 }
 
 /// Makes `cmd`'s child install the filter (trapping `connect` too when `connect`).
-pub fn prepare(cmd: &mut Command, connect: bool) -> io::Result<Prepared> {
+/// `env` is what `cmd` hands down: the supervisor decides as a hooked process of the
+/// session would, with that environment, so it becomes ours too (but `LD_PRELOAD`).
+pub fn prepare(cmd: &mut Command, env: &BTreeMap<String, String>, connect: bool) -> io::Result<Prepared> {
+    for (k, v) in env.iter().filter(|(k, _)| *k != "LD_PRELOAD") {
+        std::env::set_var(k, v);
+    }
+    // orphans of the tree become our children, so they stay our descendants (whose
+    // sockets Yama lets us take) and we can wait for them
+    // SAFETY: prctl on ourselves.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let (ours, theirs) = filter::socketpair()?;
     let prog = filter::program(&filter::trapped(connect));
     let fd = theirs.as_raw_fd();
@@ -77,14 +88,52 @@ pub fn prepare(cmd: &mut Command, connect: bool) -> io::Result<Prepared> {
 }
 
 impl Prepared {
-    /// After the child started: the supervisor's thread, or why the child runs
-    /// without a filter. The thread ends when no process uses the filter any more.
-    pub fn start(mut self) -> Result<JoinHandle<()>, String> {
+    /// After the child started: the supervisor, or why the child runs without a filter.
+    pub fn start(mut self) -> Result<Supervisor, String> {
         drop(self.theirs.take());
         let listener = filter::receive(&self.ours)?;
         std::thread::Builder::new()
             .name("styxy-seccomp".into())
             .spawn(move || supervisor::run(listener))
+            .map(Supervisor)
             .map_err(|e| format!("cannot start the supervisor: {e}"))
     }
+}
+
+/// The supervisor's thread: it ends when no process uses the filter any more.
+pub struct Supervisor(JoinHandle<()>);
+
+impl Supervisor {
+    /// Once the command has exited: stays until the tree's last process has gone —
+    /// without the supervisor their bind and connect calls would fail (`ENOSYS`) —
+    /// reaping each (we are their subreaper).
+    pub fn wait_for_tree(self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid out-pointer.
+            if unsafe { libc::waitpid(-1, &mut status, 0) } < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break; // ECHILD: none left
+            }
+        }
+        // the filter's last user is gone: the supervisor sees it at once (bounded all the same)
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.0.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Our children: the tree's orphans, once the command has exited.
+pub fn orphans() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)) == Some(me.as_str())
+        })
+        .collect()
 }
