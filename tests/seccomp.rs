@@ -283,4 +283,14 @@ fn a_daemon_started_inside_the_supervised_tree_is_not_waited_on_by_its_own_test_
     let port = wait_for(20, "the server", || tree_ports(e).into_iter().find(|p| *p != 8000));
     let ev = w.events().into_iter().find(|x| x.session.as_deref() == Some("inside") && x.call == "bind").expect("an event");
     assert_eq!((ev.action, ev.port), (Action::Remapped, port), "{ev:?} {}", w.stderr_of("inside"));
+    // the daemon is now exec's (its subreaper's) child, but exec does not wait for it:
+    // the server ends, exec ends, the daemon serves on
+    let daemon = w.daemon_pid().expect("the daemon's pid file");
+    assert!(descendants(e).contains(&(daemon as u32)), "the daemon started inside the tree");
+    let server = ev.pid;
+    // SAFETY: kill(2) of the server this test started.
+    unsafe { libc::kill(server as i32, libc::SIGTERM) };
+    let status = wait_for(10, "exec to end, the daemon still running", || w.exit_status(e));
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "the server's status: {}", w.stderr_of("inside"));
+    assert_eq!(w.json("GET", "/status", None).0, 200, "the daemon still answers");
 }

@@ -8,12 +8,14 @@ mod filter;
 mod supervisor;
 
 use std::collections::BTreeMap;
+
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use styxy_preload_client::paths;
 
 /// Why seccomp mode cannot work on this machine, checked before the child starts;
 /// `None` when it can. (Where installing the filter itself is refused, the child
@@ -106,9 +108,16 @@ pub struct Supervisor(JoinHandle<()>);
 impl Supervisor {
     /// Once the command has exited: stays until the tree's last process has gone —
     /// without the supervisor their bind and connect calls would fail (`ENOSYS`) —
-    /// reaping each (we are their subreaper).
+    /// reaping each (we are their subreaper). A built-in daemon the tree started is not
+    /// waited for: it serves everyone, and after its start it makes no call the filter
+    /// traps (its binds carry the tag).
     pub fn wait_for_tree(self) {
+        let daemon = || std::fs::read_to_string(paths::daemon_pid_path()).ok().and_then(|p| p.trim().parse::<i32>().ok());
         loop {
+            let (left, d) = (orphans(), daemon());
+            if !left.is_empty() && left.iter().all(|p| Some(*p) == d) {
+                return;
+            }
             let mut status = 0;
             // SAFETY: waitpid with a valid out-pointer.
             if unsafe { libc::waitpid(-1, &mut status, 0) } < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
