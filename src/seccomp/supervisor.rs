@@ -173,7 +173,7 @@ struct Remote {
     fd: c_int,
     call: Call,
     target: Option<Result<Target, c_int>>,
-    copy: Option<Result<Arc<OwnedFd>, c_int>>,
+    copy: Option<Result<OwnedFd, c_int>>,
     /// The socket could not be reached: the call runs as made, whatever was decided.
     unreachable: bool,
 }
@@ -238,7 +238,7 @@ impl Remote {
         self.copy.as_ref().expect("set above").as_ref().map(|f| f.as_raw_fd()).map_err(|e| *e)
     }
 
-    fn take_copy(&mut self) -> Result<Arc<OwnedFd>, c_int> {
+    fn take_copy(&mut self) -> Result<OwnedFd, c_int> {
         let pidfd = self.target()?.pidfd.as_raw_fd();
         // SAFETY: plain syscall; the fd is ours on success (close-on-exec by the kernel).
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, self.fd, 0) } as c_int;
@@ -246,13 +246,14 @@ impl Remote {
             return Err(errno());
         }
         // SAFETY: a fresh fd.
-        Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }))
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     fn give_up(&mut self, e: c_int) {
         self.unreachable = true;
         static WARNED: AtomicBool = AtomicBool::new(false);
-        if e != libc::ESRCH && !WARNED.swap(true, Ordering::Relaxed) {
+        // ESRCH: the caller is gone; EBADF: its fd is not open, the kernel will say so
+        if e != libc::ESRCH && e != libc::EBADF && !WARNED.swap(true, Ordering::Relaxed) {
             let err = std::io::Error::from_raw_os_error(e);
             eprintln!("styxy-preload: cannot reach the socket of thread {} ({err}): its calls run uncoordinated", self.tid);
         }
