@@ -89,11 +89,18 @@ def answers(port):
         return False
 
 
-def bindbench(mode, port, n, e):
-    out = subprocess.run([f"{T}/bindbench", mode, str(port), str(n)], env=e, capture_output=True, text=True)
+def timed_run(argv, e, what):
+    """stdout captured; stderr into a file: a remap's stderr line must cost what it costs on a
+    terminal, not wait for this script to drain a pipe (2,000 lines fill one)."""
+    with open(f"{T}/stderr.txt", "w") as err:
+        out = subprocess.run(argv, env=e, stdout=subprocess.PIPE, stderr=err, text=True)
     if out.returncode != 0:
-        sys.exit(f"bindbench {mode} {port}: {out.stderr}")
+        sys.exit(f"{what}: {open(f'{T}/stderr.txt').read()}")
     return [float(x) for x in out.stdout.split()]
+
+
+def bindbench(mode, port, n, e):
+    return timed_run([f"{T}/bindbench", mode, str(port), str(n)], e, f"bindbench {mode} {port}")
 
 
 def paired(mode, port, n, env_a, env_b, reps=3 if S else 7):
@@ -175,11 +182,8 @@ try:
     nc = 1000 if S else 10000
 
     def supervised(mode, port, n, session):
-        out = subprocess.run([a.bin, "exec", "--quiet", "--seccomp", "--session", session, "--", f"{T}/bindbench-static", mode, str(port), str(n)],
-                             env=world, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"exec --seccomp bindbench {mode}: {out.stderr}")
-        return [float(x) for x in out.stdout.split()]
+        return timed_run([a.bin, "exec", "--quiet", "--seccomp", "--session", session, "--", f"{T}/bindbench-static", mode, str(port), str(n)],
+                         world, f"exec --seccomp bindbench {mode}")
 
     def timed(f):
         t = time.perf_counter()
