@@ -17,10 +17,6 @@ fn serve(w: &mut World, session: Option<&str>, port: u16, name: &str) -> (u32, u
     (pid, p)
 }
 
-fn lines(out: &[u8]) -> Vec<Vec<String>> {
-    text(out).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
-}
-
 #[test]
 fn five_python_servers_asking_for_8000_all_serve_on_distinct_ports() {
     let _r = lock_ranges();
@@ -90,23 +86,7 @@ fn only_interesting_binds_change_and_the_rest_return_exactly_what_libc_returns()
     let mut ours = w.preloaded(Some("mine"), fixture("binder"));
     ours.args(["battery", "4010", &sock("ours.sock")]);
     let out = run(ours);
-    let ours = lines(&out.stdout);
-    assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}\n{}", text(&out.stderr));
-    let get = |v: &Vec<Vec<String>>, label: &str| v.iter().find(|l| l[0] == label).cloned().unwrap_or_else(|| panic!("no {label}"));
-    // the interesting binds: remapped, to one port for IPv4 and IPv6
-    let (v4, v6) = (get(&ours, "tcp4-any"), get(&ours, "tcp6-any"));
-    assert_eq!((&v4[1][..], &v6[1][..]), ("0", "0"));
-    assert_ne!(v4[3], "4010");
-    assert_eq!(v4[3], v6[3], "one requested port → one actual port per session, v4 and v6");
-    // a forked child binding it again fails as it would without us (the parent holds it)
-    assert_eq!(get(&ours, "child-tcp4-again")[1..3], get(&plain, "child-tcp4-again")[1..3]);
-    assert_eq!(get(&ours, "child-tcp4-again")[2], "98");
-    // everything else: the same return value and errno as plain libc
-    for label in ["udp4", "tcp4-port0", "port0-nonzero", "tcp4-low", "tcp4-badaddr", "unix", "badfd", "nulladdr"] {
-        let (a, b) = (get(&ours, label), get(&plain, label));
-        assert_eq!(a[1..a.len().min(3)], b[1..b.len().min(3)], "{label}: {ours:?} vs {plain:?}");
-    }
-    assert_eq!(get(&ours, "udp4")[3], "4010", "UDP is never remapped");
+    assert_battery(&plain, &lines(&out.stdout), 4010, &text(&out.stderr));
 }
 
 #[test]

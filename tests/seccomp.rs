@@ -14,10 +14,6 @@ fn exec(w: &mut World, session: &str, flags: &[&str], program: &std::path::Path,
     w.spawn(c, name)
 }
 
-fn lines_of(w: &World, name: &str) -> Vec<Vec<String>> {
-    w.output_of(name).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
-}
-
 /// The pids of `pid`'s descendants (not `pid` itself).
 fn descendants(pid: u32) -> Vec<u32> {
     let mut out = vec![];
@@ -50,7 +46,7 @@ fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_por
     assert_eq!(http_get("127.0.0.1", pa, "/").as_deref(), Some("one"));
     assert_eq!(http_get("127.0.0.1", pb, "/").as_deref(), Some("two"));
     // the program saw success and the port it got (getsockname after our bind)
-    assert_eq!(lines_of(&w, "two")[0], ["bind", "0", "0", &pb.to_string()]);
+    assert_eq!(lines(w.output_of("two").as_bytes())[0], ["bind", "0", "0", &pb.to_string()]);
     // the same stderr line and event as the library, with the server's own pid and name
     let server_pid = descendants(b)[0];
     let line = format!("styxy-preload: port 8000 is taken; binder-static (pid {server_pid}) got {pb}");
@@ -117,23 +113,11 @@ fn every_other_bind_returns_exactly_what_the_kernel_returns() {
     let sock = |n: &str| w.path(n).to_string_lossy().into_owned();
     let mut plain = w.cmd(&server);
     plain.args(["battery", "4020", &sock("plain.sock")]);
-    let plain: Vec<Vec<String>> = text(&run(plain).stdout).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+    let plain = lines(&run(plain).stdout);
     let mut c = w.cli();
     c.args(["exec", "--quiet", "--session", "mine", "--"]).arg(&server).args(["battery", "4010", &sock("ours.sock")]);
     let out = run(c);
-    let ours: Vec<Vec<String>> = text(&out.stdout).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
-    assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}\n{}", text(&out.stderr));
-    let get = |v: &Vec<Vec<String>>, label: &str| v.iter().find(|l| l[0] == label).cloned().unwrap_or_else(|| panic!("no {label}"));
-    let (v4, v6) = (get(&ours, "tcp4-any"), get(&ours, "tcp6-any"));
-    assert_eq!((&v4[1][..], &v6[1][..]), ("0", "0"));
-    assert_ne!(v4[3], "4010");
-    assert_eq!(v4[3], v6[3], "one requested port → one actual port per session, v4 and v6");
-    assert_eq!(get(&ours, "child-tcp4-again")[1..3], ["-1", "98"], "a forked child binding it again fails as without us");
-    for label in ["udp4", "tcp4-port0", "port0-nonzero", "tcp4-low", "tcp4-badaddr", "unix", "badfd", "nulladdr"] {
-        let (a, b) = (get(&ours, label), get(&plain, label));
-        assert_eq!(a[1..a.len().min(3)], b[1..b.len().min(3)], "{label}: {ours:?} vs {plain:?}");
-    }
-    assert_eq!(get(&ours, "udp4")[3], "4010", "UDP is never remapped");
+    assert_battery(&plain, &lines(&out.stdout), 4010, &text(&out.stderr));
 }
 
 #[test]
@@ -257,7 +241,7 @@ fn threads_binding_at_once_and_a_fork_from_a_thread_are_all_answered() {
     let mut c = w.cli();
     c.args(["exec", "--quiet", "--session", "threads", "--"]).arg(&server).args(["threads", "4040", "16", "4150"]);
     let out = run(c);
-    let rows: Vec<Vec<String>> = text(&out.stdout).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
+    let rows = lines(&out.stdout);
     let got: BTreeSet<i64> = rows.iter().filter(|l| l[0] == "thread").map(|l| l[2].parse().unwrap()).collect();
     assert_eq!(got.len(), 16, "every bind succeeds, no duplicates: {}{}", text(&out.stdout), text(&out.stderr));
     assert!(got.iter().all(|p| *p > 0 && ![4040, 4045, 4050].contains(p)), "{got:?}");

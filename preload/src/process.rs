@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use once_cell::race::OnceBox;
-
-use crate::call::Caller;
 use styxy_preload_client::discovery;
 use styxy_preload_client::http::{Endpoint, Timeouts};
 use styxy_preload_client::paths;
 use styxy_preload_client::policy::Policy;
 use styxy_preload_client::portmap::PortMap;
 use styxy_preload_client::session;
+
+use crate::call::Caller;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -18,9 +18,9 @@ use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Policy;
 use styxy_preload_client::{paths, session, sticky};
 
-use crate::cli::ExecArgs;
 use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
 
+use crate::cli::ExecArgs;
 use crate::{coordinator, elf, libpath, seccomp, tools};
 
 pub fn run(a: ExecArgs) -> Result<i32, String> {

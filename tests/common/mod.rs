@@ -333,3 +333,28 @@ pub fn run(mut cmd: Command) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// A fixture's output as rows of words (`label rc errno port`).
+pub fn lines(out: &[u8]) -> Vec<Vec<String>> {
+    text(out).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+}
+
+/// The binder's `battery` run on `held` (a port another session holds) against the same
+/// battery run with nothing in the way: the interesting binds are remapped to one port
+/// for IPv4 and IPv6, everything else returns exactly what the kernel returned.
+pub fn assert_battery(plain: &[Vec<String>], ours: &[Vec<String>], held: u16, stderr: &str) {
+    assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}\n{stderr}");
+    let get = |v: &[Vec<String>], label: &str| v.iter().find(|l| l[0] == label).cloned().unwrap_or_else(|| panic!("no {label}"));
+    let (v4, v6) = (get(ours, "tcp4-any"), get(ours, "tcp6-any"));
+    assert_eq!((&v4[1][..], &v6[1][..]), ("0", "0"));
+    assert_ne!(v4[3], held.to_string());
+    assert_eq!(v4[3], v6[3], "one requested port → one actual port per session, v4 and v6");
+    // a forked child binding it again fails as it would without us (the parent holds it)
+    assert_eq!(get(ours, "child-tcp4-again")[1..3], get(plain, "child-tcp4-again")[1..3]);
+    assert_eq!(get(ours, "child-tcp4-again")[1..3], ["-1", "98"]);
+    for label in ["udp4", "tcp4-port0", "port0-nonzero", "tcp4-low", "tcp4-badaddr", "unix", "badfd", "nulladdr"] {
+        let (a, b) = (get(ours, label), get(plain, label));
+        assert_eq!(a[1..a.len().min(3)], b[1..b.len().min(3)], "{label}: {ours:?} vs {plain:?}");
+    }
+    assert_eq!(get(ours, "udp4")[3], held.to_string(), "UDP is never remapped");
+}
