@@ -29,6 +29,10 @@ pub struct AllocateRequest {
     /// Ports the client found taken at OS level; never grant them again.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub exclude: Vec<u16>,
+    /// A bind in progress: the grant stands once the client confirms it (its `listen()`,
+    /// or the port bound), and expires if the client gave up on it.
+    #[serde(skip_serializing_if = "is_false", default)]
+    pub bind: bool,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -6,6 +6,7 @@
 //! atomically and re-validates it on start, and publishes the shared port map that
 //! lets `connect()` follow a session's remaps.
 
+pub mod journal;
 pub mod metrics;
 pub mod procinfo;
 pub mod server;
@@ -82,6 +83,8 @@ pub struct Shared {
     /// Processes (an `env` shell, an `exec`) whose sessions may still ask: the daemon
     /// does not idle-exit while one of them lives.
     pub anchors: Mutex<Vec<state::Owner>>,
+    /// Grants since the last snapshot on disk.
+    pub journal: journal::Journal,
     persist_tx: Mutex<mpsc::Sender<Persist>>,
     /// Serialises snapshot writes (the writer thread and the final one at exit).
     write_lock: Mutex<()>,
@@ -128,6 +131,18 @@ fn ioe(what: &str, path: &std::path::Path) -> impl FnOnce(io::Error) -> RunError
     move |e| RunError::Io(format!("{what}: {e}"))
 }
 
+/// Lifts the soft limit on open files to the hard one: every connection is an fd.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut r = std::mem::zeroed::<libc::rlimit>();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 /// Holds the per-user lock for the daemon's lifetime: one daemon per runtime directory.
 fn take_lock(dir: &std::path::Path) -> Result<std::fs::File, RunError> {
     let path = dir.join("daemon.lock");
@@ -146,18 +161,22 @@ fn take_lock(dir: &std::path::Path) -> Result<std::fs::File, RunError> {
     Ok(f)
 }
 
-fn load_state(st: &mut State) {
+fn load_state(st: &mut State, journal: &journal::Journal) {
     let path = paths::daemon_state_path();
     let data = match std::fs::read(&path) {
         Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => b"{}".to_vec(),
         Err(e) => {
             log!("cannot read state {}: {e}; starting empty", path.display());
             return;
         }
     };
     match serde_json::from_slice::<Snapshot>(&data) {
-        Ok(snap) => {
+        Ok(mut snap) => {
+            // the grants made after it, the newest last: one allocation per port
+            let mut by_port: std::collections::BTreeMap<u16, state::Allocation> =
+                snap.allocations.drain(..).chain(journal.replay()).map(|a| (a.port, a)).collect();
+            snap.allocations = std::mem::take(&mut by_port).into_values().collect();
             let (kept, dropped) = st.restore(snap, now_ms());
             log!("state recovered from {}: {kept} live allocations kept, {dropped} dead ones freed", path.display());
         }
@@ -191,6 +210,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     let dir = paths::runtime_dir();
     paths::ensure_private_dir(&dir).map_err(ioe("cannot create", &dir))?;
     let _lock = take_lock(&dir)?;
+    raise_fd_limit();
     let state_dir = paths::state_dir();
     paths::ensure_private_dir(&state_dir).map_err(ioe("cannot create", &state_dir))?;
 
@@ -206,10 +226,11 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         }
     };
     let mut st = State::new(policy, map, opts.grace.as_millis() as u64);
+    let journal = journal::Journal::open(paths::state_dir().join("daemon-journal.jsonl"));
     if let Some(cfg) = opts.upstream.as_ref().and_then(|u| upstream::config(u, Duration::from_millis(500))) {
         st.policy.apply_config(&cfg);
     }
-    load_state(&mut st);
+    load_state(&mut st, &journal);
 
     let token = match opts.http {
         Some(_) => Some(read_or_create_token()?),
@@ -225,6 +246,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         metrics: metrics::Metrics::default(),
         upstream: std::sync::OnceLock::new(),
         anchors: Mutex::new(Vec::new()),
+        journal,
         persist_tx: Mutex::new(tx),
         write_lock: Mutex::new(()),
     });
@@ -321,7 +343,16 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
 // Both loops accept with axum's `Listener`, which retries transient accept errors
 // (EMFILE, ECONNABORTED) itself.
 
+// Each listener has its own bound on open connections, so that clients over TCP (which
+// anyone on the machine can reach) can never use up what the owner's Unix socket needs;
+// a connection over the bound is closed at once.
+
+/// Open connections at once over the Unix socket, and over TCP.
+const MAX_UNIX_CONNS: usize = 512;
+const MAX_TCP_CONNS: usize = 64;
+
 async fn accept_unix(mut listener: UnixListener, app: axum::Router, uid: u32) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UNIX_CONNS));
     loop {
         let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
         let Ok(cred) = stream.peer_cred() else {
@@ -331,21 +362,37 @@ async fn accept_unix(mut listener: UnixListener, app: axum::Router, uid: u32) {
             log!("refused a connection from uid {} (pid {:?})", cred.uid(), cred.pid());
             continue;
         }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let peer = Peer { pid: cred.pid().and_then(|p| u32::try_from(p).ok()), tcp: false };
-        tokio::spawn(serve_conn(stream, app.clone(), peer));
+        let app = app.clone();
+        tokio::spawn(async move {
+            serve_conn(stream, app, peer).await;
+            drop(slot);
+        });
     }
 }
 
 async fn accept_tcp(mut listener: TcpListener, app: axum::Router) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNS));
     loop {
         let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_conn(stream, app.clone(), Peer { pid: None, tcp: true }));
+        let app = app.clone();
+        tokio::spawn(async move {
+            serve_conn(stream, app, Peer { pid: None, tcp: true }).await;
+            drop(slot);
+        });
     }
 }
 
-/// One connection, one request (clients send `Connection: close`; keep-alive off), the
-/// whole exchange within 10 s: a stalled client only holds its own task.
+/// One connection, one request (clients send `Connection: close`; keep-alive off): the
+/// headers within 2 s, the whole exchange within 5 s. A stalled client only holds its
+/// own task and one of its listener's connection slots.
 async fn serve_conn<S>(io: S, app: axum::Router, peer: Peer)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -355,20 +402,27 @@ where
         req.extensions_mut().insert(peer);
         app.clone().oneshot(req)
     });
-    let conn = hyper::server::conn::http1::Builder::new().keep_alive(false).serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(2))
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
 
 fn write_snapshot(shared: &Shared) {
     let _serial = shared.write_lock.lock();
-    let snap = shared.state.lock().snapshot(now_ms());
+    let snap = {
+        let st = shared.state.lock();
+        shared.journal.rotate();
+        st.snapshot(now_ms())
+    };
     let path = paths::daemon_state_path();
     match serde_json::to_vec_pretty(&snap) {
-        Ok(data) => {
-            if let Err(e) = paths::write_atomic(&path, &data, 0o600) {
-                log!("cannot save state to {}: {e}", path.display());
-            }
-        }
+        Ok(data) => match paths::write_atomic(&path, &data, 0o600) {
+            Ok(()) => shared.journal.retire(),
+            Err(e) => log!("cannot save state to {}: {e}", path.display()),
+        },
         Err(e) => log!("cannot encode state: {e}"),
     }
 }

@@ -25,6 +25,31 @@ pub fn alive(pid: u32, start: u64) -> bool {
     }
 }
 
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(1)?.parse().ok()
+}
+
+/// Whether `ancestor` is `pid`'s parent, grandparent, … (at most 64 generations).
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        match parent(p) {
+            Some(q) if q == ancestor => return true,
+            Some(q) if q > 1 => p = q,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Whether `pid`'s environment (as it was started) holds `key=value`.
+pub fn env_is(pid: u32, key: &str, value: &str) -> bool {
+    let want = format!("{key}={value}");
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+}
+
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
 }

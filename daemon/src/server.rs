@@ -199,19 +199,41 @@ fn parse_allocate(m: &Map<String, Value>, peer: Peer) -> Result<AllocRequest, Ap
         Some(v) => Some(pid_value(v)?),
     };
     let comm = opt_str(m, "comm")?.map(|c| c.chars().take(64).collect::<String>());
-    let owner_pid = pid.or(peer.pid);
+    let session = session.filter(|s| *s != "default");
+    let owner_pid = match pid {
+        Some(p) => Some(verified_pid(p, peer, session)?),
+        None => peer.pid,
+    };
+    let bind = matches!(m.get("bind"), Some(Value::Bool(true)));
     Ok(AllocRequest {
         service_type: service_type.to_string(),
         service_name: service_name.to_string(),
         preferred_port,
-        session: session.filter(|s| *s != "default").map(str::to_string),
+        session: session.map(str::to_string),
         project_path: project_path.map(str::to_string),
         dry_run,
         requested_port,
         comm: comm.or_else(|| owner_pid.and_then(procinfo::comm)),
         exclude,
         owner: owner_pid.map(Owner::pid),
+        bind,
     })
+}
+
+/// An owner pid a client names must be its own, its parent's (`styxy-preload port`
+/// allocates for the shell that asked), one of its descendants (the seccomp supervisor
+/// for its tree), or a process of the session it allocates for: any other pid
+/// (`pid: 1`) would keep a port forever.
+fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiError> {
+    let own = peer.pid.is_some_and(|p| p == pid || procinfo::parent(p) == Some(pid) || procinfo::descends_from(pid, p));
+    let of_session = session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_client::session::ENV, s));
+    if own || of_session {
+        return Ok(pid);
+    }
+    Err(ApiError::bad(format!(
+        "pid {pid} is neither the caller, its parent or child, nor a process of session {}",
+        session.unwrap_or("(none)")
+    )))
 }
 
 async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
@@ -230,6 +252,12 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
     match result {
         Ok(g) => {
             if !req.dry_run && !g.existing {
+                // on disk (the journal) before the client hears of it
+                let st = sh.state.lock();
+                if let Some(a) = st.allocs.get(&g.port) {
+                    sh.journal.append(a);
+                }
+                drop(st);
                 sh.persist();
             }
             let mut v = json!({
@@ -254,6 +282,12 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
             let st = sh.state.lock();
             let names: Vec<&str> = st.types().iter().map(|t| t.name.as_str()).collect();
             Err(ApiError::bad(format!("unknown service type '{t}'; known types: {}", names.join(", "))))
+        }
+        Err(AllocError::NotOfType { port, ty }) => {
+            Err(ApiError::bad(format!("port {port} is not a {ty} port: a privileged, ephemeral or reserved port, or another type's")))
+        }
+        Err(AllocError::Quota { who, limit }) => {
+            Err(ApiError::bad(format!("{who} hold {limit} ports, the most allowed: release some first")))
         }
         Err(AllocError::Exhausted { ty, range, allocated }) => Ok((
             StatusCode::BAD_REQUEST,
@@ -362,7 +396,7 @@ async fn check(AxState(sh): AxState<Arc<Shared>>, Path(port): Path<String>) -> A
     .into_response())
 }
 
-async fn instance_register(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
+async fn instance_register(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
     let m = json_body(body).await?;
     let id = opt_str(&m, "instance_id")?.ok_or_else(|| ApiError::bad("instance_id is required"))?;
     if !valid_instance_id(id) {
@@ -371,7 +405,8 @@ async fn instance_register(AxState(sh): AxState<Arc<Shared>>, body: Body) -> Api
     // built-in extra: the pid of a process (an `env` shell, an `exec`) that anchors the
     // session: the daemon stays while it lives
     if let Some(v) = m.get("pid").filter(|v| !v.is_null()) {
-        let owner = Owner::of(pid_value(v)?).ok_or_else(|| ApiError::bad("pid is not a running process"))?;
+        let pid = verified_pid(pid_value(v)?, peer, Some(id))?;
+        let owner = Owner::of(pid).ok_or_else(|| ApiError::bad("pid is not a running process"))?;
         let mut anchors = sh.anchors.lock();
         if !anchors.contains(&owner) {
             anchors.push(owner);
@@ -407,11 +442,12 @@ async fn instance_list(AxState(sh): AxState<Arc<Shared>>) -> Response {
 /// takes `port`: the pid (a `listen()`) becomes an owner of that port's allocation.
 async fn register_pid(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
     let m = json_body(body).await?;
+    let session = opt_str(&m, "instance_id")?;
     let pid = match m.get("pid") {
         None | Some(Value::Null) => peer.pid,
-        Some(v) => Some(pid_value(v)?),
+        Some(v) => Some(verified_pid(pid_value(v)?, peer, session)?),
     };
-    let id = match (opt_str(&m, "instance_id")?, pid) {
+    let id = match (session, pid) {
         (Some(i), _) => i.to_string(),
         (None, Some(p)) => format!("ldpreload-{p}"),
         (None, None) => return Err(ApiError::bad("instance_id or pid is required")),

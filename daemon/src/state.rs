@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use styxy_preload_client::api::Holder;
-use styxy_preload_client::policy::{Policy, ServiceType};
+use styxy_preload_client::policy::{Decision, Policy, ServiceType};
 use styxy_preload_client::portmap::PortMap;
 use styxy_preload_client::session;
 
@@ -53,7 +53,18 @@ pub struct Allocation {
     /// Its standing in the upstream Styxy, when the daemon has one.
     #[serde(default)]
     pub upstream: Standing,
+    /// A grant for a bind in progress is confirmed by the client's `listen()` (or by its
+    /// port being bound): one its client gave up on (a timeout) expires unconfirmed.
+    #[serde(default = "confirmed_by_default")]
+    pub confirmed: bool,
 }
+
+fn confirmed_by_default() -> bool {
+    true
+}
+
+/// How long a grant may stay unconfirmed while nothing binds its port.
+pub const UNCONFIRMED_MS: u64 = 500;
 
 /// An allocation's standing in the upstream Styxy (docs/ARCHITECTURE.md "One path").
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -82,8 +93,13 @@ impl Standing {
 }
 
 impl Allocation {
-    fn live(&self) -> bool {
-        self.owners.iter().any(|o| procinfo::alive(o.pid, o.start)) || procinfo::port_in_use(self.port)
+    /// Held by a live owner or served; an unconfirmed grant past [`UNCONFIRMED_MS`] only
+    /// while its port is bound (its client may have given up on it and bound another).
+    fn live(&self, now_ms: u64, in_use: fn(u16) -> bool) -> bool {
+        if !self.confirmed && now_ms.saturating_sub(self.allocated_at_ms) > UNCONFIRMED_MS {
+            return in_use(self.port);
+        }
+        self.owners.iter().any(|o| procinfo::alive(o.pid, o.start)) || in_use(self.port)
     }
 }
 
@@ -97,6 +113,7 @@ pub struct Recent {
 }
 
 #[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Snapshot {
     pub saved_at_ms: u64,
     pub allocations: Vec<Allocation>,
@@ -119,6 +136,8 @@ pub struct AllocRequest {
     pub comm: Option<String>,
     pub exclude: Vec<u16>,
     pub owner: Option<Owner>,
+    /// For a bind in progress: the grant waits for its confirmation.
+    pub bind: bool,
 }
 
 #[derive(Debug)]
@@ -134,8 +153,26 @@ pub struct Grant {
 #[derive(Debug, PartialEq)]
 pub enum AllocError {
     UnknownType(String),
-    Exhausted { ty: String, range: (u16, u16), allocated: Vec<u16> },
+    Exhausted {
+        ty: String,
+        range: (u16, u16),
+        allocated: Vec<u16>,
+    },
+    /// A preferred or requested port the policy does not give this type (22, 9876, 1).
+    NotOfType {
+        port: u16,
+        ty: String,
+    },
+    /// The session, or everyone together, holds as many ports as allowed.
+    Quota {
+        who: String,
+        limit: usize,
+    },
 }
+
+/// Ports one session may hold at once, and all sessions together.
+pub const SESSION_QUOTA: usize = 256;
+pub const TOTAL_QUOTA: usize = 4096;
 
 pub struct State {
     pub allocs: BTreeMap<u16, Allocation>,
@@ -185,6 +222,7 @@ impl State {
                 }
             }
         }
+        self.check(req, &ty)?;
         self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
         let remembered = match (&req.session, requested) {
             (Some(s), Some(r)) => self.recent.iter().rev().find(|x| &x.session == s && x.requested == r).map(|x| x.port),
@@ -227,10 +265,36 @@ impl State {
             owners: req.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
             allocated_at_ms: now_ms,
             upstream: Standing::Pending,
+            confirmed: !req.bind,
         };
         self.publish(&a);
         self.allocs.insert(port, a);
         Ok(Grant { port, lock_id, existing: false, holder })
+    }
+
+    /// A new allocation's ports must be ones the policy gives its type, and its session
+    /// (and everyone) must be under quota.
+    fn check(&self, req: &AllocRequest, ty: &ServiceType) -> Result<(), AllocError> {
+        let mine = |p: u16| (ty.range.0..=ty.range.1).contains(&p) || self.policy.decide(p).service_type() == Some(ty.name.as_str());
+        for p in req.preferred_port.into_iter().chain(req.requested_port) {
+            if !mine(p) && !matches!(self.policy.decide(p), Decision::OnConflict(_)) {
+                return Err(AllocError::NotOfType { port: p, ty: ty.name.clone() });
+            }
+        }
+        if let Some(pref) = req.preferred_port.filter(|p| !mine(*p)) {
+            return Err(AllocError::NotOfType { port: pref, ty: ty.name.clone() });
+        }
+        if req.dry_run {
+            return Ok(());
+        }
+        if self.allocs.len() >= TOTAL_QUOTA {
+            return Err(AllocError::Quota { who: "all sessions together".into(), limit: TOTAL_QUOTA });
+        }
+        let s = req.session.as_deref();
+        if s.is_some() && self.allocs.values().filter(|a| a.session.as_deref() == s).count() >= SESSION_QUOTA {
+            return Err(AllocError::Quota { who: format!("session {}", s.unwrap_or_default()), limit: SESSION_QUOTA });
+        }
+        Ok(())
     }
 
     /// A port is free if no live allocation holds it, the upstream Styxy does not hold it
@@ -241,7 +305,7 @@ impl State {
             return false;
         }
         if let Some(a) = self.allocs.get(&port) {
-            if a.live() {
+            if a.live(now_ms, self.port_in_use) {
                 return false;
             }
             self.remove(port, now_ms);
@@ -313,7 +377,21 @@ impl State {
     /// Frees every allocation whose owners are gone and whose port nobody serves.
     /// Returns how many were freed.
     pub fn sweep(&mut self, now_ms: u64) -> usize {
-        let dead: Vec<u16> = self.allocs.values().filter(|a| !a.live()).map(|a| a.port).collect();
+        let in_use = self.port_in_use;
+        let mut confirmed = Vec::new();
+        let mut dead = Vec::new();
+        for a in self.allocs.values() {
+            if !a.live(now_ms, in_use) {
+                dead.push(a.port);
+            } else if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS {
+                confirmed.push(a.port); // its port is bound: taken after all
+            }
+        }
+        for p in &confirmed {
+            if let Some(a) = self.allocs.get_mut(p) {
+                a.confirmed = true;
+            }
+        }
         for p in &dead {
             self.remove(*p, now_ms);
         }
@@ -335,6 +413,7 @@ impl State {
                 if !a.owners.contains(&owner) {
                     a.owners.push(owner);
                 }
+                a.confirmed = true;
                 true
             }
             None => false,
@@ -357,7 +436,7 @@ impl State {
         self.recent = snap.recent;
         self.upstream_releases = snap.upstream_releases;
         for a in snap.allocations {
-            if a.live() && !self.allocs.contains_key(&a.port) {
+            if a.live(now_ms, self.port_in_use) && !self.allocs.contains_key(&a.port) {
                 self.publish(&a);
                 self.allocs.insert(a.port, a);
                 kept += 1;

@@ -81,6 +81,7 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         requested_port: Some(orig.port),
         comm: Some(who.comm.to_string()),
         exclude: if ask_first { vec![] } else { vec![orig.port] },
+        bind: true,
         ..Default::default()
     };
     let mut retries = 0;

@@ -1,7 +1,7 @@
 //! `listen()`: confirms a coordinated port (the pid becomes an owner of its
 //! allocation) and observes listens on port 0 or unbound sockets. Never changes anything.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use styxy_preload_client::eventlog::Action;
@@ -11,6 +11,9 @@ use styxy_preload_client::policy::Decision;
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::{self, Mode, Process};
 use crate::report::{self, Outcome};
+
+/// A listen confirmation's whole budget (a local daemon answers in well under 1 ms).
+const CONFIRM: Timeouts = Timeouts { connect: Duration::from_millis(20), total: Duration::from_millis(50), max_body: 4096 };
 
 /// Makes the `listen()` on `sock`, then tells the daemon or the log about it.
 pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
@@ -40,9 +43,10 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
             }
         }
         Some(a) if p.mode != Mode::Observe && matches!(p.policy.decide(a.port), Decision::Coordinated(_)) => {
-            // the pid becomes an owner of this port's allocation
+            // the pid becomes an owner of this port's allocation, which it confirms; the
+            // bind before it may have used most of the hook's budget already
             let body = json!({"pid": who.pid, "instance_id": p.session, "port": a.port, "project_path": who.cwd});
-            let _ = http::call(process::endpoint(), "POST", "/register-instance", Some(body.to_string().as_bytes()), Timeouts::HOOK);
+            let _ = http::call(process::endpoint(), "POST", "/register-instance", Some(body.to_string().as_bytes()), CONFIRM);
         }
         _ => {}
     }

@@ -248,6 +248,11 @@ impl World {
         http::call(&self.endpoint(), method, path, body.map(str::as_bytes), Timeouts::CLI).unwrap()
     }
 
+    /// The daemon's answer, or `None` when it does not answer.
+    pub fn call_maybe(&self, method: &str, path: &str) -> Option<http::Response> {
+        http::call(&self.endpoint(), method, path, None, Timeouts::CLI).ok()
+    }
+
     pub fn json(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
         let r = self.call(method, path, body);
         (r.status, serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null))

@@ -1,0 +1,152 @@
+//! The daemon under a hostile or unlucky client: a grant its client gave up on, a kill
+//! right after a grant, connections that never finish, and owners, ports and amounts it
+//! must refuse (issue "hardening", items 5, 6, 8 and 9).
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) of this test world's daemon.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+/// A python server in `session` on `port`, printing "actual-port ms-for-bind+listen".
+fn python_server(w: &mut World, session: &str, port: u16, name: &str) -> (u32, u16, u64) {
+    let script = format!(
+        "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\nt=time.perf_counter()\ns.bind(('127.0.0.1',{port}))\ns.listen()\nprint(s.getsockname()[1], round((time.perf_counter()-t)*1000), flush=True)\ntime.sleep(600)"
+    );
+    let mut c = w.preloaded(Some(session), "python3");
+    c.args(["-c", &script]);
+    let pid = w.spawn(c, name);
+    let (p, ms) = wait_for(10, "the python server", || {
+        let f: Vec<u64> = w.output_of(name).split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        (f.len() == 2).then(|| (f[0] as u16, f[1]))
+    });
+    (pid, p, ms)
+}
+
+fn allocations(w: &World) -> Vec<Value> {
+    w.json("GET", "/allocations", None).1["allocations"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_grant_whose_client_gave_up_expires_and_is_not_published() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let daemon = w.daemon_pid().unwrap();
+    signal(daemon, libc::SIGSTOP);
+    // the hook times out (200 ms) and binds 3070 as asked; listen's confirmation (50 ms) too
+    let (_, port, ms) = python_server(&mut w, "gave-up", 3070, "srv");
+    std::thread::sleep(Duration::from_millis(300));
+    signal(daemon, libc::SIGCONT);
+    assert_eq!(port, 3070);
+    assert!(ms < 300, "bind + listen against a stalled daemon took {ms} ms");
+    // the daemon now serves the abandoned request (3070 is bound: it grants 3071), but
+    // nobody confirms that grant: it expires, and the session's map forgets it
+    wait_for(5, "the unconfirmed grant to expire", || allocations(&w).is_empty().then_some(()));
+    let mut c = w.cli();
+    c.args(["exec", "--session", "gave-up", "--", "python3", "-c"])
+        .arg("import socket; socket.create_connection(('127.0.0.1', 3070), 2); print('reached')");
+    let out = run(c);
+    assert_eq!(text(&out.stdout).trim(), "reached", "{}", text(&out.stderr));
+}
+
+#[test]
+fn grants_survive_a_kill_right_after_they_were_answered() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    let mut granted = Vec::new();
+    for i in 0..10 {
+        let body = format!(r#"{{"service_type":"api","preferred_port":8000,"requested_port":8000,"instance_id":"k{i}"}}"#);
+        let (status, v) = w.json("POST", "/allocate", Some(&body));
+        assert_eq!(status, 200, "{v}");
+        granted.push(v["port"].as_u64().unwrap());
+    }
+    // no time for the debounced snapshot: the journal has them
+    signal(w.daemon_pid().unwrap(), libc::SIGKILL);
+    wait_for(5, "the daemon to be gone", || w.call_maybe("GET", "/status").is_none().then_some(()));
+    w.start_daemon();
+    let mut after: Vec<u64> = allocations(&w).iter().filter_map(|a| a["port"].as_u64()).collect();
+    after.sort_unstable();
+    assert_eq!(after, granted, "every acknowledged grant is back after the restart");
+}
+
+#[test]
+fn owners_ports_and_amounts_are_checked() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    let post = |body: &str| w.json("POST", "/allocate", Some(body));
+    // pid 1 is nobody's to name as owner
+    let (status, v) = post(r#"{"service_type":"dev","instance_id":"q","pid":1}"#);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("pid 1 is neither the caller, its parent or child"), "{v}");
+    // ports the policy does not give the type
+    for port in [1, 22, 9876, 8050, 40000] {
+        let (status, v) = post(&format!(r#"{{"service_type":"dev","preferred_port":{port}}}"#));
+        assert_eq!(status, 400, "{port}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(&format!("port {port} is not a dev port")), "{v}");
+    }
+    // one session holds at most 256 ports
+    for i in 0..256 {
+        let ty = ["dev", "api", "ui"][i % 3];
+        let (status, v) = post(&format!(r#"{{"service_type":"{ty}","instance_id":"greedy"}}"#));
+        assert_eq!(status, 200, "{i}: {v}");
+    }
+    let (status, v) = post(r#"{"service_type":"dev","instance_id":"greedy"}"#);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("session greedy hold 256 ports"), "{v}");
+    // another session still gets one
+    assert_eq!(post(r#"{"service_type":"dev","instance_id":"modest"}"#).0, 200);
+    // the CLI says it too
+    let mut c = w.cli();
+    c.args(["exec", "--port", "A=22", "--", "true"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("port 22 is not a dev port"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn half_sent_tcp_requests_never_starve_the_owners_socket() {
+    let w = World::new();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let out = run({
+        let mut c = w.cli();
+        c.args(["daemon", "start", "--idle-exit", "0", "--http", &format!("127.0.0.1:{port}")]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // a local user without the token holds many half-sent requests open
+    let mut held = Vec::new();
+    for _ in 0..600 {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(mut s) => {
+                let _ = s.write_all(b"POST /allocate HTTP/1.1\r\nHost: x\r\n");
+                held.push(s);
+            }
+            Err(_) => break,
+        }
+    }
+    // the owner's socket still answers, at once
+    let t = Instant::now();
+    let (status, _) = w.json("GET", "/status", None);
+    assert_eq!(status, 200);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // and the half-sent ones are dropped after the header timeout
+    let mut first = held.remove(0);
+    first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 512];
+    let t = Instant::now();
+    let _ = std::io::Read::read(&mut first, &mut buf);
+    assert!(t.elapsed() < Duration::from_secs(4), "a half-sent request was held {:?}", t.elapsed());
+}
