@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use libc::{EADDRINUSE, SOCK_STREAM};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use styxy_preload_client::api::{self, AllocateReply, AllocateRequest};
 use styxy_preload_client::eventlog::Action;
@@ -16,7 +16,7 @@ use styxy_preload_client::policy::Decision;
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::{self, Mode, Process};
 use crate::report::{self, Outcome};
-use crate::sys::Addr;
+use crate::sys::{self, Addr};
 
 /// Granted ports that turned out taken at OS level before we give up and bind as asked.
 const MAX_RETRIES: u32 = 3;
@@ -35,7 +35,10 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
     let Some(ty) = decision.service_type() else {
         return Verdict::AsAsked;
     };
-    let ask_first = matches!(decision, Decision::Coordinated(_)) && p.mode == Mode::Coordinate;
+    // a socket that may share its port (SO_REUSEPORT) never fails with EADDRINUSE: two
+    // sessions would silently share one reuseport group unless it is asked about first
+    let shared = !matches!(decision, Decision::Single(_)) && sock.shares_port();
+    let ask_first = (matches!(decision, Decision::Coordinated(_)) || shared) && p.mode == Mode::Coordinate;
     if !ask_first && p.mode != Mode::Observe {
         // on-conflict ports (and Single types) are bound as asked: nothing else happens
         // unless the kernel says EADDRINUSE
@@ -102,6 +105,9 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
             Ok(()) => {
                 let (action, reason) = if port == orig.port {
                     (Action::Kept, None)
+                } else if twin(who.pid, orig.port, port) && reply.existing == Some(true) {
+                    // the same server's second socket (0.0.0.0 and ::): one start, one line
+                    (Action::Observed, Some(format!("twin of this process's bind of {} (moved to {port})", orig.port)))
                 } else {
                     let holder = holder_text(&reply);
                     notify_remap(p, who, orig.port, port);
@@ -115,7 +121,7 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         if err == EADDRINUSE && reply.existing == Some(true) {
             // The session already holds this mapping: a second bind of the same port
             // must fail as it would without us (get-port, tests expecting EADDRINUSE).
-            event(out(port, Action::Error, Some("session already holds this port".into()), backend, retries));
+            event(out(port, Action::Error, Some(in_use_reason(port)), backend, retries));
             return Verdict::Done(Err(EADDRINUSE));
         }
         if err != EADDRINUSE || retries >= MAX_RETRIES {
@@ -125,6 +131,24 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         }
         retries += 1;
         req.exclude.push(port);
+    }
+}
+
+/// Remembers this process's last remap; true when (`requested` → `port`) is it again.
+fn twin(pid: u32, requested: u16, port: u16) -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let key = u64::from(pid) << 32 | u64::from(requested) << 16 | u64::from(port);
+    LAST.swap(key, Ordering::Relaxed) == key
+}
+
+/// Why a bind of the session's own port failed: a listener of the session serves it, or
+/// an earlier server's socket lingers in TIME_WAIT (no `SO_REUSEADDR`), which fails as
+/// it would without the library.
+fn in_use_reason(port: u16) -> String {
+    if sys::listening(port) {
+        format!("the session's port {port} is served already (by another of its processes)")
+    } else {
+        format!("the session's port {port} is still in TIME_WAIT from an earlier server (bound without SO_REUSEADDR)")
     }
 }
 
@@ -173,5 +197,27 @@ pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, S
             let msg = res.json::<AllocateReply>().ok().and_then(|r| r.error).unwrap_or_else(|| "non-JSON error page".into());
             Err(format!("coordinator answered {s}: {msg}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_bind_of_the_sessions_port_says_why() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(in_use_reason(port).contains("served already"), "{}", in_use_reason(port));
+        drop(l);
+        assert!(in_use_reason(port).contains("TIME_WAIT"), "{}", in_use_reason(port));
+    }
+
+    #[test]
+    fn a_twin_is_the_same_remap_in_the_same_process() {
+        assert!(!twin(7, 3000, 3001));
+        assert!(twin(7, 3000, 3001));
+        assert!(!twin(8, 3000, 3001), "another process");
+        assert!(!twin(8, 3000, 3002), "another port");
     }
 }

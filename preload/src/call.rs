@@ -17,6 +17,8 @@ pub struct Caller<'a> {
 pub trait Socket {
     /// `SO_TYPE`, or `None` when it cannot be read.
     fn sock_type(&mut self) -> Option<c_int>;
+    /// `SO_REUSEPORT` is set (the program means to share the port).
+    fn shares_port(&mut self) -> bool;
     /// The bound address (port 0 when unbound).
     fn local_addr(&mut self) -> Option<Addr>;
     /// Makes the call (bind or listen) — with `addr` instead of the program's own

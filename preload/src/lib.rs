@@ -106,6 +106,10 @@ impl Socket for Local {
         sys::sock_type(self.fd)
     }
 
+    fn shares_port(&mut self) -> bool {
+        sys::shares_port(self.fd)
+    }
+
     fn local_addr(&mut self) -> Option<Addr> {
         sys::local_addr(self.fd)
     }

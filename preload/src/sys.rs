@@ -94,13 +94,23 @@ impl Addr {
     }
 }
 
-/// `SO_TYPE` of the socket, or `None` if it cannot be read.
-pub fn sock_type(fd: c_int) -> Option<c_int> {
-    let mut ty: c_int = 0;
+/// An integer `SOL_SOCKET` option of the socket, or `None` if it cannot be read.
+pub fn sockopt(fd: c_int, opt: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
     let mut len = std::mem::size_of::<c_int>() as socklen_t;
     // SAFETY: valid out-pointers of the right size.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) };
-    (rc == 0).then_some(ty)
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut c_int).cast(), &mut len) };
+    (rc == 0).then_some(v)
+}
+
+/// `SO_TYPE` of the socket, or `None` if it cannot be read.
+pub fn sock_type(fd: c_int) -> Option<c_int> {
+    sockopt(fd, libc::SO_TYPE)
+}
+
+/// `SO_REUSEPORT` is set: the program means to share the port with other sockets.
+pub fn shares_port(fd: c_int) -> bool {
+    sockopt(fd, libc::SO_REUSEPORT).is_some_and(|v| v != 0)
 }
 
 /// The local address of a socket (its port 0 when unbound).
@@ -114,4 +124,15 @@ pub fn local_addr(fd: c_int) -> Option<Addr> {
         }
         Addr::read((&storage as *const sockaddr_storage).cast(), len)
     }
+}
+
+/// Whether a TCP socket listens on `port` (the kernel's tables, IPv4 and IPv6). Read only
+/// on an error path.
+pub fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
+            l.split_whitespace().nth(3) == Some("0A") && l.split_whitespace().nth(1).is_some_and(|a| format!("{a} ").ends_with(&want))
+        })
+    })
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use libc::{c_int, seccomp_notif, seccomp_notif_resp};
-use styxy_preload_core::{bind, connect, listen, process, Addr, Caller, Route, Socket, Verdict};
+use styxy_preload_core::{bind, connect, listen, process, sys, Addr, Caller, Route, Socket, Verdict};
 
 /// What the caller's syscall returns.
 enum Answer {
@@ -293,12 +293,11 @@ fn connect_fd(fd: RawFd, to: &Addr) -> Result<(), c_int> {
 
 impl Socket for Remote {
     fn sock_type(&mut self) -> Option<c_int> {
-        let fd = self.copy().ok()?;
-        let mut ty: c_int = 0;
-        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
-        // SAFETY: valid out-pointers of the right size.
-        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) };
-        (rc == 0).then_some(ty)
+        sys::sock_type(self.copy().ok()?)
+    }
+
+    fn shares_port(&mut self) -> bool {
+        self.copy().is_ok_and(sys::shares_port)
     }
 
     fn local_addr(&mut self) -> Option<Addr> {

@@ -1,0 +1,67 @@
+//! Servers nobody here wrote, as they really bind: SO_REUSEPORT groups across sessions,
+//! and dual-stack twins counted once.
+
+mod common;
+
+use common::*;
+use styxy_preload_client::eventlog::Action;
+
+fn reach(w: &World, session: &str, port: u16) -> String {
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", session, "--", "python3", "-c"])
+        .arg(format!("import socket; s=socket.create_connection(('127.0.0.1',{port}),2); print(s.recv(64).decode())"));
+    text(&run(c).stdout).trim().to_string()
+}
+
+#[test]
+fn reuseport_servers_of_two_sessions_never_share_a_port_but_one_sessions_workers_do() {
+    let mut w = World::new();
+    w.start_daemon();
+    // 12300 is outside every range: bound as asked unless it may be shared
+    let port = 12300;
+    let mut a = Vec::new();
+    for i in 0..2 {
+        let mut c = w.preloaded(Some("rp-a"), fixture("reuseport"));
+        c.args([&port.to_string(), "A"]);
+        a.push(w.spawn(c, &format!("a{i}")));
+    }
+    for pid in &a {
+        assert_eq!(wait_for(10, "a worker of A", || listening_ports(*pid).into_iter().next()), port, "A's workers share its group");
+    }
+    let mut c = w.preloaded(Some("rp-b"), fixture("reuseport"));
+    c.args([&port.to_string(), "B"]);
+    let b = w.spawn(c, "b");
+    let bp = wait_for(10, "B", || listening_ports(b).into_iter().next());
+    assert_ne!(bp, port, "session B's server joined A's reuseport group");
+    for _ in 0..6 {
+        assert_eq!(reach(&w, "rp-b", port), "B");
+        assert_eq!(reach(&w, "rp-a", port), "A");
+    }
+}
+
+#[test]
+fn a_dual_stack_twin_is_one_remap_one_line_one_event() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut c = w.cmd(fixture("binder"));
+    c.args(["serve", "8210"]);
+    let h = w.spawn(c, "holder");
+    wait_for(10, "holder", || listening_ports(h).into_iter().next());
+    let mut c = w.cli();
+    c.args(["exec", "--session", "twins", "--", "python3", "-c"]).arg(
+        "import socket
+a=socket.socket(); a.bind(('0.0.0.0',8210)); a.listen()
+b=socket.socket(socket.AF_INET6); b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::',8210)); b.listen()
+print(a.getsockname()[1], b.getsockname()[1])",
+    );
+    let out = run(c);
+    let ports: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().split_whitespace().collect::<Vec<_>>();
+    assert_eq!(ports.len(), 2);
+    assert_eq!(ports[0], ports[1], "one requested port, one actual port");
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("port 8210 is taken").count(), 1, "{err}");
+    assert!(err.contains("1 port remapped: 8210→"), "{err}");
+    let remaps = w.events().into_iter().filter(|e| e.session.as_deref() == Some("twins") && e.action == Action::Remapped).count();
+    assert_eq!(remaps, 1);
+}
