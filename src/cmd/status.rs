@@ -48,6 +48,13 @@ pub fn run() -> Result<i32, String> {
             times.sort_unstable();
             if ok {
                 println!("✓ coordinator: {} ({}; /status median {} µs)", found.endpoint, found.why, times[2]);
+                println!(
+                    "✓ daemon: {}",
+                    http::call(&found.endpoint, "GET", "/status", None, PROBE)
+                        .ok()
+                        .and_then(|r| r.json::<serde_json::Value>().ok())
+                        .map_or_else(|| "?".into(), |v| run_mode(&v))
+                );
             } else {
                 bad(
                     format!("coordinator {} ({}) does not answer /status", found.endpoint, found.why),
@@ -86,6 +93,17 @@ pub fn run() -> Result<i32, String> {
         Err(_) => println!("· log: {} (nothing logged yet)", log.display()),
     }
     Ok(if broken > 0 { 1 } else { 0 })
+}
+
+/// How the coordinator that answered `GET /status` with `v` runs, in words.
+pub fn run_mode(v: &serde_json::Value) -> String {
+    match (v["daemon"].as_str(), v["run_mode"].as_str()) {
+        (Some("styxy-preload"), Some("socket-activated")) => "socket-activated (systemd starts it on the first connection)".into(),
+        (Some("styxy-preload"), Some("on-demand")) => "started on demand by styxy-preload (exits when idle)".into(),
+        (Some("styxy-preload"), Some("foreground")) => "run in the foreground (styxy-preload daemon run)".into(),
+        (Some("styxy-preload"), other) => format!("run mode {}", other.unwrap_or("unknown")),
+        _ => "Styxy (not the built-in daemon)".into(),
+    }
 }
 
 fn loadable(path: &std::path::Path) -> Result<(), String> {
