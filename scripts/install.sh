@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Installs styxy-preload into a prefix, or removes it from there.
-#   scripts/install.sh [--prefix DIR] [--no-build]    default prefix: ~/.local (/usr/local as root)
+#   scripts/install.sh [--prefix DIR] [--no-build | --from DIR]    default prefix: ~/.local (/usr/local as root)
 #   scripts/install.sh --uninstall [--prefix DIR]
 # Puts bin/styxy-preload, lib/styxy-preload/libstyxy_preload{,_core}.so (where the CLI looks:
 # <prefix>/bin/../lib/styxy-preload), the man pages, bash/zsh/fish completions, the systemd
 # user units and the README under the prefix. Builds the release first when it is missing
-# or older than the sources (CARGO_TARGET_DIR is honoured).
+# or older than the sources (CARGO_TARGET_DIR is honoured); --from DIR takes the binary and
+# the libraries from DIR as they are.
 set -euo pipefail
 
-usage() { sed -n '2,8s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,9s/^# \{0,1\}//p' "$0"; }
 die() { echo "install.sh: $*" >&2; exit 2; }
 
-prefix="" uninstall=0 build=1
+prefix="" uninstall=0 build=1 from=""
 while [ $# -gt 0 ]; do
   case $1 in
     --prefix) [ $# -ge 2 ] && [ -n "$2" ] || die "--prefix needs a directory"; prefix=$2; shift 2 ;;
     --prefix=*) prefix=${1#--prefix=}; [ -n "$prefix" ] || die "--prefix needs a directory"; shift ;;
     --uninstall) uninstall=1; shift ;;
     --no-build) build=0; shift ;;
+    --from) [ $# -ge 2 ] && [ -d "$2" ] || die "--from needs the directory that holds styxy-preload and its libraries"; from=$(cd "$2" && pwd); build=0; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "install.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -39,10 +41,11 @@ if [ -n "${HOME:-}" ] && [ "$prefix" = "${HOME%/}/.local" ]; then unitdir=share/
 # prefix-relative destination → source in the repository (or the build)
 target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target=$root/$target ;; esac
+built=${from:-$target/release}
 files=(
-  "bin/styxy-preload=$target/release/styxy-preload"
-  "lib/styxy-preload/libstyxy_preload.so=$target/release/libstyxy_preload.so"
-  "lib/styxy-preload/libstyxy_preload_core.so=$target/release/libstyxy_preload_core.so"
+  "bin/styxy-preload=$built/styxy-preload"
+  "lib/styxy-preload/libstyxy_preload.so=$built/libstyxy_preload.so"
+  "lib/styxy-preload/libstyxy_preload_core.so=$built/libstyxy_preload_core.so"
   "share/bash-completion/completions/styxy-preload=packaging/completions/styxy-preload.bash"
   "share/zsh/site-functions/_styxy-preload=packaging/completions/_styxy-preload"
   "share/fish/vendor_completions.d/styxy-preload.fish=packaging/completions/styxy-preload.fish"
@@ -77,7 +80,7 @@ fi
 
 stale() {
   local a
-  for a in "$target/release/styxy-preload" "$target/release/libstyxy_preload.so" "$target/release/libstyxy_preload_core.so"; do
+  for a in "$built/styxy-preload" "$built/libstyxy_preload.so" "$built/libstyxy_preload_core.so"; do
     [ -f "$a" ] || return 0
     [ -z "$(find Cargo.toml Cargo.lock src client preload daemon -newer "$a" -type f -print -quit)" ] || return 0
   done
@@ -89,7 +92,7 @@ if [ $build = 1 ] && stale; then
   cargo build --release --workspace -q
 fi
 for f in "${files[@]}"; do
-  [ -f "${f#*=}" ] || die "${f#*=} is missing: run \`cargo build --release --workspace\` first"
+  [ -f "${f#*=}" ] || die "${f#*=} is missing: run \`cargo build --release --workspace\` first${from:+ (or fix --from)}"
 done
 
 for f in "${files[@]}"; do
