@@ -5,7 +5,7 @@
 # Puts bin/styxy-preload, lib/styxy-preload/libstyxy_preload{,_core}.so (where the CLI looks:
 # <prefix>/bin/../lib/styxy-preload), the man pages, bash/zsh/fish completions, the systemd
 # user units and the README under the prefix. Builds the release first when it is missing
-# or older than the sources (CARGO_TARGET_DIR is honoured); --from DIR takes the binary and
+# or older than its sources (CARGO_TARGET_DIR is honoured); --from DIR takes the binary and
 # the libraries from DIR as they are.
 set -euo pipefail
 
@@ -78,11 +78,16 @@ if [ $uninstall = 1 ]; then
   exit 0
 fi
 
+# an artifact is stale when a source it is built from is newer (what cargo would rebuild)
 stale() {
-  local a
-  for a in "$built/styxy-preload" "$built/libstyxy_preload.so" "$built/libstyxy_preload_core.so"; do
+  local pair a
+  for pair in "styxy-preload:src client/src daemon/src preload/src" \
+    "libstyxy_preload.so:preload/shim preload/build.rs" \
+    "libstyxy_preload_core.so:preload/src client/src"; do
+    a=$built/${pair%%:*}
     [ -f "$a" ] || return 0
-    [ -z "$(find Cargo.toml Cargo.lock src client preload daemon -newer "$a" -type f -print -quit)" ] || return 0
+    # shellcheck disable=SC2086 # a list of paths
+    [ -z "$(find ${pair#*:} -newer "$a" -type f -print -quit)" ] || return 0
   done
   return 1
 }
