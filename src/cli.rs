@@ -199,9 +199,21 @@ pub struct DaemonRunArgs {
     /// Also serve TCP (bearer token in the runtime directory's token file), e.g. 127.0.0.1:9877
     #[arg(long, value_name = "ADDR")]
     pub http: Option<std::net::SocketAddr>,
-    /// Exit after this many idle seconds while holding no allocation (0: never)
-    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    /// Exit after this many idle seconds while holding no allocation and no session's
+    /// shell or exec runs (0: never)
+    #[arg(long, default_value_t = 600, value_name = "SECS", env = "STYXY_PRELOAD_IDLE_EXIT")]
     pub idle_exit: u64,
+    /// Front this Styxy: every grant becomes an allocation there, e.g. http://127.0.0.1:9876.
+    /// Default: STYXY_URL when it is an http URL, else STYXY_DAEMON_HOST:STYXY_DAEMON_PORT
+    /// (127.0.0.1:9876), whenever it answers; token from STYXY_TOKEN or ~/.styxy/auth.token
+    #[arg(long, value_name = "URL", conflicts_with = "no_upstream")]
+    pub upstream: Option<String>,
+    /// Never talk to Styxy
+    #[arg(long)]
+    pub no_upstream: bool,
+    /// Seconds after which Styxy forgets an allocation (live ones are re-asserted at 3/5 of it)
+    #[arg(long, default_value_t = 1800, value_name = "SECS", hide = true)]
+    pub upstream_expiry: u64,
     /// Seconds a session's freed mapping is kept for a restarting server
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub grace: u64,

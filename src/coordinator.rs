@@ -1,29 +1,33 @@
-//! Resolving the coordinator for the CLI, and starting the built-in daemon in the
-//! background when nothing answers.
+//! The local daemon for the CLI: where it answers, and starting it in the background
+//! when it does not. The CLI, like the hooks, asks only the local daemon; Styxy is the
+//! daemon's upstream (ARCHITECTURE.md "One path").
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use styxy_preload_client::discovery::{self, Found};
+use styxy_preload_client::discovery;
 use styxy_preload_client::http::{Endpoint, Timeouts};
 use styxy_preload_client::paths;
 
 /// Quick probes: a local coordinator answers `/status` in well under a millisecond.
 pub const PROBE: Timeouts = Timeouts { connect: Duration::from_millis(200), total: Duration::from_secs(1), max_body: 1 << 20 };
 
-pub fn discover() -> Result<Option<Found>, String> {
-    discovery::discover(PROBE)
+/// The local daemon's endpoint (`STYXY_URL` when it names a Unix socket).
+pub fn local() -> Result<Endpoint, String> {
+    discovery::local_socket().map(Endpoint::Unix)
 }
 
-pub fn builtin() -> Endpoint {
-    Endpoint::Unix(paths::socket_path())
+/// The local daemon, started when it does not answer.
+pub fn ensure() -> Result<Endpoint, String> {
+    start_daemon(&[])
 }
 
 /// Starts `styxy-preload daemon run` detached (own session, stderr to the daemon log)
-/// and waits until its socket answers.
+/// and waits until its socket answers. The daemon finds the user's Styxy itself (the
+/// environment it inherits: `STYXY_URL`, `STYXY_DAEMON_HOST`/`PORT`, the token).
 pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
-    let ep = builtin();
+    let ep = local()?;
     if discovery::answers(&ep, PROBE) {
         return Ok(ep);
     }
@@ -63,4 +67,11 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Err(format!("the daemon did not answer within 5 s; see {}", log_path.display()))
+}
+
+/// Keeps the daemon up while `pid` (an `env` shell, an `exec`) runs: its sessions may
+/// ask at any time, so the daemon must not idle out under them.
+pub fn anchor(ep: &Endpoint, session: &str, pid: u32) {
+    let body = serde_json::json!({"instance_id": session, "pid": pid}).to_string();
+    let _ = styxy_preload_client::http::call(ep, "POST", "/instance/register", Some(body.as_bytes()), PROBE);
 }

@@ -187,7 +187,7 @@ fn status_names_each_problem_with_its_fix() {
     });
     let s = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{s}");
-    assert!(s.contains("✓ library") && s.contains("✗ coordinator: none answers") && s.contains("fix: start one"), "{s}");
+    assert!(s.contains("✓ library") && s.contains("✗ coordinator: the daemon does not answer") && s.contains("fix: start it"), "{s}");
     w.start_daemon();
     let out = run({
         let mut c = w.cli();
@@ -215,4 +215,30 @@ fn status_names_each_problem_with_its_fix() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("STYXY_PRELOAD_LIB"), "{}", text(&out.stderr));
     let _ = Duration::ZERO;
+}
+
+#[test]
+fn an_env_shell_stays_coordinated_past_the_daemons_idle_limit() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    // a server outside any session holds 8060
+    let mut c = w.cmd(fixture("binder"));
+    c.args(["serve", "8060"]);
+    let h = w.spawn(c, "holder");
+    wait_for(10, "holder", || listening_ports(h).into_iter().next());
+    // an agent shell set up once with env; three idle limits pass before its server starts
+    let script = "eval \"$(\"$0\" env --session idle)\" && sleep 3.5 && exec python3 -c \"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 8060)); print(s.getsockname()[1])\"";
+    let mut c = w.cmd("bash");
+    c.args(["-c", script, bin().to_str().unwrap()]).env("STYXY_PRELOAD_IDLE_EXIT", "1");
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let port: u16 = text(&out.stdout).trim().parse().unwrap();
+    assert_ne!(port, 8060, "remapped, not passed through: the daemon stayed for the shell");
+    assert!(text(&out.stderr).contains("port 8060 is taken"), "{}", text(&out.stderr));
+    // with the shell gone, the idle limit applies again
+    let pid = w.daemon_pid().unwrap();
+    wait_for(10, "the daemon's idle exit", || (unsafe { libc::kill(pid, 0) } != 0).then_some(()));
 }

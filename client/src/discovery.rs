@@ -1,5 +1,5 @@
-//! Finding the coordinator, in DESIGN.md's order: `STYXY_URL` → the built-in daemon's
-//! socket if it answers → Styxy at `STYXY_DAEMON_HOST:STYXY_DAEMON_PORT` → none.
+//! Where the coordinators are: the local daemon (the only one the hooks and the CLI
+//! ask) and the Styxy it fronts as its upstream (ARCHITECTURE.md "One path").
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -8,13 +8,6 @@ use crate::http::{self, Endpoint, Timeouts};
 use crate::paths;
 
 pub const STYXY_DEFAULT_PORT: u16 = 9876;
-
-#[derive(Debug, Clone)]
-pub struct Found {
-    pub endpoint: Endpoint,
-    /// Why this one: shown by `status`.
-    pub why: String,
-}
 
 /// `GET /status` answers 200 (no auth, not rate-limited on Styxy).
 pub fn answers(ep: &Endpoint, t: Timeouts) -> bool {
@@ -49,40 +42,29 @@ pub fn styxy_endpoint() -> Endpoint {
     Endpoint::Tcp { addr: SocketAddr::new(ip, port), token: styxy_token() }
 }
 
-/// `STYXY_URL`, parsed, with a token for TCP (`STYXY_TOKEN`, the built-in daemon's
-/// token file, then Styxy's). `Ok(None)` when unset.
-pub fn from_env_url() -> Result<Option<Endpoint>, String> {
-    let Some(url) = std::env::var("STYXY_URL").ok().filter(|u| !u.trim().is_empty()) else {
-        return Ok(None);
-    };
-    let ep = Endpoint::parse(url.trim()).map_err(|e| format!("STYXY_URL={e}"))?;
-    Ok(Some(match ep {
-        Endpoint::Tcp { addr, .. } => {
-            let token = std::env::var("STYXY_TOKEN")
-                .ok()
-                .filter(|t| !t.trim().is_empty())
-                .map(|t| t.trim().to_string())
-                .or_else(|| read_token(&paths::token_path()))
-                .or_else(styxy_token);
-            Endpoint::Tcp { addr, token }
-        }
-        e => e,
-    }))
+/// The local daemon's socket: the one `STYXY_URL` names when it is a `unix:` URL,
+/// else the runtime directory's. `Err` for a malformed `STYXY_URL`.
+pub fn local_socket() -> Result<PathBuf, String> {
+    match env_url()? {
+        Some(Endpoint::Unix(p)) => Ok(p),
+        _ => Ok(paths::socket_path()),
+    }
 }
 
-/// Resolves the coordinator. `Err` only for a malformed `STYXY_URL`.
-pub fn discover(t: Timeouts) -> Result<Option<Found>, String> {
-    if let Some(ep) = from_env_url()? {
-        let why = "STYXY_URL is set".to_string();
-        return Ok(Some(Found { endpoint: ep, why }));
+/// The Styxy the daemon fronts: `STYXY_URL` when it is an `http://` URL, else
+/// `STYXY_DAEMON_HOST:STYXY_DAEMON_PORT` (default 127.0.0.1:9876); the token from
+/// `STYXY_TOKEN` or `~/.styxy/auth.token`. `Err` for a malformed `STYXY_URL`.
+pub fn upstream() -> Result<Endpoint, String> {
+    match env_url()? {
+        Some(ep @ Endpoint::Tcp { .. }) => Ok(ep.with_token(styxy_token())),
+        _ => Ok(styxy_endpoint()),
     }
-    let builtin = Endpoint::Unix(paths::socket_path());
-    if answers(&builtin, t) {
-        return Ok(Some(Found { endpoint: builtin, why: "the built-in daemon answers on its socket".into() }));
+}
+
+/// `STYXY_URL`, parsed; `Ok(None)` when unset.
+fn env_url() -> Result<Option<Endpoint>, String> {
+    match std::env::var("STYXY_URL").ok().filter(|u| !u.trim().is_empty()) {
+        None => Ok(None),
+        Some(url) => Endpoint::parse(url.trim()).map(Some).map_err(|e| format!("STYXY_URL={e}")),
     }
-    let styxy = styxy_endpoint();
-    if answers(&styxy, t) {
-        return Ok(Some(Found { endpoint: styxy.clone(), why: format!("Styxy answers at {styxy}") }));
-    }
-    Ok(None)
 }

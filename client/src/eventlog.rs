@@ -25,6 +25,8 @@ pub enum Action {
     Redirected,
     /// A connect refused because another session holds the port (isolation).
     Isolated,
+    /// The daemon's upstream Styxy gave a port it granted here to another client.
+    Conflict,
     Error,
 }
 
@@ -37,6 +39,7 @@ impl Action {
             Action::Observed => "observed",
             Action::Redirected => "redirected",
             Action::Isolated => "isolated",
+            Action::Conflict => "conflict",
             Action::Error => "error",
         }
     }

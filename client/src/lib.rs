@@ -11,7 +11,6 @@ pub mod paths;
 pub mod policy;
 pub mod portmap;
 pub mod session;
-pub mod sticky;
 
 /// Marks the built-in daemon's own test binds (the 4th syscall argument, which `bind`
 /// ignores): `exec`'s seccomp filter lets them through. A daemon started inside a

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod procinfo;
 pub mod server;
 pub mod state;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::io;
@@ -53,6 +54,8 @@ pub struct Options {
     pub grace: Duration,
     /// How often dead owners are swept.
     pub sweep_every: Duration,
+    /// Styxy, when the daemon fronts it: every grant is mirrored there.
+    pub upstream: Option<upstream::Config>,
 }
 
 impl Default for Options {
@@ -62,6 +65,7 @@ impl Default for Options {
             http: None,
             grace: Duration::from_secs(120),
             sweep_every: Duration::from_secs(1),
+            upstream: None,
         }
     }
 }
@@ -74,6 +78,11 @@ pub struct Shared {
     pub last_activity: AtomicU64,
     pub token: Option<String>,
     pub metrics: metrics::Metrics,
+    /// The upstream Styxy's worker, when there is one.
+    pub upstream: std::sync::OnceLock<Arc<upstream::Upstream>>,
+    /// Processes (an `env` shell, an `exec`) whose sessions may still ask: the daemon
+    /// does not idle-exit while one of them lives.
+    pub anchors: Mutex<Vec<state::Owner>>,
     persist_tx: Mutex<mpsc::Sender<Persist>>,
     /// Serialises snapshot writes (the writer thread and the final one at exit).
     write_lock: Mutex<()>,
@@ -85,6 +94,13 @@ enum Persist {
 }
 
 impl Shared {
+    /// Whether a process that anchored a session still runs (dead anchors are dropped).
+    pub fn anchored(&self) -> bool {
+        let mut a = self.anchors.lock();
+        a.retain(|o| procinfo::alive(o.pid, o.start));
+        !a.is_empty()
+    }
+
     /// Asks the writer thread to save the state; the answer does not wait for the disk.
     pub fn persist(&self) {
         let _ = self.persist_tx.lock().send(Persist::Save);
@@ -192,6 +208,9 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         }
     };
     let mut st = State::new(policy, map, opts.grace.as_millis() as u64);
+    if let Some(cfg) = opts.upstream.as_ref().and_then(|u| upstream::config(u, Duration::from_millis(500))) {
+        st.policy.apply_config(&cfg);
+    }
     load_state(&mut st);
 
     let token = match opts.http {
@@ -206,12 +225,23 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         last_activity: AtomicU64::new(now_ms()),
         token,
         metrics: metrics::Metrics::default(),
+        upstream: std::sync::OnceLock::new(),
+        anchors: Mutex::new(Vec::new()),
         persist_tx: Mutex::new(tx),
         write_lock: Mutex::new(()),
     });
     let writer = {
         let sh = shared.clone();
         std::thread::Builder::new().name("persist".into()).spawn(move || persist_loop(&sh, rx)).map_err(|e| RunError::Io(e.to_string()))?
+    };
+    let upstream_worker = match opts.upstream.clone() {
+        Some(cfg) => {
+            log!("upstream: Styxy at {}", cfg.endpoint);
+            let (up, handle) = upstream::Upstream::start(cfg, Arc::downgrade(&shared)).map_err(|e| RunError::Io(e.to_string()))?;
+            let _ = shared.upstream.set(up);
+            Some(handle)
+        }
+        None => None,
     };
 
     let sock = paths::socket_path();
@@ -226,6 +256,10 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     activation::release(&sock);
     let _ = std::fs::remove_file(&pid_path);
     drop(rt);
+    if let (Some(up), Some(h)) = (shared.upstream.get(), upstream_worker) {
+        up.stop();
+        let _ = h.join();
+    }
     let _ = shared.persist_tx.lock().send(Persist::Stop);
     let _ = writer.join();
     write_snapshot(&shared);
@@ -272,7 +306,7 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
                 }
                 if let Some(idle) = opts.idle_exit {
                     let quiet = now_ms().saturating_sub(shared.last_activity.load(Ordering::Relaxed));
-                    if held == 0 && quiet > idle.as_millis() as u64 {
+                    if held == 0 && quiet > idle.as_millis() as u64 && !shared.anchored() {
                         log!("idle for {}s with no allocations: exiting", quiet / 1000);
                         break;
                     }

@@ -218,7 +218,14 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
     let started = std::time::Instant::now();
     let m = json_body(body).await?;
     let req = parse_allocate(&m, peer)?;
-    let result = sh.state.lock().allocate(&req, now_ms());
+    let mut result = sh.state.lock().allocate(&req, now_ms());
+    if let Ok(g) = &mut result {
+        if !req.dry_run && !g.existing {
+            if let Some(theirs) = crate::upstream::mirror_grant(&sh, g.port).await {
+                g.port = theirs; // Styxy held ours for another client and chose this one
+            }
+        }
+    }
     sh.metrics.observe_allocate(started.elapsed(), result.is_ok());
     match result {
         Ok(g) => {
@@ -290,6 +297,7 @@ async fn status(AxState(sh): AxState<Arc<Shared>>) -> Response {
         "allocations": allocations,
         "instances": sh.instances.lock().len(),
         "memory": {"rss_bytes": rss_bytes()},
+        "upstream": crate::upstream::report(&sh),
     }))
     .into_response()
 }
@@ -330,6 +338,7 @@ fn allocation_json(a: &crate::state::Allocation, now: u64) -> Value {
         "age_s": now.saturating_sub(a.allocated_at_ms) / 1000,
         "requested_port": a.requested_port,
         "comm": a.comm,
+        "upstream": a.upstream,
     })
 }
 
@@ -359,6 +368,15 @@ async fn instance_register(AxState(sh): AxState<Arc<Shared>>, body: Body) -> Api
     let id = opt_str(&m, "instance_id")?.ok_or_else(|| ApiError::bad("instance_id is required"))?;
     if !valid_instance_id(id) {
         return Err(ApiError::bad("instance_id must be 1-100 characters of A-Z, a-z, 0-9, _ and -"));
+    }
+    // built-in extra: the pid of a process (an `env` shell, an `exec`) that anchors the
+    // session: the daemon stays while it lives
+    if let Some(v) = m.get("pid").filter(|v| !v.is_null()) {
+        let owner = Owner::of(pid_value(v)?).ok_or_else(|| ApiError::bad("pid is not a running process"))?;
+        let mut anchors = sh.anchors.lock();
+        if !anchors.contains(&owner) {
+            anchors.push(owner);
+        }
     }
     let now = now_ms();
     let entry = json!({"instance_id": id, "working_directory": m.get("working_directory"), "metadata": m.get("metadata"),

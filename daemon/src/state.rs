@@ -2,7 +2,7 @@
 //! the rules for granting one. Pure bookkeeping under the daemon's lock; the OS is
 //! consulted through `procinfo` only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use styxy_preload_client::api::Holder;
@@ -50,6 +50,35 @@ pub struct Allocation {
     pub comm: Option<String>,
     pub owners: Vec<Owner>,
     pub allocated_at_ms: u64,
+    /// Its standing in the upstream Styxy, when the daemon has one.
+    #[serde(default)]
+    pub upstream: Standing,
+}
+
+/// An allocation's standing in the upstream Styxy (docs/ARCHITECTURE.md "One path").
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Standing {
+    /// Not in Styxy: there is no upstream, or it has not been asked yet.
+    #[default]
+    Pending,
+    /// Styxy holds it under this lock, (re)granted then: Styxy forgets every lock ~30 min
+    /// after its allocate.
+    Mirrored { lock_id: String, asserted_at_ms: u64 },
+    /// Styxy will not register it because its test-bind of 127.0.0.1 sees the server on
+    /// it; that same test-bind keeps Styxy from handing the port to anyone else.
+    Served,
+    /// Styxy holds it for another client.
+    Conflict,
+}
+
+impl Standing {
+    pub fn lock_id(&self) -> Option<&str> {
+        match self {
+            Standing::Mirrored { lock_id, .. } => Some(lock_id),
+            _ => None,
+        }
+    }
 }
 
 impl Allocation {
@@ -72,6 +101,9 @@ pub struct Snapshot {
     pub saved_at_ms: u64,
     pub allocations: Vec<Allocation>,
     pub recent: Vec<Recent>,
+    /// Styxy locks still to release.
+    #[serde(default)]
+    pub upstream_releases: Vec<String>,
 }
 
 /// A validated `POST /allocate`.
@@ -112,11 +144,24 @@ pub struct State {
     pub map: Option<PortMap>,
     pub grace_ms: u64,
     pub port_in_use: fn(u16) -> bool,
+    /// Ports the upstream Styxy holds for other clients: never granted here.
+    pub upstream_held: BTreeSet<u16>,
+    /// Styxy locks of freed allocations, for the upstream worker to release.
+    pub upstream_releases: Vec<String>,
 }
 
 impl State {
     pub fn new(policy: Policy, map: Option<PortMap>, grace_ms: u64) -> State {
-        State { allocs: BTreeMap::new(), recent: Vec::new(), policy, map, grace_ms, port_in_use: procinfo::port_in_use }
+        State {
+            allocs: BTreeMap::new(),
+            recent: Vec::new(),
+            policy,
+            map,
+            grace_ms,
+            port_in_use: procinfo::port_in_use,
+            upstream_held: BTreeSet::new(),
+            upstream_releases: Vec::new(),
+        }
     }
 
     pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
@@ -181,15 +226,20 @@ impl State {
             comm: req.comm.clone(),
             owners: req.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
             allocated_at_ms: now_ms,
+            upstream: Standing::Pending,
         };
         self.publish(&a);
         self.allocs.insert(port, a);
         Ok(Grant { port, lock_id, existing: false, holder })
     }
 
-    /// A port is free if no live allocation holds it and nothing is bound to it.
-    /// An allocation whose owners are all gone (and whose port nobody serves) is freed here.
-    fn free(&mut self, port: u16, now_ms: u64) -> bool {
+    /// A port is free if no live allocation holds it, the upstream Styxy does not hold it
+    /// for another client, and nothing is bound to it. An allocation whose owners are all
+    /// gone (and whose port nobody serves) is freed here.
+    pub fn free(&mut self, port: u16, now_ms: u64) -> bool {
+        if self.upstream_held.contains(&port) {
+            return false;
+        }
         if let Some(a) = self.allocs.get(&port) {
             if a.live() {
                 return false;
@@ -232,11 +282,27 @@ impl State {
     pub fn remove(&mut self, port: u16, now_ms: u64) -> Option<Allocation> {
         let a = self.allocs.remove(&port)?;
         self.unpublish(&a);
+        if let Some(l) = a.upstream.lock_id() {
+            self.upstream_releases.push(l.to_string());
+        }
         if let (Some(s), Some(r)) = (&a.session, a.requested_port) {
             self.recent.retain(|x| !(&x.session == s && x.requested == r));
             self.recent.push(Recent { session: s.clone(), requested: r, port, freed_at_ms: now_ms });
         }
         Some(a)
+    }
+
+    /// Moves the allocation at `from` to the free port `to` (the upstream's own choice,
+    /// before the client has its answer).
+    pub fn relocate(&mut self, from: u16, to: u16) -> bool {
+        let Some(mut a) = self.allocs.remove(&from) else {
+            return false;
+        };
+        self.unpublish(&a);
+        a.port = to;
+        self.publish(&a);
+        self.allocs.insert(to, a);
+        true
     }
 
     pub fn release(&mut self, lock_id: &str, now_ms: u64) -> Option<Allocation> {
@@ -276,7 +342,12 @@ impl State {
     }
 
     pub fn snapshot(&self, now_ms: u64) -> Snapshot {
-        Snapshot { saved_at_ms: now_ms, allocations: self.allocs.values().cloned().collect(), recent: self.recent.clone() }
+        Snapshot {
+            saved_at_ms: now_ms,
+            allocations: self.allocs.values().cloned().collect(),
+            recent: self.recent.clone(),
+            upstream_releases: self.upstream_releases.clone(),
+        }
     }
 
     /// Reloads a snapshot, keeping only allocations that are still live (an owner
@@ -284,6 +355,7 @@ impl State {
     pub fn restore(&mut self, snap: Snapshot, now_ms: u64) -> (usize, usize) {
         let (mut kept, mut dropped) = (0, 0);
         self.recent = snap.recent;
+        self.upstream_releases = snap.upstream_releases;
         for a in snap.allocations {
             if a.live() && !self.allocs.contains_key(&a.port) {
                 self.publish(&a);
@@ -291,6 +363,9 @@ impl State {
                 kept += 1;
             } else {
                 dropped += 1;
+                if let Some(l) = a.upstream.lock_id() {
+                    self.upstream_releases.push(l.to_string());
+                }
                 if let (Some(s), Some(r)) = (&a.session, a.requested_port) {
                     self.recent.push(Recent { session: s.clone(), requested: r, port: a.port, freed_at_ms: now_ms });
                 }

@@ -237,7 +237,7 @@ _styxy__preload() {
             return 0
             ;;
         styxy__subcmd__preload__subcmd__daemon__subcmd__run)
-            opts="-h --http --idle-exit --grace --help"
+            opts="-h --http --idle-exit --upstream --no-upstream --upstream-expiry --grace --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -248,6 +248,14 @@ _styxy__preload() {
                     return 0
                     ;;
                 --idle-exit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --upstream)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --upstream-expiry)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -263,7 +271,7 @@ _styxy__preload() {
             return 0
             ;;
         styxy__subcmd__preload__subcmd__daemon__subcmd__start)
-            opts="-h --http --idle-exit --grace --help"
+            opts="-h --http --idle-exit --upstream --no-upstream --upstream-expiry --grace --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -274,6 +282,14 @@ _styxy__preload() {
                     return 0
                     ;;
                 --idle-exit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --upstream)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --upstream-expiry)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -9,10 +9,9 @@ use libc::{EADDRINUSE, SOCK_STREAM};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use styxy_preload_client::api::{self, AllocateReply, AllocateRequest};
-use styxy_preload_client::eventlog::{self, Action};
+use styxy_preload_client::eventlog::Action;
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Decision;
-use styxy_preload_client::sticky;
 
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::{self, Mode, Process};
@@ -70,44 +69,8 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         event(out(orig.port, Action::Passthrough, Some(why), None, 0));
         return Verdict::Done(Err(EADDRINUSE));
     }
-    let Some(ep) = process::endpoint() else {
-        event(out(orig.port, Action::Passthrough, Some("no coordinator".into()), None, 0));
-        return Verdict::AsAsked;
-    };
-    let styxy = matches!(ep, Endpoint::Tcp { .. });
+    let ep = process::endpoint();
     let backend = Some(ep.backend());
-    if styxy {
-        // Styxy's allocate is not idempotent: the session's own mapping, if any, is on disk
-        if let Some(m) = p.session.as_deref().and_then(|s| sticky::lookup(s, orig.port)) {
-            return match sock.run(Some(&orig.with_port(m.port))) {
-                Ok(()) => {
-                    if let Some(s) = &p.session {
-                        sticky::add_owner(s, &m.lock_id, who.pid);
-                    }
-                    let action = if m.port == orig.port {
-                        Action::Kept
-                    } else {
-                        notify_remap(p, who, orig.port, m.port);
-                        Action::Remapped
-                    };
-                    event(out(m.port, action, Some("the session's mapping".into()), backend, 0));
-                    Verdict::Done(Ok(()))
-                }
-                Err(EADDRINUSE) => {
-                    event(out(m.port, Action::Error, Some("session already holds this port".into()), backend, 0));
-                    Verdict::Done(Err(EADDRINUSE))
-                }
-                Err(_) => Verdict::AsAsked,
-            };
-        }
-        let until = sticky::backoff_until();
-        let now = eventlog::now_ms();
-        if until > now {
-            let why = format!("rate limited (429): not asking again for {} s", (until - now).div_ceil(1000));
-            event(out(orig.port, Action::Passthrough, Some(why), backend, 0));
-            return Verdict::AsAsked;
-        }
-    }
     let mut req = AllocateRequest {
         service_type: ty.to_string(),
         service_name: Some(api::service_name(who.comm, orig.port)),
@@ -124,38 +87,16 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
     loop {
         let reply = match allocate(ep, &req) {
             Ok(r) => r,
-            Err(f) => {
-                if let Some(secs) = f.retry_after {
-                    sticky::set_backoff_until(eventlog::now_ms() + secs.max(1) * 1000);
-                }
-                if styxy {
-                    warn_once(p, who, ep, &f.reason);
-                }
-                event(out(orig.port, Action::Passthrough, Some(f.reason), backend, retries));
+            Err(reason) => {
+                warn_once(p, who, ep, &reason);
+                event(out(orig.port, Action::Passthrough, Some(reason), backend, retries));
                 return Verdict::AsAsked;
             }
         };
-        let Some((mut port, lock)) = reply.granted() else {
+        let Some((port, _)) = reply.granted() else {
             event(out(orig.port, Action::Passthrough, Some("no port granted".into()), backend, retries));
             return Verdict::AsAsked;
         };
-        let mut lock = lock.map(str::to_string);
-        if styxy {
-            if let (Some(s), Some(l)) = (&p.session, &lock) {
-                // another process of the session mapped this port first: use its port
-                if let Err(winner) = sticky::claim(s, &sticky::Mapping { requested: orig.port, port, lock_id: l.clone() }) {
-                    port = winner.port;
-                    lock = Some(winner.lock_id);
-                }
-                if let Some(l) = &lock {
-                    sticky::add_owner(s, l, who.pid);
-                }
-            } else if let (None, Some(l)) = (&p.session, &lock) {
-                if who.pid == process::pid() {
-                    release_at_exit(ep, l);
-                }
-            }
-        }
         let err = match sock.run(Some(&orig.with_port(port))) {
             Ok(()) => {
                 let (action, reason) = if port == orig.port {
@@ -186,42 +127,19 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
     }
 }
 
-/// One line on stderr per process when Styxy cannot be used, not one per bind.
+/// One line on stderr per process when the daemon cannot be asked, not one per bind:
+/// coordination never stops silently.
 fn warn_once(p: &Process, who: &Caller, ep: &Endpoint, reason: &str) {
     static WARNED: AtomicU32 = AtomicU32::new(0);
     if WARNED.swap(who.pid, Ordering::Relaxed) != who.pid {
-        report::notify(p, &format!("{ep}: {reason}; ports pass through uncoordinated"));
-    }
-}
-
-/// Locks a process outside any session took from Styxy, released when it exits
-/// (Styxy never notices a dead client by itself). Best effort, bounded.
-static OWN_LOCKS: parking_lot::Mutex<Vec<(u32, String)>> = parking_lot::Mutex::new(Vec::new());
-static EXIT_ENDPOINT: once_cell::race::OnceBox<Endpoint> = once_cell::race::OnceBox::new();
-
-fn release_at_exit(ep: &Endpoint, lock: &str) {
-    static REGISTERED: AtomicU32 = AtomicU32::new(0);
-    let _ = EXIT_ENDPOINT.get_or_init(|| Box::new(ep.clone()));
-    if let Some(mut locks) = OWN_LOCKS.try_lock_for(std::time::Duration::from_millis(5)) {
-        locks.push((process::pid(), lock.to_string()));
-    }
-    if REGISTERED.swap(1, Ordering::Relaxed) == 0 {
-        // SAFETY: registering a plain extern "C" fn.
-        unsafe { libc::atexit(release_own_locks) };
-    }
-}
-
-extern "C" fn release_own_locks() {
-    let _ = std::panic::catch_unwind(|| {
-        let (Some(ep), Some(locks)) = (EXIT_ENDPOINT.get(), OWN_LOCKS.try_lock()) else {
-            return;
+        let fix = match reason {
+            "no coordinator" | "coordinator timeout" => {
+                "; start it with `styxy-preload daemon start`, or run the tool under `styxy-preload exec`"
+            }
+            _ => "",
         };
-        let pid = process::pid();
-        let t = Timeouts { connect: std::time::Duration::from_millis(50), total: std::time::Duration::from_millis(300), max_body: 4096 };
-        for (_, lock) in locks.iter().filter(|(p, _)| *p == pid) {
-            let _ = http::call(ep, "DELETE", &format!("/allocate/{lock}"), None, t);
-        }
-    });
+        report::notify(p, &format!("{reason} ({ep}): ports pass through uncoordinated{fix}"));
+    }
 }
 
 fn holder_text(reply: &AllocateReply) -> String {
@@ -240,20 +158,8 @@ fn notify_remap(p: &Process, who: &Caller, requested: u16, port: u16) {
     report::notify(p, &format!("port {requested} is taken; {} (pid {}) got {port}", who.comm, who.pid));
 }
 
-/// Why an allocation failed (the event log's reason), and Styxy's `Retry-After`.
-pub struct Failure {
-    pub reason: String,
-    pub retry_after: Option<u64>,
-}
-
-impl From<String> for Failure {
-    fn from(reason: String) -> Failure {
-        Failure { reason, retry_after: None }
-    }
-}
-
-/// `POST /allocate`.
-pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, Failure> {
+/// `POST /allocate` to the local daemon; the event log's reason when it fails.
+pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, String> {
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let res = http::call(ep, "POST", "/allocate", Some(&body), Timeouts::HOOK).map_err(|e| match e {
         http::Error::Unreachable(_) => "no coordinator".to_string(),
@@ -261,12 +167,10 @@ pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, F
         e => e.to_string(),
     })?;
     match res.status {
-        200 => Ok(res.json::<AllocateReply>().map_err(|e| e.to_string())?),
-        429 => Err(Failure { reason: "rate limited (429)".into(), retry_after: Some(res.retry_after.unwrap_or(60)) }),
-        401 => Err("coordinator refused the token (401)".to_string().into()),
+        200 => res.json::<AllocateReply>().map_err(|e| e.to_string()),
         s => {
             let msg = res.json::<AllocateReply>().ok().and_then(|r| r.error).unwrap_or_else(|| "non-JSON error page".into());
-            Err(format!("coordinator answered {s}: {msg}").into())
+            Err(format!("coordinator answered {s}: {msg}"))
         }
     }
 }

@@ -1,19 +1,18 @@
 //! `listen()`: confirms a coordinated port (the pid becomes an owner of its
 //! allocation) and observes listens on port 0 or unbound sockets. Never changes anything.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use serde_json::json;
 use styxy_preload_client::eventlog::Action;
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
+use styxy_preload_client::http::{self, Timeouts};
 use styxy_preload_client::policy::Decision;
 
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::{self, Mode, Process};
 use crate::report::{self, Outcome};
 
-/// Makes the `listen()` on `sock`, then tells the coordinator or the log about it.
+/// Makes the `listen()` on `sock`, then tells the daemon or the log about it.
 pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
     let before = sock.local_addr();
     let r = sock.run(None);
@@ -41,17 +40,9 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
             }
         }
         Some(a) if p.mode != Mode::Observe && matches!(p.policy.decide(a.port), Decision::Coordinated(_)) => {
-            if let Some(ep) = process::endpoint() {
-                // Styxy learns a client's pid only this way, and counts every request
-                // against 100 a minute: once per process. The built-in daemon makes
-                // the pid an owner of this port's allocation: every listen.
-                static REGISTERED: AtomicU32 = AtomicU32::new(0);
-                let styxy = matches!(ep, Endpoint::Tcp { .. });
-                if !styxy || REGISTERED.swap(who.pid, Ordering::Relaxed) != who.pid {
-                    let body = json!({"pid": who.pid, "instance_id": p.session, "port": a.port, "project_path": who.cwd});
-                    let _ = http::call(ep, "POST", "/register-instance", Some(body.to_string().as_bytes()), Timeouts::HOOK);
-                }
-            }
+            // the pid becomes an owner of this port's allocation
+            let body = json!({"pid": who.pid, "instance_id": p.session, "port": a.port, "project_path": who.cwd});
+            let _ = http::call(process::endpoint(), "POST", "/register-instance", Some(body.to_string().as_bytes()), Timeouts::HOOK);
         }
         _ => {}
     }

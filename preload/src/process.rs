@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use once_cell::race::OnceBox;
-use styxy_preload_client::discovery;
-use styxy_preload_client::http::{Endpoint, Timeouts};
+use styxy_preload_client::http::Endpoint;
 use styxy_preload_client::paths;
 use styxy_preload_client::policy::Policy;
 use styxy_preload_client::portmap::PortMap;
@@ -93,40 +92,34 @@ pub fn seccomp_filters() -> u32 {
 }
 
 static PROCESS: OnceBox<Process> = OnceBox::new();
-static ENDPOINT: OnceBox<Option<Endpoint>> = OnceBox::new();
 static MAP: AtomicPtr<PortMap> = AtomicPtr::new(std::ptr::null_mut());
 
 pub fn get() -> &'static Process {
     PROCESS.get_or_init(|| Box::new(Process::from_env()))
 }
 
-/// The coordinator: `STYXY_URL` (what `exec` hands down), else discovered once.
-pub fn endpoint() -> Option<&'static Endpoint> {
-    ENDPOINT
-        .get_or_init(|| {
-            Box::new(match discovery::from_env_url() {
-                Ok(Some(ep)) => Some(ep),
-                Ok(None) => discovery::discover(Timeouts::HOOK).ok().flatten().map(|f| f.endpoint),
-                Err(_) => None,
-            })
-        })
-        .as_ref()
+/// The local daemon: the only coordinator the hooks talk to, and its port map beside
+/// its socket. The socket is the one `STYXY_URL` names when that is a `unix:` URL
+/// (what `exec` and `env` hand down), else the one in the runtime directory; an
+/// `http://` `STYXY_URL` (Styxy) is the daemon's upstream, never the hooks'
+/// (ARCHITECTURE.md "One path").
+struct Daemon {
+    endpoint: Endpoint,
+    portmap: PathBuf,
 }
 
-/// Where the built-in daemon's port map is: next to its socket when `STYXY_URL` names
-/// one, in the runtime directory when `STYXY_URL` is unset, nowhere with Styxy (TCP).
-fn portmap_path() -> Option<&'static PathBuf> {
-    static PATH: OnceBox<Option<PathBuf>> = OnceBox::new();
-    PATH.get_or_init(|| {
-        Box::new(match std::env::var("STYXY_URL").ok().filter(|u| !u.trim().is_empty()) {
-            None => Some(paths::portmap_path()),
-            Some(url) => match Endpoint::parse(url.trim()) {
-                Ok(Endpoint::Unix(sock)) => Some(sock.with_file_name("ports.map")),
-                _ => None,
-            },
-        })
+fn daemon() -> &'static Daemon {
+    static DAEMON: OnceBox<Daemon> = OnceBox::new();
+    DAEMON.get_or_init(|| {
+        let named =
+            std::env::var("STYXY_URL").ok().and_then(|u| u.trim().strip_prefix("unix:").map(|p| PathBuf::from(p.trim_start_matches("//"))));
+        let sock = named.filter(|p| p.is_absolute()).unwrap_or_else(paths::socket_path);
+        Box::new(Daemon { portmap: sock.with_file_name("ports.map"), endpoint: Endpoint::Unix(sock) })
     })
-    .as_ref()
+}
+
+pub fn endpoint() -> &'static Endpoint {
+    &daemon().endpoint
 }
 
 /// The built-in daemon's port map. Not cached while missing (one failed open), so a
@@ -137,7 +130,7 @@ pub fn portmap() -> Option<&'static PortMap> {
         // SAFETY: published once below and never freed.
         return Some(unsafe { &*p });
     }
-    let map = Box::into_raw(Box::new(PortMap::open_readonly(portmap_path()?).ok()?));
+    let map = Box::into_raw(Box::new(PortMap::open_readonly(&daemon().portmap).ok()?));
     match MAP.compare_exchange(std::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
         // SAFETY: we just published it; it lives for the process.
         Ok(_) => Some(unsafe { &*map }),

@@ -3,20 +3,26 @@
 use std::time::{Duration, Instant};
 
 use styxy_preload_client::discovery;
-use styxy_preload_client::http::{self, Timeouts};
+use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::paths;
-use styxy_preload_daemon::{Options, RunError};
+use styxy_preload_daemon::{upstream, Options, RunError};
 
 use crate::cli::{DaemonCommand, DaemonRunArgs};
 use crate::coordinator::{self, PROBE};
 
-fn options(a: &DaemonRunArgs) -> Options {
-    Options {
+fn options(a: &DaemonRunArgs) -> Result<Options, String> {
+    let upstream = match (&a.upstream, a.no_upstream) {
+        (_, true) => None,
+        (Some(url), _) => Some(Endpoint::parse(url).map_err(|e| format!("--upstream {e}"))?.with_token(discovery::styxy_token())),
+        (None, false) => Some(discovery::upstream()?),
+    };
+    Ok(Options {
         idle_exit: (a.idle_exit > 0).then(|| Duration::from_secs(a.idle_exit)),
         http: a.http,
         grace: Duration::from_secs(a.grace),
+        upstream: upstream.map(|ep| upstream::Config::with_expiry(ep, Duration::from_secs(a.upstream_expiry))),
         ..Options::default()
-    }
+    })
 }
 
 fn args_of(a: &DaemonRunArgs) -> Vec<String> {
@@ -24,12 +30,19 @@ fn args_of(a: &DaemonRunArgs) -> Vec<String> {
     if let Some(h) = a.http {
         v.extend(["--http".to_string(), h.to_string()]);
     }
+    if let Some(u) = &a.upstream {
+        v.extend(["--upstream".to_string(), u.clone()]);
+    }
+    if a.no_upstream {
+        v.push("--no-upstream".into());
+    }
+    v.extend(["--upstream-expiry".to_string(), a.upstream_expiry.to_string()]);
     v
 }
 
 pub fn run(cmd: DaemonCommand) -> Result<i32, String> {
     match cmd {
-        DaemonCommand::Run(a) => match styxy_preload_daemon::run(options(&a)) {
+        DaemonCommand::Run(a) => match styxy_preload_daemon::run(options(&a)?) {
             Ok(()) => Ok(0),
             Err(e @ RunError::AlreadyRunning) => Err(format!("{e}; stop it with `styxy-preload daemon stop`")),
             Err(e) => Err(e.to_string()),
@@ -41,7 +54,7 @@ pub fn run(cmd: DaemonCommand) -> Result<i32, String> {
         }
         DaemonCommand::Stop => stop(),
         DaemonCommand::Status => {
-            let ep = coordinator::builtin();
+            let ep = coordinator::local()?;
             match http::call(&ep, "GET", "/status", None, PROBE) {
                 Ok(r) if r.status == 200 => {
                     let v: serde_json::Value = r.json().map_err(|e| e.to_string())?;
@@ -64,12 +77,12 @@ pub fn run(cmd: DaemonCommand) -> Result<i32, String> {
 }
 
 fn daemon_pid() -> Option<i32> {
-    let v: serde_json::Value = http::call(&coordinator::builtin(), "GET", "/status", None, PROBE).ok()?.json().ok()?;
+    let v: serde_json::Value = http::call(&coordinator::local().ok()?, "GET", "/status", None, PROBE).ok()?.json().ok()?;
     v["pid"].as_i64().map(|p| p as i32)
 }
 
 fn stop() -> Result<i32, String> {
-    let ep = coordinator::builtin();
+    let ep = coordinator::local()?;
     let Some(pid) = daemon_pid() else {
         println!("not running (no answer at {ep})");
         return Ok(0);

@@ -13,10 +13,10 @@ fn quote(s: &str) -> String {
 pub fn run(a: EnvArgs) -> Result<i32, String> {
     let lib = libpath::find()?;
     let session = super::session_arg(a.session)?.unwrap_or_else(session::new_id);
-    let endpoint = match coordinator::discover()? {
-        Some(f) => f.endpoint,
-        None => coordinator::start_daemon(&[])?,
-    };
+    let endpoint = coordinator::ensure()?;
+    // the shell that evaluates these lines anchors the session: the daemon stays while it runs
+    // SAFETY: getppid cannot fail.
+    coordinator::anchor(&endpoint, &session, unsafe { libc::getppid() } as u32);
     let preload = libpath::preload_value(&lib);
     let vars = [("LD_PRELOAD", preload), ("STYXY_URL", endpoint.to_string()), (session::ENV, session)];
     for (k, v) in vars {

@@ -16,7 +16,7 @@ use styxy_preload_client::api::AllocateReply;
 use styxy_preload_client::eventlog::{self, Action};
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Policy;
-use styxy_preload_client::{paths, session, sticky};
+use styxy_preload_client::{discovery, paths, session};
 
 use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
 
@@ -26,14 +26,19 @@ use crate::{coordinator, elf, libpath, seccomp, tools};
 pub fn run(a: ExecArgs) -> Result<i32, String> {
     let lib = libpath::find()?;
     let session = super::session_arg(a.session)?.unwrap_or_else(session::new_id);
-    let endpoint = match coordinator::discover()? {
-        Some(found) => Some(found.endpoint),
-        None if a.no_start_daemon => {
-            eprintln!("styxy-preload: no coordinator answers and --no-start-daemon is set: ports pass through uncoordinated");
-            None
+    let endpoint = if a.no_start_daemon {
+        let ep = coordinator::local()?;
+        let up = discovery::answers(&ep, coordinator::PROBE);
+        if !up {
+            eprintln!("styxy-preload: the daemon does not answer at {ep} and --no-start-daemon is set: ports pass through uncoordinated");
         }
-        None => Some(coordinator::start_daemon(&[])?),
+        up.then_some(ep)
+    } else {
+        Some(coordinator::ensure()?)
     };
+    if let Some(ep) = &endpoint {
+        coordinator::anchor(ep, &session, std::process::id());
+    }
     let program = a.cmd.first().ok_or("no command given")?.clone();
     let seccomp = use_seccomp(a.seccomp, a.no_seccomp, &program);
 
@@ -78,8 +83,8 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let mut cmd = Command::new(&program);
     cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
-    // connect is trapped only where it can be virtualised: the built-in daemon's port map
-    let connect = matches!(endpoint, Some(Endpoint::Unix(_)));
+    // connect is trapped only where it can be virtualised: with the daemon's port map
+    let connect = endpoint.is_some();
     let prepared = seccomp.then(|| seccomp::prepare(&mut cmd, &env, connect)).transpose().map_err(|e| format!("seccomp mode: {e}"))?;
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -124,15 +129,10 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let _ = forwarder.join();
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
 
-    match &endpoint {
-        // the daemon frees what dead processes held; live ones (daemonised servers, other
-        // processes of the session) keep theirs
-        Some(ep @ Endpoint::Unix(_)) => {
-            let _ = http::call(ep, "POST", "/cleanup", Some(b"{}"), Timeouts::CLI);
-        }
-        // Styxy never notices dead clients: release the locks nobody alive uses
-        Some(ep @ Endpoint::Tcp { .. }) => release_dead_locks(ep, &session),
-        None => {}
+    // the daemon frees what dead processes held (and releases it in its upstream Styxy);
+    // live ones (daemonised servers, other processes of the session) keep theirs
+    if let Some(ep) = &endpoint {
+        let _ = http::call(ep, "POST", "/cleanup", Some(b"{}"), Timeouts::CLI);
     }
     if !a.quiet {
         summary(&session, started_ms);
@@ -151,34 +151,6 @@ fn coordinator_types(ep: &Endpoint) -> Option<String> {
         return None;
     }
     Some(json!({ "service_types": cfg["service_types"] }).to_string())
-}
-
-/// Releases, concurrently and each within 3 s (a Styxy DELETE can take a second), the
-/// session's locks whose processes are all gone. Styxy's fresh-install quirk answers
-/// 400 "ENOENT" although the release succeeded: that counts as released. A lock whose
-/// release fails stays on disk for the next `exec` of the session to try again.
-fn release_dead_locks(ep: &Endpoint, session: &str) {
-    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
-    let dead: Vec<sticky::Mapping> =
-        sticky::entries(session).into_iter().filter(|(_, pids)| !pids.iter().any(|p| alive(*p))).map(|(m, _)| m).collect();
-    let t = Timeouts { total: std::time::Duration::from_secs(3), ..Timeouts::CLI };
-    std::thread::scope(|s| {
-        for m in &dead {
-            s.spawn(move || {
-                // "not found": Styxy already dropped it (its 30-minute expiry)
-                let released = match http::call(ep, "DELETE", &format!("/allocate/{}", m.lock_id), None, t) {
-                    Ok(r) => {
-                        r.status == 200
-                            || (r.status == 400 && ["ENOENT", "not found"].iter().any(|k| String::from_utf8_lossy(&r.body).contains(k)))
-                    }
-                    Err(_) => false,
-                };
-                if released {
-                    sticky::forget(session, m);
-                }
-            });
-        }
-    });
 }
 
 /// `--seccomp`, or a static or Go program without `--no-seccomp`; and possible here.

@@ -24,10 +24,7 @@ pub fn run(a: PortArgs) -> Result<i32, String> {
         Some(p) => p,
         None => policy.service_type(&ty).map(|t| t.preferred.first().copied().unwrap_or(t.range.0)).unwrap_or(3000),
     };
-    let ep = match coordinator::discover()? {
-        Some(f) => f.endpoint,
-        None => coordinator::start_daemon(&[])?,
-    };
+    let ep = coordinator::ensure()?;
     // The allocation lives as long as the shell (or agent) that asked, or while the port is served.
     // SAFETY: getppid cannot fail.
     let owner = unsafe { libc::getppid() } as u32;

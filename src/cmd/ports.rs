@@ -6,11 +6,9 @@ use styxy_preload_client::http::{self, Timeouts};
 use crate::coordinator;
 
 pub fn run(json: bool) -> Result<i32, String> {
-    let Some(found) = coordinator::discover()? else {
-        return Err("no coordinator answers. Start one with `styxy-preload daemon start` (or run Styxy)".into());
-    };
-    let ep = found.endpoint;
-    let res = http::call(&ep, "GET", "/allocations", None, Timeouts::CLI).map_err(|e| format!("{ep}: {e}"))?;
+    let ep = coordinator::local()?;
+    let res = http::call(&ep, "GET", "/allocations", None, Timeouts::CLI)
+        .map_err(|e| format!("{ep}: {e}. Start the daemon with `styxy-preload daemon start`"))?;
     if res.status != 200 {
         return Err(format!("{ep} answered HTTP {} to GET /allocations", res.status));
     }

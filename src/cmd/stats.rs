@@ -91,10 +91,10 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
     }
 
     // what is held now, if a coordinator answers
-    let live = coordinator::discover().ok().flatten().and_then(|f| {
-        let r = http::call(&f.endpoint, "GET", "/allocations", None, Timeouts::CLI).ok()?;
+    let live = coordinator::local().ok().and_then(|ep| {
+        let r = http::call(&ep, "GET", "/allocations", None, Timeouts::CLI).ok()?;
         let list: AllocationsReply = r.json().ok()?;
-        Some((f.endpoint.to_string(), list.allocations))
+        Some((ep.to_string(), list.allocations))
     });
     let policy = Policy::from_env().0;
     let mut ranges: Vec<Value> = Vec::new();

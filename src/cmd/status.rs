@@ -2,9 +2,9 @@
 //! something is broken.
 
 use std::ffi::CString;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use styxy_preload_client::http::{self};
+use styxy_preload_client::http::{self, Endpoint};
 use styxy_preload_client::{paths, policy::Policy, session};
 
 use crate::coordinator::{self, PROBE};
@@ -25,43 +25,11 @@ pub fn run() -> Result<i32, String> {
         },
         Err(e) => bad(format!("library: {e}"), "build it with `cargo build --release --workspace`, or set STYXY_PRELOAD_LIB".into()),
     }
-    match coordinator::discover() {
+    match coordinator::local() {
         Err(e) => {
             bad(format!("coordinator: {e}"), "set STYXY_URL to unix:/path/to/daemon.sock or http://127.0.0.1:9876, or unset it".into())
         }
-        Ok(None) => bad(
-            format!(
-                "coordinator: none answers (built-in socket {}, Styxy at {})",
-                paths::socket_path().display(),
-                styxy_preload_client::discovery::styxy_endpoint()
-            ),
-            "start one with `styxy-preload daemon start` (exec starts it by itself)".into(),
-        ),
-        Ok(Some(found)) => {
-            let mut times = Vec::new();
-            let mut ok = true;
-            for _ in 0..5 {
-                let t = Instant::now();
-                ok &= matches!(http::call(&found.endpoint, "GET", "/status", None, PROBE), Ok(r) if r.status == 200);
-                times.push(t.elapsed().as_micros());
-            }
-            times.sort_unstable();
-            if ok {
-                println!("✓ coordinator: {} ({}; /status median {} µs)", found.endpoint, found.why, times[2]);
-                println!(
-                    "✓ daemon: {}",
-                    http::call(&found.endpoint, "GET", "/status", None, PROBE)
-                        .ok()
-                        .and_then(|r| r.json::<serde_json::Value>().ok())
-                        .map_or_else(|| "?".into(), |v| run_mode(&v))
-                );
-            } else {
-                bad(
-                    format!("coordinator {} ({}) does not answer /status", found.endpoint, found.why),
-                    "check STYXY_URL, or restart with `styxy-preload daemon stop; styxy-preload daemon start`".into(),
-                );
-            }
-        }
+        Ok(ep) => daemon(&ep, &mut bad),
     }
     let mode = std::env::var("STYXY_PRELOAD_MODE").unwrap_or_else(|_| "coordinate".into());
     if !["coordinate", "on-conflict", "observe"].contains(&mode.as_str()) {
@@ -95,14 +63,13 @@ pub fn run() -> Result<i32, String> {
     Ok(if broken > 0 { 1 } else { 0 })
 }
 
-/// How the coordinator that answered `GET /status` with `v` runs, in words.
+/// How the daemon that answered `GET /status` with `v` runs, in words.
 pub fn run_mode(v: &serde_json::Value) -> String {
-    match (v["daemon"].as_str(), v["run_mode"].as_str()) {
-        (Some("styxy-preload"), Some("socket-activated")) => "socket-activated (systemd starts it on the first connection)".into(),
-        (Some("styxy-preload"), Some("on-demand")) => "started on demand by styxy-preload (exits when idle)".into(),
-        (Some("styxy-preload"), Some("foreground")) => "run in the foreground (styxy-preload daemon run)".into(),
-        (Some("styxy-preload"), other) => format!("run mode {}", other.unwrap_or("unknown")),
-        _ => "Styxy (not the built-in daemon)".into(),
+    match v["run_mode"].as_str() {
+        Some("socket-activated") => "socket-activated (systemd starts it on the first connection)".into(),
+        Some("on-demand") => "started on demand by styxy-preload (exits when idle)".into(),
+        Some("foreground") => "run in the foreground (styxy-preload daemon run)".into(),
+        other => format!("run mode {}", other.unwrap_or("unknown")),
     }
 }
 
@@ -118,4 +85,59 @@ fn loadable(path: &std::path::Path) -> Result<(), String> {
         libc::dlclose(h);
     }
     Ok(())
+}
+
+/// The local daemon's line, and its upstream Styxy's.
+fn daemon(ep: &Endpoint, bad: &mut impl FnMut(String, String)) {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..5 {
+        let t = Instant::now();
+        last = http::call(ep, "GET", "/status", None, PROBE).ok().filter(|r| r.status == 200);
+        times.push(t.elapsed().as_micros());
+    }
+    times.sort_unstable();
+    let Some(v) = last.and_then(|r| r.json::<serde_json::Value>().ok()) else {
+        return bad(
+            format!("coordinator: the daemon does not answer at {ep}"),
+            "start it with `styxy-preload daemon start` (exec starts it by itself)".into(),
+        );
+    };
+    println!("✓ coordinator: built-in daemon at {ep} (pid {}, /status median {} µs)", v["pid"], times[2]);
+    println!("✓ daemon: {}", run_mode(&v));
+    let up = &v["upstream"];
+    if up.is_null() {
+        println!("· upstream: none (the daemon runs with --no-upstream)");
+        return;
+    }
+    let url = up["url"].as_str().unwrap_or("?");
+    let when =
+        |k: &str| up[k].as_u64().map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string());
+    if up["refused"].as_bool() == Some(true) {
+        return bad(
+            format!(
+                "upstream: Styxy at {url} refuses the token (401): nothing is mirrored there, its other clients do not see these ports"
+            ),
+            "put Styxy's token in ~/.styxy/auth.token or STYXY_TOKEN (then `styxy-preload daemon stop`; the next exec restarts it)".into(),
+        );
+    }
+    if up["reachable"].as_bool() != Some(true) {
+        println!("· upstream: Styxy at {url} is not reachable; ports are granted here and mirrored once it answers");
+        return;
+    }
+    let mut facts = vec![format!("reachable, {} allocations mirrored", up["mirrored"])];
+    if up["served"].as_u64().unwrap_or(0) > 0 {
+        facts.push(format!("{} served and guarded by Styxy's own test-bind", up["served"]));
+    }
+    if up["pending"].as_u64().unwrap_or(0) > 0 {
+        facts.push(format!("{} waiting", up["pending"]));
+    }
+    if let Some(t) = when("last_429_ms") {
+        facts.push(format!("last 429 at {t}"));
+    }
+    println!("✓ upstream: Styxy at {url} ({})", facts.join(", "));
+    let conflicts = up["conflicts"].as_u64().unwrap_or(0);
+    if conflicts > 0 {
+        println!("! upstream: {conflicts} port(s) granted here are held in Styxy by another client (see `styxy-preload log`)");
+    }
 }

@@ -46,12 +46,13 @@ pub fn lib() -> PathBuf {
 }
 
 /// Tests that use the well-known ranges (3000, 8000…) take this lock: the ports are
-/// the machine's, whatever private world each test has. A file lock, so it also
-/// serialises test processes (nextest) and not only threads.
+/// the machine's, whatever private world each test has. A file lock in the machine's
+/// temporary directory, so it also serialises test processes (nextest) and other
+/// checkouts' test runs, not only threads.
 pub struct RangeLock(std::fs::File);
 
 pub fn lock_ranges() -> RangeLock {
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("styxy-ranges.lock");
+    let path = std::env::temp_dir().join("styxy-preload-test-ranges.lock");
     let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).unwrap();
     // SAFETY: flock on an open fd; released when the file closes.
     assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
@@ -357,4 +358,10 @@ pub fn assert_battery(plain: &[Vec<String>], ours: &[Vec<String>], held: u16, st
         assert_eq!(a[1..a.len().min(3)], b[1..b.len().min(3)], "{label}: {ours:?} vs {plain:?}");
     }
     assert_eq!(get(ours, "udp4")[3], held.to_string(), "UDP is never remapped");
+}
+
+/// A number no other call in this test binary returns (names of spawned processes).
+pub fn unique() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
