@@ -52,6 +52,23 @@ pub enum Command {
     /// Run, start, stop or check the built-in coordinator daemon
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Write shell completions (bash, zsh, fish) or man pages into DIR (for packagers)
+    #[command(
+        after_help = "Examples:\n  styxy-preload generate completions packaging/completions\n  styxy-preload generate man packaging/man"
+    )]
+    Generate {
+        what: Generated,
+        /// Directory to write into (created if missing)
+        dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Generated {
+    /// styxy-preload.bash, _styxy-preload (zsh) and styxy-preload.fish
+    Completions,
+    /// styxy-preload.1 and one page per subcommand
+    Man,
 }
 
 #[derive(Args)]

@@ -42,7 +42,7 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("daemon").arg("run").args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-    cmd.env("STYXY_PRELOAD_DISABLE", "1").env_remove("LD_PRELOAD");
+    cmd.env("STYXY_PRELOAD_DISABLE", "1").env_remove("LD_PRELOAD").env(styxy_preload_daemon::activation::LAUNCH_ENV, "on-demand");
     // SAFETY: setsid, fork and _exit are async-signal-safe. The daemon gets its own
     // session, and the intermediate process exits at once, so the daemon is adopted
     // by init and never lingers as a zombie of ours.

@@ -6,6 +6,7 @@
 //! atomically and re-validates it on start, and publishes the shared port map that
 //! lets `connect()` follow a session's remaps.
 
+pub mod activation;
 pub mod journal;
 pub mod metrics;
 pub mod procinfo;
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -207,6 +208,7 @@ fn read_or_create_token() -> Result<String, RunError> {
 
 /// Runs the daemon until SIGTERM/SIGINT or the idle timeout.
 pub fn run(opts: Options) -> Result<(), RunError> {
+    let inherited = activation::take().map_err(RunError::Io)?; // before any thread: it edits the environment
     let dir = paths::runtime_dir();
     paths::ensure_private_dir(&dir).map_err(ioe("cannot create", &dir))?;
     let _lock = take_lock(&dir)?;
@@ -265,10 +267,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     };
 
     let sock = paths::socket_path();
-    let _ = std::fs::remove_file(&sock); // stale: we hold the lock
-    let std_listener = std::os::unix::net::UnixListener::bind(&sock).map_err(ioe("cannot bind", &sock))?;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(ioe("cannot chmod", &sock))?;
-    std_listener.set_nonblocking(true).map_err(ioe("cannot configure", &sock))?;
+    let std_listener = activation::listener(inherited, &sock).map_err(RunError::Io)?;
     let pid_path = paths::daemon_pid_path();
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
 
@@ -276,7 +275,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     // thread saves a cross-thread wake-up (futex + eventfd) per connection.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| RunError::Io(e.to_string()))?;
     let result = rt.block_on(serve(shared.clone(), std_listener, opts));
-    let _ = std::fs::remove_file(&sock);
+    activation::release(&sock);
     let _ = std::fs::remove_file(&pid_path);
     drop(rt);
     if let (Some(up), Some(h)) = (shared.upstream.get(), upstream_worker) {

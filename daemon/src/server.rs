@@ -326,6 +326,7 @@ async fn status(AxState(sh): AxState<Arc<Shared>>) -> Response {
         "daemon": "styxy-preload",
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
+        "run_mode": crate::activation::run_mode().as_str(),
         "uptime": sh.started.elapsed().as_secs(),
         "allocations": allocations,
         "instances": sh.instances.lock().len(),

@@ -58,7 +58,13 @@ pub fn run(cmd: DaemonCommand) -> Result<i32, String> {
             match http::call(&ep, "GET", "/status", None, PROBE) {
                 Ok(r) if r.status == 200 => {
                     let v: serde_json::Value = r.json().map_err(|e| e.to_string())?;
-                    println!("running at {ep}: pid {}, up {}s, {} allocations", v["pid"], v["uptime"], v["allocations"]);
+                    println!(
+                        "running at {ep}: pid {}, up {}s, {} allocations, {}",
+                        v["pid"],
+                        v["uptime"],
+                        v["allocations"],
+                        super::status::run_mode(&v)
+                    );
                     Ok(0)
                 }
                 _ => {

@@ -3,6 +3,7 @@
 mod daemon;
 mod env;
 mod exec;
+mod generate;
 mod log;
 mod port;
 mod ports;
@@ -22,6 +23,7 @@ pub fn run(cmd: Command) -> Result<i32, String> {
         Command::Status => status::run(),
         Command::Stats(a) => stats::run(a),
         Command::Daemon(d) => daemon::run(d),
+        Command::Generate { what, dir } => generate::run(what, &dir),
     }
 }
 

@@ -63,6 +63,16 @@ pub fn run() -> Result<i32, String> {
     Ok(if broken > 0 { 1 } else { 0 })
 }
 
+/// How the daemon that answered `GET /status` with `v` runs, in words.
+pub fn run_mode(v: &serde_json::Value) -> String {
+    match v["run_mode"].as_str() {
+        Some("socket-activated") => "socket-activated (systemd starts it on the first connection)".into(),
+        Some("on-demand") => "started on demand by styxy-preload (exits when idle)".into(),
+        Some("foreground") => "run in the foreground (styxy-preload daemon run)".into(),
+        other => format!("run mode {}", other.unwrap_or("unknown")),
+    }
+}
+
 fn loadable(path: &std::path::Path) -> Result<(), String> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: dlopen with RTLD_LOCAL never interposes on this process; the handle is closed.
@@ -94,6 +104,7 @@ fn daemon(ep: &Endpoint, bad: &mut impl FnMut(String, String)) {
         );
     };
     println!("✓ coordinator: built-in daemon at {ep} (pid {}, /status median {} µs)", v["pid"], times[2]);
+    println!("✓ daemon: {}", run_mode(&v));
     let up = &v["upstream"];
     if up.is_null() {
         println!("· upstream: none (the daemon runs with --no-upstream)");

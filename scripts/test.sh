@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one test command (README quick start, .ci/run): installs what the tests need when it
+# is missing — from the distribution's packages, when running as root on Debian/Ubuntu —
+# then runs every test. Otherwise one line names what to install, and it exits 1.
+#   scripts/test.sh [ARGS for cargo test...]     e.g. scripts/test.sh -- --nocapture
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "test.sh: cargo not found: install Rust (https://rustup.rs), then run scripts/test.sh again" >&2; exit 1; }
+
+# command the tests run : Debian package that provides it
+needs=(
+  cc:build-essential                          # the C fixtures (dynamic and static)
+  python3:python3                             # servers and helpers in the end-to-end tests
+  node:nodejs                                 # Node servers and child_process
+  go:golang-go                                # the Go fixture of the seccomp tests
+  systemd-socket-activate:systemd             # the socket-activation test
+)
+missing() {
+  local pair out=()
+  for pair in "${needs[@]}"; do
+    command -v "${pair%%:*}" >/dev/null || out+=("${pair#*:}")
+  done
+  echo "${out[@]}"
+}
+
+pkgs=$(missing)
+if [ -n "$pkgs" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test.sh: installing $pkgs (apt-get)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086 # a list of package names
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends $pkgs; } >/tmp/styxy-test-apt.log 2>&1 ||
+      { echo "test.sh: apt-get install $pkgs failed (log: /tmp/styxy-test-apt.log): install them, then run scripts/test.sh again" >&2; exit 1; }
+    still=$(missing)
+    [ -z "$still" ] || { echo "test.sh: still missing after apt-get: $still" >&2; exit 1; }
+  else
+    echo "test.sh: the tests need these packages (Debian/Ubuntu names): $pkgs — install them (e.g. sudo apt-get install $pkgs), or run scripts/test.sh as root to let it install them" >&2
+    exit 1
+  fi
+fi
+
+exec cargo test --workspace "$@"
