@@ -40,4 +40,4 @@ if [ -n "$pkgs" ]; then
   fi
 fi
 
-exec cargo test --workspace "$@"
+exec cargo test --workspace --no-fail-fast "$@"

@@ -133,7 +133,7 @@ impl World {
         for d in ["home", "run", "state", "config"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(dir.path().join("run")).unwrap().permissions(), 0o700);
+        std::fs::set_permissions(dir.path().join("run"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         World { dir, children: Vec::new() }
     }
 
