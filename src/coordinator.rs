@@ -1,6 +1,6 @@
 //! The local daemon for the CLI: where it answers, and starting it in the background
 //! when it does not. The CLI, like the hooks, asks only the local daemon; Styxy is the
-//! daemon's upstream (ARCHITECTURE.md "One path").
+//! daemon's upstream (docs/ARCHITECTURE.md "One path").
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};

@@ -1,4 +1,4 @@
-//! Faults, load and hostile input (DESIGN.md "What the host process must never see",
+//! Faults, load and hostile input (docs/ARCHITECTURE.md "The hooks inside foreign processes",
 //! "The built-in daemon"): the host program keeps working, the daemon keeps serving.
 
 mod common;

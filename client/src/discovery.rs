@@ -1,5 +1,5 @@
 //! Where the coordinators are: the local daemon (the only one the hooks and the CLI
-//! ask) and the Styxy it fronts as its upstream (ARCHITECTURE.md "One path").
+//! ask) and the Styxy it fronts as its upstream (docs/ARCHITECTURE.md "One path").
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! Which ports are coordinated, and as which service type: a pure function of the
-//! port (DESIGN.md "Intercept policy"), over Styxy's 17 built-in service types.
+//! port (README "Which ports are coordinated"), over Styxy's 17 built-in service types.
 
 use serde_json::Value;
 

@@ -1,4 +1,4 @@
-//! `bind()`: DESIGN.md "The hooked calls". Ask the coordinator for the requested
+//! `bind()`: docs/ARCHITECTURE.md "A call's way". Ask the coordinator for the requested
 //! port, bind a copy of the address with the granted one, retry a bounded number of
 //! times when an uncoordinated process took it, and on any failure bind the original
 //! address exactly as the program asked.

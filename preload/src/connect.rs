@@ -1,4 +1,4 @@
-//! `connect()` inside a session (DESIGN.md "session port virtualisation"): a loopback
+//! `connect()` inside a session (docs/ARCHITECTURE.md "A call's way"): a loopback
 //! connect to a port this session remapped goes to the actual port; one to a
 //! coordinated port another session holds is refused, as if nothing listened. Two
 //! reads of the shared port map, no round trip.

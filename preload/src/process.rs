@@ -102,7 +102,7 @@ pub fn get() -> &'static Process {
 /// its socket. The socket is the one `STYXY_URL` names when that is a `unix:` URL
 /// (what `exec` and `env` hand down), else the one in the runtime directory; an
 /// `http://` `STYXY_URL` (Styxy) is the daemon's upstream, never the hooks'
-/// (ARCHITECTURE.md "One path").
+/// (docs/ARCHITECTURE.md "One path").
 struct Daemon {
     endpoint: Endpoint,
     portmap: PathBuf,
