@@ -65,3 +65,69 @@ print(a.getsockname()[1], b.getsockname()[1])",
     let remaps = w.events().into_iter().filter(|e| e.session.as_deref() == Some("twins") && e.action == Action::Remapped).count();
     assert_eq!(remaps, 1);
 }
+
+/// A throwaway user for servers run as someone else (CI runs as root).
+fn other_user() -> Option<&'static str> {
+    let name = "styxy-fid";
+    let exists = || std::process::Command::new("id").arg(name).output().is_ok_and(|o| o.status.success());
+    if !exists() {
+        let _ = std::process::Command::new("useradd").args(["-M", "-s", "/usr/sbin/nologin", name]).output();
+    }
+    exists().then_some(name)
+}
+
+#[test]
+fn a_server_run_as_another_user_in_a_session_is_coordinated() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: runuser needs root (CI runs as root)");
+        return;
+    }
+    let user = other_user().expect("useradd failed");
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let port = 8150;
+    let readable = |p: &std::path::Path| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    readable(w.dir.path());
+    for who in ["A", "B"] {
+        let dir = w.path(who);
+        std::fs::create_dir_all(&dir).unwrap();
+        readable(&dir);
+        std::fs::write(dir.join("who"), who).unwrap();
+        let mut c = w.cli();
+        c.args(["exec", "--session", &format!("u-{who}"), "--", "runuser", "-u", user, "--", "python3", "-m", "http.server"])
+            .arg(port.to_string())
+            .current_dir(&dir);
+        let pid = w.spawn(c, who);
+        wait_for(20, "the server run as another user", || tree_ports(pid).into_iter().next());
+    }
+    for who in ["A", "B"] {
+        let mut c = w.cli();
+        c.args(["exec", "--quiet", "--session", &format!("u-{who}"), "--", "python3", "-c"])
+            .arg(format!("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/who', timeout=3).read().decode())"));
+        let out = run(c);
+        assert_eq!(text(&out.stdout).trim(), who, "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn without_the_supervisor_a_server_of_another_user_says_why_it_is_not_coordinated() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: runuser needs root (CI runs as root)");
+        return;
+    }
+    let user = other_user().expect("useradd failed");
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    let mut c = w.cli();
+    c.args(["exec", "--no-seccomp", "--session", "nosup", "--", "runuser", "-u", user, "--", "python3", "-c"])
+        .arg("import socket; s=socket.socket(); s.bind(('127.0.0.1', 8152)); print(s.getsockname()[1])")
+        .current_dir("/");
+    let out = run(c);
+    assert_eq!(text(&out.stdout).trim(), "8152");
+    let err = text(&out.stderr);
+    assert!(err.contains("the session's daemon belongs to uid 0 and this process runs as uid") && err.contains("exec --seccomp"), "{err}");
+}

@@ -106,3 +106,26 @@ fn port_prints_the_same_port_again_in_a_session() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("unknown service type 'nope'"));
 }
+
+#[test]
+fn port_auto_asks_for_the_tools_own_default_first() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    // a stand-in `jupyter` that prints the port it was handed
+    let bin_dir = w.path("tools");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let tool = bin_dir.join("jupyter");
+    std::fs::write(&tool, "#!/bin/sh\necho \"$JUPYTER_PORT\"\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut ports = Vec::new();
+    for s in ["j1", "j2"] {
+        let mut c = w.cli();
+        c.args(["exec", "--quiet", "--session", s, "--port", "auto", "--"]).arg(&tool).arg("lab");
+        w.spawn(c, s);
+        ports.push(wait_for(10, "the tool's port", || w.output_of(s).trim().parse::<u16>().ok()));
+    }
+    assert_eq!(ports[0], 8888, "Jupyter's own default while it is free");
+    assert_ne!(ports[1], 8888);
+    assert_ne!(ports[1], 3000, "not another tool's default while the type has other ports");
+}

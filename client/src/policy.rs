@@ -59,6 +59,17 @@ pub const TOOL_DEFAULTS: [(u16, &str); 11] = [
     (5000, "functions"), // Flask
 ];
 
+/// Default ports of well-known tools inside the ranges: Next, Express, CRA and Rails
+/// (3000), Jekyll and Phoenix (4000), Flask (5000), Storybook (6006), Django, uvicorn and
+/// mkdocs (8000), DevTools (9222).
+pub const RANGE_DEFAULTS: [u16; 6] = [3000, 4000, 5000, 6006, 8000, 9222];
+
+/// A port some well-known tool asks for by default: a remap avoids it while other ports
+/// of the type are free, so the next tool that wants it is not moved too.
+pub fn tool_default(port: u16) -> bool {
+    RANGE_DEFAULTS.contains(&port) || TOOL_DEFAULTS.iter().any(|(p, _)| *p == port)
+}
+
 fn t(name: &str, lo: u16, hi: u16, p0: u16) -> ServiceType {
     ServiceType { name: name.to_string(), range: (lo, hi), preferred: (p0..p0 + 4).collect(), single: name == "ai" }
 }

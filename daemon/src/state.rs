@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use styxy_preload_client::api::Holder;
-use styxy_preload_client::policy::{Decision, Policy, ServiceType};
+use styxy_preload_client::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_client::portmap::PortMap;
 use styxy_preload_client::session;
 
@@ -229,9 +229,11 @@ impl State {
             _ => None,
         };
         let candidates =
-            remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
+            || remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
+        // other tools' default ports only when nothing else of the type is free
+        let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || !policy::tool_default(p);
         let mut granted = None;
-        for port in candidates {
+        for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {
             if port == 0 || req.exclude.contains(&port) || !self.free(port, now_ms) {
                 continue;
             }
@@ -515,6 +517,16 @@ mod tests {
         let mut ex = req("b", 3000);
         ex.exclude = vec![3001];
         assert_ne!(s.allocate(&ex, 0).unwrap().port, 3001);
+    }
+
+    #[test]
+    fn a_remap_avoids_other_tools_defaults_while_the_type_has_other_ports() {
+        let mut s = state();
+        assert_eq!(s.allocate(&req("a", 5173), 0).unwrap().port, 5173);
+        // the second Vite: not 3000 (Next, Express…), not 5174
+        assert_eq!(s.allocate(&req("b", 5173), 0).unwrap().port, 3001);
+        // asked for by name, a default is granted as usual
+        assert_eq!(s.allocate(&req("c", 3000), 0).unwrap().port, 3000);
     }
 
     #[test]

@@ -183,11 +183,32 @@ fn notify_remap(p: &Process, who: &Caller, requested: u16, port: u16) {
     report::notify(p, &format!("port {requested} is taken; {} (pid {}) got {port}", who.comm, who.pid));
 }
 
+/// Why the daemon does not answer: it is not there, or it is another user's (a server run
+/// with runuser, su or sudo inside a session).
+fn unreachable_reason(ep: &Endpoint) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Endpoint::Unix(sock) = ep else { return "no coordinator".into() };
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    // the socket, or (when its directory is closed to us) the nearest directory we can see
+    let owner = match std::fs::metadata(sock) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => sock.ancestors().skip(1).find_map(|d| std::fs::metadata(d).ok()),
+        r => r.ok(),
+    };
+    match owner {
+        Some(m) if m.uid() != me => format!(
+            "the session's daemon belongs to uid {} and this process runs as uid {me}: run the command under `styxy-preload exec --seccomp` to coordinate it",
+            m.uid()
+        ),
+        _ => "no coordinator".into(),
+    }
+}
+
 /// `POST /allocate` to the local daemon; the event log's reason when it fails.
 pub fn allocate(ep: &Endpoint, req: &AllocateRequest) -> Result<AllocateReply, String> {
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let res = http::call(ep, "POST", "/allocate", Some(&body), Timeouts::HOOK).map_err(|e| match e {
-        http::Error::Unreachable(_) => "no coordinator".to_string(),
+        http::Error::Unreachable(_) => unreachable_reason(ep),
         http::Error::Timeout => "coordinator timeout".to_string(),
         e => e.to_string(),
     })?;

@@ -67,7 +67,7 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
             .ports
             .iter()
             .flat_map(|s| match s.as_str() {
-                "auto" => tools::variables(&a.cmd).iter().map(|(var, ty)| format!("{var}={ty}")).collect(),
+                "auto" => tools::variables(&a.cmd).iter().map(|(var, port)| format!("{var}={port}")).collect(),
                 _ => vec![s.clone()],
             })
             .collect();
@@ -153,11 +153,20 @@ fn coordinator_types(ep: &Endpoint) -> Option<String> {
     Some(json!({ "service_types": cfg["service_types"] }).to_string())
 }
 
+/// Programs that run their command as another user: the library in that user's processes
+/// cannot reach the session owner's private socket, the seccomp supervisor (this process)
+/// answers for them.
+const USER_SWITCHERS: [&str; 5] = ["runuser", "su", "sudo", "setpriv", "doas"];
+
 /// `--seccomp`, or a static or Go program without `--no-seccomp`; and possible here.
 fn use_seccomp(asked: bool, refused: bool, program: &str) -> bool {
+    let base = program.rsplit('/').next().unwrap_or(program);
     let why = match elf::resolve(program).map(|p| elf::kind(&p)) {
         Some(elf::Kind::Static) => Some("is statically linked: LD_PRELOAD does not reach it"),
         Some(elf::Kind::Go) => Some("is a Go program: its net package makes raw syscalls that LD_PRELOAD does not see"),
+        _ if USER_SWITCHERS.contains(&base) => {
+            Some("runs its command as another user, whose processes cannot reach this session's daemon (its socket is private)")
+        }
         _ => None,
     };
     if !asked && (refused || why.is_none()) {
