@@ -230,10 +230,11 @@ pub fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Socket> {
     };
     let sock = above_stdio(Socket::new(domain, Type::STREAM, None)?)?;
     match ep {
-        Endpoint::Unix(_) => {
+        Endpoint::Unix(p) => {
             // a Unix connect waits for room in a full backlog (a frozen daemon) for at most SO_SNDTIMEO
             sock.set_write_timeout(Some(timeout))?;
             sock.connect(&addr).map_err(|e| if e.kind() == io::ErrorKind::WouldBlock { io::ErrorKind::TimedOut.into() } else { e })?;
+            same_user(&sock, p)?;
         }
         Endpoint::Tcp { .. } => {
             sock.connect_timeout(&addr, timeout)?;
@@ -241,6 +242,26 @@ pub fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Socket> {
         }
     }
     Ok(sock)
+}
+
+/// Refuses a daemon run by another user (`SO_PEERCRED`): a socket planted where ours
+/// should be (a shared `/tmp` fallback) is never told anything, nor believed.
+fn same_user(sock: &Socket, path: &std::path::Path) -> io::Result<()> {
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt into a ucred of the right size.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    if rc != 0 || cred.uid != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the socket {} belongs to uid {}, not to this user (uid {me}): refused", path.display(), cred.uid),
+        ));
+    }
+    Ok(())
 }
 
 /// Moves a socket that landed on fd 0–2 (a program started with stdio closed) to fd ≥ 3,

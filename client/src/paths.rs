@@ -88,6 +88,17 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// `Ok` when `meta` (of `path`, or of its directory) is ours and nobody else may write it.
+pub fn owned_by_us(meta: &std::fs::Metadata, path: &Path) -> io::Result<()> {
+    if meta.uid() != uid() || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is not ours alone (owner uid {}, mode {:o})", path.display(), meta.uid(), meta.mode() & 0o7777),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `data` to `path` atomically: a temporary file in the same directory, fsync,
 /// rename. Readers see the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {

@@ -47,9 +47,12 @@ fn pack(tag: u32, requested: u16, actual: u16) -> u64 {
 
 impl PortMap {
     /// Maps an existing map read-only (the hooks). Fails if it is missing, of the
-    /// wrong size or magic, or a symlink.
+    /// wrong size or magic, a symlink, or not ours alone (file and directory: another
+    /// user could otherwise steer this session's connects).
     pub fn open_readonly(path: &Path) -> io::Result<PortMap> {
         let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+        crate::paths::owned_by_us(&f.metadata()?, path)?;
+        crate::paths::owned_by_us(&std::fs::symlink_metadata(path.parent().unwrap_or(path))?, path)?;
         let map = Self::map(&f, libc::PROT_READ)?;
         if map.header().load(Ordering::Acquire) != MAGIC {
             return Err(io::Error::other("port map not initialised"));

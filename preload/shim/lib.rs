@@ -37,6 +37,20 @@ extern "C" {
     fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int;
     fn __errno_location() -> *mut c_int;
     fn abort() -> !;
+    fn getpid() -> c_int;
+    fn process_vm_readv(pid: c_int, local: *const IoVec, nl: usize, remote: *const IoVec, nr: usize, flags: usize) -> isize;
+    fn dlerror() -> *const c_char;
+    fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut SockLen) -> c_int;
+    fn lseek(fd: c_int, off: i64, whence: c_int) -> i64;
+    fn open(path: *const c_char, flags: c_int, ...) -> c_int;
+    fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
+    fn close(fd: c_int) -> c_int;
+}
+
+#[repr(C)]
+struct IoVec {
+    base: *mut c_void,
+    len: usize,
 }
 
 const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
@@ -45,6 +59,20 @@ const RTLD_NODELETE: c_int = 0x1000;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const ENOSYS: c_int = 38;
+const EPERM: c_int = 1;
+const ESPIPE: c_int = 29;
+const SOL_SOCKET: c_int = 1;
+const SO_TYPE: c_int = 3;
+const SEEK_CUR: c_int = 1;
+const O_WRONLY: c_int = 1;
+const O_NOCTTY: c_int = 0o400;
+const O_NONBLOCK: c_int = 0o4000;
+const O_CLOEXEC: c_int = 0o2000000;
+/// Caller memory this close above our own stack frame is the caller's frames: mapped.
+const STACK_WINDOW: usize = 64 * 1024;
+/// A core that fails to load (EMFILE at the fd limit…) is tried again on later calls,
+/// this many times in all.
+const CORE_TRIES: u8 = 8;
 const CORE_NAME: &[u8] = b"libstyxy_preload_core.so\0";
 
 #[panic_handler]
@@ -66,6 +94,7 @@ const NO: u8 = 2;
 static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);
 static IN_SESSION: AtomicU8 = AtomicU8::new(UNKNOWN);
 static CORE: AtomicU8 = AtomicU8::new(UNKNOWN);
+static CORE_FAILURES: AtomicU8 = AtomicU8::new(0);
 
 /// The next definition of `name` (libc's), looked up once. Racing threads store the
 /// same pointer.
@@ -101,7 +130,9 @@ unsafe fn in_session() -> bool {
 }
 
 /// Loads the core next to this library (or at `STYXY_PRELOAD_CORE`) once. Never
-/// unloaded; on failure the hooks stay plain pass-through for the process's life.
+/// unloaded. A failure is tried again on later calls (it may be transient: EMFILE at the
+/// fd limit), [`CORE_TRIES`] times in all; after the last, the hooks stay plain
+/// pass-through for the process's life, and say so once on stderr.
 unsafe fn core_loaded() -> bool {
     match CORE.load(Ordering::Acquire) {
         YES => return true,
@@ -110,9 +141,37 @@ unsafe fn core_loaded() -> bool {
     }
     let errno = *__errno_location();
     let ok = load_core();
+    if ok {
+        CORE.store(YES, Ordering::Release);
+    } else if CORE_FAILURES.fetch_add(1, Ordering::AcqRel) + 1 >= CORE_TRIES && CORE.swap(NO, Ordering::AcqRel) != NO {
+        say(b"styxy-preload: cannot load libstyxy_preload_core.so (", dlerror(), b"): this process's ports are not coordinated\n");
+    }
     *__errno_location() = errno;
-    CORE.store(if ok { YES } else { NO }, Ordering::Release);
     ok
+}
+
+/// One line on stderr, only when fd 2 is a terminal or a pipe (not a socket, not a
+/// file the program may have reopened there), through a non-blocking description of our
+/// own: a full pipe drops the line rather than wait.
+unsafe fn say(head: &[u8], middle: *const c_char, tail: &[u8]) {
+    let mut ty: c_int = 0;
+    let mut len: SockLen = 4;
+    let socket = getsockopt(2, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) == 0;
+    if socket || lseek(2, 0, SEEK_CUR) != -1 || *__errno_location() != ESPIPE {
+        return;
+    }
+    let fd = open(b"/proc/self/fd/2\0".as_ptr().cast(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if fd < 0 {
+        return;
+    }
+    let mut line = [0u8; 512];
+    let mut n = append(&mut line, 0, head) + 1;
+    if !middle.is_null() {
+        n = copy_cstr(&mut line[..400], n, middle).max(n);
+    }
+    n = append(&mut line, n, tail) + 1;
+    write(fd, line.as_ptr().cast(), n.min(line.len()));
+    close(fd);
 }
 
 unsafe fn load_core() -> bool {
@@ -183,9 +242,37 @@ fn append(buf: &mut [u8], at: usize, tail: &[u8]) -> usize {
     at + tail.len() - 1
 }
 
-/// The family and port of an IPv4/IPv6 address, read without assuming alignment.
+/// Whether the `len` bytes at `addr` (the caller's sockaddr, at most a
+/// `sockaddr_storage`) can be read without a fault: the kernel returns `EFAULT` for a
+/// bad pointer, and so must we, never `SIGSEGV`. Caller memory just above our own stack
+/// frame is the caller's frames (where nearly every program keeps its sockaddr): no
+/// syscall; anything else is read once by the kernel on our behalf.
+unsafe fn readable(addr: *const c_void, len: SockLen) -> bool {
+    let p = addr as usize;
+    let len = (len as usize).min(128);
+    if p < 4096 || p.checked_add(len).is_none() {
+        return false;
+    }
+    let here = 0u8;
+    let sp = &here as *const u8 as usize;
+    if p >= sp && p + len <= sp + STACK_WINDOW {
+        return true;
+    }
+    let errno = *__errno_location();
+    let mut buf = [0u8; 128];
+    let local = IoVec { base: buf.as_mut_ptr().cast(), len };
+    let remote = IoVec { base: addr as *mut c_void, len };
+    let n = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+    // where the call itself is refused (a seccomp sandbox), trust the pointer as before
+    let ok = n == len as isize || (n < 0 && matches!(*__errno_location(), ENOSYS | EPERM));
+    *__errno_location() = errno;
+    ok
+}
+
+/// The family and port of an IPv4/IPv6 address, read without assuming alignment; `None`
+/// for anything else, and for memory that cannot be read (the kernel says `EFAULT`).
 unsafe fn inet_port(addr: *const c_void, len: SockLen) -> Option<(u16, u16)> {
-    if addr.is_null() || len < 4 {
+    if addr.is_null() || len < 4 || !readable(addr, len) {
         return None;
     }
     let p = addr.cast::<u8>();

@@ -13,7 +13,7 @@ pub mod call;
 pub mod connect;
 pub mod listen;
 pub mod process;
-mod report;
+pub mod report;
 pub mod sys;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,5 +1,6 @@
-//! What the hooks tell: one event per decision in the log, and one stderr line when
-//! a port changed — only when fd 2 is a terminal, a pipe or a file, never a socket.
+//! What the hooks tell: one event per decision in the log, and one stderr line when a
+//! port changed (`notify`: never blocking, never into a network socket or a file the
+//! program opened as fd 2).
 
 use styxy_preload_client::eventlog::{self, Action, Event};
 
@@ -43,22 +44,69 @@ pub fn event(p: &Process, who: &Caller, o: Outcome) {
     sys::set_errno(errno);
 }
 
-/// One line on stderr, if notifications are on and fd 2 is safe to write to.
+/// Set by `exec` when its own stderr is a regular file (`cmd 2>log`): `<dev>:<ino>` of
+/// that file. A regular file at fd 2 is written to only when it is this one: otherwise the
+/// program closed fd 2 and reopened one of its own data files there.
+pub const STDERR_FILE_ENV: &str = "STYXY_PRELOAD_STDERR";
+
+/// One line on stderr, if notifications are on and fd 2 is safe to write to: a terminal, a
+/// pipe or a Unix socket (Node's `child_process` gives children a socketpair), or the
+/// regular file `exec` was started with. Never a network socket, never another file, and
+/// never a wait: a full pipe or socket drops the line.
 pub fn notify(p: &Process, line: &str) {
     if !p.notify {
         return;
     }
     let errno = sys::errno();
-    // SAFETY: fstat into a zeroed struct; write of a valid buffer.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(2, &mut st) == 0 {
-            let kind = st.st_mode & libc::S_IFMT;
-            if kind == libc::S_IFCHR || kind == libc::S_IFIFO || kind == libc::S_IFREG {
-                let msg = format!("styxy-preload: {line}\n");
-                let _ = libc::write(2, msg.as_ptr().cast(), msg.len());
-            }
-        }
-    }
+    let msg = format!("styxy-preload: {}\n", printable(line));
+    let _ = write_stderr(msg.as_bytes());
     sys::set_errno(errno);
+}
+
+/// Control characters (a process name set with `PR_SET_NAME` may hold terminal escapes)
+/// become `?`.
+fn printable(line: &str) -> String {
+    line.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+fn write_stderr(msg: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let fd2 = std::path::Path::new("/proc/self/fd/2");
+    let meta = std::fs::metadata(fd2)?;
+    let kind = meta.mode() & libc::S_IFMT;
+    if kind == libc::S_IFSOCK {
+        // SAFETY: getsockopt/send on fd 2 with valid buffers; MSG_DONTWAIT never waits.
+        unsafe {
+            if sys::sockopt(2, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
+                return Ok(()); // TCP/UDP: the program's peer would read our line
+            }
+            libc::send(2, msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        }
+        return Ok(());
+    }
+    if kind == libc::S_IFREG {
+        // only exec's own `2>file`, through the program's description: its offset moves on,
+        // so the program's next line follows ours instead of overwriting it (a regular
+        // file never makes a write wait)
+        if std::env::var(STDERR_FILE_ENV).is_ok_and(|v| v == format!("{}:{}", meta.dev(), meta.ino())) {
+            // SAFETY: write of a valid buffer to fd 2.
+            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        }
+        return Ok(());
+    }
+    if !(kind == libc::S_IFCHR || kind == libc::S_IFIFO) {
+        return Ok(());
+    }
+    // a description of our own (O_NONBLOCK without touching the program's, O_APPEND for a file)
+    let mut f = std::fs::OpenOptions::new().append(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(fd2)?;
+    f.write(msg).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(super::printable("\x1b[31mevil\x07 (pid 1)"), "?[31mevil? (pid 1)");
+    }
 }

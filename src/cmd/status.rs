@@ -90,20 +90,30 @@ fn loadable(path: &std::path::Path) -> Result<(), String> {
 /// The local daemon's line, and its upstream Styxy's.
 fn daemon(ep: &Endpoint, bad: &mut impl FnMut(String, String)) {
     let mut times = Vec::new();
-    let mut last = None;
+    let mut last = Err(String::new());
     for _ in 0..5 {
         let t = Instant::now();
-        last = http::call(ep, "GET", "/status", None, PROBE).ok().filter(|r| r.status == 200);
+        last = match http::call(ep, "GET", "/status", None, PROBE) {
+            Ok(r) if r.status == 200 => r.json::<serde_json::Value>().map_err(|e| e.to_string()),
+            Ok(r) => Err(format!("HTTP {}", r.status)),
+            Err(e) => Err(e.to_string()),
+        };
         times.push(t.elapsed().as_micros());
+        if last.is_err() {
+            break;
+        }
     }
     times.sort_unstable();
-    let Some(v) = last.and_then(|r| r.json::<serde_json::Value>().ok()) else {
-        return bad(
-            format!("coordinator: the daemon does not answer at {ep}"),
-            "start it with `styxy-preload daemon start` (exec starts it by itself)".into(),
-        );
+    let v = match last {
+        Ok(v) => v,
+        Err(e) => {
+            return bad(
+                format!("coordinator: the daemon does not answer at {ep} ({e})"),
+                "start it with `styxy-preload daemon start` (exec starts it by itself); if another user owns that directory, set XDG_RUNTIME_DIR to a private one".into(),
+            )
+        }
     };
-    println!("✓ coordinator: built-in daemon at {ep} (pid {}, /status median {} µs)", v["pid"], times[2]);
+    println!("✓ coordinator: built-in daemon at {ep} (pid {}, /status median {} µs)", v["pid"], times[times.len() / 2]);
     println!("✓ daemon: {}", run_mode(&v));
     let up = &v["upstream"];
     if up.is_null() {
