@@ -45,14 +45,14 @@ fn a_dual_stack_twin_is_one_remap_one_line_one_event() {
     let mut w = World::new();
     w.start_daemon();
     let mut c = w.cmd(fixture("binder"));
-    c.args(["serve", "8210"]);
+    c.args(["serve", "4110"]);
     let h = w.spawn(c, "holder");
     wait_for(10, "holder", || listening_ports(h).into_iter().next());
     let mut c = w.cli();
     c.args(["exec", "--session", "twins", "--", "python3", "-c"]).arg(
         "import socket
-a=socket.socket(); a.bind(('0.0.0.0',8210)); a.listen()
-b=socket.socket(socket.AF_INET6); b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::',8210)); b.listen()
+a=socket.socket(); a.bind(('0.0.0.0',4110)); a.listen()
+b=socket.socket(socket.AF_INET6); b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); b.bind(('::',4110)); b.listen()
 print(a.getsockname()[1], b.getsockname()[1])",
     );
     let out = run(c);
@@ -60,8 +60,8 @@ print(a.getsockname()[1], b.getsockname()[1])",
     assert_eq!(ports.len(), 2);
     assert_eq!(ports[0], ports[1], "one requested port, one actual port");
     let err = text(&out.stderr);
-    assert_eq!(err.matches("port 8210 is taken").count(), 1, "{err}");
-    assert!(err.contains("1 port remapped: 8210→"), "{err}");
+    assert_eq!(err.matches("port 4110 is taken").count(), 1, "{err}");
+    assert!(err.contains("1 port remapped: 4110→"), "{err}");
     let remaps = w.events().into_iter().filter(|e| e.session.as_deref() == Some("twins") && e.action == Action::Remapped).count();
     assert_eq!(remaps, 1);
 }

@@ -52,7 +52,7 @@ fn notice_case(w: &World, setup: &str, port: u16) -> String {
     let mut c = w.preloaded(Some("notice"), "python3");
     c.args(["-c", &script]);
     let out = run(c);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{:?} {} {}", out.status, text(&out.stdout), text(&out.stderr));
     text(&out.stdout).trim().to_string()
 }
 
@@ -147,6 +147,7 @@ fn another_user_cannot_steer_a_sessions_connects_through_the_tmp_fallback() {
         return;
     }
     let (att, vic) = (user("styxy-att"), user("styxy-vic"));
+    let _r = lock_ranges(); // the attacker's daemon grants a dev port
     let mut w = World::new();
     let open = |p: &std::path::Path| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     open(w.dir.path());

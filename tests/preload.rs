@@ -44,8 +44,9 @@ fn five_python_servers_asking_for_8000_all_serve_on_distinct_ports() {
     let remapped = ev.iter().filter(|e| e.action == Action::Remapped && e.requested_port == 8000).count();
     let kept = ev.iter().filter(|e| e.action == Action::Kept && e.requested_port == 8000).count();
     assert_eq!((remapped, kept), (4, 1), "{ev:#?}");
+    // their stderr is a file they did not get from `exec`: the notice never goes there
     let who = w.stderr_of("py1") + &w.stderr_of("py2") + &w.stderr_of("py3") + &w.stderr_of("py4") + &w.stderr_of("py0");
-    assert_eq!(who.matches("styxy-preload: port 8000 is taken; python3").count(), 4, "{who}");
+    assert_eq!(who.matches("styxy-preload:").count(), 0, "{who}");
 }
 
 #[test]
@@ -153,7 +154,7 @@ fn a_frozen_daemon_costs_a_bind_at_most_the_timeout() {
 }
 
 #[test]
-fn nothing_is_written_into_an_fd_2_that_is_a_socket() {
+fn a_unix_socket_at_fd_2_gets_the_notice_without_a_wait() {
     let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
@@ -161,7 +162,9 @@ fn nothing_is_written_into_an_fd_2_that_is_a_socket() {
     let mut c = w.preloaded(Some("mine"), fixture("binder"));
     c.args(["stderr-socket", "4060"]);
     let out = text(&run(c).stdout);
-    assert!(out.contains("fd2 2 bytes-in-socket 0"), "{out}");
+    // Node's child_process hands children a socketpair as stderr: a person reads it
+    let got: usize = out.split("bytes-in-socket ").nth(1).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    assert!(got > 0, "{out}");
     assert!(out.lines().next().unwrap().starts_with("bind 0 0 "), "the bind was remapped: {out}");
     assert!(w.events().iter().any(|e| e.action == Action::Remapped && e.requested_port == 4060));
 }

@@ -9,6 +9,7 @@ pub mod eventlog;
 pub mod http;
 pub mod paths;
 pub mod policy;
+pub mod policymap;
 pub mod portmap;
 pub mod session;
 

@@ -45,6 +45,10 @@ pub fn portmap_path() -> PathBuf {
     runtime_dir().join("ports.map")
 }
 
+pub fn policymap_path() -> PathBuf {
+    runtime_dir().join("policy.map")
+}
+
 pub fn token_path() -> PathBuf {
     runtime_dir().join("token")
 }

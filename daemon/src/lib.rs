@@ -132,6 +132,16 @@ fn ioe(what: &str, path: &std::path::Path) -> impl FnOnce(io::Error) -> RunError
     move |e| RunError::Io(format!("{what}: {e}"))
 }
 
+/// Writes the policy map the shim reads (without this process's own `STYXY_PRELOAD_PORTS`
+/// rules, which are not every process's).
+pub fn publish_policy(policy: &Policy) {
+    let shared = Policy { rules: vec![], ..policy.clone() };
+    let path = paths::policymap_path();
+    if let Err(e) = styxy_preload_client::policymap::write(&path, &shared) {
+        log!("cannot write {}: {e}; every bind loads the hooks' logic", path.display());
+    }
+}
+
 /// Lifts the soft limit on open files to the hard one: every connection is an fd.
 fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit with a valid struct.
@@ -232,6 +242,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     if let Some(cfg) = opts.upstream.as_ref().and_then(|u| upstream::config(u, Duration::from_millis(500))) {
         st.policy.apply_config(&cfg);
     }
+    publish_policy(&st.policy);
     load_state(&mut st, &journal);
 
     let token = match opts.http {

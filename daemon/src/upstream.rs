@@ -425,7 +425,10 @@ impl Worker {
             // Styxy is back (or there for the first time): its service types may be the user's own
             if let Ok(r) = self.call("GET", "/config", None) {
                 if let Ok(cfg) = r.json::<serde_json::Value>() {
-                    sh.state.lock().policy.apply_config(&cfg);
+                    let mut st = sh.state.lock();
+                    if st.policy.apply_config(&cfg) {
+                        crate::publish_policy(&st.policy);
+                    }
                 }
             }
         }

@@ -45,6 +45,10 @@ extern "C" {
     fn open(path: *const c_char, flags: c_int, ...) -> c_int;
     fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
     fn close(fd: c_int) -> c_int;
+    fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void;
+    fn munmap(addr: *mut c_void, len: usize) -> c_int;
+    fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: u32, buf: *mut u8) -> c_int;
+    fn getuid() -> u32;
 }
 
 #[repr(C)]
@@ -74,6 +78,25 @@ const STACK_WINDOW: usize = 64 * 1024;
 /// this many times in all.
 const CORE_TRIES: u8 = 8;
 const CORE_NAME: &[u8] = b"libstyxy_preload_core.so\0";
+const O_RDONLY: c_int = 0;
+const O_NOFOLLOW: c_int = 0o400000;
+const PROT_READ: c_int = 1;
+const MAP_SHARED: c_int = 1;
+const AT_FDCWD: c_int = -100;
+const AT_EMPTY_PATH: c_int = 0x1000;
+const AT_SYMLINK_NOFOLLOW: c_int = 0x100;
+const STATX_MODE_UID_SIZE: u32 = 0x2 | 0x8 | 0x200;
+const S_IFMT: u16 = 0o170000;
+const S_IFREG: u16 = 0o100000;
+const S_IFDIR: u16 = 0o040000;
+const EADDRINUSE: c_int = 98;
+const SO_REUSEPORT: c_int = 15;
+/// The daemon's policy map (client/src/policymap.rs): magic, header, a class per port.
+const POLICY_MAGIC: u32 = 0x5350_5031;
+const POLICY_HEADER: usize = 64;
+const POLICY_SIZE: usize = POLICY_HEADER + 65536;
+const UNTOUCHED_PORT: u8 = 0;
+const ON_CONFLICT_PORT: u8 = 2;
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -95,6 +118,8 @@ static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);
 static IN_SESSION: AtomicU8 = AtomicU8::new(UNKNOWN);
 static CORE: AtomicU8 = AtomicU8::new(UNKNOWN);
 static CORE_FAILURES: AtomicU8 = AtomicU8::new(0);
+static POLICY: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+static OWN_RULES: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 /// The next definition of `name` (libc's), looked up once. Racing threads store the
 /// same pointer.
@@ -242,6 +267,161 @@ fn append(buf: &mut [u8], at: usize, tail: &[u8]) -> usize {
     at + tail.len() - 1
 }
 
+/// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules, a mode): the daemon's
+/// map is not its policy, the hooks' logic decides every call.
+unsafe fn own_rules() -> bool {
+    let set = |v: *const c_char| !v.is_null() && *v != 0;
+    match OWN_RULES.load(Ordering::Relaxed) {
+        YES => true,
+        NO => false,
+        _ => {
+            let own = [&b"STYXY_PRELOAD_PORTS\0"[..], b"STYXY_PRELOAD_MODE\0", b"STYXY_DISABLE_REASSIGN\0"]
+                .iter()
+                .any(|n| set(getenv(n.as_ptr().cast())));
+            OWN_RULES.store(if own { YES } else { NO }, Ordering::Relaxed);
+            own
+        }
+    }
+}
+
+/// The class of `port` in the daemon's policy map, `None` when there is no map this
+/// process may trust (or it sets its own rules). Mapped once; a missing map is looked
+/// for again next time (the daemon may start later).
+unsafe fn port_class(port: u16) -> Option<u8> {
+    if own_rules() {
+        return None;
+    }
+    let mut map = POLICY.load(Ordering::Acquire);
+    if map.is_null() {
+        map = map_policy()?;
+    }
+    Some(*map.add(POLICY_HEADER + port as usize))
+}
+
+unsafe fn map_policy() -> Option<*mut u8> {
+    let errno = *__errno_location();
+    let mut path = [0u8; 4096];
+    let mapped = match policy_path(&mut path) {
+        0 => None,
+        n => map_file(&path, n),
+    };
+    *__errno_location() = errno;
+    let map = mapped?;
+    match POLICY.compare_exchange(core::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(map),
+        Err(winner) => {
+            munmap(map.cast(), POLICY_SIZE);
+            Some(winner)
+        }
+    }
+}
+
+/// `policy.map` beside the daemon's socket: the directory of `STYXY_URL`'s `unix:` path,
+/// else `$XDG_RUNTIME_DIR/styxy-preload`, else `/tmp/styxy-preload-<uid>` (as
+/// client/src/paths.rs). Its length, 0 when it does not fit.
+unsafe fn policy_path(buf: &mut [u8]) -> usize {
+    let url = getenv(b"STYXY_URL\0".as_ptr().cast());
+    let rt = getenv(b"XDG_RUNTIME_DIR\0".as_ptr().cast());
+    let n = if !url.is_null() && starts_with(url, b"unix:/") {
+        let n = copy_cstr(buf, 0, url.add(5));
+        match buf.get(..n).and_then(|b| b.iter().rposition(|c| *c == b'/')) {
+            Some(slash) => slash,
+            None => return 0,
+        }
+    } else if !rt.is_null() && *rt == b'/' as c_char {
+        let n = copy_cstr(buf, 0, rt);
+        append(buf, n, b"/styxy-preload\0")
+    } else {
+        let n = append(buf, 0, b"/tmp/styxy-preload-\0");
+        let n = decimal(buf, n, getuid());
+        if n == 0 {
+            return 0;
+        }
+        n
+    };
+    if n == 0 {
+        return 0;
+    }
+    append(buf, n, b"/policy.map\0")
+}
+
+unsafe fn starts_with(s: *const c_char, prefix: &[u8]) -> bool {
+    prefix.iter().enumerate().all(|(i, c)| *s.add(i) as u8 == *c)
+}
+
+/// Writes `v` in decimal at `at`, NUL-terminated; the new length, 0 when it does not fit.
+fn decimal(buf: &mut [u8], at: usize, mut v: u32) -> usize {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        if let Some(d) = digits.get_mut(i) {
+            *d = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    let mut n = at;
+    for d in digits.get(i..).unwrap_or(&[]) {
+        match buf.get_mut(n) {
+            Some(slot) => *slot = *d,
+            None => return 0,
+        }
+        n += 1;
+    }
+    match buf.get_mut(n) {
+        Some(slot) => *slot = 0,
+        None => return 0,
+    }
+    n
+}
+
+/// Maps the policy file at `path[..n]` if it and its directory are ours alone.
+unsafe fn map_file(path: &[u8], n: usize) -> Option<*mut u8> {
+    let cut = path.get(..n)?.iter().rposition(|c| *c == b'/')?;
+    let mut dir = [0u8; 4096];
+    dir.get_mut(..cut)?.copy_from_slice(path.get(..cut)?); // NUL-terminated by the zeroes after it
+    let fd = open(path.as_ptr().cast(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if fd < 0 {
+        return None;
+    }
+    let trusted = cut > 0
+        && ours(fd, b"\0".as_ptr().cast(), AT_EMPTY_PATH, S_IFREG, POLICY_SIZE as u64)
+        && ours(AT_FDCWD, dir.as_ptr().cast(), AT_SYMLINK_NOFOLLOW, S_IFDIR, 0);
+    let map = if trusted { mmap(core::ptr::null_mut(), POLICY_SIZE, PROT_READ, MAP_SHARED, fd, 0) } else { usize::MAX as *mut c_void };
+    close(fd);
+    if map as usize == usize::MAX {
+        return None;
+    }
+    if core::ptr::read_unaligned(map.cast::<u32>()) != POLICY_MAGIC {
+        munmap(map, POLICY_SIZE);
+        return None;
+    }
+    Some(map.cast())
+}
+
+/// The file (or directory) is of `kind`, at least `size` bytes, ours, and nobody else may
+/// write it (a shorter file would fault when mapped).
+unsafe fn ours(dirfd: c_int, path: *const c_char, flags: c_int, kind: u16, size: u64) -> bool {
+    let mut st = [0u8; 256];
+    if statx(dirfd, path, flags, STATX_MODE_UID_SIZE, st.as_mut_ptr()) != 0 {
+        return false;
+    }
+    let uid = core::ptr::read_unaligned(st.as_ptr().add(20).cast::<u32>());
+    let mode = core::ptr::read_unaligned(st.as_ptr().add(28).cast::<u16>());
+    let len = core::ptr::read_unaligned(st.as_ptr().add(40).cast::<u64>());
+    uid == getuid() && mode & S_IFMT == kind && mode & 0o022 == 0 && len >= size
+}
+
+/// `SO_REUSEPORT` is set: the socket may share its port, so `EADDRINUSE` never comes.
+unsafe fn shares_port(fd: c_int) -> bool {
+    let mut v: c_int = 0;
+    let mut len: SockLen = 4;
+    getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, (&mut v as *mut c_int).cast(), &mut len) == 0 && v != 0
+}
+
 /// Whether the `len` bytes at `addr` (the caller's sockaddr, at most a
 /// `sockaddr_storage`) can be read without a fault: the kernel returns `EFAULT` for a
 /// bad pointer, and so must we, never `SIGSEGV`. Caller memory just above our own stack
@@ -313,13 +493,27 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c
         return missing();
     }
     let real: AddrFn = core::mem::transmute(real);
-    match inet_port(addr, len) {
-        Some((_, port)) if port >= 1024 && enabled() && core_loaded() => {
-            let hook: CoreAddrFn = core::mem::transmute(CORE_BIND.load(Ordering::Acquire));
-            hook(fd, addr, len, real)
+    let Some((_, port)) = inet_port(addr, len).filter(|(_, p)| *p >= 1024 && enabled()) else {
+        return real(fd, addr, len);
+    };
+    let errno = *__errno_location();
+    match port_class(port) {
+        Some(UNTOUCHED_PORT) => return real(fd, addr, len),
+        // bound as asked; only EADDRINUSE (or a port that may be shared) needs asking
+        Some(ON_CONFLICT_PORT) if !shares_port(fd) => {
+            let rc = real(fd, addr, len);
+            if rc == 0 || *__errno_location() != EADDRINUSE {
+                return rc;
+            }
         }
-        _ => real(fd, addr, len),
+        _ => {}
     }
+    *__errno_location() = errno;
+    if core_loaded() {
+        let hook: CoreAddrFn = core::mem::transmute(CORE_BIND.load(Ordering::Acquire));
+        return hook(fd, addr, len, real);
+    }
+    real(fd, addr, len)
 }
 
 /// # Safety
@@ -337,9 +531,11 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let errno = *__errno_location();
     let mut ss = [0u64; 16];
     let mut sl: SockLen = 128;
-    let inet = getsockname(fd, ss.as_mut_ptr().cast(), &mut sl) == 0 && inet_port(ss.as_ptr().cast(), sl).is_some();
+    let port = if getsockname(fd, ss.as_mut_ptr().cast(), &mut sl) == 0 { inet_port(ss.as_ptr().cast(), sl) } else { None };
+    // a bound port nobody coordinates: nothing to confirm or observe
+    let plain = matches!(port, Some((_, p)) if p != 0 && matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)));
     *__errno_location() = errno;
-    if inet && core_loaded() {
+    if port.is_some() && !plain && core_loaded() {
         let hook: CoreListenFn = core::mem::transmute(CORE_LISTEN.load(Ordering::Acquire));
         return hook(fd, backlog, real);
     }

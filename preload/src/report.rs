@@ -72,6 +72,7 @@ fn printable(line: &str) -> String {
 fn write_stderr(msg: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
     let fd2 = std::path::Path::new("/proc/self/fd/2");
     let meta = std::fs::metadata(fd2)?;
     let kind = meta.mode() & libc::S_IFMT;
@@ -95,12 +96,34 @@ fn write_stderr(msg: &[u8]) -> std::io::Result<()> {
         }
         return Ok(());
     }
-    if !(kind == libc::S_IFCHR || kind == libc::S_IFIFO) {
+    // a pipe: written only when the line fits in it now (a write of at most PIPE_BUF bytes
+    // is atomic: all of it, at once, or nothing) — never a wait on a reader
+    if kind == libc::S_IFIFO {
+        if msg.len() <= libc::PIPE_BUF && pipe_room(2).is_some_and(|room| room >= msg.len()) {
+            // SAFETY: write of a valid buffer to fd 2.
+            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        }
         return Ok(());
     }
-    // a description of our own (O_NONBLOCK without touching the program's, O_APPEND for a file)
-    let mut f = std::fs::OpenOptions::new().append(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(fd2)?;
+    if kind != libc::S_IFCHR {
+        return Ok(());
+    }
+    // a terminal: through a description of our own, O_NONBLOCK without touching the program's
+    let mut f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(fd2)?;
     f.write(msg).map(|_| ())
+}
+
+/// Bytes a pipe can take now: its size less what waits in it.
+fn pipe_room(fd: libc::c_int) -> Option<usize> {
+    // SAFETY: fcntl and ioctl on fd 2 with a valid out-pointer.
+    unsafe {
+        let size = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+        let mut queued: libc::c_int = 0;
+        if size < 0 || libc::ioctl(fd, libc::FIONREAD, &mut queued) != 0 {
+            return None;
+        }
+        usize::try_from(size - queued).ok()
+    }
 }
 
 #[cfg(test)]

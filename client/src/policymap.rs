@@ -1,0 +1,59 @@
+//! The policy map: the daemon's intercept policy as one byte per port, in a file beside
+//! its socket that the always-loaded shim maps read-only. With it the shim answers binds
+//! of ports nobody coordinates (and their `listen()`) without loading the hooks' logic:
+//! a fresh process pays two memory reads, not a library load (docs/ARCHITECTURE.md
+//! "The cold path").
+//!
+//! Layout: `MAGIC` (4 bytes, native endianness), 60 bytes reserved, then `class[65536]`.
+//! Written whole and renamed into place: a process keeps the map it first saw.
+
+use std::path::Path;
+
+use crate::policy::{Decision, Policy};
+
+pub const MAGIC: u32 = 0x5350_5031; // "SPP1"
+pub const HEADER: usize = 64;
+pub const SIZE: usize = HEADER + 65536;
+
+/// A port's class, as the shim reads it.
+pub const UNTOUCHED: u8 = 0;
+pub const COORDINATED: u8 = 1;
+pub const ON_CONFLICT: u8 = 2;
+pub const SINGLE: u8 = 3;
+
+/// The class of `port` under `policy`.
+pub fn class(policy: &Policy, port: u16) -> u8 {
+    match policy.decide(port) {
+        Decision::Untouched(_) => UNTOUCHED,
+        Decision::Coordinated(_) => COORDINATED,
+        Decision::OnConflict(_) => ON_CONFLICT,
+        Decision::Single(_) => SINGLE,
+    }
+}
+
+/// Publishes `policy` at `path` (mode 0600, atomically). Rules a process sets for itself
+/// (`STYXY_PRELOAD_PORTS`) are not the daemon's to publish: the shim leaves such a
+/// process to the hooks' logic.
+pub fn write(path: &Path, policy: &Policy) -> std::io::Result<()> {
+    let mut data = vec![0u8; SIZE];
+    data[..4].copy_from_slice(&MAGIC.to_ne_bytes());
+    for port in 0..=u16::MAX {
+        data[HEADER + usize::from(port)] = class(policy, port);
+    }
+    crate::paths::write_atomic(path, &data, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_follow_the_policy() {
+        let p = Policy::default();
+        assert_eq!(class(&p, 80), UNTOUCHED);
+        assert_eq!(class(&p, 3000), COORDINATED);
+        assert_eq!(class(&p, 12001), ON_CONFLICT);
+        assert_eq!(class(&p, 11430), SINGLE);
+        assert_eq!(class(&p, 40000), UNTOUCHED);
+    }
+}
