@@ -8,6 +8,7 @@ mod coordinator;
 mod elf;
 mod libpath;
 mod seccomp;
+mod text;
 mod tools;
 
 use clap::Parser;
@@ -22,7 +23,7 @@ fn main() {
     let code = match cmd::run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("styxy-preload: {e}");
+            eprintln!("styxy-preload: {}", text::lines(&e));
             1
         }
     };

@@ -237,7 +237,7 @@ fn summary(session: &str, since_ms: u64) {
     let remaps: Vec<String> = events
         .iter()
         .filter(|e| e.ts >= since_ms && e.session.as_deref() == Some(session) && e.action == Action::Remapped)
-        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, e.comm))
+        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, crate::text::cell(&e.comm)))
         .collect();
     if !remaps.is_empty() {
         let n = remaps.len();

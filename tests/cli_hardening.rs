@@ -1,0 +1,63 @@
+//! The CLI against hostile input: process names carrying terminal escapes, reserved
+//! session and variable names, an unusable runtime directory (issue 20, items 10, 12–14).
+
+mod common;
+
+use common::*;
+
+/// Control bytes a terminal interprets: C0 but newline, DEL, and C1 (UTF-8 `C2 80..9F`).
+fn controls(out: &[u8]) -> Vec<usize> {
+    let mut at = Vec::new();
+    for (i, b) in out.iter().enumerate() {
+        let c1 = *b == 0xc2 && out.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n));
+        if (*b < 0x20 && *b != b'\n') || *b == 0x7f || c1 {
+            at.push(i);
+        }
+    }
+    at
+}
+
+#[test]
+fn a_process_name_with_terminal_escapes_reaches_no_table_raw() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    // another program holds 3000: the evil process is remapped, so it is in the log and in `ports`
+    let _holder = std::net::TcpListener::bind("127.0.0.1:3000");
+    let mut c = w.preloaded(Some("evil"), "python3");
+    c.arg("-c").arg(
+        "import ctypes, socket, sys, time\n\
+         ctypes.CDLL(None).prctl(15, b'\\x1b[31mev\\xc2\\x9bil\\x07', 0, 0, 0)\n\
+         s = socket.socket(); s.bind(('127.0.0.1', 3000)); s.listen()\n\
+         print(s.getsockname()[1], flush=True); time.sleep(60)",
+    );
+    let pid = w.spawn(c, "evil");
+    let port: u16 = wait_for(20, "the evil process listening", || w.output_of("evil").trim().parse().ok());
+    assert_ne!(port, 3000, "{}", w.stderr_of("evil"));
+    let comm = std::fs::read(format!("/proc/{pid}/comm")).unwrap();
+    assert!(comm.starts_with(b"\x1b[31m"), "prctl did not take: {comm:?}");
+
+    for args in [&["log"][..], &["ports"], &["stats"], &["stats", "--session", "evil"]] {
+        let out = run({
+            let mut c = w.cli();
+            c.args(args);
+            c
+        });
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        assert!(controls(&out.stdout).is_empty(), "{args:?} prints control bytes: {:?}", text(&out.stdout));
+        assert!(controls(&out.stderr).is_empty(), "{args:?} prints control bytes on stderr: {:?}", text(&out.stderr));
+        if args[0] != "stats" {
+            assert!(text(&out.stdout).contains("ev"), "{args:?}: the name is still shown, neutralised: {}", text(&out.stdout));
+        }
+    }
+    // --json keeps the name as it is, escaped by JSON
+    let out = run({
+        let mut c = w.cli();
+        c.args(["ports", "--json"]);
+        c
+    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.as_array().unwrap().iter().any(|a| a["comm"].as_str().is_some_and(|c| c.starts_with("\u{1b}[31mev"))), "{v}");
+    assert!(!out.stdout.contains(&0x1b), "JSON escapes ESC");
+    w.kill(pid);
+}
