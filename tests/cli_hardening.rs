@@ -61,3 +61,47 @@ fn a_process_name_with_terminal_escapes_reaches_no_table_raw() {
     assert!(!out.stdout.contains(&0x1b), "JSON escapes ESC");
     w.kill(pid);
 }
+
+/// A command that must be refused before it runs anything: exit 1, one line naming `needle`.
+fn refused(w: &World, mut c: std::process::Command, marker: &str, needle: &str) -> String {
+    let started = std::time::Instant::now();
+    c.current_dir(w.path("home"));
+    let out = run(c);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stdout {} stderr {err}", text(&out.stdout));
+    assert!(err.contains(needle), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!w.path(marker).exists(), "the command ran: {err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}: {err}", started.elapsed());
+    err
+}
+
+#[test]
+fn the_session_name_default_is_refused() {
+    let w = World::new();
+    let touch = |c: &mut std::process::Command| {
+        c.args(["--", "touch"]).arg(w.path("ran"));
+    };
+    let mut c = w.cli();
+    c.args(["exec", "--session", "default"]);
+    touch(&mut c);
+    let err = refused(&w, c, "ran", "'default'");
+    assert!(err.contains("reserved") && err.contains("another name"), "{err}");
+    for args in [&["env", "--session", "default"][..], &["port", "--session", "default", "3000"]] {
+        let mut c = w.cli();
+        c.args(args);
+        refused(&w, c, "ran", "'default'");
+    }
+    // inherited from the environment
+    let mut c = w.cli();
+    c.arg("exec").env("STYXY_PRELOAD_SESSION", "default");
+    touch(&mut c);
+    let err = refused(&w, c, "ran", "STYXY_PRELOAD_SESSION=default");
+    assert!(err.contains("reserved"), "{err}");
+    for args in [&["env"][..], &["port", "3000"]] {
+        let mut c = w.cli();
+        c.args(args).env("STYXY_PRELOAD_SESSION", "default");
+        refused(&w, c, "ran", "STYXY_PRELOAD_SESSION=default");
+    }
+    assert!(w.daemon_pid().is_none(), "nothing started a daemon");
+}
