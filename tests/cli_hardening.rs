@@ -105,3 +105,29 @@ fn the_session_name_default_is_refused() {
     }
     assert!(w.daemon_pid().is_none(), "nothing started a daemon");
 }
+
+#[test]
+fn port_variables_that_steer_the_environment_are_refused() {
+    let w = World::new();
+    for name in [
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "HOME",
+        "SHELL",
+        "USER",
+        "PWD",
+        "IFS",
+        "STYXY_URL",
+        "STYXY_PRELOAD_SESSION",
+        "XDG_RUNTIME_DIR",
+    ] {
+        for spec in [format!("{name}=dev"), name.to_string(), format!("{name}=3000")] {
+            let mut c = w.cli();
+            c.args(["exec", "--port", "PORT=dev", "--port", &spec, "--", "touch"]).arg(w.path("ran"));
+            let err = refused(&w, c, "ran", &format!("--port {spec}: "));
+            assert!(err.contains(&format!("{name} is reserved")) && err.contains("choose another name"), "{err}");
+        }
+    }
+    assert!(w.daemon_pid().is_none(), "refused before anything started");
+}

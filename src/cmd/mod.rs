@@ -48,3 +48,47 @@ pub fn session_arg(name: Option<String>) -> Result<Option<String>, String> {
         },
     }
 }
+
+/// Variables that steer how the command runs (its loader, search path, home, shell,
+/// identity, our own settings): `exec --port NAME` must never overwrite them.
+const RESERVED_VARS: [&str; 20] = [
+    "PATH",
+    "HOME",
+    "SHELL",
+    "USER",
+    "LOGNAME",
+    "PWD",
+    "OLDPWD",
+    "IFS",
+    "TERM",
+    "TMPDIR",
+    "LANG",
+    "TZ",
+    "ENV",
+    "BASH_ENV",
+    "CDPATH",
+    "PS1",
+    "PS2",
+    "PS4",
+    "PROMPT_COMMAND",
+    "HOSTNAME",
+];
+const RESERVED_PREFIXES: [&str; 5] = ["LD_", "STYXY_", "XDG_", "LC_", "BASH_FUNC_"];
+
+/// `exec --port NAME[=TYPE|=PORT]`: NAME must be a variable name, and not one the command
+/// relies on (`LD_PRELOAD` would silently turn coordination off, `PATH` the command's lookup).
+pub fn port_spec(spec: &str) -> Result<(), String> {
+    if spec == "auto" {
+        return Ok(());
+    }
+    let name = spec.split_once('=').map_or(spec, |(n, _)| n);
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("--port {spec}: '{name}' is not a valid environment variable name"));
+    }
+    if RESERVED_VARS.contains(&name) || RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return Err(format!(
+            "--port {spec}: {name} is reserved (it steers how the command runs, or styxy-preload itself): choose another name, e.g. PORT"
+        ));
+    }
+    Ok(())
+}
