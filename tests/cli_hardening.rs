@@ -131,3 +131,43 @@ fn port_variables_that_steer_the_environment_are_refused() {
     }
     assert!(w.daemon_pid().is_none(), "refused before anything started");
 }
+
+#[test]
+fn an_unusable_runtime_directory_fails_fast_and_says_why() {
+    let w = World::new();
+    // XDG_RUNTIME_DIR is a file
+    let file = w.path("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    for args in [&["exec", "--", "touch"][..], &["env"], &["port", "3000"]] {
+        let mut c = w.cli();
+        c.args(args).env("XDG_RUNTIME_DIR", &file);
+        if args[0] == "exec" {
+            c.arg(w.path("ran"));
+        }
+        let err = refused(&w, c, "ran", &format!("cannot use {}/styxy-preload: ", file.display()));
+        assert!(err.contains("Not a directory") && err.contains("set XDG_RUNTIME_DIR to a private writable directory"), "{err}");
+    }
+    // a directory we may not write (root may write anywhere)
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        let ro = w.path("ro");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o500)).unwrap();
+        let mut c = w.cli();
+        c.args(["exec", "--", "touch"]).arg(w.path("ran")).env("XDG_RUNTIME_DIR", &ro);
+        let err = refused(&w, c, "ran", &format!("cannot use {}/styxy-preload: ", ro.display()));
+        assert!(err.contains("Permission denied"), "{err}");
+    }
+    // the runtime directory is fine but the daemon cannot start (its socket's path is taken
+    // by a directory): exec stops waiting as soon as the daemon has exited, with its reason
+    std::fs::create_dir_all(w.socket().join("in-the-way")).unwrap();
+    let mut c = w.cli();
+    c.args(["exec", "--", "touch"]).arg(w.path("ran"));
+    let err = refused(&w, c, "ran", &format!("cannot bind {}", w.socket().display()));
+    assert!(err.contains("the daemon could not start") && err.contains("daemon.log"), "{err}");
+    // a malformed STYXY_URL names itself
+    let mut c = w.cli();
+    c.args(["exec", "--", "touch"]).arg(w.path("ran")).env("STYXY_URL", "ftp://nowhere");
+    let err = refused(&w, c, "ran", "STYXY_URL=");
+    assert!(err.contains("ftp://nowhere"), "{err}");
+}
