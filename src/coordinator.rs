@@ -2,7 +2,11 @@
 //! when it does not. The CLI, like the hooks, asks only the local daemon; Styxy is the
 //! daemon's upstream (docs/ARCHITECTURE.md "One path").
 
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,14 +27,34 @@ pub fn ensure() -> Result<Endpoint, String> {
     start_daemon(&[])
 }
 
+/// The write end of a pipe `start_daemon` hands the daemon it starts (the fd number in
+/// this variable): a daemon that cannot start writes why there before it exits, and the
+/// pipe's end-of-file tells that it has exited.
+pub const START_FD_ENV: &str = "STYXY_PRELOAD_START_FD";
+
+/// The runtime directory can hold the daemon's socket, lock and port map: ours, private,
+/// and writable by us.
+fn usable(dir: &Path) -> std::io::Result<()> {
+    paths::ensure_private_dir(dir)?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: access(2) on a NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Starts `styxy-preload daemon run` detached (own session, stderr to the daemon log)
-/// and waits until its socket answers. The daemon finds the user's Styxy itself (the
-/// environment it inherits: `STYXY_URL`, `STYXY_DAEMON_HOST`/`PORT`, the token).
+/// and waits until its socket answers, or until it has exited (then with the reason it
+/// gave). The daemon finds the user's Styxy itself (the environment it inherits:
+/// `STYXY_URL`, `STYXY_DAEMON_HOST`/`PORT`, the token).
 pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
     let ep = local()?;
     if discovery::answers(&ep, PROBE) {
         return Ok(ep);
     }
+    let run = paths::runtime_dir();
+    usable(&run).map_err(|e| format!("cannot use {}: {e}; set XDG_RUNTIME_DIR to a private writable directory", run.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let state = paths::state_dir();
     paths::ensure_private_dir(&state).map_err(|e| format!("cannot create {}: {e}", state.display()))?;
@@ -40,14 +64,21 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+    let (report, report_w) = pipe().map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let wfd = report_w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("daemon").arg("run").args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     cmd.env("STYXY_PRELOAD_DISABLE", "1").env_remove("LD_PRELOAD").env(styxy_preload_daemon::activation::LAUNCH_ENV, "on-demand");
-    // SAFETY: setsid, fork and _exit are async-signal-safe. The daemon gets its own
-    // session, and the intermediate process exits at once, so the daemon is adopted
-    // by init and never lingers as a zombie of ours.
+    cmd.env(START_FD_ENV, wfd.to_string());
+    // SAFETY: fcntl, setsid, fork and _exit are async-signal-safe. The daemon keeps the
+    // pipe's write end across exec; it gets its own session, and the intermediate
+    // process exits at once, so the daemon is adopted by init and never lingers as a
+    // zombie of ours.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if libc::fcntl(wfd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
             libc::setsid();
             match libc::fork() {
                 0 => Ok(()),
@@ -58,15 +89,51 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
     }
     let mut intermediate = cmd.spawn().map_err(|e| format!("cannot start the daemon: {e}"))?;
     let _ = intermediate.wait();
-    // If another daemon won the race for the per-user lock, it is the one that answers.
+    drop(report_w); // the daemon holds the only write end now
+    let mut report = Some(std::fs::File::from(report));
+    let mut why = Vec::new();
+    // If another daemon won the race for the per-user lock, it is the one that answers
+    // (the loser exits without a reason).
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if discovery::answers(&ep, PROBE) {
             return Ok(ep);
         }
-        std::thread::sleep(Duration::from_millis(5));
+        match report.as_mut() {
+            Some(r) if readable(r, 5) => {
+                let mut buf = [0u8; 512];
+                match r.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Ok(0) | Err(_) if why.is_empty() => report = None, // exited without a reason
+                    Ok(0) | Err(_) => {
+                        let why = String::from_utf8_lossy(&why);
+                        return Err(format!("the daemon could not start: {}; see {}", why.trim(), log_path.display()));
+                    }
+                    Ok(n) => why.extend_from_slice(&buf[..n]),
+                }
+            }
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
     Err(format!("the daemon did not answer within 5 s; see {}", log_path.display()))
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds on success; we own them from here.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Waits at most `ms` for `f` to be readable (data or end-of-file).
+fn readable(f: &std::fs::File, ms: i32) -> bool {
+    let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
 /// Keeps the daemon up while `pid` (an `env` shell, an `exec`) runs: its sessions may

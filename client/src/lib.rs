@@ -12,6 +12,7 @@ pub mod policy;
 pub mod policymap;
 pub mod portmap;
 pub mod session;
+pub mod text;
 
 /// Marks the built-in daemon's own test binds (the 4th syscall argument, which `bind`
 /// ignores): `exec`'s seccomp filter lets them through. A daemon started inside a

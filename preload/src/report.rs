@@ -58,15 +58,9 @@ pub fn notify(p: &Process, line: &str) {
         return;
     }
     let errno = sys::errno();
-    let msg = format!("styxy-preload: {}\n", printable(line));
+    let msg = format!("styxy-preload: {}\n", styxy_preload_client::text::cell(line));
     let _ = write_stderr(msg.as_bytes());
     sys::set_errno(errno);
-}
-
-/// Control characters (a process name set with `PR_SET_NAME` may hold terminal escapes)
-/// become `?`.
-fn printable(line: &str) -> String {
-    line.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 fn write_stderr(msg: &[u8]) -> std::io::Result<()> {
@@ -123,13 +117,5 @@ fn pipe_room(fd: libc::c_int) -> Option<usize> {
             return None;
         }
         usize::try_from(size - queued).ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn control_characters_never_reach_the_terminal() {
-        assert_eq!(super::printable("\x1b[31mevil\x07 (pid 1)"), "?[31mevil? (pid 1)");
     }
 }

@@ -1,5 +1,7 @@
 //! `styxy-preload daemon run|start|stop|status`.
 
+use std::io::Write;
+use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use styxy_preload_client::discovery;
@@ -42,11 +44,20 @@ fn args_of(a: &DaemonRunArgs) -> Vec<String> {
 
 pub fn run(cmd: DaemonCommand) -> Result<i32, String> {
     match cmd {
-        DaemonCommand::Run(a) => match styxy_preload_daemon::run(options(&a)?) {
-            Ok(()) => Ok(0),
-            Err(e @ RunError::AlreadyRunning) => Err(format!("{e}; stop it with `styxy-preload daemon stop`")),
-            Err(e) => Err(e.to_string()),
-        },
+        DaemonCommand::Run(a) => {
+            let report = start_report();
+            match styxy_preload_daemon::run(options(&a)?) {
+                Ok(()) => Ok(0),
+                // the one that runs answers whoever started this one
+                Err(e @ RunError::AlreadyRunning) => Err(format!("{e}; stop it with `styxy-preload daemon stop`")),
+                Err(e) => {
+                    if let Some(mut r) = report {
+                        let _ = writeln!(r, "{e}");
+                    }
+                    Err(e.to_string())
+                }
+            }
+        }
         DaemonCommand::Start(a) => {
             let ep = coordinator::start_daemon(&args_of(&a))?;
             println!("styxy-preload daemon answers at {ep} (log: {})", paths::daemon_log_path().display());
@@ -73,6 +84,27 @@ pub fn run(cmd: DaemonCommand) -> Result<i32, String> {
                 }
             }
         }
+    }
+}
+
+/// The pipe `coordinator::start_daemon` waits on (`START_FD_ENV`), taken out of the
+/// environment and made close-on-exec; only a pipe is taken, never another fd the
+/// variable happens to name.
+fn start_report() -> Option<std::fs::File> {
+    let v = std::env::var_os(coordinator::START_FD_ENV)?;
+    // before any thread exists
+    std::env::remove_var(coordinator::START_FD_ENV);
+    let fd: i32 = v.to_str()?.parse().ok().filter(|fd| *fd > 2)?;
+    // SAFETY: fstat into a zeroed stat; fcntl on the same fd.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0
+            || st.st_mode & libc::S_IFMT != libc::S_IFIFO
+            || libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) != 0
+        {
+            return None;
+        }
+        Some(std::fs::File::from_raw_fd(fd))
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{coordinator, elf, libpath, seccomp, tools};
 pub fn run(a: ExecArgs) -> Result<i32, String> {
     let lib = libpath::find()?;
     let session = super::session_arg(a.session)?.unwrap_or_else(session::new_id);
+    a.ports.iter().try_for_each(|spec| super::port_spec(spec))?;
     let endpoint = if a.no_start_daemon {
         let ep = coordinator::local()?;
         let up = discovery::answers(&ep, coordinator::PROBE);
@@ -197,12 +198,10 @@ fn use_seccomp(asked: bool, refused: bool, program: &str) -> bool {
     }
 }
 
-/// `--port NAME[=TYPE|=PORT]`: allocate in the session before the command starts.
+/// `--port NAME[=TYPE|=PORT]` (its NAME checked by `port_spec`): allocate in the session
+/// before the command starts.
 fn preallocate(ep: &Endpoint, session: &str, spec: &str) -> Result<(String, u16), String> {
     let (name, what) = spec.split_once('=').unwrap_or((spec, "dev"));
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!("--port {spec}: '{name}' is not a valid environment variable name"));
-    }
     let policy = Policy::from_env().0;
     let (ty, requested) = match what.parse::<u16>() {
         Ok(0) => return Err(format!("--port {spec}: port 0 is not a port to coordinate")),
@@ -249,7 +248,7 @@ fn summary(session: &str, since_ms: u64) {
     let remaps: Vec<String> = events
         .iter()
         .filter(|e| e.ts >= since_ms && e.session.as_deref() == Some(session) && e.action == Action::Remapped)
-        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, e.comm))
+        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, styxy_preload_client::text::cell(&e.comm)))
         .collect();
     if !remaps.is_empty() {
         let n = remaps.len();

@@ -8,6 +8,7 @@ use styxy_preload_client::eventlog::{self, Event};
 use styxy_preload_client::paths;
 
 use crate::cli::LogArgs;
+use styxy_preload_client::text::cell;
 
 pub fn run(a: LogArgs) -> Result<i32, String> {
     let path = paths::event_log_path();
@@ -72,13 +73,13 @@ fn print(out: &mut impl Write, e: &Event, json: bool) {
         out,
         "{:<8}  {:<18}  {:>7}  {:<15}  {:<13}  {:<11}  {:<11}  {}",
         time,
-        e.session.as_deref().unwrap_or("-"),
+        cell(e.session.as_deref().unwrap_or("-")),
         e.pid,
-        e.comm,
+        cell(&e.comm),
         port,
-        e.service_type.as_deref().unwrap_or("-"),
+        cell(e.service_type.as_deref().unwrap_or("-")),
         e.action.as_str(),
-        e.reason.as_deref().unwrap_or("")
+        cell(e.reason.as_deref().unwrap_or(""))
     );
 }
 

@@ -4,6 +4,7 @@ use styxy_preload_client::api::AllocationsReply;
 use styxy_preload_client::http::{self, Timeouts};
 
 use crate::coordinator;
+use styxy_preload_client::text::cell;
 
 pub fn run(json: bool) -> Result<i32, String> {
     let ep = coordinator::local()?;
@@ -31,10 +32,10 @@ pub fn run(json: bool) -> Result<i32, String> {
         println!(
             "{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}",
             a.port,
-            a.service_type,
-            a.instance_id.as_deref().unwrap_or("-"),
+            cell(&a.service_type),
+            cell(a.instance_id.as_deref().unwrap_or("-")),
             pids,
-            a.comm.as_deref().unwrap_or("-"),
+            cell(a.comm.as_deref().unwrap_or("-")),
             a.requested_port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             a.age_s.map(age).unwrap_or_default()
         );

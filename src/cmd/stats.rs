@@ -12,6 +12,7 @@ use styxy_preload_client::policy::Policy;
 
 use crate::cli::StatsArgs;
 use crate::coordinator;
+use styxy_preload_client::text::cell;
 
 /// The pass-through reasons `stats` tells apart.
 fn reason_kind(e: &Event) -> &'static str {
@@ -150,7 +151,7 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
     }
     // Value's Display ignores widths: format numbers as strings first
     let num = |v: &Value| v.as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-    println!("{summary}\n");
+    println!("{}\n", cell(&summary));
     println!(
         "{:<14} {:>6} {:>6} {:>8} {:>12} {:>7} {:>8} {:>9} {:>9}",
         "TYPE", "BINDS", "KEPT", "REMAPPED", "PASSTHROUGH", "ERRORS", "RETRIES", "P50 µs", "P99 µs"
@@ -159,7 +160,7 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
         let n = |k: &str| num(&v[k]);
         println!(
             "{:<14} {:>6} {:>6} {:>8} {:>12} {:>7} {:>8} {:>9} {:>9}",
-            t,
+            cell(t),
             n("binds"),
             n("kept"),
             n("remapped"),
@@ -173,14 +174,14 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
     if !sessions.is_empty() {
         println!("\n{:<24} {:>6} {:>7} {:>10}", "SESSION", "BINDS", "REMAPS", "HELD NOW");
         for (s, v) in &sessions {
-            println!("{:<24} {:>6} {:>7} {:>10}", s, num(&v["binds"]), num(&v["remaps"]), num(&v["ports_held_now"]));
+            println!("{:<24} {:>6} {:>7} {:>10}", cell(s), num(&v["binds"]), num(&v["remaps"]), num(&v["ports_held_now"]));
         }
     }
     if !ranges.is_empty() {
         println!("\n{:<14} {:>5} {:>5} {:>6}", "RANGE", "HELD", "SIZE", "USE");
         for r in &ranges {
             let pct = format!("{:.1}%", r["use"].as_f64().unwrap_or(0.0) * 100.0);
-            println!("{:<14} {:>5} {:>5} {:>6}", r["service_type"].as_str().unwrap_or("?"), num(&r["held"]), num(&r["size"]), pct);
+            println!("{:<14} {:>5} {:>5} {:>6}", cell(r["service_type"].as_str().unwrap_or("?")), num(&r["held"]), num(&r["size"]), pct);
         }
     }
     Ok(0)
