@@ -46,8 +46,13 @@ fn bad_address_pointers_get_efault_with_and_without_coordination() {
 /// Python in session `s`, with fd 2 set up by `setup` (which leaves `probe()` to check what
 /// arrived), binding the held `port`; prints the outcome.
 fn notice_case(w: &World, setup: &str, port: u16) -> String {
+    let body = format!(
+        "{setup}\nt = time.monotonic()\ns = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\nprint('bound', s.getsockname()[1] != {port}, round(time.monotonic() - t, 2), probe(), flush=True)"
+    );
+    // fd 2 is what the case makes it: a failure is told on stdout
+    let indented: String = body.lines().map(|l| format!("  {l}\n")).collect();
     let script = format!(
-        "import os, socket, time, sys\n{setup}\nt = time.monotonic()\ns = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\nprint('bound', s.getsockname()[1] != {port}, round(time.monotonic() - t, 2), probe(), flush=True)"
+        "import os, socket, time, sys, traceback\ntry:\n{indented}except Exception:\n  print('error', traceback.format_exc().replace(chr(10), ' | '), flush=True); sys.exit(1)"
     );
     let mut c = w.preloaded(Some("notice"), "python3");
     c.args(["-c", &script]);
