@@ -54,7 +54,8 @@ fn notice_case(w: &World, setup: &str, port: u16) -> String {
     let script = format!(
         "import os, socket, time, sys, traceback\ntry:\n{indented}except Exception:\n  print('error', traceback.format_exc().replace(chr(10), ' | '), flush=True); sys.exit(1)"
     );
-    let mut c = w.preloaded(Some("notice"), "python3");
+    // a session of its own per case: never the previous case's (still unswept) mapping
+    let mut c = w.preloaded(Some(&format!("notice-{}", unique())), "python3");
     c.args(["-c", &script]);
     let out = run(c);
     assert!(out.status.success(), "{:?} {} {}", out.status, text(&out.stdout), text(&out.stderr));
