@@ -7,6 +7,7 @@ pub mod api;
 pub mod discovery;
 pub mod eventlog;
 pub mod http;
+pub mod mapview;
 pub mod paths;
 pub mod policy;
 pub mod policymap;

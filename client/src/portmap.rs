@@ -46,19 +46,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-const MAGIC: u32 = 0x5350_4d32; // "SPM2"
-const PORTS: usize = 65536;
-/// Slots of each remap table: the daemon holds at most 4096 allocations, one entry each.
-const SLOTS: usize = 32768;
-const HEADER: usize = 64;
-const HELD_OFF: usize = HEADER;
-const REMAP_OFF: usize = HELD_OFF + PORTS * 4;
-pub const SIZE: usize = REMAP_OFF + 2 * SLOTS * 8;
+pub use crate::mapview::SIZE;
+use crate::mapview::{deleted, is, next, pack, prev, slot, View, MAGIC, SLOTS};
+
 /// Tombstones that trigger a rebuild: at most 1/16 of the table, so the load (live +
 /// deleted) stays under 1/4 with the daemon's 4096 allocations and lookups stay short.
 const REBUILD_AT: usize = SLOTS / 16;
-/// Lookups that overlap this many rebuilds answer from their last look.
-const RETRIES: usize = 4;
 
 pub struct PortMap {
     base: *mut u8,
@@ -76,30 +69,6 @@ impl Drop for PortMap {
         // SAFETY: base was returned by mmap with SIZE.
         unsafe { libc::munmap(self.base.cast(), SIZE) };
     }
-}
-
-fn slot(tag: u32, requested: u16) -> usize {
-    (tag ^ u32::from(requested).wrapping_mul(0x9e37_79b1)).wrapping_mul(0x85eb_ca6b) as usize >> 16 & (SLOTS - 1)
-}
-
-fn pack(tag: u32, requested: u16, actual: u16) -> u64 {
-    u64::from(tag) << 32 | u64::from(requested) << 16 | u64::from(actual)
-}
-
-fn is(w: u64, tag: u32, requested: u16) -> bool {
-    w != 0 && (w >> 32) as u32 == tag && (w >> 16) as u16 == requested
-}
-
-fn deleted(w: u64) -> bool {
-    w != 0 && w as u16 == 0
-}
-
-fn next(i: usize) -> usize {
-    (i + 1) & (SLOTS - 1)
-}
-
-fn prev(i: usize) -> usize {
-    i.wrapping_sub(1) & (SLOTS - 1)
 }
 
 impl PortMap {
@@ -152,78 +121,45 @@ impl PortMap {
         Ok(PortMap { base: p.cast(), live: AtomicUsize::new(0), dead: AtomicUsize::new(0) })
     }
 
+    fn view(&self) -> View<'_> {
+        // SAFETY: base is our mapping of SIZE bytes, alive as long as self.
+        unsafe { View::new(self.base) }
+    }
+
     fn magic(&self) -> &AtomicU32 {
-        // SAFETY: in bounds and 4-aligned (mmap is page-aligned).
-        unsafe { &*(self.base.cast::<AtomicU32>()) }
+        self.view().magic()
     }
 
     fn generation(&self) -> &AtomicU32 {
-        // SAFETY: in bounds and 4-aligned.
-        unsafe { &*(self.base.add(4).cast::<AtomicU32>()) }
+        self.view().generation()
     }
 
     fn valid(&self) -> bool {
-        self.magic().load(Ordering::Acquire) == MAGIC
+        self.view().valid()
     }
 
     fn held_word(&self, port: u16) -> &AtomicU32 {
-        // SAFETY: in bounds, aligned.
-        unsafe { &*(self.base.add(HELD_OFF + usize::from(port) * 4).cast::<AtomicU32>()) }
+        self.view().held_word(port)
     }
 
     fn remap_word(&self, table: u32, i: usize) -> &AtomicU64 {
-        let off = REMAP_OFF + (table as usize & 1) * SLOTS * 8 + (i & (SLOTS - 1)) * 8;
-        // SAFETY: table < 2, i < SLOTS: in bounds, 8-aligned.
-        unsafe { &*(self.base.add(off).cast::<AtomicU64>()) }
+        self.view().remap_word(table, i)
     }
 
     /// The tag of the session that holds `port`, 0 if none does.
     pub fn held(&self, port: u16) -> u32 {
-        if !self.valid() {
-            return 0;
-        }
-        self.held_word(port).load(Ordering::Acquire)
-    }
-
-    /// Looks `requested` of session `tag` up in `table`: the entry's actual port (None
-    /// when absent or deleted) and the number of slots read.
-    fn probe(&self, table: u32, tag: u32, requested: u16) -> (Option<u16>, usize) {
-        let mut i = slot(tag, requested);
-        for n in 1..=SLOTS {
-            let w = self.remap_word(table, i).load(Ordering::Acquire);
-            if w == 0 {
-                return (None, n);
-            }
-            if is(w, tag, requested) {
-                let actual = w as u16;
-                return ((actual != 0).then_some(actual), n);
-            }
-            i = next(i);
-        }
-        (None, SLOTS)
+        self.view().held(port)
     }
 
     /// The actual port session `tag` got for `requested`, if it holds one.
     pub fn lookup(&self, tag: u32, requested: u16) -> Option<u16> {
-        let mut found = None;
-        for _ in 0..RETRIES {
-            if !self.valid() {
-                return None;
-            }
-            let g = self.generation().load(Ordering::Acquire);
-            found = self.probe(g, tag, requested).0;
-            // the probe's loads are acquires: this load cannot move before them
-            if self.generation().load(Ordering::Acquire) == g {
-                return found;
-            }
-        }
-        found
+        self.view().lookup(tag, requested)
     }
 
     /// How many slots `lookup(tag, requested)` reads in the active table (1 when its
     /// home slot is free): what a `connect()` in a session pays.
     pub fn lookup_probes(&self, tag: u32, requested: u16) -> usize {
-        self.probe(self.generation().load(Ordering::Acquire), tag, requested).1
+        self.view().probe(self.generation().load(Ordering::Acquire), tag, requested).1
     }
 
     pub fn set_held(&self, port: u16, tag: u32) {

@@ -30,19 +30,10 @@ pub fn new_id() -> String {
     format!("s-{}-{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
 
-/// The 32-bit tag of a session in the shared port map (FNV-1a, never 0: 0 means
-/// "no session").
+/// The 32-bit tag of a session in the shared port map (`mapview::tag`, which the shim
+/// computes the same way).
 pub fn tag(session: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in session.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    if h == 0 {
-        1
-    } else {
-        h
-    }
+    crate::mapview::tag(session.as_bytes())
 }
 
 #[cfg(test)]

@@ -28,6 +28,11 @@ struct DlInfo {
     saddr: *mut c_void,
 }
 
+/// The port map's reader, shared with the client crate (one reader for both).
+#[allow(dead_code)]
+#[path = "../../client/src/mapview.rs"]
+mod mapview;
+
 #[link(name = "c")]
 extern "C" {
     fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
@@ -82,13 +87,10 @@ const O_RDONLY: c_int = 0;
 const O_NOFOLLOW: c_int = 0o400000;
 const PROT_READ: c_int = 1;
 const MAP_SHARED: c_int = 1;
-const AT_FDCWD: c_int = -100;
 const AT_EMPTY_PATH: c_int = 0x1000;
-const AT_SYMLINK_NOFOLLOW: c_int = 0x100;
 const STATX_MODE_UID_SIZE: u32 = 0x2 | 0x8 | 0x200;
 const S_IFMT: u16 = 0o170000;
 const S_IFREG: u16 = 0o100000;
-const S_IFDIR: u16 = 0o040000;
 const EADDRINUSE: c_int = 98;
 const SO_REUSEPORT: c_int = 15;
 /// The daemon's policy map (client/src/policymap.rs): magic, header, a class per port.
@@ -97,6 +99,8 @@ const POLICY_HEADER: usize = 64;
 const POLICY_SIZE: usize = POLICY_HEADER + 65536;
 const UNTOUCHED_PORT: u8 = 0;
 const ON_CONFLICT_PORT: u8 = 2;
+const SOCK_STREAM: c_int = 1;
+const ECONNREFUSED: c_int = 111;
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -119,6 +123,10 @@ static IN_SESSION: AtomicU8 = AtomicU8::new(UNKNOWN);
 static CORE: AtomicU8 = AtomicU8::new(UNKNOWN);
 static CORE_FAILURES: AtomicU8 = AtomicU8::new(0);
 static POLICY: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+static PORTS: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+/// This process's session tag in the port map (0: not computed yet).
+static TAG: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+static ISOLATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 static OWN_RULES: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 /// The next definition of `name` (libc's), looked up once. Racing threads store the
@@ -267,15 +275,16 @@ fn append(buf: &mut [u8], at: usize, tail: &[u8]) -> usize {
     at + tail.len() - 1
 }
 
-/// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules, a mode): the daemon's
-/// map is not its policy, the hooks' logic decides every call.
+/// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules, a mode) or may be under
+/// `exec`'s seccomp supervisor: the daemon's maps are not the whole story, the hooks'
+/// logic decides every call.
 unsafe fn own_rules() -> bool {
     let set = |v: *const c_char| !v.is_null() && *v != 0;
     match OWN_RULES.load(Ordering::Relaxed) {
         YES => true,
         NO => false,
         _ => {
-            let own = [&b"STYXY_PRELOAD_PORTS\0"[..], b"STYXY_PRELOAD_MODE\0", b"STYXY_DISABLE_REASSIGN\0"]
+            let own = [&b"STYXY_PRELOAD_PORTS\0"[..], b"STYXY_PRELOAD_MODE\0", b"STYXY_DISABLE_REASSIGN\0", b"STYXY_PRELOAD_SUPERVISED\0"]
                 .iter()
                 .any(|n| set(getenv(n.as_ptr().cast())));
             OWN_RULES.store(if own { YES } else { NO }, Ordering::Relaxed);
@@ -301,9 +310,9 @@ unsafe fn port_class(port: u16) -> Option<u8> {
 unsafe fn map_policy() -> Option<*mut u8> {
     let errno = *__errno_location();
     let mut path = [0u8; 4096];
-    let mapped = match policy_path(&mut path) {
+    let mapped = match runtime_file(&mut path, b"/policy.map\0") {
         0 => None,
-        n => map_file(&path, n),
+        n => map_file(&path, n, POLICY_SIZE, POLICY_MAGIC),
     };
     *__errno_location() = errno;
     let map = mapped?;
@@ -316,10 +325,10 @@ unsafe fn map_policy() -> Option<*mut u8> {
     }
 }
 
-/// `policy.map` beside the daemon's socket: the directory of `STYXY_URL`'s `unix:` path,
+/// A file beside the daemon's socket (`name` as `b"/policy.map\0"`): the directory of `STYXY_URL`'s `unix:` path,
 /// else `$XDG_RUNTIME_DIR/styxy-preload`, else `/tmp/styxy-preload-<uid>` (as
 /// client/src/paths.rs). Its length, 0 when it does not fit.
-unsafe fn policy_path(buf: &mut [u8]) -> usize {
+unsafe fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
     let url = getenv(b"STYXY_URL\0".as_ptr().cast());
     let rt = getenv(b"XDG_RUNTIME_DIR\0".as_ptr().cast());
     let n = if !url.is_null() && starts_with(url, b"unix:/") {
@@ -342,7 +351,7 @@ unsafe fn policy_path(buf: &mut [u8]) -> usize {
     if n == 0 {
         return 0;
     }
-    append(buf, n, b"/policy.map\0")
+    append(buf, n, name)
 }
 
 unsafe fn starts_with(s: *const c_char, prefix: &[u8]) -> bool {
@@ -378,32 +387,31 @@ fn decimal(buf: &mut [u8], at: usize, mut v: u32) -> usize {
     n
 }
 
-/// Maps the policy file at `path[..n]` if it and its directory are ours alone.
-unsafe fn map_file(path: &[u8], n: usize) -> Option<*mut u8> {
-    let cut = path.get(..n)?.iter().rposition(|c| *c == b'/')?;
-    let mut dir = [0u8; 4096];
-    dir.get_mut(..cut)?.copy_from_slice(path.get(..cut)?); // NUL-terminated by the zeroes after it
+/// Maps `size` bytes of the file at `path[..n]` if it is ours alone (checked on the opened
+/// file: a file swapped in by someone else is not ours) and its first word is `magic`.
+unsafe fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mut u8> {
+    if path.get(n) != Some(&0) {
+        return None;
+    }
     let fd = open(path.as_ptr().cast(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if fd < 0 {
         return None;
     }
-    let trusted = cut > 0
-        && ours(fd, b"\0".as_ptr().cast(), AT_EMPTY_PATH, S_IFREG, POLICY_SIZE as u64)
-        && ours(AT_FDCWD, dir.as_ptr().cast(), AT_SYMLINK_NOFOLLOW, S_IFDIR, 0);
-    let map = if trusted { mmap(core::ptr::null_mut(), POLICY_SIZE, PROT_READ, MAP_SHARED, fd, 0) } else { usize::MAX as *mut c_void };
+    let trusted = ours(fd, b"\0".as_ptr().cast(), AT_EMPTY_PATH, S_IFREG, size as u64);
+    let map = if trusted { mmap(core::ptr::null_mut(), size, PROT_READ, MAP_SHARED, fd, 0) } else { usize::MAX as *mut c_void };
     close(fd);
     if map as usize == usize::MAX {
         return None;
     }
-    if core::ptr::read_unaligned(map.cast::<u32>()) != POLICY_MAGIC {
-        munmap(map, POLICY_SIZE);
+    if core::ptr::read_unaligned(map.cast::<u32>()) != magic {
+        munmap(map, size);
         return None;
     }
     Some(map.cast())
 }
 
-/// The file (or directory) is of `kind`, at least `size` bytes, ours, and nobody else may
-/// write it (a shorter file would fault when mapped).
+/// The file is of `kind`, at least `size` bytes, ours, and nobody else may write it (a
+/// shorter file would fault when mapped).
 unsafe fn ours(dirfd: c_int, path: *const c_char, flags: c_int, kind: u16, size: u64) -> bool {
     let mut st = [0u8; 256];
     if statx(dirfd, path, flags, STATX_MODE_UID_SIZE, st.as_mut_ptr()) != 0 {
@@ -551,11 +559,118 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const c_void, len: SockLen) -
         return missing();
     }
     let real: AddrFn = core::mem::transmute(real);
-    match inet_port(addr, len) {
-        Some((family, port)) if port >= 1024 && in_session() && is_loopback(addr, family) && enabled() && core_loaded() => {
+    let Some((_, port)) = inet_port(addr, len).filter(|(f, p)| *p >= 1024 && in_session() && is_loopback(addr, *f) && enabled()) else {
+        return real(fd, addr, len);
+    };
+    match route(port) {
+        Some(Route::AsAsked) => real(fd, addr, len),
+        Some(Route::To(actual)) if stream(fd) && (len as usize) <= 128 => {
+            // a copy of the caller's address with the session's actual port (sin_port and
+            // sin6_port are both at offset 2)
+            let mut copy = [0u8; 128];
+            core::ptr::copy_nonoverlapping(addr.cast::<u8>(), copy.as_mut_ptr(), len as usize);
+            copy[2..4].copy_from_slice(&actual.to_be_bytes());
+            real(fd, copy.as_ptr().cast(), len)
+        }
+        Some(Route::Refused) if stream(fd) => {
+            *__errno_location() = ECONNREFUSED;
+            -1
+        }
+        Some(_) => real(fd, addr, len),
+        None if core_loaded() => {
             let hook: CoreAddrFn = core::mem::transmute(CORE_CONNECT.load(Ordering::Acquire));
             hook(fd, addr, len, real)
         }
-        _ => real(fd, addr, len),
+        None => real(fd, addr, len),
+    }
+}
+
+/// Where a session's loopback connect goes (docs/ARCHITECTURE.md "A call's way").
+enum Route {
+    AsAsked,
+    /// The session remapped this port: connect here instead.
+    To(u16),
+    /// Another session's server: as if nothing listened (isolation).
+    Refused,
+}
+
+/// The shim's own answer for a loopback connect in a session, from the port map and the
+/// policy map; `None` when the hooks' logic must decide (the process has rules of its
+/// own, or the session id needs more than the map's tag).
+unsafe fn route(port: u16) -> Option<Route> {
+    if own_rules() {
+        return None;
+    }
+    let tag = session_tag()?;
+    let Some(map) = port_map() else {
+        return Some(Route::AsAsked); // no daemon yet: nothing to follow
+    };
+    let view = mapview::View::new(map);
+    if let Some(actual) = view.lookup(tag, port).filter(|a| *a != port) {
+        return Some(Route::To(actual));
+    }
+    let holder = view.held(port);
+    if holder != 0 && holder != tag && isolate() && port_class(port).is_some_and(|c| c != UNTOUCHED_PORT) {
+        return Some(Route::Refused);
+    }
+    Some(Route::AsAsked)
+}
+
+unsafe fn stream(fd: c_int) -> bool {
+    let errno = *__errno_location();
+    let mut ty: c_int = 0;
+    let mut len: SockLen = 4;
+    let ok = getsockopt(fd, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) == 0 && ty == SOCK_STREAM;
+    *__errno_location() = errno;
+    ok
+}
+
+/// `STYXY_PRELOAD_ISOLATE` not turned off.
+unsafe fn isolate() -> bool {
+    env_flag(&ISOLATE, b"STYXY_PRELOAD_ISOLATE\0", |v| {
+        let off = |w: &[u8]| starts_with(v, w) && *v.add(w.len()) == 0;
+        v.is_null() || !(off(b"0") || off(b"off") || off(b"false") || off(b"no"))
+    })
+}
+
+/// The session's tag (`mapview::tag` of `STYXY_PRELOAD_SESSION`), computed once.
+unsafe fn session_tag() -> Option<u32> {
+    let t = TAG.load(Ordering::Relaxed);
+    if t != 0 {
+        return Some(t);
+    }
+    let s = getenv(b"STYXY_PRELOAD_SESSION\0".as_ptr().cast());
+    if s.is_null() {
+        return None;
+    }
+    let mut n = 0;
+    while *s.add(n) != 0 {
+        n += 1;
+    }
+    let t = mapview::tag(core::slice::from_raw_parts(s.cast::<u8>(), n));
+    TAG.store(t, Ordering::Relaxed);
+    Some(t)
+}
+
+/// The daemon's port map, mapped once it exists and is ours alone.
+unsafe fn port_map() -> Option<*const u8> {
+    let map = PORTS.load(Ordering::Acquire);
+    if !map.is_null() {
+        return Some(map);
+    }
+    let errno = *__errno_location();
+    let mut path = [0u8; 4096];
+    let mapped = match runtime_file(&mut path, b"/ports.map\0") {
+        0 => None,
+        n => map_file(&path, n, mapview::SIZE, mapview::MAGIC),
+    };
+    *__errno_location() = errno;
+    let map = mapped?;
+    match PORTS.compare_exchange(core::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(map),
+        Err(winner) => {
+            munmap(map.cast(), mapview::SIZE);
+            Some(winner)
+        }
     }
 }
