@@ -150,3 +150,21 @@ fn half_sent_tcp_requests_never_starve_the_owners_socket() {
     let _ = std::io::Read::read(&mut first, &mut buf);
     assert!(t.elapsed() < Duration::from_secs(4), "a half-sent request was held {:?}", t.elapsed());
 }
+
+#[test]
+fn an_exhausted_range_is_said_on_stderr_not_only_in_the_log() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    // another session holds every api port (8000-8099)
+    for i in 0..100 {
+        let (status, v) = w.json("POST", "/allocate", Some(&format!(r#"{{"service_type":"api","instance_id":"hog{}"}}"#, i % 2)));
+        assert_eq!(status, 200, "{i}: {v}");
+    }
+    let mut c = w.preloaded(Some("late"), "python3");
+    c.args(["-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 8000)); print(s.getsockname()[1])"]);
+    let out = run(c);
+    let err = text(&out.stderr);
+    assert!(err.contains("No available ports in range 8000-8099"), "{err}");
+    assert_eq!(err.matches("styxy-preload:").count(), 1, "one line per process: {err}");
+}
