@@ -131,3 +131,18 @@ fn without_the_supervisor_a_server_of_another_user_says_why_it_is_not_coordinate
     let err = text(&out.stderr);
     assert!(err.contains("the session's daemon belongs to uid 0 and this process runs as uid") && err.contains("exec --seccomp"), "{err}");
 }
+
+#[test]
+fn an_address_the_kernel_refuses_is_not_logged_as_our_error() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    // a link-local IPv6 address without its scope: EINVAL with or without the library
+    let mut c = w.preloaded(Some("ll"), "python3");
+    c.args(["-c", "import socket\ns=socket.socket(socket.AF_INET6)\ntry: s.bind(('fe80::1', 3120))\nexcept OSError as e: print(e.errno)"]);
+    let out = run(c);
+    assert_eq!(text(&out.stdout).trim(), "22", "{}", text(&out.stderr));
+    let ev = w.events();
+    assert!(!ev.iter().any(|e| e.action == Action::Error), "{ev:#?}");
+    assert!(ev.iter().any(|e| e.reason.as_deref().is_some_and(|r| r.contains("kernel refuses this address"))), "{ev:#?}");
+}

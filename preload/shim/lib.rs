@@ -193,7 +193,7 @@ unsafe fn say(head: &[u8], middle: *const c_char, tail: &[u8]) {
     if socket || lseek(2, 0, SEEK_CUR) != -1 || *__errno_location() != ESPIPE {
         return;
     }
-    let fd = open(b"/proc/self/fd/2\0".as_ptr().cast(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    let fd = open(c"/proc/self/fd/2".as_ptr(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     if fd < 0 {
         return;
     }
@@ -209,7 +209,7 @@ unsafe fn say(head: &[u8], middle: *const c_char, tail: &[u8]) {
 
 unsafe fn load_core() -> bool {
     let mut path = [0u8; 4096];
-    let over = getenv(b"STYXY_PRELOAD_CORE\0".as_ptr().cast());
+    let over = getenv(c"STYXY_PRELOAD_CORE".as_ptr());
     let len = if !over.is_null() && *over != 0 {
         copy_cstr(&mut path, 0, over)
     } else {
@@ -237,9 +237,9 @@ unsafe fn load_core() -> bool {
     if h.is_null() {
         return false;
     }
-    let b = dlsym(h, b"styxy_core_bind\0".as_ptr().cast());
-    let l = dlsym(h, b"styxy_core_listen\0".as_ptr().cast());
-    let c = dlsym(h, b"styxy_core_connect\0".as_ptr().cast());
+    let b = dlsym(h, c"styxy_core_bind".as_ptr());
+    let l = dlsym(h, c"styxy_core_listen".as_ptr());
+    let c = dlsym(h, c"styxy_core_connect".as_ptr());
     if b.is_null() || l.is_null() || c.is_null() {
         return false;
     }
@@ -329,8 +329,8 @@ unsafe fn map_policy() -> Option<*mut u8> {
 /// else `$XDG_RUNTIME_DIR/styxy-preload`, else `/tmp/styxy-preload-<uid>` (as
 /// client/src/paths.rs). Its length, 0 when it does not fit.
 unsafe fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
-    let url = getenv(b"STYXY_URL\0".as_ptr().cast());
-    let rt = getenv(b"XDG_RUNTIME_DIR\0".as_ptr().cast());
+    let url = getenv(c"STYXY_URL".as_ptr());
+    let rt = getenv(c"XDG_RUNTIME_DIR".as_ptr());
     let n = if !url.is_null() && starts_with(url, b"unix:/") {
         let n = copy_cstr(buf, 0, url.add(5));
         match buf.get(..n).and_then(|b| b.iter().rposition(|c| *c == b'/')) {
@@ -397,7 +397,7 @@ unsafe fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mu
     if fd < 0 {
         return None;
     }
-    let trusted = ours(fd, b"\0".as_ptr().cast(), AT_EMPTY_PATH, S_IFREG, size as u64);
+    let trusted = ours(fd, c"".as_ptr(), AT_EMPTY_PATH, S_IFREG, size as u64);
     let map = if trusted { mmap(core::ptr::null_mut(), size, PROT_READ, MAP_SHARED, fd, 0) } else { usize::MAX as *mut c_void };
     close(fd);
     if map as usize == usize::MAX {
@@ -639,7 +639,7 @@ unsafe fn session_tag() -> Option<u32> {
     if t != 0 {
         return Some(t);
     }
-    let s = getenv(b"STYXY_PRELOAD_SESSION\0".as_ptr().cast());
+    let s = getenv(c"STYXY_PRELOAD_SESSION".as_ptr());
     if s.is_null() {
         return None;
     }

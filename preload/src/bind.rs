@@ -124,7 +124,20 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
             event(out(port, Action::Error, Some(in_use_reason(port)), backend, retries));
             return Verdict::Done(Err(EADDRINUSE));
         }
-        if err != EADDRINUSE || retries >= MAX_RETRIES {
+        if err != EADDRINUSE {
+            // the address itself is refused (a link-local one without its scope, one this
+            // host does not have): the program's own bind fails the same way, not ours
+            let why = std::io::Error::from_raw_os_error(err);
+            event(out(
+                orig.port,
+                Action::Passthrough,
+                Some(format!("the kernel refuses this address ({why}), with or without the library")),
+                backend,
+                retries,
+            ));
+            return Verdict::AsAsked;
+        }
+        if retries >= MAX_RETRIES {
             let reason = format!("bind to granted port {port} failed: {}", std::io::Error::from_raw_os_error(err));
             event(out(orig.port, Action::Error, Some(reason), backend, retries));
             return Verdict::AsAsked;
