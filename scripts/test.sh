@@ -21,6 +21,8 @@ missing() {
   for pair in "${needs[@]}"; do
     command -v "${pair%%:*}" >/dev/null || out+=("${pair#*:}")
   done
+  # PostgreSQL's server (two clusters in two sessions): Debian keeps it off PATH
+  command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || out+=(postgresql)
   echo "${out[@]}"
 }
 

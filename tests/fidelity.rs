@@ -146,3 +146,72 @@ fn an_address_the_kernel_refuses_is_not_logged_as_our_error() {
     assert!(!ev.iter().any(|e| e.action == Action::Error), "{ev:#?}");
     assert!(ev.iter().any(|e| e.reason.as_deref().is_some_and(|r| r.contains("kernel refuses this address"))), "{ev:#?}");
 }
+
+/// PostgreSQL's server programs: on PATH, or where Debian's `postgresql` package puts them.
+fn pg_bin(name: &str) -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).map(|d| d.join(name));
+    let debian = std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|v| v.path().join("bin").join(name));
+    on_path.chain(debian).find(|p| p.is_file())
+}
+
+#[test]
+fn two_postgres_clusters_in_two_sessions_share_one_socket_directory_with_port_auto() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: postgres refuses to run as root, and runuser needs root (CI runs as root)");
+        return;
+    }
+    let (initdb, postgres) = (pg_bin("initdb").expect("initdb: install postgresql"), pg_bin("postgres").expect("postgres"));
+    let user = other_user().expect("useradd failed");
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let readable = |p: &std::path::Path| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    readable(w.dir.path());
+    let pg = w.path("pg");
+    std::fs::create_dir_all(pg.join("sock")).unwrap();
+    let uid: u32 = text(&run({
+        let mut c = std::process::Command::new("id");
+        c.args(["-u", user]);
+        c
+    })
+    .stdout)
+    .trim()
+    .parse()
+    .unwrap();
+    for d in [pg.clone(), pg.join("sock")] {
+        std::os::unix::fs::chown(&d, Some(uid), None).unwrap();
+    }
+    let init = run({
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", user, "--"]).arg(&initdb).args(["-D"]).arg(pg.join("a")).args(["-U", "postgres", "--auth=trust", "-N"]);
+        c
+    });
+    assert!(init.status.success(), "{}", text(&init.stderr));
+    assert!(std::process::Command::new("cp").arg("-a").arg(pg.join("a")).arg(pg.join("b")).status().unwrap().success());
+    // each session's cluster gets its port through PGPORT (`--port auto` knows postgres):
+    // its TCP port, its socket's name and its lock file agree, so both share one directory
+    for s in ["a", "b"] {
+        let mut c = w.cli();
+        c.args(["exec", "--session", &format!("pg-{s}"), "--port", "auto", "--", "runuser", "-u", user, "--"])
+            .arg(&postgres)
+            .arg("-D")
+            .arg(pg.join(s))
+            .arg("-k")
+            .arg(pg.join("sock"))
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .current_dir("/");
+        let pid = w.spawn(c, &format!("pg-{s}"));
+        wait_for(30, "the cluster", || tree_ports(pid).into_iter().next());
+    }
+    // psql in each session reaches its own cluster, through the shared socket directory
+    for s in ["a", "b"] {
+        let mut c = w.cli();
+        c.args(["exec", "--quiet", "--session", &format!("pg-{s}"), "--port", "auto", "--", "runuser", "-u", user, "--", "psql", "-h"])
+            .arg(pg.join("sock"))
+            .args(["-U", "postgres", "-Atc", "show data_directory"])
+            .current_dir("/");
+        let out = run(c);
+        assert_eq!(text(&out.stdout).trim(), pg.join(s).display().to_string(), "{}", text(&out.stderr));
+    }
+}
