@@ -66,15 +66,8 @@ print(a.getsockname()[1], b.getsockname()[1])",
     assert_eq!(remaps, 1);
 }
 
-/// A throwaway user for servers run as someone else (CI runs as root).
-fn other_user() -> Option<&'static str> {
-    let name = "styxy-fid";
-    let exists = || std::process::Command::new("id").arg(name).output().is_ok_and(|o| o.status.success());
-    if !exists() {
-        let _ = std::process::Command::new("useradd").args(["-M", "-s", "/usr/sbin/nologin", name]).output();
-    }
-    exists().then_some(name)
-}
+/// The throwaway user the servers of these tests run as.
+const OTHER: &str = "styxy-fid";
 
 #[test]
 fn a_server_run_as_another_user_in_a_session_is_coordinated() {
@@ -83,7 +76,8 @@ fn a_server_run_as_another_user_in_a_session_is_coordinated() {
         eprintln!("skipped: runuser needs root (CI runs as root)");
         return;
     }
-    let user = other_user().expect("useradd failed");
+    user(OTHER);
+    let user = OTHER;
     let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
@@ -118,7 +112,8 @@ fn without_the_supervisor_a_server_of_another_user_says_why_it_is_not_coordinate
         eprintln!("skipped: runuser needs root (CI runs as root)");
         return;
     }
-    let user = other_user().expect("useradd failed");
+    user(OTHER);
+    let user = OTHER;
     let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
@@ -162,7 +157,8 @@ fn two_postgres_clusters_in_two_sessions_share_one_socket_directory_with_port_au
         return;
     }
     let (initdb, postgres) = (pg_bin("initdb").expect("initdb: install postgresql"), pg_bin("postgres").expect("postgres"));
-    let user = other_user().expect("useradd failed");
+    let uid = user(OTHER);
+    let user = OTHER;
     let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
@@ -170,15 +166,6 @@ fn two_postgres_clusters_in_two_sessions_share_one_socket_directory_with_port_au
     readable(w.dir.path());
     let pg = w.path("pg");
     std::fs::create_dir_all(pg.join("sock")).unwrap();
-    let uid: u32 = text(&run({
-        let mut c = std::process::Command::new("id");
-        c.args(["-u", user]);
-        c
-    })
-    .stdout)
-    .trim()
-    .parse()
-    .unwrap();
     for d in [pg.clone(), pg.join("sock")] {
         std::os::unix::fs::chown(&d, Some(uid), None).unwrap();
     }

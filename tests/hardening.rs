@@ -128,15 +128,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A throwaway user (CI runs as root); its uid.
-fn user(name: &str) -> u32 {
-    let id = || std::process::Command::new("id").args(["-u", name]).output().ok().filter(|o| o.status.success());
-    if id().is_none() {
-        let _ = std::process::Command::new("useradd").args(["-M", "-s", "/usr/sbin/nologin", name]).output();
-    }
-    text(&id().expect("useradd").stdout).trim().parse().unwrap()
-}
-
 /// `program` run as `uid` with exactly `env` (nothing of the test's own environment).
 fn as_user(uid: u32, env: &[(&str, String)], program: &std::path::Path, args: &[&str]) -> std::process::Command {
     let mut c = std::process::Command::new("setpriv");

@@ -370,3 +370,13 @@ pub fn unique() -> u64 {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
+
+/// A throwaway user for processes run as someone else (CI runs as root), created when
+/// missing; its uid.
+pub fn user(name: &str) -> u32 {
+    let id = || Command::new("id").args(["-u", name]).output().ok().filter(|o| o.status.success());
+    if id().is_none() {
+        let _ = Command::new("useradd").args(["-M", "-s", "/usr/sbin/nologin", name]).output();
+    }
+    text(&id().expect("useradd").stdout).trim().parse().unwrap()
+}
