@@ -31,6 +31,16 @@ pub const TOOLS: &[(&str, &[(&str, u16)])] = &[
     ("psql", &[("PGPORT", 5432)]),
 ];
 
+/// Tools that move to the next port by themselves when theirs is taken (and then print the
+/// one they got): `exec` lets them (fallback mode) instead of moving their first bind
+/// silently, so the URL they print is the one they serve.
+pub const FALLS_BACK: &[&str] = &["jupyter", "jupyter-lab", "jupyter-notebook", "vite", "http-server", "webpack-dev-server", "webpack"];
+
+/// Whether `cmd` runs a tool of [`FALLS_BACK`].
+pub fn falls_back(cmd: &[String]) -> bool {
+    cmd.iter().any(|arg| FALLS_BACK.contains(&arg.rsplit('/').next().unwrap_or(arg)))
+}
+
 /// The variables the first recognised tool of `cmd` reads, with its default ports;
 /// `PORT` and 3000 for anything else (the PaaS convention most servers follow).
 pub fn variables(cmd: &[String]) -> &'static [(&'static str, u16)] {

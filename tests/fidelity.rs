@@ -202,3 +202,38 @@ fn two_postgres_clusters_in_two_sessions_share_one_socket_directory_with_port_au
         assert_eq!(text(&out.stdout).trim(), pg.join(s).display().to_string(), "{}", text(&out.stderr));
     }
 }
+
+#[test]
+fn a_tool_that_falls_back_by_itself_prints_the_port_it_serves_and_the_session_follows() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    // a stand-in `jupyter`: on EADDRINUSE it tries the next port, prints the one it got, serves
+    let tools = w.path("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let tool = tools.join("jupyter");
+    std::fs::write(
+        &tool,
+        "#!/usr/bin/env python3\nimport socket, sys, os\nport = 8888\nwhile True:\n  s = socket.socket()\n  try: s.bind(('127.0.0.1', port)); break\n  except OSError: port += 1\ns.listen()\nprint(f'http://localhost:{port}/', flush=True)\nwhile True:\n  c, _ = s.accept(); c.sendall(os.environ['WHO'].encode()); c.close()\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut printed = Vec::new();
+    for who in ["A", "B"] {
+        let mut c = w.cli();
+        c.args(["exec", "--session", &format!("fb-{who}"), "--"]).arg(&tool).env("WHO", who);
+        let pid = w.spawn(c, who);
+        let url = wait_for(10, "the tool's URL", || w.output_of(who).lines().next().map(str::to_string));
+        let port: u16 = url.trim_start_matches("http://localhost:").trim_end_matches('/').parse().unwrap();
+        assert!(tree_ports(pid).contains(&port), "{who} prints {url} but serves on {:?}", tree_ports(pid));
+        printed.push(port);
+    }
+    assert_eq!(printed[0], 8888);
+    assert_ne!(printed[1], 8888, "B printed the port A serves");
+    // B's own connects to the port the tool first wanted follow it to B's server
+    for (who, port) in [("A", 8888), ("B", 8888)] {
+        assert_eq!(reach(&w, &format!("fb-{who}"), port), who);
+    }
+    // no silent move, no notice: the tool said where it went
+    assert!(!w.stderr_of("B").contains("is taken;"), "{}", w.stderr_of("B"));
+}

@@ -38,7 +38,10 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
     // a socket that may share its port (SO_REUSEPORT) never fails with EADDRINUSE: two
     // sessions would silently share one reuseport group unless it is asked about first
     let shared = !matches!(decision, Decision::Single(_)) && sock.shares_port();
-    let ask_first = (matches!(decision, Decision::Coordinated(_)) || shared) && p.mode == Mode::Coordinate;
+    // a tool falling back by itself: the port it first wanted, which its session maps here
+    let moved_from = (p.mode == Mode::Fallback).then(|| fallback_origin(who.pid)).flatten();
+    let ask_first = (matches!(decision, Decision::Coordinated(_)) || shared || moved_from.is_some())
+        && matches!(p.mode, Mode::Coordinate | Mode::Fallback);
     if !ask_first && p.mode != Mode::Observe {
         // on-conflict ports (and Single types) are bound as asked: nothing else happens
         // unless the kernel says EADDRINUSE
@@ -81,12 +84,30 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         instance_id: p.session.clone(),
         project_path: who.cwd.map(str::to_string),
         pid: Some(who.pid),
-        requested_port: Some(orig.port),
+        requested_port: Some(moved_from.unwrap_or(orig.port)),
         comm: Some(who.comm.to_string()),
         exclude: if ask_first { vec![] } else { vec![orig.port] },
         bind: true,
         ..Default::default()
     };
+    if p.mode == Mode::Fallback {
+        // would this very port be granted? If not, the tool is told what the kernel would
+        // tell it were the port bound: it moves on by itself and says where it went
+        match allocate(ep, &AllocateRequest { dry_run: true, ..req.clone() }).map(|r| r.granted().map(|(port, _)| port)) {
+            Ok(Some(port)) if port != orig.port => {
+                remember_origin(who.pid, moved_from.unwrap_or(orig.port));
+                let why = format!("port {} is taken; left to {}'s own fallback", orig.port, who.comm);
+                event(out(orig.port, Action::Passthrough, Some(why), backend, 0));
+                return Verdict::Done(Err(EADDRINUSE));
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                warn_once(p, who, ep, &reason);
+                event(out(orig.port, Action::Passthrough, Some(reason), backend, 0));
+                return Verdict::AsAsked;
+            }
+        }
+    }
     let mut retries = 0;
     loop {
         let reply = match allocate(ep, &req) {
@@ -104,7 +125,8 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         let err = match sock.run(Some(&orig.with_port(port))) {
             Ok(()) => {
                 let (action, reason) = if port == orig.port {
-                    (Action::Kept, None)
+                    let moved = moved_from.filter(|r| *r != port).map(|r| format!("{} moved from {r} by itself", who.comm));
+                    (Action::Kept, moved)
                 } else if twin(who.pid, orig.port, port) && reply.existing == Some(true) {
                     // the same server's second socket (0.0.0.0 and ::): one start, one line
                     (Action::Observed, Some(format!("twin of this process's bind of {} (moved to {port})", orig.port)))
@@ -145,6 +167,19 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         retries += 1;
         req.exclude.push(port);
     }
+}
+
+/// The port a tool of this process first wanted before it fell back by itself (fallback
+/// mode): its session maps that port to the one the tool settles on.
+static ORIGIN: AtomicU64 = AtomicU64::new(0);
+
+fn remember_origin(pid: u32, port: u16) {
+    ORIGIN.store(u64::from(pid) << 16 | u64::from(port), Ordering::Relaxed);
+}
+
+fn fallback_origin(pid: u32) -> Option<u16> {
+    let v = ORIGIN.load(Ordering::Relaxed);
+    (v >> 16 == u64::from(pid) && v != 0).then_some(v as u16)
 }
 
 /// Remembers this process's last remap; true when (`requested` → `port`) is it again.

@@ -21,6 +21,10 @@ pub enum Mode {
     OnConflict,
     /// Never change a port; log what would have been coordinated.
     Observe,
+    /// For tools that move to the next port by themselves (Jupyter, Vite, http-server):
+    /// a port another session holds is refused (`EADDRINUSE`), so the tool falls back and
+    /// prints the URL it really serves; the session's connects to the first port follow.
+    Fallback,
 }
 
 pub struct Process {
@@ -51,6 +55,7 @@ impl Process {
             match std::env::var("STYXY_PRELOAD_MODE").unwrap_or_default().trim() {
                 "on-conflict" => Mode::OnConflict,
                 "observe" => Mode::Observe,
+                "fallback" => Mode::Fallback,
                 _ => Mode::Coordinate,
             }
         };

@@ -53,8 +53,14 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
             env.insert("STYXY_PRELOAD_TYPES".into(), types);
         }
     }
-    if let Some(m) = a.mode {
-        env.insert("STYXY_PRELOAD_MODE".into(), m.as_env().into());
+    match a.mode {
+        Some(m) => {
+            env.insert("STYXY_PRELOAD_MODE".into(), m.as_env().into());
+        }
+        None if tools::falls_back(&a.cmd) => {
+            env.insert("STYXY_PRELOAD_MODE".into(), "fallback".into());
+        }
+        None => {}
     }
     if a.no_isolate {
         env.insert("STYXY_PRELOAD_ISOLATE".into(), "0".into());
