@@ -208,13 +208,14 @@ fn a_tool_that_falls_back_by_itself_prints_the_port_it_serves_and_the_session_fo
     let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
-    // a stand-in `jupyter`: on EADDRINUSE it tries the next port, prints the one it got, serves
+    // a stand-in `jupyter` (tornado's way: SO_REUSEADDR; its clients close first): on
+    // EADDRINUSE it tries the next port, prints the one it got, serves
     let tools = w.path("tools");
     std::fs::create_dir_all(&tools).unwrap();
     let tool = tools.join("jupyter");
     std::fs::write(
         &tool,
-        "#!/usr/bin/env python3\nimport socket, sys, os\nport = 8888\nwhile True:\n  s = socket.socket()\n  try: s.bind(('127.0.0.1', port)); break\n  except OSError: port += 1\ns.listen()\nprint(f'http://localhost:{port}/', flush=True)\nwhile True:\n  c, _ = s.accept(); c.sendall(os.environ['WHO'].encode()); c.close()\n",
+        "#!/usr/bin/env python3\nimport socket, sys, os\nport = 8888\nwhile True:\n  s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n  try: s.bind(('127.0.0.1', port)); break\n  except OSError: port += 1\ns.listen()\nprint(f'http://localhost:{port}/', flush=True)\nwhile True:\n  c, _ = s.accept(); c.sendall(os.environ['WHO'].encode()); c.recv(1); c.close()\n",
     )
     .unwrap();
     std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -236,4 +237,24 @@ fn a_tool_that_falls_back_by_itself_prints_the_port_it_serves_and_the_session_fo
     }
     // no silent move, no notice: the tool said where it went
     assert!(!w.stderr_of("B").contains("is taken;"), "{}", w.stderr_of("B"));
+}
+
+#[test]
+fn a_probe_then_the_real_bind_is_one_start() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    // portfinder's way: bind the port, close it, then the server binds it for real
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", "probe", "--", "python3", "-c"])
+        .arg("import socket\np=socket.socket(); p.bind(('127.0.0.1', 3130)); p.close()\ns=socket.socket(); s.bind(('127.0.0.1', 3130)); s.listen(); print(s.getsockname()[1])");
+    let out = run(c);
+    assert_eq!(text(&out.stdout).trim(), "3130", "{}", text(&out.stderr));
+    let ev: Vec<_> = w.events().into_iter().filter(|e| e.session.as_deref() == Some("probe") && e.call == "bind").collect();
+    let starts = ev.iter().filter(|e| matches!(e.action, Action::Kept | Action::Remapped)).count();
+    assert_eq!(starts, 1, "{ev:#?}");
+    let mut c = w.cli();
+    c.args(["stats", "--json", "--session", "probe"]);
+    let stats: serde_json::Value = serde_json::from_slice(&run(c).stdout).unwrap();
+    assert_eq!(stats["totals"]["binds"], 1, "{stats:#}");
 }

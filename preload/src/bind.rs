@@ -96,8 +96,9 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         match allocate(ep, &AllocateRequest { dry_run: true, ..req.clone() }).map(|r| r.granted().map(|(port, _)| port)) {
             Ok(Some(port)) if port != orig.port => {
                 remember_origin(who.pid, moved_from.unwrap_or(orig.port));
+                // a probe the tool answers itself: not a start
                 let why = format!("port {} is taken; left to {}'s own fallback", orig.port, who.comm);
-                event(out(orig.port, Action::Passthrough, Some(why), backend, 0));
+                event(out(orig.port, Action::Observed, Some(why), backend, 0));
                 return Verdict::Done(Err(EADDRINUSE));
             }
             Ok(_) => {}
@@ -124,12 +125,14 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket) -> 
         };
         let err = match sock.run(Some(&orig.with_port(port))) {
             Ok(()) => {
-                let (action, reason) = if port == orig.port {
+                // the same process binding the same port again (a server's 0.0.0.0 and ::
+                // twins, a probe then the real bind): one start, one line of consequence
+                let again = twin(who.pid, orig.port, port) && reply.existing == Some(true);
+                let (action, reason) = if again {
+                    (Action::Observed, Some(format!("bound again by this process (a twin or after a probe) on {port}")))
+                } else if port == orig.port {
                     let moved = moved_from.filter(|r| *r != port).map(|r| format!("{} moved from {r} by itself", who.comm));
                     (Action::Kept, moved)
-                } else if twin(who.pid, orig.port, port) && reply.existing == Some(true) {
-                    // the same server's second socket (0.0.0.0 and ::): one start, one line
-                    (Action::Observed, Some(format!("twin of this process's bind of {} (moved to {port})", orig.port)))
                 } else {
                     let holder = holder_text(&reply);
                     notify_remap(p, who, orig.port, port);
@@ -182,7 +185,7 @@ fn fallback_origin(pid: u32) -> Option<u16> {
     (v >> 16 == u64::from(pid) && v != 0).then_some(v as u16)
 }
 
-/// Remembers this process's last remap; true when (`requested` → `port`) is it again.
+/// Remembers this process's last grant; true when (`requested` → `port`) is it again.
 fn twin(pid: u32, requested: u16, port: u16) -> bool {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let key = u64::from(pid) << 32 | u64::from(requested) << 16 | u64::from(port);
