@@ -109,8 +109,8 @@ fn the_log_rotates_under_its_cap_and_stats_reads_across_rotation() {
     let w = World::new();
     w.start_daemon();
     let cap = 4000u64;
-    // 20 coordinated binds in one process: 20 events of ~300 bytes, past the cap once
-    let script = "import socket\nfor i in range(20):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',4110)); s.close()";
+    // 20 coordinated binds of 20 ports in one process: 20 events of ~300 bytes, past the cap once
+    let script = "import socket\nfor i in range(20):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',4110+i)); s.close()";
     let mut c = w.preloaded(Some("rot"), "python3");
     c.args(["-c", script]).env("STYXY_PRELOAD_LOG_MAX", cap.to_string());
     assert!(run(c).status.success());
