@@ -242,3 +242,27 @@ s.bind(('0.0.0.0', 8060)); print(s.getsockname()[1])\"";
     let pid = w.daemon_pid().unwrap();
     wait_for(10, "the daemon's idle exit", || (unsafe { libc::kill(pid, 0) } != 0).then_some(()));
 }
+
+#[test]
+fn an_env_shell_whose_daemon_is_gone_says_so_in_its_own_stderr_file() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    let mut c = w.cmd(fixture("binder"));
+    c.args(["serve", "8061"]);
+    let h = w.spawn(c, "holder");
+    wait_for(10, "holder", || listening_ports(h).into_iter().next());
+    // the agent's shell writes its stderr to a file (`2>log`); its daemon goes away
+    let script = "eval \"$(\"$0\" env --session gone)\" && \"$0\" daemon stop >/dev/null && exec python3 -c \"
+import socket
+s = socket.socket()
+try: s.bind(('0.0.0.0', 8061))
+except OSError as e: print(e.errno)\"";
+    let log = w.path("shell.err");
+    let mut c = w.cmd("bash");
+    c.args(["-c", script, bin().to_str().unwrap()]).stderr(std::fs::File::create(&log).unwrap());
+    c.stdin(std::process::Stdio::null());
+    let out = c.output().unwrap();
+    assert_eq!(text(&out.stdout).trim(), "98");
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(err.contains("styxy-preload: no coordinator"), "coordination stopped without a word: {err}");
+}

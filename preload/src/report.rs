@@ -49,6 +49,14 @@ pub fn event(p: &Process, who: &Caller, o: Outcome) {
 /// program closed fd 2 and reopened one of its own data files there.
 pub const STDERR_FILE_ENV: &str = "STYXY_PRELOAD_STDERR";
 
+/// `<dev>:<ino>` of this process's stderr when it is a regular file: what `exec` (its
+/// tree's) and `env` (its shell's, `cmd 2>log`) hand down as [`STDERR_FILE_ENV`].
+pub fn stderr_file() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/proc/self/fd/2").ok().filter(|m| m.file_type().is_file())?;
+    Some(format!("{}:{}", m.dev(), m.ino()))
+}
+
 /// One line on stderr, if notifications are on and fd 2 is safe to write to: a terminal, a
 /// pipe or a Unix socket (Node's `child_process` gives children a socketpair), or the
 /// regular file `exec` was started with. Never a network socket, never another file, and

@@ -2,6 +2,7 @@
 //! for agents that set `LD_PRELOAD` globally.
 
 use styxy_preload_client::session;
+use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
 
 use crate::cli::{EnvArgs, Shell};
 use crate::{coordinator, libpath};
@@ -18,7 +19,12 @@ pub fn run(a: EnvArgs) -> Result<i32, String> {
     // SAFETY: getppid cannot fail.
     coordinator::anchor(&endpoint, &session, unsafe { libc::getppid() } as u32);
     let preload = libpath::preload_value(&lib);
-    let vars = [("LD_PRELOAD", preload), ("STYXY_URL", endpoint.to_string()), (session::ENV, session)];
+    let mut vars = vec![("LD_PRELOAD", preload), ("STYXY_URL", endpoint.to_string()), (session::ENV, session)];
+    // the shell's own `2>log` (this command inherits it): the notice may go there, into no
+    // other regular file
+    if let Some(id) = stderr_file() {
+        vars.push((STDERR_FILE_ENV, id));
+    }
     for (k, v) in vars {
         match a.shell {
             Shell::Bash | Shell::Zsh => println!("export {k}={}", quote(&v)),

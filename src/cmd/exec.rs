@@ -19,7 +19,7 @@ use styxy_preload_client::policy::Policy;
 use styxy_preload_client::{discovery, paths, session};
 
 use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
-use styxy_preload_core::report::STDERR_FILE_ENV;
+use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
 
 use crate::cli::ExecArgs;
 use crate::{coordinator, elf, libpath, seccomp, tools};
@@ -162,14 +162,6 @@ fn coordinator_types(ep: &Endpoint) -> Option<String> {
         return None;
     }
     Some(json!({ "service_types": cfg["service_types"] }).to_string())
-}
-
-/// `<dev>:<ino>` of this process's stderr when it is a regular file (`exec … 2>log`): the
-/// hooks may write their notice there, and into no other regular file.
-fn stderr_file() -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata("/proc/self/fd/2").ok().filter(|m| m.file_type().is_file())?;
-    Some(format!("{}:{}", m.dev(), m.ino()))
 }
 
 /// Programs that run their command as another user: the library in that user's processes
