@@ -258,3 +258,52 @@ fn a_probe_then_the_real_bind_is_one_start() {
     let stats: serde_json::Value = serde_json::from_slice(&run(c).stdout).unwrap();
     assert_eq!(stats["totals"]["binds"], 1, "{stats:#}");
 }
+
+/// Node's cluster: the primary listens for its workers and sends them its socket's
+/// `getsockname()`, which each worker compares with the port it asked for.
+const CLUSTER_JS: &str = "const cluster = require('cluster'), http = require('http');
+if (cluster.isPrimary) { for (let i = 0; i < 2; i++) cluster.fork(); }
+else http.createServer((q, r) => r.end(process.env.WHO + ' ' + process.pid)).listen(+process.env.P, () => console.log('worker up'));";
+
+#[test]
+fn a_node_cluster_moved_off_its_port_serves_and_only_its_primary_sees_the_port_it_asked_for() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let script = w.path("cluster.js");
+    std::fs::write(&script, CLUSTER_JS).unwrap();
+    let port = 3061;
+    let mut pids = Vec::new();
+    for who in ["A", "B"] {
+        let mut c = w.cli();
+        c.args(["exec", "--session", &format!("nc-{who}"), "--", "node"]).arg(&script).env("WHO", who).env("P", port.to_string());
+        let pid = w.spawn(c, who);
+        wait_for(20, "two workers up", || (w.output_of(who).matches("worker up").count() == 2).then_some(()));
+        pids.push(pid);
+    }
+    assert!(tree_ports(pids[0]).contains(&port), "A serves on {port}: {:?}", tree_ports(pids[0]));
+    let b_ports = tree_ports(pids[1]);
+    assert!(!b_ports.contains(&port) && b_ports.len() == 1, "B was moved: {b_ports:?}");
+    assert!(!w.stderr_of("B").contains("EADDRINUSE"), "{}", w.stderr_of("B"));
+    for who in ["A", "B"] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            let mut c = w.cli();
+            c.args(["exec", "--quiet", "--session", &format!("nc-{who}"), "--", "python3", "-c"]).arg(format!(
+                "import urllib.request; print(urllib.request.urlopen('http://localhost:{port}/', timeout=3).read().decode())"
+            ));
+            let out = text(&run(c).stdout);
+            let (answer, worker) = out.trim().split_once(' ').unwrap_or(("", ""));
+            assert_eq!(answer, who, "session {who} reached another session's cluster");
+            seen.insert(worker.to_string());
+        }
+        assert!(!seen.is_empty());
+    }
+    // a plain server moved sees the port it really has
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", "nc-C", "--", "python3", "-c"])
+        .arg(format!("import socket; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print(s.getsockname()[1])"));
+    let out = run(c);
+    let real: u16 = text(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("{}", text(&out.stderr)));
+    assert_ne!(real, port, "outside a cluster, getsockname tells the truth");
+}

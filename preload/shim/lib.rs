@@ -17,6 +17,8 @@ use core::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
 type SockLen = u32;
 type AddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen) -> c_int;
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type NameFn = unsafe extern "C" fn(c_int, *mut c_void, *mut SockLen) -> c_int;
+type CoreNameFn = unsafe extern "C" fn(c_int, *mut c_void, *const SockLen);
 type CoreAddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen, AddrFn) -> c_int;
 type CoreListenFn = unsafe extern "C" fn(c_int, c_int, ListenFn) -> c_int;
 
@@ -39,7 +41,6 @@ extern "C" {
     fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void;
     fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
     fn getenv(name: *const c_char) -> *const c_char;
-    fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int;
     fn __errno_location() -> *mut c_int;
     fn abort() -> !;
     fn getpid() -> c_int;
@@ -111,9 +112,11 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 static REAL_BIND: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static REAL_LISTEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static REAL_CONNECT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_GETSOCKNAME: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CORE_BIND: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CORE_LISTEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CORE_CONNECT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static CORE_GETSOCKNAME: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
@@ -240,9 +243,11 @@ unsafe fn load_core() -> bool {
     let b = dlsym(h, c"styxy_core_bind".as_ptr());
     let l = dlsym(h, c"styxy_core_listen".as_ptr());
     let c = dlsym(h, c"styxy_core_connect".as_ptr());
-    if b.is_null() || l.is_null() || c.is_null() {
+    let n = dlsym(h, c"styxy_core_getsockname".as_ptr());
+    if b.is_null() || l.is_null() || c.is_null() || n.is_null() {
         return false;
     }
+    CORE_GETSOCKNAME.store(n, Ordering::Release);
     CORE_BIND.store(b, Ordering::Release);
     CORE_LISTEN.store(l, Ordering::Release);
     CORE_CONNECT.store(c, Ordering::Release);
@@ -539,7 +544,12 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let errno = *__errno_location();
     let mut ss = [0u64; 16];
     let mut sl: SockLen = 128;
-    let port = if getsockname(fd, ss.as_mut_ptr().cast(), &mut sl) == 0 { inet_port(ss.as_ptr().cast(), sl) } else { None };
+    let name = next(&REAL_GETSOCKNAME, b"getsockname\0");
+    let port = if !name.is_null() && core::mem::transmute::<*mut c_void, NameFn>(name)(fd, ss.as_mut_ptr().cast(), &mut sl) == 0 {
+        inet_port(ss.as_ptr().cast(), sl)
+    } else {
+        None
+    };
     // a bound port nobody coordinates: nothing to confirm or observe
     let plain = matches!(port, Some((_, p)) if p != 0 && matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)));
     *__errno_location() = errno;
@@ -548,6 +558,25 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         return hook(fd, backlog, real);
     }
     real(fd, backlog)
+}
+
+/// # Safety
+/// Called by the program as `getsockname(2)`. Only a process whose hooks moved a bind
+/// (the core is loaded then) may see another port: docs/ARCHITECTURE.md "What a
+/// program sees".
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int {
+    let real = next(&REAL_GETSOCKNAME, b"getsockname\0");
+    if real.is_null() {
+        return missing();
+    }
+    let real: NameFn = core::mem::transmute(real);
+    let rc = real(fd, addr, len);
+    if rc == 0 && CORE.load(Ordering::Acquire) == YES {
+        let hook: CoreNameFn = core::mem::transmute(CORE_GETSOCKNAME.load(Ordering::Acquire));
+        hook(fd, addr, len);
+    }
+    rc
 }
 
 /// # Safety

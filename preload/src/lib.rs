@@ -10,6 +10,7 @@
 
 pub mod bind;
 pub mod call;
+pub mod cluster;
 pub mod connect;
 pub mod listen;
 pub mod process;
@@ -34,7 +35,11 @@ pub unsafe extern "C" fn styxy_core_bind(fd: c_int, addr: *const sockaddr, len: 
             match Addr::read(addr, len) {
                 Some(orig) if !p.supervised => {
                     let mut sock = Local { fd, call: LocalCall::Bind(addr, len, real), errno: sys::errno() };
-                    finish(bind::decide(p, &p.caller(), &orig, &mut sock), sock.errno, plain)
+                    let verdict = bind::decide(p, &p.caller(), &orig, &mut sock);
+                    if matches!(verdict, Verdict::Done(Ok(()))) {
+                        note_moved(fd, orig.port);
+                    }
+                    finish(verdict, sock.errno, plain)
                 }
                 _ => plain(),
             }
@@ -86,6 +91,42 @@ pub unsafe extern "C" fn styxy_core_connect(fd: c_int, addr: *const sockaddr, le
         },
         plain,
     )
+}
+
+/// # Safety
+/// Called by the interposer after libc's `getsockname` succeeded: `addr` holds `*len`
+/// bytes of the socket's address, which this may rewrite in place.
+#[no_mangle]
+pub unsafe extern "C" fn styxy_core_getsockname(fd: c_int, addr: *mut sockaddr, len: *const socklen_t) {
+    if cluster::moved().is_empty() || addr.is_null() || len.is_null() {
+        return;
+    }
+    guarded(
+        || {
+            let errno = sys::errno();
+            if let Some(got) = Addr::read(addr, *len) {
+                if let Some(asked) = cluster::moved().asked(fd, got.port).filter(|_| cluster::has_cluster_workers()) {
+                    // sin_port and sin6_port are both at offset 2, network order
+                    addr.cast::<u8>().add(2).cast::<[u8; 2]>().write_unaligned(asked.to_be_bytes());
+                }
+            }
+            sys::set_errno(errno);
+            0
+        },
+        || 0,
+    );
+}
+
+/// Records a successful bind that landed elsewhere than `asked` (see [`cluster`]).
+fn note_moved(fd: c_int, asked: u16) {
+    if asked == 0 {
+        return;
+    }
+    let errno = sys::errno();
+    if let Some(got) = sys::local_addr(fd).filter(|a| a.port != asked) {
+        cluster::moved().record(fd, asked, got.port);
+    }
+    sys::set_errno(errno);
 }
 
 /// The program's own socket, in this process.
