@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use styxy_preload_client::discovery;
-use styxy_preload_client::http::{Endpoint, Timeouts};
+use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::paths;
 
 /// Quick probes: a local coordinator answers `/status` in well under a millisecond.
@@ -20,6 +20,15 @@ pub const PROBE: Timeouts = Timeouts { connect: Duration::from_millis(200), tota
 /// The local daemon's endpoint (`STYXY_URL` when it names a Unix socket).
 pub fn local() -> Result<Endpoint, String> {
     discovery::local_socket().map(Endpoint::Unix)
+}
+
+/// Lets the local daemon finish logging the binds it granted through the shim's socket,
+/// so that the event log read next holds them (docs/ARCHITECTURE.md "Hook ↔ daemon
+/// protocol"). No daemon, or no answer within its bound: nothing to wait for.
+pub fn settle_log() {
+    if let Ok(ep) = local() {
+        let _ = http::call(&ep, "POST", "/flush", None, PROBE);
+    }
 }
 
 /// The local daemon, started when it does not answer.

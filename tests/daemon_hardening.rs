@@ -168,3 +168,67 @@ fn an_exhausted_range_is_said_on_stderr_not_only_in_the_log() {
     assert!(err.contains("No available ports in range 8000-8099"), "{err}");
     assert_eq!(err.matches("styxy-preload:").count(), 1, "one line per process: {err}");
 }
+
+/// A SOCK_SEQPACKET connection to the daemon's shim socket.
+fn hook_conn(w: &World) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let path = w.path("run/styxy-preload/hook.sock");
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // SAFETY: a sockaddr_un filled within its size; the fd is ours.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let mut sun: libc::sockaddr_un = std::mem::zeroed();
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in sun.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let rc = libc::connect(fd, (&sun as *const libc::sockaddr_un).cast(), std::mem::size_of::<libc::sockaddr_un>() as u32);
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+/// The answer to `msg`, or `None` when the daemon closed the connection unanswered.
+fn hook_ask(w: &World, msg: &[u8]) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let c = hook_conn(w);
+    let mut buf = [0u8; 64];
+    // SAFETY: send/recv of buffers of their length on our socket; SO_RCVTIMEO bounds the wait.
+    unsafe {
+        let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+        libc::setsockopt(c.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), 16);
+        libc::send(c.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL);
+        let n = libc::recv(c.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
+        assert!(n >= 0, "no answer and no close within 5 s: {}", std::io::Error::last_os_error());
+        (n > 0).then(|| buf[..n as usize].to_vec())
+    }
+}
+
+#[test]
+fn the_shims_socket_answers_only_its_own_layout_and_keeps_serving() {
+    use styxy_preload_client::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    let keep = |port: u16, session: &'static [u8]| Ask { kind: KEEP, port, family: 4, errno: 0, session }.encode().unwrap();
+    let good = keep(4090, b"raw");
+    let mut wrong_version = good;
+    wrong_version[0] ^= 0xff;
+    let mut long_session = good;
+    long_session[12] = 200;
+    let done_first = Ask { kind: DONE, port: 4090, family: 4, errno: 0, session: b"raw" }.encode().unwrap();
+    for bad in [&b""[..], b"GET / HTTP/1.1\r\n\r\n", &good[..ASK_LEN - 1], &wrong_version, &long_session, &done_first, &[0xffu8; 4096]] {
+        assert_eq!(hook_ask(&w, bad), None, "{bad:?} was answered");
+    }
+    // a port no type claims, and one under 1024: declined, nothing granted
+    for port in [12345, 80] {
+        let a = Answer::decode(&hook_ask(&w, &keep(port, b"raw")).unwrap()).unwrap();
+        assert_eq!(a.status, DECLINED, "{port}");
+    }
+    assert!(w.json("GET", "/allocations", None).1["allocations"].as_array().unwrap().is_empty());
+    // still serving both sockets: a good ask is granted (to the asking process)
+    let a = Answer::decode(&hook_ask(&w, &good).unwrap()).unwrap();
+    assert_eq!((a.status, a.port), (GRANTED, 4090));
+    assert_eq!(w.json("GET", "/status", None).0, 200);
+}

@@ -197,3 +197,64 @@ fn errno_is_untouched_stdio_may_be_closed_and_close_range_is_survived() {
     assert_ne!(port, 4070);
     assert_eq!(http_get("127.0.0.1", port, "/").as_deref(), Some("closed"));
 }
+
+/// Whether the hooks' logic (the std core) was loaded into `pid`.
+fn core_loaded(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().contains("libstyxy_preload_core")
+}
+
+#[test]
+fn a_free_coordinated_port_is_kept_in_one_round_trip_without_loading_the_core() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let (pid, port) = serve(&mut w, Some("fast"), 4031, "kept");
+    assert_eq!(port, 4031);
+    assert!(!core_loaded(pid), "the shim asked the daemon itself");
+    let kept: Vec<_> = w.events().into_iter().filter(|e| e.pid == pid).collect();
+    assert_eq!(kept.len(), 1, "{kept:#?}");
+    let e = &kept[0];
+    assert_eq!(
+        (e.action, e.port, e.requested_port, e.session.as_deref(), e.comm.as_str()),
+        (Action::Kept, 4031, 4031, Some("fast"), "binder")
+    );
+    // the daemon knows who holds it, as if the hooks' logic had asked
+    let (_, all) = w.json("GET", "/allocations", None);
+    let a = all["allocations"].as_array().unwrap().iter().find(|a| a["port"] == 4031).cloned().unwrap();
+    assert_eq!(
+        (a["comm"].as_str(), a["service_name"].as_str(), a["instance_id"].as_str()),
+        (Some("binder"), Some("binder-4031"), Some("fast"))
+    );
+    assert_eq!(a["project_path"].as_str(), std::env::current_dir().unwrap().to_str());
+    // another session asking for it is moved, by the hooks' logic (it tells the person)
+    let (other, moved) = serve(&mut w, Some("slow"), 4031, "moved");
+    assert_ne!(moved, 4031);
+    assert!(core_loaded(other));
+    assert!(w.events().iter().any(|e| e.pid == other && e.action == Action::Remapped && e.port == moved));
+}
+
+#[test]
+fn the_shims_own_answers_return_exactly_what_libc_returns() {
+    let _r = lock_ranges();
+    let w = World::new();
+    w.start_daemon();
+    let sock = |n: &str| w.path(n).to_string_lossy().into_owned();
+    let mut plain = w.cmd(fixture("binder"));
+    plain.args(["battery", "4021", &sock("plain.sock")]);
+    let plain = lines(&run(plain).stdout);
+    // a free coordinated port: kept through the shim's socket, twins and all
+    let mut ours = w.preloaded(Some("mine"), fixture("binder"));
+    ours.args(["battery", "4032", &sock("ours.sock")]);
+    let out = run(ours);
+    let ours = lines(&out.stdout);
+    assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}");
+    for (a, b) in plain.iter().zip(&ours) {
+        assert_eq!(a[..a.len().min(3)], b[..b.len().min(3)], "{plain:?}\n{ours:?}\n{}", text(&out.stderr));
+    }
+    let port = |label: &str| ours.iter().find(|l| l[0] == label).map(|l| l[3].clone()).unwrap();
+    assert_eq!((port("tcp4-any"), port("tcp6-any")), ("4032".to_string(), "4032".to_string()));
+    // one start: one kept, its twin observed, the child's second bind an error as without us
+    let ev: Vec<_> = w.events().into_iter().filter(|e| e.requested_port == 4032 && e.call == "bind").collect();
+    let count = |a: Action| ev.iter().filter(|e| e.action == a).count();
+    assert_eq!((count(Action::Kept), count(Action::Observed), count(Action::Remapped)), (1, 1, 0), "{ev:#?}");
+}

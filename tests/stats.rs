@@ -114,6 +114,7 @@ fn the_log_rotates_under_its_cap_and_stats_reads_across_rotation() {
     let mut c = w.preloaded(Some("rot"), "python3");
     c.args(["-c", script]).env("STYXY_PRELOAD_LOG_MAX", cap.to_string());
     assert!(run(c).status.success());
+    let _ = w.events(); // once the daemon has logged every bind
     let log = w.log_path();
     let cur = std::fs::metadata(&log).unwrap().len();
     let rotated = std::fs::metadata(styxy_preload_client::eventlog::rotated_path(&log)).unwrap().len();

@@ -80,7 +80,12 @@ pub fn now_ms() -> u64 {
 /// The log cap in bytes (`STYXY_PRELOAD_LOG_MAX`, default 16 MiB): past it the file
 /// becomes `<log>.1` (replacing the previous one) and a new file starts.
 pub fn max_bytes() -> u64 {
-    std::env::var("STYXY_PRELOAD_LOG_MAX").ok().and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(16 << 20)
+    max_bytes_of(std::env::var("STYXY_PRELOAD_LOG_MAX").ok().as_deref())
+}
+
+/// The cap a value of `STYXY_PRELOAD_LOG_MAX` sets.
+pub fn max_bytes_of(var: Option<&str>) -> u64 {
+    var.and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(16 << 20)
 }
 
 pub fn rotated_path(path: &Path) -> PathBuf {
@@ -97,22 +102,28 @@ fn open_append(path: &Path) -> io::Result<std::fs::File> {
 /// `O_APPEND`). The private directory is created on first use only: the common case
 /// costs one open, one fstat, one write.
 pub fn append(path: &Path, ev: &Event) -> io::Result<()> {
+    append_to(path, ev, max_bytes(), std::env::var_os("STYXY_PRELOAD_LOG").is_none())
+}
+
+/// [`append`] with another process's settings (the daemon logs what the shim asked):
+/// the cap, and whether the directory is ours to create private.
+pub fn append_to(path: &Path, ev: &Event, max: u64, private_dir: bool) -> io::Result<()> {
     let mut line = serde_json::to_vec(ev).map_err(io::Error::other)?;
     line.push(b'\n');
     let mut f = match open_append(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let dir = path.parent().ok_or(e)?;
-            if std::env::var_os("STYXY_PRELOAD_LOG").is_some() {
-                std::fs::create_dir_all(dir)?;
-            } else {
+            if private_dir {
                 paths::ensure_private_dir(dir)?;
+            } else {
+                std::fs::create_dir_all(dir)?;
             }
             open_append(path)?
         }
         r => r?,
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len + line.len() as u64 > max_bytes() && len > 0 {
+    if len + line.len() as u64 > max && len > 0 {
         // Whoever renames first wins; a racing writer appends to the renamed file, still read.
         let _ = std::fs::rename(path, rotated_path(path));
         f = open_append(path)?;

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod discovery;
 pub mod eventlog;
+pub mod hookproto;
 pub mod http;
 pub mod mapview;
 pub mod paths;

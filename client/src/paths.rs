@@ -30,10 +30,16 @@ pub fn runtime_dir() -> PathBuf {
 
 /// `$XDG_STATE_HOME/styxy-preload`, or `$HOME/.local/state/styxy-preload`.
 pub fn state_dir() -> PathBuf {
-    if let Some(d) = env_dir("XDG_STATE_HOME") {
+    state_dir_in(&|k| std::env::var_os(k))
+}
+
+/// [`state_dir`] for an environment given by `var` (another process's).
+fn state_dir_in(var: &dyn Fn(&str) -> Option<OsString>) -> PathBuf {
+    let dir = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(d) = dir("XDG_STATE_HOME") {
         return d.join(APP);
     }
-    let home = env_dir("HOME").unwrap_or_else(|| PathBuf::from(format!("/tmp/{APP}-home-{}", uid())));
+    let home = dir("HOME").unwrap_or_else(|| PathBuf::from(format!("/tmp/{APP}-home-{}", uid())));
     home.join(".local/state").join(APP)
 }
 
@@ -67,7 +73,13 @@ pub fn daemon_log_path() -> PathBuf {
 
 /// The event log: `STYXY_PRELOAD_LOG` if set, else `events.jsonl` in the state directory.
 pub fn event_log_path() -> PathBuf {
-    std::env::var_os("STYXY_PRELOAD_LOG").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| state_dir().join("events.jsonl"))
+    event_log_path_in(|k| std::env::var_os(k))
+}
+
+/// [`event_log_path`] for an environment given by `var`: the daemon logs a bind the
+/// shim asked about where that process would have.
+pub fn event_log_path_in(var: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    var("STYXY_PRELOAD_LOG").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| state_dir_in(&var).join("events.jsonl"))
 }
 
 /// Creates `dir` (and parents) with mode 0700 and checks that it is a real directory

@@ -7,6 +7,7 @@
 //! lets `connect()` follow a session's remaps.
 
 pub mod activation;
+pub mod hook;
 pub mod journal;
 pub mod metrics;
 pub mod procinfo;
@@ -84,6 +85,8 @@ pub struct Shared {
     /// Processes (an `env` shell, an `exec`) whose sessions may still ask: the daemon
     /// does not idle-exit while one of them lives.
     pub anchors: Mutex<Vec<state::Owner>>,
+    /// Shim binds granted whose result (and event) has not arrived yet (`/flush`).
+    pub hook_pending: std::sync::atomic::AtomicUsize,
     /// Grants since the last snapshot on disk.
     pub journal: journal::Journal,
     persist_tx: Mutex<mpsc::Sender<Persist>>,
@@ -260,6 +263,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         upstream: std::sync::OnceLock::new(),
         anchors: Mutex::new(Vec::new()),
         journal,
+        hook_pending: std::sync::atomic::AtomicUsize::new(0),
         persist_tx: Mutex::new(tx),
         write_lock: Mutex::new(()),
     });
@@ -312,10 +316,19 @@ fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListener, opts: Options) -> Result<(), RunError> {
     let app = server::router(shared.clone());
+    let dir = std_listener.local_addr().ok().and_then(|a| a.as_pathname().and_then(|p| p.parent()).map(std::path::Path::to_path_buf));
     let unix = UnixListener::from_std(std_listener).map_err(|e| RunError::Io(e.to_string()))?;
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
     tokio::spawn(accept_unix(unix, app.clone(), uid));
+    // the shim's socket, beside the HTTP one (which may be socket-activated elsewhere)
+    let hook_path = dir.unwrap_or_else(paths::runtime_dir).join(styxy_preload_client::hookproto::SOCKET);
+    match hook::listen(&hook_path) {
+        Ok(fd) => {
+            tokio::spawn(hook::serve(shared.clone(), fd, uid));
+        }
+        Err(e) => log!("no shim socket at {} ({e}): first binds load the hooks' logic", hook_path.display()),
+    }
     if let Some(addr) = opts.http {
         let tcp = tcp_listener(addr).map_err(|e| RunError::Io(format!("cannot bind {addr}: {e}")))?;
         log!("serving TCP on {addr} (bearer token in {})", paths::token_path().display());
@@ -347,6 +360,7 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
             }
         }
     }
+    let _ = std::fs::remove_file(&hook_path);
     Ok(())
 }
 

@@ -50,6 +50,23 @@ pub fn env_is(pid: u32, key: &str, value: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
 }
 
+/// `pid`'s environment as it was started, as pairs.
+pub fn environ(pid: u32) -> Vec<(String, std::ffi::OsString)> {
+    use std::os::unix::ffi::OsStrExt;
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let eq = kv.iter().position(|b| *b == b'=')?;
+            Some((String::from_utf8_lossy(&kv[..eq]).into_owned(), std::ffi::OsStr::from_bytes(&kv[eq + 1..]).to_owned()))
+        })
+        .collect()
+}
+
+/// `pid`'s working directory (at most 1000 characters, as a client may send).
+pub fn cwd(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|d| d.to_string_lossy().chars().take(1000).collect())
+}
+
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
 }

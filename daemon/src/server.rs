@@ -63,6 +63,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/suggest/{ty}", get(suggest))
         .route("/cleanup", post(cleanup))
         .route("/metrics", get(metrics))
+        .route("/flush", post(flush))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
         .with_state(shared)
@@ -493,6 +494,17 @@ async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
         sh.persist();
     }
     Ok(Json(json!({"success": true, "cleaned": cleaned, "message": format!("Cleaned {cleaned} allocations")})).into_response())
+}
+
+/// Waits (at most 250 ms) until every bind the shim was granted has been logged: a
+/// reader of the event log (`log`, `stats`, `exec`'s summary) asks first, so a bind made
+/// just before it is in the log it reads (docs/ARCHITECTURE.md "Hook ↔ daemon protocol").
+async fn flush(AxState(sh): AxState<Arc<Shared>>) -> Response {
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(250);
+    while sh.hook_pending.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    Json(json!({"success": true, "pending": sh.hook_pending.load(Ordering::Acquire)})).into_response()
 }
 
 async fn metrics(AxState(sh): AxState<Arc<Shared>>) -> Response {

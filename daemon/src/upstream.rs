@@ -142,7 +142,7 @@ impl Upstream {
 
     /// Whether a grant may wait for Styxy now: it answered last time (or was never
     /// tried yet) and is not refusing us or rate limiting.
-    fn usable(&self) -> bool {
+    pub(crate) fn usable(&self) -> bool {
         let h = self.health.lock();
         (h.reachable || h.last_error_ms.is_none()) && !h.refused && now_ms() >= h.blocked_until_ms
     }

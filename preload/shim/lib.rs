@@ -35,8 +35,31 @@ struct DlInfo {
 #[path = "../../client/src/mapview.rs"]
 mod mapview;
 
+/// The fixed-layout exchange with the daemon for a coordinated bind (one layout for both ends).
+#[allow(dead_code)]
+#[path = "../../client/src/hookproto.rs"]
+mod hookproto;
+
+#[repr(C)]
+struct PollFd {
+    fd: c_int,
+    events: i16,
+    revents: i16,
+}
+
+#[repr(C)]
+struct UCred {
+    pid: c_int,
+    uid: u32,
+    gid: u32,
+}
+
 #[link(name = "c")]
 extern "C" {
+    fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int;
+    fn poll(fds: *mut PollFd, n: u64, timeout: c_int) -> c_int;
+    fn send(fd: c_int, buf: *const c_void, n: usize, flags: c_int) -> isize;
+    fn recv(fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize;
     fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
     fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void;
     fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
@@ -94,6 +117,17 @@ const S_IFMT: u16 = 0o170000;
 const S_IFREG: u16 = 0o100000;
 const EADDRINUSE: c_int = 98;
 const SO_REUSEPORT: c_int = 15;
+const SO_PEERCRED: c_int = 17;
+const AF_UNIX: c_int = 1;
+const SOCK_SEQPACKET: c_int = 5;
+const SOCK_CLOEXEC: c_int = 0o2000000;
+const POLLIN: i16 = 1;
+const MSG_DONTWAIT: c_int = 0x40;
+const MSG_NOSIGNAL: c_int = 0x4000;
+const COORDINATED_PORT: u8 = 1;
+/// How long a bind waits for the daemon's answer on the shim's socket: the hooks' own
+/// allocate budget (`Timeouts::HOOK`). Then the bind goes as asked, as theirs would.
+const HOOK_ANSWER_MS: c_int = 200;
 /// The daemon's policy map (client/src/policymap.rs): magic, header, a class per port.
 const POLICY_MAGIC: u32 = 0x5350_5031;
 const POLICY_HEADER: usize = 64;
@@ -117,6 +151,7 @@ static CORE_BIND: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CORE_LISTEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CORE_CONNECT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static CORE_GETSOCKNAME: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static CORE_UNANSWERED: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
@@ -244,9 +279,11 @@ unsafe fn load_core() -> bool {
     let l = dlsym(h, c"styxy_core_listen".as_ptr());
     let c = dlsym(h, c"styxy_core_connect".as_ptr());
     let n = dlsym(h, c"styxy_core_getsockname".as_ptr());
-    if b.is_null() || l.is_null() || c.is_null() || n.is_null() {
+    let u = dlsym(h, c"styxy_core_unanswered".as_ptr());
+    if b.is_null() || l.is_null() || c.is_null() || n.is_null() || u.is_null() {
         return false;
     }
+    CORE_UNANSWERED.store(u, Ordering::Release);
     CORE_GETSOCKNAME.store(n, Ordering::Release);
     CORE_BIND.store(b, Ordering::Release);
     CORE_LISTEN.store(l, Ordering::Release);
@@ -521,6 +558,15 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c
         }
         _ => {}
     }
+    if port_class(port) == Some(COORDINATED_PORT) {
+        // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
+        if let Some(rc) = keep(fd, addr, len, port, real) {
+            if rc == 0 {
+                *__errno_location() = errno;
+            }
+            return rc;
+        }
+    }
     *__errno_location() = errno;
     if core_loaded() {
         let hook: CoreAddrFn = core::mem::transmute(CORE_BIND.load(Ordering::Acquire));
@@ -551,7 +597,8 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         None
     };
     // a bound port nobody coordinates: nothing to confirm or observe
-    let plain = matches!(port, Some((_, p)) if p != 0 && matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)));
+    let plain =
+        matches!(port, Some((_, p)) if p != 0 && (matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)) || kept_here(p)));
     *__errno_location() = errno;
     if port.is_some() && !plain && core_loaded() {
         let hook: CoreListenFn = core::mem::transmute(CORE_LISTEN.load(Ordering::Acquire));
@@ -701,5 +748,138 @@ unsafe fn port_map() -> Option<*const u8> {
             munmap(map.cast(), mapview::SIZE);
             Some(winner)
         }
+    }
+}
+
+/// Ports this process bound through [`keep`] (pid and port; a forked child's pid differs,
+/// so its `listen()` still confirms with the daemon, becoming an owner).
+static KEPT: [core::sync::atomic::AtomicU64; 4] = [const { core::sync::atomic::AtomicU64::new(0) }; 4];
+
+fn kept_key(port: u16) -> u64 {
+    // SAFETY: getpid cannot fail.
+    (u64::from(unsafe { getpid() } as u32) << 16) | u64::from(port)
+}
+
+/// The daemon granted `port` to this process through [`keep`]: it owns the allocation
+/// already, its `listen()` has nothing to confirm.
+fn kept_here(port: u16) -> bool {
+    let key = kept_key(port);
+    KEPT.iter().any(|k| k.load(Ordering::Relaxed) == key)
+}
+
+/// A coordinated bind in one round trip on the daemon's `hook.sock`
+/// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants exactly the port
+/// asked for, this binds it and reports the result (the daemon logs it). `None` when
+/// the hooks' logic must decide: rules of the process's own, a shared port, no daemon,
+/// or anything but that very port (a remap tells the person, the hooks' logic does).
+unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: AddrFn) -> Option<c_int> {
+    if own_rules() || shares_port(fd) || !stream(fd) {
+        return None;
+    }
+    let family = if core::ptr::read_unaligned(addr.cast::<u16>()) == AF_INET6 { 6 } else { 4 };
+    let s = getenv(c"STYXY_PRELOAD_SESSION".as_ptr());
+    let session = if s.is_null() { &[][..] } else { core::slice::from_raw_parts(s.cast::<u8>(), cstr_len(s, hookproto::SESSION_MAX + 1)) };
+    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, session };
+    let conn = hook_socket()?;
+    let heard = match ask.encode() {
+        Some(m) => exchange(conn, &m),
+        None => Heard::Nothing,
+    };
+    match heard {
+        Heard::Answer(a) if a.status == hookproto::GRANTED && a.port == port => {}
+        Heard::Silent => {
+            // a stalled daemon: bound as asked, and said (the hooks' logic logs it without
+            // asking again)
+            close(conn);
+            if core_loaded() {
+                let hook: CoreAddrFn = core::mem::transmute(CORE_UNANSWERED.load(Ordering::Acquire));
+                return Some(hook(fd, addr, len, real));
+            }
+            return Some(real(fd, addr, len));
+        }
+        _ => {
+            close(conn);
+            return None;
+        }
+    }
+    let rc = real(fd, addr, len);
+    let err = if rc == 0 { 0 } else { *__errno_location() };
+    if let Some(done) = (hookproto::Ask { kind: hookproto::DONE, errno: err, ..ask }).encode() {
+        send(conn, done.as_ptr().cast(), done.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    }
+    close(conn);
+    if rc != 0 {
+        return None; // the hooks' logic binds again and says why it fails
+    }
+    let key = kept_key(port);
+    if let Some(slot) = KEPT.iter().find(|k| k.load(Ordering::Relaxed) == 0).or(KEPT.get(usize::from(port) % KEPT.len())) {
+        slot.store(key, Ordering::Relaxed);
+    }
+    Some(0)
+}
+
+/// The length of a C string, at most `max`.
+unsafe fn cstr_len(s: *const c_char, max: usize) -> usize {
+    let mut n = 0;
+    while n < max && *s.add(n) != 0 {
+        n += 1;
+    }
+    n
+}
+
+/// A connection to the daemon's `hook.sock`, when it answers and runs as our uid.
+unsafe fn hook_socket() -> Option<c_int> {
+    // struct sockaddr_un: the family, then the path (108 bytes)
+    let mut sun = [0u8; 110];
+    let mut path = [0u8; 4096];
+    let n = runtime_file(&mut path, b"/hook.sock\0");
+    if n == 0 || n >= 108 {
+        return None;
+    }
+    sun.get_mut(..2)?.copy_from_slice(&(AF_UNIX as u16).to_ne_bytes());
+    sun.get_mut(2..2 + n)?.copy_from_slice(path.get(..n)?);
+    let fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if fd < 0 {
+        return None;
+    }
+    let connect = next(&REAL_CONNECT, b"connect\0");
+    let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };
+    let mut cl: SockLen = core::mem::size_of::<UCred>() as SockLen;
+    let ours = !connect.is_null()
+        && core::mem::transmute::<*mut c_void, AddrFn>(connect)(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0
+        && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) == 0
+        && cred.uid == getuid();
+    if !ours {
+        close(fd);
+        return None;
+    }
+    Some(fd)
+}
+
+/// What the daemon said to an ask.
+enum Heard {
+    Answer(hookproto::Answer),
+    /// Nothing within [`HOOK_ANSWER_MS`]: it is stalled (stopped, swamped).
+    Silent,
+    /// The exchange failed otherwise (a signal, a closed or foreign socket).
+    Nothing,
+}
+
+/// Sends `ask` and waits (boundedly) for the daemon's answer.
+unsafe fn exchange(conn: c_int, ask: &[u8]) -> Heard {
+    if send(conn, ask.as_ptr().cast(), ask.len(), MSG_DONTWAIT | MSG_NOSIGNAL) != ask.len() as isize {
+        return Heard::Nothing;
+    }
+    let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
+    match poll(&mut p, 1, HOOK_ANSWER_MS) {
+        0 => return Heard::Silent,
+        1 => {}
+        _ => return Heard::Nothing,
+    }
+    let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
+    let n = recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT);
+    match usize::try_from(n).ok().and_then(|n| buf.get(..n)).and_then(hookproto::Answer::decode) {
+        Some(a) => Heard::Answer(a),
+        None => Heard::Nothing,
     }
 }

@@ -203,6 +203,32 @@ fn in_use_reason(port: u16) -> String {
     }
 }
 
+/// The daemon did not answer the shim in time (docs/ARCHITECTURE.md "Hook ↔ daemon
+/// protocol"): the bind goes as asked, said in the log and once on stderr, without
+/// asking a second time.
+pub fn unanswered(p: &Process, who: &Caller, orig: &Addr) {
+    let reason = "coordinator timeout";
+    let ty = p.policy.decide(orig.port).service_type().map(str::to_string);
+    let ep = process::endpoint();
+    warn_once(p, who, ep, reason);
+    report::event(
+        p,
+        who,
+        Outcome {
+            call: "bind",
+            requested: orig.port,
+            port: orig.port,
+            addr: orig,
+            service_type: ty.as_deref(),
+            action: Action::Passthrough,
+            reason: Some(reason.into()),
+            started: Instant::now(),
+            backend: Some(ep.backend()),
+            retries: 0,
+        },
+    );
+}
+
 /// One line on stderr per process when the daemon cannot be asked, not one per bind:
 /// coordination never stops silently.
 fn warn_once(p: &Process, who: &Caller, ep: &Endpoint, reason: &str) {

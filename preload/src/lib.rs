@@ -49,6 +49,26 @@ pub unsafe extern "C" fn styxy_core_bind(fd: c_int, addr: *const sockaddr, len: 
 }
 
 /// # Safety
+/// Called by the interposer with the program's `bind()` arguments and libc's `bind`
+/// when the daemon did not answer its own ask in time: bound as asked, and said.
+#[no_mangle]
+pub unsafe extern "C" fn styxy_core_unanswered(fd: c_int, addr: *const sockaddr, len: socklen_t, real: AddrFn) -> c_int {
+    let plain = || real(fd, addr, len);
+    guarded(
+        || {
+            let p = process::get();
+            let errno = sys::errno();
+            if let Some(orig) = Addr::read(addr, len) {
+                bind::unanswered(p, &p.caller(), &orig);
+            }
+            sys::set_errno(errno);
+            plain()
+        },
+        plain,
+    )
+}
+
+/// # Safety
 /// Called by the interposer with the program's `listen()` arguments and libc's `listen`.
 #[no_mangle]
 pub unsafe extern "C" fn styxy_core_listen(fd: c_int, backlog: c_int, real: ListenFn) -> c_int {

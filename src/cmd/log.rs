@@ -11,6 +11,7 @@ use crate::cli::LogArgs;
 use styxy_preload_client::text::cell;
 
 pub fn run(a: LogArgs) -> Result<i32, String> {
+    crate::coordinator::settle_log();
     let path = paths::event_log_path();
     let since_ms = a.since.map(|d| eventlog::now_ms().saturating_sub(d.as_millis() as u64));
     let keep = |e: &Event| a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s)) && since_ms.is_none_or(|t| e.ts >= t);

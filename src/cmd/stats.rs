@@ -67,6 +67,7 @@ impl Counts {
 }
 
 pub fn run(a: StatsArgs) -> Result<i32, String> {
+    crate::coordinator::settle_log();
     let path = paths::event_log_path();
     let events = match eventlog::read_all(&path) {
         Ok(ev) => ev,

@@ -240,7 +240,9 @@ impl World {
         c.wait().ok()
     }
 
+    /// The event log, once the daemon has logged every bind it granted the shim.
     pub fn events(&self) -> Vec<styxy_preload_client::eventlog::Event> {
+        let _ = self.call_maybe("POST", "/flush");
         styxy_preload_client::eventlog::read_all(&self.log_path()).unwrap_or_default()
     }
 

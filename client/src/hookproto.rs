@@ -1,0 +1,137 @@
+//! The shim ↔ daemon exchange for a coordinated bind (docs/ARCHITECTURE.md "Hook ↔
+//! daemon protocol"): fixed-layout messages over a `SOCK_SEQPACKET` Unix socket beside
+//! the daemon's HTTP socket, so the always-loaded `no_std` shim can ask without loading
+//! the hooks' logic. `no_std`: the shim includes this file; the daemon uses it through
+//! the client crate — one layout for both ends.
+//!
+//! One connection carries one bind: the shim sends an [`Ask`] (`KEEP`: may this process
+//! have exactly this port?), the daemon answers an [`Answer`]; the shim binds and sends
+//! an [`Ask`] of kind `DONE` with the result, which the daemon logs. Nothing else: a
+//! remap, a fallback or an error is the hooks' logic's (the shim hears `DECLINED` and
+//! loads it, as before).
+
+/// File name of the socket in the daemon's runtime directory.
+pub const SOCKET: &str = "hook.sock";
+/// "SPH1": the layout's version; another version is declined.
+pub const MAGIC: u32 = 0x3148_5053;
+/// The longest session id the shim sends (the daemon's limit is 100).
+pub const SESSION_MAX: usize = 100;
+pub const ASK_LEN: usize = 128;
+pub const ANSWER_LEN: usize = 8;
+
+/// May this process bind exactly this port (granted, as a bind in progress)?
+pub const KEEP: u8 = 1;
+/// The bind's result, after a `GRANTED`.
+pub const DONE: u8 = 2;
+
+pub const GRANTED: u8 = 1;
+/// Not in the shim's way: the hooks' logic decides (remap, type, upstream, …).
+pub const DECLINED: u8 = 2;
+
+/// A request from the shim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ask<'a> {
+    pub kind: u8,
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// `DONE`: 0 when the bind succeeded, else its errno.
+    pub errno: i32,
+    /// `STYXY_PRELOAD_SESSION`, empty for none.
+    pub session: &'a [u8],
+}
+
+/// The daemon's answer to a `KEEP`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u8,
+    pub port: u16,
+    /// The session held this port already (a restart, a twin).
+    pub existing: bool,
+}
+
+impl Ask<'_> {
+    /// The message; `None` when the session id is too long for it.
+    pub fn encode(&self) -> Option<[u8; ASK_LEN]> {
+        let mut b = [0u8; ASK_LEN];
+        if self.session.len() > SESSION_MAX {
+            return None;
+        }
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = self.kind;
+        b[5] = self.family;
+        b[6..8].copy_from_slice(&self.port.to_le_bytes());
+        b[8..12].copy_from_slice(&self.errno.to_le_bytes());
+        b[12] = self.session.len() as u8;
+        b[16..16 + self.session.len()].copy_from_slice(self.session);
+        Some(b)
+    }
+
+    /// A message of exactly [`ASK_LEN`] bytes in this layout, else `None`.
+    pub fn decode(b: &[u8]) -> Option<Ask<'_>> {
+        if b.len() != ASK_LEN || b[0..4] != MAGIC.to_le_bytes() {
+            return None;
+        }
+        let len = usize::from(b[12]);
+        if len > SESSION_MAX || !matches!(b[4], KEEP | DONE) || !matches!(b[5], 4 | 6) {
+            return None;
+        }
+        Some(Ask {
+            kind: b[4],
+            family: b[5],
+            port: u16::from_le_bytes([b[6], b[7]]),
+            errno: i32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            session: &b[16..16 + len],
+        })
+    }
+}
+
+impl Answer {
+    pub fn encode(&self) -> [u8; ANSWER_LEN] {
+        let mut b = [0u8; ANSWER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = self.status;
+        b[5] = u8::from(self.existing);
+        b[6..8].copy_from_slice(&self.port.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Answer> {
+        if b.len() != ANSWER_LEN || b[0..4] != MAGIC.to_le_bytes() || !matches!(b[4], GRANTED | DECLINED) {
+            return None;
+        }
+        Some(Answer { status: b[4], existing: b[5] != 0, port: u16::from_le_bytes([b[6], b[7]]) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ask_survives_the_wire_and_garbage_does_not_pass() {
+        let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, session: b"agent-1" };
+        let wire = a.encode().unwrap();
+        assert_eq!(Ask::decode(&wire), Some(a));
+        assert_eq!(Ask::decode(&wire[..ASK_LEN - 1]), None, "short");
+        let mut bad = wire;
+        bad[0] ^= 1;
+        assert_eq!(Ask::decode(&bad), None, "another version");
+        let mut bad = wire;
+        bad[12] = 101;
+        assert_eq!(Ask::decode(&bad), None, "session longer than allowed");
+        let mut bad = wire;
+        bad[4] = 9;
+        assert_eq!(Ask::decode(&bad), None, "unknown kind");
+        assert_eq!(Ask { session: &[b'x'; 101], ..a }.encode(), None);
+        let d = Ask { kind: DONE, errno: 98, ..a };
+        assert_eq!(Ask::decode(&d.encode().unwrap()), Some(d));
+    }
+
+    #[test]
+    fn an_answer_survives_the_wire() {
+        let a = Answer { status: GRANTED, port: 8061, existing: true };
+        assert_eq!(Answer::decode(&a.encode()), Some(a));
+        assert_eq!(Answer::decode(&[0; ANSWER_LEN]), None);
+    }
+}

@@ -1,0 +1,283 @@
+//! The shim's socket (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): `hook.sock`, a
+//! `SOCK_SEQPACKET` Unix socket beside `daemon.sock`, speaking the fixed layout of
+//! `styxy_preload_client::hookproto`. It answers one question — may this process bind
+//! exactly the port it asked for? — so that a process's first coordinated bind costs one
+//! round trip and no library load. Everything else (a remap, fallback mode, Styxy
+//! upstream) is `DECLINED` and goes the HTTP way through the hooks' logic.
+//!
+//! The peer is known from the kernel (`SO_PEERCRED`): only our uid, and the owner pid
+//! is the peer itself. The daemon writes the bind's event once the shim reports the
+//! bind's result (`DONE`), in the log the process would have written.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use styxy_preload_client::api::{service_name, valid_instance_id};
+use styxy_preload_client::eventlog::{self, Action, Event};
+use styxy_preload_client::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
+use styxy_preload_client::policy::Decision;
+use tokio::io::unix::AsyncFd;
+
+use crate::state::{AllocRequest, Owner};
+use crate::{now_ms, procinfo, Shared};
+
+/// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
+const EXCHANGE: Duration = Duration::from_secs(1);
+
+/// Creates the listening socket at `path` (non-blocking, close-on-exec, mode 0600).
+pub fn listen(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None)?;
+    let _ = std::fs::remove_file(path);
+    s.bind(&socket2::SockAddr::unix(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    s.listen(128)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Accepts shim connections for the daemon's life; each one its own task.
+pub async fn serve(shared: Arc<Shared>, listener: OwnedFd, uid: u32) {
+    let Some(listener) = watch(listener) else { return };
+    loop {
+        let Ok(mut ready) = listener.readable().await else { return };
+        // SAFETY: accept4 on our listening socket; the result is a new fd we own.
+        let fd = unsafe {
+            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+        };
+        if fd < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                ready.clear_ready();
+            }
+            continue;
+        }
+        // SAFETY: fd was just returned by accept4 and is owned by nobody else.
+        let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+        match peer(&conn) {
+            Some((pid, peer_uid)) if peer_uid == uid => {
+                let sh = shared.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(EXCHANGE, exchange(&sh, conn, pid)).await;
+                });
+            }
+            _ => {} // another user's process: closed unanswered
+        }
+    }
+}
+
+/// `fd` in the runtime's reactor.
+fn watch(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
+    unsafe { AsyncFd::register(fd) }.ok()
+}
+
+/// The peer's pid and uid, from the kernel.
+fn peer(fd: &OwnedFd) -> Option<(u32, u32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt with a buffer of the option's size.
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    (rc == 0).then(|| (u32::try_from(cred.pid).unwrap_or(0), cred.uid))
+}
+
+async fn recv(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut ready = fd.readable().await?;
+        // SAFETY: recv into a buffer of its length.
+        match ready.try_io(|s| {
+            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(r) => return r,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+fn send(fd: &AsyncFd<OwnedFd>, msg: &[u8]) {
+    // SAFETY: send of a buffer of its length; never waits, never raises SIGPIPE.
+    unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+}
+
+/// `KEEP`, the answer, then `DONE`. A malformed or unexpected message ends the exchange.
+async fn exchange(sh: &Shared, conn: OwnedFd, pid: u32) {
+    let Some(fd) = watch(conn) else { return };
+    let mut buf = [0u8; ASK_LEN + 1];
+    let started = Instant::now();
+    let Ok(n) = recv(&fd, &mut buf).await else { return };
+    let Some(ask) = Ask::decode(&buf[..n]).filter(|a| a.kind == KEEP) else { return };
+    let grant = keep(sh, pid, &ask);
+    let answer = match &grant {
+        Some(g) => Answer { status: GRANTED, port: ask.port, existing: g.existing },
+        None => Answer { status: DECLINED, port: 0, existing: false },
+    };
+    let _pending = grant.is_some().then(|| Pending::new(&sh.hook_pending));
+    send(&fd, &answer.encode());
+    let Some(mut grant) = grant else { return };
+    // who asked, read while the shim binds: off the answer's path
+    grant.comm = procinfo::comm(pid).unwrap_or_else(|| "?".into());
+    grant.log = log_of(pid);
+    let cwd = procinfo::cwd(pid);
+    if !grant.existing {
+        if let Some(a) = sh.state.lock().allocs.get_mut(&ask.port) {
+            a.service_name = service_name(&grant.comm, ask.port);
+            a.comm = Some(grant.comm.clone());
+            a.project_path = cwd;
+        }
+        sh.persist();
+    }
+    let mut done = [0u8; ASK_LEN + 1];
+    let Ok(n) = recv(&fd, &mut done).await else { return };
+    match Ask::decode(&done[..n]).filter(|a| a.kind == DONE && a.port == ask.port) {
+        Some(done) if done.errno == 0 => {
+            // bound by its owner: confirmed, as a listen would (a socket bound but not yet
+            // listening escapes the sweep's test bind)
+            if let Some(a) = sh.state.lock().allocs.get_mut(&ask.port) {
+                a.confirmed = true;
+            }
+            log_event(&grant, &ask, started);
+        }
+        // the bind failed: a new grant is withdrawn; the hooks' logic takes it from here
+        Some(_) if !grant.existing => {
+            sh.state.lock().remove(ask.port, now_ms());
+            sh.persist();
+        }
+        _ => {}
+    }
+}
+
+/// Counts an exchange between its grant and its end (logged, withdrawn, or given up).
+struct Pending<'a>(&'a AtomicUsize);
+
+impl<'a> Pending<'a> {
+    fn new(n: &'a AtomicUsize) -> Pending<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        Pending(n)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the daemon granted, for the event.
+struct Granted {
+    pid: u32,
+    existing: bool,
+    /// The process had bound this port before (a dual-stack twin, a probe).
+    again: bool,
+    service_type: String,
+    session: Option<String>,
+    comm: String,
+    log: Log,
+}
+
+/// Where and how the asking process logs (its own environment's settings).
+#[derive(Default)]
+struct Log {
+    path: PathBuf,
+    max: u64,
+    private_dir: bool,
+}
+
+/// Grants exactly `ask.port` to `pid` when the hooks' logic would keep it too: a
+/// coordinated port, no Styxy answering (a grant would wait for it), and free for this session.
+fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
+    sh.last_activity.store(now_ms(), Ordering::Relaxed);
+    if sh.upstream.get().is_some_and(|u| u.usable()) {
+        return None; // Styxy answers: the hooks' logic waits for its word on the port
+    }
+    let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty() && *s != "default");
+    if session.is_some_and(|s| !valid_instance_id(s)) {
+        return None;
+    }
+    let started = Instant::now();
+    let mut st = sh.state.lock();
+    let Decision::Coordinated(ty) = st.policy.decide(ask.port) else { return None };
+    let ty = ty.to_string();
+    let req = AllocRequest {
+        service_type: ty.clone(),
+        service_name: service_name("process", ask.port), // named once the shim binds
+        preferred_port: Some(ask.port),
+        session: session.map(str::to_string),
+        project_path: None,
+        dry_run: true,
+        requested_port: Some(ask.port),
+        comm: None,
+        exclude: vec![],
+        owner: Some(Owner::pid(pid)),
+        bind: true,
+    };
+    let again = session.is_some_and(|s| {
+        st.allocs.get(&ask.port).is_some_and(|a| a.session.as_deref() == Some(s) && a.owners.iter().any(|o| o.pid == pid))
+    });
+    if st.allocate(&req, now_ms()).ok()?.port != ask.port {
+        return None; // a remap: the hooks' logic tells the person
+    }
+    let g = st.allocate(&AllocRequest { dry_run: false, ..req }, now_ms()).ok()?;
+    if !g.existing {
+        if let Some(a) = st.allocs.get(&g.port) {
+            sh.journal.append(a);
+        }
+    }
+    drop(st);
+    sh.metrics.observe_allocate(started.elapsed(), true);
+    Some(Granted {
+        pid,
+        existing: g.existing,
+        again,
+        service_type: ty,
+        session: session.map(str::to_string),
+        comm: String::new(),
+        log: Log::default(),
+    })
+}
+
+/// The event the process would have logged.
+fn log_event(g: &Granted, ask: &Ask, started: Instant) {
+    let (action, reason) = if g.again {
+        (Action::Observed, Some(format!("bound again by this process (a twin or after a probe) on {}", ask.port)))
+    } else {
+        (Action::Kept, None)
+    };
+    let ev = Event {
+        ts: eventlog::now_ms(),
+        session: g.session.clone(),
+        pid: g.pid,
+        comm: g.comm.clone(),
+        call: "bind".into(),
+        requested_port: ask.port,
+        port: ask.port,
+        family: if ask.family == 6 { "ipv6" } else { "ipv4" }.into(),
+        service_type: Some(g.service_type.clone()),
+        action,
+        reason,
+        latency_us: started.elapsed().as_micros() as u64,
+        backend: Some("unix".into()),
+        retries: 0,
+    };
+    let _ = eventlog::append_to(&g.log.path, &ev, g.log.max, g.log.private_dir);
+}
+
+/// The event log of `pid`: where its own environment says (`paths::event_log_path`).
+fn log_of(pid: u32) -> Log {
+    let env = procinfo::environ(pid);
+    let var = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let custom = var("STYXY_PRELOAD_LOG").is_some_and(|v| !v.is_empty());
+    Log {
+        path: styxy_preload_client::paths::event_log_path_in(var),
+        max: eventlog::max_bytes_of(var("STYXY_PRELOAD_LOG_MAX").as_ref().and_then(|v| v.to_str())),
+        private_dir: !custom,
+    }
+}
