@@ -773,8 +773,15 @@ fn kept_here(port: u16) -> bool {
 /// the hooks' logic must decide: rules of the process's own, a shared port, no daemon,
 /// or anything but that very port (a remap tells the person, the hooks' logic does).
 unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: AddrFn) -> Option<c_int> {
-    if own_rules() || shares_port(fd) || !stream(fd) {
+    if own_rules() || shares_port(fd) || !stream(fd) || moved_for_session(port) {
         return None;
+    }
+    if kept_here(port) {
+        // this process owns the port's allocation already (a probe then the real bind, a
+        // restart, a twin): a kernel call alone; a failure goes to the hooks' logic, which
+        // says why
+        let rc = real(fd, addr, len);
+        return (rc == 0).then_some(0);
     }
     let family = if core::ptr::read_unaligned(addr.cast::<u16>()) == AF_INET6 { 6 } else { 4 };
     let s = getenv(c"STYXY_PRELOAD_SESSION".as_ptr());
@@ -816,6 +823,16 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: Ad
         slot.store(key, Ordering::Relaxed);
     }
     Some(0)
+}
+
+/// The port map says this session's `port` lives elsewhere, or another session holds
+/// it: a remap, which the hooks' logic makes (and tells the person); no point asking.
+unsafe fn moved_for_session(port: u16) -> bool {
+    let Some(map) = port_map() else { return false };
+    let view = mapview::View::new(map);
+    let tag = session_tag().unwrap_or(0);
+    let holder = view.held(port);
+    view.lookup(tag, port).is_some_and(|a| a != port) || (holder != 0 && holder != tag)
 }
 
 /// The length of a C string, at most `max`.
