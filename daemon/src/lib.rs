@@ -90,6 +90,8 @@ pub struct Shared {
     /// Grants since the last snapshot on disk.
     pub journal: journal::Journal,
     persist_tx: Mutex<mpsc::Sender<Persist>>,
+    /// A change since the writer last took the state (it has been asked to save).
+    dirty: std::sync::atomic::AtomicBool,
     /// Serialises snapshot writes (the writer thread and the final one at exit).
     write_lock: Mutex<()>,
 }
@@ -108,8 +110,12 @@ impl Shared {
     }
 
     /// Asks the writer thread to save the state; the answer does not wait for the disk.
+    /// Only the first change after a save wakes the writer (a wake-up is a futex and a
+    /// context switch per grant otherwise); later ones ride on the save it is preparing.
     pub fn persist(&self) {
-        let _ = self.persist_tx.lock().send(Persist::Save);
+        if !self.dirty.swap(true, Ordering::AcqRel) {
+            let _ = self.persist_tx.lock().send(Persist::Save);
+        }
     }
 }
 
@@ -265,6 +271,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         journal,
         hook_pending: std::sync::atomic::AtomicUsize::new(0),
         persist_tx: Mutex::new(tx),
+        dirty: std::sync::atomic::AtomicBool::new(false),
         write_lock: Mutex::new(()),
     });
     let writer = {
@@ -471,6 +478,8 @@ fn persist_loop(shared: &Shared, rx: mpsc::Receiver<Persist>) {
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
             }
         }
+        // changes from here on ask for another save
+        shared.dirty.store(false, Ordering::Release);
         write_snapshot(shared);
         if stop {
             break;
