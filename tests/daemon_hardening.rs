@@ -232,3 +232,21 @@ fn the_shims_socket_answers_only_its_own_layout_and_keeps_serving() {
     assert_eq!((a.status, a.port), (GRANTED, 4090));
     assert_eq!(w.json("GET", "/status", None).0, 200);
 }
+
+#[test]
+fn idle_connections_to_the_shims_socket_never_stop_a_bind() {
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    // more silent connections than the daemon serves at once, held open
+    let idle: Vec<_> = (0..530).map(|_| hook_conn(&w)).collect();
+    let started = Instant::now();
+    let mut c = w.preloaded(Some("crowded"), fixture("binder"));
+    c.args(["serve", "4093"]);
+    let pid = w.spawn(c, "crowded");
+    let port = wait_for(10, "the server", || listening_ports(pid).into_iter().next());
+    assert_eq!(port, 4093);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(w.events().iter().any(|e| e.pid == pid && e.action == styxy_preload_client::eventlog::Action::Kept));
+    drop(idle);
+}

@@ -40,9 +40,14 @@ pub fn listen(path: &Path) -> io::Result<OwnedFd> {
     Ok(s.into())
 }
 
+/// Open shim connections at once; past it a connection is closed unanswered (the shim
+/// then asks over HTTP, which has its own limit).
+const MAX_CONNS: usize = 512;
+
 /// Accepts shim connections for the daemon's life; each one its own task.
 pub async fn serve(shared: Arc<Shared>, listener: OwnedFd, uid: u32) {
     let Some(listener) = watch(listener) else { return };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
     loop {
         let Ok(mut ready) = listener.readable().await else { return };
         // SAFETY: accept4 on our listening socket; the result is a new fd we own.
@@ -59,9 +64,11 @@ pub async fn serve(shared: Arc<Shared>, listener: OwnedFd, uid: u32) {
         let conn = unsafe { OwnedFd::from_raw_fd(fd) };
         match peer(&conn) {
             Some((pid, peer_uid)) if peer_uid == uid => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
                 let sh = shared.clone();
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(EXCHANGE, exchange(&sh, conn, pid)).await;
+                    drop(slot);
                 });
             }
             _ => {} // another user's process: closed unanswered
