@@ -95,8 +95,8 @@ fn peer(fd: &OwnedFd) -> Option<(u32, u32)> {
 async fn recv(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         let mut ready = fd.readable().await?;
-        // SAFETY: recv into a buffer of its length.
         match ready.try_io(|s| {
+            // SAFETY: recv into a buffer of its length, on a socket we own.
             let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if n < 0 {
                 Err(io::Error::last_os_error())
@@ -122,26 +122,13 @@ async fn exchange(sh: &Shared, conn: OwnedFd, pid: u32) {
     let started = Instant::now();
     let Ok(n) = recv(&fd, &mut buf).await else { return };
     let Some(ask) = Ask::decode(&buf[..n]).filter(|a| a.kind == KEEP) else { return };
-    let grant = keep(sh, pid, &ask);
-    let answer = match &grant {
-        Some(g) => Answer { status: GRANTED, port: ask.port, existing: g.existing },
-        None => Answer { status: DECLINED, port: 0, existing: false },
+    let Some(mut grant) = keep(sh, pid, &ask) else {
+        send(&fd, &Answer { status: DECLINED, port: 0, existing: false }.encode());
+        return;
     };
-    let _pending = grant.is_some().then(|| Pending::new(&sh.hook_pending));
-    send(&fd, &answer.encode());
-    let Some(mut grant) = grant else { return };
-    // who asked, read while the shim binds: off the answer's path
-    grant.comm = procinfo::comm(pid).unwrap_or_else(|| "?".into());
-    grant.log = log_of(pid);
-    let cwd = procinfo::cwd(pid);
-    if !grant.existing {
-        if let Some(a) = sh.state.lock().allocs.get_mut(&ask.port) {
-            a.service_name = service_name(&grant.comm, ask.port);
-            a.comm = Some(grant.comm.clone());
-            a.project_path = cwd;
-        }
-        sh.persist();
-    }
+    let _pending = Pending::new(&sh.hook_pending);
+    send(&fd, &Answer { status: GRANTED, port: ask.port, existing: grant.existing }.encode());
+    describe(sh, &mut grant, ask.port);
     let mut done = [0u8; ASK_LEN + 1];
     let Ok(n) = recv(&fd, &mut done).await else { return };
     match Ask::decode(&done[..n]).filter(|a| a.kind == DONE && a.port == ask.port) {
@@ -160,6 +147,23 @@ async fn exchange(sh: &Shared, conn: OwnedFd, pid: u32) {
         }
         _ => {}
     }
+}
+
+/// Who asked, read from /proc while the shim binds (off the answer's path): its name,
+/// directory and log, into the grant and a new allocation, which is then saved.
+fn describe(sh: &Shared, grant: &mut Granted, port: u16) {
+    grant.comm = procinfo::comm(grant.pid).unwrap_or_else(|| "?".into());
+    grant.log = log_of(grant.pid);
+    if grant.existing {
+        return;
+    }
+    let cwd = procinfo::cwd(grant.pid);
+    if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
+        a.service_name = service_name(&grant.comm, port);
+        a.comm = Some(grant.comm.clone());
+        a.project_path = cwd;
+    }
+    sh.persist();
 }
 
 /// Counts an exchange between its grant and its end (logged, withdrawn, or given up).
