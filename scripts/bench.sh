@@ -14,6 +14,7 @@ cc -O2 -o "$tmp/bindbench" scripts/bench/bindbench.c
 cc -O2 -static -o "$tmp/bindbench-static" scripts/bench/bindbench.c
 cc -O2 -o "$tmp/listener" scripts/bench/listener.c
 cc -O2 -o "$tmp/onecall" scripts/bench/onecall.c
+cc -O2 -o "$tmp/rtt" scripts/bench/rtt.c
 cc -O2 -o "$tmp/binder" tests/fixtures/binder.c -lpthread
 cc -O2 -shared -fPIC -o "$tmp/empty.so" scripts/bench/empty.c
 python3 scripts/bench/bench.py --tmp "$tmp" --bin target/release/styxy-preload --lib "$PWD/target/release/libstyxy_preload.so" \

@@ -155,8 +155,8 @@ try:
     holder = spawn([f"{T}/binder", "serve", "8061"], env("bench-holder"))
     assert wait_listen(holder) == 8061
     m = 200 if S else 2000
-    # each bind of the loop asks the daemon again (the session's second bind of the port:
-    # an idempotent allocate)
+    # kept: the first bind of the loop asks the daemon (the shim's socket), the process's
+    # later binds of the port it got are kernel calls; remapped: each asks (over HTTP)
     for label, port, target in (("kept", 8060, 50), ("remapped", 8061, 50)):
         rs = [bindbench("bind", port, m, env(f"bench-{port}")) for _ in range(3)]
         r = (statistics.median(x[0] for x in rs), statistics.median(x[1] for x in rs))
@@ -169,6 +169,10 @@ try:
     lst12 = spawn([f"{T}/listener", "12003"], world)
     wait_listen(lst12)
     nr = 30 if S else 300
+
+    # the floor of anything that asks the daemon: one round trip between two processes
+    rtt = float(subprocess.run([f"{T}/rtt", "50" if S else "500"], capture_output=True, text=True, check=True).stdout)
+    row("floor: a 128-byte SEQPACKET round trip to an idle process, median", f"{rtt:.0f} µs", "—", "—", "—", "—")
 
     def cold(args, session):
         w_env = dict(env(session), STYXY_PRELOAD_NOTIFY="off")
