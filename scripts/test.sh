@@ -15,6 +15,8 @@ needs=(
   node:nodejs                                 # Node servers and child_process
   go:golang-go                                # the Go fixture of the seccomp tests
   systemd-socket-activate:systemd             # the socket-activation test
+  caddy:caddy                                 # real servers run twice in two sessions:
+  redis-server:redis-server                   #   caddy's admin API, redis's twin binds
 )
 missing() {
   local pair out=()
@@ -40,6 +42,14 @@ if [ -n "$pkgs" ]; then
     echo "test.sh: the tests need these packages (Debian/Ubuntu names): $pkgs — install them (e.g. sudo apt-get install $pkgs), or run scripts/test.sh as root to let it install them" >&2
     exit 1
   fi
+fi
+
+# gunicorn --reuse-port (real servers of tests/fidelity.rs), from PyPI, pinned
+if ! python3 -c "import gunicorn" 2>/dev/null; then
+  echo "test.sh: installing gunicorn (pip)" >&2
+  pip=(python3 -m pip install -q --disable-pip-version-check gunicorn==23.0.0)
+  "${pip[@]}" >/tmp/styxy-test-pip.log 2>&1 || "${pip[@]}" --break-system-packages >>/tmp/styxy-test-pip.log 2>&1 ||
+    { echo "test.sh: pip install gunicorn failed (log: /tmp/styxy-test-pip.log): install it, then run scripts/test.sh again" >&2; exit 1; }
 fi
 
 exec cargo test --workspace --no-fail-fast "$@"

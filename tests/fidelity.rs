@@ -307,3 +307,126 @@ fn a_node_cluster_moved_off_its_port_serves_and_only_its_primary_sees_the_port_i
     let real: u16 = text(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("{}", text(&out.stderr)));
     assert_ne!(real, port, "outside a cluster, getsockname tells the truth");
 }
+
+/// A program the tests need, installed by `scripts/test.sh`: its path, or a skip (a failure
+/// under CI, where the install must have happened).
+fn program(name: &str, package: &str) -> Option<String> {
+    let found = run({
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", &format!("command -v {name}")]);
+        c
+    });
+    if found.status.success() {
+        return Some(text(&found.stdout).trim().to_string());
+    }
+    assert!(std::env::var_os("CI").is_none(), "{name} missing: scripts/test.sh installs {package}");
+    eprintln!("skipped: {name} missing (scripts/test.sh installs {package})");
+    None
+}
+
+/// An HTTP GET of `path` on loopback `port`, made from inside `session`.
+fn get_in(w: &World, session: &str, port: u16, path: &str) -> String {
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", session, "--", "python3", "-c"])
+        .arg(format!("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=3).read().decode())"));
+    let out = run(c);
+    text(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn gunicorn_reuse_port_twice_in_two_sessions_each_session_reaches_its_own() {
+    let found = run({
+        let mut c = std::process::Command::new("python3");
+        c.args(["-c", "import gunicorn"]);
+        c
+    });
+    if !found.status.success() {
+        assert!(std::env::var_os("CI").is_none(), "gunicorn missing: scripts/test.sh installs it (pip)");
+        eprintln!("skipped: gunicorn missing (scripts/test.sh installs it with pip)");
+        return;
+    }
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    // 7000 is outside every range: bound as asked unless it may be shared (SO_REUSEPORT)
+    let port = 7000;
+    std::fs::write(
+        w.path("app.py"),
+        "import os\ndef app(environ, start_response):\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [os.environ['STYXY_PRELOAD_SESSION'].encode()]\n",
+    )
+    .unwrap();
+    for s in ["gu-a", "gu-b"] {
+        let mut c = w.cli();
+        c.args(["exec", "--session", s, "--", "python3", "-m", "gunicorn", "--reuse-port", "-w", "2", "-b", "127.0.0.1:7000", "app:app"]);
+        c.current_dir(w.dir.path());
+        let pid = w.spawn(c, s);
+        // the master and both workers serve before the next session starts
+        wait_for(30, "gunicorn", || (tree_ports(pid).len() == 1 && get_in(&w, s, port, "/") == s).then_some(()));
+    }
+    for _ in 0..10 {
+        assert_eq!(get_in(&w, "gu-b", port, "/"), "gu-b");
+        assert_eq!(get_in(&w, "gu-a", port, "/"), "gu-a");
+    }
+    assert!(w.stderr_of("gu-b").contains("port 7000 is taken;"), "{}", w.stderr_of("gu-b"));
+}
+
+#[test]
+fn caddys_admin_api_in_two_sessions_each_session_stops_its_own() {
+    let Some(caddy) = program("caddy", "caddy (apt)") else { return };
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut pids = Vec::new();
+    for s in ["cd-a", "cd-b"] {
+        // a config that names its session, so /config/ tells the two apart
+        let config = w.path(&format!("{s}.json"));
+        let json = serde_json::json!({"admin": {"listen": "localhost:2019"}, "logging": {"logs": {s: {"level": "ERROR"}}}});
+        std::fs::write(&config, json.to_string()).unwrap();
+        let mut c = w.cli();
+        c.args(["exec", "--session", s, "--"]).arg(&caddy).arg("run").arg("--config").arg(&config);
+        let pid = w.spawn(c, s);
+        wait_for(30, "caddy's admin API", || get_in(&w, s, 2019, "/config/").contains(s).then_some(()));
+        pids.push(pid);
+    }
+    assert!(get_in(&w, "cd-a", 2019, "/config/").contains("cd-a"));
+    // `caddy stop` in B talks to B's admin API: B's caddy ends, A's serves on
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", "cd-b", "--"]).arg(&caddy).arg("stop");
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for(20, "B's caddy to stop", || w.finished(pids[1]).then_some(()));
+    assert!(!w.finished(pids[0]), "session B's `caddy stop` stopped A's caddy");
+    assert!(get_in(&w, "cd-a", 2019, "/config/").contains("cd-a"));
+}
+
+#[test]
+fn redis_binding_both_families_twice_is_one_remap_in_the_notice_the_summary_and_stats() {
+    let Some(redis) = program("redis-server", "redis-server (apt)") else { return };
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut pids = Vec::new();
+    for s in ["rd-a", "rd-b"] {
+        let dir = w.path(s);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = w.cli();
+        // redis binds 0.0.0.0 and :: by default: twins
+        c.args(["exec", "--session", s, "--"]).arg(&redis).args(["--port", "6379", "--save", "", "--appendonly", "no", "--dir"]).arg(&dir);
+        let pid = w.spawn(c, s);
+        wait_for(20, "redis", || (tree_ports(pid).len() == 1).then_some(()));
+        pids.push(pid);
+    }
+    for s in ["rd-a", "rd-b"] {
+        let mut c = w.cli();
+        c.args(["exec", "--quiet", "--session", s, "--", "redis-cli", "-p", "6379", "config", "get", "dir"]);
+        assert_eq!(text(&run(c).stdout).lines().nth(1), Some(w.path(s).to_str().unwrap()), "session {s} reached another redis");
+    }
+    w.terminate(pids[1]);
+    let err = w.stderr_of("rd-b");
+    assert_eq!(err.matches("port 6379 is taken").count(), 1, "{err}");
+    assert!(err.contains("1 port remapped: 6379→"), "{err}");
+    let mut c = w.cli();
+    c.args(["stats", "--json", "--session", "rd-b"]);
+    let stats: serde_json::Value = serde_json::from_slice(&run(c).stdout).unwrap();
+    assert_eq!((stats["totals"]["binds"].as_u64(), stats["totals"]["remapped"].as_u64()), (Some(1), Some(1)), "{stats:#}");
+}
