@@ -11,8 +11,12 @@ use std::path::{Path, PathBuf};
 
 const APP: &str = "styxy-preload";
 
-fn env_dir(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from).filter(|p| p.is_absolute())
+/// An environment to read variables from: this process's (`std::env::var_os`), or the
+/// one `exec` hands down, or another process's (`/proc/<pid>/environ`).
+pub type Vars<'a> = &'a dyn Fn(&str) -> Option<OsString>;
+
+fn env_dir(var: Vars, name: &str) -> Option<PathBuf> {
+    var(name).filter(|v| !v.is_empty()).map(PathBuf::from).filter(|p| p.is_absolute())
 }
 
 fn uid() -> u32 {
@@ -22,7 +26,12 @@ fn uid() -> u32 {
 
 /// `$XDG_RUNTIME_DIR/styxy-preload`, or `/tmp/styxy-preload-<uid>` when the variable is unset.
 pub fn runtime_dir() -> PathBuf {
-    match env_dir("XDG_RUNTIME_DIR") {
+    runtime_dir_in(&|k| std::env::var_os(k))
+}
+
+/// [`runtime_dir`] for an environment given by `var`.
+pub fn runtime_dir_in(var: Vars) -> PathBuf {
+    match env_dir(var, "XDG_RUNTIME_DIR") {
         Some(d) => d.join(APP),
         None => PathBuf::from(format!("/tmp/{APP}-{}", uid())),
     }
@@ -34,12 +43,11 @@ pub fn state_dir() -> PathBuf {
 }
 
 /// [`state_dir`] for an environment given by `var` (another process's).
-fn state_dir_in(var: &dyn Fn(&str) -> Option<OsString>) -> PathBuf {
-    let dir = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from).filter(|p| p.is_absolute());
-    if let Some(d) = dir("XDG_STATE_HOME") {
+fn state_dir_in(var: Vars) -> PathBuf {
+    if let Some(d) = env_dir(var, "XDG_STATE_HOME") {
         return d.join(APP);
     }
-    let home = dir("HOME").unwrap_or_else(|| PathBuf::from(format!("/tmp/{APP}-home-{}", uid())));
+    let home = env_dir(var, "HOME").unwrap_or_else(|| PathBuf::from(format!("/tmp/{APP}-home-{}", uid())));
     home.join(".local/state").join(APP)
 }
 
@@ -73,13 +81,13 @@ pub fn daemon_log_path() -> PathBuf {
 
 /// The event log: `STYXY_PRELOAD_LOG` if set, else `events.jsonl` in the state directory.
 pub fn event_log_path() -> PathBuf {
-    event_log_path_in(|k| std::env::var_os(k))
+    event_log_path_in(&|k| std::env::var_os(k))
 }
 
 /// [`event_log_path`] for an environment given by `var`: the daemon logs a bind the
 /// shim asked about where that process would have.
-pub fn event_log_path_in(var: impl Fn(&str) -> Option<OsString>) -> PathBuf {
-    var("STYXY_PRELOAD_LOG").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| state_dir_in(&var).join("events.jsonl"))
+pub fn event_log_path_in(var: Vars) -> PathBuf {
+    var("STYXY_PRELOAD_LOG").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| state_dir_in(var).join("events.jsonl"))
 }
 
 /// Creates `dir` (and parents) with mode 0700 and checks that it is a real directory

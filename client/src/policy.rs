@@ -232,21 +232,27 @@ impl Policy {
     /// `STYXY_PRELOAD_PORTS` rules (bad entries are reported in the error and otherwise
     /// ignored), the kernel's ephemeral range and the coordinator's TCP port.
     pub fn from_env() -> (Policy, Option<String>) {
+        Policy::from_vars(&|k| std::env::var_os(k))
+    }
+
+    /// [`Policy::from_env`] for an environment given by `var` (the one `exec` hands down).
+    pub fn from_vars(var: crate::paths::Vars) -> (Policy, Option<String>) {
+        let var = |k: &str| var(k).and_then(|v| v.into_string().ok());
         let mut p = Policy::default();
         if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
             if let Some(lo) = range.split_whitespace().next().and_then(|s| s.parse().ok()) {
                 p.ephemeral_low = lo;
             }
         }
-        if let Some(port) = std::env::var("STYXY_DAEMON_PORT").ok().and_then(|s| s.parse().ok()) {
+        if let Some(port) = var("STYXY_DAEMON_PORT").and_then(|s| s.parse().ok()) {
             p.coordinator_ports.push(port);
         }
         // the coordinator's own types (its GET /config), as `exec` hands them down
-        if let Some(cfg) = std::env::var("STYXY_PRELOAD_TYPES").ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+        if let Some(cfg) = var("STYXY_PRELOAD_TYPES").and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
             p.apply_config(&cfg);
         }
         let mut err = None;
-        if let Ok(spec) = std::env::var("STYXY_PRELOAD_PORTS") {
+        if let Some(spec) = var("STYXY_PRELOAD_PORTS") {
             if let Err(e) = p.add_rules(&spec) {
                 err = Some(e);
             }

@@ -8,8 +8,13 @@ pub const ENV: &str = "STYXY_PRELOAD_SESSION";
 /// The session of this process, if any. A value outside Styxy's instance-id rules is
 /// made to fit (other characters become `_`) rather than sent as is.
 pub fn from_env() -> Option<String> {
-    let raw = std::env::var(ENV).ok().filter(|s| !s.is_empty())?;
-    Some(sanitize(&raw))
+    from_vars(&|k| std::env::var_os(k))
+}
+
+/// [`from_env`] for an environment given by `var`.
+pub fn from_vars(var: crate::paths::Vars) -> Option<String> {
+    let raw = var(ENV).filter(|s| !s.is_empty())?;
+    Some(sanitize(&raw.to_string_lossy()))
 }
 
 pub fn sanitize(raw: &str) -> String {

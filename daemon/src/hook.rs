@@ -287,7 +287,7 @@ fn log_of(pid: u32) -> Log {
     let var = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     let custom = var("STYXY_PRELOAD_LOG").is_some_and(|v| !v.is_empty());
     Log {
-        path: styxy_preload_client::paths::event_log_path_in(var),
+        path: styxy_preload_client::paths::event_log_path_in(&var),
         max: eventlog::max_bytes_of(var("STYXY_PRELOAD_LOG_MAX").as_ref().and_then(|v| v.to_str())),
         private_dir: !custom,
     }

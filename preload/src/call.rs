@@ -15,6 +15,9 @@ pub struct Caller<'a> {
 
 /// The caller's socket, and the hooked call on it.
 pub trait Socket {
+    /// The socket can be worked on (the supervisor took a copy of it). When it cannot,
+    /// the call runs as the program made it, whatever would have been decided.
+    fn reachable(&mut self) -> bool;
     /// `SO_TYPE`, or `None` when it cannot be read.
     fn sock_type(&mut self) -> Option<c_int>;
     /// `SO_REUSEPORT` is set (the program means to share the port).
@@ -27,7 +30,7 @@ pub trait Socket {
 }
 
 /// How a hooked `bind()` or `listen()` ends.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Nothing to change: the program's call runs as it made it.
     AsAsked,

@@ -7,7 +7,7 @@ use libc::{c_int, SOCK_STREAM};
 use styxy_preload_client::policy::Decision;
 
 use crate::call::Route;
-use crate::process::{self, Process};
+use crate::process::Process;
 use crate::sys::Addr;
 
 /// Where a connect to `orig` goes; `sock_type` is asked only when the port matters.
@@ -15,7 +15,7 @@ pub fn route(p: &Process, orig: &Addr, sock_type: &mut dyn FnMut() -> Option<c_i
     if p.tag == 0 || !orig.is_loopback() {
         return Route::AsAsked;
     }
-    let Some(map) = process::portmap() else {
+    let Some(map) = p.portmap() else {
         return Route::AsAsked;
     };
     if let Some(actual) = map.lookup(p.tag, orig.port).filter(|a| *a != orig.port) {

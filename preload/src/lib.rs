@@ -35,7 +35,7 @@ pub unsafe extern "C" fn styxy_core_bind(fd: c_int, addr: *const sockaddr, len: 
             match Addr::read(addr, len) {
                 Some(orig) if !p.supervised => {
                     let mut sock = Local { fd, call: LocalCall::Bind(addr, len, real), errno: sys::errno() };
-                    let verdict = bind::decide(p, &p.caller(), &orig, &mut sock);
+                    let verdict = bind::decide(p, &p.caller(), &orig, &mut sock, &mut bind::Daemon(&p.endpoint));
                     if matches!(verdict, Verdict::Done(Ok(()))) {
                         note_moved(fd, orig.port);
                     }
@@ -163,6 +163,10 @@ enum LocalCall {
 }
 
 impl Socket for Local {
+    fn reachable(&mut self) -> bool {
+        true
+    }
+
     fn sock_type(&mut self) -> Option<c_int> {
         sys::sock_type(self.fd)
     }

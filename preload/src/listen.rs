@@ -9,7 +9,7 @@ use styxy_preload_client::http::{self, Timeouts};
 use styxy_preload_client::policy::Decision;
 
 use crate::call::{Caller, Socket, Verdict};
-use crate::process::{self, Mode, Process};
+use crate::process::{Mode, Process};
 use crate::report::{self, Outcome};
 
 /// A listen confirmation's whole budget (a local daemon answers in well under 1 ms).
@@ -17,6 +17,9 @@ const CONFIRM: Timeouts = Timeouts { connect: Duration::from_millis(20), total: 
 
 /// Makes the `listen()` on `sock`, then tells the daemon or the log about it.
 pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
+    if !sock.reachable() {
+        return Verdict::AsAsked;
+    }
     let before = sock.local_addr();
     let r = sock.run(None);
     if r.is_err() {
@@ -46,7 +49,7 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
             // the pid becomes an owner of this port's allocation, which it confirms; the
             // bind before it may have used most of the hook's budget already
             let body = json!({"pid": who.pid, "instance_id": p.session, "port": a.port, "project_path": who.cwd});
-            let _ = http::call(process::endpoint(), "POST", "/register-instance", Some(body.to_string().as_bytes()), CONFIRM);
+            let _ = http::call(&p.endpoint, "POST", "/register-instance", Some(body.to_string().as_bytes()), CONFIRM);
         }
         _ => {}
     }

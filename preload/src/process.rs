@@ -1,12 +1,14 @@
 //! Per-process state, computed on first use and published lock-free (`OnceBox`):
-//! the environment's settings, the coordinator, the shared port map.
+//! the environment's settings, the coordinator, the shared port map. [`Process::from_vars`]
+//! builds it from any environment: the supervisor passes the one `exec` hands down.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use once_cell::race::OnceBox;
+use styxy_preload_client::eventlog;
 use styxy_preload_client::http::Endpoint;
-use styxy_preload_client::paths;
+use styxy_preload_client::paths::{self, Vars};
 use styxy_preload_client::policy::Policy;
 use styxy_preload_client::portmap::PortMap;
 use styxy_preload_client::session;
@@ -37,47 +39,141 @@ pub struct Process {
     pub policy: Policy,
     pub comm: String,
     pub log_path: PathBuf,
+    /// The log's size limit (`STYXY_PRELOAD_LOG_MAX`), and whether its directory is ours
+    /// to create private (not when `STYXY_PRELOAD_LOG` names the file).
+    pub log_max: u64,
+    pub log_private_dir: bool,
+    /// `<dev>:<ino>` of the regular file `exec` was started with as stderr
+    /// (`report::STDERR_FILE_ENV`): the one file the notice may be written to.
+    pub stderr_file: Option<String>,
     pub cwd: Option<String>,
     /// Under `exec`'s seccomp supervisor, which answers this process's bind, listen
     /// and connect itself: the library steps aside (no double remap).
     pub supervised: bool,
+    /// The local daemon: the only coordinator the hooks talk to. The socket `STYXY_URL`
+    /// names when that is a `unix:` URL (what `exec` and `env` hand down), else the one in
+    /// the runtime directory; an `http://` `STYXY_URL` (Styxy) is the daemon's upstream,
+    /// never the hooks' (docs/ARCHITECTURE.md "One path").
+    pub endpoint: Endpoint,
+    /// The daemon's port map, beside its socket; opened on first use ([`Process::portmap`]).
+    portmap_path: PathBuf,
+    map: AtomicPtr<PortMap>,
+    pub memory: Memory,
 }
 
-fn env_is(name: &str, values: &[&str]) -> bool {
-    std::env::var(name).map(|v| values.contains(&v.trim().to_ascii_lowercase().as_str())).unwrap_or(false)
+/// What a process remembers from one bind to the next, each keyed by pid so that a
+/// forked child starts afresh. Lock-free: a fork while another thread writes is harmless.
+#[derive(Default)]
+pub struct Memory {
+    /// pid << 16 | the port a tool first wanted before it fell back by itself.
+    origin: AtomicU64,
+    /// pid << 32 | requested << 16 | granted: the last grant.
+    last: AtomicU64,
+    /// The pid that said on stderr that it cannot ask the daemon.
+    warned: AtomicU32,
+}
+
+impl Memory {
+    /// Fallback mode: the tool of `pid` first wanted `port`; its session maps that port
+    /// to the one the tool settles on.
+    pub fn remember_origin(&self, pid: u32, port: u16) {
+        self.origin.store(u64::from(pid) << 16 | u64::from(port), Ordering::Relaxed);
+    }
+
+    pub fn origin(&self, pid: u32) -> Option<u16> {
+        let v = self.origin.load(Ordering::Relaxed);
+        (v >> 16 == u64::from(pid) && v != 0).then_some(v as u16)
+    }
+
+    /// Remembers this grant; true when (`requested` → `port`) was also the last one.
+    pub fn twin(&self, pid: u32, requested: u16, port: u16) -> bool {
+        let key = u64::from(pid) << 32 | u64::from(requested) << 16 | u64::from(port);
+        self.last.swap(key, Ordering::Relaxed) == key
+    }
+
+    /// True the first time `pid` asks: one line on stderr per process, not one per bind.
+    pub fn first_warning(&self, pid: u32) -> bool {
+        self.warned.swap(pid, Ordering::Relaxed) != pid
+    }
 }
 
 impl Process {
-    fn from_env() -> Process {
-        let mode = if env_is("STYXY_DISABLE_REASSIGN", &["1", "true", "yes"]) {
+    /// The settings of a process whose environment is `var`: this process's own (the
+    /// library), or the one `exec` hands down to the tree its supervisor answers for.
+    pub fn from_vars(var: Vars) -> Process {
+        let text = |name: &str| var(name).and_then(|v| v.into_string().ok());
+        let is = |name: &str, values: &[&str]| text(name).is_some_and(|v| values.contains(&v.trim().to_ascii_lowercase().as_str()));
+        let off = ["off", "0", "false", "no"];
+        let mode = if is("STYXY_DISABLE_REASSIGN", &["1", "true", "yes"]) {
             Mode::Observe
         } else {
-            match std::env::var("STYXY_PRELOAD_MODE").unwrap_or_default().trim() {
+            match text("STYXY_PRELOAD_MODE").unwrap_or_default().trim() {
                 "on-conflict" => Mode::OnConflict,
                 "observe" => Mode::Observe,
                 "fallback" => Mode::Fallback,
                 _ => Mode::Coordinate,
             }
         };
-        let session = session::from_env();
+        let session = session::from_vars(var);
         let comm = std::fs::read_to_string("/proc/self/comm").map(|c| c.trim_end().to_string()).unwrap_or_else(|_| "?".into());
+        let named = text("STYXY_URL").and_then(|u| u.trim().strip_prefix("unix:").map(|p| PathBuf::from(p.trim_start_matches("//"))));
+        let sock = named.filter(|p| p.is_absolute()).unwrap_or_else(|| paths::runtime_dir_in(var).join("daemon.sock"));
+        let supervised_by = text(SUPERVISED_ENV).and_then(|v| v.parse::<u32>().ok());
         Process {
             mode,
             tag: session.as_deref().map(session::tag).unwrap_or(0),
             session,
-            notify: !env_is("STYXY_PRELOAD_NOTIFY", &["off", "0", "false", "no"]),
-            isolate: !env_is("STYXY_PRELOAD_ISOLATE", &["off", "0", "false", "no"]),
-            policy: Policy::from_env().0,
+            notify: !is("STYXY_PRELOAD_NOTIFY", &off),
+            isolate: !is("STYXY_PRELOAD_ISOLATE", &off),
+            policy: Policy::from_vars(var).0,
             comm,
-            log_path: paths::event_log_path(),
+            log_path: paths::event_log_path_in(var),
+            log_max: eventlog::max_bytes_of(text("STYXY_PRELOAD_LOG_MAX").as_deref()),
+            log_private_dir: var("STYXY_PRELOAD_LOG").is_none(),
+            stderr_file: text(crate::report::STDERR_FILE_ENV),
             cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().chars().take(1000).collect()),
-            supervised: std::env::var(SUPERVISED_ENV).ok().and_then(|v| v.parse().ok()).is_some_and(|n: u32| seccomp_filters() >= n),
+            supervised: supervised_by.is_some_and(|n| seccomp_filters() >= n),
+            portmap_path: sock.with_file_name("ports.map"),
+            endpoint: Endpoint::Unix(sock),
+            map: AtomicPtr::new(std::ptr::null_mut()),
+            memory: Memory::default(),
         }
     }
 
     /// This process, as the caller of a hook.
     pub fn caller(&self) -> Caller<'_> {
         Caller { pid: pid(), comm: &self.comm, cwd: self.cwd.as_deref() }
+    }
+
+    /// The built-in daemon's port map. Not cached while missing (one failed open), so a
+    /// process started before the daemon finds it later.
+    pub fn portmap(&self) -> Option<&PortMap> {
+        let p = self.map.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: published once below, freed only with `self`.
+            return Some(unsafe { &*p });
+        }
+        let map = Box::into_raw(Box::new(PortMap::open_readonly(&self.portmap_path).ok()?));
+        match self.map.compare_exchange(std::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
+            // SAFETY: we just published it; it lives as long as `self`.
+            Ok(_) => Some(unsafe { &*map }),
+            Err(winner) => {
+                // SAFETY: ours lost the race and was never shared.
+                drop(unsafe { Box::from_raw(map) });
+                // SAFETY: the winner's, published once and freed only with `self`.
+                Some(unsafe { &*winner })
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let p = *self.map.get_mut();
+        if !p.is_null() {
+            // SAFETY: ours (Box::into_raw above); no borrow of `self` outlives this.
+            drop(unsafe { Box::from_raw(p) });
+        }
     }
 }
 
@@ -97,54 +193,10 @@ pub fn seccomp_filters() -> u32 {
 }
 
 static PROCESS: OnceBox<Process> = OnceBox::new();
-static MAP: AtomicPtr<PortMap> = AtomicPtr::new(std::ptr::null_mut());
 
+/// This process's settings, read from its environment on first use.
 pub fn get() -> &'static Process {
-    PROCESS.get_or_init(|| Box::new(Process::from_env()))
-}
-
-/// The local daemon: the only coordinator the hooks talk to, and its port map beside
-/// its socket. The socket is the one `STYXY_URL` names when that is a `unix:` URL
-/// (what `exec` and `env` hand down), else the one in the runtime directory; an
-/// `http://` `STYXY_URL` (Styxy) is the daemon's upstream, never the hooks'
-/// (docs/ARCHITECTURE.md "One path").
-struct Daemon {
-    endpoint: Endpoint,
-    portmap: PathBuf,
-}
-
-fn daemon() -> &'static Daemon {
-    static DAEMON: OnceBox<Daemon> = OnceBox::new();
-    DAEMON.get_or_init(|| {
-        let named =
-            std::env::var("STYXY_URL").ok().and_then(|u| u.trim().strip_prefix("unix:").map(|p| PathBuf::from(p.trim_start_matches("//"))));
-        let sock = named.filter(|p| p.is_absolute()).unwrap_or_else(paths::socket_path);
-        Box::new(Daemon { portmap: sock.with_file_name("ports.map"), endpoint: Endpoint::Unix(sock) })
-    })
-}
-
-pub fn endpoint() -> &'static Endpoint {
-    &daemon().endpoint
-}
-
-/// The built-in daemon's port map. Not cached while missing (one failed open), so a
-/// process started before the daemon finds it later.
-pub fn portmap() -> Option<&'static PortMap> {
-    let p = MAP.load(Ordering::Acquire);
-    if !p.is_null() {
-        // SAFETY: published once below and never freed.
-        return Some(unsafe { &*p });
-    }
-    let map = Box::into_raw(Box::new(PortMap::open_readonly(&daemon().portmap).ok()?));
-    match MAP.compare_exchange(std::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
-        // SAFETY: we just published it; it lives for the process.
-        Ok(_) => Some(unsafe { &*map }),
-        Err(winner) => {
-            // SAFETY: ours lost the race and was never shared.
-            drop(unsafe { Box::from_raw(map) });
-            Some(unsafe { &*winner })
-        }
-    }
+    PROCESS.get_or_init(|| Box::new(Process::from_vars(&|k| std::env::var_os(k))))
 }
 
 pub fn pid() -> u32 {

@@ -40,7 +40,7 @@ pub fn event(p: &Process, who: &Caller, o: Outcome) {
         backend: o.backend.map(str::to_string),
         retries: o.retries,
     };
-    let _ = eventlog::append(&p.log_path, &ev);
+    let _ = eventlog::append_to(&p.log_path, &ev, p.log_max, p.log_private_dir);
     sys::set_errno(errno);
 }
 
@@ -67,11 +67,11 @@ pub fn notify(p: &Process, line: &str) {
     }
     let errno = sys::errno();
     let msg = format!("styxy-preload: {}\n", styxy_preload_client::text::cell(line));
-    let _ = write_stderr(msg.as_bytes());
+    let _ = write_stderr(msg.as_bytes(), p.stderr_file.as_deref());
     sys::set_errno(errno);
 }
 
-fn write_stderr(msg: &[u8]) -> std::io::Result<()> {
+fn write_stderr(msg: &[u8], stderr_file: Option<&str>) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
@@ -92,7 +92,7 @@ fn write_stderr(msg: &[u8]) -> std::io::Result<()> {
         // only exec's own `2>file`, through the program's description: its offset moves on,
         // so the program's next line follows ours instead of overwriting it (a regular
         // file never makes a write wait)
-        if std::env::var(STDERR_FILE_ENV).is_ok_and(|v| v == format!("{}:{}", meta.dev(), meta.ino())) {
+        if stderr_file == Some(format!("{}:{}", meta.dev(), meta.ino()).as_str()) {
             // SAFETY: write of a valid buffer to fd 2.
             unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
         }

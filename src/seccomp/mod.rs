@@ -8,6 +8,7 @@ mod filter;
 mod supervisor;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,6 +17,7 @@ use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use styxy_preload_client::paths;
+use styxy_preload_core::process::Process;
 
 /// Why seccomp mode cannot work on this machine, checked before the child starts;
 /// `None` when it can. (Where installing the filter itself is refused, the child
@@ -67,16 +69,16 @@ fn has_cap_sys_ptrace() -> bool {
 /// A command set up to install the filter; [`Prepared::start`] after it spawned.
 pub struct Prepared {
     ours: OwnedFd,
+    /// The settings the tree's hooked processes would read from their environment.
+    process: Process,
     theirs: Option<OwnedFd>,
 }
 
 /// Makes `cmd`'s child install the filter (trapping `connect` too when `connect`).
-/// `env` is what `cmd` hands down: the supervisor decides as a hooked process of the
-/// session would, with that environment, so it becomes ours too (but `LD_PRELOAD`).
+/// `env` is what `cmd` hands down on top of ours: the supervisor decides as a hooked
+/// process of the session would, with that environment.
 pub fn prepare(cmd: &mut Command, env: &BTreeMap<String, String>, connect: bool) -> io::Result<Prepared> {
-    for (k, v) in env.iter().filter(|(k, _)| *k != "LD_PRELOAD") {
-        std::env::set_var(k, v);
-    }
+    let process = Process::from_vars(&|k| env.get(k).map(OsString::from).or_else(|| std::env::var_os(k)));
     // orphans of the tree become our children, so they stay our descendants (whose
     // sockets Yama lets us take) and we can wait for them
     // SAFETY: prctl on ourselves.
@@ -86,7 +88,7 @@ pub fn prepare(cmd: &mut Command, env: &BTreeMap<String, String>, connect: bool)
     let fd = theirs.as_raw_fd();
     // SAFETY: install() makes syscalls only, and `prog` moves into the closure.
     unsafe { cmd.pre_exec(move || filter::install(&prog, fd)) };
-    Ok(Prepared { ours, theirs: Some(theirs) })
+    Ok(Prepared { ours, process, theirs: Some(theirs) })
 }
 
 impl Prepared {
@@ -94,9 +96,10 @@ impl Prepared {
     pub fn start(mut self) -> Result<Supervisor, String> {
         drop(self.theirs.take());
         let listener = filter::receive(&self.ours)?;
+        let process = self.process;
         std::thread::Builder::new()
             .name("styxy-seccomp".into())
-            .spawn(move || supervisor::run(listener))
+            .spawn(move || supervisor::run(listener, &process))
             .map(Supervisor)
             .map_err(|e| format!("cannot start the supervisor: {e}"))
     }

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use libc::{c_int, seccomp_notif, seccomp_notif_resp};
-use styxy_preload_core::{bind, connect, listen, process, sys, Addr, Caller, Route, Socket, Verdict};
+use styxy_preload_core::process::Process;
+use styxy_preload_core::{bind, connect, listen, sys, Addr, Caller, Route, Socket, Verdict};
 
 /// What the caller's syscall returns.
 enum Answer {
@@ -22,7 +23,7 @@ enum Answer {
 }
 
 /// Serves `listener` until the last process using the filter is gone.
-pub fn run(listener: OwnedFd) {
+pub fn run(listener: OwnedFd, p: &Process) {
     let listener = Arc::new(listener);
     let fd = listener.as_raw_fd();
     // Linux 6.6+: the caller and this thread wake each other on the same CPU (a round
@@ -55,7 +56,7 @@ pub fn run(listener: OwnedFd) {
                 }
             }
         }
-        let answer = catch_unwind(AssertUnwindSafe(|| handle(&listener, &req))).unwrap_or(Some(Answer::Continue));
+        let answer = catch_unwind(AssertUnwindSafe(|| handle(&listener, &req, p))).unwrap_or(Some(Answer::Continue));
         if let Some(a) = answer {
             respond(fd, req.id, a);
         }
@@ -78,7 +79,7 @@ fn respond(listener: RawFd, id: u64, a: Answer) {
 }
 
 /// `None` when a thread answers later (a blocking connect).
-fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif) -> Option<Answer> {
+fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif, p: &Process) -> Option<Answer> {
     let nr = i64::from(req.data.nr);
     let args = req.data.args;
     let mut sock = Remote {
@@ -89,9 +90,7 @@ fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif) -> Option<Answer> {
         call: Call::Listen(0),
         target: None,
         copy: None,
-        unreachable: false,
     };
-    let p = process::get();
     let verdict = if nr == libc::SYS_listen {
         sock.call = Call::Listen(args[1] as c_int);
         let Ok(who) = sock.target().cloned() else {
@@ -118,10 +117,9 @@ fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif) -> Option<Answer> {
         let Ok(who) = sock.target().cloned() else {
             return Some(Answer::Continue);
         };
-        bind::decide(p, &who.caller(), &orig, &mut sock)
+        bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Daemon(&p.endpoint))
     };
     Some(match verdict {
-        _ if sock.unreachable => Answer::Continue,
         Verdict::AsAsked => Answer::Continue,
         Verdict::Done(r) => Answer::Return(r),
     })
@@ -174,8 +172,6 @@ struct Remote {
     call: Call,
     target: Option<Result<Target, c_int>>,
     copy: Option<Result<OwnedFd, c_int>>,
-    /// The socket could not be reached: the call runs as made, whatever was decided.
-    unreachable: bool,
 }
 
 impl Remote {
@@ -250,7 +246,6 @@ impl Remote {
     }
 
     fn give_up(&mut self, e: c_int) {
-        self.unreachable = true;
         static WARNED: AtomicBool = AtomicBool::new(false);
         // ESRCH: the caller is gone; EBADF: its fd is not open, the kernel will say so
         if e != libc::ESRCH && e != libc::EBADF && !WARNED.swap(true, Ordering::Relaxed) {
@@ -292,6 +287,10 @@ fn connect_fd(fd: RawFd, to: &Addr) -> Result<(), c_int> {
 }
 
 impl Socket for Remote {
+    fn reachable(&mut self) -> bool {
+        self.copy().is_ok()
+    }
+
     fn sock_type(&mut self) -> Option<c_int> {
         sys::sock_type(self.copy().ok()?)
     }
