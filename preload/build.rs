@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=shim/lib.rs");
+    // the shim's crate root, its modules, and the client files it includes
+    println!("cargo:rerun-if-changed=shim");
     println!("cargo:rerun-if-changed=../client/src/mapview.rs");
+    println!("cargo:rerun-if-changed=../client/src/hookproto.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("TARGET");

@@ -40,6 +40,9 @@ mod mapview;
 #[path = "../../client/src/hookproto.rs"]
 mod hookproto;
 
+mod slot;
+use slot::Slot;
+
 #[repr(C)]
 struct PollFd {
     fd: c_int,
@@ -143,15 +146,24 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
     unsafe { abort() }
 }
 
-static REAL_BIND: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static REAL_LISTEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static REAL_CONNECT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static REAL_GETSOCKNAME: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static CORE_BIND: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static CORE_LISTEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static CORE_CONNECT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static CORE_GETSOCKNAME: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-static CORE_UNANSWERED: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+// SAFETY: the types of libc's bind(2), listen(2), connect(2) and getsockname(2).
+static REAL_BIND: Slot<AddrFn> = unsafe { Slot::new(c"bind") };
+// SAFETY: as above.
+static REAL_LISTEN: Slot<ListenFn> = unsafe { Slot::new(c"listen") };
+// SAFETY: as above.
+static REAL_CONNECT: Slot<AddrFn> = unsafe { Slot::new(c"connect") };
+// SAFETY: as above.
+static REAL_GETSOCKNAME: Slot<NameFn> = unsafe { Slot::new(c"getsockname") };
+// SAFETY: the types of the core's exports (preload/src/lib.rs).
+static CORE_BIND: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_bind") };
+// SAFETY: as above.
+static CORE_LISTEN: Slot<CoreListenFn> = unsafe { Slot::new(c"styxy_core_listen") };
+// SAFETY: as above.
+static CORE_CONNECT: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_connect") };
+// SAFETY: as above.
+static CORE_GETSOCKNAME: Slot<CoreNameFn> = unsafe { Slot::new(c"styxy_core_getsockname") };
+// SAFETY: as above.
+static CORE_UNANSWERED: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_unanswered") };
 
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
@@ -166,18 +178,6 @@ static PORTS: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
 static TAG: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 static ISOLATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 static OWN_RULES: AtomicU8 = AtomicU8::new(UNKNOWN);
-
-/// The next definition of `name` (libc's), looked up once. Racing threads store the
-/// same pointer.
-unsafe fn next(slot: &AtomicPtr<c_void>, name: &[u8]) -> *mut c_void {
-    let p = slot.load(Ordering::Acquire);
-    if !p.is_null() {
-        return p;
-    }
-    let p = dlsym(RTLD_NEXT, name.as_ptr().cast());
-    slot.store(p, Ordering::Release);
-    p
-}
 
 unsafe fn env_flag(cache: &AtomicU8, name: &[u8], test: fn(*const c_char) -> bool) -> bool {
     match cache.load(Ordering::Relaxed) {
@@ -219,6 +219,25 @@ unsafe fn core_loaded() -> bool {
     }
     *__errno_location() = errno;
     ok
+}
+
+/// The core's function in `slot`, loading the core first if need be; `None` when it
+/// cannot be loaded.
+unsafe fn core_fn<F: Copy>(slot: &Slot<F>) -> Option<F> {
+    if core_loaded() {
+        slot.get()
+    } else {
+        None
+    }
+}
+
+/// The core's function in `slot` if the core is loaded already (never loads it).
+fn core_fn_if_loaded<F: Copy>(slot: &Slot<F>) -> Option<F> {
+    if CORE.load(Ordering::Acquire) == YES {
+        slot.get()
+    } else {
+        None
+    }
 }
 
 /// One line on stderr, only when fd 2 is a terminal or a pipe (not a socket, not a
@@ -275,20 +294,12 @@ unsafe fn load_core() -> bool {
     if h.is_null() {
         return false;
     }
-    let b = dlsym(h, c"styxy_core_bind".as_ptr());
-    let l = dlsym(h, c"styxy_core_listen".as_ptr());
-    let c = dlsym(h, c"styxy_core_connect".as_ptr());
-    let n = dlsym(h, c"styxy_core_getsockname".as_ptr());
-    let u = dlsym(h, c"styxy_core_unanswered".as_ptr());
-    if b.is_null() || l.is_null() || c.is_null() || n.is_null() || u.is_null() {
-        return false;
-    }
-    CORE_UNANSWERED.store(u, Ordering::Release);
-    CORE_GETSOCKNAME.store(n, Ordering::Release);
-    CORE_BIND.store(b, Ordering::Release);
-    CORE_LISTEN.store(l, Ordering::Release);
-    CORE_CONNECT.store(c, Ordering::Release);
-    true
+    // all five, or the core is not loaded (a slot found meanwhile is never called)
+    CORE_BIND.resolve(h).is_some()
+        && CORE_LISTEN.resolve(h).is_some()
+        && CORE_CONNECT.resolve(h).is_some()
+        && CORE_GETSOCKNAME.resolve(h).is_some()
+        && CORE_UNANSWERED.resolve(h).is_some()
 }
 
 /// Copies a C string into `buf` at `at`, NUL-terminated; returns the new length, 0 if it does not fit.
@@ -538,11 +549,9 @@ unsafe fn missing() -> c_int {
 /// Called by the program as `bind(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c_int {
-    let real = next(&REAL_BIND, b"bind\0");
-    if real.is_null() {
+    let Some(real) = REAL_BIND.next() else {
         return missing();
-    }
-    let real: AddrFn = core::mem::transmute(real);
+    };
     let Some((_, port)) = inet_port(addr, len).filter(|(_, p)| *p >= 1024 && enabled()) else {
         return real(fd, addr, len);
     };
@@ -568,8 +577,7 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c
         }
     }
     *__errno_location() = errno;
-    if core_loaded() {
-        let hook: CoreAddrFn = core::mem::transmute(CORE_BIND.load(Ordering::Acquire));
+    if let Some(hook) = core_fn(&CORE_BIND) {
         return hook(fd, addr, len, real);
     }
     real(fd, addr, len)
@@ -579,19 +587,16 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c
 /// Called by the program as `listen(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
-    let real = next(&REAL_LISTEN, b"listen\0");
-    if real.is_null() {
+    let Some(real) = REAL_LISTEN.next() else {
         return missing();
-    }
-    let real: ListenFn = core::mem::transmute(real);
+    };
     if !enabled() {
         return real(fd, backlog);
     }
     let errno = *__errno_location();
     let mut ss = [0u64; 16];
     let mut sl: SockLen = 128;
-    let name = next(&REAL_GETSOCKNAME, b"getsockname\0");
-    let port = if !name.is_null() && core::mem::transmute::<*mut c_void, NameFn>(name)(fd, ss.as_mut_ptr().cast(), &mut sl) == 0 {
+    let port = if REAL_GETSOCKNAME.next().is_some_and(|name| name(fd, ss.as_mut_ptr().cast(), &mut sl) == 0) {
         inet_port(ss.as_ptr().cast(), sl)
     } else {
         None
@@ -600,9 +605,10 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let plain =
         matches!(port, Some((_, p)) if p != 0 && (matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)) || kept_here(p)));
     *__errno_location() = errno;
-    if port.is_some() && !plain && core_loaded() {
-        let hook: CoreListenFn = core::mem::transmute(CORE_LISTEN.load(Ordering::Acquire));
-        return hook(fd, backlog, real);
+    if port.is_some() && !plain {
+        if let Some(hook) = core_fn(&CORE_LISTEN) {
+            return hook(fd, backlog, real);
+        }
     }
     real(fd, backlog)
 }
@@ -613,15 +619,14 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 /// program sees".
 #[no_mangle]
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int {
-    let real = next(&REAL_GETSOCKNAME, b"getsockname\0");
-    if real.is_null() {
+    let Some(real) = REAL_GETSOCKNAME.next() else {
         return missing();
-    }
-    let real: NameFn = core::mem::transmute(real);
+    };
     let rc = real(fd, addr, len);
-    if rc == 0 && CORE.load(Ordering::Acquire) == YES {
-        let hook: CoreNameFn = core::mem::transmute(CORE_GETSOCKNAME.load(Ordering::Acquire));
-        hook(fd, addr, len);
+    if rc == 0 {
+        if let Some(hook) = core_fn_if_loaded(&CORE_GETSOCKNAME) {
+            hook(fd, addr, len);
+        }
     }
     rc
 }
@@ -630,11 +635,9 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut c_void, len: *mut Soc
 /// Called by the program as `connect(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const c_void, len: SockLen) -> c_int {
-    let real = next(&REAL_CONNECT, b"connect\0");
-    if real.is_null() {
+    let Some(real) = REAL_CONNECT.next() else {
         return missing();
-    }
-    let real: AddrFn = core::mem::transmute(real);
+    };
     let Some((_, port)) = inet_port(addr, len).filter(|(f, p)| *p >= 1024 && in_session() && is_loopback(addr, *f) && enabled()) else {
         return real(fd, addr, len);
     };
@@ -653,11 +656,10 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const c_void, len: SockLen) -
             -1
         }
         Some(_) => real(fd, addr, len),
-        None if core_loaded() => {
-            let hook: CoreAddrFn = core::mem::transmute(CORE_CONNECT.load(Ordering::Acquire));
-            hook(fd, addr, len, real)
-        }
-        None => real(fd, addr, len),
+        None => match core_fn(&CORE_CONNECT) {
+            Some(hook) => hook(fd, addr, len, real),
+            None => real(fd, addr, len),
+        },
     }
 }
 
@@ -798,11 +800,10 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: Ad
             // a stalled daemon: bound as asked, and said (the hooks' logic logs it without
             // asking again)
             close(conn);
-            if core_loaded() {
-                let hook: CoreAddrFn = core::mem::transmute(CORE_UNANSWERED.load(Ordering::Acquire));
-                return Some(hook(fd, addr, len, real));
-            }
-            return Some(real(fd, addr, len));
+            return Some(match core_fn(&CORE_UNANSWERED) {
+                Some(hook) => hook(fd, addr, len, real),
+                None => real(fd, addr, len),
+            });
         }
         _ => {
             close(conn);
@@ -859,11 +860,10 @@ unsafe fn hook_socket() -> Option<c_int> {
     if fd < 0 {
         return None;
     }
-    let connect = next(&REAL_CONNECT, b"connect\0");
+    let connect = REAL_CONNECT.next();
     let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };
     let mut cl: SockLen = core::mem::size_of::<UCred>() as SockLen;
-    let ours = !connect.is_null()
-        && core::mem::transmute::<*mut c_void, AddrFn>(connect)(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0
+    let ours = connect.is_some_and(|connect| connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0)
         && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) == 0
         && cred.uid == getuid();
     if !ours {
