@@ -21,6 +21,10 @@ fn main() {
     let mut cmd = Command::new(rustc);
     cmd.args(["--crate-name", "styxy_preload", "--crate-type", "cdylib", "--edition", "2021"])
         .args(["-C", "panic=abort", "-C", "opt-level=3", "-C", "debuginfo=0", "-C", "strip=debuginfo"])
+        // one unit: split in several, a copy of a `core` function no unit calls any more
+        // can stay behind, and its panic path pulls in `rust_eh_personality`, a symbol
+        // nothing defines (the library would not load)
+        .args(["-C", "codegen-units=1"])
         .args(["-C", "link-arg=-Wl,-z,now,-z,relro"])
         .arg("-o")
         .arg(&so)

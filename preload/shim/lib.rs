@@ -9,9 +9,17 @@
 //!
 //! Built by `build.rs` with `-C panic=abort` (Cargo cannot set panic per package);
 //! nothing here can panic: no indexing, no unwrap.
+//!
+//! The fence (docs/ARCHITECTURE.md "The hooks inside foreign processes"): every `unsafe`
+//! block says why it holds (`// SAFETY:`), every `unsafe fn` what its caller must hold
+//! (`# Safety`), and `.ci/run` runs clippy on this crate with the lints below. A function
+//! that reads through a pointer the program passed is `unsafe`; what it read goes on as
+//! slices. A `dlsym` answer becomes a typed function in one place ([`slot::Slot`]).
 #![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
-use core::ffi::{c_char, c_int, c_void};
+use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
 
 type SockLen = u32;
@@ -146,23 +154,24 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
     unsafe { abort() }
 }
 
-// SAFETY: the types of libc's bind(2), listen(2), connect(2) and getsockname(2).
+// SAFETY: libc's `int bind(int, const struct sockaddr *, socklen_t)`.
 static REAL_BIND: Slot<AddrFn> = unsafe { Slot::new(c"bind") };
-// SAFETY: as above.
+// SAFETY: libc's `int listen(int, int)`.
 static REAL_LISTEN: Slot<ListenFn> = unsafe { Slot::new(c"listen") };
-// SAFETY: as above.
+// SAFETY: libc's `int connect(int, const struct sockaddr *, socklen_t)`.
 static REAL_CONNECT: Slot<AddrFn> = unsafe { Slot::new(c"connect") };
-// SAFETY: as above.
+// SAFETY: libc's `int getsockname(int, struct sockaddr *, socklen_t *)`.
 static REAL_GETSOCKNAME: Slot<NameFn> = unsafe { Slot::new(c"getsockname") };
-// SAFETY: the types of the core's exports (preload/src/lib.rs).
+// SAFETY: the core's exports (preload/src/lib.rs) have these types: AddrFn's arguments
+// and libc's function, and `styxy_core_getsockname(int, struct sockaddr *, const socklen_t *)`.
 static CORE_BIND: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_bind") };
-// SAFETY: as above.
+// SAFETY: as CORE_BIND.
 static CORE_LISTEN: Slot<CoreListenFn> = unsafe { Slot::new(c"styxy_core_listen") };
-// SAFETY: as above.
+// SAFETY: as CORE_BIND.
 static CORE_CONNECT: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_connect") };
-// SAFETY: as above.
+// SAFETY: as CORE_BIND.
 static CORE_GETSOCKNAME: Slot<CoreNameFn> = unsafe { Slot::new(c"styxy_core_getsockname") };
-// SAFETY: as above.
+// SAFETY: as CORE_BIND.
 static CORE_UNANSWERED: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_unanswered") };
 
 const UNKNOWN: u8 = 0;
@@ -179,12 +188,49 @@ static TAG: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0
 static ISOLATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 static OWN_RULES: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-unsafe fn env_flag(cache: &AtomicU8, name: &[u8], test: fn(*const c_char) -> bool) -> bool {
+/// The calling thread's `errno`.
+fn errno() -> c_int {
+    // SAFETY: `__errno_location` returns the calling thread's errno, valid while it lives.
+    unsafe { *__errno_location() }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: as in `errno`.
+    unsafe { *__errno_location() = e }
+}
+
+/// The bytes of the C string at `s` (without its NUL), `None` for null.
+///
+/// # Safety
+/// `s` is null or a NUL-terminated string that stays as it is for `'a`.
+unsafe fn cstr<'a>(s: *const c_char) -> Option<&'a [u8]> {
+    // SAFETY: a NUL-terminated string that stays as it is (this function's contract).
+    (!s.is_null()).then(|| unsafe { CStr::from_ptr(s) }.to_bytes())
+}
+
+/// The value of `name` in the environment (without its NUL), `None` when unset.
+///
+/// # Safety
+/// The bytes are used before the hook returns to the program, which may change its
+/// environment afterwards (and does not meanwhile: `getenv`'s own condition).
+unsafe fn env<'a>(name: &CStr) -> Option<&'a [u8]> {
+    // SAFETY: `getenv` takes a NUL-terminated name and answers null or such a string,
+    // unchanged while it is used (this function's contract).
+    unsafe { cstr(getenv(name.as_ptr())) }
+}
+
+/// Set and not empty.
+fn set(v: Option<&[u8]>) -> bool {
+    v.is_some_and(|v| !v.is_empty())
+}
+
+fn env_flag(cache: &AtomicU8, name: &CStr, test: fn(Option<&[u8]>) -> bool) -> bool {
     match cache.load(Ordering::Relaxed) {
         YES => true,
         NO => false,
         _ => {
-            let yes = test(getenv(name.as_ptr().cast()));
+            // SAFETY: the value is tested here and not kept.
+            let yes = test(unsafe { env(name) });
             cache.store(if yes { YES } else { NO }, Ordering::Relaxed);
             yes
         }
@@ -192,38 +238,40 @@ unsafe fn env_flag(cache: &AtomicU8, name: &[u8], test: fn(*const c_char) -> boo
 }
 
 /// `STYXY_PRELOAD_DISABLE` unset, empty or `0`.
-unsafe fn enabled() -> bool {
-    env_flag(&ENABLED, b"STYXY_PRELOAD_DISABLE\0", |v| v.is_null() || *v == 0 || (*v == b'0' as c_char && *v.add(1) == 0))
+fn enabled() -> bool {
+    env_flag(&ENABLED, c"STYXY_PRELOAD_DISABLE", |v| matches!(v, None | Some(b"" | b"0")))
 }
 
-unsafe fn in_session() -> bool {
-    env_flag(&IN_SESSION, b"STYXY_PRELOAD_SESSION\0", |v| !v.is_null() && *v != 0)
+fn in_session() -> bool {
+    env_flag(&IN_SESSION, c"STYXY_PRELOAD_SESSION", set)
 }
 
 /// Loads the core next to this library (or at `STYXY_PRELOAD_CORE`) once. Never
 /// unloaded. A failure is tried again on later calls (it may be transient: EMFILE at the
 /// fd limit), [`CORE_TRIES`] times in all; after the last, the hooks stay plain
 /// pass-through for the process's life, and say so once on stderr.
-unsafe fn core_loaded() -> bool {
+fn core_loaded() -> bool {
     match CORE.load(Ordering::Acquire) {
         YES => return true,
         NO => return false,
         _ => {}
     }
-    let errno = *__errno_location();
+    let saved = errno();
     let ok = load_core();
     if ok {
         CORE.store(YES, Ordering::Release);
     } else if CORE_FAILURES.fetch_add(1, Ordering::AcqRel) + 1 >= CORE_TRIES && CORE.swap(NO, Ordering::AcqRel) != NO {
-        say(b"styxy-preload: cannot load libstyxy_preload_core.so (", dlerror(), b"): this process's ports are not coordinated\n");
+        // SAFETY: `dlerror` answers null or this thread's last message, read here at once.
+        let why = unsafe { cstr(dlerror()) };
+        say(b"styxy-preload: cannot load libstyxy_preload_core.so (", why, b"): this process's ports are not coordinated\n");
     }
-    *__errno_location() = errno;
+    set_errno(saved);
     ok
 }
 
 /// The core's function in `slot`, loading the core first if need be; `None` when it
 /// cannot be loaded.
-unsafe fn core_fn<F: Copy>(slot: &Slot<F>) -> Option<F> {
+fn core_fn<F: Copy>(slot: &Slot<F>) -> Option<F> {
     if core_loaded() {
         slot.get()
     } else {
@@ -243,39 +291,56 @@ fn core_fn_if_loaded<F: Copy>(slot: &Slot<F>) -> Option<F> {
 /// One line on stderr, only when fd 2 is a terminal or a pipe (not a socket, not a
 /// file the program may have reopened there), through a non-blocking description of our
 /// own: a full pipe drops the line rather than wait.
-unsafe fn say(head: &[u8], middle: *const c_char, tail: &[u8]) {
+fn say(head: &[u8], middle: Option<&[u8]>, tail: &[u8]) {
     let mut ty: c_int = 0;
     let mut len: SockLen = 4;
-    let socket = getsockopt(2, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) == 0;
-    if socket || lseek(2, 0, SEEK_CUR) != -1 || *__errno_location() != ESPIPE {
+    // SAFETY: getsockopt writes at most `len` (4) bytes into `ty`.
+    if unsafe { getsockopt(2, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) } == 0 {
         return;
     }
-    let fd = open(c"/proc/self/fd/2".as_ptr(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    // SAFETY: moves nothing (SEEK_CUR by 0): only asks whether fd 2 seeks.
+    if unsafe { lseek(2, 0, SEEK_CUR) } != -1 || errno() != ESPIPE {
+        return;
+    }
+    // SAFETY: a NUL-terminated path; the description is ours (closed below).
+    let fd = unsafe { open(c"/proc/self/fd/2".as_ptr(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) };
     if fd < 0 {
         return;
     }
     let mut line = [0u8; 512];
     let mut n = append(&mut line, 0, head) + 1;
-    if !middle.is_null() {
-        n = copy_cstr(&mut line[..400], n, middle).max(n);
+    if let Some(middle) = middle {
+        n = put(&mut line[..400], n, middle).max(n);
     }
     n = append(&mut line, n, tail) + 1;
-    write(fd, line.as_ptr().cast(), n.min(line.len()));
-    close(fd);
+    // SAFETY: at most `line.len()` bytes of `line`, to our own `fd`, which nothing else uses.
+    unsafe {
+        write(fd, line.as_ptr().cast(), n.min(line.len()));
+        close(fd);
+    }
 }
 
-unsafe fn load_core() -> bool {
+fn load_core() -> bool {
     let mut path = [0u8; 4096];
-    let over = getenv(c"STYXY_PRELOAD_CORE".as_ptr());
-    let len = if !over.is_null() && *over != 0 {
-        copy_cstr(&mut path, 0, over)
+    // SAFETY: copied into `path` here.
+    let len = if let Some(over) = unsafe { env(c"STYXY_PRELOAD_CORE") }.filter(|v| !v.is_empty()) {
+        put(&mut path, 0, over)
     } else {
         let mut info =
             DlInfo { fname: core::ptr::null(), fbase: core::ptr::null_mut(), sname: core::ptr::null(), saddr: core::ptr::null_mut() };
-        if dladdr(bind as *const c_void, &mut info) == 0 || info.fname.is_null() {
+        // SAFETY: `bind` is code of this library; dladdr fills `info`, whose `fname` is
+        // then null or the NUL-terminated path of this library, loaded while we run.
+        let file = unsafe {
+            if dladdr(bind as *const c_void, &mut info) == 0 {
+                None
+            } else {
+                cstr(info.fname)
+            }
+        };
+        let Some(file) = file else {
             return false;
-        }
-        let n = copy_cstr(&mut path, 0, info.fname);
+        };
+        let n = put(&mut path, 0, file);
         // cut after the last '/', then append the core's name
         let mut dir = 0;
         let mut i = 0;
@@ -290,32 +355,32 @@ unsafe fn load_core() -> bool {
     if len == 0 {
         return false;
     }
-    let h = dlopen(path.as_ptr().cast(), RTLD_NOW | RTLD_NODELETE);
+    // SAFETY: `path` is NUL-terminated (`len` > 0: it fit); the core is our own library,
+    // which does nothing at load time.
+    let h = unsafe { dlopen(path.as_ptr().cast(), RTLD_NOW | RTLD_NODELETE) };
     if h.is_null() {
         return false;
     }
     // all five, or the core is not loaded (a slot found meanwhile is never called)
-    CORE_BIND.resolve(h).is_some()
-        && CORE_LISTEN.resolve(h).is_some()
-        && CORE_CONNECT.resolve(h).is_some()
-        && CORE_GETSOCKNAME.resolve(h).is_some()
-        && CORE_UNANSWERED.resolve(h).is_some()
+    // SAFETY: `h` is dlopen's handle, never closed (RTLD_NODELETE, and no dlclose).
+    unsafe {
+        CORE_BIND.resolve(h).is_some()
+            && CORE_LISTEN.resolve(h).is_some()
+            && CORE_CONNECT.resolve(h).is_some()
+            && CORE_GETSOCKNAME.resolve(h).is_some()
+            && CORE_UNANSWERED.resolve(h).is_some()
+    }
 }
 
-/// Copies a C string into `buf` at `at`, NUL-terminated; returns the new length, 0 if it does not fit.
-unsafe fn copy_cstr(buf: &mut [u8], at: usize, s: *const c_char) -> usize {
-    let mut i = 0;
-    loop {
-        let c = *s.add(i) as u8;
+/// Copies `s` into `buf` at `at`, NUL-terminated; returns the new length, 0 if it does not fit.
+fn put(buf: &mut [u8], at: usize, s: &[u8]) -> usize {
+    for (i, c) in s.iter().chain(&[0]).enumerate() {
         match buf.get_mut(at + i) {
-            Some(slot) => *slot = c,
+            Some(slot) => *slot = *c,
             None => return 0,
         }
-        if c == 0 {
-            return at + i;
-        }
-        i += 1;
     }
+    at + s.len()
 }
 
 fn append(buf: &mut [u8], at: usize, tail: &[u8]) -> usize {
@@ -331,15 +396,15 @@ fn append(buf: &mut [u8], at: usize, tail: &[u8]) -> usize {
 /// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules, a mode) or may be under
 /// `exec`'s seccomp supervisor: the daemon's maps are not the whole story, the hooks'
 /// logic decides every call.
-unsafe fn own_rules() -> bool {
-    let set = |v: *const c_char| !v.is_null() && *v != 0;
+fn own_rules() -> bool {
     match OWN_RULES.load(Ordering::Relaxed) {
         YES => true,
         NO => false,
         _ => {
-            let own = [&b"STYXY_PRELOAD_PORTS\0"[..], b"STYXY_PRELOAD_MODE\0", b"STYXY_DISABLE_REASSIGN\0", b"STYXY_PRELOAD_SUPERVISED\0"]
+            let own = [c"STYXY_PRELOAD_PORTS", c"STYXY_PRELOAD_MODE", c"STYXY_DISABLE_REASSIGN", c"STYXY_PRELOAD_SUPERVISED"]
                 .iter()
-                .any(|n| set(getenv(n.as_ptr().cast())));
+                // SAFETY: each value is tested here and not kept.
+                .any(|n| set(unsafe { env(n) }));
             OWN_RULES.store(if own { YES } else { NO }, Ordering::Relaxed);
             own
         }
@@ -349,7 +414,7 @@ unsafe fn own_rules() -> bool {
 /// The class of `port` in the daemon's policy map, `None` when there is no map this
 /// process may trust (or it sets its own rules). Mapped once; a missing map is looked
 /// for again next time (the daemon may start later).
-unsafe fn port_class(port: u16) -> Option<u8> {
+fn port_class(port: u16) -> Option<u8> {
     if own_rules() {
         return None;
     }
@@ -357,22 +422,25 @@ unsafe fn port_class(port: u16) -> Option<u8> {
     if map.is_null() {
         map = map_policy()?;
     }
-    Some(*map.add(POLICY_HEADER + port as usize))
+    // SAFETY: `map` is a mapping of POLICY_SIZE bytes (`map_file`), never unmapped once
+    // published; POLICY_HEADER + port < POLICY_SIZE.
+    Some(unsafe { *map.add(POLICY_HEADER + port as usize) })
 }
 
-unsafe fn map_policy() -> Option<*mut u8> {
-    let errno = *__errno_location();
+fn map_policy() -> Option<*mut u8> {
+    let saved = errno();
     let mut path = [0u8; 4096];
     let mapped = match runtime_file(&mut path, b"/policy.map\0") {
         0 => None,
         n => map_file(&path, n, POLICY_SIZE, POLICY_MAGIC),
     };
-    *__errno_location() = errno;
+    set_errno(saved);
     let map = mapped?;
     match POLICY.compare_exchange(core::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => Some(map),
         Err(winner) => {
-            munmap(map.cast(), POLICY_SIZE);
+            // SAFETY: our own mapping of POLICY_SIZE bytes, which nobody else has seen.
+            unsafe { munmap(map.cast(), POLICY_SIZE) };
             Some(winner)
         }
     }
@@ -381,21 +449,22 @@ unsafe fn map_policy() -> Option<*mut u8> {
 /// A file beside the daemon's socket (`name` as `b"/policy.map\0"`): the directory of `STYXY_URL`'s `unix:` path,
 /// else `$XDG_RUNTIME_DIR/styxy-preload`, else `/tmp/styxy-preload-<uid>` (as
 /// client/src/paths.rs). Its length, 0 when it does not fit.
-unsafe fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
-    let url = getenv(c"STYXY_URL".as_ptr());
-    let rt = getenv(c"XDG_RUNTIME_DIR".as_ptr());
-    let n = if !url.is_null() && starts_with(url, b"unix:/") {
-        let n = copy_cstr(buf, 0, url.add(5));
+fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
+    // SAFETY: both are copied into `buf` here.
+    let (url, rt) = unsafe { (env(c"STYXY_URL"), env(c"XDG_RUNTIME_DIR")) };
+    let n = if let Some(path) = url.and_then(|u| u.strip_prefix(b"unix:")).filter(|p| p.starts_with(b"/")) {
+        let n = put(buf, 0, path);
         match buf.get(..n).and_then(|b| b.iter().rposition(|c| *c == b'/')) {
             Some(slash) => slash,
             None => return 0,
         }
-    } else if !rt.is_null() && *rt == b'/' as c_char {
-        let n = copy_cstr(buf, 0, rt);
+    } else if let Some(rt) = rt.filter(|r| r.starts_with(b"/")) {
+        let n = put(buf, 0, rt);
         append(buf, n, b"/styxy-preload\0")
     } else {
         let n = append(buf, 0, b"/tmp/styxy-preload-\0");
-        let n = decimal(buf, n, getuid());
+        // SAFETY: getuid cannot fail.
+        let n = decimal(buf, n, unsafe { getuid() });
         if n == 0 {
             return 0;
         }
@@ -405,10 +474,6 @@ unsafe fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
         return 0;
     }
     append(buf, n, name)
-}
-
-unsafe fn starts_with(s: *const c_char, prefix: &[u8]) -> bool {
-    prefix.iter().enumerate().all(|(i, c)| *s.add(i) as u8 == *c)
 }
 
 /// Writes `v` in decimal at `at`, NUL-terminated; the new length, 0 when it does not fit.
@@ -442,22 +507,29 @@ fn decimal(buf: &mut [u8], at: usize, mut v: u32) -> usize {
 
 /// Maps `size` bytes of the file at `path[..n]` if it is ours alone (checked on the opened
 /// file: a file swapped in by someone else is not ours) and its first word is `magic`.
-unsafe fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mut u8> {
+fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mut u8> {
     if path.get(n) != Some(&0) {
         return None;
     }
-    let fd = open(path.as_ptr().cast(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    // SAFETY: `path` is NUL-terminated (checked above); the fd is ours (closed below).
+    let fd = unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC) };
     if fd < 0 {
         return None;
     }
-    let trusted = ours(fd, c"".as_ptr(), AT_EMPTY_PATH, S_IFREG, size as u64);
-    let map = if trusted { mmap(core::ptr::null_mut(), size, PROT_READ, MAP_SHARED, fd, 0) } else { usize::MAX as *mut c_void };
-    close(fd);
+    let trusted = ours(fd, c"", AT_EMPTY_PATH, S_IFREG, size as u64);
+    // SAFETY: a new read-only mapping of our own fd, placed by the kernel (it replaces
+    // nothing); the mapping outlives the fd.
+    let map = if trusted { unsafe { mmap(core::ptr::null_mut(), size, PROT_READ, MAP_SHARED, fd, 0) } } else { usize::MAX as *mut c_void };
+    // SAFETY: our own fd, opened above.
+    unsafe { close(fd) };
     if map as usize == usize::MAX {
         return None;
     }
-    if core::ptr::read_unaligned(map.cast::<u32>()) != magic {
-        munmap(map, size);
+    // SAFETY: `map` holds `size` bytes of a file at least that long (`ours`), page-aligned;
+    // `size` is more than a word.
+    if unsafe { core::ptr::read_unaligned(map.cast::<u32>()) } != magic {
+        // SAFETY: our own mapping of `size` bytes, which nobody else has seen.
+        unsafe { munmap(map, size) };
         return None;
     }
     Some(map.cast())
@@ -465,22 +537,30 @@ unsafe fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mu
 
 /// The file is of `kind`, at least `size` bytes, ours, and nobody else may write it (a
 /// shorter file would fault when mapped).
-unsafe fn ours(dirfd: c_int, path: *const c_char, flags: c_int, kind: u16, size: u64) -> bool {
+fn ours(dirfd: c_int, path: &CStr, flags: c_int, kind: u16, size: u64) -> bool {
     let mut st = [0u8; 256];
-    if statx(dirfd, path, flags, STATX_MODE_UID_SIZE, st.as_mut_ptr()) != 0 {
+    // SAFETY: `path` is NUL-terminated; statx writes a `struct statx` (256 bytes) into `st`.
+    if unsafe { statx(dirfd, path.as_ptr(), flags, STATX_MODE_UID_SIZE, st.as_mut_ptr()) } != 0 {
         return false;
     }
-    let uid = core::ptr::read_unaligned(st.as_ptr().add(20).cast::<u32>());
-    let mode = core::ptr::read_unaligned(st.as_ptr().add(28).cast::<u16>());
-    let len = core::ptr::read_unaligned(st.as_ptr().add(40).cast::<u64>());
-    uid == getuid() && mode & S_IFMT == kind && mode & 0o022 == 0 && len >= size
+    // SAFETY: stx_uid, stx_mode and stx_size, within `st`, read unaligned.
+    let (uid, mode, len) = unsafe {
+        (
+            core::ptr::read_unaligned(st.as_ptr().add(20).cast::<u32>()),
+            core::ptr::read_unaligned(st.as_ptr().add(28).cast::<u16>()),
+            core::ptr::read_unaligned(st.as_ptr().add(40).cast::<u64>()),
+        )
+    };
+    // SAFETY: getuid cannot fail.
+    uid == unsafe { getuid() } && mode & S_IFMT == kind && mode & 0o022 == 0 && len >= size
 }
 
 /// `SO_REUSEPORT` is set: the socket may share its port, so `EADDRINUSE` never comes.
-unsafe fn shares_port(fd: c_int) -> bool {
+fn shares_port(fd: c_int) -> bool {
     let mut v: c_int = 0;
     let mut len: SockLen = 4;
-    getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, (&mut v as *mut c_int).cast(), &mut len) == 0 && v != 0
+    // SAFETY: getsockopt writes at most `len` (4) bytes into `v`; any fd may be asked.
+    unsafe { getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, (&mut v as *mut c_int).cast(), &mut len) == 0 && v != 0 }
 }
 
 /// Whether the `len` bytes at `addr` (the caller's sockaddr, at most a
@@ -488,7 +568,7 @@ unsafe fn shares_port(fd: c_int) -> bool {
 /// bad pointer, and so must we, never `SIGSEGV`. Caller memory just above our own stack
 /// frame is the caller's frames (where nearly every program keeps its sockaddr): no
 /// syscall; anything else is read once by the kernel on our behalf.
-unsafe fn readable(addr: *const c_void, len: SockLen) -> bool {
+fn readable(addr: *const c_void, len: SockLen) -> bool {
     let p = addr as usize;
     let len = (len as usize).min(128);
     if p < 4096 || p.checked_add(len).is_none() {
@@ -499,49 +579,73 @@ unsafe fn readable(addr: *const c_void, len: SockLen) -> bool {
     if p >= sp && p + len <= sp + STACK_WINDOW {
         return true;
     }
-    let errno = *__errno_location();
+    let saved = errno();
     let mut buf = [0u8; 128];
     let local = IoVec { base: buf.as_mut_ptr().cast(), len };
     let remote = IoVec { base: addr as *mut c_void, len };
-    let n = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+    // SAFETY: the kernel writes at most `len` (≤ 128) bytes into `buf`, and reads `addr`
+    // itself: memory it cannot read is an error, not a fault.
+    let n = unsafe { process_vm_readv(getpid(), &local, 1, &remote, 1, 0) };
     // where the call itself is refused (a seccomp sandbox), trust the pointer as before
-    let ok = n == len as isize || (n < 0 && matches!(*__errno_location(), ENOSYS | EPERM));
-    *__errno_location() = errno;
+    let ok = n == len as isize || (n < 0 && matches!(errno(), ENOSYS | EPERM));
+    set_errno(saved);
     ok
 }
 
-/// The family and port of an IPv4/IPv6 address, read without assuming alignment; `None`
-/// for anything else, and for memory that cannot be read (the kernel says `EFAULT`).
-unsafe fn inet_port(addr: *const c_void, len: SockLen) -> Option<(u16, u16)> {
-    if addr.is_null() || len < 4 || !readable(addr, len) {
-        return None;
-    }
-    let p = addr.cast::<u8>();
-    let family = core::ptr::read_unaligned(p.cast::<u16>());
-    let need = match family {
-        AF_INET => 16,
-        AF_INET6 => 28,
-        _ => return None,
-    };
-    if len < need {
-        return None;
-    }
-    Some((family, u16::from_be(core::ptr::read_unaligned(p.add(2).cast::<u16>()))))
+/// An IPv4 or IPv6 socket address: its bytes (at most a `sockaddr_storage`), family
+/// and port.
+struct Inet<'a> {
+    bytes: &'a [u8],
+    family: u16,
+    port: u16,
 }
 
-unsafe fn is_loopback(addr: *const c_void, family: u16) -> bool {
-    let p = addr.cast::<u8>();
-    if family == AF_INET {
-        return *p.add(4) == 127;
+impl Inet<'_> {
+    /// The address a program passed to bind or connect, `None` when it is not IPv4/IPv6
+    /// or cannot be read (the kernel says `EFAULT`).
+    ///
+    /// # Safety
+    /// `addr` and `len` are the program's arguments to the call being hooked, and the
+    /// result is used during that call.
+    unsafe fn of_call<'a>(addr: *const c_void, len: SockLen) -> Option<Inet<'a>> {
+        if addr.is_null() || len < 4 || !readable(addr, len) {
+            return None;
+        }
+        // SAFETY: `readable` saw these bytes readable (or a seccomp sandbox refused it the
+        // check, and the program's word is taken for them, as it always was); the program
+        // does not change them during its own call (this function's contract).
+        Inet::parse(unsafe { core::slice::from_raw_parts(addr.cast::<u8>(), (len as usize).min(128)) })
     }
-    let a = core::slice::from_raw_parts(p.add(8), 16);
-    let v4mapped = a.get(..12) == Some(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]) && a.get(12) == Some(&127);
-    let one = a.get(..15) == Some(&[0u8; 15]) && a.get(15) == Some(&1);
-    v4mapped || one
+
+    /// The family and port of an IPv4/IPv6 address; `None` for anything else.
+    fn parse(bytes: &[u8]) -> Option<Inet<'_>> {
+        let family = u16::from_ne_bytes([*bytes.first()?, *bytes.get(1)?]);
+        let need = match family {
+            AF_INET => 16,
+            AF_INET6 => 28,
+            _ => return None,
+        };
+        if bytes.len() < need {
+            return None;
+        }
+        Some(Inet { bytes, family, port: u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) })
+    }
+
+    fn is_loopback(&self) -> bool {
+        if self.family == AF_INET {
+            return self.bytes.get(4) == Some(&127);
+        }
+        let Some(a) = self.bytes.get(8..24) else {
+            return false;
+        };
+        let v4mapped = a.get(..12) == Some(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]) && a.get(12) == Some(&127);
+        let one = a.get(..15) == Some(&[0u8; 15]) && a.get(15) == Some(&1);
+        v4mapped || one
+    }
 }
 
-unsafe fn missing() -> c_int {
-    *__errno_location() = ENOSYS;
+fn missing() -> c_int {
+    set_errno(ENOSYS);
     -1
 }
 
@@ -552,16 +656,21 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c
     let Some(real) = REAL_BIND.next() else {
         return missing();
     };
-    let Some((_, port)) = inet_port(addr, len).filter(|(_, p)| *p >= 1024 && enabled()) else {
-        return real(fd, addr, len);
+    // SAFETY: the program's address, read during its call.
+    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port >= 1024 && enabled()) else {
+        // SAFETY: the program's own call, to libc's function (so every `real` below).
+        return unsafe { real(fd, addr, len) };
     };
-    let errno = *__errno_location();
+    let port = inet.port;
+    let saved = errno();
     match port_class(port) {
-        Some(UNTOUCHED_PORT) => return real(fd, addr, len),
+        // SAFETY: as above.
+        Some(UNTOUCHED_PORT) => return unsafe { real(fd, addr, len) },
         // bound as asked; only EADDRINUSE (or a port that may be shared) needs asking
         Some(ON_CONFLICT_PORT) if !shares_port(fd) => {
-            let rc = real(fd, addr, len);
-            if rc == 0 || *__errno_location() != EADDRINUSE {
+            // SAFETY: as above.
+            let rc = unsafe { real(fd, addr, len) };
+            if rc == 0 || errno() != EADDRINUSE {
                 return rc;
             }
         }
@@ -569,18 +678,21 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c
     }
     if port_class(port) == Some(COORDINATED_PORT) {
         // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
-        if let Some(rc) = keep(fd, addr, len, port, real) {
+        // SAFETY: the program's call, `inet` read from its address, libc's function.
+        if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real) } {
             if rc == 0 {
-                *__errno_location() = errno;
+                set_errno(saved);
             }
             return rc;
         }
     }
-    *__errno_location() = errno;
+    set_errno(saved);
     if let Some(hook) = core_fn(&CORE_BIND) {
-        return hook(fd, addr, len, real);
+        // SAFETY: the program's call and libc's function, as the core's bind takes them.
+        return unsafe { hook(fd, addr, len, real) };
     }
-    real(fd, addr, len)
+    // SAFETY: as above.
+    unsafe { real(fd, addr, len) }
 }
 
 /// # Safety
@@ -591,26 +703,26 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         return missing();
     };
     if !enabled() {
-        return real(fd, backlog);
+        // SAFETY: the program's own call, to libc's function (so every `real` below).
+        return unsafe { real(fd, backlog) };
     }
-    let errno = *__errno_location();
-    let mut ss = [0u64; 16];
+    let saved = errno();
+    let mut ss = [0u8; 128];
     let mut sl: SockLen = 128;
-    let port = if REAL_GETSOCKNAME.next().is_some_and(|name| name(fd, ss.as_mut_ptr().cast(), &mut sl) == 0) {
-        inet_port(ss.as_ptr().cast(), sl)
-    } else {
-        None
-    };
+    // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
+    let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
+    let port = if named { ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| a.port) } else { None };
     // a bound port nobody coordinates: nothing to confirm or observe
-    let plain =
-        matches!(port, Some((_, p)) if p != 0 && (matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)) || kept_here(p)));
-    *__errno_location() = errno;
+    let plain = matches!(port, Some(p) if p != 0 && (matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)) || kept_here(p)));
+    set_errno(saved);
     if port.is_some() && !plain {
         if let Some(hook) = core_fn(&CORE_LISTEN) {
-            return hook(fd, backlog, real);
+            // SAFETY: the program's call and libc's function, as the core's listen takes them.
+            return unsafe { hook(fd, backlog, real) };
         }
     }
-    real(fd, backlog)
+    // SAFETY: as above.
+    unsafe { real(fd, backlog) }
 }
 
 /// # Safety
@@ -622,10 +734,13 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut c_void, len: *mut Soc
     let Some(real) = REAL_GETSOCKNAME.next() else {
         return missing();
     };
-    let rc = real(fd, addr, len);
+    // SAFETY: the program's own call, to libc's function.
+    let rc = unsafe { real(fd, addr, len) };
     if rc == 0 {
         if let Some(hook) = core_fn_if_loaded(&CORE_GETSOCKNAME) {
-            hook(fd, addr, len);
+            // SAFETY: the program's buffer, which the kernel just filled: `*len` bytes at
+            // `addr` are the socket's address, as the core's getsockname takes them.
+            unsafe { hook(fd, addr, len) };
         }
     }
     rc
@@ -638,27 +753,37 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const c_void, len: SockLen) -
     let Some(real) = REAL_CONNECT.next() else {
         return missing();
     };
-    let Some((_, port)) = inet_port(addr, len).filter(|(f, p)| *p >= 1024 && in_session() && is_loopback(addr, *f) && enabled()) else {
-        return real(fd, addr, len);
+    // SAFETY: the program's address, read during its call.
+    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port >= 1024 && in_session() && a.is_loopback() && enabled()) else {
+        // SAFETY: the program's own call, to libc's function (so every `real` below).
+        return unsafe { real(fd, addr, len) };
     };
-    match route(port) {
-        Some(Route::AsAsked) => real(fd, addr, len),
+    match route(inet.port) {
+        // SAFETY: as above.
+        Some(Route::AsAsked) => unsafe { real(fd, addr, len) },
         Some(Route::To(actual)) if stream(fd) && (len as usize) <= 128 => {
             // a copy of the caller's address with the session's actual port (sin_port and
             // sin6_port are both at offset 2)
             let mut copy = [0u8; 128];
-            core::ptr::copy_nonoverlapping(addr.cast::<u8>(), copy.as_mut_ptr(), len as usize);
+            let n = len as usize; // all of them: `inet.bytes` is `len` (≤ 128) long
+            if let (Some(to), Some(from)) = (copy.get_mut(..n), inet.bytes.get(..n)) {
+                to.copy_from_slice(from);
+            }
             copy[2..4].copy_from_slice(&actual.to_be_bytes());
-            real(fd, copy.as_ptr().cast(), len)
+            // SAFETY: `len` bytes of `copy`, a sockaddr like the program's.
+            unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
         Some(Route::Refused) if stream(fd) => {
-            *__errno_location() = ECONNREFUSED;
+            set_errno(ECONNREFUSED);
             -1
         }
-        Some(_) => real(fd, addr, len),
+        // SAFETY: as above.
+        Some(_) => unsafe { real(fd, addr, len) },
         None => match core_fn(&CORE_CONNECT) {
-            Some(hook) => hook(fd, addr, len, real),
-            None => real(fd, addr, len),
+            // SAFETY: the program's call and libc's function, as the core's connect takes them.
+            Some(hook) => unsafe { hook(fd, addr, len, real) },
+            // SAFETY: as above.
+            None => unsafe { real(fd, addr, len) },
         },
     }
 }
@@ -675,15 +800,14 @@ enum Route {
 /// The shim's own answer for a loopback connect in a session, from the port map and the
 /// policy map; `None` when the hooks' logic must decide (the process has rules of its
 /// own, or the session id needs more than the map's tag).
-unsafe fn route(port: u16) -> Option<Route> {
+fn route(port: u16) -> Option<Route> {
     if own_rules() {
         return None;
     }
     let tag = session_tag()?;
-    let Some(map) = port_map() else {
+    let Some(view) = port_map() else {
         return Some(Route::AsAsked); // no daemon yet: nothing to follow
     };
-    let view = mapview::View::new(map);
     if let Some(actual) = view.lookup(tag, port).filter(|a| *a != port) {
         return Some(Route::To(actual));
     }
@@ -694,60 +818,58 @@ unsafe fn route(port: u16) -> Option<Route> {
     Some(Route::AsAsked)
 }
 
-unsafe fn stream(fd: c_int) -> bool {
-    let errno = *__errno_location();
+fn stream(fd: c_int) -> bool {
+    let saved = errno();
     let mut ty: c_int = 0;
     let mut len: SockLen = 4;
-    let ok = getsockopt(fd, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) == 0 && ty == SOCK_STREAM;
-    *__errno_location() = errno;
+    // SAFETY: getsockopt writes at most `len` (4) bytes into `ty`; any fd may be asked.
+    let ok = unsafe { getsockopt(fd, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) } == 0 && ty == SOCK_STREAM;
+    set_errno(saved);
     ok
 }
 
 /// `STYXY_PRELOAD_ISOLATE` not turned off.
-unsafe fn isolate() -> bool {
-    env_flag(&ISOLATE, b"STYXY_PRELOAD_ISOLATE\0", |v| {
-        let off = |w: &[u8]| starts_with(v, w) && *v.add(w.len()) == 0;
-        v.is_null() || !(off(b"0") || off(b"off") || off(b"false") || off(b"no"))
-    })
+fn isolate() -> bool {
+    env_flag(&ISOLATE, c"STYXY_PRELOAD_ISOLATE", |v| !matches!(v, Some(b"0" | b"off" | b"false" | b"no")))
 }
 
 /// The session's tag (`mapview::tag` of `STYXY_PRELOAD_SESSION`), computed once.
-unsafe fn session_tag() -> Option<u32> {
+fn session_tag() -> Option<u32> {
     let t = TAG.load(Ordering::Relaxed);
     if t != 0 {
         return Some(t);
     }
-    let s = getenv(c"STYXY_PRELOAD_SESSION".as_ptr());
-    if s.is_null() {
-        return None;
-    }
-    let mut n = 0;
-    while *s.add(n) != 0 {
-        n += 1;
-    }
-    let t = mapview::tag(core::slice::from_raw_parts(s.cast::<u8>(), n));
+    // SAFETY: hashed here and not kept.
+    let t = mapview::tag(unsafe { env(c"STYXY_PRELOAD_SESSION") }?);
     TAG.store(t, Ordering::Relaxed);
     Some(t)
 }
 
 /// The daemon's port map, mapped once it exists and is ours alone.
-unsafe fn port_map() -> Option<*const u8> {
-    let map = PORTS.load(Ordering::Acquire);
-    if !map.is_null() {
-        return Some(map);
+fn port_map() -> Option<mapview::View<'static>> {
+    let mut map = PORTS.load(Ordering::Acquire);
+    if map.is_null() {
+        map = map_ports()?;
     }
-    let errno = *__errno_location();
+    // SAFETY: a mapping of mapview::SIZE bytes (`map_file`), page-aligned, never unmapped
+    // once published.
+    Some(unsafe { mapview::View::new(map) })
+}
+
+fn map_ports() -> Option<*mut u8> {
+    let saved = errno();
     let mut path = [0u8; 4096];
     let mapped = match runtime_file(&mut path, b"/ports.map\0") {
         0 => None,
         n => map_file(&path, n, mapview::SIZE, mapview::MAGIC),
     };
-    *__errno_location() = errno;
+    set_errno(saved);
     let map = mapped?;
     match PORTS.compare_exchange(core::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => Some(map),
         Err(winner) => {
-            munmap(map.cast(), mapview::SIZE);
+            // SAFETY: our own mapping of mapview::SIZE bytes, which nobody else has seen.
+            unsafe { munmap(map.cast(), mapview::SIZE) };
             Some(winner)
         }
     }
@@ -774,7 +896,12 @@ fn kept_here(port: u16) -> bool {
 /// asked for, this binds it and reports the result (the daemon logs it). `None` when
 /// the hooks' logic must decide: rules of the process's own, a shared port, no daemon,
 /// or anything but that very port (a remap tells the person, the hooks' logic does).
-unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: AddrFn) -> Option<c_int> {
+///
+/// # Safety
+/// `fd`, `addr` and `len` are the program's call to bind, `inet` read from its address,
+/// `real` libc's bind.
+unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: AddrFn) -> Option<c_int> {
+    let port = inet.port;
     if own_rules() || shares_port(fd) || !stream(fd) || moved_for_session(port) {
         return None;
     }
@@ -782,12 +909,14 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: Ad
         // this process owns the port's allocation already (a probe then the real bind, a
         // restart, a twin): a kernel call alone; a failure goes to the hooks' logic, which
         // says why
-        let rc = real(fd, addr, len);
+        // SAFETY: the program's own call, to libc's function (so every `real` below).
+        let rc = unsafe { real(fd, addr, len) };
         return (rc == 0).then_some(0);
     }
-    let family = if core::ptr::read_unaligned(addr.cast::<u16>()) == AF_INET6 { 6 } else { 4 };
-    let s = getenv(c"STYXY_PRELOAD_SESSION".as_ptr());
-    let session = if s.is_null() { &[][..] } else { core::slice::from_raw_parts(s.cast::<u8>(), cstr_len(s, hookproto::SESSION_MAX + 1)) };
+    let family = if inet.family == AF_INET6 { 6 } else { 4 };
+    // SAFETY: copied into the ask here.
+    let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
+    let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
     let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, session };
     let conn = hook_socket()?;
     let heard = match ask.encode() {
@@ -799,23 +928,30 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: Ad
         Heard::Silent => {
             // a stalled daemon: bound as asked, and said (the hooks' logic logs it without
             // asking again)
-            close(conn);
+            // SAFETY: our own connection, opened by `hook_socket`.
+            unsafe { close(conn) };
             return Some(match core_fn(&CORE_UNANSWERED) {
-                Some(hook) => hook(fd, addr, len, real),
-                None => real(fd, addr, len),
+                // SAFETY: the program's call and libc's function, as the core takes them.
+                Some(hook) => unsafe { hook(fd, addr, len, real) },
+                // SAFETY: as above.
+                None => unsafe { real(fd, addr, len) },
             });
         }
         _ => {
-            close(conn);
+            // SAFETY: our own connection, opened by `hook_socket`.
+            unsafe { close(conn) };
             return None;
         }
     }
-    let rc = real(fd, addr, len);
-    let err = if rc == 0 { 0 } else { *__errno_location() };
+    // SAFETY: as above.
+    let rc = unsafe { real(fd, addr, len) };
+    let err = if rc == 0 { 0 } else { errno() };
     if let Some(done) = (hookproto::Ask { kind: hookproto::DONE, errno: err, ..ask }).encode() {
-        send(conn, done.as_ptr().cast(), done.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
+        // SAFETY: `done.len()` bytes of `done`, on our own connection.
+        unsafe { send(conn, done.as_ptr().cast(), done.len(), MSG_DONTWAIT | MSG_NOSIGNAL) };
     }
-    close(conn);
+    // SAFETY: our own connection, opened by `hook_socket`.
+    unsafe { close(conn) };
     if rc != 0 {
         return None; // the hooks' logic binds again and says why it fails
     }
@@ -828,25 +964,15 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, port: u16, real: Ad
 
 /// The port map says this session's `port` lives elsewhere, or another session holds
 /// it: a remap, which the hooks' logic makes (and tells the person); no point asking.
-unsafe fn moved_for_session(port: u16) -> bool {
-    let Some(map) = port_map() else { return false };
-    let view = mapview::View::new(map);
+fn moved_for_session(port: u16) -> bool {
+    let Some(view) = port_map() else { return false };
     let tag = session_tag().unwrap_or(0);
     let holder = view.held(port);
     view.lookup(tag, port).is_some_and(|a| a != port) || (holder != 0 && holder != tag)
 }
 
-/// The length of a C string, at most `max`.
-unsafe fn cstr_len(s: *const c_char, max: usize) -> usize {
-    let mut n = 0;
-    while n < max && *s.add(n) != 0 {
-        n += 1;
-    }
-    n
-}
-
 /// A connection to the daemon's `hook.sock`, when it answers and runs as our uid.
-unsafe fn hook_socket() -> Option<c_int> {
+fn hook_socket() -> Option<c_int> {
     // struct sockaddr_un: the family, then the path (108 bytes)
     let mut sun = [0u8; 110];
     let mut path = [0u8; 4096];
@@ -856,18 +982,24 @@ unsafe fn hook_socket() -> Option<c_int> {
     }
     sun.get_mut(..2)?.copy_from_slice(&(AF_UNIX as u16).to_ne_bytes());
     sun.get_mut(2..2 + n)?.copy_from_slice(path.get(..n)?);
-    let fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    // SAFETY: a new socket of ours (closed by our caller, or below).
+    let fd = unsafe { socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return None;
     }
     let connect = REAL_CONNECT.next();
     let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };
     let mut cl: SockLen = core::mem::size_of::<UCred>() as SockLen;
-    let ours = connect.is_some_and(|connect| connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0)
-        && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) == 0
-        && cred.uid == getuid();
+    // SAFETY: libc's connect with a `sockaddr_un` of `2 + n + 1` bytes (family, path,
+    // NUL) in `sun`; getsockopt writes at most `cl` bytes into `cred`; getuid cannot fail.
+    let ours = unsafe {
+        connect.is_some_and(|connect| connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0)
+            && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) == 0
+            && cred.uid == getuid()
+    };
     if !ours {
-        close(fd);
+        // SAFETY: our own socket, opened above.
+        unsafe { close(fd) };
         return None;
     }
     Some(fd)
@@ -883,18 +1015,21 @@ enum Heard {
 }
 
 /// Sends `ask` and waits (boundedly) for the daemon's answer.
-unsafe fn exchange(conn: c_int, ask: &[u8]) -> Heard {
-    if send(conn, ask.as_ptr().cast(), ask.len(), MSG_DONTWAIT | MSG_NOSIGNAL) != ask.len() as isize {
+fn exchange(conn: c_int, ask: &[u8]) -> Heard {
+    // SAFETY: `ask.len()` bytes of `ask` (any fd may be sent to: at worst an error).
+    if unsafe { send(conn, ask.as_ptr().cast(), ask.len(), MSG_DONTWAIT | MSG_NOSIGNAL) } != ask.len() as isize {
         return Heard::Nothing;
     }
     let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
-    match poll(&mut p, 1, HOOK_ANSWER_MS) {
+    // SAFETY: one `PollFd`, `p`.
+    match unsafe { poll(&mut p, 1, HOOK_ANSWER_MS) } {
         0 => return Heard::Silent,
         1 => {}
         _ => return Heard::Nothing,
     }
     let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
-    let n = recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT);
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT) };
     match usize::try_from(n).ok().and_then(|n| buf.get(..n)).and_then(hookproto::Answer::decode) {
         Some(a) => Heard::Answer(a),
         None => Heard::Nothing,
