@@ -649,27 +649,50 @@ fn missing() -> c_int {
     -1
 }
 
-/// # Safety
-/// Called by the program as `bind(2)`.
-#[no_mangle]
-pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c_int {
-    let Some(real) = REAL_BIND.next() else {
-        return missing();
+/// An export the program calls instead of libc's: it finds libc's function in `$slot`
+/// (`ENOSYS` when there is none) and hands the call, with it, to the shim's `$body`.
+macro_rules! hook {
+    ($slot:ident => fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        #[doc = concat!("`", stringify!($name), "` as the program calls it: [`", stringify!($body), "`].")]
+        ///
+        /// # Safety
+        /// The program's call, with the arguments the C function takes.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            let Some(real) = $slot.next() else {
+                return missing();
+            };
+            // SAFETY: the program's call (this function's contract) and libc's function.
+            unsafe { $body(real, $($arg),*) }
+        }
     };
+}
+
+hook!(REAL_BIND => fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c_int = shim_bind);
+hook!(REAL_LISTEN => fn listen(fd: c_int, backlog: c_int) -> c_int = shim_listen);
+hook!(REAL_GETSOCKNAME => fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int = shim_getsockname);
+hook!(REAL_CONNECT => fn connect(fd: c_int, addr: *const c_void, len: SockLen) -> c_int = shim_connect);
+
+/// A bind: as asked for a port nobody coordinates (or one that binds, when only
+/// `EADDRINUSE` needs asking), kept in one round trip with the daemon ([`keep`]), else
+/// the hooks' logic decides.
+///
+/// # Safety
+/// `fd`, `addr` and `len` are the program's call to bind(2); `real` is libc's bind.
+unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) -> c_int {
+    // SAFETY: the program's own call, to libc's function (this function's contract).
+    let plain = || unsafe { real(fd, addr, len) };
     // SAFETY: the program's address, read during its call.
     let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port >= 1024 && enabled()) else {
-        // SAFETY: the program's own call, to libc's function (so every `real` below).
-        return unsafe { real(fd, addr, len) };
+        return plain();
     };
     let port = inet.port;
     let saved = errno();
     match port_class(port) {
-        // SAFETY: as above.
-        Some(UNTOUCHED_PORT) => return unsafe { real(fd, addr, len) },
+        Some(UNTOUCHED_PORT) => return plain(),
         // bound as asked; only EADDRINUSE (or a port that may be shared) needs asking
         Some(ON_CONFLICT_PORT) if !shares_port(fd) => {
-            // SAFETY: as above.
-            let rc = unsafe { real(fd, addr, len) };
+            let rc = plain();
             if rc == 0 || errno() != EADDRINUSE {
                 return rc;
             }
@@ -687,24 +710,23 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c
         }
     }
     set_errno(saved);
-    if let Some(hook) = core_fn(&CORE_BIND) {
+    match core_fn(&CORE_BIND) {
         // SAFETY: the program's call and libc's function, as the core's bind takes them.
-        return unsafe { hook(fd, addr, len, real) };
+        Some(hook) => unsafe { hook(fd, addr, len, real) },
+        None => plain(),
     }
-    // SAFETY: as above.
-    unsafe { real(fd, addr, len) }
 }
 
+/// A listen: as asked when its port is one nobody coordinates or this process kept,
+/// else the hooks' logic confirms (or observes) it.
+///
 /// # Safety
-/// Called by the program as `listen(2)`.
-#[no_mangle]
-pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
-    let Some(real) = REAL_LISTEN.next() else {
-        return missing();
-    };
+/// `fd` and `backlog` are the program's call to listen(2); `real` is libc's listen.
+unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: the program's own call, to libc's function (this function's contract).
+    let plain = || unsafe { real(fd, backlog) };
     if !enabled() {
-        // SAFETY: the program's own call, to libc's function (so every `real` below).
-        return unsafe { real(fd, backlog) };
+        return plain();
     }
     let saved = errno();
     let mut ss = [0u8; 128];
@@ -713,28 +735,25 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
     let port = if named { ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| a.port) } else { None };
     // a bound port nobody coordinates: nothing to confirm or observe
-    let plain = matches!(port, Some(p) if p != 0 && (matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)) || kept_here(p)));
+    let plain_port =
+        matches!(port, Some(p) if p != 0 && (matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)) || kept_here(p)));
     set_errno(saved);
-    if port.is_some() && !plain {
+    if port.is_some() && !plain_port {
         if let Some(hook) = core_fn(&CORE_LISTEN) {
             // SAFETY: the program's call and libc's function, as the core's listen takes them.
             return unsafe { hook(fd, backlog, real) };
         }
     }
-    // SAFETY: as above.
-    unsafe { real(fd, backlog) }
+    plain()
 }
 
+/// A getsockname: the kernel's answer. Only a process whose hooks moved a bind (the
+/// core is loaded then) may see another port: docs/ARCHITECTURE.md "What a program sees".
+///
 /// # Safety
-/// Called by the program as `getsockname(2)`. Only a process whose hooks moved a bind
-/// (the core is loaded then) may see another port: docs/ARCHITECTURE.md "What a
-/// program sees".
-#[no_mangle]
-pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int {
-    let Some(real) = REAL_GETSOCKNAME.next() else {
-        return missing();
-    };
-    // SAFETY: the program's own call, to libc's function.
+/// `fd`, `addr` and `len` are the program's call to getsockname(2); `real` is libc's.
+unsafe fn shim_getsockname(real: NameFn, fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int {
+    // SAFETY: the program's own call, to libc's function (this function's contract).
     let rc = unsafe { real(fd, addr, len) };
     if rc == 0 {
         if let Some(hook) = core_fn_if_loaded(&CORE_GETSOCKNAME) {
@@ -746,21 +765,20 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut c_void, len: *mut Soc
     rc
 }
 
+/// A connect: as asked, unless it is a session's loopback connect, which follows the
+/// port map ([`route`]) or the hooks' logic.
+///
 /// # Safety
-/// Called by the program as `connect(2)`.
-#[no_mangle]
-pub unsafe extern "C" fn connect(fd: c_int, addr: *const c_void, len: SockLen) -> c_int {
-    let Some(real) = REAL_CONNECT.next() else {
-        return missing();
-    };
+/// `fd`, `addr` and `len` are the program's call to connect(2); `real` is libc's connect.
+unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) -> c_int {
+    // SAFETY: the program's own call, to libc's function (this function's contract).
+    let plain = || unsafe { real(fd, addr, len) };
     // SAFETY: the program's address, read during its call.
     let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port >= 1024 && in_session() && a.is_loopback() && enabled()) else {
-        // SAFETY: the program's own call, to libc's function (so every `real` below).
-        return unsafe { real(fd, addr, len) };
+        return plain();
     };
     match route(inet.port) {
-        // SAFETY: as above.
-        Some(Route::AsAsked) => unsafe { real(fd, addr, len) },
+        Some(Route::AsAsked) => plain(),
         Some(Route::To(actual)) if stream(fd) && (len as usize) <= 128 => {
             // a copy of the caller's address with the session's actual port (sin_port and
             // sin6_port are both at offset 2)
@@ -777,13 +795,11 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const c_void, len: SockLen) -
             set_errno(ECONNREFUSED);
             -1
         }
-        // SAFETY: as above.
-        Some(_) => unsafe { real(fd, addr, len) },
+        Some(_) => plain(),
         None => match core_fn(&CORE_CONNECT) {
             // SAFETY: the program's call and libc's function, as the core's connect takes them.
             Some(hook) => unsafe { hook(fd, addr, len, real) },
-            // SAFETY: as above.
-            None => unsafe { real(fd, addr, len) },
+            None => plain(),
         },
     }
 }
@@ -905,13 +921,13 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: 
     if own_rules() || shares_port(fd) || !stream(fd) || moved_for_session(port) {
         return None;
     }
+    // SAFETY: the program's own call, to libc's function (this function's contract).
+    let plain = || unsafe { real(fd, addr, len) };
     if kept_here(port) {
         // this process owns the port's allocation already (a probe then the real bind, a
         // restart, a twin): a kernel call alone; a failure goes to the hooks' logic, which
         // says why
-        // SAFETY: the program's own call, to libc's function (so every `real` below).
-        let rc = unsafe { real(fd, addr, len) };
-        return (rc == 0).then_some(0);
+        return (plain() == 0).then_some(0);
     }
     let family = if inet.family == AF_INET6 { 6 } else { 4 };
     // SAFETY: copied into the ask here.
@@ -933,8 +949,7 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: 
             return Some(match core_fn(&CORE_UNANSWERED) {
                 // SAFETY: the program's call and libc's function, as the core takes them.
                 Some(hook) => unsafe { hook(fd, addr, len, real) },
-                // SAFETY: as above.
-                None => unsafe { real(fd, addr, len) },
+                None => plain(),
             });
         }
         _ => {
@@ -943,8 +958,7 @@ unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: 
             return None;
         }
     }
-    // SAFETY: as above.
-    let rc = unsafe { real(fd, addr, len) };
+    let rc = plain();
     let err = if rc == 0 { 0 } else { errno() };
     if let Some(done) = (hookproto::Ask { kind: hookproto::DONE, errno: err, ..ask }).encode() {
         // SAFETY: `done.len()` bytes of `done`, on our own connection.
