@@ -1,5 +1,6 @@
-//! Builds the always-loaded interposer `libstyxy_preload.so` from `shim/lib.rs` and
-//! puts it next to the core library in the profile's output directory.
+//! Builds the always-loaded interposer `libstyxy_preload.so` from `shim/` (the crate root
+//! `shim/lib.rs` and its modules beside it) and puts it next to the core library in the
+//! profile's output directory.
 //!
 //! It is a separate `rustc` call because the shim is `no_std` and needs
 //! `-C panic=abort`, which Cargo only sets per profile, while the core must unwind
