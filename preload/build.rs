@@ -1,5 +1,6 @@
-//! Builds the always-loaded interposer `libstyxy_preload.so` from `shim/lib.rs` and
-//! puts it next to the core library in the profile's output directory.
+//! Builds the always-loaded interposer `libstyxy_preload.so` from `shim/` (the crate root
+//! `shim/lib.rs` and its modules beside it) and puts it next to the core library in the
+//! profile's output directory.
 //!
 //! It is a separate `rustc` call because the shim is `no_std` and needs
 //! `-C panic=abort`, which Cargo only sets per profile, while the core must unwind
@@ -9,8 +10,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=shim/lib.rs");
+    // the shim's crate root, its modules, and the client files it includes
+    println!("cargo:rerun-if-changed=shim");
     println!("cargo:rerun-if-changed=../client/src/mapview.rs");
+    println!("cargo:rerun-if-changed=../client/src/hookproto.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("TARGET");
@@ -19,6 +22,10 @@ fn main() {
     let mut cmd = Command::new(rustc);
     cmd.args(["--crate-name", "styxy_preload", "--crate-type", "cdylib", "--edition", "2021"])
         .args(["-C", "panic=abort", "-C", "opt-level=3", "-C", "debuginfo=0", "-C", "strip=debuginfo"])
+        // one unit: split in several, a copy of a `core` function no unit calls any more
+        // can stay behind, and its panic path pulls in `rust_eh_personality`, a symbol
+        // nothing defines (the library would not load)
+        .args(["-C", "codegen-units=1"])
         .args(["-C", "link-arg=-Wl,-z,now,-z,relro"])
         .arg("-o")
         .arg(&so)

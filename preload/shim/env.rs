@@ -1,0 +1,89 @@
+//! The environment's switches, each read once per process and cached: disabled, the
+//! session, isolation, rules of the process's own.
+
+use core::ffi::CStr;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use crate::sys::getenv;
+use crate::text::cstr;
+use crate::{mapview, NO, UNKNOWN, YES};
+
+static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);
+static IN_SESSION: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// This process's session tag in the port map (0: not computed yet).
+static TAG: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+static ISOLATE: AtomicU8 = AtomicU8::new(UNKNOWN);
+static OWN_RULES: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// The value of `name` in the environment (without its NUL), `None` when unset.
+///
+/// # Safety
+/// The bytes are used before the hook returns to the program, which may change its
+/// environment afterwards (and does not meanwhile: `getenv`'s own condition).
+pub(crate) unsafe fn env<'a>(name: &CStr) -> Option<&'a [u8]> {
+    // SAFETY: `getenv` takes a NUL-terminated name and answers null or such a string,
+    // unchanged while it is used (this function's contract).
+    unsafe { cstr(getenv(name.as_ptr())) }
+}
+
+/// Set and not empty.
+fn set(v: Option<&[u8]>) -> bool {
+    v.is_some_and(|v| !v.is_empty())
+}
+
+fn env_flag(cache: &AtomicU8, name: &CStr, test: fn(Option<&[u8]>) -> bool) -> bool {
+    match cache.load(Ordering::Relaxed) {
+        YES => true,
+        NO => false,
+        _ => {
+            // SAFETY: the value is tested here and not kept.
+            let yes = test(unsafe { env(name) });
+            cache.store(if yes { YES } else { NO }, Ordering::Relaxed);
+            yes
+        }
+    }
+}
+
+/// `STYXY_PRELOAD_DISABLE` unset, empty or `0`.
+pub(crate) fn enabled() -> bool {
+    env_flag(&ENABLED, c"STYXY_PRELOAD_DISABLE", |v| matches!(v, None | Some(b"" | b"0")))
+}
+
+pub(crate) fn in_session() -> bool {
+    env_flag(&IN_SESSION, c"STYXY_PRELOAD_SESSION", set)
+}
+
+/// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules, a mode) or may be under
+/// `exec`'s seccomp supervisor: the daemon's maps are not the whole story, the hooks'
+/// logic decides every call.
+pub(crate) fn own_rules() -> bool {
+    match OWN_RULES.load(Ordering::Relaxed) {
+        YES => true,
+        NO => false,
+        _ => {
+            let own = [c"STYXY_PRELOAD_PORTS", c"STYXY_PRELOAD_MODE", c"STYXY_DISABLE_REASSIGN", c"STYXY_PRELOAD_SUPERVISED"]
+                .iter()
+                // SAFETY: each value is tested here and not kept.
+                .any(|n| set(unsafe { env(n) }));
+            OWN_RULES.store(if own { YES } else { NO }, Ordering::Relaxed);
+            own
+        }
+    }
+}
+
+/// `STYXY_PRELOAD_ISOLATE` not turned off.
+pub(crate) fn isolate() -> bool {
+    env_flag(&ISOLATE, c"STYXY_PRELOAD_ISOLATE", |v| !matches!(v, Some(b"0" | b"off" | b"false" | b"no")))
+}
+
+/// The session's tag (`mapview::tag` of `STYXY_PRELOAD_SESSION`), computed once.
+pub(crate) fn session_tag() -> Option<u32> {
+    let t = TAG.load(Ordering::Relaxed);
+    if t != 0 {
+        return Some(t);
+    }
+    // SAFETY: hashed here and not kept.
+    let t = mapview::tag(unsafe { env(c"STYXY_PRELOAD_SESSION") }?);
+    TAG.store(t, Ordering::Relaxed);
+    Some(t)
+}

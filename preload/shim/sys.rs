@@ -1,0 +1,105 @@
+//! What the shim uses of libc: its declarations, the constants' Linux values, `errno`.
+
+use core::ffi::{c_char, c_int, c_void};
+
+pub(crate) type SockLen = u32;
+
+#[repr(C)]
+pub(crate) struct DlInfo {
+    pub(crate) fname: *const c_char,
+    pub(crate) fbase: *mut c_void,
+    pub(crate) sname: *const c_char,
+    pub(crate) saddr: *mut c_void,
+}
+
+#[repr(C)]
+pub(crate) struct PollFd {
+    pub(crate) fd: c_int,
+    pub(crate) events: i16,
+    pub(crate) revents: i16,
+}
+
+#[repr(C)]
+pub(crate) struct UCred {
+    pub(crate) pid: c_int,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+}
+
+#[repr(C)]
+pub(crate) struct IoVec {
+    pub(crate) base: *mut c_void,
+    pub(crate) len: usize,
+}
+
+#[link(name = "c")]
+extern "C" {
+    pub(crate) fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int;
+    pub(crate) fn poll(fds: *mut PollFd, n: u64, timeout: c_int) -> c_int;
+    pub(crate) fn send(fd: c_int, buf: *const c_void, n: usize, flags: c_int) -> isize;
+    pub(crate) fn recv(fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize;
+    pub(crate) fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    pub(crate) fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void;
+    pub(crate) fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+    pub(crate) fn getenv(name: *const c_char) -> *const c_char;
+    fn __errno_location() -> *mut c_int;
+    pub(crate) fn abort() -> !;
+    pub(crate) fn getpid() -> c_int;
+    pub(crate) fn process_vm_readv(pid: c_int, local: *const IoVec, nl: usize, remote: *const IoVec, nr: usize, flags: usize) -> isize;
+    pub(crate) fn dlerror() -> *const c_char;
+    pub(crate) fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut SockLen) -> c_int;
+    pub(crate) fn lseek(fd: c_int, off: i64, whence: c_int) -> i64;
+    pub(crate) fn open(path: *const c_char, flags: c_int, ...) -> c_int;
+    pub(crate) fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
+    pub(crate) fn close(fd: c_int) -> c_int;
+    pub(crate) fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void;
+    pub(crate) fn munmap(addr: *mut c_void, len: usize) -> c_int;
+    pub(crate) fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: u32, buf: *mut u8) -> c_int;
+    pub(crate) fn getuid() -> u32;
+}
+
+pub(crate) const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
+pub(crate) const RTLD_NOW: c_int = 2;
+pub(crate) const RTLD_NODELETE: c_int = 0x1000;
+pub(crate) const AF_INET: u16 = 2;
+pub(crate) const AF_INET6: u16 = 10;
+pub(crate) const ENOSYS: c_int = 38;
+pub(crate) const EPERM: c_int = 1;
+pub(crate) const ESPIPE: c_int = 29;
+pub(crate) const SOL_SOCKET: c_int = 1;
+pub(crate) const SO_TYPE: c_int = 3;
+pub(crate) const SEEK_CUR: c_int = 1;
+pub(crate) const O_WRONLY: c_int = 1;
+pub(crate) const O_NOCTTY: c_int = 0o400;
+pub(crate) const O_NONBLOCK: c_int = 0o4000;
+pub(crate) const O_CLOEXEC: c_int = 0o2000000;
+pub(crate) const O_RDONLY: c_int = 0;
+pub(crate) const O_NOFOLLOW: c_int = 0o400000;
+pub(crate) const PROT_READ: c_int = 1;
+pub(crate) const MAP_SHARED: c_int = 1;
+pub(crate) const AT_EMPTY_PATH: c_int = 0x1000;
+pub(crate) const STATX_MODE_UID_SIZE: u32 = 0x2 | 0x8 | 0x200;
+pub(crate) const S_IFMT: u16 = 0o170000;
+pub(crate) const S_IFREG: u16 = 0o100000;
+pub(crate) const EADDRINUSE: c_int = 98;
+pub(crate) const SO_REUSEPORT: c_int = 15;
+pub(crate) const SO_PEERCRED: c_int = 17;
+pub(crate) const AF_UNIX: c_int = 1;
+pub(crate) const SOCK_SEQPACKET: c_int = 5;
+pub(crate) const SOCK_CLOEXEC: c_int = 0o2000000;
+pub(crate) const POLLIN: i16 = 1;
+pub(crate) const MSG_DONTWAIT: c_int = 0x40;
+pub(crate) const MSG_NOSIGNAL: c_int = 0x4000;
+pub(crate) const SOCK_STREAM: c_int = 1;
+pub(crate) const ECONNREFUSED: c_int = 111;
+
+/// The calling thread's `errno`.
+pub(crate) fn errno() -> c_int {
+    // SAFETY: `__errno_location` returns the calling thread's errno, valid while it lives.
+    unsafe { *__errno_location() }
+}
+
+pub(crate) fn set_errno(e: c_int) {
+    // SAFETY: as in `errno`.
+    unsafe { *__errno_location() = e }
+}
