@@ -69,15 +69,21 @@ print(a.getsockname()[1], b.getsockname()[1])",
 /// The throwaway user the servers of these tests run as.
 const OTHER: &str = "styxy-fid";
 
-#[test]
-fn a_server_run_as_another_user_in_a_session_is_coordinated() {
+/// [`OTHER`], created if need be; `None` (the test is skipped, said on stderr) unless we
+/// are root, which runuser needs (CI runs as root).
+fn other_user() -> Option<&'static str> {
     // SAFETY: getuid cannot fail.
     if unsafe { libc::getuid() } != 0 {
         eprintln!("skipped: runuser needs root (CI runs as root)");
-        return;
+        return None;
     }
     user(OTHER);
-    let user = OTHER;
+    Some(OTHER)
+}
+
+#[test]
+fn a_server_run_as_another_user_in_a_session_is_coordinated() {
+    let Some(user) = other_user() else { return };
     let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
@@ -107,13 +113,7 @@ fn a_server_run_as_another_user_in_a_session_is_coordinated() {
 
 #[test]
 fn without_the_supervisor_a_server_of_another_user_says_why_it_is_not_coordinated() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: runuser needs root (CI runs as root)");
-        return;
-    }
-    user(OTHER);
-    let user = OTHER;
+    let Some(user) = other_user() else { return };
     let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();

@@ -259,3 +259,28 @@ fn the_shims_own_answers_return_exactly_what_libc_returns() {
     let count = |a: Action| ev.iter().filter(|e| e.action == a).count();
     assert_eq!((count(Action::Kept), count(Action::Remapped), count(Action::Error)), (1, 0, 1), "{ev:#?}");
 }
+
+#[test]
+fn a_rule_giving_a_privileged_port_a_type_coordinates_its_bind() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: binding port 80 needs root (CI runs as root)");
+        return;
+    }
+    let _r = lock_ranges();
+    let mut w = World::new();
+    w.start_daemon();
+    let mut ports = BTreeSet::new();
+    for s in ["low-a", "low-b"] {
+        let mut c = w.preloaded(Some(s), "python3");
+        c.env("STYXY_PRELOAD_PORTS", "80=dev").arg("-c").arg(
+            "import socket, time\ns=socket.socket(); s.bind(('127.0.0.1', 80)); s.listen()\nprint(s.getsockname()[1], flush=True); time.sleep(60)",
+        );
+        let pid = w.spawn(c, s);
+        ports.insert(wait_for(10, "the server on 80 or its remap", || listening_ports(pid).into_iter().next()));
+    }
+    assert_eq!(ports.len(), 2, "both sessions serve, on distinct ports: {ports:?}");
+    assert!(ports.iter().all(|p| *p == 80 || (3000..3100).contains(p)), "{ports:?}");
+    let starts = w.events().into_iter().filter(|e| e.requested_port == 80 && matches!(e.action, Action::Kept | Action::Remapped)).count();
+    assert_eq!(starts, 2, "{:#?}", w.events());
+}

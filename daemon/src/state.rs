@@ -274,10 +274,29 @@ impl State {
         Ok(Grant { port, lock_id, existing: false, holder })
     }
 
+    /// The policy as the calling process sees it: with the `STYXY_PRELOAD_PORTS` rules of
+    /// its own environment (a rule may give a privileged port a type, README "Which ports
+    /// are coordinated"). Read only for a port the daemon's own policy does not give the
+    /// type, and only of an owner the server checked is the caller, its parent or child.
+    fn callers_policy(&self, req: &AllocRequest) -> Option<Policy> {
+        let pid = req.owner.as_ref()?.pid;
+        let spec = procinfo::environ(pid).into_iter().find(|(k, _)| k == "STYXY_PRELOAD_PORTS")?.1.into_string().ok()?;
+        let mut p = self.policy.clone();
+        p.rules.clear();
+        let _ = p.add_rules(&spec); // bad entries are ignored, as the process itself does
+        Some(p)
+    }
+
     /// A new allocation's ports must be ones the policy gives its type, and its session
     /// (and everyone) must be under quota.
     fn check(&self, req: &AllocRequest, ty: &ServiceType) -> Result<(), AllocError> {
-        let mine = |p: u16| (ty.range.0..=ty.range.1).contains(&p) || self.policy.decide(p).service_type() == Some(ty.name.as_str());
+        let of_type = |policy: &Policy, p: u16| policy.decide(p).service_type() == Some(ty.name.as_str());
+        let callers = std::cell::OnceCell::new();
+        let mine = |p: u16| {
+            (ty.range.0..=ty.range.1).contains(&p)
+                || of_type(&self.policy, p)
+                || callers.get_or_init(|| self.callers_policy(req)).as_ref().is_some_and(|c| of_type(c, p))
+        };
         for p in req.preferred_port.into_iter().chain(req.requested_port) {
             if !mine(p) && !matches!(self.policy.decide(p), Decision::OnConflict(_)) {
                 return Err(AllocError::NotOfType { port: p, ty: ty.name.clone() });

@@ -120,7 +120,7 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, addr, len) };
     // SAFETY: the program's address, read during its call.
-    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port >= 1024 && enabled()) else {
+    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && enabled()) else {
         return plain();
     };
     let port = inet.port;
@@ -211,7 +211,7 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, addr, len) };
     // SAFETY: the program's address, read during its call.
-    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port >= 1024 && in_session() && a.is_loopback() && enabled()) else {
+    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && in_session() && a.is_loopback() && enabled()) else {
         return plain();
     };
     match route(inet.port) {
