@@ -14,6 +14,7 @@ pub mod policy;
 pub mod policymap;
 pub mod portmap;
 pub mod session;
+pub mod sockaddr;
 pub mod text;
 
 /// Marks the built-in daemon's own test binds (the 4th syscall argument, which `bind`

@@ -43,6 +43,8 @@ mod mapview;
 #[allow(dead_code)]
 #[path = "../../client/src/hookproto.rs"]
 mod hookproto;
+#[path = "../../client/src/sockaddr.rs"]
+mod sockaddr;
 
 mod corelib;
 mod env;
@@ -224,7 +226,7 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
             if let (Some(to), Some(from)) = (copy.get_mut(..n), inet.bytes.get(..n)) {
                 to.copy_from_slice(from);
             }
-            copy[2..4].copy_from_slice(&actual.to_be_bytes());
+            sockaddr::set_port(&mut copy, actual);
             // SAFETY: `len` bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }

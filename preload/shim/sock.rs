@@ -3,9 +3,9 @@
 
 use core::ffi::{c_int, c_void};
 
+use crate::sockaddr;
 use crate::sys::{
-    errno, getpid, getsockopt, process_vm_readv, set_errno, IoVec, SockLen, AF_INET, AF_INET6, ENOSYS, EPERM, SOCK_STREAM, SOL_SOCKET,
-    SO_REUSEPORT, SO_TYPE,
+    errno, getpid, getsockopt, process_vm_readv, set_errno, IoVec, SockLen, ENOSYS, EPERM, SOCK_STREAM, SOL_SOCKET, SO_REUSEPORT, SO_TYPE,
 };
 
 /// Caller memory this close above our own stack frame is the caller's frames: mapped.
@@ -75,28 +75,11 @@ impl Inet<'_> {
 
     /// The family and port of an IPv4/IPv6 address; `None` for anything else.
     pub(crate) fn parse(bytes: &[u8]) -> Option<Inet<'_>> {
-        let family = u16::from_ne_bytes([*bytes.first()?, *bytes.get(1)?]);
-        let need = match family {
-            AF_INET => 16,
-            AF_INET6 => 28,
-            _ => return None,
-        };
-        if bytes.len() < need {
-            return None;
-        }
-        Some(Inet { bytes, family, port: u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) })
+        sockaddr::parse(bytes).map(|(family, port)| Inet { bytes, family, port })
     }
 
     pub(crate) fn is_loopback(&self) -> bool {
-        if self.family == AF_INET {
-            return self.bytes.get(4) == Some(&127);
-        }
-        let Some(a) = self.bytes.get(8..24) else {
-            return false;
-        };
-        let v4mapped = a.get(..12) == Some(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]) && a.get(12) == Some(&127);
-        let one = a.get(..15) == Some(&[0u8; 15]) && a.get(15) == Some(&1);
-        v4mapped || one
+        sockaddr::is_loopback(self.bytes, self.family)
     }
 }
 

@@ -61,8 +61,7 @@ extern "C" {
 pub(crate) const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
 pub(crate) const RTLD_NOW: c_int = 2;
 pub(crate) const RTLD_NODELETE: c_int = 0x1000;
-pub(crate) const AF_INET: u16 = 2;
-pub(crate) const AF_INET6: u16 = 10;
+pub(crate) use crate::sockaddr::AF_INET6;
 pub(crate) const ENOSYS: c_int = 38;
 pub(crate) const EPERM: c_int = 1;
 pub(crate) const ESPIPE: c_int = 29;

@@ -126,8 +126,7 @@ pub unsafe extern "C" fn styxy_core_getsockname(fd: c_int, addr: *mut sockaddr, 
             let errno = sys::errno();
             if let Some(got) = Addr::read(addr, *len) {
                 if let Some(asked) = cluster::moved().asked(fd, got.port).filter(|_| cluster::has_cluster_workers()) {
-                    // sin_port and sin6_port are both at offset 2, network order
-                    addr.cast::<u8>().add(2).cast::<[u8; 2]>().write_unaligned(asked.to_be_bytes());
+                    styxy_preload_client::sockaddr::set_port(std::slice::from_raw_parts_mut(addr.cast::<u8>(), *len as usize), asked);
                 }
             }
             sys::set_errno(errno);

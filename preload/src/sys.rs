@@ -1,6 +1,7 @@
 //! Small unsafe helpers around libc: errno, socket type, sockaddr copies with another port.
 
-use libc::{c_int, sockaddr, sockaddr_storage, socklen_t, AF_INET, AF_INET6};
+use libc::{c_int, sockaddr, sockaddr_storage, socklen_t, AF_INET6};
+use styxy_preload_client::sockaddr as inet;
 
 pub type AddrFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 pub type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
@@ -28,51 +29,43 @@ impl Addr {
     /// # Safety
     /// `addr` points to `len` readable bytes (the caller's sockaddr).
     pub unsafe fn read(addr: *const sockaddr, len: socklen_t) -> Option<Addr> {
-        if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+        if addr.is_null() || len as usize > std::mem::size_of::<sockaddr_storage>() {
             return None;
         }
-        let family = c_int::from(std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()));
-        let need = match family {
-            AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
-            AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
-            _ => return None,
-        };
-        if (len as usize) < need || len as usize > std::mem::size_of::<sockaddr_storage>() {
-            return None;
-        }
-        let mut storage: sockaddr_storage = std::mem::zeroed();
-        std::ptr::copy_nonoverlapping(addr.cast::<u8>(), (&mut storage as *mut sockaddr_storage).cast::<u8>(), len as usize);
-        let port = u16::from_be(std::ptr::read_unaligned((addr as *const u8).add(2).cast::<u16>()));
-        Some(Addr { storage, len, family, port })
+        // SAFETY: `len` readable bytes at `addr` (this function's contract).
+        Addr::from_bytes(unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), len as usize) })
     }
 
-    /// The address in `bytes` (a sockaddr as the kernel would read it).
+    /// The address in `bytes` (a sockaddr as the kernel would read it): IPv4 or IPv6
+    /// (`client::sockaddr`, the shim's reading too), at most a `sockaddr_storage`.
     pub fn from_bytes(bytes: &[u8]) -> Option<Addr> {
-        let len = socklen_t::try_from(bytes.len()).ok()?;
-        // SAFETY: `bytes` is `len` readable bytes; read() copies them unaligned.
-        unsafe { Addr::read(bytes.as_ptr().cast(), len) }
+        let len = socklen_t::try_from(bytes.len()).ok().filter(|l| *l as usize <= std::mem::size_of::<sockaddr_storage>())?;
+        let (family, port) = inet::parse(bytes)?;
+        // SAFETY: all zeroes is a valid sockaddr_storage (plain integers).
+        let storage: sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut a = Addr { storage, len, family: c_int::from(family), port };
+        a.bytes_mut()[..bytes.len()].copy_from_slice(bytes);
+        Some(a)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the storage is plain bytes, all of them initialised (zeroed first).
+        unsafe { std::slice::from_raw_parts(self.ptr().cast::<u8>(), std::mem::size_of::<sockaddr_storage>()) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let p = (&mut self.storage as *mut sockaddr_storage).cast::<u8>();
+        // SAFETY: as in `bytes`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(p, std::mem::size_of::<sockaddr_storage>()) }
     }
 
     /// 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104.
     pub fn is_loopback(&self) -> bool {
-        // SAFETY: the family says which sockaddr the storage holds, and both fit in it.
-        unsafe {
-            if self.family == AF_INET {
-                let a = &*self.ptr().cast::<libc::sockaddr_in>();
-                return u32::from_be(a.sin_addr.s_addr) >> 24 == 127;
-            }
-            let a = &*self.ptr().cast::<libc::sockaddr_in6>();
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
+        inet::is_loopback(self.bytes(), self.family as u16)
     }
 
     pub fn with_port(mut self, port: u16) -> Addr {
-        // sin_port and sin6_port are both at offset 2
-        // SAFETY: storage is large enough and we write two bytes at offset 2.
-        unsafe {
-            std::ptr::write_unaligned((&mut self.storage as *mut sockaddr_storage).cast::<u8>().add(2).cast::<u16>(), port.to_be());
-        }
+        inet::set_port(self.bytes_mut(), port);
         self.port = port;
         self
     }
