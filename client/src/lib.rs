@@ -1,4 +1,8 @@
-//! The pure core shared by the CLI, the preload library and the built-in daemon.
+//! What the CLI, the preload library (its hooks' logic, and the `no_std` shim through
+//! the files it includes: `hookproto`, `mapview`, `sockaddr`) and the built-in daemon
+//! share: Styxy's API types ([`api`]), the port → type [`policy`], [`paths`], HTTP over
+//! a Unix socket or TCP ([`http`]), the event log ([`eventlog`]), the shared port and
+//! policy maps ([`portmap`], [`policymap`]). Not pure: it does file I/O, `mmap` and HTTP.
 //!
 //! Nothing here starts a thread, an async runtime or does work at load time: the
 //! preload library runs this code inside foreign processes.
