@@ -27,7 +27,7 @@ fn npm_tools() -> PathBuf {
 /// True when `found`; otherwise panics under CI, or says what to install and returns false.
 fn have(what: &str, found: bool) -> bool {
     if !found {
-        let msg = format!("{what} is missing: run scripts/test.sh (it installs it), or install it by hand");
+        let msg = format!("missing: {what}; run scripts/test.sh (it installs it), or install it by hand");
         assert!(std::env::var_os("CI").is_none(), "{msg}");
         eprintln!("skipped: {msg}");
     }
