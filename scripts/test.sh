@@ -2,6 +2,10 @@
 # The one test command (README quick start, .ci/run): installs what the tests need when it
 # is missing — from the distribution's packages, when running as root on Debian/Ubuntu —
 # then runs every test. Otherwise one line names what to install, and it exits 1.
+# The real dev tools of tests/realtools.rs come from their registries, exact versions:
+# the npm packages of tests/fixtures/realtools/package.json into
+# ${CARGO_TARGET_DIR:-target}/npm-tools (exported as STYXY_TEST_NPM_TOOLS), and
+# jupyter_server (tests/fixtures/realtools/requirements.txt) with pip.
 #   scripts/test.sh [ARGS for cargo test...]     e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +17,8 @@ needs=(
   cc:build-essential                          # the C fixtures (dynamic and static)
   python3:python3                             # servers and helpers in the end-to-end tests
   node:nodejs                                 # Node servers and child_process
+  npm:npm                                     # the real Node tools (tests/realtools.rs)
+  chromium:chromium                           # the browser Playwright drives (tests/realtools.rs)
   go:golang-go                                # the Go fixture of the seccomp tests
   systemd-socket-activate:systemd             # the socket-activation test
   caddy:caddy                                 # real servers run twice in two sessions:
@@ -50,6 +56,35 @@ if ! python3 -c "import gunicorn" 2>/dev/null; then
   pip=(python3 -m pip install -q --disable-pip-version-check gunicorn==23.0.0)
   "${pip[@]}" >/tmp/styxy-test-pip.log 2>&1 || "${pip[@]}" --break-system-packages >>/tmp/styxy-test-pip.log 2>&1 ||
     { echo "test.sh: pip install gunicorn failed (log: /tmp/styxy-test-pip.log): install it, then run scripts/test.sh again" >&2; exit 1; }
+fi
+
+fixtures=tests/fixtures/realtools
+# Each install says so in one line; its output goes to a log named on failure.
+install() { # what log command...
+  local what=$1 log=$2
+  shift 2
+  echo "test.sh: installing $what" >&2
+  "$@" >"$log" 2>&1 || { echo "test.sh: installing $what failed (log: $log): install it by hand, then run scripts/test.sh again" >&2; exit 1; }
+}
+
+# npm packages, exact versions, into the target directory (never the global prefix);
+# installed.json says an install of this very package.json finished
+npm_tools=$(realpath -m "${CARGO_TARGET_DIR:-target}/npm-tools")
+export STYXY_TEST_NPM_TOOLS=$npm_tools
+if ! cmp -s "$fixtures/package.json" "$npm_tools/installed.json"; then
+  mkdir -p "$npm_tools"
+  cp "$fixtures/package.json" "$npm_tools/package.json"
+  install "the npm packages of $fixtures/package.json into $npm_tools (npm install)" /tmp/styxy-test-npm.log \
+    npm install --prefix "$npm_tools" --no-audit --no-fund --no-package-lock --no-update-notifier
+  cp "$fixtures/package.json" "$npm_tools/installed.json"
+fi
+
+# jupyter_server for python3 (the Python the tests run): pip, or pip told that a
+# distribution-managed Python may take it (PEP 668)
+jupyter=$(grep -m1 '^jupyter_server==' "$fixtures/requirements.txt")
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('jupyter_server') != '${jupyter#*==}')" 2>/dev/null; then
+  pip=(python3 -m pip install -q --disable-pip-version-check -r "$fixtures/requirements.txt")
+  install "$jupyter (pip)" /tmp/styxy-test-pip.log sh -c '"$@" || "$@" --break-system-packages' pip "${pip[@]}"
 fi
 
 exec cargo test --workspace --no-fail-fast "$@"

@@ -76,7 +76,9 @@ pub struct ExecArgs {
     /// Join (or name) a session; default: the current STYXY_PRELOAD_SESSION, else a new one
     #[arg(long, value_name = "NAME")]
     pub session: Option<String>,
-    /// coordinate (default), on-conflict (ask only after EADDRINUSE) or observe (never change a port)
+    /// coordinate (default), on-conflict (ask only after EADDRINUSE), observe (never change a port) or
+    /// fallback (a port another session holds fails with EADDRINUSE: for tools that move on by themselves;
+    /// the default for those exec recognises)
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// No summary line at the end
@@ -109,6 +111,7 @@ pub enum Mode {
     Coordinate,
     OnConflict,
     Observe,
+    Fallback,
 }
 
 impl Mode {
@@ -117,6 +120,7 @@ impl Mode {
             Mode::Coordinate => "coordinate",
             Mode::OnConflict => "on-conflict",
             Mode::Observe => "observe",
+            Mode::Fallback => "fallback",
         }
     }
 }

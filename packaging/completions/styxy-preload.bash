@@ -366,7 +366,7 @@ _styxy__preload() {
                     return 0
                     ;;
                 --mode)
-                    COMPREPLY=($(compgen -W "coordinate on-conflict observe" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "coordinate on-conflict observe fallback" -- "${cur}"))
                     return 0
                     ;;
                 --port)

@@ -37,9 +37,10 @@ complete -c styxy-preload -n "__fish_styxy_preload_needs_command" -f -a "daemon"
 complete -c styxy-preload -n "__fish_styxy_preload_needs_command" -f -a "generate" -d 'Write shell completions (bash, zsh, fish) or man pages into DIR (for packagers)'
 complete -c styxy-preload -n "__fish_styxy_preload_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand exec" -l session -d 'Join (or name) a session; default: the current STYXY_PRELOAD_SESSION, else a new one' -r
-complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand exec" -l mode -d 'coordinate (default), on-conflict (ask only after EADDRINUSE) or observe (never change a port)' -r -f -a "coordinate\t''
+complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand exec" -l mode -d 'coordinate (default), on-conflict (ask only after EADDRINUSE), observe (never change a port) or fallback (a port another session holds fails with EADDRINUSE: for tools that move on by themselves; the default for those exec recognises)' -r -f -a "coordinate\t''
 on-conflict\t''
-observe\t''"
+observe\t''
+fallback\t''"
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand exec" -l port -d 'Allocate before starting: NAME=TYPE, NAME=PORT or NAME (a dev port); exported as $NAME and substituted for {NAME} in arguments. `auto`: the variables the recognised tool reads (PORT, UVICORN_PORT, …)' -r
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand exec" -s q -l quiet -d 'No summary line at the end'
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand exec" -l no-start-daemon -d 'Do not start the built-in daemon when no coordinator answers (ports then pass through)'

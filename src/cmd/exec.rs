@@ -57,7 +57,9 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
         Some(m) => {
             env.insert("STYXY_PRELOAD_MODE".into(), m.as_env().into());
         }
-        None if tools::falls_back(&a.cmd) => {
+        // a tool that falls back by itself, or a Node program whose project finds its
+        // port with get-port & co.: let its own fallback happen, so it reports the truth
+        None if tools::falls_back(&a.cmd) || std::env::current_dir().is_ok_and(|cwd| tools::finds_ports_itself(&a.cmd, &cwd)) => {
             env.insert("STYXY_PRELOAD_MODE".into(), "fallback".into());
         }
         None => {}

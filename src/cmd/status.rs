@@ -32,8 +32,8 @@ pub fn run() -> Result<i32, String> {
         Ok(ep) => daemon(&ep, &mut bad),
     }
     let mode = std::env::var("STYXY_PRELOAD_MODE").unwrap_or_else(|_| "coordinate".into());
-    if !["coordinate", "on-conflict", "observe"].contains(&mode.as_str()) {
-        bad(format!("STYXY_PRELOAD_MODE={mode} is not a mode"), "use coordinate, on-conflict or observe".into());
+    if !["coordinate", "on-conflict", "observe", "fallback"].contains(&mode.as_str()) {
+        bad(format!("STYXY_PRELOAD_MODE={mode} is not a mode"), "use coordinate, on-conflict, observe or fallback".into());
     } else {
         println!(
             "✓ mode: {mode}{}",
