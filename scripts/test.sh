@@ -50,14 +50,6 @@ if [ -n "$pkgs" ]; then
   fi
 fi
 
-# gunicorn --reuse-port (real servers of tests/fidelity.rs), from PyPI, pinned
-if ! python3 -c "import gunicorn" 2>/dev/null; then
-  echo "test.sh: installing gunicorn (pip)" >&2
-  pip=(python3 -m pip install -q --disable-pip-version-check gunicorn==23.0.0)
-  "${pip[@]}" >/tmp/styxy-test-pip.log 2>&1 || "${pip[@]}" --break-system-packages >>/tmp/styxy-test-pip.log 2>&1 ||
-    { echo "test.sh: pip install gunicorn failed (log: /tmp/styxy-test-pip.log): install it, then run scripts/test.sh again" >&2; exit 1; }
-fi
-
 fixtures=tests/fixtures/realtools
 # Each install says so in one line; its output goes to a log named on failure.
 install() { # what log command...
@@ -79,12 +71,17 @@ if ! cmp -s "$fixtures/package.json" "$npm_tools/installed.json"; then
   cp "$fixtures/package.json" "$npm_tools/installed.json"
 fi
 
-# jupyter_server for python3 (the Python the tests run): pip, or pip told that a
-# distribution-managed Python may take it (PEP 668)
-jupyter=$(grep -m1 '^jupyter_server==' "$fixtures/requirements.txt")
-if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('jupyter_server') != '${jupyter#*==}')" 2>/dev/null; then
+# Python packages of the real-program tests (jupyter_server, gunicorn), exact versions in
+# requirements.txt, for python3 (the Python the tests run): pip, or pip told that a
+# distribution-managed Python may take them (PEP 668)
+if ! python3 - "$fixtures/requirements.txt" 2>/dev/null <<'PY'
+import importlib.metadata as m, sys
+pins = [l.split("#")[0].strip().split("==") for l in open(sys.argv[1])]
+sys.exit(any(m.version(name) != version for name, version in (p for p in pins if len(p) == 2)))
+PY
+then
   pip=(python3 -m pip install -q --disable-pip-version-check -r "$fixtures/requirements.txt")
-  install "$jupyter (pip)" /tmp/styxy-test-pip.log sh -c '"$@" || "$@" --break-system-packages' pip "${pip[@]}"
+  install "the Python packages of $fixtures/requirements.txt (pip)" /tmp/styxy-test-pip.log sh -c '"$@" || "$@" --break-system-packages' pip "${pip[@]}"
 fi
 
 exec cargo test --workspace --no-fail-fast "$@"
