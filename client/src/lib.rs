@@ -17,6 +17,7 @@ pub mod paths;
 pub mod policy;
 pub mod policymap;
 pub mod portmap;
+pub mod procinfo;
 pub mod session;
 pub mod sockaddr;
 pub mod text;

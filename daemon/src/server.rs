@@ -14,9 +14,10 @@ use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json, Router};
 use serde_json::{json, Map, Value};
 use styxy_preload_client::api::{valid_instance_id, valid_service_name, valid_service_type};
+use styxy_preload_client::procinfo;
 
 use crate::state::{AllocError, AllocRequest, Owner};
-use crate::{now_ms, procinfo, Shared};
+use crate::{now_ms, portcheck, Shared};
 
 /// The largest request body accepted (Styxy: 10 kB).
 pub const MAX_BODY: usize = 16 * 1024;
@@ -388,7 +389,7 @@ async fn check(AxState(sh): AxState<Arc<Shared>>, Path(port): Path<String>) -> A
     let port = port_value(&Value::String(port), "port")?;
     let st = sh.state.lock();
     let alloc = st.allocs.get(&port).map(|a| allocation_json(a, now_ms()));
-    let in_use = procinfo::port_in_use(port);
+    let in_use = portcheck::port_in_use(port);
     Ok(Json(json!({
         "port": port,
         "available": alloc.is_none() && !in_use,

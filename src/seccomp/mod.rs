@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use styxy_preload_client::paths;
+use styxy_preload_client::{paths, procinfo};
 use styxy_preload_core::process::Process;
 
 /// Why seccomp mode cannot work on this machine, checked before the child starts;
@@ -60,9 +60,8 @@ pub fn unavailable() -> Option<String> {
 
 fn has_cap_sys_ptrace() -> bool {
     const CAP_SYS_PTRACE: u32 = 19;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()))
+    procinfo::status_field(std::process::id(), "CapEff")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
 }
 
@@ -137,15 +136,5 @@ impl Supervisor {
 
 /// Our children: the tree's orphans, once the command has exited.
 pub fn orphans() -> Vec<i32> {
-    let me = std::process::id().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            // "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)) == Some(me.as_str())
-        })
-        .collect()
+    procinfo::children_by_scan(std::process::id()).into_iter().filter_map(|p| i32::try_from(p).ok()).collect()
 }

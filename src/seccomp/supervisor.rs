@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use libc::{c_int, seccomp_notif, seccomp_notif_resp};
+use styxy_preload_client::procinfo;
 use styxy_preload_core::process::Process;
 use styxy_preload_core::{bind, connect, listen, sys, Addr, Caller, Route, Socket, Verdict};
 
@@ -209,8 +210,7 @@ impl Remote {
             Ok(fd) => (self.tid, fd),
             // EINVAL before Linux 6.9, ENOENT since: not a thread-group leader
             Err(libc::EINVAL | libc::ENOENT) => {
-                let status = std::fs::read_to_string(format!("/proc/{}/status", self.tid)).map_err(|_| libc::ESRCH)?;
-                let pid = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)?;
+                let pid = procinfo::tgid(self.tid).ok_or(libc::ESRCH)?;
                 (pid, pidfd_open(pid)?)
             }
             Err(e) => return Err(e),
@@ -218,8 +218,8 @@ impl Remote {
         if !self.valid() {
             return Err(libc::ESRCH); // the pid may have been reused
         }
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string()).unwrap_or_else(|_| "?".into());
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|d| d.to_string_lossy().chars().take(1000).collect());
+        let comm = procinfo::comm(pid).unwrap_or_else(|| "?".into());
+        let cwd = procinfo::cwd(pid);
         Ok(Target { pid, comm, cwd, pidfd })
     }
 
