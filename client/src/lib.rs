@@ -19,6 +19,7 @@ pub mod policymap;
 pub mod portmap;
 pub mod procinfo;
 pub mod session;
+pub mod sock;
 pub mod sockaddr;
 pub mod text;
 

@@ -27,29 +27,23 @@ pub fn unavailable() -> Option<String> {
         return Some(format!("not built for {}", std::env::consts::ARCH));
     }
     let action = libc::SECCOMP_RET_USER_NOTIF;
-    // SAFETY: plain syscalls on our own process; every fd we get is closed.
-    unsafe {
-        if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0, &action as *const u32) != 0 {
-            return Some(match io::Error::last_os_error().raw_os_error() {
-                Some(libc::ENOSYS) => "this kernel has no seccomp".into(),
-                Some(libc::EPERM | libc::EACCES) => "seccomp is not permitted here".into(),
-                _ => "the kernel has no seccomp user notification (Linux 5.0+)".into(),
-            });
-        }
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) as libc::c_int;
-        if pidfd < 0 {
-            return Some("the kernel has no pidfd_open (Linux 5.3+)".into());
-        }
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, pidfd, 0) as libc::c_int;
-        let err = io::Error::last_os_error();
-        libc::close(pidfd);
-        if copy < 0 {
-            return Some(match err.raw_os_error() {
-                Some(libc::ENOSYS) => "the kernel has no pidfd_getfd (Linux 5.6+)".into(),
-                _ => format!("pidfd_getfd is refused: {err}"),
-            });
-        }
-        libc::close(copy);
+    // SAFETY: a plain syscall asking the kernel about an action.
+    if unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0, &action as *const u32) } != 0 {
+        return Some(match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS) => "this kernel has no seccomp".into(),
+            Some(libc::EPERM | libc::EACCES) => "seccomp is not permitted here".into(),
+            _ => "the kernel has no seccomp user notification (Linux 5.0+)".into(),
+        });
+    }
+    // our own pidfd, and a copy of it through itself (both closed when dropped)
+    let Ok(pidfd) = supervisor::pidfd_open(std::process::id()) else {
+        return Some("the kernel has no pidfd_open (Linux 5.3+)".into());
+    };
+    if let Err(e) = supervisor::pidfd_getfd(pidfd.as_raw_fd(), pidfd.as_raw_fd()) {
+        return Some(match e {
+            libc::ENOSYS => "the kernel has no pidfd_getfd (Linux 5.6+)".into(),
+            _ => format!("pidfd_getfd is refused: {}", io::Error::from_raw_os_error(e)),
+        });
     }
     let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse::<u8>().ok());
     if scope == Some(3) || (scope == Some(2) && !has_cap_sys_ptrace()) {
