@@ -82,12 +82,12 @@ fn only_interesting_binds_change_and_the_rest_return_exactly_what_libc_returns()
     // without the library, on a free port of the same type
     let mut plain = w.cmd(fixture("binder"));
     plain.args(["battery", "4020", &sock("plain.sock")]);
-    let plain = lines(&run(plain).stdout);
+    let plain = rows(&run(plain).stdout);
     // with it, on the port the other session holds
     let mut ours = w.preloaded(Some("mine"), fixture("binder"));
     ours.args(["battery", "4010", &sock("ours.sock")]);
     let out = run(ours);
-    assert_battery(&plain, &lines(&out.stdout), 4010, &text(&out.stderr));
+    assert_battery(&plain, &rows(&out.stdout), 4010, &text(&out.stderr));
 }
 
 #[test]
@@ -103,14 +103,13 @@ fn thirty_two_threads_bind_at_once_and_a_fork_from_a_thread_still_binds() {
     let t = std::time::Instant::now();
     let out = run(c);
     assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
-    let rows = lines(&out.stdout);
-    let got: Vec<i64> = rows.iter().filter(|l| l[0] == "thread").map(|l| l[2].parse().unwrap()).collect();
+    let got = thread_results(&out.stdout);
     assert_eq!(got.len(), 32, "{}", text(&out.stdout));
     assert!(got.iter().all(|p| *p > 0), "every bind succeeds: {got:?}");
     let distinct: BTreeSet<i64> = got.iter().copied().collect();
     assert_eq!(distinct.len(), 32, "no duplicates: {got:?}");
     assert!(!distinct.contains(&4040) && !distinct.contains(&4045) && !distinct.contains(&4050));
-    assert!(rows.iter().any(|l| l[0] == "forked-child-exit" && l[1] == "0"), "{}", text(&out.stdout));
+    assert_eq!(row(&rows(&out.stdout), "forked-child-exit").rc, Some(0), "{}", text(&out.stdout));
 }
 
 #[test]
@@ -185,10 +184,11 @@ fn errno_is_untouched_stdio_may_be_closed_and_close_range_is_survived() {
     // close_range(3, ~0) between two binds: a fresh connection per request
     let mut c = w.preloaded(Some("mine"), fixture("binder"));
     c.args(["closerange", "4071", "4072"]);
-    let rows = lines(&run(c).stdout);
-    assert_eq!(rows[0][1], "0", "{rows:?}");
-    assert_ne!(rows[0][3], "4071");
-    assert_eq!((rows[1][1].as_str(), rows[1][3].as_str()), ("0", "4072"), "{rows:?}");
+    let rows = rows(&run(c).stdout);
+    let (first, second) = (row(&rows, "first"), row(&rows, "second"));
+    assert_eq!(first.rc, Some(0), "{rows:?}");
+    assert_ne!(first.port, Some(4071));
+    assert_eq!((second.rc, second.port), (Some(0), Some(4072)), "{rows:?}");
     // started with fds 0-2 closed: our sockets never sit on them
     let mut c = w.preloaded(Some("mine"), "sh");
     c.args(["-c", &format!("exec 0<&- 1>&- 2>&- {} serve 4070", fixture("binder").display())]).env("WHO", "closed");
@@ -241,18 +241,17 @@ fn the_shims_own_answers_return_exactly_what_libc_returns() {
     let sock = |n: &str| w.path(n).to_string_lossy().into_owned();
     let mut plain = w.cmd(fixture("binder"));
     plain.args(["battery", "4021", &sock("plain.sock")]);
-    let plain = lines(&run(plain).stdout);
+    let plain = rows(&run(plain).stdout);
     // a free coordinated port: kept through the shim's socket, twins and all
     let mut ours = w.preloaded(Some("mine"), fixture("binder"));
     ours.args(["battery", "4032", &sock("ours.sock")]);
     let out = run(ours);
-    let ours = lines(&out.stdout);
+    let ours = rows(&out.stdout);
     assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}");
     for (a, b) in plain.iter().zip(&ours) {
-        assert_eq!(a[..a.len().min(3)], b[..b.len().min(3)], "{plain:?}\n{ours:?}\n{}", text(&out.stderr));
+        assert_eq!((&a.case, a.outcome()), (&b.case, b.outcome()), "{plain:?}\n{ours:?}\n{}", text(&out.stderr));
     }
-    let port = |label: &str| ours.iter().find(|l| l[0] == label).map(|l| l[3].clone()).unwrap();
-    assert_eq!((port("tcp4-any"), port("tcp6-any")), ("4032".to_string(), "4032".to_string()));
+    assert_eq!((row(&ours, "tcp4-any").port, row(&ours, "tcp6-any").port), (Some(4032), Some(4032)));
     // one start, one event: the twin is this process's own port again (a kernel call
     // alone); the forked child's second bind fails as without us, and says why
     let ev: Vec<_> = w.events().into_iter().filter(|e| e.requested_port == 4032 && e.call == "bind").collect();

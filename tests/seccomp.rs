@@ -46,7 +46,7 @@ fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_por
     assert_eq!(http_get("127.0.0.1", pa, "/").as_deref(), Some("one"));
     assert_eq!(http_get("127.0.0.1", pb, "/").as_deref(), Some("two"));
     // the program saw success and the port it got (getsockname after our bind)
-    assert_eq!(lines(w.output_of("two").as_bytes())[0], ["bind", "0", "0", &pb.to_string()]);
+    assert_eq!(rows(w.output_of("two").as_bytes())[0], Row::of("bind", 0, 0, pb));
     // the same stderr line and event as the library, with the server's own pid and name
     let server_pid = descendants(b)[0];
     let line = format!("styxy-preload: port 8000 is taken; binder-static (pid {server_pid}) got {pb}");
@@ -113,11 +113,11 @@ fn every_other_bind_returns_exactly_what_the_kernel_returns() {
     let sock = |n: &str| w.path(n).to_string_lossy().into_owned();
     let mut plain = w.cmd(&server);
     plain.args(["battery", "4020", &sock("plain.sock")]);
-    let plain = lines(&run(plain).stdout);
+    let plain = rows(&run(plain).stdout);
     let mut c = w.cli();
     c.args(["exec", "--quiet", "--session", "mine", "--"]).arg(&server).args(["battery", "4010", &sock("ours.sock")]);
     let out = run(c);
-    assert_battery(&plain, &lines(&out.stdout), 4010, &text(&out.stderr));
+    assert_battery(&plain, &rows(&out.stdout), 4010, &text(&out.stderr));
 }
 
 #[test]
@@ -241,11 +241,10 @@ fn threads_binding_at_once_and_a_fork_from_a_thread_are_all_answered() {
     let mut c = w.cli();
     c.args(["exec", "--quiet", "--session", "threads", "--"]).arg(&server).args(["threads", "4040", "16", "4150"]);
     let out = run(c);
-    let rows = lines(&out.stdout);
-    let got: BTreeSet<i64> = rows.iter().filter(|l| l[0] == "thread").map(|l| l[2].parse().unwrap()).collect();
+    let got: BTreeSet<i64> = thread_results(&out.stdout).into_iter().collect();
     assert_eq!(got.len(), 16, "every bind succeeds, no duplicates: {}{}", text(&out.stdout), text(&out.stderr));
     assert!(got.iter().all(|p| *p > 0 && ![4040, 4045, 4050].contains(p)), "{got:?}");
-    assert!(rows.iter().any(|l| l[0] == "forked-child-exit" && l[1] == "0"), "{}", text(&out.stdout));
+    assert_eq!(row(&rows(&out.stdout), "forked-child-exit").rc, Some(0), "{}", text(&out.stdout));
     let threads = w.events().into_iter().filter(|e| e.session.as_deref() == Some("threads") && e.call == "bind").count();
     assert!(threads >= 16, "the supervisor answered the threads' binds: {threads} events");
 }

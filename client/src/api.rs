@@ -1,42 +1,99 @@
 //! The Styxy HTTP API as a port-allocating client sees it (`styxy-api.md` §4), plus the
-//! few extra fields the built-in daemon understands and Styxy ignores.
+//! few extra fields the built-in daemon understands and Styxy ignores. Clients
+//! serialise these types, the built-in daemon parses them (as leniently as Styxy does:
+//! ports as numbers or numeric strings, nulls for absent values) and answers with them.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 
 /// `POST /allocate`. Fields after `dry_run` are extras: Styxy ignores them, the
-/// built-in daemon uses them for liveness and stickiness.
+/// built-in daemon uses them for liveness and stickiness. Parsing checks types and port
+/// ranges only; the daemon checks the rest (characters, lengths, who may name a pid).
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 pub struct AllocateRequest {
+    /// Required: empty when the client sent none.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub service_type: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_name: Option<String>,
-    /// Omitted rather than null or 0: Styxy answers 400 to both.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Omitted rather than null or 0: Styxy answers 400 to both (and so does the daemon).
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "preferred_port")]
     pub preferred_port: Option<u16>,
     /// The session. Omitted for a process outside any session.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub project_path: Option<String>,
-    #[serde(skip_serializing_if = "is_false", default)]
+    #[serde(skip_serializing_if = "is_false", default, deserialize_with = "null_as_default")]
     pub dry_run: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "requested_port")]
     pub requested_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
     /// Ports the client found taken at OS level; never grant them again.
-    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    #[serde(skip_serializing_if = "Vec::is_empty", default, deserialize_with = "exclude")]
     pub exclude: Vec<u16>,
     /// A bind in progress: the grant stands once the client confirms it (its `listen()`,
-    /// or the port bound), and expires if the client gave up on it.
-    #[serde(skip_serializing_if = "is_false", default)]
+    /// or the port bound), and expires if the client gave up on it. Anything but `true`
+    /// is false.
+    #[serde(skip_serializing_if = "is_false", default, deserialize_with = "only_true")]
     pub bind: bool,
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// `null` as the type's default (an empty string, false).
+fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A port as Styxy takes it: an integer or a numeric string, 1–65535.
+pub fn port_of(v: &Value) -> Option<u16> {
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    n.filter(|n| (1..=65535).contains(n)).map(|n| n as u16)
+}
+
+fn port_error<E: serde::de::Error>(field: &str) -> E {
+    E::custom(format!("{field} must be an integer between 1 and 65535"))
+}
+
+/// Present, `preferred_port` must be a port: `null` is refused, as by Styxy.
+fn preferred_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    port_of(&Value::deserialize(d)?).map(Some).ok_or_else(|| port_error("preferred_port"))
+}
+
+fn requested_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v => port_of(&v).map(Some).ok_or_else(|| port_error("requested_port")),
+    }
+}
+
+fn exclude<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(vec![]),
+        Value::Array(a) => a.iter().map(|v| port_of(v).ok_or_else(|| port_error("exclude[]"))).collect(),
+        _ => Err(D::Error::custom("exclude must be an array of ports")),
+    }
+}
+
+fn only_true<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Value::deserialize(d)? == Value::Bool(true))
+}
+
+/// A value that does not have the expected shape is taken as absent (for what a client
+/// shows but never relies on).
+fn or_none<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<T>, D::Error> {
+    Ok(serde_json::from_value(Value::deserialize(d)?).ok())
 }
 
 /// Who holds a port, as the built-in daemon reports it with a remap.
@@ -50,8 +107,9 @@ pub struct Holder {
     pub comm: Option<String>,
 }
 
-/// Any answer to `POST /allocate`: success (`lock_id`), Styxy's singleton reuse
-/// shape (`lockId`, `existing`, no `success`), or an error.
+/// Any answer to `POST /allocate`: success (`lock_id`), a dry run (`dry_run`, with
+/// the type and name asked for), Styxy's singleton reuse shape (`lockId`, `existing`,
+/// no `success`), or an error (`error`, and for an exhausted range its `context`).
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 pub struct AllocateReply {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +127,24 @@ pub struct AllocateReply {
     /// Built-in daemon only: who holds the requested port when another was granted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holder: Option<Holder>,
+    #[serde(skip_serializing_if = "is_false", default, deserialize_with = "only_true")]
+    pub dry_run: bool,
+    /// A dry run's service type and name.
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "or_none")]
+    pub service_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "or_none")]
+    pub service_name: Option<String>,
+    /// An exhausted range's details (Styxy sends other shapes too: those read as none).
+    #[serde(skip_serializing_if = "Option::is_none", default, deserialize_with = "or_none")]
+    pub context: Option<ExhaustedContext>,
+}
+
+/// The `context` of "No available ports in range a-b for service type t".
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct ExhaustedContext {
+    pub allocated_ports: Vec<u16>,
+    pub port_range: [u16; 2],
+    pub service_type: String,
 }
 
 impl AllocateReply {
@@ -179,6 +255,60 @@ mod tests {
     fn request_omits_what_styxy_rejects() {
         let r = AllocateRequest { service_type: "dev".into(), ..Default::default() };
         assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"service_type":"dev"}"#);
+    }
+
+    #[test]
+    fn requests_parse_as_styxy_takes_them() {
+        let parse = |s: &str| serde_json::from_str::<AllocateRequest>(s).map_err(|e| e.to_string());
+        let r = parse(r#"{"service_type":"dev","preferred_port":"3000","requested_port":null,"exclude":[3001,"3002"],"dry_run":null,"bind":"yes","x":1}"#).unwrap();
+        assert_eq!((r.preferred_port, r.requested_port, r.exclude, r.dry_run, r.bind), (Some(3000), None, vec![3001, 3002], false, false));
+        assert_eq!(parse(r#"{"service_type":null}"#).unwrap().service_type, "", "required: the daemon says so");
+        for (body, why) in [
+            (r#"{"service_type":"dev","preferred_port":null}"#, "preferred_port must be"),
+            (r#"{"service_type":"dev","preferred_port":0}"#, "preferred_port must be"),
+            (r#"{"service_type":"dev","requested_port":70000}"#, "requested_port must be"),
+            (r#"{"service_type":"dev","exclude":[1,"x"]}"#, "exclude[] must be"),
+            (r#"{"service_type":"dev","exclude":3}"#, "exclude must be"),
+            (r#"{"service_type":"dev","dry_run":"yes"}"#, "boolean"),
+            (r#"{"service_type":5}"#, "string"),
+            (r#"{"service_type":"dev","pid":-1}"#, "u32"),
+        ] {
+            assert!(parse(body).is_err_and(|e| e.contains(why)), "{body}: {:?}", parse(body));
+        }
+        // what a client sends, the daemon reads back
+        let full = AllocateRequest {
+            service_type: "dev".into(),
+            preferred_port: Some(3000),
+            requested_port: Some(3000),
+            exclude: vec![3000],
+            bind: true,
+            pid: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(parse(&serde_json::to_string(&full).unwrap()).unwrap(), full);
+    }
+
+    #[test]
+    fn replies_serialise_in_styxy_shapes() {
+        let ok = AllocateReply {
+            success: Some(true),
+            port: Some(3000),
+            lock_id: Some("a".into()),
+            message: Some("m".into()),
+            ..Default::default()
+        };
+        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"success":true,"port":3000,"lock_id":"a","message":"m"}"#);
+        let full = AllocateReply {
+            success: Some(false),
+            error: Some("No available ports".into()),
+            context: Some(ExhaustedContext { allocated_ports: vec![6006], port_range: [6006, 6029], service_type: "storybook".into() }),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&full).unwrap();
+        assert!(text.contains(r#""context":{"allocated_ports":[6006],"port_range":[6006,6029],"service_type":"storybook"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<AllocateReply>(&text).unwrap(), full);
+        let other: AllocateReply = serde_json::from_str(r#"{"success":false,"error":"e","context":{"category":"x"}}"#).unwrap();
+        assert_eq!((other.error.as_deref(), other.context), (Some("e"), None));
     }
 
     #[test]

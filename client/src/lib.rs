@@ -17,7 +17,9 @@ pub mod paths;
 pub mod policy;
 pub mod policymap;
 pub mod portmap;
+pub mod procinfo;
 pub mod session;
+pub mod sock;
 pub mod sockaddr;
 pub mod text;
 

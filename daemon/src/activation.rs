@@ -12,6 +12,8 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use styxy_preload_client::sock::sockopt;
+
 /// The first fd of the `sd_listen_fds` protocol.
 const LISTEN_FDS_START: RawFd = 3;
 
@@ -95,16 +97,6 @@ fn inherited(listen_pid: Option<&str>, listen_fds: Option<&str>) -> Result<Optio
     }
     // SAFETY: fd 3 is open, ours (passed to this process only) and owned from here on.
     Ok(Some(unsafe { UnixListener::from_raw_fd(LISTEN_FDS_START) }))
-}
-
-fn sockopt(fd: RawFd, opt: libc::c_int) -> std::io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into a c_int of the right size.
-    if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
 }
 
 fn check_listening_unix_stream(fd: RawFd) -> Result<(), String> {

@@ -20,10 +20,11 @@ use styxy_preload_client::api::{service_name, valid_instance_id};
 use styxy_preload_client::eventlog::{self, Action, Event};
 use styxy_preload_client::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
 use styxy_preload_client::policy::Decision;
+use styxy_preload_client::procinfo;
 use tokio::io::unix::AsyncFd;
 
 use crate::state::{AllocRequest, Owner};
-use crate::{now_ms, procinfo, Shared};
+use crate::{now_ms, Shared};
 
 /// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
 const EXCHANGE: Duration = Duration::from_secs(1);

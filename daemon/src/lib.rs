@@ -10,7 +10,7 @@ pub mod activation;
 pub mod hook;
 pub mod journal;
 pub mod metrics;
-pub mod procinfo;
+pub mod portcheck;
 pub mod server;
 pub mod state;
 pub mod upstream;
@@ -31,6 +31,7 @@ use serde_json::Value;
 use styxy_preload_client::paths;
 use styxy_preload_client::policy::Policy;
 use styxy_preload_client::portmap::PortMap;
+use styxy_preload_client::procinfo;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::server::Peer;
@@ -316,7 +317,7 @@ fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
-    procinfo::bind_unsupervised(&s, &addr.into())?;
+    portcheck::bind_unsupervised(&s, &addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())
 }

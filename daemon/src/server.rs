@@ -12,11 +12,15 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use styxy_preload_client::api::{valid_instance_id, valid_service_name, valid_service_type};
+use styxy_preload_client::api::{
+    port_of, valid_instance_id, valid_service_name, valid_service_type, AllocateReply, AllocateRequest, ErrorReply, ExhaustedContext,
+};
+use styxy_preload_client::procinfo;
 
 use crate::state::{AllocError, AllocRequest, Owner};
-use crate::{now_ms, procinfo, Shared};
+use crate::{now_ms, portcheck, Shared};
 
 /// The largest request body accepted (Styxy: 10 kB).
 pub const MAX_BODY: usize = 16 * 1024;
@@ -42,7 +46,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"success": false, "error": self.1}))).into_response()
+        (self.0, Json(ErrorReply { success: false, error: self.1 })).into_response()
     }
 }
 
@@ -139,18 +143,15 @@ async fn json_body(body: Body) -> Result<Map<String, Value>, ApiError> {
 }
 
 fn port_value(v: &Value, field: &str) -> Result<u16, ApiError> {
-    let n = match v {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
-    };
-    n.filter(|n| (1..=65535).contains(n))
-        .map(|n| n as u16)
-        .ok_or_else(|| ApiError::bad(format!("{field} must be an integer between 1 and 65535")))
+    port_of(v).ok_or_else(|| ApiError::bad(format!("{field} must be an integer between 1 and 65535")))
 }
 
 fn pid_value(v: &Value) -> Result<u32, ApiError> {
-    v.as_u64().filter(|p| *p > 0 && *p <= i32::MAX as u64).map(|p| p as u32).ok_or_else(|| ApiError::bad("pid must be a positive integer"))
+    v.as_u64().and_then(|p| u32::try_from(p).ok()).and_then(valid_pid).ok_or_else(|| ApiError::bad("pid must be a positive integer"))
+}
+
+fn valid_pid(p: u32) -> Option<u32> {
+    (p > 0 && p <= i32::MAX as u32).then_some(p)
 }
 
 fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
@@ -161,63 +162,48 @@ fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>
     }
 }
 
-fn parse_allocate(m: &Map<String, Value>, peer: Peer) -> Result<AllocRequest, ApiError> {
-    let service_type = opt_str(m, "service_type")?.ok_or_else(|| ApiError::bad("service_type is required"))?;
-    if !valid_service_type(service_type) {
+/// The allocate request's body, parsed into the clients' own type ([`AllocateRequest`]:
+/// types and port ranges) and checked against Styxy's rules and the daemon's own.
+fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<AllocRequest, ApiError> {
+    let r = AllocateRequest::deserialize(Value::Object(m)).map_err(|e| ApiError::bad(e.to_string()))?;
+    if r.service_type.is_empty() {
+        return Err(ApiError::bad("service_type is required"));
+    }
+    if !valid_service_type(&r.service_type) {
         return Err(ApiError::bad("service_type must be 1-50 characters of A-Z, a-z, 0-9 and -"));
     }
-    let service_name = opt_str(m, "service_name")?.unwrap_or("unnamed-service");
-    if !valid_service_name(service_name) {
+    let service_name = r.service_name.unwrap_or_else(|| "unnamed-service".into());
+    if !valid_service_name(&service_name) {
         return Err(ApiError::bad("service_name must be 1-100 characters of A-Z, a-z, 0-9, ., _ and -"));
     }
-    let session = opt_str(m, "instance_id")?;
-    if let Some(s) = session {
-        if !valid_instance_id(s) {
-            return Err(ApiError::bad("instance_id must be 1-100 characters of A-Z, a-z, 0-9, _ and -"));
-        }
+    if r.instance_id.as_deref().is_some_and(|s| !valid_instance_id(s)) {
+        return Err(ApiError::bad("instance_id must be 1-100 characters of A-Z, a-z, 0-9, _ and -"));
     }
-    let project_path = opt_str(m, "project_path")?;
-    if project_path.is_some_and(|p| p.len() > 1000) {
+    if r.project_path.as_ref().is_some_and(|p| p.len() > 1000) {
         return Err(ApiError::bad("project_path must be at most 1000 characters"));
     }
-    let preferred_port = m.get("preferred_port").map(|v| port_value(v, "preferred_port")).transpose()?;
-    let requested_port = match m.get("requested_port") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(port_value(v, "requested_port")?),
-    };
-    let dry_run = match m.get("dry_run") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::bad("dry_run must be true or false")),
-    };
-    let exclude = match m.get("exclude") {
-        None | Some(Value::Null) => vec![],
-        Some(Value::Array(a)) if a.len() <= 256 => a.iter().map(|v| port_value(v, "exclude[]")).collect::<Result<_, _>>()?,
-        Some(_) => return Err(ApiError::bad("exclude must be an array of at most 256 ports")),
-    };
-    let pid = match m.get("pid") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(pid_value(v)?),
-    };
-    let comm = opt_str(m, "comm")?.map(|c| c.chars().take(64).collect::<String>());
-    let session = session.filter(|s| *s != "default");
+    if r.exclude.len() > 256 {
+        return Err(ApiError::bad("exclude must be an array of at most 256 ports"));
+    }
+    let pid = r.pid.map(|p| valid_pid(p).ok_or_else(|| ApiError::bad("pid must be a positive integer"))).transpose()?;
+    let comm = r.comm.map(|c| c.chars().take(64).collect::<String>());
+    let session = r.instance_id.filter(|s| s != "default");
     let owner_pid = match pid {
-        Some(p) => Some(verified_pid(p, peer, session)?),
+        Some(p) => Some(verified_pid(p, peer, session.as_deref())?),
         None => peer.pid,
     };
-    let bind = matches!(m.get("bind"), Some(Value::Bool(true)));
     Ok(AllocRequest {
-        service_type: service_type.to_string(),
-        service_name: service_name.to_string(),
-        preferred_port,
-        session: session.map(str::to_string),
-        project_path: project_path.map(str::to_string),
-        dry_run,
-        requested_port,
+        service_type: r.service_type,
+        service_name,
+        preferred_port: r.preferred_port,
+        session,
+        project_path: r.project_path,
+        dry_run: r.dry_run,
+        requested_port: r.requested_port,
         comm: comm.or_else(|| owner_pid.and_then(procinfo::comm)),
-        exclude,
+        exclude: r.exclude,
         owner: owner_pid.map(Owner::pid),
-        bind,
+        bind: r.bind,
     })
 }
 
@@ -240,7 +226,7 @@ fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiE
 async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
     let started = std::time::Instant::now();
     let m = json_body(body).await?;
-    let req = parse_allocate(&m, peer)?;
+    let req = parse_allocate(m, peer)?;
     let mut result = sh.state.lock().allocate(&req, now_ms());
     if let Ok(g) = &mut result {
         if !req.dry_run && !g.existing {
@@ -261,23 +247,29 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
                 drop(st);
                 sh.persist();
             }
-            let mut v = json!({
-                "success": true,
-                "port": g.port,
-                "lock_id": g.lock_id,
-                "message": format!("Port {} allocated for {} service", g.port, req.service_type),
-            });
-            if g.existing {
-                v["existing"] = json!(true);
-            }
-            if req.dry_run {
-                v = json!({"success": true, "port": g.port, "dry_run": true, "message": format!("Port {} is available", g.port),
-                           "service_type": req.service_type, "service_name": req.service_name});
-            }
-            if let Some(h) = g.holder {
-                v["holder"] = serde_json::to_value(h).unwrap_or(Value::Null);
-            }
-            Ok(Json(v).into_response())
+            let reply = if req.dry_run {
+                AllocateReply {
+                    success: Some(true),
+                    port: Some(g.port),
+                    dry_run: true,
+                    message: Some(format!("Port {} is available", g.port)),
+                    service_type: Some(req.service_type),
+                    service_name: Some(req.service_name),
+                    holder: g.holder,
+                    ..Default::default()
+                }
+            } else {
+                AllocateReply {
+                    success: Some(true),
+                    port: Some(g.port),
+                    lock_id: Some(g.lock_id),
+                    existing: g.existing.then_some(true),
+                    message: Some(format!("Port {} allocated for {} service", g.port, req.service_type)),
+                    holder: g.holder,
+                    ..Default::default()
+                }
+            };
+            Ok(Json(reply).into_response())
         }
         Err(AllocError::UnknownType(t)) => {
             let st = sh.state.lock();
@@ -290,15 +282,15 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
         Err(AllocError::Quota { who, limit }) => {
             Err(ApiError::bad(format!("{who} hold {limit} ports, the most allowed: release some first")))
         }
-        Err(AllocError::Exhausted { ty, range, allocated }) => Ok((
-            StatusCode::BAD_REQUEST,
-            Json(json!({
-                "success": false,
-                "error": format!("No available ports in range {}-{} for service type {ty}", range.0, range.1),
-                "context": {"allocated_ports": allocated, "port_range": [range.0, range.1], "service_type": ty},
-            })),
-        )
-            .into_response()),
+        Err(AllocError::Exhausted { ty, range, allocated }) => {
+            let reply = AllocateReply {
+                success: Some(false),
+                error: Some(format!("No available ports in range {}-{} for service type {ty}", range.0, range.1)),
+                context: Some(ExhaustedContext { allocated_ports: allocated, port_range: [range.0, range.1], service_type: ty }),
+                ..Default::default()
+            };
+            Ok((StatusCode::BAD_REQUEST, Json(reply)).into_response())
+        }
     }
 }
 
@@ -388,7 +380,7 @@ async fn check(AxState(sh): AxState<Arc<Shared>>, Path(port): Path<String>) -> A
     let port = port_value(&Value::String(port), "port")?;
     let st = sh.state.lock();
     let alloc = st.allocs.get(&port).map(|a| allocation_json(a, now_ms()));
-    let in_use = procinfo::port_in_use(port);
+    let in_use = portcheck::port_in_use(port);
     Ok(Json(json!({
         "port": port,
         "available": alloc.is_none() && !in_use,
@@ -562,7 +554,7 @@ mod fuzz {
         /// accepts satisfies Styxy's rules.
         #[test]
         fn validation_never_panics(m in request()) {
-            match parse_allocate(&m, Peer { pid: None, tcp: false }) {
+            match parse_allocate(m, Peer { pid: None, tcp: false }) {
                 Ok(r) => {
                     prop_assert!(valid_service_type(&r.service_type));
                     prop_assert!(r.preferred_port.is_none_or(|p| p != 0));

@@ -1,6 +1,6 @@
 //! Allocation state: who holds which port, for which session and requested port, and
 //! the rules for granting one. Pure bookkeeping under the daemon's lock; the OS is
-//! consulted through `procinfo` only.
+//! consulted through `procinfo` (processes) and `portcheck` (ports) only.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use styxy_preload_client::api::Holder;
 use styxy_preload_client::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_client::portmap::PortMap;
-use styxy_preload_client::session;
+use styxy_preload_client::{procinfo, session};
 
-use crate::procinfo;
+use crate::portcheck;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -195,7 +195,7 @@ impl State {
             policy,
             map,
             grace_ms,
-            port_in_use: procinfo::port_in_use,
+            port_in_use: portcheck::port_in_use,
             upstream_held: BTreeSet::new(),
             upstream_releases: Vec::new(),
         }

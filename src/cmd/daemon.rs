@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use styxy_preload_client::discovery;
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::paths;
+use styxy_preload_client::procinfo::ProcId;
 use styxy_preload_daemon::{upstream, Options, RunError};
 
 use crate::cli::{DaemonCommand, DaemonRunArgs};
@@ -119,23 +120,25 @@ fn stop() -> Result<i32, String> {
         println!("not running (no answer at {ep})");
         return Ok(0);
     };
+    // the daemon as it runs now: a pid reused after it exits is not taken for it
+    let id = ProcId::of(pid as u32);
     // SAFETY: plain kill(2).
     unsafe { libc::kill(pid, libc::SIGTERM) };
+    let alive = || id.is_some_and(|id| id.alive());
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if !discovery::answers(&ep, Timeouts { total: Duration::from_millis(200), ..PROBE }) && !alive(pid) {
+        if !discovery::answers(&ep, Timeouts { total: Duration::from_millis(200), ..PROBE }) && !alive() {
             println!("stopped (pid {pid})");
             return Ok(0);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if !alive() {
+        println!("stopped (pid {pid}); its socket still answers: another daemon serves it");
+        return Ok(0);
+    }
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     println!("killed (pid {pid}) after it ignored SIGTERM for 5 s");
     Ok(0)
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks existence.
-    unsafe { libc::kill(pid, 0) == 0 }
 }

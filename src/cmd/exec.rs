@@ -12,7 +12,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::low_level::siginfo::Cause;
-use styxy_preload_client::api::AllocateReply;
+use styxy_preload_client::api::{AllocateReply, AllocateRequest};
 use styxy_preload_client::eventlog::{self, Action};
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 use styxy_preload_client::policy::Policy;
@@ -223,17 +223,19 @@ fn known(p: &Policy) -> String {
 
 /// Allocates `requested` (or another port of `ty`) for `session`, owned by `pid`.
 pub fn allocate(ep: &Endpoint, session: &str, ty: &str, requested: u16, pid: u32) -> Result<(u16, Option<String>), String> {
-    let body = json!({
-        "service_type": ty,
-        "service_name": format!("styxy-preload-{requested}"),
-        "preferred_port": requested,
-        "requested_port": requested,
-        "instance_id": session,
-        "pid": pid,
-        "project_path": std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned()),
-    });
-    let res = http::call(ep, "POST", "/allocate", Some(body.to_string().as_bytes()), Timeouts::CLI)
-        .map_err(|e| format!("allocating a {ty} port at {ep}: {e}"))?;
+    let req = AllocateRequest {
+        service_type: ty.to_string(),
+        service_name: Some(format!("styxy-preload-{requested}")),
+        preferred_port: Some(requested),
+        requested_port: Some(requested),
+        instance_id: Some(session.to_string()),
+        pid: Some(pid),
+        project_path: std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned()),
+        ..Default::default()
+    };
+    let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+    let res =
+        http::call(ep, "POST", "/allocate", Some(&body), Timeouts::CLI).map_err(|e| format!("allocating a {ty} port at {ep}: {e}"))?;
     let reply: AllocateReply = res.json().map_err(|e| e.to_string())?;
     match reply.granted() {
         Some((port, lock)) => Ok((port, lock.map(str::to_string))),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 use styxy_preload_client::api::AllocationsReply;
 use styxy_preload_client::eventlog::{self, Action, Event};
 use styxy_preload_client::http::{self, Timeouts};
@@ -53,17 +53,72 @@ impl Counts {
         }
     }
 
-    fn json(&mut self) -> Value {
+    fn tally(mut self) -> Tally {
         self.latency_us.sort_unstable();
-        let pct =
-            |p: f64| (!self.latency_us.is_empty()).then(|| self.latency_us[((self.latency_us.len() - 1) as f64 * p).round() as usize]);
-        json!({
-            "binds": self.binds, "kept": self.kept, "remapped": self.remapped,
-            "passthrough": self.passthrough, "passthrough_total": self.passthrough.values().sum::<u64>(),
-            "errors": self.errors, "eaddrinuse_retries": self.retries,
-            "latency_p50_us": pct(0.5), "latency_p99_us": pct(0.99),
-        })
+        let lat = &self.latency_us;
+        let pct = |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);
+        Tally {
+            binds: self.binds,
+            eaddrinuse_retries: self.retries,
+            errors: self.errors,
+            kept: self.kept,
+            latency_p50_us: pct(0.5),
+            latency_p99_us: pct(0.99),
+            passthrough_total: self.passthrough.values().sum(),
+            passthrough: self.passthrough,
+            remapped: self.remapped,
+        }
     }
+}
+
+// `stats --json` prints these structs; their fields are in alphabetical order, the
+// order of the JSON object keys since the first version.
+
+/// What the binds of one service type (or all) came to.
+#[derive(Serialize)]
+struct Tally {
+    binds: u64,
+    eaddrinuse_retries: u64,
+    errors: u64,
+    kept: u64,
+    latency_p50_us: Option<u64>,
+    latency_p99_us: Option<u64>,
+    /// Per reason (`reason_kind`).
+    passthrough: BTreeMap<&'static str, u64>,
+    passthrough_total: u64,
+    remapped: u64,
+}
+
+#[derive(Serialize)]
+struct SessionStats {
+    binds: u64,
+    /// `None` when no coordinator answers.
+    ports_held_now: Option<usize>,
+    remaps: u64,
+}
+
+/// How full a service type's range is now.
+#[derive(Serialize)]
+struct RangeUse {
+    held: usize,
+    service_type: String,
+    size: usize,
+    #[serde(rename = "use")]
+    fraction: f64,
+}
+
+#[derive(Serialize)]
+struct Stats {
+    by_session: BTreeMap<String, SessionStats>,
+    by_type: BTreeMap<String, Tally>,
+    /// The coordinator asked for live allocations, if one answered.
+    coordinator: Option<String>,
+    /// Fullest first; only types holding a port.
+    ranges_now: Vec<RangeUse>,
+    session: Option<String>,
+    since_s: Option<u64>,
+    summary: String,
+    totals: Tally,
 }
 
 pub fn run(a: StatsArgs) -> Result<i32, String> {
@@ -74,17 +129,26 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
+    let stats = gather(&a, &events);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&stats).unwrap_or_default());
+    } else {
+        print_tables(&stats);
+    }
+    Ok(0)
+}
+
+fn gather(a: &StatsArgs, events: &[Event]) -> Stats {
     let since_ms = a.since.map(|d| eventlog::now_ms().saturating_sub(d.as_millis() as u64));
-    let binds: Vec<&Event> = events
+    let binds = events
         .iter()
         .filter(|e| e.call == "bind" && e.action != Action::Observed)
-        .filter(|e| since_ms.is_none_or(|t| e.ts >= t) && a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s)))
-        .collect();
+        .filter(|e| since_ms.is_none_or(|t| e.ts >= t) && a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s)));
 
     let mut total = Counts::default();
     let mut by_type: BTreeMap<String, Counts> = BTreeMap::new();
     let mut by_session: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for e in &binds {
+    for e in binds {
         total.add(e);
         by_type.entry(e.service_type.clone().unwrap_or_else(|| "-".into())).or_default().add(e);
         let s = by_session.entry(e.session.clone().unwrap_or_else(|| "(none)".into())).or_default();
@@ -99,91 +163,85 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
         Some((ep.to_string(), list.allocations))
     });
     let policy = Policy::from_env().0;
-    let mut ranges: Vec<Value> = Vec::new();
+    let mut ranges: Vec<RangeUse> = Vec::new();
     if let Some((_, allocs)) = &live {
         for t in &policy.types {
             let held = allocs.iter().filter(|x| x.service_type == t.name).count();
             let size = usize::from(t.range.1 - t.range.0) + 1;
             if held > 0 {
-                ranges.push(json!({"service_type": t.name, "held": held, "size": size, "use": held as f64 / size as f64}));
+                ranges.push(RangeUse { service_type: t.name.clone(), held, size, fraction: held as f64 / size as f64 });
             }
         }
-        ranges.sort_by(|x, y| y["use"].as_f64().partial_cmp(&x["use"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
+        ranges.sort_by(|x, y| y.fraction.partial_cmp(&x.fraction).unwrap_or(std::cmp::Ordering::Equal));
     }
-    let sessions: BTreeMap<&String, Value> = by_session
-        .iter()
-        .map(|(s, (b, r))| {
-            let held = live.as_ref().map(|(_, allocs)| allocs.iter().filter(|x| x.instance_id.as_ref() == Some(s)).count());
-            (s, json!({"binds": b, "remaps": r, "ports_held_now": held}))
+    let by_session = by_session
+        .into_iter()
+        .map(|(s, (binds, remaps))| {
+            let held = live.as_ref().map(|(_, allocs)| allocs.iter().filter(|x| x.instance_id.as_ref() == Some(&s)).count());
+            (s, SessionStats { binds, remaps, ports_held_now: held })
         })
         .collect();
+    let totals = total.tally();
+    let by_type = by_type.into_iter().map(|(t, c)| (t, c.tally())).collect();
 
-    let failed = total.passthrough.values().sum::<u64>() + total.errors;
+    let failed = totals.passthrough_total + totals.errors;
     let window = match a.since {
         Some(d) => format!("In the last {}", humantime::format_duration(d)),
         None => "In the whole log".to_string(),
     };
     let summary = format!(
         "{window}, {} server start{} asked for a coordinated port: {} got the port they asked for, {} would have collided and were moved, {} passed through uncoordinated or failed{}.",
-        total.binds,
-        if total.binds == 1 { "" } else { "s" },
-        total.kept,
-        total.remapped,
+        totals.binds,
+        if totals.binds == 1 { "" } else { "s" },
+        totals.kept,
+        totals.remapped,
         failed,
-        ranges.first().map(|r| format!("; the fullest range is {} ({} of {} ports held)", r["service_type"].as_str().unwrap_or("?"), r["held"], r["size"])).unwrap_or_default()
+        ranges.first().map(|r| format!("; the fullest range is {} ({} of {} ports held)", r.service_type, r.held, r.size)).unwrap_or_default()
     );
-    let mut types = serde_json::Map::new();
-    for (t, c) in by_type.iter_mut() {
-        types.insert(t.clone(), c.json());
+    Stats {
+        summary,
+        since_s: a.since.map(|d| d.as_secs()),
+        session: a.session.clone(),
+        totals,
+        by_type,
+        by_session,
+        ranges_now: ranges,
+        coordinator: live.map(|(ep, _)| ep),
     }
-    let out = json!({
-        "summary": summary,
-        "since_s": a.since.map(|d| d.as_secs()),
-        "session": a.session,
-        "totals": total.json(),
-        "by_type": types,
-        "by_session": sessions,
-        "ranges_now": ranges,
-        "coordinator": live.as_ref().map(|(ep, _)| ep.clone()),
-    });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-        return Ok(0);
-    }
-    // Value's Display ignores widths: format numbers as strings first
-    let num = |v: &Value| v.as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-    println!("{}\n", cell(&summary));
+}
+
+fn print_tables(s: &Stats) {
+    let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+    println!("{}\n", cell(&s.summary));
     println!(
         "{:<14} {:>6} {:>6} {:>8} {:>12} {:>7} {:>8} {:>9} {:>9}",
         "TYPE", "BINDS", "KEPT", "REMAPPED", "PASSTHROUGH", "ERRORS", "RETRIES", "P50 µs", "P99 µs"
     );
-    for (t, v) in &types {
-        let n = |k: &str| num(&v[k]);
+    for (t, v) in &s.by_type {
         println!(
             "{:<14} {:>6} {:>6} {:>8} {:>12} {:>7} {:>8} {:>9} {:>9}",
             cell(t),
-            n("binds"),
-            n("kept"),
-            n("remapped"),
-            n("passthrough_total"),
-            n("errors"),
-            n("eaddrinuse_retries"),
-            n("latency_p50_us"),
-            n("latency_p99_us")
+            v.binds,
+            v.kept,
+            v.remapped,
+            v.passthrough_total,
+            v.errors,
+            v.eaddrinuse_retries,
+            opt(v.latency_p50_us),
+            opt(v.latency_p99_us)
         );
     }
-    if !sessions.is_empty() {
+    if !s.by_session.is_empty() {
         println!("\n{:<24} {:>6} {:>7} {:>10}", "SESSION", "BINDS", "REMAPS", "HELD NOW");
-        for (s, v) in &sessions {
-            println!("{:<24} {:>6} {:>7} {:>10}", cell(s), num(&v["binds"]), num(&v["remaps"]), num(&v["ports_held_now"]));
+        for (name, v) in &s.by_session {
+            println!("{:<24} {:>6} {:>7} {:>10}", cell(name), v.binds, v.remaps, opt(v.ports_held_now.map(|n| n as u64)));
         }
     }
-    if !ranges.is_empty() {
+    if !s.ranges_now.is_empty() {
         println!("\n{:<14} {:>5} {:>5} {:>6}", "RANGE", "HELD", "SIZE", "USE");
-        for r in &ranges {
-            let pct = format!("{:.1}%", r["use"].as_f64().unwrap_or(0.0) * 100.0);
-            println!("{:<14} {:>5} {:>5} {:>6}", cell(r["service_type"].as_str().unwrap_or("?")), num(&r["held"]), num(&r["size"]), pct);
+        for r in &s.ranges_now {
+            let pct = format!("{:.1}%", r.fraction * 100.0);
+            println!("{:<14} {:>5} {:>5} {:>6}", cell(&r.service_type), r.held, r.size, pct);
         }
     }
-    Ok(0)
 }

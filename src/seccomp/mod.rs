@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use styxy_preload_client::paths;
+use styxy_preload_client::{paths, procinfo};
 use styxy_preload_core::process::Process;
 
 /// Why seccomp mode cannot work on this machine, checked before the child starts;
@@ -27,29 +27,23 @@ pub fn unavailable() -> Option<String> {
         return Some(format!("not built for {}", std::env::consts::ARCH));
     }
     let action = libc::SECCOMP_RET_USER_NOTIF;
-    // SAFETY: plain syscalls on our own process; every fd we get is closed.
-    unsafe {
-        if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0, &action as *const u32) != 0 {
-            return Some(match io::Error::last_os_error().raw_os_error() {
-                Some(libc::ENOSYS) => "this kernel has no seccomp".into(),
-                Some(libc::EPERM | libc::EACCES) => "seccomp is not permitted here".into(),
-                _ => "the kernel has no seccomp user notification (Linux 5.0+)".into(),
-            });
-        }
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) as libc::c_int;
-        if pidfd < 0 {
-            return Some("the kernel has no pidfd_open (Linux 5.3+)".into());
-        }
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, pidfd, 0) as libc::c_int;
-        let err = io::Error::last_os_error();
-        libc::close(pidfd);
-        if copy < 0 {
-            return Some(match err.raw_os_error() {
-                Some(libc::ENOSYS) => "the kernel has no pidfd_getfd (Linux 5.6+)".into(),
-                _ => format!("pidfd_getfd is refused: {err}"),
-            });
-        }
-        libc::close(copy);
+    // SAFETY: a plain syscall asking the kernel about an action.
+    if unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0, &action as *const u32) } != 0 {
+        return Some(match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS) => "this kernel has no seccomp".into(),
+            Some(libc::EPERM | libc::EACCES) => "seccomp is not permitted here".into(),
+            _ => "the kernel has no seccomp user notification (Linux 5.0+)".into(),
+        });
+    }
+    // our own pidfd, and a copy of it through itself (both closed when dropped)
+    let Ok(pidfd) = supervisor::pidfd_open(std::process::id()) else {
+        return Some("the kernel has no pidfd_open (Linux 5.3+)".into());
+    };
+    if let Err(e) = supervisor::pidfd_getfd(pidfd.as_raw_fd(), pidfd.as_raw_fd()) {
+        return Some(match e {
+            libc::ENOSYS => "the kernel has no pidfd_getfd (Linux 5.6+)".into(),
+            _ => format!("pidfd_getfd is refused: {}", io::Error::from_raw_os_error(e)),
+        });
     }
     let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse::<u8>().ok());
     if scope == Some(3) || (scope == Some(2) && !has_cap_sys_ptrace()) {
@@ -60,9 +54,8 @@ pub fn unavailable() -> Option<String> {
 
 fn has_cap_sys_ptrace() -> bool {
     const CAP_SYS_PTRACE: u32 = 19;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()))
+    procinfo::status_field(std::process::id(), "CapEff")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
 }
 
@@ -137,15 +130,5 @@ impl Supervisor {
 
 /// Our children: the tree's orphans, once the command has exited.
 pub fn orphans() -> Vec<i32> {
-    let me = std::process::id().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            // "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)) == Some(me.as_str())
-        })
-        .collect()
+    procinfo::children_by_scan(std::process::id()).into_iter().filter_map(|p| i32::try_from(p).ok()).collect()
 }

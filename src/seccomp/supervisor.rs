@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use libc::{c_int, seccomp_notif, seccomp_notif_resp};
+use styxy_preload_client::procinfo;
 use styxy_preload_core::process::Process;
+use styxy_preload_core::sys::errno;
 use styxy_preload_core::{bind, connect, listen, sys, Addr, Caller, Route, Socket, Verdict};
 
 /// What the caller's syscall returns.
@@ -63,8 +65,26 @@ pub fn run(listener: OwnedFd, p: &Process) {
     }
 }
 
-fn errno() -> c_int {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+/// A pidfd of `pid` (close-on-exec), or the errno.
+pub(super) fn pidfd_open(pid: u32) -> Result<OwnedFd, c_int> {
+    // SAFETY: plain syscall; the fd is ours on success.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as c_int;
+    if raw < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// A copy of the process's fd `fd` through its pidfd (close-on-exec), or the errno.
+pub(super) fn pidfd_getfd(pidfd: RawFd, fd: c_int) -> Result<OwnedFd, c_int> {
+    // SAFETY: plain syscall; the fd is ours on success (close-on-exec by the kernel).
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as c_int;
+    if raw < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 fn respond(listener: RawFd, id: u64, a: Answer) {
@@ -194,23 +214,13 @@ impl Remote {
     }
 
     fn open_target(&self) -> Result<Target, c_int> {
-        let pidfd_open = |pid: u32| {
-            // SAFETY: plain syscall; the fd is ours on success (close-on-exec).
-            let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as c_int;
-            // SAFETY: a fresh fd.
-            if raw < 0 {
-                Err(errno())
-            } else {
-                Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(raw) }))
-            }
-        };
+        let pidfd_open = |pid: u32| pidfd_open(pid).map(Arc::new);
         // the calling thread is the process itself, unless it is another thread of it
         let (pid, pidfd) = match pidfd_open(self.tid) {
             Ok(fd) => (self.tid, fd),
             // EINVAL before Linux 6.9, ENOENT since: not a thread-group leader
             Err(libc::EINVAL | libc::ENOENT) => {
-                let status = std::fs::read_to_string(format!("/proc/{}/status", self.tid)).map_err(|_| libc::ESRCH)?;
-                let pid = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)?;
+                let pid = procinfo::tgid(self.tid).ok_or(libc::ESRCH)?;
                 (pid, pidfd_open(pid)?)
             }
             Err(e) => return Err(e),
@@ -218,8 +228,8 @@ impl Remote {
         if !self.valid() {
             return Err(libc::ESRCH); // the pid may have been reused
         }
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string()).unwrap_or_else(|_| "?".into());
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|d| d.to_string_lossy().chars().take(1000).collect());
+        let comm = procinfo::comm(pid).unwrap_or_else(|| "?".into());
+        let cwd = procinfo::cwd(pid);
         Ok(Target { pid, comm, cwd, pidfd })
     }
 
@@ -236,13 +246,7 @@ impl Remote {
 
     fn take_copy(&mut self) -> Result<OwnedFd, c_int> {
         let pidfd = self.target()?.pidfd.as_raw_fd();
-        // SAFETY: plain syscall; the fd is ours on success (close-on-exec by the kernel).
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, self.fd, 0) } as c_int;
-        if raw < 0 {
-            return Err(errno());
-        }
-        // SAFETY: a fresh fd.
-        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        pidfd_getfd(pidfd, self.fd)
     }
 
     fn give_up(&mut self, e: c_int) {
@@ -300,14 +304,7 @@ impl Socket for Remote {
     }
 
     fn local_addr(&mut self) -> Option<Addr> {
-        let fd = self.copy().ok()?;
-        let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
-        let mut len = buf.len() as libc::socklen_t;
-        // SAFETY: buf is large enough; len tells getsockname its size.
-        if unsafe { libc::getsockname(fd, buf.as_mut_ptr().cast(), &mut len) } != 0 {
-            return None;
-        }
-        Addr::from_bytes(&buf[..len as usize])
+        sys::local_addr(self.copy().ok()?)
     }
 
     fn run(&mut self, addr: Option<&Addr>) -> Result<(), c_int> {

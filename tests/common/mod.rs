@@ -343,28 +343,76 @@ pub fn text(b: &[u8]) -> String {
 }
 
 /// A fixture's output as rows of words (`label rc errno port`).
-pub fn lines(out: &[u8]) -> Vec<Vec<String>> {
-    text(out).lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+/// One line of the binder fixture's output: `CASE RC ERRNO PORT` for a bind (`bind`'s
+/// return value, `errno` after it, the port `getsockname` then gave, 0 when it failed).
+/// Shorter lines leave the last fields out (`unix RC ERRNO`; `forked-child-exit STATUS`
+/// and `port0-nonzero 0|1` carry their one number in `rc`); a field that is not a number
+/// reads as absent. The `threads` lines have their own reader, [`thread_results`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub case: String,
+    pub rc: Option<i64>,
+    pub errno: Option<i64>,
+    pub port: Option<u16>,
+}
+
+impl Row {
+    /// A whole bind line.
+    pub fn of(case: &str, rc: i64, errno: i64, port: u16) -> Row {
+        Row { case: case.into(), rc: Some(rc), errno: Some(errno), port: Some(port) }
+    }
+
+    fn parse(line: &str) -> Row {
+        let mut f = line.split_whitespace();
+        let case = f.next().unwrap_or_default().to_string();
+        let mut num = || f.next().and_then(|x| x.parse::<i64>().ok());
+        let (rc, errno, port) = (num(), num(), num());
+        Row { case, rc, errno, port: port.and_then(|p| u16::try_from(p).ok()) }
+    }
+
+    /// What the program saw of the call: its return value and errno.
+    pub fn outcome(&self) -> (Option<i64>, Option<i64>) {
+        (self.rc, self.errno)
+    }
+}
+
+/// The binder's output, a [`Row`] per line.
+pub fn rows(out: &[u8]) -> Vec<Row> {
+    text(out).lines().map(Row::parse).collect()
+}
+
+/// The row of `case`.
+pub fn row<'a>(rows: &'a [Row], case: &str) -> &'a Row {
+    rows.iter().find(|r| r.case == case).unwrap_or_else(|| panic!("no {case} in {rows:?}"))
+}
+
+/// The binder's `threads BASE N FORKPORT` lines (`thread ASKED RESULT`): what each
+/// thread's bind gave, the port it got or `-errno`.
+pub fn thread_results(out: &[u8]) -> Vec<i64> {
+    text(out)
+        .lines()
+        .filter_map(|l| l.strip_prefix("thread "))
+        .map(|l| l.split_whitespace().nth(1).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("a thread line without a result: {l}")))
+        .collect()
 }
 
 /// The binder's `battery` run on `held` (a port another session holds) against the same
 /// battery run with nothing in the way: the interesting binds are remapped to one port
 /// for IPv4 and IPv6, everything else returns exactly what the kernel returned.
-pub fn assert_battery(plain: &[Vec<String>], ours: &[Vec<String>], held: u16, stderr: &str) {
+pub fn assert_battery(plain: &[Row], ours: &[Row], held: u16, stderr: &str) {
     assert_eq!(plain.len(), ours.len(), "{plain:?}\n{ours:?}\n{stderr}");
-    let get = |v: &[Vec<String>], label: &str| v.iter().find(|l| l[0] == label).cloned().unwrap_or_else(|| panic!("no {label}"));
-    let (v4, v6) = (get(ours, "tcp4-any"), get(ours, "tcp6-any"));
-    assert_eq!((&v4[1][..], &v6[1][..]), ("0", "0"));
-    assert_ne!(v4[3], held.to_string());
-    assert_eq!(v4[3], v6[3], "one requested port → one actual port per session, v4 and v6");
+    let (v4, v6) = (row(ours, "tcp4-any"), row(ours, "tcp6-any"));
+    assert_eq!((v4.rc, v6.rc), (Some(0), Some(0)));
+    assert_ne!(v4.port, Some(held));
+    assert_eq!(v4.port, v6.port, "one requested port → one actual port per session, v4 and v6");
     // a forked child binding it again fails as it would without us (the parent holds it)
-    assert_eq!(get(ours, "child-tcp4-again")[1..3], get(plain, "child-tcp4-again")[1..3]);
-    assert_eq!(get(ours, "child-tcp4-again")[1..3], ["-1", "98"]);
-    for label in ["udp4", "tcp4-port0", "port0-nonzero", "tcp4-low", "tcp4-badaddr", "unix", "badfd", "nulladdr"] {
-        let (a, b) = (get(ours, label), get(plain, label));
-        assert_eq!(a[1..a.len().min(3)], b[1..b.len().min(3)], "{label}: {ours:?} vs {plain:?}");
+    let again = row(ours, "child-tcp4-again");
+    assert_eq!(again.outcome(), row(plain, "child-tcp4-again").outcome());
+    assert_eq!(again.outcome(), (Some(-1), Some(i64::from(libc::EADDRINUSE))));
+    for case in ["udp4", "tcp4-port0", "port0-nonzero", "tcp4-low", "tcp4-badaddr", "unix", "badfd", "nulladdr"] {
+        assert_eq!(row(ours, case).outcome(), row(plain, case).outcome(), "{case}: {ours:?} vs {plain:?}");
     }
-    assert_eq!(get(ours, "udp4")[3], held.to_string(), "UDP is never remapped");
+    assert_eq!(row(ours, "udp4").port, Some(held), "UDP is never remapped");
 }
 
 /// A number no other call in this test binary returns (names of spawned processes).

@@ -1,0 +1,201 @@
+//! Everything styxy-preload reads about a process from `/proc`, in one place: who it is
+//! (pid + start time, which tells a live process from a reused pid), its parent and
+//! children, its name, working directory, environment and `status` fields.
+//!
+//! Used by the daemon (owners, checks, the hook's log), the CLI (`exec`'s seccomp
+//! supervisor, `daemon stop`) and the preload library. Every function is a read or
+//! two of small `/proc` files, never panics, and answers `None`/`false`/empty when the
+//! process is gone or the file unreadable. Pass `std::process::id()` for this process.
+
+use std::ffi::OsString;
+use std::io::Read;
+
+/// A process as the daemon records it: its pid and its start time, together one
+/// process for the life of the system (a reused pid has another start time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcId {
+    pub pid: u32,
+    /// Clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start: u64,
+}
+
+impl ProcId {
+    /// `pid` as it runs now, if it runs.
+    pub fn of(pid: u32) -> Option<ProcId> {
+        start_time(pid).map(|start| ProcId { pid, start })
+    }
+
+    /// Whether this very process still runs (not another one under its pid).
+    pub fn alive(&self) -> bool {
+        alive(self.pid, self.start)
+    }
+}
+
+/// The fields of a `stat` line after the command name (which may hold spaces and
+/// parentheses: they start after the last `)`): `state` is field 0, `ppid` 1,
+/// `starttime` 19.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(n)
+}
+
+/// Reads `/proc/<pid>/stat` with one `read()` into a stack buffer (this runs for every
+/// allocation the daemon makes) and hands its text to `f`.
+fn with_stat<T>(pid: u32, f: impl FnOnce(&str) -> Option<T>) -> Option<T> {
+    let mut buf = [0u8; 1024];
+    let n = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?.read(&mut buf).ok()?;
+    f(std::str::from_utf8(buf.get(..n)?).ok()?)
+}
+
+/// The process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22),
+/// which tells a live process from a reused pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    with_stat(pid, |s| stat_field(s, 19)?.parse().ok())
+}
+
+/// True if `pid` runs and is the process that started at `start` (0: unknown, any).
+pub fn alive(pid: u32, start: u64) -> bool {
+    match start_time(pid) {
+        Some(s) => start == 0 || s == start,
+        None => false,
+    }
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    with_stat(pid, |s| stat_field(s, 1)?.parse().ok())
+}
+
+/// Whether `ancestor` is `pid`'s parent, grandparent, … (at most 64 generations).
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        match parent(p) {
+            Some(q) if q == ancestor => return true,
+            Some(q) if q > 1 => p = q,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// `pid`'s children, from each of its threads' `children` list (`/proc/<pid>/task/*/children`).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// Every process whose parent is `pid`, by a scan of all of `/proc` (whichever of
+/// `pid`'s threads the kernel made the parent, orphans reparented to a subreaper too).
+pub fn children_by_scan(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter(|p| parent(*p) == Some(pid)).collect()
+}
+
+/// `pid`'s raw environment as it was started (`KEY=value` entries, NUL-separated).
+fn environ_raw(pid: u32) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/environ")).ok()
+}
+
+/// Whether `pid`'s environment (as it was started) holds `key=value`.
+pub fn env_is(pid: u32, key: &str, value: &str) -> bool {
+    let want = format!("{key}={value}");
+    environ_raw(pid).is_some_and(|e| e.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+}
+
+/// Whether `pid`'s environment (as it was started) sets `key`, to anything.
+pub fn env_has(pid: u32, key: &str) -> bool {
+    environ_raw(pid)
+        .is_some_and(|e| e.split(|b| *b == 0).any(|kv| kv.strip_prefix(key.as_bytes()).is_some_and(|r| r.first() == Some(&b'='))))
+}
+
+/// `pid`'s environment as it was started, as pairs.
+pub fn environ(pid: u32) -> Vec<(String, OsString)> {
+    use std::os::unix::ffi::OsStrExt;
+    environ_raw(pid)
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let eq = kv.iter().position(|b| *b == b'=')?;
+            Some((String::from_utf8_lossy(&kv[..eq]).into_owned(), std::ffi::OsStr::from_bytes(&kv[eq + 1..]).to_owned()))
+        })
+        .collect()
+}
+
+/// `pid`'s working directory (at most 1000 characters, as Styxy takes a project path).
+pub fn cwd(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|d| d.to_string_lossy().chars().take(1000).collect())
+}
+
+/// `pid`'s command name (`/proc/<pid>/comm`, at most 15 bytes).
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
+}
+
+/// The value of one `Name:` line of `/proc/<pid>/status`, trimmed (`status_field(pid,
+/// "Tgid")`, `"CapEff"`, `"Seccomp_filters"`).
+pub fn status_field(pid: u32, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string())
+}
+
+/// The process a thread belongs to (its thread-group id).
+pub fn tgid(tid: u32) -> Option<u32> {
+    status_field(tid, "Tgid")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_as_proc_sees_it() {
+        let me = std::process::id();
+        let id = ProcId::of(me).unwrap();
+        assert!(id.alive());
+        assert!(alive(me, 0));
+        assert!(!alive(me, id.start + 1), "another start time: a reused pid");
+        assert!(!alive(u32::MAX - 1, 0));
+        assert!(ProcId::of(u32::MAX - 1).is_none());
+        assert_eq!(tgid(me), Some(me));
+        assert!(status_field(me, "CapEff").is_some_and(|v| u64::from_str_radix(&v, 16).is_ok()));
+        assert_eq!(status_field(me, "Cap"), None, "a whole name, not a prefix");
+        let pp = parent(me).unwrap();
+        assert!(descends_from(me, pp));
+        assert!(!descends_from(pp, me));
+        assert_eq!(cwd(me).map(std::path::PathBuf::from), std::env::current_dir().ok());
+        assert!(comm(me).is_some_and(|c| !c.is_empty() && c.len() <= 15));
+        assert!(env_has(me, "PATH") || std::env::var_os("PATH").is_none());
+        assert!(!env_has(me, "PAT"));
+        let path = environ(me).into_iter().find(|(k, _)| k == "PATH").map(|(_, v)| v);
+        assert_eq!(path, std::env::var_os("PATH"));
+        if let Some(p) = std::env::var("PATH").ok().filter(|p| !p.is_empty()) {
+            assert!(env_is(me, "PATH", &p));
+        }
+    }
+
+    #[test]
+    fn a_child_is_listed_and_its_identity_ends_with_it() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let pid = child.id();
+        let id = ProcId::of(pid).unwrap();
+        assert!(children(std::process::id()).contains(&pid));
+        assert!(children_by_scan(std::process::id()).contains(&pid));
+        assert_eq!(parent(pid), Some(std::process::id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!id.alive());
+    }
+
+    #[test]
+    fn stat_fields_start_after_the_last_parenthesis() {
+        let line = "42 (a) b (c) d) S 7 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 123456 1 2";
+        assert_eq!(stat_field(line, 0), Some("S"));
+        assert_eq!(stat_field(line, 1), Some("7"));
+        assert_eq!(stat_field(line, 19), Some("123456"));
+        assert_eq!(stat_field("no parenthesis", 0), None);
+    }
+}
