@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use libc::c_int;
+use styxy_preload_client::procinfo;
 
 /// How many moved sockets one process keeps track of; a cluster primary has one or two.
 const SLOTS: usize = 8;
@@ -78,19 +79,12 @@ impl Moved {
 
 /// Whether a child of this process is a Node cluster worker.
 pub fn has_cluster_workers() -> bool {
-    children().into_iter().any(|pid| {
-        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|var| var.starts_with(b"NODE_UNIQUE_ID=")))
-    })
+    children().into_iter().any(|pid| procinfo::env_has(pid, "NODE_UNIQUE_ID"))
 }
 
-/// This process's children, from each thread's `children` list in /proc.
+/// This process's children.
 fn children() -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
-        .collect()
+    procinfo::children(crate::process::pid())
 }
 
 #[cfg(test)]

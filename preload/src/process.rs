@@ -11,6 +11,7 @@ use styxy_preload_client::http::Endpoint;
 use styxy_preload_client::paths::{self, Vars};
 use styxy_preload_client::policy::Policy;
 use styxy_preload_client::portmap::PortMap;
+use styxy_preload_client::procinfo;
 use styxy_preload_client::session;
 
 use crate::call::Caller;
@@ -115,7 +116,7 @@ impl Process {
             }
         };
         let session = session::from_vars(var);
-        let comm = std::fs::read_to_string("/proc/self/comm").map(|c| c.trim_end().to_string()).unwrap_or_else(|_| "?".into());
+        let comm = procinfo::comm(pid()).unwrap_or_else(|| "?".into());
         let named = text("STYXY_URL").and_then(|u| u.trim().strip_prefix("unix:").map(|p| PathBuf::from(p.trim_start_matches("//"))));
         let sock = named.filter(|p| p.is_absolute()).unwrap_or_else(|| paths::runtime_dir_in(var).join("daemon.sock"));
         let supervised_by = text(SUPERVISED_ENV).and_then(|v| v.parse::<u32>().ok());
@@ -185,11 +186,8 @@ pub const SUPERVISED_ENV: &str = "STYXY_PRELOAD_SUPERVISED";
 /// The seccomp filters on this process (`Seccomp_filters`, Linux 5.9+; before, 1 for
 /// any filter).
 pub fn seccomp_filters() -> u32 {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return 0;
-    };
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u32>().ok());
-    field("Seccomp_filters:").unwrap_or_else(|| u32::from(field("Seccomp:") == Some(2)))
+    let field = |name: &str| procinfo::status_field(pid(), name).and_then(|v| v.parse::<u32>().ok());
+    field("Seccomp_filters").unwrap_or_else(|| u32::from(field("Seccomp") == Some(2)))
 }
 
 static PROCESS: OnceBox<Process> = OnceBox::new();

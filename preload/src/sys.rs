@@ -89,11 +89,7 @@ impl Addr {
 
 /// An integer `SOL_SOCKET` option of the socket, or `None` if it cannot be read.
 pub fn sockopt(fd: c_int, opt: c_int) -> Option<c_int> {
-    let mut v: c_int = 0;
-    let mut len = std::mem::size_of::<c_int>() as socklen_t;
-    // SAFETY: valid out-pointers of the right size.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut c_int).cast(), &mut len) };
-    (rc == 0).then_some(v)
+    styxy_preload_client::sock::sockopt(fd, opt).ok()
 }
 
 /// `SO_TYPE` of the socket, or `None` if it cannot be read.
