@@ -1,19 +1,29 @@
-//! Allocate+release round trips against a running built-in daemon, a fresh
-//! connection per request as the preload library makes them.
+//! Grant+release round trips against a running built-in daemon, a fresh connection per
+//! request as the hooks make them: `http` (default) over its HTTP socket (`POST
+//! /allocate`, `DELETE /allocate/<lock>`: the hooks' logic, the CLI), or `hook` over the
+//! shim's `hook.sock` beside it (`KEEP`, the answer, `DONE` with a failed bind, which
+//! withdraws the grant: the cold path's one round trip, docs/ARCHITECTURE.md "Hook ↔
+//! daemon protocol").
 //!
-//! `cargo bench -p styxy-preload-daemon --bench allocate -- SOCKET CLIENTS SECONDS`
-//! prints one JSON line: clients, round trips per second, allocate p50/p99 in µs.
+//! `cargo bench -p styxy-preload-daemon --bench allocate -- SOCKET CLIENTS SECONDS [http|hook]`
+//! prints one JSON line: clients, round trips per second, grant p50/p99 in µs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use styxy_preload_client::api::{AllocateReply, AllocateRequest};
+use styxy_preload_client::hookproto::{self, Answer, Ask, DONE, GRANTED, KEEP};
 use styxy_preload_client::http::{self, Endpoint, Timeouts};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let [socket, clients, secs] = &args[..] else {
-        eprintln!("usage: allocate SOCKET CLIENTS SECONDS");
-        std::process::exit(2);
+    let (socket, clients, secs, hook) = match &args[..] {
+        [s, c, t] => (s, c, t, false),
+        [s, c, t, m] if m == "http" || m == "hook" => (s, c, t, m == "hook"),
+        _ => {
+            eprintln!("usage: allocate SOCKET CLIENTS SECONDS [http|hook]");
+            std::process::exit(2);
+        }
     };
     let ep = Endpoint::Unix(PathBuf::from(socket));
     let clients: usize = clients.parse().expect("CLIENTS");
@@ -22,15 +32,30 @@ fn main() {
     let threads: Vec<_> = (0..clients)
         .map(|i| {
             let ep = ep.clone();
+            let hook_sock = PathBuf::from(socket).with_file_name(hookproto::SOCKET);
             std::thread::spawn(move || {
                 let mut lat = Vec::new();
-                let body = format!(r#"{{"service_type":"api","service_name":"bench","instance_id":"bench-{i}"}}"#);
+                if hook {
+                    // a port of the api type no tool asks for by default, one per client
+                    let port = 8050 + i as u16;
+                    while start.elapsed() < run_for {
+                        lat.push(keep_and_withdraw(&hook_sock, port, format!("bench-{i}").as_bytes()));
+                    }
+                    return lat;
+                }
+                let req = AllocateRequest {
+                    service_type: "api".into(),
+                    service_name: Some("bench".into()),
+                    instance_id: Some(format!("bench-{i}")),
+                    ..Default::default()
+                };
+                let body = serde_json::to_vec(&req).expect("a request");
                 while start.elapsed() < run_for {
                     let t = Instant::now();
-                    let r = http::call(&ep, "POST", "/allocate", Some(body.as_bytes()), Timeouts::CLI).expect("allocate");
+                    let r = http::call(&ep, "POST", "/allocate", Some(&body), Timeouts::CLI).expect("allocate");
                     lat.push(t.elapsed());
-                    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
-                    let lock = v["lock_id"].as_str().unwrap_or_else(|| panic!("no lock id: {v}"));
+                    let reply: AllocateReply = r.json().expect("an allocate reply");
+                    let lock = reply.lock_id.unwrap_or_else(|| panic!("no lock id: {}", String::from_utf8_lossy(&r.body)));
                     http::call(&ep, "DELETE", &format!("/allocate/{lock}"), None, Timeouts::CLI).expect("release");
                 }
                 lat
@@ -49,4 +74,39 @@ fn main() {
         pct(0.99),
         lat.len()
     );
+}
+
+/// One exchange on `hook.sock`, as the shim makes it for a bind that then fails: `KEEP`,
+/// the grant, `DONE` with `EADDRINUSE` (the daemon withdraws the grant), then the
+/// daemon's close. The time from `KEEP` to the answer.
+fn keep_and_withdraw(path: &std::path::Path, port: u16, session: &[u8]) -> Duration {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain socket calls on an fd this function owns and closes; every buffer is
+    // a local of the size passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut sun: libc::sockaddr_un = std::mem::zeroed();
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in sun.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        assert_eq!(libc::connect(fd, (&sun as *const libc::sockaddr_un).cast(), len), 0, "connect {}", path.display());
+        let ask = Ask { kind: KEEP, port, family: 4, errno: 0, session };
+        let t = Instant::now();
+        let wire = ask.encode().expect("a short session");
+        assert_eq!(libc::send(fd, wire.as_ptr().cast(), wire.len(), 0), wire.len() as isize);
+        let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
+        let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+        let took = t.elapsed();
+        let answer = Answer::decode(&buf[..n.max(0) as usize]).expect("an answer");
+        assert_eq!((answer.status, answer.port), (GRANTED, port), "port {port} not granted: is it free?");
+        let done = Ask { kind: DONE, errno: libc::EADDRINUSE, ..ask }.encode().expect("a short session");
+        assert_eq!(libc::send(fd, done.as_ptr().cast(), done.len(), 0), done.len() as isize);
+        // the daemon closes once the grant is withdrawn
+        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+        libc::close(fd);
+        took
+    }
 }

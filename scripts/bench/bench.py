@@ -241,6 +241,11 @@ try:
         r = json.loads(out.stdout)
         row(f"allocate+release round trips/s, {clients} client(s), fresh connection each", f"{r['round_trips_per_s']:.0f}/s",
             "Styxy: 100/min (rate limit)", f"allocate p50 {r['allocate_p50_us']:.0f} µs, p99 {r['allocate_p99_us']:.0f} µs", "≥ 5,000/s", r["round_trips_per_s"] >= 5000)
+    # the cold path's grants: the shim's fixed-layout exchange on hook.sock
+    out = subprocess.run([a.allocate, SOCK, "1", "0.5" if S else "3", "hook"], env=world, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    row("grant+withdraw round trips/s on the shim's hook.sock (KEEP, answer, DONE), 1 client, fresh connection each", f"{r['round_trips_per_s']:.0f}/s",
+        "the HTTP row above", f"grant p50 {r['allocate_p50_us']:.0f} µs, p99 {r['allocate_p99_us']:.0f} µs", "≥ 10,000/s", r["round_trips_per_s"] >= 10000)
 
     # 5. the agent scenario
     print("agent scenario…", file=sys.stderr)
