@@ -12,8 +12,8 @@ use std::process::Command;
 fn main() {
     // the shim's crate root, its modules, and the client files it includes
     println!("cargo:rerun-if-changed=shim");
-    println!("cargo:rerun-if-changed=../client/src/mapview.rs");
-    println!("cargo:rerun-if-changed=../client/src/hookproto.rs");
+    println!("cargo:rerun-if-changed=../common/src/mapview.rs");
+    println!("cargo:rerun-if-changed=../common/src/hookproto.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("TARGET");

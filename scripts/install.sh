@@ -81,9 +81,9 @@ fi
 # an artifact is stale when a source it is built from is newer (what cargo would rebuild)
 stale() {
   local pair a
-  for pair in "styxy-preload:src client/src daemon/src preload/src" \
+  for pair in "styxy-preload:src common/src daemon/src preload/src" \
     "libstyxy_preload.so:preload/shim preload/build.rs" \
-    "libstyxy_preload_core.so:preload/src client/src"; do
+    "libstyxy_preload_core.so:preload/src common/src"; do
     a=$built/${pair%%:*}
     [ -f "$a" ] || return 0
     # shellcheck disable=SC2086 # a list of paths

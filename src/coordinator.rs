@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use styxy_preload_client::discovery;
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
-use styxy_preload_client::paths;
+use styxy_preload_common::discovery;
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::paths;
 
 /// Quick probes: a local coordinator answers `/status` in well under a millisecond.
 pub const PROBE: Timeouts = Timeouts { connect: Duration::from_millis(200), total: Duration::from_secs(1), max_body: 1 << 20 };
@@ -149,5 +149,5 @@ fn readable(f: &std::fs::File, ms: i32) -> bool {
 /// ask at any time, so the daemon must not idle out under them.
 pub fn anchor(ep: &Endpoint, session: &str, pid: u32) {
     let body = serde_json::json!({"instance_id": session, "pid": pid}).to_string();
-    let _ = styxy_preload_client::http::call(ep, "POST", "/instance/register", Some(body.as_bytes()), PROBE);
+    let _ = styxy_preload_common::http::call(ep, "POST", "/instance/register", Some(body.as_bytes()), PROBE);
 }

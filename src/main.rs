@@ -22,7 +22,7 @@ fn main() {
     let code = match cmd::run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("styxy-preload: {}", styxy_preload_client::text::lines(&e));
+            eprintln!("styxy-preload: {}", styxy_preload_common::text::lines(&e));
             1
         }
     };

@@ -174,10 +174,10 @@ mod tests {
         assert_eq!(v("jupyter lab"), [("JUPYTER_PORT", 8888)]);
         assert_eq!(v("node server.js"), [("PORT", 3000)]);
         // every default is a coordinated port
-        let policy = styxy_preload_client::policy::Policy::default();
+        let policy = styxy_preload_common::policy::Policy::default();
         for (_, vars) in TOOLS {
             for (_, port) in *vars {
-                assert!(matches!(policy.decide(*port), styxy_preload_client::policy::Decision::Coordinated(_)), "{port}");
+                assert!(matches!(policy.decide(*port), styxy_preload_common::policy::Decision::Coordinated(_)), "{port}");
             }
         }
     }

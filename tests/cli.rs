@@ -142,7 +142,7 @@ fn log_follow_shows_a_new_remap() {
     eprintln!("log -f showed the remap {:?} after the bind started", start.elapsed());
     // the follower survives rotation of the log
     let log = w.log_path();
-    std::fs::rename(&log, styxy_preload_client::eventlog::rotated_path(&log)).unwrap();
+    std::fs::rename(&log, styxy_preload_common::eventlog::rotated_path(&log)).unwrap();
     let mut c = w.preloaded(Some("c"), fixture("binder"));
     c.args(["serve", "4080"]);
     let c = w.spawn(c, "c");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
 
 fn alloc(w: &World, body: Value) -> (u16, Value) {
     w.json("POST", "/allocate", Some(&body.to_string()))
@@ -147,7 +147,7 @@ fn tcp_needs_the_bearer_token() {
     w.spawn(cmd, "daemon");
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let open = Endpoint::Tcp { addr, token: None };
-    wait_for(10, "daemon on TCP", || styxy_preload_client::discovery::answers(&open, Timeouts::CLI).then_some(()));
+    wait_for(10, "daemon on TCP", || styxy_preload_common::discovery::answers(&open, Timeouts::CLI).then_some(()));
     let token = std::fs::read_to_string(w.path("run/styxy-preload/token")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(w.path("run/styxy-preload/token")).unwrap().permissions().mode() & 0o777, 0o600);

@@ -207,7 +207,7 @@ fn hook_ask(w: &World, msg: &[u8]) -> Option<Vec<u8>> {
 
 #[test]
 fn the_shims_socket_answers_only_its_own_layout_and_keeps_serving() {
-    use styxy_preload_client::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
+    use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
     let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
@@ -247,6 +247,6 @@ fn idle_connections_to_the_shims_socket_never_stop_a_bind() {
     let port = wait_for(10, "the server", || listening_ports(pid).into_iter().next());
     assert_eq!(port, 4093);
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    assert!(w.events().iter().any(|e| e.pid == pid && e.action == styxy_preload_client::eventlog::Action::Kept));
+    assert!(w.events().iter().any(|e| e.pid == pid && e.action == styxy_preload_common::eventlog::Action::Kept));
     drop(idle);
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use styxy_preload_client::eventlog::Action;
+use styxy_preload_common::eventlog::Action;
 
 fn reach(w: &World, session: &str, port: u16) -> String {
     let mut c = w.cli();

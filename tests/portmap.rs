@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::*;
-use styxy_preload_client::portmap::PortMap;
-use styxy_preload_client::session::tag;
+use styxy_preload_common::portmap::PortMap;
+use styxy_preload_common::session::tag;
 
 /// `POST /allocate` for `session`'s `requested` port of type `ty`, owned by this process.
 fn allocate(w: &World, session: &str, ty: &str, requested: u16) -> (u16, String) {

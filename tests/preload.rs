@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use styxy_preload_client::eventlog::Action;
+use styxy_preload_common::eventlog::Action;
 
 /// Starts the C fixture serving `port` in `session` (WHO=name) and waits until it listens; returns (pid, actual port).
 fn serve(w: &mut World, session: Option<&str>, port: u16, name: &str) -> (u32, u16) {

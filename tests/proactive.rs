@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use styxy_preload_client::eventlog::Action;
+use styxy_preload_common::eventlog::Action;
 
 #[test]
 fn exec_port_exports_a_port_per_session_and_the_bind_keeps_it() {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use styxy_preload_client::eventlog::{Action, Event};
+use styxy_preload_common::eventlog::{Action, Event};
 
 /// Where scripts/test.sh installs the npm packages.
 fn npm_tools() -> PathBuf {

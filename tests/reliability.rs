@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use styxy_preload_client::eventlog::Action;
-use styxy_preload_client::http::{self, Timeouts};
+use styxy_preload_common::eventlog::Action;
+use styxy_preload_common::http::{self, Timeouts};
 
 /// Python in `session` binding 127.0.0.1:`port`: prints the port it got and the ms the bind took.
 fn py_bind(w: &World, session: &str, port: u16, extra_env: &[(&str, &str)]) -> (u16, u64, String) {

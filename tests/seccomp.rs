@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use styxy_preload_client::eventlog::Action;
+use styxy_preload_common::eventlog::Action;
 
 /// `exec --session S [flags] -- program args`, started in the world; its pid.
 fn exec(w: &mut World, session: &str, flags: &[&str], program: &std::path::Path, args: &[&str], name: &str) -> u32 {

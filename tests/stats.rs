@@ -117,7 +117,7 @@ fn the_log_rotates_under_its_cap_and_stats_reads_across_rotation() {
     let _ = w.events(); // once the daemon has logged every bind
     let log = w.log_path();
     let cur = std::fs::metadata(&log).unwrap().len();
-    let rotated = std::fs::metadata(styxy_preload_client::eventlog::rotated_path(&log)).unwrap().len();
+    let rotated = std::fs::metadata(styxy_preload_common::eventlog::rotated_path(&log)).unwrap().len();
     assert!(cur <= cap && rotated <= cap, "current {cur}, rotated {rotated}, cap {cap}");
     let s = stats(&w, &[]);
     assert_eq!(s["totals"]["binds"].as_u64(), Some(20), "{s:#}");

@@ -10,8 +10,8 @@ use std::process::Command;
 
 use common::*;
 use serde_json::Value;
-use styxy_preload_client::eventlog::Action;
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::eventlog::Action;
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
 
 struct Styxy {
     port: u16,

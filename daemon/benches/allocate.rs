@@ -11,9 +11,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use styxy_preload_client::api::{AllocateReply, AllocateRequest};
-use styxy_preload_client::hookproto::{self, Answer, Ask, DONE, GRANTED, KEEP};
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::api::{AllocateReply, AllocateRequest};
+use styxy_preload_common::hookproto::{self, Answer, Ask, DONE, GRANTED, KEEP};
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();

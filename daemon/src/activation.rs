@@ -12,7 +12,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use styxy_preload_client::sock::sockopt;
+use styxy_preload_common::sock::sockopt;
 
 /// The first fd of the `sd_listen_fds` protocol.
 const LISTEN_FDS_START: RawFd = 3;

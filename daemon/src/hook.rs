@@ -1,6 +1,6 @@
 //! The shim's socket (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): `hook.sock`, a
 //! `SOCK_SEQPACKET` Unix socket beside `daemon.sock`, speaking the fixed layout of
-//! `styxy_preload_client::hookproto`. It answers one question — may this process bind
+//! `styxy_preload_common::hookproto`. It answers one question — may this process bind
 //! exactly the port it asked for? — so that a process's first coordinated bind costs one
 //! round trip and no library load. Everything else (a remap, fallback mode, Styxy
 //! upstream) is `DECLINED` and goes the HTTP way through the hooks' logic.
@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use styxy_preload_client::api::{service_name, valid_instance_id};
-use styxy_preload_client::eventlog::{self, Action, Event};
-use styxy_preload_client::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
-use styxy_preload_client::policy::Decision;
-use styxy_preload_client::procinfo;
+use styxy_preload_common::api::{service_name, valid_instance_id};
+use styxy_preload_common::eventlog::{self, Action, Event};
+use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
+use styxy_preload_common::policy::Decision;
+use styxy_preload_common::procinfo;
 use tokio::io::unix::AsyncFd;
 
 use crate::state::{AllocRequest, Owner};
@@ -288,7 +288,7 @@ fn log_of(pid: u32) -> Log {
     let var = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     let custom = var("STYXY_PRELOAD_LOG").is_some_and(|v| !v.is_empty());
     Log {
-        path: styxy_preload_client::paths::event_log_path_in(&var),
+        path: styxy_preload_common::paths::event_log_path_in(&var),
         max: eventlog::max_bytes_of(var("STYXY_PRELOAD_LOG_MAX").as_ref().and_then(|v| v.to_str())),
         private_dir: !custom,
     }

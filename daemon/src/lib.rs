@@ -28,17 +28,17 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
-use styxy_preload_client::paths;
-use styxy_preload_client::policy::Policy;
-use styxy_preload_client::portmap::PortMap;
-use styxy_preload_client::procinfo;
+use styxy_preload_common::paths;
+use styxy_preload_common::policy::Policy;
+use styxy_preload_common::portmap::PortMap;
+use styxy_preload_common::procinfo;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::server::Peer;
 use crate::state::{Snapshot, State};
 
 pub fn now_ms() -> u64 {
-    styxy_preload_client::eventlog::now_ms()
+    styxy_preload_common::eventlog::now_ms()
 }
 
 macro_rules! log {
@@ -147,7 +147,7 @@ fn ioe(what: &str, path: &std::path::Path) -> impl FnOnce(io::Error) -> RunError
 pub fn publish_policy(policy: &Policy) {
     let shared = Policy { rules: vec![], ..policy.clone() };
     let path = paths::policymap_path();
-    if let Err(e) = styxy_preload_client::policymap::write(&path, &shared) {
+    if let Err(e) = styxy_preload_common::policymap::write(&path, &shared) {
         log!("cannot write {}: {e}; every bind loads the hooks' logic", path.display());
     }
 }
@@ -216,7 +216,7 @@ fn load_state(st: &mut State, journal: &journal::Journal) {
 
 fn read_or_create_token() -> Result<String, RunError> {
     let path = paths::token_path();
-    if let Some(t) = styxy_preload_client::discovery::read_token(&path) {
+    if let Some(t) = styxy_preload_common::discovery::read_token(&path) {
         if t.len() >= 32 {
             return Ok(t);
         }
@@ -330,7 +330,7 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     let uid = unsafe { libc::getuid() };
     tokio::spawn(accept_unix(unix, app.clone(), uid));
     // the shim's socket, beside the HTTP one (which may be socket-activated elsewhere)
-    let hook_path = dir.unwrap_or_else(paths::runtime_dir).join(styxy_preload_client::hookproto::SOCKET);
+    let hook_path = dir.unwrap_or_else(paths::runtime_dir).join(styxy_preload_common::hookproto::SOCKET);
     match hook::listen(&hook_path) {
         Ok(fd) => {
             tokio::spawn(hook::serve(shared.clone(), fd, uid));

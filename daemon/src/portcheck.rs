@@ -1,6 +1,6 @@
 //! Is a port bound at OS level: the daemon's test bind, made with the tag `exec`'s
 //! seccomp filter lets through. (What it reads about processes is in
-//! `styxy_preload_client::procinfo`.)
+//! `styxy_preload_common::procinfo`.)
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -30,7 +30,7 @@ fn test_bind(addr: SocketAddr, v4: bool) -> std::io::Result<()> {
 /// never wait on a supervisor that may be waiting on the daemon.
 pub fn bind_unsupervised(s: &socket2::Socket, addr: &socket2::SockAddr) -> std::io::Result<()> {
     // SAFETY: a valid socket, address and length; bind ignores the extra argument.
-    let rc = unsafe { libc::syscall(libc::SYS_bind, s.as_raw_fd(), addr.as_ptr(), addr.len(), styxy_preload_client::UNSUPERVISED_BIND) };
+    let rc = unsafe { libc::syscall(libc::SYS_bind, s.as_raw_fd(), addr.as_ptr(), addr.len(), styxy_preload_common::UNSUPERVISED_BIND) };
     if rc == 0 {
         Ok(())
     } else {

@@ -14,10 +14,10 @@ use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use styxy_preload_client::api::{
+use styxy_preload_common::api::{
     port_of, valid_instance_id, valid_service_name, valid_service_type, AllocateReply, AllocateRequest, ErrorReply, ExhaustedContext,
 };
-use styxy_preload_client::procinfo;
+use styxy_preload_common::procinfo;
 
 use crate::state::{AllocError, AllocRequest, Owner};
 use crate::{now_ms, portcheck, Shared};
@@ -213,7 +213,7 @@ fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<AllocRequest, Api
 /// (`pid: 1`) would keep a port forever.
 fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiError> {
     let own = peer.pid.is_some_and(|p| p == pid || procinfo::parent(p) == Some(pid) || procinfo::descends_from(pid, p));
-    let of_session = session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_client::session::ENV, s));
+    let of_session = session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_common::session::ENV, s));
     if own || of_session {
         return Ok(pid);
     }

@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use styxy_preload_client::api::Holder;
-use styxy_preload_client::policy::{self, Decision, Policy, ServiceType};
-use styxy_preload_client::portmap::PortMap;
-use styxy_preload_client::{procinfo, session};
+use styxy_preload_common::api::Holder;
+use styxy_preload_common::policy::{self, Decision, Policy, ServiceType};
+use styxy_preload_common::portmap::PortMap;
+use styxy_preload_common::{procinfo, session};
 
 use crate::portcheck;
 

@@ -25,11 +25,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use styxy_preload_client::api::{self, AllocateReply, AllocateRequest, AllocationsReply};
-use styxy_preload_client::discovery;
-use styxy_preload_client::eventlog::{self, Action, Event};
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
-use styxy_preload_client::paths;
+use styxy_preload_common::api::{self, AllocateReply, AllocateRequest, AllocationsReply};
+use styxy_preload_common::discovery;
+use styxy_preload_common::eventlog::{self, Action, Event};
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::paths;
 use tokio::sync::oneshot;
 
 use crate::state::{Allocation, Standing, State};

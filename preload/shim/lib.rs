@@ -36,14 +36,14 @@ use sys::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 
 /// The port map's reader, shared with the client crate (one reader for both).
 #[allow(dead_code)]
-#[path = "../../client/src/mapview.rs"]
+#[path = "../../common/src/mapview.rs"]
 mod mapview;
 
 /// The fixed-layout exchange with the daemon for a coordinated bind (one layout for both ends).
 #[allow(dead_code)]
-#[path = "../../client/src/hookproto.rs"]
+#[path = "../../common/src/hookproto.rs"]
 mod hookproto;
-#[path = "../../client/src/sockaddr.rs"]
+#[path = "../../common/src/sockaddr.rs"]
 mod sockaddr;
 
 mod corelib;

@@ -1,6 +1,6 @@
 //! The daemon's two maps, mapped read-only once they exist and are ours alone:
-//! `policy.map`, a class per port (client/src/policymap.rs), and `ports.map`, who holds
-//! which port (client/src/portmap.rs, read through [`crate::mapview`]).
+//! `policy.map`, a class per port (common/src/policymap.rs), and `ports.map`, who holds
+//! which port (common/src/portmap.rs, read through [`crate::mapview`]).
 
 use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -13,12 +13,12 @@ use crate::sys::{
 };
 use crate::text::{append, decimal, put};
 
-/// The daemon's policy map (client/src/policymap.rs): magic, header, a class per port.
+/// The daemon's policy map (common/src/policymap.rs): magic, header, a class per port.
 const POLICY_MAGIC: u32 = 0x5350_5031;
 const POLICY_HEADER: usize = 64;
 const POLICY_SIZE: usize = POLICY_HEADER + 65536;
 
-/// A port's class in the policy map (as client/src/policymap.rs writes them).
+/// A port's class in the policy map (as common/src/policymap.rs writes them).
 pub(crate) const UNTOUCHED_PORT: u8 = 0;
 pub(crate) const COORDINATED_PORT: u8 = 1;
 pub(crate) const ON_CONFLICT_PORT: u8 = 2;
@@ -63,7 +63,7 @@ fn map_policy() -> Option<*mut u8> {
 
 /// A file beside the daemon's socket (`name` as `b"/policy.map\0"`): the directory of `STYXY_URL`'s `unix:` path,
 /// else `$XDG_RUNTIME_DIR/styxy-preload`, else `/tmp/styxy-preload-<uid>` (as
-/// client/src/paths.rs). Its length, 0 when it does not fit.
+/// common/src/paths.rs). Its length, 0 when it does not fit.
 pub(crate) fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
     // SAFETY: both are copied into `buf` here.
     let (url, rt) = unsafe { (env(c"STYXY_URL"), env(c"XDG_RUNTIME_DIR")) };

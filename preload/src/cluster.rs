@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use libc::c_int;
-use styxy_preload_client::procinfo;
+use styxy_preload_common::procinfo;
 
 /// How many moved sockets one process keeps track of; a cluster primary has one or two.
 const SLOTS: usize = 8;

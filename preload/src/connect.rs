@@ -4,7 +4,7 @@
 //! reads of the shared port map, no round trip.
 
 use libc::{c_int, SOCK_STREAM};
-use styxy_preload_client::policy::Decision;
+use styxy_preload_common::policy::Decision;
 
 use crate::call::Route;
 use crate::process::Process;

@@ -126,7 +126,7 @@ pub unsafe extern "C" fn styxy_core_getsockname(fd: c_int, addr: *mut sockaddr, 
             let errno = sys::errno();
             if let Some(got) = Addr::read(addr, *len) {
                 if let Some(asked) = cluster::moved().asked(fd, got.port).filter(|_| cluster::has_cluster_workers()) {
-                    styxy_preload_client::sockaddr::set_port(std::slice::from_raw_parts_mut(addr.cast::<u8>(), *len as usize), asked);
+                    styxy_preload_common::sockaddr::set_port(std::slice::from_raw_parts_mut(addr.cast::<u8>(), *len as usize), asked);
                 }
             }
             sys::set_errno(errno);

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use styxy_preload_client::eventlog::Action;
-use styxy_preload_client::http::{self, Timeouts};
-use styxy_preload_client::policy::Decision;
+use styxy_preload_common::eventlog::Action;
+use styxy_preload_common::http::{self, Timeouts};
+use styxy_preload_common::policy::Decision;
 
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::{Mode, Process};

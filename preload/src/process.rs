@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use once_cell::race::OnceBox;
-use styxy_preload_client::eventlog;
-use styxy_preload_client::http::Endpoint;
-use styxy_preload_client::paths::{self, Vars};
-use styxy_preload_client::policy::Policy;
-use styxy_preload_client::portmap::PortMap;
-use styxy_preload_client::procinfo;
-use styxy_preload_client::session;
+use styxy_preload_common::eventlog;
+use styxy_preload_common::http::Endpoint;
+use styxy_preload_common::paths::{self, Vars};
+use styxy_preload_common::policy::Policy;
+use styxy_preload_common::portmap::PortMap;
+use styxy_preload_common::procinfo;
+use styxy_preload_common::session;
 
 use crate::call::Caller;
 

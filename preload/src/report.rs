@@ -2,7 +2,7 @@
 //! port changed (`notify`: never blocking, never into a network socket or a file the
 //! program opened as fd 2).
 
-use styxy_preload_client::eventlog::{self, Action, Event};
+use styxy_preload_common::eventlog::{self, Action, Event};
 
 use crate::call::Caller;
 use crate::process::Process;
@@ -66,7 +66,7 @@ pub fn notify(p: &Process, line: &str) {
         return;
     }
     let errno = sys::errno();
-    let msg = format!("styxy-preload: {}\n", styxy_preload_client::text::cell(line));
+    let msg = format!("styxy-preload: {}\n", styxy_preload_common::text::cell(line));
     let _ = write_stderr(msg.as_bytes(), p.stderr_file.as_deref());
     sys::set_errno(errno);
 }

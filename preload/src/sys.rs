@@ -1,7 +1,7 @@
 //! Small unsafe helpers around libc: errno, socket type, sockaddr copies with another port.
 
 use libc::{c_int, sockaddr, sockaddr_storage, socklen_t, AF_INET6};
-use styxy_preload_client::sockaddr as inet;
+use styxy_preload_common::sockaddr as inet;
 
 pub type AddrFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 pub type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
@@ -89,7 +89,7 @@ impl Addr {
 
 /// An integer `SOL_SOCKET` option of the socket, or `None` if it cannot be read.
 pub fn sockopt(fd: c_int, opt: c_int) -> Option<c_int> {
-    styxy_preload_client::sock::sockopt(fd, opt).ok()
+    styxy_preload_common::sock::sockopt(fd, opt).ok()
 }
 
 /// `SO_TYPE` of the socket, or `None` if it cannot be read.

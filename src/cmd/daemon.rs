@@ -4,10 +4,10 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
-use styxy_preload_client::discovery;
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
-use styxy_preload_client::paths;
-use styxy_preload_client::procinfo::ProcId;
+use styxy_preload_common::discovery;
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::paths;
+use styxy_preload_common::procinfo::ProcId;
 use styxy_preload_daemon::{upstream, Options, RunError};
 
 use crate::cli::{DaemonCommand, DaemonRunArgs};

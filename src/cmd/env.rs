@@ -1,7 +1,7 @@
 //! `styxy-preload env`: the exports that make every process of a shell coordinated,
 //! for agents that set `LD_PRELOAD` globally.
 
-use styxy_preload_client::session;
+use styxy_preload_common::session;
 use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
 
 use crate::cli::{EnvArgs, Shell};

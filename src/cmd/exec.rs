@@ -12,11 +12,11 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::low_level::siginfo::Cause;
-use styxy_preload_client::api::{AllocateReply, AllocateRequest};
-use styxy_preload_client::eventlog::{self, Action};
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
-use styxy_preload_client::policy::Policy;
-use styxy_preload_client::{discovery, paths, session};
+use styxy_preload_common::api::{AllocateReply, AllocateRequest};
+use styxy_preload_common::eventlog::{self, Action};
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::policy::Policy;
+use styxy_preload_common::{discovery, paths, session};
 
 use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
 use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
@@ -250,7 +250,7 @@ fn summary(session: &str, since_ms: u64) {
     let remaps: Vec<String> = events
         .iter()
         .filter(|e| e.ts >= since_ms && e.session.as_deref() == Some(session) && e.action == Action::Remapped)
-        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, styxy_preload_client::text::cell(&e.comm)))
+        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, styxy_preload_common::text::cell(&e.comm)))
         .collect();
     if !remaps.is_empty() {
         let n = remaps.len();

@@ -4,11 +4,11 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, UNIX_EPOCH};
 
-use styxy_preload_client::eventlog::{self, Event};
-use styxy_preload_client::paths;
+use styxy_preload_common::eventlog::{self, Event};
+use styxy_preload_common::paths;
 
 use crate::cli::LogArgs;
-use styxy_preload_client::text::cell;
+use styxy_preload_common::text::cell;
 
 pub fn run(a: LogArgs) -> Result<i32, String> {
     crate::coordinator::settle_log();

@@ -37,12 +37,12 @@ pub fn session_arg(name: Option<String>) -> Result<Option<String>, String> {
     let reserved = "is reserved (Styxy's default instance, which the daemon treats as no session)";
     match name {
         Some(n) if n == RESERVED_SESSION => Err(format!("session name '{n}' {reserved}: choose another name")),
-        Some(n) if styxy_preload_client::api::valid_instance_id(&n) => Ok(Some(n)),
+        Some(n) if styxy_preload_common::api::valid_instance_id(&n) => Ok(Some(n)),
         Some(n) => Err(format!("session name '{n}' is invalid: use 1-100 characters of A-Z, a-z, 0-9, _ and -")),
-        None => match styxy_preload_client::session::from_env() {
+        None => match styxy_preload_common::session::from_env() {
             Some(n) if n == RESERVED_SESSION => Err(format!(
                 "{}={n}: the session name '{n}' {reserved}: unset it or choose another name",
-                styxy_preload_client::session::ENV
+                styxy_preload_common::session::ENV
             )),
             s => Ok(s),
         },

@@ -1,6 +1,6 @@
 //! `styxy-preload port [REQUESTED]`: allocate (or look up) a port and print it.
 
-use styxy_preload_client::policy::Policy;
+use styxy_preload_common::policy::Policy;
 
 use crate::cli::PortArgs;
 use crate::coordinator;

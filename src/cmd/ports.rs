@@ -1,10 +1,10 @@
 //! `styxy-preload ports`: the coordinator's live allocations.
 
-use styxy_preload_client::api::AllocationsReply;
-use styxy_preload_client::http::{self, Timeouts};
+use styxy_preload_common::api::AllocationsReply;
+use styxy_preload_common::http::{self, Timeouts};
 
 use crate::coordinator;
-use styxy_preload_client::text::cell;
+use styxy_preload_common::text::cell;
 
 pub fn run(json: bool) -> Result<i32, String> {
     let ep = coordinator::local()?;

@@ -4,15 +4,15 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use styxy_preload_client::api::AllocationsReply;
-use styxy_preload_client::eventlog::{self, Action, Event};
-use styxy_preload_client::http::{self, Timeouts};
-use styxy_preload_client::paths;
-use styxy_preload_client::policy::Policy;
+use styxy_preload_common::api::AllocationsReply;
+use styxy_preload_common::eventlog::{self, Action, Event};
+use styxy_preload_common::http::{self, Timeouts};
+use styxy_preload_common::paths;
+use styxy_preload_common::policy::Policy;
 
 use crate::cli::StatsArgs;
 use crate::coordinator;
-use styxy_preload_client::text::cell;
+use styxy_preload_common::text::cell;
 
 /// The pass-through reasons `stats` tells apart.
 fn reason_kind(e: &Event) -> &'static str {

@@ -4,8 +4,8 @@
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
-use styxy_preload_client::http::{self, Endpoint};
-use styxy_preload_client::{paths, policy::Policy, session};
+use styxy_preload_common::http::{self, Endpoint};
+use styxy_preload_common::{paths, policy::Policy, session};
 
 use crate::coordinator::{self, PROBE};
 use crate::{libpath, seccomp};

@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use libc::{c_int, sock_filter, sock_fprog};
-use styxy_preload_client::UNSUPERVISED_BIND;
+use styxy_preload_common::UNSUPERVISED_BIND;
 
 /// The `AUDIT_ARCH_*` of the programs we answer for; 0 where we have not built it.
 #[cfg(target_arch = "x86_64")]

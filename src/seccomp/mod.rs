@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use styxy_preload_client::{paths, procinfo};
+use styxy_preload_common::{paths, procinfo};
 use styxy_preload_core::process::Process;
 
 /// Why seccomp mode cannot work on this machine, checked before the child starts;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use libc::{c_int, seccomp_notif, seccomp_notif_resp};
-use styxy_preload_client::procinfo;
+use styxy_preload_common::procinfo;
 use styxy_preload_core::process::Process;
 use styxy_preload_core::sys::errno;
 use styxy_preload_core::{bind, connect, listen, sys, Addr, Caller, Route, Socket, Verdict};

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_styxy-preload"))
@@ -241,9 +241,9 @@ impl World {
     }
 
     /// The event log, once the daemon has logged every bind it granted the shim.
-    pub fn events(&self) -> Vec<styxy_preload_client::eventlog::Event> {
+    pub fn events(&self) -> Vec<styxy_preload_common::eventlog::Event> {
         let _ = self.call_maybe("POST", "/flush");
-        styxy_preload_client::eventlog::read_all(&self.log_path()).unwrap_or_default()
+        styxy_preload_common::eventlog::read_all(&self.log_path()).unwrap_or_default()
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> http::Response {

@@ -1,8 +1,8 @@
 //! The coordinator seam of `bind()`: [`Coordinator`] is asked for a port; [`Daemon`] asks
 //! the local daemon over its Unix socket (`POST /allocate`). Tests put a fake in its place.
 
-use styxy_preload_client::api::{AllocateReply, AllocateRequest};
-use styxy_preload_client::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::api::{AllocateReply, AllocateRequest};
+use styxy_preload_common::http::{self, Endpoint, Timeouts};
 
 use super::reason::AskError;
 

@@ -17,9 +17,9 @@ pub use reason::{AskError, Reason};
 use std::time::Instant;
 
 use libc::{EADDRINUSE, SOCK_STREAM};
-use styxy_preload_client::api::{self, AllocateReply, AllocateRequest};
-use styxy_preload_client::eventlog::Action;
-use styxy_preload_client::policy::Decision;
+use styxy_preload_common::api::{self, AllocateReply, AllocateRequest};
+use styxy_preload_common::eventlog::Action;
+use styxy_preload_common::policy::Decision;
 
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::{Mode, Process};

@@ -1,7 +1,7 @@
 //! What a `bind()` needs, decided from the policy, the mode and what the socket is —
 //! no I/O. The carrier (`bind::decide`) then carries the [`Plan`] out.
 
-use styxy_preload_client::policy::Decision;
+use styxy_preload_common::policy::Decision;
 
 use crate::process::Mode;
 

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 
 use libc::{c_int, EADDRINUSE, EADDRNOTAVAIL};
-use styxy_preload_client::api::{AllocateReply, AllocateRequest, Holder};
-use styxy_preload_client::eventlog::{self, Action, Event};
+use styxy_preload_common::api::{AllocateReply, AllocateRequest, Holder};
+use styxy_preload_common::eventlog::{self, Action, Event};
 
 use super::*;
 
