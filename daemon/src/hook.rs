@@ -224,20 +224,19 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
         preferred_port: Some(ask.port),
         session: session.map(str::to_string),
         project_path: None,
-        dry_run: true,
+        dry_run: false,
         requested_port: Some(ask.port),
         comm: None,
         exclude: vec![],
         owner: Some(Owner::pid(pid)),
         bind: true,
+        exactly: true,
     };
     let again = session.is_some_and(|s| {
         st.allocs.get(&ask.port).is_some_and(|a| a.session.as_deref() == Some(s) && a.owners.iter().any(|o| o.pid == pid))
     });
-    if st.allocate(&req, now_ms()).ok()?.port != ask.port {
-        return None; // a remap: the hooks' logic tells the person
-    }
-    let g = st.allocate(&AllocRequest { dry_run: false, ..req }, now_ms()).ok()?;
+    // another port (a remap) is not granted here: the hooks' logic tells the person
+    let g = st.allocate(&req, now_ms()).ok()?;
     if !g.existing {
         if let Some(a) = st.allocs.get(&g.port) {
             sh.journal.append(a);

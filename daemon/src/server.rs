@@ -204,6 +204,7 @@ fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<AllocRequest, Api
         exclude: r.exclude,
         owner: owner_pid.map(Owner::pid),
         bind: r.bind,
+        exactly: false,
     })
 }
 
@@ -276,6 +277,8 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
             let names: Vec<&str> = st.types().iter().map(|t| t.name.as_str()).collect();
             Err(ApiError::bad(format!("unknown service type '{t}'; known types: {}", names.join(", "))))
         }
+        // only the shim's KEEP asks for exactly its port (hook.rs)
+        Err(AllocError::NotExactly) => Err(ApiError::bad("the preferred port cannot be granted".to_string())),
         Err(AllocError::NotOfType { port, ty }) => {
             Err(ApiError::bad(format!("port {port} is not a {ty} port: a privileged, ephemeral or reserved port, or another type's")))
         }

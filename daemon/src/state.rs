@@ -138,6 +138,10 @@ pub struct AllocRequest {
     pub owner: Option<Owner>,
     /// For a bind in progress: the grant waits for its confirmation.
     pub bind: bool,
+    /// The preferred port or nothing: another port is not granted (`NotExactly`), and
+    /// nothing changes (the shim's `KEEP`: one look at the port, not a dry run and then
+    /// the grant).
+    pub exactly: bool,
 }
 
 #[derive(Debug)]
@@ -158,6 +162,8 @@ pub enum AllocError {
         range: (u16, u16),
         allocated: Vec<u16>,
     },
+    /// `exactly` was asked, and the preferred port cannot be granted.
+    NotExactly,
     /// A preferred or requested port the policy does not give this type (22, 9876, 1).
     NotOfType {
         port: u16,
@@ -251,6 +257,9 @@ impl State {
             Some(p) if p != port => Some(self.holder_of(p)),
             _ => None,
         };
+        if req.exactly && req.preferred_port != Some(port) {
+            return Err(AllocError::NotExactly);
+        }
         let lock_id = uuid::Uuid::new_v4().to_string();
         if req.dry_run {
             return Ok(Grant { port, lock_id, existing: false, holder });
@@ -521,6 +530,18 @@ mod tests {
             owner: me(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn exactly_grants_the_preferred_port_or_changes_nothing() {
+        let mut s = state();
+        let exactly = |session: &str| AllocRequest { exactly: true, ..req(session, 3000) };
+        assert_eq!(s.allocate(&exactly("a"), 0).unwrap().port, 3000);
+        let before = s.allocs.len();
+        assert_eq!(s.allocate(&exactly("b"), 0).unwrap_err(), AllocError::NotExactly);
+        assert_eq!(s.allocs.len(), before, "nothing granted to b");
+        let again = s.allocate(&exactly("a"), 0).unwrap();
+        assert_eq!((again.port, again.existing), (3000, true), "a's own port again");
     }
 
     #[test]
