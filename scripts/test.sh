@@ -84,4 +84,6 @@ then
   install "the Python packages of $fixtures/requirements.txt (pip)" /tmp/styxy-test-pip.log sh -c '"$@" || "$@" --break-system-packages' pip "${pip[@]}"
 fi
 
+# everything the tests need is here now: a test that finds a program missing fails
+export STYXY_TEST_INSTALLED=1
 exec cargo test --workspace --no-fail-fast "$@"

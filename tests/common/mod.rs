@@ -430,3 +430,12 @@ pub fn user(name: &str) -> u32 {
     }
     text(&id().expect("useradd").stdout).trim().parse().unwrap()
 }
+
+/// A program a test needs is missing: a failure where `scripts/test.sh` installed what the
+/// tests need (it sets `STYXY_TEST_INSTALLED`) or under CI; elsewhere a skip, said on stderr.
+pub fn missing(what: &str) {
+    let msg = format!("missing: {what}; run scripts/test.sh (it installs it), or install it by hand");
+    let strict = std::env::var_os("CI").is_some() || std::env::var_os("STYXY_TEST_INSTALLED").is_some();
+    assert!(!strict, "{msg}");
+    eprintln!("skipped: {msg}");
+}
