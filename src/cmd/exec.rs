@@ -26,28 +26,79 @@ use crate::{coordinator, elf, libpath, seccomp, tools};
 
 pub fn run(a: ExecArgs) -> Result<i32, String> {
     let lib = libpath::find()?;
-    let session = super::session_arg(a.session)?.unwrap_or_else(session::new_id);
+    let session = super::session_arg(a.session.clone())?.unwrap_or_else(session::new_id);
     a.ports.iter().try_for_each(|spec| super::port_spec(spec))?;
-    let endpoint = if a.no_start_daemon {
-        let ep = coordinator::local()?;
-        let up = discovery::answers(&ep, coordinator::PROBE);
-        if !up {
-            eprintln!("styxy-preload: the daemon does not answer at {ep} and --no-start-daemon is set: ports pass through uncoordinated");
-        }
-        up.then_some(ep)
-    } else {
-        Some(coordinator::ensure()?)
-    };
+    let endpoint = coordinator_of(&a)?;
     if let Some(ep) = &endpoint {
         coordinator::anchor(ep, &session, std::process::id());
     }
     let program = a.cmd.first().ok_or("no command given")?.clone();
     let seccomp = use_seccomp(a.seccomp, a.no_seccomp, &program);
+    let mut env = environment(&a, &lib, &session, endpoint.as_ref(), seccomp);
+    let mut args: Vec<String> = a.cmd[1..].to_vec();
+    if !a.ports.is_empty() {
+        let ep = endpoint.as_ref().ok_or("--port needs a coordinator, and none answers (drop --no-start-daemon)")?;
+        hand_ports(&a, ep, &session, &mut env, &mut args)?;
+    }
 
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    env.insert("LD_PRELOAD".into(), libpath::preload_value(&lib));
-    env.insert(session::ENV.into(), session.clone());
+    let started_ms = eventlog::now_ms();
+    let signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
+    let mut cmd = Command::new(&program);
+    cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
+    // connect is trapped only where it can be virtualised: with the daemon's port map
+    let connect = endpoint.is_some();
+    let prepared = seccomp.then(|| seccomp::prepare(&mut cmd, &env, connect)).transpose().map_err(|e| format!("seccomp mode: {e}"))?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Ok(not_started(&program, &e)),
+    };
+    let supervisor = prepared
+        .map(|p| p.start())
+        .and_then(|r| r.map_err(|why| eprintln!("styxy-preload: seccomp mode is off ({why}); {program} runs without it")).ok());
+    let handle = signals.handle();
+    let tree = Arc::new(AtomicBool::new(false));
+    let forwarder = forward_signals(signals, child.id() as i32, tree.clone());
+    let status = child.wait().map_err(|e| format!("waiting for {program}: {e}"))?;
+    if let Some(supervisor) = supervisor {
+        tree.store(true, Ordering::Release);
+        supervisor.wait_for_tree();
+    }
+    handle.close();
+    let _ = forwarder.join();
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+
+    // the daemon frees what dead processes held (and releases it in its upstream Styxy);
+    // live ones (daemonised servers, other processes of the session) keep theirs
     if let Some(ep) = &endpoint {
+        let _ = http::call(ep, "POST", "/cleanup", Some(b"{}"), Timeouts::CLI);
+    }
+    if !a.quiet {
+        summary(&session, started_ms);
+    }
+    Ok(code)
+}
+
+/// The local daemon, started if need be; with `--no-start-daemon`, the one that answers,
+/// or none (said on stderr: ports then pass through).
+fn coordinator_of(a: &ExecArgs) -> Result<Option<Endpoint>, String> {
+    if !a.no_start_daemon {
+        return Ok(Some(coordinator::ensure()?));
+    }
+    let ep = coordinator::local()?;
+    let up = discovery::answers(&ep, coordinator::PROBE);
+    if !up {
+        eprintln!("styxy-preload: the daemon does not answer at {ep} and --no-start-daemon is set: ports pass through uncoordinated");
+    }
+    Ok(up.then_some(ep))
+}
+
+/// What the command's tree gets in its environment: the library, the session, the
+/// coordinator and its types, the mode, and the settings `exec`'s flags name.
+fn environment(a: &ExecArgs, lib: &std::path::Path, session: &str, endpoint: Option<&Endpoint>, seccomp: bool) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("LD_PRELOAD".into(), libpath::preload_value(lib));
+    env.insert(session::ENV.into(), session.to_string());
+    if let Some(ep) = endpoint {
         env.insert("STYXY_URL".into(), ep.to_string());
         if let Some(types) = coordinator_types(ep) {
             env.insert("STYXY_PRELOAD_TYPES".into(), types);
@@ -73,84 +124,58 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     if seccomp {
         env.insert(SUPERVISED_ENV.into(), (seccomp_filters() + 1).to_string());
     }
-    let mut args: Vec<String> = a.cmd[1..].to_vec();
-    if !a.ports.is_empty() {
-        let ep = endpoint.as_ref().ok_or("--port needs a coordinator, and none answers (drop --no-start-daemon)")?;
-        let specs: Vec<String> = a
-            .ports
-            .iter()
-            .flat_map(|s| match s.as_str() {
-                "auto" => tools::variables(&a.cmd).iter().map(|(var, port)| format!("{var}={port}")).collect(),
-                _ => vec![s.clone()],
-            })
-            .collect();
-        for spec in &specs {
-            let (name, port) = preallocate(ep, &session, spec)?;
-            let token = format!("{{{name}}}");
-            args = args.into_iter().map(|x| x.replace(&token, &port.to_string())).collect();
-            env.insert(name, port.to_string());
-        }
-    }
+    env
+}
 
-    let started_ms = eventlog::now_ms();
-    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
-    let mut cmd = Command::new(&program);
-    cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
-    // connect is trapped only where it can be virtualised: with the daemon's port map
-    let connect = endpoint.is_some();
-    let prepared = seccomp.then(|| seccomp::prepare(&mut cmd, &env, connect)).transpose().map_err(|e| format!("seccomp mode: {e}"))?;
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let (code, what) = match e.kind() {
-                std::io::ErrorKind::NotFound => (127, "command not found"),
-                std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
-                _ => (126, "cannot execute"),
-            };
-            eprintln!("styxy-preload: {program}: {what}");
-            return Ok(code);
+/// `--port`: each variable gets its port in the session (`auto`: the tool's own
+/// variables and defaults), in the environment and in place of `{NAME}` in the arguments.
+fn hand_ports(a: &ExecArgs, ep: &Endpoint, session: &str, env: &mut BTreeMap<String, String>, args: &mut [String]) -> Result<(), String> {
+    let specs: Vec<String> = a
+        .ports
+        .iter()
+        .flat_map(|s| match s.as_str() {
+            "auto" => tools::variables(&a.cmd).iter().map(|(var, port)| format!("{var}={port}")).collect(),
+            _ => vec![s.clone()],
+        })
+        .collect();
+    for spec in &specs {
+        let (name, port) = preallocate(ep, session, spec)?;
+        let token = format!("{{{name}}}");
+        for arg in args.iter_mut() {
+            *arg = arg.replace(&token, &port.to_string());
         }
+        env.insert(name, port.to_string());
+    }
+    Ok(())
+}
+
+/// A command that could not be started: said as a shell would, with its exit code.
+fn not_started(program: &str, e: &std::io::Error) -> i32 {
+    let (code, what) = match e.kind() {
+        std::io::ErrorKind::NotFound => (127, "command not found"),
+        std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
+        _ => (126, "cannot execute"),
     };
-    let supervisor = prepared
-        .map(|p| p.start())
-        .and_then(|r| r.map_err(|why| eprintln!("styxy-preload: seccomp mode is off ({why}); {program} runs without it")).ok());
-    let pid = child.id() as i32;
-    let handle = signals.handle();
-    let tree = Arc::new(AtomicBool::new(false));
-    let forwarder = std::thread::spawn({
-        let tree = tree.clone();
-        move || {
-            for origin in signals.forever() {
-                // A terminal's ^C already reached the child (same process group): forward
-                // only signals sent to us by a process (kill, a supervisor).
-                if !matches!(origin.cause, Cause::Kernel) {
-                    let to = if tree.load(Ordering::Acquire) { seccomp::orphans() } else { vec![pid] };
-                    for p in to {
-                        // SAFETY: plain kill(2) of our own child.
-                        unsafe { libc::kill(p, origin.signal) };
-                    }
+    eprintln!("styxy-preload: {program}: {what}");
+    code
+}
+
+/// Forwards the signals sent to us to the command (to its whole tree once it has exited
+/// under the supervisor), until the signals' handle is closed.
+fn forward_signals(mut signals: SignalsInfo<WithOrigin>, pid: i32, tree: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for origin in signals.forever() {
+            // A terminal's ^C already reached the child (same process group): forward
+            // only signals sent to us by a process (kill, a supervisor).
+            if !matches!(origin.cause, Cause::Kernel) {
+                let to = if tree.load(Ordering::Acquire) { seccomp::orphans() } else { vec![pid] };
+                for p in to {
+                    // SAFETY: plain kill(2) of our own child.
+                    unsafe { libc::kill(p, origin.signal) };
                 }
             }
         }
-    });
-    let status = child.wait().map_err(|e| format!("waiting for {program}: {e}"))?;
-    if let Some(supervisor) = supervisor {
-        tree.store(true, Ordering::Release);
-        supervisor.wait_for_tree();
-    }
-    handle.close();
-    let _ = forwarder.join();
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-
-    // the daemon frees what dead processes held (and releases it in its upstream Styxy);
-    // live ones (daemonised servers, other processes of the session) keep theirs
-    if let Some(ep) = &endpoint {
-        let _ = http::call(ep, "POST", "/cleanup", Some(b"{}"), Timeouts::CLI);
-    }
-    if !a.quiet {
-        summary(&session, started_ms);
-    }
-    Ok(code)
+    })
 }
 
 /// The coordinator's service types (`GET /config`), when they differ from Styxy's
