@@ -209,50 +209,11 @@ impl State {
 
     pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
         let ty = self.policy.service_type(&req.service_type).cloned().ok_or_else(|| AllocError::UnknownType(req.service_type.clone()))?;
-        let requested = req.requested_port.or(req.preferred_port);
-        if let (Some(s), Some(r)) = (&req.session, requested) {
-            // the session already holds this requested port, or holds the port itself
-            // (a tool handed it by `exec --port` binds it): the same allocation, shared
-            let mine = |a: &&Allocation| a.session.as_ref() == Some(s);
-            let found = match self.allocs.values().filter(mine).find(|a| a.requested_port == Some(r)) {
-                Some(a) => Some(a.port),
-                None => self.allocs.get(&r).filter(mine).map(|a| a.port),
-            };
-            if let Some(a) = found.and_then(|p| self.allocs.get_mut(&p)) {
-                if !req.exclude.contains(&a.port) {
-                    // the common case (the same process binding again) reads nothing from /proc
-                    if let Some(o) = req.owner.as_ref().filter(|o| !a.owners.iter().any(|x| x.pid == o.pid)).and_then(Owner::resolved) {
-                        a.owners.push(o);
-                    }
-                    return Ok(Grant { port: a.port, lock_id: a.lock_id.clone(), existing: true, holder: None });
-                }
-            }
+        if let Some(grant) = self.held_by_session(req) {
+            return Ok(grant);
         }
         self.check(req, &ty)?;
-        self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
-        let remembered = match (&req.session, requested) {
-            (Some(s), Some(r)) => self.recent.iter().rev().find(|x| &x.session == s && x.requested == r).map(|x| x.port),
-            _ => None,
-        };
-        let candidates =
-            || remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
-        // other tools' default ports only when nothing else of the type is free
-        let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || !policy::tool_default(p);
-        let mut granted = None;
-        for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {
-            if port == 0 || req.exclude.contains(&port) || !self.free(port, now_ms) {
-                continue;
-            }
-            granted = Some(port);
-            break;
-        }
-        let Some(port) = granted else {
-            return Err(AllocError::Exhausted {
-                ty: ty.name.clone(),
-                range: ty.range,
-                allocated: self.allocs.keys().copied().filter(|p| (ty.range.0..=ty.range.1).contains(p)).collect(),
-            });
-        };
+        let port = self.choose(req, &ty, now_ms)?;
         let holder = match req.preferred_port {
             Some(p) if p != port => Some(self.holder_of(p)),
             _ => None,
@@ -271,7 +232,7 @@ impl State {
             service_name: req.service_name.clone(),
             session: req.session.clone(),
             project_path: req.project_path.clone(),
-            requested_port: requested,
+            requested_port: req.requested_port.or(req.preferred_port),
             comm: req.comm.clone(),
             owners: req.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
             allocated_at_ms: now_ms,
@@ -281,6 +242,49 @@ impl State {
         self.publish(&a);
         self.allocs.insert(port, a);
         Ok(Grant { port, lock_id, existing: false, holder })
+    }
+
+    /// The session already holds this requested port, or holds the port itself (a tool
+    /// handed it by `exec --port` binds it): the same allocation, shared with the asking
+    /// owner.
+    fn held_by_session(&mut self, req: &AllocRequest) -> Option<Grant> {
+        let (s, r) = (req.session.as_ref()?, req.requested_port.or(req.preferred_port)?);
+        let mine = |a: &&Allocation| a.session.as_ref() == Some(s);
+        let found = match self.allocs.values().filter(mine).find(|a| a.requested_port == Some(r)) {
+            Some(a) => Some(a.port),
+            None => self.allocs.get(&r).filter(mine).map(|a| a.port),
+        };
+        let a = found.and_then(|p| self.allocs.get_mut(&p)).filter(|a| !req.exclude.contains(&a.port))?;
+        // the common case (the same process binding again) reads nothing from /proc
+        if let Some(o) = req.owner.as_ref().filter(|o| !a.owners.iter().any(|x| x.pid == o.pid)).and_then(Owner::resolved) {
+            a.owners.push(o);
+        }
+        Some(Grant { port: a.port, lock_id: a.lock_id.clone(), existing: true, holder: None })
+    }
+
+    /// The port to grant: the one the session had within the grace period, the preferred
+    /// one, the type's preferred ones, then its range — other tools' default ports only
+    /// when nothing else of the type is free.
+    fn choose(&mut self, req: &AllocRequest, ty: &ServiceType, now_ms: u64) -> Result<u16, AllocError> {
+        let requested = req.requested_port.or(req.preferred_port);
+        self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
+        let remembered = match (&req.session, requested) {
+            (Some(s), Some(r)) => self.recent.iter().rev().find(|x| &x.session == s && x.requested == r).map(|x| x.port),
+            _ => None,
+        };
+        let candidates =
+            || remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
+        let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || !policy::tool_default(p);
+        for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {
+            if port != 0 && !req.exclude.contains(&port) && self.free(port, now_ms) {
+                return Ok(port);
+            }
+        }
+        Err(AllocError::Exhausted {
+            ty: ty.name.clone(),
+            range: ty.range,
+            allocated: self.allocs.keys().copied().filter(|p| (ty.range.0..=ty.range.1).contains(p)).collect(),
+        })
     }
 
     /// The policy as the calling process sees it: with the `STYXY_PRELOAD_PORTS` rules of
