@@ -53,7 +53,7 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket, coo
             b(ty).event(orig.port, Action::Observed, Some(Reason::ObserveMode), 0);
             Verdict::AsAsked
         }
-        Plan::TryFirst { ty, single } => try_first(&b(ty), single, facts.stream, sock, coord),
+        Plan::TryFirst { ty, single, fallback } => try_first(&b(ty), single, fallback, facts.stream, sock, coord),
         Plan::AskFirst { ty, fallback } => ask_first(&b(ty), fallback, facts.moved_from, sock, coord),
     }
 }
@@ -111,7 +111,7 @@ impl Bind<'_> {
 }
 
 /// Bound as asked; only `EADDRINUSE` of a stream socket asks for another port.
-fn try_first(b: &Bind, single: bool, stream: bool, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
+fn try_first(b: &Bind, single: bool, fallback: bool, stream: bool, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
     let r = sock.run(None);
     if r != Err(EADDRINUSE) || !stream {
         return Verdict::Done(r);
@@ -120,27 +120,38 @@ fn try_first(b: &Bind, single: bool, stream: bool, sock: &mut dyn Socket, coord:
         b.event(b.orig.port, Action::Passthrough, Some(Reason::SingleInstance(b.ty.to_string())), 0);
         return Verdict::Done(Err(EADDRINUSE));
     }
-    allocate_and_bind(b, b.request(None, vec![b.orig.port]), None, sock, coord)
+    let req = b.request(None, vec![b.orig.port]);
+    if let Some(v) = fallback.then(|| leave_to_the_tool(b, &req, None, coord)).flatten() {
+        return v;
+    }
+    allocate_and_bind(b, req, None, sock, coord)
 }
 
 /// Asked before the bind. A tool that falls back by itself (`fallback`) is first told,
 /// as the kernel would tell it, that a port another session holds is taken.
 fn ask_first(b: &Bind, fallback: bool, moved_from: Option<u16>, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
     let req = b.request(moved_from, vec![]);
-    if fallback {
-        match coord.allocate(&AllocateRequest { dry_run: true, ..req.clone() }).map(|r| r.granted().map(|(port, _)| port)) {
-            Ok(Some(port)) if port != b.orig.port => {
-                b.p.memory.remember_origin(b.who.pid, moved_from.unwrap_or(b.orig.port));
-                // a probe the tool answers itself: not a start
-                let why = Reason::LeftToOwnFallback { port: b.orig.port, comm: b.who.comm.to_string() };
-                b.event(b.orig.port, Action::Observed, Some(why), 0);
-                return Verdict::Done(Err(EADDRINUSE));
-            }
-            Ok(_) => {}
-            Err(e) => return b.unasked(e, coord, 0),
-        }
+    if let Some(v) = fallback.then(|| leave_to_the_tool(b, &req, moved_from, coord)).flatten() {
+        return v;
     }
     allocate_and_bind(b, req, moved_from, sock, coord)
+}
+
+/// Fallback mode: would `req` be granted this very port? If not, the tool is told what
+/// the kernel would tell it were the port bound (`EADDRINUSE`): it moves on by itself
+/// and says where it went. `None`: the port would be granted, go on.
+fn leave_to_the_tool(b: &Bind, req: &AllocateRequest, moved_from: Option<u16>, coord: &mut dyn Coordinator) -> Option<Verdict> {
+    match coord.allocate(&AllocateRequest { dry_run: true, ..req.clone() }).map(|r| r.granted().map(|(port, _)| port)) {
+        Ok(Some(port)) if port != b.orig.port => {
+            b.p.memory.remember_origin(b.who.pid, moved_from.unwrap_or(b.orig.port));
+            // a probe the tool answers itself: not a start
+            let why = Reason::LeftToOwnFallback { port: b.orig.port, comm: b.who.comm.to_string() };
+            b.event(b.orig.port, Action::Observed, Some(why), 0);
+            Some(Verdict::Done(Err(EADDRINUSE)))
+        }
+        Ok(_) => None,
+        Err(e) => Some(b.unasked(e, coord, 0)),
+    }
 }
 
 /// Asks for a port and binds it; a granted port someone uncoordinated took is excluded

@@ -25,8 +25,9 @@ pub enum Plan<'a> {
     Observe(&'a str),
     /// Bound as asked first; only `EADDRINUSE` of a stream socket goes further: the
     /// coordinator is asked for another port of `ty` — or, for a single-instance type,
-    /// the program gets the `EADDRINUSE` (never remapped).
-    TryFirst { ty: &'a str, single: bool },
+    /// the program gets the `EADDRINUSE` (never remapped). `fallback`: a tool that moves
+    /// on by itself gets it too when another port would be granted.
+    TryFirst { ty: &'a str, single: bool, fallback: bool },
     /// The coordinator is asked before the bind (a coordinated port, a port that may be
     /// shared, or a tool's fallback). `fallback`: a port another session holds fails
     /// with `EADDRINUSE` so that the tool moves on by itself.
@@ -67,7 +68,7 @@ fn try_first<'a>(mode: Mode, facts: &Facts, ty: &'a str, single: bool) -> Plan<'
     match mode {
         Mode::Observe if facts.stream => Plan::Observe(ty),
         Mode::Observe => Plan::AsAsked(Bypass::NotStream),
-        _ => Plan::TryFirst { ty, single },
+        _ => Plan::TryFirst { ty, single, fallback: mode == Mode::Fallback },
     }
 }
 
@@ -85,7 +86,8 @@ mod tests {
         use Decision::{Coordinated, OnConflict, Single, Untouched};
         use Mode::{Coordinate, Fallback, Observe};
         let ask = |fallback| Plan::AskFirst { ty: "dev", fallback };
-        let try_ = |single| Plan::TryFirst { ty: "dev", single };
+        let try_ = |single| Plan::TryFirst { ty: "dev", single, fallback: false };
+        let try_fallback = |single| Plan::TryFirst { ty: "dev", single, fallback: true };
         let table: &[(Decision, Mode, Facts, Plan)] = &[
             (Untouched("privileged port"), Coordinate, STREAM, Plan::AsAsked(Bypass::Untouched("privileged port"))),
             (Untouched("port 0"), Observe, STREAM, Plan::AsAsked(Bypass::Untouched("port 0"))),
@@ -102,11 +104,12 @@ mod tests {
             (OnConflict("dev"), Coordinate, SHARED, ask(false)),
             (OnConflict("dev"), Mode::OnConflict, SHARED, try_(false)),
             (OnConflict("dev"), Fallback, MOVED, ask(true)),
+            (OnConflict("dev"), Fallback, STREAM, try_fallback(false)),
             (OnConflict("dev"), Observe, STREAM, Plan::Observe("dev")),
             // single-instance types are never asked about first, shared or not
             (Single("dev"), Coordinate, STREAM, try_(true)),
             (Single("dev"), Coordinate, SHARED, try_(true)),
-            (Single("dev"), Fallback, MOVED, try_(true)),
+            (Single("dev"), Fallback, MOVED, try_fallback(true)),
             (Single("dev"), Observe, STREAM, Plan::Observe("dev")),
         ];
         for (decision, mode, facts, want) in table {

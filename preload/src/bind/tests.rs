@@ -442,3 +442,18 @@ fn a_failed_bind_of_the_sessions_port_says_why() {
     let why = Reason::SessionPortInTimeWait(port).to_string();
     assert!(why.contains("TIME_WAIT") && why.contains("SO_REUSEADDR"), "{why}");
 }
+
+#[test]
+fn a_tool_falling_back_by_itself_from_a_taken_port_outside_every_range_is_told_so() {
+    let w = World::new(&[("STYXY_PRELOAD_MODE", "fallback")]);
+    let mut coord = script([grant(3005)]);
+    let mut sock = refusing(12000, EADDRINUSE);
+    assert_eq!(w.bind(12000, &mut sock, &mut coord), Verdict::Done(Err(EADDRINUSE)));
+    assert_eq!(sock.bound, [12000], "bound as asked once, never elsewhere");
+    assert_eq!(coord.asked.iter().map(|r| (r.dry_run, r.exclude.clone())).collect::<Vec<_>>(), [(true, vec![12000])]);
+    let ev = w.events();
+    assert_eq!(
+        (ev.len(), ev[0].action, ev[0].reason.as_deref()),
+        (1, Action::Observed, Some("port 12000 is taken; left to srv's own fallback"))
+    );
+}
