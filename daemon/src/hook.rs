@@ -236,7 +236,7 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
         st.allocs.get(&ask.port).is_some_and(|a| a.session.as_deref() == Some(s) && a.owners.iter().any(|o| o.pid == pid))
     });
     // another port (a remap) is not granted here: the hooks' logic tells the person
-    let g = st.allocate(&req, now_ms()).ok()?;
+    let g = st.allocate(&req, now_ms()).ok().filter(|g| g.port == ask.port)?;
     if !g.existing {
         if let Some(a) = st.allocs.get(&g.port) {
             sh.journal.append(a);

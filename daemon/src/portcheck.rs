@@ -7,12 +7,18 @@ use std::os::fd::AsRawFd;
 
 /// True if a socket listens on `port` (or holds it without `SO_REUSEADDR`), on any
 /// address, IPv4 or IPv6: a test bind of the dual-stack wildcard with `SO_REUSEADDR`.
+/// A port the daemon may not bind (`EACCES`: a privileged port, for a daemon without the
+/// right) cannot be tested: it counts as free, and the root process that asked for it (a
+/// `STYXY_PRELOAD_PORTS` rule) hears from the kernel itself.
 pub fn port_in_use(port: u16) -> bool {
     let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let in_use = |e: std::io::Error| e.raw_os_error() != Some(libc::EACCES);
     match test_bind(v6, false) {
         Ok(()) => false,
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => test_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true).is_err(),
-        Err(_) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            test_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true).is_err_and(in_use)
+        }
+        Err(e) => in_use(e),
     }
 }
 

@@ -210,7 +210,7 @@ impl State {
     pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
         let ty = self.policy.service_type(&req.service_type).cloned().ok_or_else(|| AllocError::UnknownType(req.service_type.clone()))?;
         if let Some(grant) = self.held_by_session(req) {
-            return Ok(grant);
+            return grant;
         }
         self.check(req, &ty)?;
         let port = self.choose(req, &ty, now_ms)?;
@@ -247,7 +247,7 @@ impl State {
     /// The session already holds this requested port, or holds the port itself (a tool
     /// handed it by `exec --port` binds it): the same allocation, shared with the asking
     /// owner.
-    fn held_by_session(&mut self, req: &AllocRequest) -> Option<Grant> {
+    fn held_by_session(&mut self, req: &AllocRequest) -> Option<Result<Grant, AllocError>> {
         let (s, r) = (req.session.as_ref()?, req.requested_port.or(req.preferred_port)?);
         let mine = |a: &&Allocation| a.session.as_ref() == Some(s);
         let found = match self.allocs.values().filter(mine).find(|a| a.requested_port == Some(r)) {
@@ -255,11 +255,14 @@ impl State {
             None => self.allocs.get(&r).filter(mine).map(|a| a.port),
         };
         let a = found.and_then(|p| self.allocs.get_mut(&p)).filter(|a| !req.exclude.contains(&a.port))?;
+        if req.exactly && req.preferred_port != Some(a.port) {
+            return Some(Err(AllocError::NotExactly)); // the session maps it elsewhere
+        }
         // the common case (the same process binding again) reads nothing from /proc
         if let Some(o) = req.owner.as_ref().filter(|o| !a.owners.iter().any(|x| x.pid == o.pid)).and_then(Owner::resolved) {
             a.owners.push(o);
         }
-        Some(Grant { port: a.port, lock_id: a.lock_id.clone(), existing: true, holder: None })
+        Some(Ok(Grant { port: a.port, lock_id: a.lock_id.clone(), existing: true, holder: None }))
     }
 
     /// The port to grant: the one the session had within the grace period, the preferred
@@ -272,6 +275,14 @@ impl State {
             (Some(s), Some(r)) => self.recent.iter().rev().find(|x| &x.session == s && x.requested == r).map(|x| x.port),
             _ => None,
         };
+        if req.exactly {
+            // the preferred port or nothing: only it is looked at (a port the session had
+            // within the grace period is the hooks' logic's to grant)
+            return match req.preferred_port {
+                Some(p) if remembered.is_none_or(|r| r == p) && !req.exclude.contains(&p) && self.free(p, now_ms) => Ok(p),
+                _ => Err(AllocError::NotExactly),
+            };
+        }
         let candidates =
             || remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
         let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || !policy::tool_default(p);
@@ -296,7 +307,7 @@ impl State {
         let spec = procinfo::environ(pid).into_iter().find(|(k, _)| k == "STYXY_PRELOAD_PORTS")?.1.into_string().ok()?;
         let mut p = self.policy.clone();
         p.rules.clear();
-        let _ = p.add_rules(&spec); // bad entries are ignored, as the process itself does
+        let _ = p.add_rules(&spec); // the rules up to a bad entry, as the process itself reads them
         Some(p)
     }
 
@@ -546,6 +557,10 @@ mod tests {
         assert_eq!(s.allocs.len(), before, "nothing granted to b");
         let again = s.allocate(&exactly("a"), 0).unwrap();
         assert_eq!((again.port, again.existing), (3000, true), "a's own port again");
+        // b's mapping of 3000 is 3001: exactly 3000 is not b's
+        assert_eq!(s.allocate(&req("b", 3000), 0).unwrap().port, 3001);
+        assert_eq!(s.allocate(&exactly("b"), 0).unwrap_err(), AllocError::NotExactly);
+        assert!(s.allocs[&3000].session.as_deref() == Some("a"));
     }
 
     #[test]
