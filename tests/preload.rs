@@ -283,3 +283,26 @@ fn a_rule_giving_a_privileged_port_a_type_coordinates_its_bind() {
     let starts = w.events().into_iter().filter(|e| e.requested_port == 80 && matches!(e.action, Action::Kept | Action::Remapped)).count();
     assert_eq!(starts, 2, "{:#?}", w.events());
 }
+
+#[test]
+fn a_datagram_connect_never_loads_the_core_even_with_rules_of_its_own() {
+    let mut w = World::new();
+    w.start_daemon();
+    // fallback mode is a rule of the process's own: loopback stream connects go to the
+    // hooks' logic; a DNS-like datagram connect to 127.0.0.53:53 must not load it
+    let mut c = w.preloaded(Some("udp"), "python3");
+    c.env("STYXY_PRELOAD_MODE", "fallback").arg("-c").arg(
+        "import socket, time\nu=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('127.0.0.53', 53))\nprint('udp', flush=True)\ntime.sleep(30)",
+    );
+    let pid = w.spawn(c, "udp");
+    wait_for(10, "the datagram connect", || w.output_of("udp").contains("udp").then_some(()));
+    assert!(!core_loaded(pid), "a datagram connect loaded the core");
+    // a stream connect of the same process does go to the hooks' logic
+    let mut c = w.preloaded(Some("udp"), "python3");
+    c.env("STYXY_PRELOAD_MODE", "fallback").arg("-c").arg(
+        "import socket, time\nt=socket.socket()\ntry: t.connect(('127.0.0.1', 4033))\nexcept OSError: pass\nprint('tcp', flush=True); time.sleep(30)",
+    );
+    let tcp = w.spawn(c, "tcp");
+    wait_for(10, "the stream connect", || w.output_of("tcp").contains("tcp").then_some(()));
+    assert!(core_loaded(tcp), "a stream connect with rules of its own is the hooks' logic's");
+}

@@ -5,10 +5,16 @@
 //! Used by the daemon (owners, checks, the hook's log), the CLI (`exec`'s seccomp
 //! supervisor, `daemon stop`) and the preload library. Every function is a read or
 //! two of small `/proc` files, never panics, and answers `None`/`false`/empty when the
-//! process is gone or the file unreadable. Pass `std::process::id()` for this process.
+//! process is gone or the file unreadable. For this process, pass [`SELF`] where a
+//! function takes one (`/proc/self` is this process even where its pid is another
+//! namespace's).
 
 use std::ffi::OsString;
+use std::fmt::Display;
 use std::io::Read;
+
+/// This process, in `/proc`.
+pub const SELF: &str = "self";
 
 /// A process as the daemon records it: its pid and its start time, together one
 /// process for the life of the system (a reused pid has another start time).
@@ -79,7 +85,7 @@ pub fn descends_from(pid: u32, ancestor: u32) -> bool {
 }
 
 /// `pid`'s children, from each of its threads' `children` list (`/proc/<pid>/task/*/children`).
-pub fn children(pid: u32) -> Vec<u32> {
+pub fn children(pid: impl Display) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
         .flatten()
@@ -131,13 +137,13 @@ pub fn cwd(pid: u32) -> Option<String> {
 }
 
 /// `pid`'s command name (`/proc/<pid>/comm`, at most 15 bytes).
-pub fn comm(pid: u32) -> Option<String> {
+pub fn comm(pid: impl Display) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
 }
 
 /// The value of one `Name:` line of `/proc/<pid>/status`, trimmed (`status_field(pid,
 /// "Tgid")`, `"CapEff"`, `"Seccomp_filters"`).
-pub fn status_field(pid: u32, name: &str) -> Option<String> {
+pub fn status_field(pid: impl Display, name: &str) -> Option<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string())
 }

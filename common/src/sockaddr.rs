@@ -13,13 +13,17 @@ pub const IN6_LEN: usize = 28;
 /// The family and port (host order) of an IPv4/IPv6 address at least as long as its
 /// struct; `None` for any other family, or fewer bytes than the kernel would read.
 pub fn parse(bytes: &[u8]) -> Option<(u16, u16)> {
+    let (family, port) = head(bytes)?;
+    let need = if family == AF_INET { IN_LEN } else { IN6_LEN };
+    (bytes.len() >= need).then_some((family, port))
+}
+
+/// The family and port of an IPv4/IPv6 address from its first four bytes alone (what a
+/// truncated `getsockname` buffer still holds); `None` for another family.
+pub fn head(bytes: &[u8]) -> Option<(u16, u16)> {
     let family = u16::from_ne_bytes([*bytes.first()?, *bytes.get(1)?]);
-    let need = match family {
-        AF_INET => IN_LEN,
-        AF_INET6 => IN6_LEN,
-        _ => return None,
-    };
-    (bytes.len() >= need).then(|| (family, u16::from_be_bytes([bytes[2], bytes[3]])))
+    let port = u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]);
+    matches!(family, AF_INET | AF_INET6).then_some((family, port))
 }
 
 /// 127.0.0.0/8, `::1` or `::ffff:127.0.0.0/104`, of an address [`parse`] accepted.
@@ -71,6 +75,8 @@ mod tests {
         assert_eq!(parse(&v6([0; 16], 1)[..27]), None, "short sockaddr_in6");
         assert_eq!(parse(&[1, 0, 0, 0]), None, "AF_UNIX");
         assert_eq!(parse(&[2]), None);
+        assert_eq!(head(&v4([127, 0, 0, 1], 3000)[..4]), Some((AF_INET, 3000)), "a truncated buffer's head");
+        assert_eq!(head(&[1, 0, 0, 0]), None);
     }
 
     #[test]

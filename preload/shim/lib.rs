@@ -235,6 +235,9 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
             -1
         }
         Some(_) => plain(),
+        // the hooks' logic changes only stream connects: a datagram one (a DNS query to
+        // 127.0.0.53) never loads it
+        None if !stream(fd) => plain(),
         None => match core_fn(&CORE_CONNECT) {
             // SAFETY: the program's call and libc's function, as the core's connect takes them.
             Some(hook) => unsafe { hook(fd, addr, len, real) },

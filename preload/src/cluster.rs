@@ -84,7 +84,7 @@ pub fn has_cluster_workers() -> bool {
 
 /// This process's children.
 fn children() -> Vec<u32> {
-    procinfo::children(crate::process::pid())
+    procinfo::children(procinfo::SELF)
 }
 
 #[cfg(test)]

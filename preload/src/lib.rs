@@ -20,6 +20,7 @@ pub mod sys;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use libc::{c_int, sockaddr, socklen_t, ECONNREFUSED};
+use styxy_preload_common::sockaddr as inet;
 
 pub use call::{Caller, Route, Socket, Verdict};
 pub use sys::{Addr, AddrFn, ListenFn};
@@ -114,8 +115,9 @@ pub unsafe extern "C" fn styxy_core_connect(fd: c_int, addr: *const sockaddr, le
 }
 
 /// # Safety
-/// Called by the interposer after libc's `getsockname` succeeded: `addr` holds `*len`
-/// bytes of the socket's address, which this may rewrite in place.
+/// Called by the interposer after libc's `getsockname` succeeded: `addr` is the program's
+/// buffer the kernel filled, `*len` the address's whole length (the buffer may be
+/// shorter); its first 4 bytes (family, port) may be rewritten in place.
 #[no_mangle]
 pub unsafe extern "C" fn styxy_core_getsockname(fd: c_int, addr: *mut sockaddr, len: *const socklen_t) {
     if cluster::moved().is_empty() || addr.is_null() || len.is_null() {
@@ -124,9 +126,14 @@ pub unsafe extern "C" fn styxy_core_getsockname(fd: c_int, addr: *mut sockaddr, 
     guarded(
         || {
             let errno = sys::errno();
-            if let Some(got) = Addr::read(addr, *len) {
-                if let Some(asked) = cluster::moved().asked(fd, got.port).filter(|_| cluster::has_cluster_workers()) {
-                    styxy_preload_common::sockaddr::set_port(std::slice::from_raw_parts_mut(addr.cast::<u8>(), *len as usize), asked);
+            // only the family and the port, the first 4 bytes, are read and written: `*len`
+            // is the address's whole length, which a buffer the kernel truncated is shorter than
+            if *len >= 4 {
+                let head = std::slice::from_raw_parts_mut(addr.cast::<u8>(), 4);
+                if let Some((_, got)) = inet::head(head) {
+                    if let Some(asked) = cluster::moved().asked(fd, got).filter(|_| cluster::has_cluster_workers()) {
+                        inet::set_port(head, asked);
+                    }
                 }
             }
             sys::set_errno(errno);

@@ -116,7 +116,7 @@ impl Process {
             }
         };
         let session = session::from_vars(var);
-        let comm = procinfo::comm(pid()).unwrap_or_else(|| "?".into());
+        let comm = procinfo::comm(procinfo::SELF).unwrap_or_else(|| "?".into());
         let named = text("STYXY_URL").and_then(|u| u.trim().strip_prefix("unix:").map(|p| PathBuf::from(p.trim_start_matches("//"))));
         let sock = named.filter(|p| p.is_absolute()).unwrap_or_else(|| paths::runtime_dir_in(var).join("daemon.sock"));
         let supervised_by = text(SUPERVISED_ENV).and_then(|v| v.parse::<u32>().ok());
@@ -186,7 +186,7 @@ pub const SUPERVISED_ENV: &str = "STYXY_PRELOAD_SUPERVISED";
 /// The seccomp filters on this process (`Seccomp_filters`, Linux 5.9+; before, 1 for
 /// any filter).
 pub fn seccomp_filters() -> u32 {
-    let field = |name: &str| procinfo::status_field(pid(), name).and_then(|v| v.parse::<u32>().ok());
+    let field = |name: &str| procinfo::status_field(procinfo::SELF, name).and_then(|v| v.parse::<u32>().ok());
     field("Seccomp_filters").unwrap_or_else(|| u32::from(field("Seccomp") == Some(2)))
 }
 

@@ -54,7 +54,7 @@ pub fn unavailable() -> Option<String> {
 
 fn has_cap_sys_ptrace() -> bool {
     const CAP_SYS_PTRACE: u32 = 19;
-    procinfo::status_field(std::process::id(), "CapEff")
+    procinfo::status_field(procinfo::SELF, "CapEff")
         .and_then(|v| u64::from_str_radix(&v, 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
 }
