@@ -142,6 +142,10 @@ pub struct LogArgs {
     /// Only the last N events
     #[arg(short = 'n', long = "lines")]
     pub lines: Option<usize>,
+    /// Also the repeats of a start (the same process binding the same port again: a
+    /// server's dual-stack twin, a probe then the real bind), which the table hides
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Args)]

@@ -64,6 +64,22 @@ print(a.getsockname()[1], b.getsockname()[1])",
     assert!(err.contains("1 port remapped: 4110→"), "{err}");
     let remaps = w.events().into_iter().filter(|e| e.session.as_deref() == Some("twins") && e.action == Action::Remapped).count();
     assert_eq!(remaps, 1);
+    // `log` shows the start once; the twin's bind is there with --all
+    let log = |all: bool| {
+        let mut c = w.cli();
+        c.args(["log", "--session", "twins"]);
+        if all {
+            c.arg("--all");
+        }
+        run(c)
+    };
+    let (table, everything) = (log(false), log(true));
+    let rows = |out: &std::process::Output| text(&out.stdout).lines().skip(1).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(rows(&table).len(), 1, "{}", text(&table.stdout));
+    assert!(rows(&table)[0].contains("remapped"), "{}", text(&table.stdout));
+    assert!(text(&table.stderr).contains("1 repeated binds of a start hidden"), "{}", text(&table.stderr));
+    assert_eq!(rows(&everything).len(), 2, "{}", text(&everything.stdout));
+    assert!(rows(&everything)[1].contains("bound again by this process"), "{}", text(&everything.stdout));
 }
 
 /// The throwaway user the servers of these tests run as.

@@ -73,6 +73,22 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// The reason of an observed bind that repeats a start: the same process binding the
+/// same port again (a server's dual-stack twin, a probe then the real bind). Written by
+/// the hooks' logic and by the daemon for the shim; `log` hides these unless `--all`.
+pub fn bound_again(port: u16) -> String {
+    format!("{BOUND_AGAIN} on {port}")
+}
+
+const BOUND_AGAIN: &str = "bound again by this process (a twin or after a probe)";
+
+impl Event {
+    /// A repeat of a start this process already logged ([`bound_again`]).
+    pub fn is_repeat(&self) -> bool {
+        self.action == Action::Observed && self.reason.as_deref().is_some_and(|r| r.starts_with(BOUND_AGAIN))
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

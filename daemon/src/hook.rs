@@ -257,11 +257,7 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
 
 /// The event the process would have logged.
 fn log_event(g: &Granted, ask: &Ask, started: Instant) {
-    let (action, reason) = if g.again {
-        (Action::Observed, Some(format!("bound again by this process (a twin or after a probe) on {}", ask.port)))
-    } else {
-        (Action::Kept, None)
-    };
+    let (action, reason) = if g.again { (Action::Observed, Some(eventlog::bound_again(ask.port))) } else { (Action::Kept, None) };
     let ev = Event {
         ts: eventlog::now_ms(),
         session: g.session.clone(),

@@ -605,7 +605,7 @@ _styxy__preload() {
             return 0
             ;;
         styxy__subcmd__preload__subcmd__log)
-            opts="-f -n -h --json --follow --session --since --lines --help"
+            opts="-f -n -h --json --follow --session --since --lines --all --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -53,6 +53,7 @@ complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand log" -l sinc
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand log" -s n -l lines -d 'Only the last N events' -r
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand log" -l json -d 'JSON lines instead of a table'
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand log" -s f -l follow -d 'Keep printing new events (survives log rotation)'
+complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand log" -l all -d 'Also the repeats of a start (the same process binding the same port again: a server\'s dual-stack twin, a probe then the real bind), which the table hides'
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand log" -s h -l help -d 'Print help'
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand ports" -l json -d 'JSON instead of a table'
 complete -c styxy-preload -n "__fish_styxy_preload_using_subcommand ports" -s h -l help -d 'Print help'

@@ -14,7 +14,10 @@ pub fn run(a: LogArgs) -> Result<i32, String> {
     crate::coordinator::settle_log();
     let path = paths::event_log_path();
     let since_ms = a.since.map(|d| eventlog::now_ms().saturating_sub(d.as_millis() as u64));
-    let keep = |e: &Event| a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s)) && since_ms.is_none_or(|t| e.ts >= t);
+    let wanted = |e: &Event| a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s)) && since_ms.is_none_or(|t| e.ts >= t);
+    // one line per server start in the table; JSON lines (for programs) hold everything
+    let repeats_too = a.all || a.json;
+    let keep = |e: &Event| wanted(e) && (repeats_too || !e.is_repeat());
     let (events, read_len) = match eventlog::read_with_len(&path) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.follow => (vec![], 0),
@@ -39,11 +42,15 @@ pub fn run(a: LogArgs) -> Result<i32, String> {
     if shown.is_empty() && !a.follow {
         eprintln!("styxy-preload: no events match");
     }
+    let hidden = if repeats_too { 0 } else { events.iter().filter(|e| wanted(e) && e.is_repeat()).count() };
     for e in shown {
         print(&mut out, e, a.json);
     }
     let _ = out.flush();
     drop(out);
+    if hidden > 0 {
+        eprintln!("styxy-preload: {hidden} repeated binds of a start hidden (a twin, a probe then the real bind): --all shows them");
+    }
     if a.follow {
         // continue exactly after what was read above (0 if the log did not exist yet)
         follow(&path, read_len, |e| keep(e), a.json);

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use libc::c_int;
+use styxy_preload_common::eventlog;
 
 /// The reason an event gives for a bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +87,7 @@ impl fmt::Display for Reason {
             Reason::LeftToOwnFallback { port, comm } => write!(f, "port {port} is taken; left to {comm}'s own fallback"),
             Reason::Unasked(e) => write!(f, "{e}"),
             Reason::NoPortGranted => write!(f, "no port granted"),
-            Reason::BoundAgain(port) => write!(f, "bound again by this process (a twin or after a probe) on {port}"),
+            Reason::BoundAgain(port) => write!(f, "{}", eventlog::bound_again(*port)),
             Reason::MovedByItself { comm, from } => write!(f, "{comm} moved from {from} by itself"),
             Reason::Taken { port, holder } => write!(f, "port {port} is taken{holder}"),
             Reason::SessionPortServed(port) => write!(f, "the session's port {port} is served already (by another of its processes)"),
