@@ -235,59 +235,18 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     raise_fd_limit();
     let state_dir = paths::state_dir();
     paths::ensure_private_dir(&state_dir).map_err(ioe("cannot create", &state_dir))?;
-
-    let (policy, rule_err) = Policy::from_env();
-    if let Some(e) = rule_err {
-        log!("STYXY_PRELOAD_PORTS ignored in part: {e}");
-    }
-    let map = match PortMap::create(&paths::portmap_path()) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            log!("no shared port map ({e}): connect() will not follow remaps");
-            None
-        }
-    };
-    let mut st = State::new(policy, map, opts.grace.as_millis() as u64);
-    let journal = journal::Journal::open(paths::state_dir().join("daemon-journal.jsonl"));
-    if let Some(cfg) = opts.upstream.as_ref().and_then(|u| upstream::config(u, Duration::from_millis(500))) {
-        st.policy.apply_config(&cfg);
-    }
-    publish_policy(&st.policy);
-    load_state(&mut st, &journal);
-
+    let (st, journal) = initial_state(&opts);
     let token = match opts.http {
         Some(_) => Some(read_or_create_token()?),
         None => None,
     };
     let (tx, rx) = mpsc::channel();
-    let shared = Arc::new(Shared {
-        state: Mutex::new(st),
-        instances: Mutex::new(HashMap::new()),
-        started: Instant::now(),
-        last_activity: AtomicU64::new(now_ms()),
-        token,
-        metrics: metrics::Metrics::default(),
-        upstream: std::sync::OnceLock::new(),
-        anchors: Mutex::new(Vec::new()),
-        journal,
-        hook_pending: std::sync::atomic::AtomicUsize::new(0),
-        persist_tx: Mutex::new(tx),
-        dirty: std::sync::atomic::AtomicBool::new(false),
-        write_lock: Mutex::new(()),
-    });
+    let shared = Arc::new(Shared::new(st, journal, token, tx));
     let writer = {
         let sh = shared.clone();
         std::thread::Builder::new().name("persist".into()).spawn(move || persist_loop(&sh, rx)).map_err(|e| RunError::Io(e.to_string()))?
     };
-    let upstream_worker = match opts.upstream.clone() {
-        Some(cfg) => {
-            log!("upstream: Styxy at {}", cfg.endpoint);
-            let (up, handle) = upstream::Upstream::start(cfg, Arc::downgrade(&shared)).map_err(|e| RunError::Io(e.to_string()))?;
-            let _ = shared.upstream.set(up);
-            Some(handle)
-        }
-        None => None,
-    };
+    let upstream_worker = start_upstream(&opts, &shared)?;
 
     let sock = paths::socket_path();
     let std_listener = activation::listener(inherited, &sock).map_err(RunError::Io)?;
@@ -310,6 +269,59 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     write_snapshot(&shared);
     log!("stopped");
     result
+}
+
+/// The state the daemon starts from: the policy (the environment's rules, the upstream
+/// Styxy's types), the shared port map, and what the last run saved and journaled.
+fn initial_state(opts: &Options) -> (State, journal::Journal) {
+    let (policy, rule_err) = Policy::from_env();
+    if let Some(e) = rule_err {
+        log!("STYXY_PRELOAD_PORTS ignored in part: {e}");
+    }
+    let map = match PortMap::create(&paths::portmap_path()) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log!("no shared port map ({e}): connect() will not follow remaps");
+            None
+        }
+    };
+    let mut st = State::new(policy, map, opts.grace.as_millis() as u64);
+    let journal = journal::Journal::open(paths::state_dir().join("daemon-journal.jsonl"));
+    if let Some(cfg) = opts.upstream.as_ref().and_then(|u| upstream::config(u, Duration::from_millis(500))) {
+        st.policy.apply_config(&cfg);
+    }
+    publish_policy(&st.policy);
+    load_state(&mut st, &journal);
+    (st, journal)
+}
+
+impl Shared {
+    fn new(st: State, journal: journal::Journal, token: Option<String>, persist_tx: mpsc::Sender<Persist>) -> Shared {
+        Shared {
+            state: Mutex::new(st),
+            instances: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            last_activity: AtomicU64::new(now_ms()),
+            token,
+            metrics: metrics::Metrics::default(),
+            upstream: std::sync::OnceLock::new(),
+            anchors: Mutex::new(Vec::new()),
+            journal,
+            hook_pending: std::sync::atomic::AtomicUsize::new(0),
+            persist_tx: Mutex::new(persist_tx),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            write_lock: Mutex::new(()),
+        }
+    }
+}
+
+/// The upstream Styxy's worker thread, when there is one.
+fn start_upstream(opts: &Options, shared: &Arc<Shared>) -> Result<Option<std::thread::JoinHandle<()>>, RunError> {
+    let Some(cfg) = opts.upstream.clone() else { return Ok(None) };
+    log!("upstream: Styxy at {}", cfg.endpoint);
+    let (up, handle) = upstream::Upstream::start(cfg, Arc::downgrade(shared)).map_err(|e| RunError::Io(e.to_string()))?;
+    let _ = shared.upstream.set(up);
+    Ok(Some(handle))
 }
 
 /// What `TcpListener::bind` does, with the bind `exec`'s seccomp filter lets through.
