@@ -19,7 +19,7 @@ use styxy_preload_common::api::{
 };
 use styxy_preload_common::procinfo;
 
-use crate::state::{AllocError, AllocRequest, Owner};
+use crate::state::{AllocError, AllocRequest, Grant, Owner};
 use crate::{now_ms, portcheck, Shared};
 
 /// The largest request body accepted (Styxy: 10 kB).
@@ -248,44 +248,52 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
                 drop(st);
                 sh.persist();
             }
-            let reply = if req.dry_run {
-                AllocateReply {
-                    success: Some(true),
-                    port: Some(g.port),
-                    dry_run: true,
-                    message: Some(format!("Port {} is available", g.port)),
-                    service_type: Some(req.service_type),
-                    service_name: Some(req.service_name),
-                    holder: g.holder,
-                    ..Default::default()
-                }
-            } else {
-                AllocateReply {
-                    success: Some(true),
-                    port: Some(g.port),
-                    lock_id: Some(g.lock_id),
-                    existing: g.existing.then_some(true),
-                    message: Some(format!("Port {} allocated for {} service", g.port, req.service_type)),
-                    holder: g.holder,
-                    ..Default::default()
-                }
-            };
-            Ok(Json(reply).into_response())
+            Ok(Json(granted(&req, g)).into_response())
         }
-        Err(AllocError::UnknownType(t)) => {
+        Err(e) => refused(&sh, e),
+    }
+}
+
+/// The answer to a grant: Styxy's shapes, for a dry run or an allocation.
+fn granted(req: &AllocRequest, g: Grant) -> AllocateReply {
+    if req.dry_run {
+        return AllocateReply {
+            success: Some(true),
+            port: Some(g.port),
+            dry_run: true,
+            message: Some(format!("Port {} is available", g.port)),
+            service_type: Some(req.service_type.clone()),
+            service_name: Some(req.service_name.clone()),
+            holder: g.holder,
+            ..Default::default()
+        };
+    }
+    AllocateReply {
+        success: Some(true),
+        port: Some(g.port),
+        lock_id: Some(g.lock_id),
+        existing: g.existing.then_some(true),
+        message: Some(format!("Port {} allocated for {} service", g.port, req.service_type)),
+        holder: g.holder,
+        ..Default::default()
+    }
+}
+
+/// The answer to a refusal: a 400 saying why (Styxy's exhausted-range shape for one).
+fn refused(sh: &Shared, e: AllocError) -> ApiResult {
+    match e {
+        AllocError::UnknownType(t) => {
             let st = sh.state.lock();
             let names: Vec<&str> = st.types().iter().map(|t| t.name.as_str()).collect();
             Err(ApiError::bad(format!("unknown service type '{t}'; known types: {}", names.join(", "))))
         }
         // only the shim's KEEP asks for exactly its port (hook.rs)
-        Err(AllocError::NotExactly) => Err(ApiError::bad("the preferred port cannot be granted".to_string())),
-        Err(AllocError::NotOfType { port, ty }) => {
+        AllocError::NotExactly => Err(ApiError::bad("the preferred port cannot be granted".to_string())),
+        AllocError::NotOfType { port, ty } => {
             Err(ApiError::bad(format!("port {port} is not a {ty} port: a privileged, ephemeral or reserved port, or another type's")))
         }
-        Err(AllocError::Quota { who, limit }) => {
-            Err(ApiError::bad(format!("{who} hold {limit} ports, the most allowed: release some first")))
-        }
-        Err(AllocError::Exhausted { ty, range, allocated }) => {
+        AllocError::Quota { who, limit } => Err(ApiError::bad(format!("{who} hold {limit} ports, the most allowed: release some first"))),
+        AllocError::Exhausted { ty, range, allocated } => {
             let reply = AllocateReply {
                 success: Some(false),
                 error: Some(format!("No available ports in range {}-{} for service type {ty}", range.0, range.1)),
