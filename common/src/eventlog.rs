@@ -93,15 +93,37 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// The log cap in bytes (`STYXY_PRELOAD_LOG_MAX`, default 16 MiB): past it the file
-/// becomes `<log>.1` (replacing the previous one) and a new file starts.
-pub fn max_bytes() -> u64 {
-    max_bytes_of(std::env::var("STYXY_PRELOAD_LOG_MAX").ok().as_deref())
+/// Where and how a process logs, as its environment says: the file
+/// (`paths::event_log_path_in`), the cap in bytes (`STYXY_PRELOAD_LOG_MAX`, default 16 MiB:
+/// past it the file becomes `<log>.1`, replacing the previous one, and a new file
+/// starts), and whether its directory is ours to create private (not when
+/// `STYXY_PRELOAD_LOG` names the file). The hooks read their own environment; the daemon
+/// reads the environment of the process the shim asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Log {
+    pub path: PathBuf,
+    pub max: u64,
+    pub private_dir: bool,
 }
 
-/// The cap a value of `STYXY_PRELOAD_LOG_MAX` sets.
-pub fn max_bytes_of(var: Option<&str>) -> u64 {
-    var.and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(16 << 20)
+impl Log {
+    pub fn of(var: paths::Vars) -> Log {
+        let named = var("STYXY_PRELOAD_LOG").is_some_and(|v| !v.is_empty());
+        let max = var("STYXY_PRELOAD_LOG_MAX").and_then(|v| v.to_str()?.parse().ok()).filter(|v| *v > 0);
+        Log { path: paths::event_log_path_in(var), max: max.unwrap_or(16 << 20), private_dir: !named }
+    }
+
+    /// This process's log.
+    pub fn own() -> Log {
+        Log::of(&|k| std::env::var_os(k))
+    }
+
+    /// Appends one event with a single `write()` (atomic for lines this short on
+    /// `O_APPEND`). The private directory is created on first use only: the common case
+    /// costs one open, one fstat, one write.
+    pub fn append(&self, ev: &Event) -> io::Result<()> {
+        append_to(&self.path, ev, self.max, self.private_dir)
+    }
 }
 
 pub fn rotated_path(path: &Path) -> PathBuf {
@@ -114,16 +136,8 @@ fn open_append(path: &Path) -> io::Result<std::fs::File> {
     std::fs::OpenOptions::new().append(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
 }
 
-/// Appends one event with a single `write()` (atomic for lines this short on
-/// `O_APPEND`). The private directory is created on first use only: the common case
-/// costs one open, one fstat, one write.
-pub fn append(path: &Path, ev: &Event) -> io::Result<()> {
-    append_to(path, ev, max_bytes(), std::env::var_os("STYXY_PRELOAD_LOG").is_none())
-}
-
-/// [`append`] with another process's settings (the daemon logs what the shim asked):
-/// the cap, and whether the directory is ours to create private.
-pub fn append_to(path: &Path, ev: &Event, max: u64, private_dir: bool) -> io::Result<()> {
+/// [`Log::append`]: `path` capped at `max` bytes, its directory created private or not.
+fn append_to(path: &Path, ev: &Event, max: u64, private_dir: bool) -> io::Result<()> {
     let mut line = serde_json::to_vec(ev).map_err(io::Error::other)?;
     line.push(b'\n');
     let mut f = match open_append(path) {
@@ -208,6 +222,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("styxy-evlog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("events.jsonl");
+        let append = |p: &Path, e: &Event| Log { path: p.to_path_buf(), max: 16 << 20, private_dir: true }.append(e);
         append(&path, &ev(3001)).unwrap();
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{torn\n").unwrap();
         append(&path, &ev(3002)).unwrap();

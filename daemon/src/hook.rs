@@ -11,13 +11,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use styxy_preload_common::api::{service_name, valid_instance_id};
-use styxy_preload_common::eventlog::{self, Action, Event};
+use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
 use styxy_preload_common::policy::Decision;
 use styxy_preload_common::procinfo;
@@ -195,14 +195,6 @@ struct Granted {
     log: Log,
 }
 
-/// Where and how the asking process logs (its own environment's settings).
-#[derive(Default)]
-struct Log {
-    path: PathBuf,
-    max: u64,
-    private_dir: bool,
-}
-
 /// Grants exactly `ask.port` to `pid` when the hooks' logic would keep it too: a
 /// coordinated port, no Styxy answering (a grant would wait for it), and free for this session.
 fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
@@ -274,17 +266,11 @@ fn log_event(g: &Granted, ask: &Ask, started: Instant) {
         backend: Some("unix".into()),
         retries: 0,
     };
-    let _ = eventlog::append_to(&g.log.path, &ev, g.log.max, g.log.private_dir);
+    let _ = g.log.append(&ev);
 }
 
 /// The event log of `pid`: where its own environment says (`paths::event_log_path`).
 fn log_of(pid: u32) -> Log {
     let env = procinfo::environ(pid);
-    let var = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-    let custom = var("STYXY_PRELOAD_LOG").is_some_and(|v| !v.is_empty());
-    Log {
-        path: styxy_preload_common::paths::event_log_path_in(&var),
-        max: eventlog::max_bytes_of(var("STYXY_PRELOAD_LOG_MAX").as_ref().and_then(|v| v.to_str())),
-        private_dir: !custom,
-    }
+    Log::of(&|k| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()))
 }

@@ -29,7 +29,6 @@ use styxy_preload_common::api::{self, AllocateReply, AllocateRequest, Allocation
 use styxy_preload_common::discovery;
 use styxy_preload_common::eventlog::{self, Action, Event};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
-use styxy_preload_common::paths;
 use tokio::sync::oneshot;
 
 use crate::state::{Allocation, Standing, State};
@@ -241,7 +240,7 @@ fn mark_conflict(a: &mut Allocation, why: &str) {
         backend: Some("styxy".into()),
         retries: 0,
     };
-    let _ = eventlog::append(&paths::event_log_path(), &ev);
+    let _ = eventlog::Log::own().append(&ev);
 }
 
 /// Our own share of Styxy's fixed-window rate limit, and its `Retry-After`.

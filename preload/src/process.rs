@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use once_cell::race::OnceBox;
-use styxy_preload_common::eventlog;
+use styxy_preload_common::eventlog::Log;
 use styxy_preload_common::http::Endpoint;
 use styxy_preload_common::paths::{self, Vars};
 use styxy_preload_common::policy::Policy;
@@ -39,11 +39,8 @@ pub struct Process {
     pub isolate: bool,
     pub policy: Policy,
     pub comm: String,
-    pub log_path: PathBuf,
-    /// The log's size limit (`STYXY_PRELOAD_LOG_MAX`), and whether its directory is ours
-    /// to create private (not when `STYXY_PRELOAD_LOG` names the file).
-    pub log_max: u64,
-    pub log_private_dir: bool,
+    /// Where its events go (`STYXY_PRELOAD_LOG`, `STYXY_PRELOAD_LOG_MAX`, the state directory).
+    pub log: Log,
     /// `<dev>:<ino>` of the regular file `exec` was started with as stderr
     /// (`report::STDERR_FILE_ENV`): the one file the notice may be written to.
     pub stderr_file: Option<String>,
@@ -128,9 +125,7 @@ impl Process {
             isolate: !is("STYXY_PRELOAD_ISOLATE", &off),
             policy: Policy::from_vars(var).0,
             comm,
-            log_path: paths::event_log_path_in(var),
-            log_max: eventlog::max_bytes_of(text("STYXY_PRELOAD_LOG_MAX").as_deref()),
-            log_private_dir: var("STYXY_PRELOAD_LOG").is_none(),
+            log: Log::of(var),
             stderr_file: text(crate::report::STDERR_FILE_ENV),
             cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().chars().take(1000).collect()),
             supervised: supervised_by.is_some_and(|n| seccomp_filters() >= n),

@@ -40,7 +40,7 @@ pub fn event(p: &Process, who: &Caller, o: Outcome) {
         backend: o.backend.map(str::to_string),
         retries: o.retries,
     };
-    let _ = eventlog::append_to(&p.log_path, &ev, p.log_max, p.log_private_dir);
+    let _ = p.log.append(&ev);
     sys::set_errno(errno);
 }
 
