@@ -59,7 +59,6 @@ fn cli_out(w: &World, args: &[&str]) -> String {
 
 #[test]
 fn an_activated_daemon_coordinates_sessions_exits_when_idle_and_is_activated_again() {
-    let _r = lock_ranges();
     let mut w = World::new();
     std::fs::DirBuilder::new().mode(0o700).create(w.path("run/styxy-preload")).unwrap();
     let sock = w.socket();

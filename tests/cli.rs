@@ -15,7 +15,6 @@ fn exec(w: &World, args: &[&str]) -> std::process::Command {
 
 #[test]
 fn two_exec_sessions_start_the_daemon_and_both_serve() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let mut pids = Vec::new();
     for i in 0..2 {
@@ -90,7 +89,6 @@ fn exit_status_signals_and_missing_commands() {
 
 #[test]
 fn a_short_exec_in_the_session_leaves_the_servers_port_alone() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let mut c = exec(&w, &["--session", "x", "--", "python3", "-m", "http.server", "8010"]);
     c.current_dir(w.path("home"));
@@ -121,7 +119,6 @@ fn a_short_exec_in_the_session_leaves_the_servers_port_alone() {
 
 #[test]
 fn log_follow_shows_a_new_remap() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut follow = w.cli();
@@ -152,7 +149,6 @@ fn log_follow_shows_a_new_remap() {
 
 #[test]
 fn env_makes_a_plain_shell_coordinated() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut c = w.preloaded(Some("holder"), fixture("binder"));
@@ -219,7 +215,6 @@ fn status_names_each_problem_with_its_fix() {
 
 #[test]
 fn an_env_shell_stays_coordinated_past_the_daemons_idle_limit() {
-    let _r = lock_ranges();
     let mut w = World::new();
     // a server outside any session holds 8060
     let mut c = w.cmd(fixture("binder"));
@@ -245,7 +240,6 @@ s.bind(('0.0.0.0', 8060)); print(s.getsockname()[1])\"";
 
 #[test]
 fn an_env_shell_whose_daemon_is_gone_says_so_in_its_own_stderr_file() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let mut c = w.cmd(fixture("binder"));
     c.args(["serve", "8061"]);

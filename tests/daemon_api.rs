@@ -109,7 +109,6 @@ fn bad_input_gets_a_json_4xx_and_the_daemon_keeps_serving() {
 
 #[test]
 fn hundred_concurrent_allocations_are_distinct_and_the_101st_is_refused() {
-    let _ranges = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let ep = w.endpoint();
@@ -170,7 +169,6 @@ fn sleeper(w: &mut World, name: &str) -> u32 {
 
 #[test]
 fn a_killed_owner_frees_its_port_and_a_restart_keeps_live_allocations() {
-    let _ranges = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let live = sleeper(&mut w, "live");
@@ -225,7 +223,6 @@ fn a_corrupt_state_file_is_moved_aside() {
 
 #[test]
 fn a_session_gets_its_port_back_within_the_grace_period() {
-    let _ranges = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let holder = sleeper(&mut w, "holder");

@@ -36,7 +36,6 @@ fn allocations(w: &World) -> Vec<Value> {
 
 #[test]
 fn a_grant_whose_client_gave_up_expires_and_is_not_published() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let daemon = w.daemon_pid().unwrap();
@@ -59,7 +58,6 @@ fn a_grant_whose_client_gave_up_expires_and_is_not_published() {
 
 #[test]
 fn grants_survive_a_kill_right_after_they_were_answered() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let mut granted = Vec::new();
@@ -80,7 +78,6 @@ fn grants_survive_a_kill_right_after_they_were_answered() {
 
 #[test]
 fn owners_ports_and_amounts_are_checked() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let post = |body: &str| w.json("POST", "/allocate", Some(body));
@@ -153,7 +150,6 @@ fn half_sent_tcp_requests_never_starve_the_owners_socket() {
 
 #[test]
 fn an_exhausted_range_is_said_on_stderr_not_only_in_the_log() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     // another session holds every api port (8000-8099)
@@ -208,7 +204,6 @@ fn hook_ask(w: &World, msg: &[u8]) -> Option<Vec<u8>> {
 #[test]
 fn the_shims_socket_answers_only_its_own_layout_and_keeps_serving() {
     use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let keep = |port: u16, session: &'static [u8]| Ask { kind: KEEP, port, family: 4, errno: 0, session }.encode().unwrap();
@@ -235,7 +230,6 @@ fn the_shims_socket_answers_only_its_own_layout_and_keeps_serving() {
 
 #[test]
 fn idle_connections_to_the_shims_socket_never_stop_a_bind() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     // more silent connections than the daemon serves at once, held open

@@ -41,7 +41,6 @@ fn reuseport_servers_of_two_sessions_never_share_a_port_but_one_sessions_workers
 
 #[test]
 fn a_dual_stack_twin_is_one_remap_one_line_one_event() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut c = w.cmd(fixture("binder"));
@@ -100,7 +99,6 @@ fn other_user() -> Option<&'static str> {
 #[test]
 fn a_server_run_as_another_user_in_a_session_is_coordinated() {
     let Some(user) = other_user() else { return };
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let port = 8150;
@@ -130,7 +128,6 @@ fn a_server_run_as_another_user_in_a_session_is_coordinated() {
 #[test]
 fn without_the_supervisor_a_server_of_another_user_says_why_it_is_not_coordinated() {
     let Some(user) = other_user() else { return };
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let mut c = w.cli();
@@ -145,7 +142,6 @@ fn without_the_supervisor_a_server_of_another_user_says_why_it_is_not_coordinate
 
 #[test]
 fn an_address_the_kernel_refuses_is_not_logged_as_our_error() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     // a link-local IPv6 address without its scope: EINVAL with or without the library
@@ -175,7 +171,6 @@ fn two_postgres_clusters_in_two_sessions_share_one_socket_directory_with_port_au
     let (initdb, postgres) = (pg_bin("initdb").expect("initdb: install postgresql"), pg_bin("postgres").expect("postgres"));
     let uid = user(OTHER);
     let user = OTHER;
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let readable = |p: &std::path::Path| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -221,7 +216,6 @@ fn two_postgres_clusters_in_two_sessions_share_one_socket_directory_with_port_au
 
 #[test]
 fn a_tool_that_falls_back_by_itself_prints_the_port_it_serves_and_the_session_follows() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     // a stand-in `jupyter` (tornado's way: SO_REUSEADDR; its clients close first): on
@@ -257,7 +251,6 @@ fn a_tool_that_falls_back_by_itself_prints_the_port_it_serves_and_the_session_fo
 
 #[test]
 fn a_probe_then_the_real_bind_is_one_start() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     // portfinder's way: bind the port, close it, then the server binds it for real
@@ -283,7 +276,6 @@ else http.createServer((q, r) => r.end(process.env.WHO + ' ' + process.pid)).lis
 
 #[test]
 fn a_node_cluster_moved_off_its_port_serves_and_only_its_primary_sees_the_port_it_asked_for() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let script = w.path("cluster.js");
@@ -359,7 +351,6 @@ fn gunicorn_reuse_port_twice_in_two_sessions_each_session_reaches_its_own() {
         missing("gunicorn (pip)");
         return;
     }
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     // 7000 is outside every range: bound as asked unless it may be shared (SO_REUSEPORT)
@@ -387,7 +378,6 @@ fn gunicorn_reuse_port_twice_in_two_sessions_each_session_reaches_its_own() {
 #[test]
 fn caddys_admin_api_in_two_sessions_each_session_stops_its_own() {
     let Some(caddy) = program("caddy", "caddy (apt)") else { return };
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut pids = Vec::new();
@@ -416,7 +406,6 @@ fn caddys_admin_api_in_two_sessions_each_session_stops_its_own() {
 #[test]
 fn redis_binding_both_families_twice_is_one_remap_in_the_notice_the_summary_and_stats() {
     let Some(redis) = program("redis-server", "redis-server (apt)") else { return };
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut pids = Vec::new();

@@ -64,7 +64,6 @@ fn notice_case(w: &World, setup: &str, port: u16) -> String {
 
 #[test]
 fn the_notice_never_blocks_and_lands_only_where_a_person_reads() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     hold(&mut w, 3095);
@@ -100,7 +99,6 @@ fn the_notice_never_blocks_and_lands_only_where_a_person_reads() {
 
 #[test]
 fn a_core_that_failed_to_load_at_the_fd_limit_is_loaded_later() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut c = w.preloaded(Some("emfile"), fixture("binder"));
@@ -144,7 +142,6 @@ fn another_user_cannot_steer_a_sessions_connects_through_the_tmp_fallback() {
         return;
     }
     let (att, vic) = (user("styxy-att"), user("styxy-vic"));
-    let _r = lock_ranges(); // the attacker's daemon grants a dev port
     let mut w = World::new();
     let open = |p: &std::path::Path| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     open(w.dir.path());

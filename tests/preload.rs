@@ -19,7 +19,6 @@ fn serve(w: &mut World, session: Option<&str>, port: u16, name: &str) -> (u32, u
 
 #[test]
 fn five_python_servers_asking_for_8000_all_serve_on_distinct_ports() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut pids = Vec::new();
@@ -51,7 +50,6 @@ fn five_python_servers_asking_for_8000_all_serve_on_distinct_ports() {
 
 #[test]
 fn node_dual_stack_next_to_python_on_ipv4_serves_one_port_for_both_families() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut py = w.preloaded(Some("py"), "python3");
@@ -73,7 +71,6 @@ fn node_dual_stack_next_to_python_on_ipv4_serves_one_port_for_both_families() {
 
 #[test]
 fn only_interesting_binds_change_and_the_rest_return_exactly_what_libc_returns() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let (_, held) = serve(&mut w, Some("other"), 4010, "holder");
@@ -92,7 +89,6 @@ fn only_interesting_binds_change_and_the_rest_return_exactly_what_libc_returns()
 
 #[test]
 fn thirty_two_threads_bind_at_once_and_a_fork_from_a_thread_still_binds() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     for p in [4040, 4045, 4050] {
@@ -114,7 +110,6 @@ fn thirty_two_threads_bind_at_once_and_a_fork_from_a_thread_still_binds() {
 
 #[test]
 fn without_a_daemon_behaviour_is_plain() {
-    let _r = lock_ranges();
     let mut w = World::new();
     // no daemon: STYXY_URL names a socket nobody serves
     let mut busy = w.cmd(fixture("binder"));
@@ -134,7 +129,6 @@ fn without_a_daemon_behaviour_is_plain() {
 
 #[test]
 fn a_frozen_daemon_costs_a_bind_at_most_the_timeout() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let pid = w.daemon_pid().unwrap();
@@ -154,7 +148,6 @@ fn a_frozen_daemon_costs_a_bind_at_most_the_timeout() {
 
 #[test]
 fn a_unix_socket_at_fd_2_gets_the_notice_without_a_wait() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     serve(&mut w, Some("other"), 4060, "holder");
@@ -170,7 +163,6 @@ fn a_unix_socket_at_fd_2_gets_the_notice_without_a_wait() {
 
 #[test]
 fn errno_is_untouched_stdio_may_be_closed_and_close_range_is_survived() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     serve(&mut w, Some("other"), 4070, "h1");
@@ -205,7 +197,6 @@ fn core_loaded(pid: u32) -> bool {
 
 #[test]
 fn a_free_coordinated_port_is_kept_in_one_round_trip_without_loading_the_core() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let (pid, port) = serve(&mut w, Some("fast"), 4031, "kept");
@@ -235,7 +226,6 @@ fn a_free_coordinated_port_is_kept_in_one_round_trip_without_loading_the_core() 
 
 #[test]
 fn the_shims_own_answers_return_exactly_what_libc_returns() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let sock = |n: &str| w.path(n).to_string_lossy().into_owned();
@@ -266,7 +256,6 @@ fn a_rule_giving_a_privileged_port_a_type_coordinates_its_bind() {
         eprintln!("skipped: binding port 80 needs root (CI runs as root)");
         return;
     }
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut ports = BTreeSet::new();

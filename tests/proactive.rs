@@ -10,7 +10,6 @@ use styxy_preload_common::eventlog::Action;
 
 #[test]
 fn exec_port_exports_a_port_per_session_and_the_bind_keeps_it() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let js = "require('http').createServer((q,r)=>r.end(process.env.PORT)).listen(+process.env.PORT)";
     let mut ports = BTreeSet::new();
@@ -32,7 +31,6 @@ fn exec_port_exports_a_port_per_session_and_the_bind_keeps_it() {
 
 #[test]
 fn placeholders_in_arguments_and_a_bind_of_the_requested_port_lands_on_the_preallocation() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     // session other holds 3040, so the preallocation of 3040 for session s is elsewhere
@@ -71,7 +69,6 @@ fn placeholders_in_arguments_and_a_bind_of_the_requested_port_lands_on_the_preal
 
 #[test]
 fn a_statically_linked_server_reading_port_is_coordinated_by_exec() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let out = static_fixture("binder");
     let mut ports = BTreeSet::new();
@@ -88,7 +85,6 @@ fn a_statically_linked_server_reading_port_is_coordinated_by_exec() {
 
 #[test]
 fn port_prints_the_same_port_again_in_a_session() {
-    let _r = lock_ranges();
     let w = World::new();
     let port = |session: &str| {
         let mut c = w.cli();
@@ -109,7 +105,6 @@ fn port_prints_the_same_port_again_in_a_session() {
 
 #[test]
 fn port_auto_asks_for_the_tools_own_default_first() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     // a stand-in `jupyter` that prints the port it was handed

@@ -101,20 +101,14 @@ fn printed_port(text: &str, prefix: &str) -> Option<u16> {
     rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())].parse().ok()
 }
 
-/// Whether anything on this machine listens on TCP `port` (the kernel's view).
+/// Whether anything in this test's network namespace listens on TCP `port` (the kernel's view).
 fn listened(port: u16) -> bool {
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"].iter().any(|f| {
         std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
             let c: Vec<&str> = l.split_whitespace().collect();
             c.len() > 3 && c[3] == "0A" && c[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) == Some(port)
         })
     })
-}
-
-fn assert_free(ports: impl IntoIterator<Item = u16>) {
-    for p in ports {
-        assert!(!listened(p), "port {p} is served by something outside this test: stop it first");
-    }
 }
 
 /// Every process below the given ones, killed when the test ends (pass or fail) — before
@@ -166,8 +160,6 @@ fn starts(w: &World, session: &str) -> Vec<Event> {
 #[test]
 fn two_jupyter_servers_each_print_the_url_they_serve() {
     let Some(jupyter) = jupyter() else { return };
-    let _r = lock_ranges();
-    assert_free([8888]);
     let mut w = World::new();
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();
@@ -203,8 +195,6 @@ fn two_jupyter_servers_each_print_the_url_they_serve() {
 #[test]
 fn two_http_servers_each_print_the_url_they_serve() {
     let Some(nm) = node_modules(&["http-server"]) else { return };
-    let _r = lock_ranges();
-    assert_free([8080]);
     let mut w = World::new();
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();
@@ -236,8 +226,6 @@ http.createServer((q, r) => r.end(process.env.WHO)).listen(port, () => console.l
 #[test]
 fn get_port_in_b_answers_a_port_b_then_gets() {
     let Some(nm) = node_modules(&["get-port"]) else { return };
-    let _r = lock_ranges();
-    assert_free([3000]);
     let mut w = World::new();
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();
@@ -271,8 +259,6 @@ fn get_port_in_b_answers_a_port_b_then_gets() {
 #[test]
 fn next_dev_twice_each_session_reaches_its_own_app_and_the_move_is_one_event_one_notice() {
     let Some(nm) = node_modules(&["next", "react", "react-dom"]) else { return };
-    let _r = lock_ranges();
-    assert_free([3000]);
     let mut w = World::new();
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();
@@ -324,8 +310,6 @@ fn vite_project(w: &World, name: &str, nm: &Path, marker: &str) -> PathBuf {
 #[test]
 fn a_second_vite_does_not_take_3000_while_3001_to_3099_are_free() {
     let Some(nm) = node_modules(&["vite"]) else { return };
-    let _r = lock_ranges();
-    assert_free((3000..3100).chain([5173, 5174]));
     let mut w = World::new();
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();
@@ -393,8 +377,6 @@ fn two_playwright_suites_with_a_vite_web_server_pass_at_once_each_on_its_own_pag
     if !have("Debian's chromium (/usr/bin/chromium: apt-get install chromium)", Path::new("/usr/bin/chromium").exists()) {
         return;
     }
-    let _r = lock_ranges();
-    assert_free([5173]);
     let mut w = World::new();
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();

@@ -36,7 +36,6 @@ fn hold(w: &mut World, session: &str, port: u16, name: &str) -> u16 {
 
 #[test]
 fn an_unwritable_log_or_a_full_disk_changes_nothing_for_the_program() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     hold(&mut w, "other", 4200, "holder");
@@ -49,7 +48,6 @@ fn an_unwritable_log_or_a_full_disk_changes_nothing_for_the_program() {
 
 #[test]
 fn hostile_answers_from_a_coordinator_end_in_pass_through_within_the_budget() {
-    let _r = lock_ranges();
     let w = World::new();
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         ("truncated", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"succ".to_vec(), false),
@@ -107,7 +105,6 @@ fn hostile_answers_from_a_coordinator_end_in_pass_through_within_the_budget() {
 
 #[test]
 fn a_hundred_processes_binding_three_ports_each_get_distinct_ports() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     // 300 binds over four types of 100 ports each: 75 per type, so ports this machine
@@ -180,7 +177,6 @@ fn ten_thousand_allocate_release_cycles_leak_neither_fds_nor_memory() {
 
 #[test]
 fn forks_from_a_busy_multithreaded_process_bind_fine() {
-    let _r = lock_ranges();
     let w = World::new();
     w.start_daemon();
     let mut c = w.preloaded(Some("forks"), fixture("binder"));
@@ -191,7 +187,6 @@ fn forks_from_a_busy_multithreaded_process_bind_fine() {
 
 #[test]
 fn no_fd_of_ours_survives_exec() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     hold(&mut w, "other", 4430, "holder");

@@ -33,7 +33,6 @@ fn comm(pid: u32) -> String {
 
 #[test]
 fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_ports() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
     let a = exec(&mut w, "one", &[], &server, &["serve", "8000"], "one");
@@ -64,7 +63,6 @@ fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_por
 
 #[test]
 fn two_go_servers_asking_for_8080_both_serve_and_each_reaches_its_own() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = go_fixture("goserver");
     let mut ports = BTreeSet::new();
@@ -85,7 +83,6 @@ fn two_go_servers_asking_for_8080_both_serve_and_each_reaches_its_own() {
 
 #[test]
 fn a_blocking_connect_follows_the_remap_and_another_sessions_server_is_refused() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
     let a = exec(&mut w, "owner", &[], &server, &["serve", "8000"], "owner");
@@ -105,7 +102,6 @@ fn a_blocking_connect_follows_the_remap_and_another_sessions_server_is_refused()
 
 #[test]
 fn every_other_bind_returns_exactly_what_the_kernel_returns() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
     let holder = exec(&mut w, "other", &[], &server, &["serve", "4010"], "holder");
@@ -122,7 +118,6 @@ fn every_other_bind_returns_exactly_what_the_kernel_returns() {
 
 #[test]
 fn a_dynamic_program_with_the_library_and_the_filter_is_remapped_once() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let a = exec(&mut w, "first", &[], &fixture("binder"), &["serve", "8000"], "first");
     assert_eq!(wait_for(20, "first server", || tree_ports(a).into_iter().next()), 8000);
@@ -140,7 +135,6 @@ fn a_dynamic_program_with_the_library_and_the_filter_is_remapped_once() {
 
 #[test]
 fn the_whole_tree_is_supervised_and_exec_stays_until_its_last_process_has_gone() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
     let a = exec(&mut w, "first", &[], &server, &["serve", "8000"], "first");
@@ -170,7 +164,6 @@ fn the_whole_tree_is_supervised_and_exec_stays_until_its_last_process_has_gone()
 
 #[test]
 fn where_seccomp_is_refused_exec_says_so_in_one_line_and_runs_the_program() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
     for (call, errno, reason) in [
@@ -210,7 +203,6 @@ fn where_seccomp_is_refused_exec_says_so_in_one_line_and_runs_the_program() {
 
 #[test]
 fn no_seccomp_leaves_a_static_program_alone_and_says_why() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
     let seccomp_of = |pid: u32| {
@@ -230,7 +222,6 @@ fn no_seccomp_leaves_a_static_program_alone_and_says_why() {
 
 #[test]
 fn threads_binding_at_once_and_a_fork_from_a_thread_are_all_answered() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let server = static_fixture("binder");
     for p in [4040, 4045, 4050] {
@@ -251,7 +242,6 @@ fn threads_binding_at_once_and_a_fork_from_a_thread_are_all_answered() {
 
 #[test]
 fn a_daemon_started_inside_the_supervised_tree_is_not_waited_on_by_its_own_test_binds() {
-    let _r = lock_ranges();
     let mut w = World::new();
     // 8000 is held by a program nobody coordinates: the daemon finds it with a test bind
     let mut plain = w.cmd(fixture("binder"));

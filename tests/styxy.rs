@@ -119,7 +119,6 @@ fn python_server(w: &mut World, s: &Styxy, session: &str, (addr, port): (&str, u
 
 #[test]
 fn exec_sessions_are_allocations_in_styxy_under_their_names_and_released_when_they_end() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let s = Styxy::start(&mut w, 0, &[]);
     let mut pids = Vec::new();
@@ -161,7 +160,6 @@ fn exec_sessions_are_allocations_in_styxy_under_their_names_and_released_when_th
 
 #[test]
 fn a_port_styxy_holds_for_another_client_is_never_granted() {
-    let _r = lock_ranges();
     let mut w = World::new();
     // another Styxy client reserved 8000 and 3000 and never binds them
     let s = Styxy::start(&mut w, 0, &[("FAKE_PREHOLD", "8000:api:someone-else,3000:dev:someone-else")]);
@@ -180,7 +178,6 @@ fn a_port_styxy_holds_for_another_client_is_never_granted() {
 
 #[test]
 fn a_server_started_under_env_and_killed_is_released_in_styxy_within_10_s() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let s = Styxy::start(&mut w, 0, &[]);
     let mut c = w.cmd("bash");
@@ -198,7 +195,6 @@ fn a_server_started_under_env_and_killed_is_released_in_styxy_within_10_s() {
 
 #[test]
 fn live_ports_stay_out_of_other_styxy_clients_hands_past_styxys_expiry() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let s = Styxy::start(&mut w, 0, &[("FAKE_EXPIRY_S", "3")]);
     start_daemon(&w, &s, &["--upstream-expiry", "3"]);
@@ -235,7 +231,6 @@ fn live_ports_stay_out_of_other_styxy_clients_hands_past_styxys_expiry() {
 
 #[test]
 fn thirty_servers_in_ten_sessions_against_a_small_rate_limit_end_up_exactly_in_styxy() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let s = Styxy::start(&mut w, 0, &[("FAKE_LIMIT", "20"), ("FAKE_WINDOW_S", "5")]);
     start_daemon(&w, &s, &[]);
@@ -275,7 +270,6 @@ fn thirty_servers_in_ten_sessions_against_a_small_rate_limit_end_up_exactly_in_s
 
 #[test]
 fn styxy_killed_and_restarted_costs_no_bind_its_budget_and_is_reconciled() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let s = Styxy::start(&mut w, 0, &[]);
     start_daemon(&w, &s, &[]);
@@ -310,7 +304,6 @@ fn styxy_killed_and_restarted_costs_no_bind_its_budget_and_is_reconciled() {
 
 #[test]
 fn connects_follow_the_session_and_isolation_holds_with_styxy_upstream() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let s = Styxy::start(&mut w, 0, &[]);
     for who in ["A", "B"] {
@@ -337,7 +330,6 @@ fn connects_follow_the_session_and_isolation_holds_with_styxy_upstream() {
 
 #[test]
 fn a_styxy_that_refuses_the_token_makes_status_fail_loudly() {
-    let _r = lock_ranges();
     let mut w = World::new();
     let s = Styxy::start(&mut w, 0, &[]);
     std::fs::write(w.path("home/.styxy/auth.token"), "cd".repeat(32)).unwrap();

@@ -35,7 +35,6 @@ fn python_server(w: &mut World, session: &str, port: u16) -> u16 {
 
 #[test]
 fn each_session_reaches_its_own_server_on_the_port_it_asked_for() {
-    let _r = lock_ranges();
     let mut w = World::new();
     assert_eq!(python_server(&mut w, "A", 3000), 3000);
     // isolation: before B has a server, B does not reach A's 3000
@@ -60,7 +59,6 @@ fn each_session_reaches_its_own_server_on_the_port_it_asked_for() {
 
 #[test]
 fn servers_outside_any_session_stay_reachable() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     // a shared server outside any session, on a coordinated port no session remapped
@@ -73,7 +71,6 @@ fn servers_outside_any_session_stay_reachable() {
 
 #[test]
 fn a_process_started_before_the_remap_follows_it() {
-    let _r = lock_ranges();
     let mut w = World::new();
     w.start_daemon();
     let mut c = w.preloaded(Some("A"), fixture("binder"));

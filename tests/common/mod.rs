@@ -1,10 +1,9 @@
 //! The end-to-end tests' world: a private HOME / XDG_RUNTIME_DIR / XDG_STATE_HOME per
-//! test, its own daemon, every process it starts killed when it ends (pass or fail),
+//! test, its own network namespace and daemon, every process it starts killed when it ends (pass or fail),
 //! and the kernel's view of ports (/proc/net/tcp*).
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -45,18 +44,42 @@ pub fn lib() -> PathBuf {
     p
 }
 
-/// Tests that use the well-known ranges (3000, 8000…) take this lock: the ports are
-/// the machine's, whatever private world each test has. A file lock in the machine's
-/// temporary directory, so it also serialises test processes (nextest) and other
-/// checkouts' test runs, not only threads.
-pub struct RangeLock(std::fs::File);
+/// Puts the calling thread — and so every process and thread it starts from now on — into
+/// a network namespace of its own with `lo` up: a test's ports are its own, never the
+/// machine's nor another test's, so tests run in parallel without a lock. Namespaces are
+/// per thread (libtest runs each test on a thread of its own); a second world in the same
+/// test shares the first one's namespace, as two terminals on one machine would.
+/// Needs `CAP_SYS_ADMIN` over the current network namespace: root, or `scripts/test.sh`'s
+/// `unshare --user --map-root-user` for a normal user.
+pub fn private_network() {
+    thread_local!(static PRIVATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if PRIVATE.with(|p| p.replace(true)) {
+        return;
+    }
+    // SAFETY: unshare(2) of this thread's network namespace; no memory is involved.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {} (run the tests as root, or through scripts/test.sh)", std::io::Error::last_os_error());
+    loopback_up();
+}
 
-pub fn lock_ranges() -> RangeLock {
-    let path = std::env::temp_dir().join("styxy-preload-test-ranges.lock");
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).unwrap();
-    // SAFETY: flock on an open fd; released when the file closes.
-    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
-    RangeLock(f)
+/// `ip link set lo up`, in this thread's network namespace.
+fn loopback_up() {
+    // SAFETY: a datagram socket of ours for the interface ioctls, closed below; `ifreq` is
+    // plain data, zeroed, its name "lo" NUL-terminated, read and written by the kernel.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        let ok = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 && {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) == 0
+        };
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert!(ok, "setting lo up: {err}");
+    }
 }
 
 /// Compiles a C fixture from tests/fixtures once per test binary.
@@ -129,6 +152,7 @@ pub struct World {
 impl World {
     pub fn new() -> World {
         lib();
+        private_network();
         let dir = tempfile::Builder::new().prefix("styxy-test-").tempdir().unwrap();
         for d in ["home", "run", "state", "config"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
@@ -287,7 +311,8 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
-/// TCP ports the process `pid` listens on (kernel view: its socket inodes in /proc/net/tcp*).
+/// TCP ports the process `pid` listens on (kernel view: its socket inodes in its own
+/// network namespace's /proc/PID/net/tcp*).
 pub fn listening_ports(pid: u32) -> BTreeSet<u16> {
     let mut inodes = BTreeSet::new();
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
@@ -301,8 +326,8 @@ pub fn listening_ports(pid: u32) -> BTreeSet<u16> {
         }
     }
     let mut ports = BTreeSet::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        for line in std::fs::read_to_string(f).unwrap_or_default().lines().skip(1) {
+    for f in ["tcp", "tcp6"] {
+        for line in std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default().lines().skip(1) {
             let c: Vec<&str> = line.split_whitespace().collect();
             if c.len() > 9 && c[3] == "0A" && inodes.contains(c[9]) {
                 if let Some(p) = c[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) {
