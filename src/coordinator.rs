@@ -62,6 +62,13 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
     if discovery::answers(&ep, PROBE) {
         return Ok(ep);
     }
+    if http::connect(&ep, PROBE.connect).is_ok() {
+        // a socket that accepts connections has a daemon behind it — busy, or being
+        // started by socket activation: wait for it, never start a second one
+        return answered_within(&ep, BUSY_DAEMON).then_some(ep.clone()).ok_or_else(|| {
+            format!("the daemon at {ep} accepts connections but did not answer within {} s: is it stopped?", BUSY_DAEMON.as_secs())
+        });
+    }
     let run = paths::runtime_dir();
     usable(&run).map_err(|e| format!("cannot use {}: {e}; set XDG_RUNTIME_DIR to a private writable directory", run.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
@@ -126,6 +133,22 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
         }
     }
     Err(format!("the daemon did not answer within 5 s; see {}", log_path.display()))
+}
+
+/// How long a client waits for a daemon whose socket accepts connections but that has not
+/// answered yet (a machine so busy that a start takes seconds).
+const BUSY_DAEMON: Duration = Duration::from_secs(30);
+
+/// Whether the daemon at `ep` answers `/status` within `patience`.
+fn answered_within(ep: &Endpoint, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        if discovery::answers(ep, PROBE) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {

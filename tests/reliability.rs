@@ -326,3 +326,114 @@ fn a_setuid_program_is_untouched() {
     }
     assert_eq!(suid_out, "styxy-mapped 0", "the loader must not load us into a setuid program");
 }
+
+/// Six busy loops per core (a load near 12 on a 2-core machine) while 60 sessions each
+/// bind 3000, 8000 and 9222 at once: the daemon is slow but alive (it beats), so every bind
+/// waits for it — every listener has an allocation, none passed through, all distinct.
+#[test]
+fn on_a_machine_busy_with_cpu_hogs_every_bind_is_coordinated() {
+    let mut w = World::new();
+    w.start_daemon();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hogs: Vec<u32> = (0..cores * 6)
+        .map(|i| {
+            let mut c = w.cmd("sh");
+            c.args(["-c", "while :; do :; done"]);
+            w.spawn(c, &format!("hog{i}"))
+        })
+        .collect();
+    let pids: Vec<u32> = (0..60)
+        .map(|i| {
+            let mut c = w.preloaded(Some(&format!("busy{i}")), fixture("binder"));
+            c.args(["hold", "3000", "8000", "9222"]);
+            w.spawn(c, &format!("busy{i}"))
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for (i, pid) in pids.iter().enumerate() {
+        let ports = wait_for(120, "every process holding 3 ports", || Some(listening_ports(*pid)).filter(|p| p.len() == 3));
+        for p in ports {
+            assert!(all.insert(p), "port {p} twice (process {i})");
+        }
+    }
+    for h in hogs {
+        w.kill(h);
+    }
+    let events = w.events();
+    let passed: Vec<_> = events.iter().filter(|e| e.action == Action::Passthrough).collect();
+    assert!(passed.is_empty(), "binds passed through uncoordinated: {passed:#?}");
+    let (_, list) = w.json("GET", "/allocations", None);
+    let held: BTreeSet<u16> = list["allocations"].as_array().unwrap().iter().filter_map(|a| a["port"].as_u64()).map(|p| p as u16).collect();
+    let lost: Vec<_> = all.difference(&held).collect();
+    assert!(lost.is_empty(), "listening without an allocation: {lost:?}");
+}
+
+/// `SIGALRM` every 50 µs (no `SA_RESTART`) interrupts the shim's wait for the daemon's
+/// answer: the wait resumes, so a free port is kept — never asked again and found "taken"
+/// by its own grant.
+#[test]
+fn a_signal_storm_during_coordinated_binds_moves_no_free_port() {
+    let w = World::new();
+    w.start_daemon();
+    let mut c = w.preloaded(Some("storm"), fixture("binder"));
+    c.args(["sigstorm", "3000", "20"]);
+    let out = run(c);
+    let (got, err) = (rows(&out.stdout), text(&out.stderr));
+    assert_eq!(got.len(), 20, "{got:?}\n{err}");
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!((r.rc, r.port), (Some(0), Some(3000 + i as u16)), "{got:?}\n{err}");
+    }
+    assert!(!err.contains("taken"), "{err}");
+}
+
+/// Fills the listening backlog of the Unix socket at `path` with connections nobody
+/// accepts (the daemon is stopped); they stay open while the returned sockets live.
+fn fill_backlog(path: &std::path::Path, ty: libc::c_int) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    let mut held = Vec::new();
+    for _ in 0..20_000 {
+        // SAFETY: a new socket of ours, owned by the OwnedFd; connect reads `addr`.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: `addr` is a whole sockaddr_un.
+        if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
+            return held; // EAGAIN: the backlog is full
+        }
+        held.push(owned);
+    }
+    panic!("the backlog of {} never filled", path.display());
+}
+
+/// A stopped daemon whose two backlogs are full: a coordinated bind neither blocks in the
+/// connect nor waits for a daemon that does not beat — it goes as asked, and says so.
+#[test]
+fn a_stopped_daemon_with_full_backlogs_never_hangs_a_bind() {
+    let w = World::new();
+    w.start_daemon();
+    let pid = w.daemon_pid().unwrap();
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit of this test process's own fd limit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(65536);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    // SAFETY: kill(2) of this world's daemon; it is continued below (and killed with the world).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let hook = fill_backlog(&w.path("run/styxy-preload/hook.sock"), libc::SOCK_SEQPACKET);
+    let http = fill_backlog(&w.socket(), libc::SOCK_STREAM);
+    let (port, ms, err) = py_bind(&w, "stopped", 3000, &[]);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(port, 3000, "bound as asked: {err}");
+    assert!(ms < 5000, "the bind hung for {ms} ms ({} + {} connections queued)", hook.len(), http.len());
+    assert!(err.contains("styxy-preload"), "said once: {err}");
+}

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
@@ -127,9 +127,21 @@ impl std::error::Error for Error {}
 
 /// One request: `method` `path` with an optional JSON body.
 pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
+    request(ep, method, path, body, t, Wait::new(ep, Duration::ZERO))
+}
+
+/// [`call`] from a hook to the local daemon: past `t`'s deadlines it goes on waiting while
+/// the daemon beats (alive, however busy: [`crate::mapview::BEAT_STALE_MS`]), up to
+/// [`crate::mapview::PATIENCE_MS`]; a stopped or hung daemon still fails at `t`'s deadline
+/// or as soon as its beat is stale.
+pub fn call_waiting(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
+    request(ep, method, path, body, t, Wait::new(ep, Duration::from_millis(crate::mapview::PATIENCE_MS)))
+}
+
+fn request(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts, wait: Wait) -> Result<Response, Error> {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(t.total))
+        .timeout_global(Some(t.total.max(wait.patience)))
         .timeout_connect(Some(t.connect))
         .max_idle_connections(0)
         .max_redirects(0)
@@ -138,7 +150,7 @@ pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Tim
         .output_buffer_size(16 * 1024)
         .user_agent("styxy-preload")
         .build();
-    let agent = ureq::Agent::with_parts(config, SockConnector(ep.clone()), NoResolver);
+    let agent = ureq::Agent::with_parts(config, SockConnector { ep: ep.clone(), t, wait }, NoResolver);
     let url = match ep {
         Endpoint::Unix(_) => format!("http://localhost{path}"),
         Endpoint::Tcp { addr, .. } => format!("http://{addr}{path}"),
@@ -205,25 +217,80 @@ impl Resolver for NoResolver {
     }
 }
 
+/// How long a call goes on waiting past a deadline: while the local daemon beats in the
+/// port map beside its socket (it is alive, however busy), up to `patience` in all.
+#[derive(Debug, Clone)]
+struct Wait {
+    started: Instant,
+    patience: Duration,
+    /// The port map whose beat says the daemon lives; `None`: no waiting past a deadline.
+    beat: Option<PathBuf>,
+}
+
+impl Wait {
+    /// One wait before the beat is looked at again.
+    const SLICE: Duration = Duration::from_millis(100);
+
+    fn new(ep: &Endpoint, patience: Duration) -> Wait {
+        let beat = match ep {
+            Endpoint::Unix(sock) if !patience.is_zero() => Some(sock.with_file_name("ports.map")),
+            _ => None,
+        };
+        Wait { started: Instant::now(), patience, beat }
+    }
+
+    /// Whether to wait once more, `deadline` after the call began: before it, or while
+    /// the daemon beats and patience lasts.
+    fn more(&self, deadline: Duration) -> bool {
+        let waited = self.started.elapsed();
+        waited < deadline || (waited < self.patience && self.beat.as_deref().is_some_and(crate::portmap::alive_at))
+    }
+
+    /// How long one wait of a socket call lasts: `timeout`, or a slice of it when patient.
+    fn slice(&self, timeout: Duration) -> Duration {
+        if self.beat.is_some() {
+            timeout.min(Self::SLICE)
+        } else {
+            timeout
+        }
+    }
+}
+
 #[derive(Debug)]
-struct SockConnector(Endpoint);
+struct SockConnector {
+    ep: Endpoint,
+    t: Timeouts,
+    wait: Wait,
+}
 
 impl Connector<()> for SockConnector {
     type Out = SockTransport;
 
     fn connect(&self, details: &ConnectionDetails, _: Option<()>) -> Result<Option<SockTransport>, ureq::Error> {
-        let timeout = details.timeout.not_zero().map(|t| *t).unwrap_or(Duration::from_millis(50));
-        let sock = connect(&self.0, timeout)?;
+        let timeout = details.timeout.not_zero().map(|t| *t).unwrap_or(Duration::from_millis(50)).min(self.t.connect);
+        let sock = connect_waiting(&self.ep, timeout, &self.wait)?;
         let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
         // connect already set SO_SNDTIMEO on a Unix socket
-        let write_timeout = matches!(self.0, Endpoint::Unix(_)).then_some(timeout);
-        Ok(Some(SockTransport { sock, buffers, read_timeout: None, write_timeout, pending: Vec::new() }))
+        let write_timeout = matches!(self.ep, Endpoint::Unix(_)).then_some(self.wait.slice(timeout));
+        Ok(Some(SockTransport {
+            sock,
+            buffers,
+            read_timeout: None,
+            write_timeout,
+            pending: Vec::new(),
+            total: self.t.total,
+            wait: self.wait.clone(),
+        }))
     }
 }
 
 /// A connected stream socket, `CLOEXEC`, never on fd 0–2, connected within `timeout`
 /// (a Unix socket whose backlog is full fails at once rather than blocking).
 pub fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Socket> {
+    connect_waiting(ep, timeout, &Wait::new(ep, Duration::ZERO))
+}
+
+fn connect_waiting(ep: &Endpoint, timeout: Duration, wait: &Wait) -> io::Result<Socket> {
     let (domain, addr) = match ep {
         Endpoint::Unix(p) => (Domain::UNIX, SockAddr::unix(p)?),
         Endpoint::Tcp { addr, .. } => (Domain::for_address(*addr), SockAddr::from(*addr)),
@@ -232,8 +299,15 @@ pub fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Socket> {
     match ep {
         Endpoint::Unix(p) => {
             // a Unix connect waits for room in a full backlog (a frozen daemon) for at most SO_SNDTIMEO
-            sock.set_write_timeout(Some(timeout))?;
-            sock.connect(&addr).map_err(|e| if e.kind() == io::ErrorKind::WouldBlock { io::ErrorKind::TimedOut.into() } else { e })?;
+            sock.set_write_timeout(Some(wait.slice(timeout)))?;
+            loop {
+                match sock.connect(&addr) {
+                    Ok(()) => break,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) && wait.more(timeout) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(io::ErrorKind::TimedOut.into()),
+                    Err(e) => return Err(e),
+                }
+            }
             same_user(&sock, p)?;
         }
         Endpoint::Tcp { .. } => {
@@ -287,6 +361,9 @@ struct SockTransport {
     /// Output held back until the first read: the head and body of a request leave in
     /// one write, so the server wakes up once.
     pending: Vec<u8>,
+    /// The answer's deadline (from the call's start), and how long to wait past it.
+    total: Duration,
+    wait: Wait,
 }
 
 impl SockTransport {
@@ -345,10 +422,12 @@ impl Transport for SockTransport {
         self.flush(&timeout.for_write())?;
         let timeout = timeout.for_read();
         let sock = &self.sock;
-        tighten(&mut self.read_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_read_timeout(t)).map_err(ureq::Error::Io)?;
+        let slice = timeout.not_zero().map(|t| self.wait.slice(*t));
+        tighten(&mut self.read_timeout, slice, |t| sock.set_read_timeout(t)).map_err(ureq::Error::Io)?;
         let n = loop {
             match (&self.sock).read(self.buffers.input_append_buf()) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) && self.wait.more(self.total) => continue,
                 r => break r.map_err(|e| io_err(e, &timeout))?,
             }
         };

@@ -10,6 +10,15 @@ pub const PORTS: usize = 65536;
 /// Slots of each remap table: the daemon holds at most 4096 allocations, one entry each.
 pub const SLOTS: usize = 32768;
 pub const HEADER: usize = 64;
+/// The daemon's liveness beat in the header: `CLOCK_MONOTONIC` milliseconds (one clock for
+/// every process of the machine), stored every [`BEAT_EVERY_MS`] by the thread that answers
+/// the hooks, so a daemon that is busy still beats and one that is stopped or hung does not.
+pub const BEAT_OFF: usize = 8;
+pub const BEAT_EVERY_MS: u64 = 100;
+/// A beat older than this: the daemon is stopped or hung, and a hook goes as asked.
+pub const BEAT_STALE_MS: u64 = 600;
+/// However alive the daemon looks, a hook waits at most this long for its answer.
+pub const PATIENCE_MS: u64 = 10_000;
 pub const HELD_OFF: usize = HEADER;
 pub const REMAP_OFF: usize = HELD_OFF + PORTS * 4;
 pub const SIZE: usize = REMAP_OFF + 2 * SLOTS * 8;
@@ -61,6 +70,18 @@ impl<'a> View<'a> {
     pub fn generation(self) -> &'a AtomicU32 {
         // SAFETY: in bounds and 4-aligned.
         unsafe { &*(self.base.add(4).cast::<AtomicU32>()) }
+    }
+
+    /// The daemon's liveness beat ([`BEAT_OFF`]).
+    pub fn beat(self) -> &'a AtomicU64 {
+        // SAFETY: in bounds and 8-aligned (the mapping is page-aligned, `new`'s contract).
+        unsafe { &*(self.base.add(BEAT_OFF).cast::<AtomicU64>()) }
+    }
+
+    /// The daemon beat within [`BEAT_STALE_MS`] of `now` (`CLOCK_MONOTONIC` ms): it is
+    /// alive, however busy, and worth waiting for.
+    pub fn alive(self, now: u64) -> bool {
+        self.valid() && now.saturating_sub(self.beat().load(Ordering::Acquire)) <= BEAT_STALE_MS
     }
 
     pub fn valid(self) -> bool {

@@ -7,7 +7,8 @@
 //! of version 1, so a mapping made by either version stays inside the file):
 //!
 //! - a 64-byte header: `magic: u32`, `generation: u32` (the active remap table is
-//!   `generation & 1`);
+//!   `generation & 1`), `beat: u64` (the daemon's liveness, `CLOCK_MONOTONIC` ms: see
+//!   [`crate::mapview::BEAT_STALE_MS`]);
 //! - `held[65536]: u32`: the session tag holding each actual port, 0 for none or a
 //!   process outside any session;
 //! - two open-addressing tables `remap[2][32768]: u64` of `tag << 32 | requested << 16 |
@@ -136,6 +137,16 @@ impl PortMap {
 
     fn valid(&self) -> bool {
         self.view().valid()
+    }
+
+    /// The daemon is alive now (the writer).
+    pub fn beat(&self) {
+        self.view().beat().store(monotonic_ms(), Ordering::Release);
+    }
+
+    /// The daemon beat recently (a reader): it is alive, however busy.
+    pub fn alive(&self) -> bool {
+        self.view().alive(monotonic_ms())
     }
 
     fn held_word(&self, port: u16) -> &AtomicU32 {
@@ -294,6 +305,32 @@ impl PortMap {
         self.live.store(0, Ordering::Relaxed);
         self.dead.store(0, Ordering::Relaxed);
     }
+}
+
+/// Whether the daemon whose port map is at `path` beat recently: read from the header
+/// alone (a non-blocking open of a regular file that is ours alone, one `pread`), for a
+/// client deciding whether a slow answer is worth waiting for.
+pub fn alive_at(path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
+    else {
+        return false;
+    };
+    let mut head = [0u8; 16];
+    let regular = f.metadata().is_ok_and(|m| m.is_file() && crate::paths::owned_by_us(&m, path).is_ok());
+    if !regular || f.read_exact_at(&mut head, 0).is_err() {
+        return false;
+    }
+    let word = |i: usize| head[i..i + 8].try_into().map(u64::from_ne_bytes).unwrap_or(0);
+    word(0) as u32 == MAGIC && monotonic_ms().saturating_sub(word(crate::mapview::BEAT_OFF)) <= crate::mapview::BEAT_STALE_MS
+}
+
+/// `CLOCK_MONOTONIC` in milliseconds: the beat's clock, the same in every process.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 #[cfg(test)]

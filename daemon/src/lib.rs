@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
+use styxy_preload_common::mapview;
 use styxy_preload_common::paths;
 use styxy_preload_common::policy::Policy;
 use styxy_preload_common::portmap::PortMap;
@@ -279,7 +280,7 @@ fn initial_state(opts: &Options) -> (State, journal::Journal) {
         log!("STYXY_PRELOAD_PORTS ignored in part: {e}");
     }
     let map = match PortMap::create(&paths::portmap_path()) {
-        Ok(m) => Some(m),
+        Ok(m) => Some(Arc::new(m)),
         Err(e) => {
             log!("no shared port map ({e}): connect() will not follow remaps");
             None
@@ -335,6 +336,13 @@ fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListener, opts: Options) -> Result<(), RunError> {
+    // the liveness beat hooks read in the port map: beaten by this thread, the one that
+    // answers them, so a busy daemon beats and a stopped or hung one does not; beaten
+    // once before the first hook can ask
+    let map = shared.state.lock().map.clone();
+    if let Some(m) = &map {
+        m.beat();
+    }
     let app = server::router(shared.clone());
     let dir = std_listener.local_addr().ok().and_then(|a| a.as_pathname().and_then(|p| p.parent()).map(std::path::Path::to_path_buf));
     let unix = UnixListener::from_std(std_listener).map_err(|e| RunError::Io(e.to_string()))?;
@@ -357,8 +365,10 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     log!("serving on {} (pid {})", paths::socket_path().display(), std::process::id());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| RunError::Io(e.to_string()))?;
     let mut tick = tokio::time::interval(opts.sweep_every);
+    let mut beat = tokio::time::interval(Duration::from_millis(mapview::BEAT_EVERY_MS));
     loop {
         tokio::select! {
+            _ = beat.tick() => { if let Some(m) = &map { m.beat() } }
             _ = term.recv() => { log!("SIGTERM"); break; }
             _ = tokio::signal::ctrl_c() => { log!("SIGINT"); break; }
             _ = tick.tick() => {

@@ -3,6 +3,7 @@
 //! consulted through `procinfo` (processes) and `portcheck` (ports) only.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use styxy_preload_common::api::Holder;
@@ -184,7 +185,7 @@ pub struct State {
     pub allocs: BTreeMap<u16, Allocation>,
     pub recent: Vec<Recent>,
     pub policy: Policy,
-    pub map: Option<PortMap>,
+    pub map: Option<Arc<PortMap>>,
     pub grace_ms: u64,
     pub port_in_use: fn(u16) -> bool,
     /// Ports the upstream Styxy holds for other clients: never granted here.
@@ -194,7 +195,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(policy: Policy, map: Option<PortMap>, grace_ms: u64) -> State {
+    pub fn new(policy: Policy, map: Option<Arc<PortMap>>, grace_ms: u64) -> State {
         State {
             allocs: BTreeMap::new(),
             recent: Vec::new(),

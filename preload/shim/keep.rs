@@ -9,14 +9,32 @@ use crate::env::{env, own_rules, session_tag};
 use crate::maps::{port_map, runtime_file};
 use crate::sock::{shares_port, stream, Inet};
 use crate::sys::{
-    close, errno, getpid, getsockopt, getuid, poll, recv, send, socket, PollFd, SockLen, UCred, AF_INET6, AF_UNIX, MSG_DONTWAIT,
-    MSG_NOSIGNAL, POLLIN, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED,
+    close, errno, fcntl, getpid, getsockopt, getuid, monotonic_ms, poll, recv, send, set_errno, setsockopt, socket, PollFd, SockLen,
+    TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, POLLIN, SOCK_CLOEXEC, SOCK_SEQPACKET,
+    SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
-use crate::{hookproto, AddrFn, REAL_CONNECT};
+use crate::{hookproto, mapview, AddrFn, REAL_CONNECT};
 
-/// How long a bind waits for the daemon's answer on the shim's socket: the hooks' own
-/// allocate budget (`Timeouts::HOOK`). Then the bind goes as asked, as theirs would.
-const HOOK_ANSWER_MS: c_int = 200;
+/// How long a bind waits for the daemon when there is no port map to read its beat from:
+/// the hooks' own allocate budget (`Timeouts::HOOK`). Then the bind goes as asked.
+const HOOK_ANSWER_MS: u64 = 200;
+
+/// One wait on the daemon (a connect to a full backlog, an answer) before its beat is
+/// looked at again.
+const SLICE_MS: c_int = 100;
+
+/// Whether a bind goes on waiting for the daemon, `started` (monotonic ms) after it
+/// began: while the daemon beats in the port map (alive, however busy the machine) and
+/// patience lasts; a stopped or hung daemon's beat goes stale, and the bind goes as
+/// asked (docs/ARCHITECTURE.md "Hook ↔ daemon protocol").
+fn worth_waiting(started: u64) -> bool {
+    let now = monotonic_ms();
+    let waited = now.saturating_sub(started);
+    match port_map() {
+        Some(view) => waited < mapview::PATIENCE_MS && view.alive(now),
+        None => waited < HOOK_ANSWER_MS,
+    }
+}
 
 /// Ports this process bound through [`keep`] (pid and port; a forked child's pid differs,
 /// so its `listen()` still confirms with the daemon, becoming an owner).
@@ -61,30 +79,33 @@ pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &I
     let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
     let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
     let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, session };
-    let conn = hook_socket()?;
-    let heard = match ask.encode() {
-        Some(m) => exchange(conn, &m),
-        None => Heard::Nothing,
+    let saved = errno();
+    let started = monotonic_ms();
+    let heard = match (hook_socket(started), ask.encode()) {
+        (Ok(conn), Some(m)) => (Some(conn), exchange(conn, &m, started)),
+        (Ok(conn), None) => (Some(conn), Heard::Nothing),
+        (Err(heard), _) => (None, heard),
     };
-    match heard {
-        Heard::Answer(a) if a.status == hookproto::GRANTED && a.port == port => {}
-        Heard::Silent => {
-            // a stalled daemon: bound as asked, and said (the hooks' logic logs it without
-            // asking again)
-            // SAFETY: our own connection, opened by `hook_socket`.
-            unsafe { close(conn) };
+    let conn = match heard {
+        (Some(conn), Heard::Answer(a)) if a.status == hookproto::GRANTED && a.port == port => conn,
+        (conn, heard) => {
+            if let Some(conn) = conn {
+                // SAFETY: our own connection, opened by `hook_socket`.
+                unsafe { close(conn) };
+            }
+            set_errno(saved);
+            if !matches!(heard, Heard::Silent) {
+                return None;
+            }
+            // a stopped or hung daemon: bound as asked, and said (the hooks' logic logs it
+            // without asking again)
             return Some(match core_fn(&CORE_UNANSWERED) {
                 // SAFETY: the program's call and libc's function, as the core takes them.
                 Some(hook) => unsafe { hook(fd, addr, len, real) },
                 None => plain(),
             });
         }
-        _ => {
-            // SAFETY: our own connection, opened by `hook_socket`.
-            unsafe { close(conn) };
-            return None;
-        }
-    }
+    };
     let rc = plain();
     let err = if rc == 0 { 0 } else { errno() };
     if let Some(done) = (hookproto::Ask { kind: hookproto::DONE, errno: err, ..ask }).encode() {
@@ -112,61 +133,98 @@ fn moved_for_session(port: u16) -> bool {
     view.lookup(tag, port).is_some_and(|a| a != port) || (holder != 0 && holder != tag)
 }
 
-/// A connection to the daemon's `hook.sock`, when it answers and runs as our uid.
-fn hook_socket() -> Option<c_int> {
+/// A connection to the daemon's `hook.sock`, when it answers and runs as our uid, on an
+/// fd ≥ 3; `Err(Silent)` when its backlog stays full while it does not beat (stopped).
+fn hook_socket(started: u64) -> Result<c_int, Heard> {
     // struct sockaddr_un: the family, then the path (108 bytes)
     let mut sun = [0u8; 110];
     let mut path = [0u8; 4096];
     let n = runtime_file(&mut path, b"/hook.sock\0");
     if n == 0 || n >= 108 {
-        return None;
+        return Err(Heard::Nothing);
     }
-    sun.get_mut(..2)?.copy_from_slice(&(AF_UNIX as u16).to_ne_bytes());
-    sun.get_mut(2..2 + n)?.copy_from_slice(path.get(..n)?);
-    // SAFETY: a new socket of ours (closed by our caller, or below).
-    let fd = unsafe { socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    let connect = REAL_CONNECT.next();
+    sun.get_mut(..2).ok_or(Heard::Nothing)?.copy_from_slice(&(AF_UNIX as u16).to_ne_bytes());
+    sun.get_mut(2..2 + n).ok_or(Heard::Nothing)?.copy_from_slice(path.get(..n).ok_or(Heard::Nothing)?);
+    let fd = our_socket().ok_or(Heard::Nothing)?;
+    let connected = connect_bounded(fd, &sun, n, started);
     let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };
     let mut cl: SockLen = core::mem::size_of::<UCred>() as SockLen;
-    // SAFETY: libc's connect with a `sockaddr_un` of `2 + n + 1` bytes (family, path,
-    // NUL) in `sun`; getsockopt writes at most `cl` bytes into `cred`; getuid cannot fail.
-    let ours = unsafe {
-        connect.is_some_and(|connect| connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0)
-            && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) == 0
-            && cred.uid == getuid()
-    };
+    // SAFETY: getsockopt writes at most `cl` bytes into `cred`; getuid cannot fail.
+    let ours = connected.is_ok()
+        && unsafe { getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) == 0 && cred.uid == getuid() };
     if !ours {
-        // SAFETY: our own socket, opened above.
+        // SAFETY: our own socket, opened by `our_socket`.
         unsafe { close(fd) };
-        return None;
+        return Err(connected.err().unwrap_or(Heard::Nothing));
     }
-    Some(fd)
+    Ok(fd)
+}
+
+/// A new `SOCK_SEQPACKET` Unix socket of ours, close-on-exec and never on fd 0–2 (a
+/// program started with stdio closed must not find our socket there).
+fn our_socket() -> Option<c_int> {
+    // SAFETY: a new socket of ours (closed by our caller, or below).
+    let fd = unsafe { socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0) };
+    if !(0..=2).contains(&fd) {
+        return (fd >= 0).then_some(fd);
+    }
+    // SAFETY: a copy of our own socket on the lowest fd ≥ 3; the original is closed.
+    let high = unsafe { fcntl(fd, F_DUPFD_CLOEXEC, 3 as c_int) };
+    // SAFETY: our own socket, opened above.
+    unsafe { close(fd) };
+    (high >= 0).then_some(high)
+}
+
+/// Connects `fd` to the `sockaddr_un` in `sun` (a path of `n` bytes): a full backlog is
+/// waited for in slices (`SO_SNDTIMEO`) while the daemon beats, a signal resumes it.
+fn connect_bounded(fd: c_int, sun: &[u8; 110], n: usize, started: u64) -> Result<(), Heard> {
+    let connect = REAL_CONNECT.next().ok_or(Heard::Nothing)?;
+    let slice = TimeVal { sec: 0, usec: i64::from(SLICE_MS) * 1000 };
+    // SAFETY: a `struct timeval` read by the kernel from `slice`.
+    unsafe { setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, (&slice as *const TimeVal).cast(), core::mem::size_of::<TimeVal>() as SockLen) };
+    loop {
+        // SAFETY: libc's connect with a `sockaddr_un` of `2 + n + 1` bytes (family, path,
+        // NUL) in `sun`.
+        if unsafe { connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) } == 0 {
+            return Ok(());
+        }
+        match errno() {
+            EAGAIN | EINTR if worth_waiting(started) => {}
+            EAGAIN | EINTR => return Err(Heard::Silent),
+            _ => return Err(Heard::Nothing),
+        }
+    }
 }
 
 /// What the daemon said to an ask.
 enum Heard {
     Answer(hookproto::Answer),
-    /// Nothing within [`HOOK_ANSWER_MS`]: it is stalled (stopped, swamped).
+    /// No answer, and the daemon does not beat: it is stopped or hung ([`worth_waiting`]).
     Silent,
-    /// The exchange failed otherwise (a signal, a closed or foreign socket).
+    /// The exchange failed otherwise (no daemon, a closed or foreign socket).
     Nothing,
 }
 
-/// Sends `ask` and waits (boundedly) for the daemon's answer.
-fn exchange(conn: c_int, ask: &[u8]) -> Heard {
+/// Sends `ask` and waits for the daemon's answer while it is [`worth_waiting`] for; a
+/// signal resumes the wait (never a second ask, which would find the port "taken" by
+/// this very grant).
+fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
     // SAFETY: `ask.len()` bytes of `ask` (any fd may be sent to: at worst an error).
     if unsafe { send(conn, ask.as_ptr().cast(), ask.len(), MSG_DONTWAIT | MSG_NOSIGNAL) } != ask.len() as isize {
         return Heard::Nothing;
     }
-    let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
-    // SAFETY: one `PollFd`, `p`.
-    match unsafe { poll(&mut p, 1, HOOK_ANSWER_MS) } {
-        0 => return Heard::Silent,
-        1 => {}
-        _ => return Heard::Nothing,
+    loop {
+        let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
+        // SAFETY: one `PollFd`, `p`.
+        match unsafe { poll(&mut p, 1, SLICE_MS) } {
+            1 => break,
+            0 => {}
+            _ if errno() == EINTR => {}
+            _ => return Heard::Nothing,
+        }
+        if !worth_waiting(started) {
+            return Heard::Silent;
+        }
     }
     let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.

@@ -32,6 +32,18 @@ pub(crate) struct IoVec {
     pub(crate) len: usize,
 }
 
+#[repr(C)]
+pub(crate) struct TimeSpec {
+    pub(crate) sec: i64,
+    pub(crate) nsec: i64,
+}
+
+#[repr(C)]
+pub(crate) struct TimeVal {
+    pub(crate) sec: i64,
+    pub(crate) usec: i64,
+}
+
 #[link(name = "c")]
 extern "C" {
     pub(crate) fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int;
@@ -56,6 +68,9 @@ extern "C" {
     pub(crate) fn munmap(addr: *mut c_void, len: usize) -> c_int;
     pub(crate) fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: u32, buf: *mut u8) -> c_int;
     pub(crate) fn getuid() -> u32;
+    pub(crate) fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: SockLen) -> c_int;
+    pub(crate) fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
+    fn clock_gettime(clock: c_int, ts: *mut TimeSpec) -> c_int;
 }
 
 pub(crate) const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
@@ -91,6 +106,19 @@ pub(crate) const MSG_DONTWAIT: c_int = 0x40;
 pub(crate) const MSG_NOSIGNAL: c_int = 0x4000;
 pub(crate) const SOCK_STREAM: c_int = 1;
 pub(crate) const ECONNREFUSED: c_int = 111;
+pub(crate) const EINTR: c_int = 4;
+pub(crate) const EAGAIN: c_int = 11;
+pub(crate) const SO_SNDTIMEO: c_int = 21;
+pub(crate) const F_DUPFD_CLOEXEC: c_int = 1030;
+const CLOCK_MONOTONIC: c_int = 1;
+
+/// `CLOCK_MONOTONIC` in milliseconds (the daemon's beat's clock); errno untouched.
+pub(crate) fn monotonic_ms() -> u64 {
+    let mut ts = TimeSpec { sec: 0, nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into `ts`; with a valid clock it cannot fail.
+    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    (ts.sec as u64).wrapping_mul(1000).wrapping_add(ts.nsec as u64 / 1_000_000)
+}
 
 /// The calling thread's `errno`.
 pub(crate) fn errno() -> c_int {

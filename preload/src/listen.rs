@@ -12,7 +12,8 @@ use crate::call::{Caller, Socket, Verdict};
 use crate::process::{Mode, Process};
 use crate::report::{self, Outcome};
 
-/// A listen confirmation's whole budget (a local daemon answers in well under 1 ms).
+/// A listen confirmation's budget (a local daemon answers in well under 1 ms), past which
+/// it waits only for a daemon that beats.
 const CONFIRM: Timeouts = Timeouts { connect: Duration::from_millis(20), total: Duration::from_millis(50), max_body: 4096 };
 
 /// Makes the `listen()` on `sock`, then tells the daemon or the log about it.
@@ -49,7 +50,7 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
             // the pid becomes an owner of this port's allocation, which it confirms; the
             // bind before it may have used most of the hook's budget already
             let body = json!({"pid": who.pid, "instance_id": p.session, "port": a.port, "project_path": who.cwd});
-            let _ = http::call(&p.endpoint, "POST", "/register-instance", Some(body.to_string().as_bytes()), CONFIRM);
+            let _ = http::call_waiting(&p.endpoint, "POST", "/register-instance", Some(body.to_string().as_bytes()), CONFIRM);
         }
         _ => {}
     }

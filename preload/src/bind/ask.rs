@@ -23,7 +23,7 @@ impl Coordinator for Daemon<'_> {
     fn allocate(&mut self, req: &AllocateRequest) -> Result<AllocateReply, AskError> {
         let garbled = |e: &dyn std::fmt::Display| AskError::Garbled(e.to_string());
         let body = serde_json::to_vec(req).map_err(|e| garbled(&e))?;
-        let res = http::call(self.0, "POST", "/allocate", Some(&body), Timeouts::HOOK).map_err(|e| match e {
+        let res = http::call_waiting(self.0, "POST", "/allocate", Some(&body), Timeouts::HOOK).map_err(|e| match e {
             http::Error::Unreachable(_) => unreachable(self.0),
             http::Error::Timeout => AskError::Timeout,
             e => garbled(&e),
