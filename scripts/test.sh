@@ -6,9 +6,19 @@
 # the npm packages of tests/fixtures/realtools/package.json into
 # ${CARGO_TARGET_DIR:-target}/npm-tools (exported as STYXY_TEST_NPM_TOOLS), and
 # jupyter_server (tests/fixtures/realtools/requirements.txt) with pip.
+# Each end-to-end test runs in a network namespace of its own (tests/common/mod.rs), which
+# needs CAP_SYS_ADMIN: as root it has it; a normal user's run goes inside a user namespace
+# (unshare --user --map-root-user), where the tests that need other real uids cannot run.
 #   scripts/test.sh [ARGS for cargo test...]     e.g. scripts/test.sh -- --nocapture
+#   scripts/test.sh --fast                       unit and protocol tests only (the inner loop)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# the inner loop: unit tests of every crate and the daemon's protocol, no real tools
+if [ "${1:-}" = --fast ]; then
+  shift
+  exec cargo test --workspace --lib --bins --test daemon_api --test daemon_hardening --test cli_hardening "$@"
+fi
 
 command -v cargo >/dev/null || { echo "test.sh: cargo not found: install Rust (https://rustup.rs), then run scripts/test.sh again" >&2; exit 1; }
 
@@ -86,4 +96,7 @@ fi
 
 # everything the tests need is here now: a test that finds a program missing fails
 export STYXY_TEST_INSTALLED=1
+if [ "$(id -u)" != 0 ]; then
+  exec unshare --user --map-root-user -- cargo test --workspace --no-fail-fast "$@"
+fi
 exec cargo test --workspace --no-fail-fast "$@"

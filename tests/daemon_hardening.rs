@@ -40,12 +40,13 @@ fn a_grant_whose_client_gave_up_expires_and_is_not_published() {
     w.start_daemon();
     let daemon = w.daemon_pid().unwrap();
     signal(daemon, libc::SIGSTOP);
-    // the hook times out (200 ms) and binds 3070 as asked; listen's confirmation (50 ms) too
+    // the daemon's beat goes stale: the hook binds 3070 as asked; listen's confirmation too
     let (_, port, ms) = python_server(&mut w, "gave-up", 3070, "srv");
     std::thread::sleep(Duration::from_millis(300));
     signal(daemon, libc::SIGCONT);
     assert_eq!(port, 3070);
-    assert!(ms < 300, "bind + listen against a stalled daemon took {ms} ms");
+    // a "does not hang" bound: the budget (1 s) is measured by scripts/bench.sh
+    assert!(ms < 3000, "bind + listen against a stalled daemon took {ms} ms");
     // the daemon now serves the abandoned request (3070 is bound: it grants 3071), but
     // nobody confirms that grant: it expires, and the session's map forgets it
     wait_for(5, "the unconfirmed grant to expire", || allocations(&w).is_empty().then_some(()));

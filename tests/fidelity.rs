@@ -87,9 +87,7 @@ const OTHER: &str = "styxy-fid";
 /// [`OTHER`], created if need be; `None` (the test is skipped, said on stderr) unless we
 /// are root, which runuser needs (CI runs as root).
 fn other_user() -> Option<&'static str> {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: runuser needs root (CI runs as root)");
+    if !root("runuser needs root") {
         return None;
     }
     user(OTHER);
@@ -163,9 +161,7 @@ fn pg_bin(name: &str) -> Option<std::path::PathBuf> {
 
 #[test]
 fn two_postgres_clusters_in_two_sessions_share_one_socket_directory_with_port_auto() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: postgres refuses to run as root, and runuser needs root (CI runs as root)");
+    if !root("postgres refuses to run as root, and runuser needs root") {
         return;
     }
     let (initdb, postgres) = (pg_bin("initdb").expect("initdb: install postgresql"), pg_bin("postgres").expect("postgres"));

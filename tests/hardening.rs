@@ -136,9 +136,7 @@ fn as_user(uid: u32, env: &[(&str, String)], program: &std::path::Path, args: &[
 
 #[test]
 fn another_user_cannot_steer_a_sessions_connects_through_the_tmp_fallback() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: needs root to create the attacker and the victim (CI runs as root)");
+    if !root("needs root to create the attacker and the victim") {
         return;
     }
     let (att, vic) = (user("styxy-att"), user("styxy-vic"));

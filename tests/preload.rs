@@ -251,9 +251,7 @@ fn the_shims_own_answers_return_exactly_what_libc_returns() {
 
 #[test]
 fn a_rule_giving_a_privileged_port_a_type_coordinates_its_bind() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("skipped: binding port 80 needs root (CI runs as root)");
+    if !root("binding port 80 needs root") {
         return;
     }
     let mut w = World::new();

@@ -202,9 +202,7 @@ fn no_fd_of_ours_survives_exec() {
 
 #[test]
 fn another_uid_is_refused_on_the_unix_socket() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("not root: cannot drop privileges to test another uid; the 0700 directory refuses it anyway");
+    if !root("cannot drop privileges to test another uid; the 0700 directory refuses it anyway") {
         return;
     }
     let w = World::new();
@@ -283,9 +281,7 @@ fn a_truncated_state_file_is_moved_aside_and_the_daemon_starts() {
 
 #[test]
 fn a_setuid_program_is_untouched() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("not root: cannot make a setuid-root program to test");
+    if !root("cannot make a setuid-root program to test") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
@@ -375,15 +371,17 @@ fn on_a_machine_busy_with_cpu_hogs_every_bind_is_coordinated() {
 fn a_signal_storm_during_coordinated_binds_moves_no_free_port() {
     let w = World::new();
     w.start_daemon();
-    let mut c = w.preloaded(Some("storm"), fixture("binder"));
-    c.args(["sigstorm", "3000", "20"]);
-    let out = run(c);
-    let (got, err) = (rows(&out.stdout), text(&out.stderr));
-    assert_eq!(got.len(), 20, "{got:?}\n{err}");
-    for (i, r) in got.iter().enumerate() {
-        assert_eq!((r.rc, r.port), (Some(0), Some(3000 + i as u16)), "{got:?}\n{err}");
+    for (session, base) in [(None, 3000u16), (Some("storm"), 3100)] {
+        let mut c = w.preloaded(session, fixture("binder"));
+        c.args(["sigstorm", &base.to_string(), "20"]);
+        let out = run(c);
+        let (got, err) = (rows(&out.stdout), text(&out.stderr));
+        assert_eq!(got.len(), 20, "{got:?}\n{err}");
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!((r.rc, r.port), (Some(0), Some(base + i as u16)), "{session:?}: {got:?}\n{err}");
+        }
+        assert!(!err.contains("taken"), "{err}");
     }
-    assert!(!err.contains("taken"), "{err}");
 }
 
 /// Fills the listening backlog of the Unix socket at `path` with connections nobody
@@ -436,4 +434,66 @@ fn a_stopped_daemon_with_full_backlogs_never_hangs_a_bind() {
     assert_eq!(port, 3000, "bound as asked: {err}");
     assert!(ms < 5000, "the bind hung for {ms} ms ({} + {} connections queued)", hook.len(), http.len());
     assert!(err.contains("styxy-preload"), "said once: {err}");
+}
+
+/// A CPU-quota cgroup (v1 `cpu` controller, or v2 `cpu.max`) holding a process: it runs
+/// `quota_us` in every 100 ms, as a daemon starved by a busy machine would. Removed (the
+/// process moved back to the root group) when dropped, pass or fail.
+struct Throttle(std::path::PathBuf, std::path::PathBuf);
+
+impl Throttle {
+    fn new(pid: i32, quota_us: u32) -> Option<Throttle> {
+        let name = format!("styxy-test-{}-{}", std::process::id(), unique());
+        for (root, limit) in [("/sys/fs/cgroup/cpu", "cpu.cfs_quota_us"), ("/sys/fs/cgroup", "cpu.max")] {
+            let dir = std::path::Path::new(root).join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            let value = if limit == "cpu.max" { format!("{quota_us} 100000") } else { quota_us.to_string() };
+            let t = Throttle(dir.clone(), root.into());
+            if std::fs::write(dir.join(limit), value).is_ok() && std::fs::write(dir.join("cgroup.procs"), pid.to_string()).is_ok() {
+                return Some(t);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        for p in std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
+            let _ = std::fs::write(self.1.join("cgroup.procs"), p);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A daemon that runs 2 ms in every 100 ms answers twenty binds at once over seconds, but
+/// it beats: every bind waits for its answer — distinct ports, none passed through.
+#[test]
+fn a_slow_but_live_daemon_is_waited_for() {
+    let mut w = World::new();
+    w.start_daemon();
+    if !root("a CPU-quota cgroup for the daemon") {
+        return;
+    }
+    let Some(_throttle) = Throttle::new(w.daemon_pid().unwrap(), 2000) else {
+        return missing("a writable cgroup cpu controller (/sys/fs/cgroup/cpu or cgroup v2 cpu.max)");
+    };
+    let pids: Vec<u32> = (0..20)
+        .map(|i| {
+            let mut c = w.preloaded(Some(&format!("slow{i}")), fixture("binder"));
+            c.args(["hold", "3000"]);
+            w.spawn(c, &format!("slow{i}"))
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for pid in &pids {
+        let ports = wait_for(60, "every process listening", || Some(listening_ports(*pid)).filter(|p| p.len() == 1));
+        all.extend(ports);
+    }
+    drop(_throttle);
+    assert_eq!(all.len(), 20, "{all:?}");
+    let passed: Vec<_> = w.events().into_iter().filter(|e| e.action == Action::Passthrough).collect();
+    assert!(passed.is_empty(), "binds passed through uncoordinated: {passed:#?}");
 }

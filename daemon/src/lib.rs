@@ -7,6 +7,7 @@
 //! lets `connect()` follow a session's remaps.
 
 pub mod activation;
+pub mod beat;
 pub mod hook;
 pub mod journal;
 pub mod metrics;
@@ -336,13 +337,12 @@ fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListener, opts: Options) -> Result<(), RunError> {
-    // the liveness beat hooks read in the port map: beaten by this thread, the one that
-    // answers them, so a busy daemon beats and a stopped or hung one does not; beaten
-    // once before the first hook can ask
+    // the liveness beat hooks read in the port map, beaten once before the first hook can ask
     let map = shared.state.lock().map.clone();
-    if let Some(m) = &map {
-        m.beat();
-    }
+    let beat = match map.map(beat::Beat::start).transpose() {
+        Ok(b) => b,
+        Err(e) => return Err(RunError::Io(format!("cannot start the beat thread: {e}"))),
+    };
     let app = server::router(shared.clone());
     let dir = std_listener.local_addr().ok().and_then(|a| a.as_pathname().and_then(|p| p.parent()).map(std::path::Path::to_path_buf));
     let unix = UnixListener::from_std(std_listener).map_err(|e| RunError::Io(e.to_string()))?;
@@ -365,10 +365,10 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     log!("serving on {} (pid {})", paths::socket_path().display(), std::process::id());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| RunError::Io(e.to_string()))?;
     let mut tick = tokio::time::interval(opts.sweep_every);
-    let mut beat = tokio::time::interval(Duration::from_millis(mapview::BEAT_EVERY_MS));
+    let mut turn = tokio::time::interval(Duration::from_millis(mapview::BEAT_EVERY_MS));
     loop {
         tokio::select! {
-            _ = beat.tick() => { if let Some(m) = &map { m.beat() } }
+            _ = turn.tick() => { if let Some(b) = &beat { b.turned() } }
             _ = term.recv() => { log!("SIGTERM"); break; }
             _ = tokio::signal::ctrl_c() => { log!("SIGINT"); break; }
             _ = tick.tick() => {
@@ -389,6 +389,9 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
                 }
             }
         }
+    }
+    if let Some(b) = &beat {
+        b.stop();
     }
     let _ = std::fs::remove_file(&hook_path);
     Ok(())

@@ -459,8 +459,25 @@ pub fn user(name: &str) -> u32 {
 /// A program a test needs is missing: a failure where `scripts/test.sh` installed what the
 /// tests need (it sets `STYXY_TEST_INSTALLED`) or under CI; elsewhere a skip, said on stderr.
 pub fn missing(what: &str) {
-    let msg = format!("missing: {what}; run scripts/test.sh (it installs it), or install it by hand");
+    cannot_run(&format!("missing: {what}; run scripts/test.sh (it installs it), or install it by hand"));
+}
+
+/// A test cannot run: a failure where `scripts/test.sh` installed what the tests need (it
+/// sets `STYXY_TEST_INSTALLED`) or under CI; elsewhere a skip, said on stderr.
+fn cannot_run(msg: &str) {
     let strict = std::env::var_os("CI").is_some() || std::env::var_os("STYXY_TEST_INSTALLED").is_some();
     assert!(!strict, "{msg}");
     eprintln!("skipped: {msg}");
+}
+
+/// Whether this test runs as root, which `why` needs (another uid, a privileged port); when
+/// it does not, the test cannot run (a failure wherever `scripts/test.sh`
+/// installed what the tests need, a skip said on stderr elsewhere).
+pub fn root(why: &str) -> bool {
+    // SAFETY: getuid cannot fail.
+    let root = unsafe { libc::getuid() } == 0;
+    if !root {
+        cannot_run(&format!("needs root: {why}; run the tests as root"));
+    }
+    root
 }
