@@ -1,5 +1,5 @@
 //! The CLI against hostile input: process names carrying terminal escapes, reserved
-//! session and variable names, an unusable runtime directory (issue 20, items 10, 12–14).
+//! session and variable names, an unusable runtime directory.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The daemon under a hostile or unlucky client: a grant its client gave up on, a kill
 //! right after a grant, connections that never finish, and owners, ports and amounts it
-//! must refuse (issue "hardening", items 5, 6, 8 and 9).
+//! must refuse.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The library must never hurt its host (issue "hardening", items 2, 3, 4 and 7; the
+//! The library must never hurt its host (and the
 //! notice under Node parents): a bad pointer gets EFAULT, not SIGSEGV; the remap notice
 //! never blocks and lands only where a person reads it; a core that could not be loaded
 //! once (EMFILE) is loaded later.

@@ -1,6 +1,6 @@
 //! The shared port map under the real daemon's churn: deleted entries of its remap table
 //! are reclaimed, so a connect's lookup stays as short as in a fresh map, and a reader in
-//! another process never misses a live entry while the daemon works (issue 20, item 15).
+//! another process never misses a live entry while the daemon works.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The real dev tools, each run twice in two sessions as a person would (issue 21): the
+//! The real dev tools, each run twice in two sessions as a person would: the
 //! URL each prints is the one it serves, a port finder answers a port its program then
 //! gets, a moved server is one event and one notice, and two Playwright suites with a
 //! Vite `webServer` pass at once, each against its own page.

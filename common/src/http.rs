@@ -321,6 +321,7 @@ fn connect_waiting(ep: &Endpoint, timeout: Duration, wait: &Wait) -> io::Result<
 /// Refuses a daemon run by another user (`SO_PEERCRED`): a socket planted where ours
 /// should be (a shared `/tmp` fallback) is never told anything, nor believed.
 fn same_user(sock: &Socket, path: &std::path::Path) -> io::Result<()> {
+    // SAFETY: ucred is plain integers, for which zero is a valid value.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt into a ucred of the right size.
@@ -349,6 +350,7 @@ fn above_stdio(sock: Socket) -> io::Result<Socket> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: fd was just returned by fcntl and is owned by nothing else.
     Ok(unsafe { Socket::from_raw_fd(fd) })
 }
 

@@ -63,6 +63,7 @@ pub struct PortMap {
 
 // SAFETY: all access goes through atomics on a mapping that lives as long as the value.
 unsafe impl Send for PortMap {}
+// SAFETY: as for Send.
 unsafe impl Sync for PortMap {}
 
 impl Drop for PortMap {
