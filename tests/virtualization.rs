@@ -5,8 +5,11 @@ mod common;
 
 use common::*;
 
+/// A GET of `url` that prints the body, or `error` and why.
+const GET: &str = "import urllib.request,sys\ntry: print(urllib.request.urlopen(sys.argv[1],timeout=3).read().decode().strip())\nexcept Exception as e: print('error', getattr(e, 'reason', e))";
+
 fn get_in(w: &World, session: Option<&str>, url: &str, extra: &[&str]) -> String {
-    let script = "import urllib.request,sys\ntry: print(urllib.request.urlopen(sys.argv[1],timeout=3).read().decode().strip())\nexcept Exception as e: print('error', getattr(e, 'reason', e))";
+    let script = GET;
     let mut c = match session {
         Some(s) => {
             let mut c = w.cli();
@@ -48,6 +51,12 @@ fn each_session_reaches_its_own_server_on_the_port_it_asked_for() {
     assert_eq!(get_in(&w, None, "http://127.0.0.1:3000/who", &[]), "A");
     // with isolation off, a session without its own server reaches A's as without us
     assert_eq!(get_in(&w, Some("C"), "http://127.0.0.1:3000/who", &["--no-isolate"]), "A");
+    // … in any spelling the environment contract allows, in the shim as in the hooks' logic
+    for off in ["OFF", " false", "No"] {
+        let mut c = w.preloaded(Some("D"), "python3");
+        c.args(["-c", GET, "http://127.0.0.1:3000/who"]).env("STYXY_PRELOAD_ISOLATE", off);
+        assert_eq!(text(&run(c).stdout).trim(), "A", "STYXY_PRELOAD_ISOLATE={off:?}");
+    }
     // a waiter polling 3000 non-blockingly (libuv), as Playwright's webServer does
     let poll = "const net=require('net');let n=0;(function t(){const s=net.connect(3000,'127.0.0.1',()=>{console.log('up',s.remotePort);process.exit(0)});s.on('error',()=>{if(++n>100)process.exit(1);setTimeout(t,50)})})()";
     let mut c = w.cli();

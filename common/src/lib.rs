@@ -21,6 +21,7 @@ pub mod procinfo;
 pub mod session;
 pub mod sock;
 pub mod sockaddr;
+pub mod switch;
 pub mod text;
 
 /// Marks the built-in daemon's own test binds (the 4th syscall argument, which `bind`

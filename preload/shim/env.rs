@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::sys::getenv;
 use crate::text::cstr;
-use crate::{mapview, NO, UNKNOWN, YES};
+use crate::{mapview, switch, NO, UNKNOWN, YES};
 
 static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);
 static IN_SESSION: AtomicU8 = AtomicU8::new(UNKNOWN);
@@ -44,9 +44,9 @@ fn env_flag(cache: &AtomicU8, name: &CStr, test: fn(Option<&[u8]>) -> bool) -> b
     }
 }
 
-/// `STYXY_PRELOAD_DISABLE` unset, empty or `0`.
+/// `STYXY_PRELOAD_DISABLE` unset, empty or `0` ([`switch::disables`]).
 pub(crate) fn enabled() -> bool {
-    env_flag(&ENABLED, c"STYXY_PRELOAD_DISABLE", |v| matches!(v, None | Some(b"" | b"0")))
+    env_flag(&ENABLED, c"STYXY_PRELOAD_DISABLE", |v| !switch::disables(v))
 }
 
 pub(crate) fn in_session() -> bool {
@@ -71,9 +71,9 @@ pub(crate) fn own_rules() -> bool {
     }
 }
 
-/// `STYXY_PRELOAD_ISOLATE` not turned off.
+/// `STYXY_PRELOAD_ISOLATE` not turned off ([`switch::is_off`]).
 pub(crate) fn isolate() -> bool {
-    env_flag(&ISOLATE, c"STYXY_PRELOAD_ISOLATE", |v| !matches!(v, Some(b"0" | b"off" | b"false" | b"no")))
+    env_flag(&ISOLATE, c"STYXY_PRELOAD_ISOLATE", |v| !v.is_some_and(switch::is_off))
 }
 
 /// The session's tag (`mapview::tag` of `STYXY_PRELOAD_SESSION`), computed once.

@@ -45,6 +45,9 @@ mod mapview;
 mod hookproto;
 #[path = "../../common/src/sockaddr.rs"]
 mod sockaddr;
+/// How the environment's switches read (one parse for the shim and the hooks' logic).
+#[path = "../../common/src/switch.rs"]
+mod switch;
 
 mod corelib;
 mod env;

@@ -12,7 +12,7 @@ use styxy_preload_common::paths::{self, Vars};
 use styxy_preload_common::policy::Policy;
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::procinfo;
-use styxy_preload_common::session;
+use styxy_preload_common::{session, switch};
 
 use crate::call::Caller;
 
@@ -101,7 +101,7 @@ impl Process {
     pub fn from_vars(var: Vars) -> Process {
         let text = |name: &str| var(name).and_then(|v| v.into_string().ok());
         let is = |name: &str, values: &[&str]| text(name).is_some_and(|v| values.contains(&v.trim().to_ascii_lowercase().as_str()));
-        let off = ["off", "0", "false", "no"];
+        let off = |name: &str| var(name).is_some_and(|v| switch::is_off(v.as_encoded_bytes()));
         let mode = if is("STYXY_DISABLE_REASSIGN", &["1", "true", "yes"]) {
             Mode::Observe
         } else {
@@ -121,8 +121,8 @@ impl Process {
             mode,
             tag: session.as_deref().map(session::tag).unwrap_or(0),
             session,
-            notify: !is("STYXY_PRELOAD_NOTIFY", &off),
-            isolate: !is("STYXY_PRELOAD_ISOLATE", &off),
+            notify: !off("STYXY_PRELOAD_NOTIFY"),
+            isolate: !off("STYXY_PRELOAD_ISOLATE"),
             policy: Policy::from_vars(var).0,
             comm,
             log: Log::of(var),
