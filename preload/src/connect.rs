@@ -36,3 +36,117 @@ pub fn route(p: &Process, orig: &Addr, sock_type: &mut dyn FnMut() -> Option<c_i
     }
     Route::AsAsked
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every way `route` ends, over a real port map in a private directory: the daemon's
+    //! side of it is written here as the daemon writes it.
+
+    use std::collections::BTreeMap;
+    use std::ffi::OsString;
+    use std::os::unix::fs::DirBuilderExt;
+
+    use libc::SOCK_DGRAM;
+    use styxy_preload_common::portmap::PortMap;
+    use styxy_preload_common::session::tag;
+
+    use super::*;
+
+    fn v4(ip: [u8; 4], port: u16) -> Addr {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip) },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a sockaddr_in viewed as its bytes.
+        let bytes = unsafe { std::slice::from_raw_parts((&sin as *const libc::sockaddr_in).cast::<u8>(), std::mem::size_of_val(&sin)) };
+        Addr::from_bytes(bytes).unwrap()
+    }
+
+    /// The daemon's port map in a private runtime directory (`None`: no daemon yet).
+    struct Daemon {
+        dir: tempfile::TempDir,
+        map: Option<PortMap>,
+    }
+
+    impl Daemon {
+        fn new(running: bool) -> Daemon {
+            let dir = tempfile::tempdir().unwrap();
+            let run = dir.path().join("styxy-preload");
+            std::fs::DirBuilder::new().mode(0o700).create(&run).unwrap();
+            let map = running.then(|| PortMap::create(&run.join("ports.map")).unwrap());
+            Daemon { dir, map }
+        }
+
+        /// `session` (None: a process outside any session) holds `port`, which it asked as `requested`.
+        fn holds(&self, session: Option<&str>, requested: u16, port: u16) {
+            let map = self.map.as_ref().unwrap();
+            let t = session.map(tag).unwrap_or(0);
+            map.set_held(port, t);
+            if t != 0 {
+                map.insert(t, requested, port);
+            }
+        }
+
+        /// A process of `session` with `vars`, whose daemon this is.
+        fn process(&self, session: Option<&str>, vars: &[(&str, &str)]) -> Process {
+            let mut env: BTreeMap<String, OsString> = vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
+            env.insert("XDG_RUNTIME_DIR".into(), self.dir.path().into());
+            if let Some(s) = session {
+                env.insert("STYXY_PRELOAD_SESSION".into(), s.into());
+            }
+            Process::from_vars(&|k| env.get(k).cloned())
+        }
+    }
+
+    /// Where a connect goes, as a comparable shape: None as asked, Some(None) refused,
+    /// Some(Some(port)) to the session's port.
+    fn shape(r: Route) -> Option<Option<u16>> {
+        match r {
+            Route::AsAsked => None,
+            Route::Refused => Some(None),
+            Route::To(a) => Some(Some(a.port)),
+        }
+    }
+
+    #[test]
+    fn every_way_a_connect_goes() {
+        let d = Daemon::new(true);
+        d.holds(Some("a"), 3000, 3000); // session a serves 3000
+        d.holds(Some("b"), 3000, 3001); // session b was moved to 3001
+        d.holds(None, 8000, 8000); // a server outside any session
+        d.holds(Some("a"), 40000, 40000); // a port nobody coordinates (the ephemeral range)
+        let lo = [127, 0, 0, 1];
+        let cases: &[(&str, Option<&str>, &[(&str, &str)], [u8; 4], u16, c_int, Option<Option<u16>>)] = &[
+            ("outside any session: as asked", None, &[], lo, 3000, SOCK_STREAM, None),
+            ("another host: as asked", Some("b"), &[], [10, 0, 0, 1], 3000, SOCK_STREAM, None),
+            ("the session's remap is followed", Some("b"), &[], lo, 3000, SOCK_STREAM, Some(Some(3001))),
+            ("a datagram never follows", Some("b"), &[], lo, 3000, SOCK_DGRAM, None),
+            ("another session's server is refused", Some("c"), &[], lo, 3000, SOCK_STREAM, Some(None)),
+            ("… unless isolation is off", Some("c"), &[("STYXY_PRELOAD_ISOLATE", "Off")], lo, 3000, SOCK_STREAM, None),
+            ("… and never for a datagram", Some("c"), &[], lo, 3000, SOCK_DGRAM, None),
+            ("the session's own server", Some("a"), &[], lo, 3000, SOCK_STREAM, None),
+            ("a server outside any session stays reachable", Some("c"), &[], lo, 8000, SOCK_STREAM, None),
+            ("a port nobody coordinates", Some("c"), &[], lo, 40000, SOCK_STREAM, None),
+            ("the actual port itself", Some("c"), &[], lo, 3001, SOCK_STREAM, Some(None)),
+        ];
+        for (name, session, vars, ip, port, ty, want) in cases {
+            let p = d.process(*session, vars);
+            let mut asked = false;
+            let got = route(&p, &v4(*ip, *port), &mut || {
+                asked = true;
+                Some(*ty)
+            });
+            assert_eq!(shape(got), *want, "{name}");
+            assert!(asked || want.is_none(), "{name}: decided without looking at the socket");
+        }
+    }
+
+    #[test]
+    fn without_a_daemon_every_connect_goes_as_asked() {
+        let d = Daemon::new(false);
+        let p = d.process(Some("c"), &[]);
+        assert_eq!(shape(route(&p, &v4([127, 0, 0, 1], 3000), &mut || Some(SOCK_STREAM))), None);
+    }
+}

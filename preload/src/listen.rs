@@ -56,3 +56,163 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
     }
     Verdict::Done(Ok(()))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every way `decide` ends, over a fake socket and a fake daemon: a Unix socket where
+    //! the process's daemon would be, which keeps the one request it receives.
+
+    use std::collections::BTreeMap;
+    use std::ffi::OsString;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    use libc::c_int;
+    use styxy_preload_common::eventlog::{self, Event};
+
+    use super::*;
+    use crate::sys::Addr;
+
+    /// A socket bound to `before`; `listen()` answers `result`, and the kernel then names `after`.
+    struct FakeSocket {
+        reachable: bool,
+        before: Option<u16>,
+        after: u16,
+        result: Result<(), c_int>,
+        listened: bool,
+    }
+
+    impl Socket for FakeSocket {
+        fn reachable(&mut self) -> bool {
+            self.reachable
+        }
+        fn sock_type(&mut self) -> Option<c_int> {
+            Some(libc::SOCK_STREAM)
+        }
+        fn shares_port(&mut self) -> bool {
+            false
+        }
+        fn local_addr(&mut self) -> Option<Addr> {
+            let port = if self.listened { Some(self.after) } else { self.before };
+            port.map(|p| loopback(p))
+        }
+        fn run(&mut self, _: Option<&Addr>) -> Result<(), c_int> {
+            self.listened = true;
+            self.result
+        }
+    }
+
+    fn loopback(port: u16) -> Addr {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a sockaddr_in viewed as its bytes.
+        let bytes = unsafe { std::slice::from_raw_parts((&sin as *const libc::sockaddr_in).cast::<u8>(), std::mem::size_of_val(&sin)) };
+        Addr::from_bytes(bytes).unwrap()
+    }
+
+    fn sock(before: Option<u16>, after: u16, result: Result<(), c_int>) -> FakeSocket {
+        FakeSocket { reachable: true, before, after, result, listened: false }
+    }
+
+    /// A process of session `t` with `vars`, its log and its (fake) daemon's socket in a
+    /// private directory.
+    struct World {
+        dir: tempfile::TempDir,
+        p: Process,
+    }
+
+    impl World {
+        fn new(vars: &[(&str, &str)]) -> World {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::DirBuilder::new().mode(0o700).create(dir.path().join("styxy-preload")).unwrap();
+            let mut env: BTreeMap<String, OsString> = vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
+            env.insert("XDG_RUNTIME_DIR".into(), dir.path().into());
+            env.insert("STYXY_PRELOAD_LOG".into(), dir.path().join("events.jsonl").into());
+            env.insert("STYXY_PRELOAD_SESSION".into(), "t".into());
+            let p = Process::from_vars(&|k| env.get(k).cloned());
+            World { dir, p }
+        }
+
+        fn events(&self) -> Vec<Event> {
+            eventlog::read_all(&self.dir.path().join("events.jsonl")).unwrap_or_default()
+        }
+
+        /// Serves one request on the daemon's socket, answering `{}`; the request's bytes.
+        fn fake_daemon(&self) -> std::thread::JoinHandle<String> {
+            let path: PathBuf = self.dir.path().join("styxy-preload/daemon.sock");
+            let listener = UnixListener::bind(path).unwrap();
+            std::thread::spawn(move || {
+                let (mut conn, _) = listener.accept().unwrap();
+                conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // the request ends with its JSON body's closing brace
+                while !got.ends_with(b"}") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+                String::from_utf8_lossy(&got).into_owned()
+            })
+        }
+
+        fn listen(&self, sock: &mut FakeSocket) -> Verdict {
+            decide(&self.p, &Caller { pid: 4242, comm: "srv", cwd: Some("/w") }, sock)
+        }
+    }
+
+    #[test]
+    fn an_unreachable_socket_listens_as_asked() {
+        let w = World::new(&[]);
+        let mut s = FakeSocket { reachable: false, ..sock(Some(3000), 3000, Ok(())) };
+        assert_eq!(w.listen(&mut s), Verdict::AsAsked);
+        assert!(!s.listened && w.events().is_empty());
+    }
+
+    #[test]
+    fn a_failed_listen_is_the_programs_and_nothing_else() {
+        let w = World::new(&[]);
+        assert_eq!(w.listen(&mut sock(Some(3000), 3000, Err(libc::EINVAL))), Verdict::Done(Err(libc::EINVAL)));
+        assert!(w.events().is_empty());
+    }
+
+    #[test]
+    fn a_port_the_kernel_chose_at_listen_is_observed() {
+        let w = World::new(&[]);
+        assert_eq!(w.listen(&mut sock(Some(0), 43210, Ok(()))), Verdict::Done(Ok(())));
+        let ev = w.events();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!((ev[0].requested_port, ev[0].port, ev[0].action), (0, 43210, Action::Observed));
+    }
+
+    #[test]
+    fn a_coordinated_port_is_confirmed_with_the_daemon() {
+        let w = World::new(&[]);
+        let daemon = w.fake_daemon();
+        assert_eq!(w.listen(&mut sock(Some(3000), 3000, Ok(()))), Verdict::Done(Ok(())));
+        let req = daemon.join().unwrap();
+        assert!(req.starts_with("POST /register-instance "), "{req}");
+        for field in [r#""pid":4242"#, r#""port":3000"#, r#""instance_id":"t""#] {
+            assert!(req.contains(field), "{field} in {req}");
+        }
+        assert!(w.events().is_empty(), "the bind logged it");
+    }
+
+    #[test]
+    fn nothing_is_confirmed_in_observe_mode_or_for_a_port_nobody_coordinates() {
+        for (vars, port) in [(&[("STYXY_PRELOAD_MODE", "observe")][..], 3000), (&[][..], 40000)] {
+            let w = World::new(vars);
+            // no daemon listens: a confirmation would fail, and nothing may wait on it
+            assert_eq!(w.listen(&mut sock(Some(port), port, Ok(()))), Verdict::Done(Ok(())), "{vars:?} {port}");
+            assert!(w.events().is_empty());
+        }
+    }
+}
