@@ -110,6 +110,10 @@ mod tests {
         }
     }
 
+    /// A case: its name, the caller's session and environment, the address, the socket's
+    /// type, and where the connect goes ([`shape`]).
+    type Case = (&'static str, Option<&'static str>, &'static [(&'static str, &'static str)], [u8; 4], u16, c_int, Option<Option<u16>>);
+
     #[test]
     fn every_way_a_connect_goes() {
         let d = Daemon::new(true);
@@ -118,7 +122,7 @@ mod tests {
         d.holds(None, 8000, 8000); // a server outside any session
         d.holds(Some("a"), 40000, 40000); // a port nobody coordinates (the ephemeral range)
         let lo = [127, 0, 0, 1];
-        let cases: &[(&str, Option<&str>, &[(&str, &str)], [u8; 4], u16, c_int, Option<Option<u16>>)] = &[
+        let cases: &[Case] = &[
             ("outside any session: as asked", None, &[], lo, 3000, SOCK_STREAM, None),
             ("another host: as asked", Some("b"), &[], [10, 0, 0, 1], 3000, SOCK_STREAM, None),
             ("the session's remap is followed", Some("b"), &[], lo, 3000, SOCK_STREAM, Some(Some(3001))),

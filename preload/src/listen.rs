@@ -96,7 +96,7 @@ mod tests {
         }
         fn local_addr(&mut self) -> Option<Addr> {
             let port = if self.listened { Some(self.after) } else { self.before };
-            port.map(|p| loopback(p))
+            port.map(loopback)
         }
         fn run(&mut self, _: Option<&Addr>) -> Result<(), c_int> {
             self.listened = true;
