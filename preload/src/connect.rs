@@ -52,18 +52,6 @@ mod tests {
 
     use super::*;
 
-    fn v4(ip: [u8; 4], port: u16) -> Addr {
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip) },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: a sockaddr_in viewed as its bytes.
-        let bytes = unsafe { std::slice::from_raw_parts((&sin as *const libc::sockaddr_in).cast::<u8>(), std::mem::size_of_val(&sin)) };
-        Addr::from_bytes(bytes).unwrap()
-    }
-
     /// The daemon's port map in a private runtime directory (`None`: no daemon yet).
     struct Daemon {
         dir: tempfile::TempDir,
@@ -138,7 +126,7 @@ mod tests {
         for (name, session, vars, ip, port, ty, want) in cases {
             let p = d.process(*session, vars);
             let mut asked = false;
-            let got = route(&p, &v4(*ip, *port), &mut || {
+            let got = route(&p, &Addr::ipv4(*ip, *port), &mut || {
                 asked = true;
                 Some(*ty)
             });
@@ -151,6 +139,6 @@ mod tests {
     fn without_a_daemon_every_connect_goes_as_asked() {
         let d = Daemon::new(false);
         let p = d.process(Some("c"), &[]);
-        assert_eq!(shape(route(&p, &v4([127, 0, 0, 1], 3000), &mut || Some(SOCK_STREAM))), None);
+        assert_eq!(shape(route(&p, &Addr::ipv4([127, 0, 0, 1], 3000), &mut || Some(SOCK_STREAM))), None);
     }
 }

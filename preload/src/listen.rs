@@ -96,24 +96,12 @@ mod tests {
         }
         fn local_addr(&mut self) -> Option<Addr> {
             let port = if self.listened { Some(self.after) } else { self.before };
-            port.map(loopback)
+            port.map(|p| Addr::ipv4([127, 0, 0, 1], p))
         }
         fn run(&mut self, _: Option<&Addr>) -> Result<(), c_int> {
             self.listened = true;
             self.result
         }
-    }
-
-    fn loopback(port: u16) -> Addr {
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: a sockaddr_in viewed as its bytes.
-        let bytes = unsafe { std::slice::from_raw_parts((&sin as *const libc::sockaddr_in).cast::<u8>(), std::mem::size_of_val(&sin)) };
-        Addr::from_bytes(bytes).unwrap()
     }
 
     fn sock(before: Option<u16>, after: u16, result: Result<(), c_int>) -> FakeSocket {

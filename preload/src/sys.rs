@@ -48,6 +48,19 @@ impl Addr {
         Some(a)
     }
 
+    /// `ip:port`, an IPv4 address.
+    pub fn ipv4(ip: [u8; 4], port: u16) -> Addr {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip) },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a sockaddr_in viewed as its bytes, which it holds all of.
+        let bytes = unsafe { std::slice::from_raw_parts((&sin as *const libc::sockaddr_in).cast::<u8>(), std::mem::size_of_val(&sin)) };
+        Addr::from_bytes(bytes).expect("an IPv4 address")
+    }
+
     fn bytes(&self) -> &[u8] {
         // SAFETY: the storage is plain bytes, all of them initialised (zeroed first).
         unsafe { std::slice::from_raw_parts(self.ptr().cast::<u8>(), std::mem::size_of::<sockaddr_storage>()) }

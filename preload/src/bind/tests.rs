@@ -104,15 +104,7 @@ impl World {
 }
 
 fn loopback(port: u16) -> Addr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: a sockaddr_in viewed as its bytes.
-    let bytes = unsafe { std::slice::from_raw_parts((&sin as *const libc::sockaddr_in).cast::<u8>(), std::mem::size_of_val(&sin)) };
-    Addr::from_bytes(bytes).unwrap()
+    Addr::ipv4([127, 0, 0, 1], port)
 }
 
 fn tcp() -> FakeSocket {
