@@ -78,7 +78,7 @@ impl PortMap {
     /// wrong size or version, a symlink, or not ours alone (file and directory: another
     /// user could otherwise steer this session's connects).
     pub fn open_readonly(path: &Path) -> io::Result<PortMap> {
-        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+        let f = crate::paths::open_regular(std::fs::OpenOptions::new().read(true), path)?;
         crate::paths::owned_by_us(&f.metadata()?, path)?;
         crate::paths::owned_by_us(&std::fs::symlink_metadata(path.parent().unwrap_or(path))?, path)?;
         let map = Self::map(&f, libc::PROT_READ)?;
@@ -92,14 +92,7 @@ impl PortMap {
     /// reused in place, never replaced nor shrunk, so mappings held by running
     /// processes stay valid.
     pub fn create(path: &Path) -> io::Result<PortMap> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
+        let f = crate::paths::open_regular(std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600), path)?;
         if f.metadata()?.len() < SIZE as u64 {
             f.set_len(SIZE as u64)?;
         }
