@@ -184,7 +184,8 @@ fn a_flood_at_the_fd_limit_never_livelocks_the_daemon() {
 }
 
 fn zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
 }
 
 /// A SOCK_SEQPACKET connection to the daemon's shim socket.
@@ -269,7 +270,7 @@ fn a_grant_that_cannot_be_journaled_is_not_made_and_says_why() {
     let (status, body) = w.json("POST", "/allocate", Some(ask));
     assert_eq!(status, 200, "{body}");
     assert_eq!(held(), 1);
-    drop(w);
+    drop(disk); // before the world's directory goes
 }
 
 #[test]
@@ -293,12 +294,21 @@ fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
     }
     let events = home_dir.join(".local/state/styxy-preload/events.jsonl");
     let mut plant = bare("sh", &[]);
-    plant.args(["-c", &format!("mkdir -m 755 {} && mkdir -p -m 755 {} && mkfifo -m 666 {}", run_dir.display(), events.parent().unwrap().display(), events.display())]);
+    plant.args([
+        "-c",
+        &format!(
+            "mkdir -m 755 {} && mkdir -p -m 755 {} && mkfifo -m 666 {}",
+            run_dir.display(),
+            events.parent().unwrap().display(),
+            events.display()
+        ),
+    ]);
     let out = run(as_uid(plant, att));
     assert!(out.status.success(), "{}", text(&out.stderr));
     // the victim, with neither XDG_RUNTIME_DIR nor HOME nor XDG_STATE_HOME: exec runs its
     // command, coordinated, without waiting on the FIFO
-    let script = "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 3000)); s.listen()\nprint('bound', s.getsockname()[1], flush=True)";
+    let script =
+        "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 3000)); s.listen()\nprint('bound', s.getsockname()[1], flush=True)";
     let exec = || {
         let mut c = bare(bin(), &[]);
         c.args(["exec", "--session", "v13", "--", "python3", "-c", script]).current_dir("/");
@@ -317,7 +327,12 @@ fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
     assert_eq!((own_run.len(), own_home.len()), (1, 1), "{own_run:?} {own_home:?}");
     for d in own_run.iter().chain(&own_home) {
         let m = std::fs::symlink_metadata(d).unwrap();
-        assert_eq!((std::os::unix::fs::MetadataExt::uid(&m), std::os::unix::fs::MetadataExt::mode(&m) & 0o777), (vic, 0o700), "{}", d.display());
+        assert_eq!(
+            (std::os::unix::fs::MetadataExt::uid(&m), std::os::unix::fs::MetadataExt::mode(&m) & 0o777),
+            (vic, 0o700),
+            "{}",
+            d.display()
+        );
     }
     assert!(own_run[0].join("daemon.sock").exists());
     let logged = std::fs::read_to_string(own_home[0].join(".local/state/styxy-preload/events.jsonl")).unwrap_or_default();
@@ -362,10 +377,15 @@ fn the_overflow_uid_of_a_user_namespace_is_nobodys() {
     let chown = |p: &Path| std::os::unix::fs::chown(p, Some(att), Some(att)).unwrap();
     chown(&adir);
     chown(&adir.join("rt"));
-    let aenv = [("XDG_RUNTIME_DIR", format!("{}/rt", adir.display())), ("XDG_STATE_HOME", format!("{}/st", adir.display())), ("HOME", adir.display().to_string())];
+    let aenv = [
+        ("XDG_RUNTIME_DIR", format!("{}/rt", adir.display())),
+        ("XDG_STATE_HOME", format!("{}/st", adir.display())),
+        ("HOME", adir.display().to_string()),
+    ];
     let planted = PathBuf::from("/tmp/styxy-preload-65534");
     let _ = std::fs::remove_dir_all(&planted);
-    let _cleanup = Cleanup { daemons: vec![adir.join("rt/styxy-preload/daemon.pid"), planted.join("daemon.pid")], paths: vec![planted.clone()] };
+    let _cleanup =
+        Cleanup { daemons: vec![adir.join("rt/styxy-preload/daemon.pid"), planted.join("daemon.pid")], paths: vec![planted.clone()] };
     let mut start = bare(bin(), &aenv);
     start.args(["daemon", "start", "--idle-exit", "0", "--no-upstream"]);
     assert!(run(as_uid(start, att)).status.success());
@@ -385,7 +405,12 @@ fn the_overflow_uid_of_a_user_namespace_is_nobodys() {
     // the victim's server on 12500; its client inside `unshare -U` (its uid unmapped: 65534)
     let server = std::net::TcpListener::bind("127.0.0.1:12500").unwrap();
     let mut c = Command::new("unshare");
-    c.args(["-U", "python3", "-c", "import os, socket; assert os.getuid() == 65534; s = socket.create_connection(('127.0.0.1', 12500), 2); print('connected')"]);
+    c.args([
+        "-U",
+        "python3",
+        "-c",
+        "import os, socket; assert os.getuid() == 65534; s = socket.create_connection(('127.0.0.1', 12500), 2); print('connected')",
+    ]);
     c.env_clear().env("PATH", "/usr/bin:/bin").env("LD_PRELOAD", lib()).env("STYXY_PRELOAD_SESSION", "vic");
     let out = run(c);
     assert_eq!(text(&out.stdout).trim(), "connected", "{}", text(&out.stderr));

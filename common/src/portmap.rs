@@ -92,7 +92,8 @@ impl PortMap {
     /// reused in place, never replaced nor shrunk, so mappings held by running
     /// processes stay valid.
     pub fn create(path: &Path) -> io::Result<PortMap> {
-        let f = crate::paths::open_regular(std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600), path)?;
+        let f =
+            crate::paths::open_regular(std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600), path)?;
         if f.metadata()?.len() < SIZE as u64 {
             f.set_len(SIZE as u64)?;
         }

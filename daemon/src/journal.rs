@@ -66,7 +66,9 @@ impl Journal {
     pub fn replay(&self) -> Vec<Allocation> {
         [self.old(), self.path.clone()]
             .iter()
-            .flat_map(|p| paths::read_regular(p, 64 << 20).unwrap_or_default().split(|b| *b == b'\n').map(<[u8]>::to_vec).collect::<Vec<_>>())
+            .flat_map(|p| {
+                paths::read_regular(p, 64 << 20).unwrap_or_default().split(|b| *b == b'\n').map(<[u8]>::to_vec).collect::<Vec<_>>()
+            })
             .filter_map(|l| serde_json::from_slice(&l).ok())
             .collect()
     }

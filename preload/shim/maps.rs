@@ -186,8 +186,8 @@ fn overflow_uid() -> u32 {
         }
     };
     let digits = usize::try_from(got).ok().and_then(|g| text.get(..g)).unwrap_or(&[]);
-    let digits = digits.iter().take_while(|c| c.is_ascii_digit());
-    let parsed = digits.fold(Some(0u32), |v, c| v?.checked_mul(10)?.checked_add(u32::from(c - b'0')));
+    let mut digits = digits.iter().take_while(|c| c.is_ascii_digit());
+    let parsed = digits.try_fold(0u32, |v, c| v.checked_mul(10)?.checked_add(u32::from(c - b'0')));
     let uid = parsed.filter(|u| *u != u32::MAX && got > 1).unwrap_or(65534);
     UID.store(uid, Ordering::Relaxed);
     uid
