@@ -41,41 +41,52 @@ pub fn is_own_uid(uid: u32) -> bool {
 }
 
 /// `$XDG_RUNTIME_DIR/styxy-preload`, or the private `/tmp` fallback ([`tmp_fallback`],
-/// `/tmp/styxy-preload-<uid>`) when the variable is unset.
+/// `/tmp/styxy-preload-<uid>`) when the variable is unset, created if need be.
 pub fn runtime_dir() -> PathBuf {
-    runtime_dir_in(&|k| std::env::var_os(k))
+    runtime_dir_of(&|k| std::env::var_os(k), true)
 }
 
-/// [`runtime_dir`] for an environment given by `var`.
+/// [`runtime_dir`] for an environment given by `var`, found but never created (the
+/// hooks' logic, inside other programs, only looks for the daemon there).
 pub fn runtime_dir_in(var: Vars) -> PathBuf {
+    runtime_dir_of(var, false)
+}
+
+fn runtime_dir_of(var: Vars, create: bool) -> PathBuf {
     match env_dir(var, "XDG_RUNTIME_DIR") {
         Some(d) => d.join(APP),
-        None => tmp_fallback(APP),
+        None => tmp_fallback(APP, create),
     }
 }
 
 /// A directory of ours under `/tmp` for when the environment names none: `/tmp/<name>-<uid>`
-/// (created here, mode 0700, when missing), or, when another user made that first (or
-/// made it reachable by others), the first of ours among `/tmp/<name>-<uid>.XXXXXX`,
-/// created with `mkdtemp` when there is none: someone else's directory is never used,
-/// and never stops a command. The shim finds the same one (preload/shim/maps.rs
-/// `runtime_file`). Under the overflow uid nothing is provably ours: the plain path,
-/// which [`ensure_private_dir`] then refuses, saying what to set.
-fn tmp_fallback(name: &str) -> PathBuf {
+/// (created here, mode 0700, when missing and `create`), or, when another user made that
+/// first (or made it writable by others), the first of ours among
+/// `/tmp/<name>-<uid>.XXXXXX`, made with `mkdtemp` when there is none and `create`:
+/// someone else's directory is never used, and never stops a command. The shim finds the
+/// same one (preload/shim/maps.rs `runtime_file`). Under the overflow uid nothing is
+/// provably ours: the plain path, which [`ensure_private_dir`] then refuses, saying so.
+fn tmp_fallback(name: &str, create: bool) -> PathBuf {
     let base = PathBuf::from(format!("/tmp/{name}-{}", uid()));
     if !is_own_uid(uid()) {
         return base;
     }
-    match std::fs::DirBuilder::new().mode(0o700).create(&base) {
+    let made = if create { std::fs::DirBuilder::new().mode(0o700).create(&base) } else { Err(io::ErrorKind::AlreadyExists.into()) };
+    match made {
         Ok(()) => return base,
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return base, // said by whoever creates it
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return base, // said by whoever uses it
         Err(_) => {}
     }
-    if std::fs::symlink_metadata(&base).is_ok_and(|m| private_to_us(&m)) {
-        return base;
+    match std::fs::symlink_metadata(&base) {
+        Ok(m) if private_to_us(&m) => return base,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return base,
+        _ => {}
     }
     if let Some(d) = own_sibling(&base) {
         return d;
+    }
+    if !create {
+        return base;
     }
     let Ok(template) = std::ffi::CString::new(format!("{}.XXXXXX", base.display())) else { return base };
     let mut template = template.into_bytes_with_nul();
@@ -106,7 +117,9 @@ fn own_sibling(base: &Path) -> Option<PathBuf> {
     own.first().map(|n| dir.join(n))
 }
 
-/// `$XDG_STATE_HOME/styxy-preload`, or `$HOME/.local/state/styxy-preload`.
+/// `$XDG_STATE_HOME/styxy-preload`, or `$HOME/.local/state/styxy-preload`, or, without
+/// `HOME`, the same under the private `/tmp` fallback ([`tmp_fallback`],
+/// `/tmp/styxy-preload-home-<uid>`).
 pub fn state_dir() -> PathBuf {
     state_dir_in(&|k| std::env::var_os(k))
 }
@@ -116,7 +129,7 @@ fn state_dir_in(var: Vars) -> PathBuf {
     if let Some(d) = env_dir(var, "XDG_STATE_HOME") {
         return d.join(APP);
     }
-    let home = env_dir(var, "HOME").unwrap_or_else(|| tmp_fallback(&format!("{APP}-home")));
+    let home = env_dir(var, "HOME").unwrap_or_else(|| tmp_fallback(&format!("{APP}-home"), true));
     home.join(".local/state").join(APP)
 }
 
