@@ -404,18 +404,21 @@ fn the_overflow_uid_of_a_user_namespace_is_nobodys() {
     mode(planted.join("ports.map"), 0o644);
     // the victim's server on 12500; its client inside `unshare -U` (its uid unmapped: 65534)
     let server = std::net::TcpListener::bind("127.0.0.1:12500").unwrap();
-    let mut c = Command::new("unshare");
-    c.args([
-        "-U",
-        "python3",
-        "-c",
-        "import os, socket; assert os.getuid() == 65534; s = socket.create_connection(('127.0.0.1', 12500), 2); print('connected')",
-    ]);
-    c.env_clear().env("PATH", "/usr/bin:/bin").env("LD_PRELOAD", lib()).env("STYXY_PRELOAD_SESSION", "vic");
-    let out = run(c);
-    assert_eq!(text(&out.stdout).trim(), "connected", "{}", text(&out.stderr));
-    assert!(trap.accept().is_err(), "the connect went to the attacker's port {d}");
     server.set_nonblocking(true).unwrap();
-    assert!(server.accept().is_ok(), "the victim's server was not reached");
+    let client =
+        "import os, socket; assert os.getuid() == 65534; s = socket.create_connection(('127.0.0.1', 12500), 2); print('connected')";
+    // the shim decides the connect; then the hooks' logic (a mode of the process's own)
+    for mode in [None, Some("coordinate")] {
+        let mut c = Command::new("unshare");
+        c.args(["-U", "python3", "-c", client]);
+        c.env_clear().env("PATH", "/usr/bin:/bin").env("LD_PRELOAD", lib()).env("STYXY_PRELOAD_SESSION", "vic");
+        if let Some(m) = mode {
+            c.env("STYXY_PRELOAD_MODE", m);
+        }
+        let out = run(c);
+        assert_eq!(text(&out.stdout).trim(), "connected", "{mode:?}: {}", text(&out.stderr));
+        assert!(trap.accept().is_err(), "{mode:?}: the connect went to the attacker's port {d}");
+        assert!(server.accept().is_ok(), "{mode:?}: the victim's server was not reached");
+    }
     let _ = &mut w;
 }

@@ -176,6 +176,13 @@ pub fn event_log_path_in(var: Vars) -> PathBuf {
 /// owned by us and not reachable by others: a planted symlink or a shared directory
 /// is refused rather than used.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    if uid() == overflow_uid() {
+        return Err(io::Error::other(format!(
+            "this process's uid is the overflow uid {} (this user namespace does not map it): nothing in {} can be told from another user's; map your uid in the namespace (unshare --map-current-user)",
+            uid(),
+            dir.display()
+        )));
+    }
     match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -185,14 +192,7 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     if !meta.is_dir() {
         return Err(io::Error::other(format!("{} is not a directory", dir.display())));
     }
-    if meta.uid() == overflow_uid() {
-        return Err(io::Error::other(format!(
-            "{} belongs to the overflow uid {} (a user this user namespace does not map): it cannot be told from another user's",
-            dir.display(),
-            meta.uid()
-        )));
-    }
-    if meta.uid() != uid() {
+    if !is_own_uid(meta.uid()) {
         return Err(io::Error::other(format!("{} belongs to another user", dir.display())));
     }
     if meta.mode() & 0o077 != 0 {
