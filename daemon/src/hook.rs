@@ -12,7 +12,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,7 +136,7 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
         send(&fd, &Answer { status: DECLINED, port: 0, existing: false }.encode());
         return;
     };
-    let _pending = Pending::new(sh.clone());
+    let _pending = Pending::new(&sh.hook_pending);
     send(&fd, &Answer { status: GRANTED, port: ask.port, existing: grant.existing }.encode());
     let (port, family) = (ask.port, ask.family);
     let described = tokio::task::spawn_blocking({
@@ -184,18 +184,18 @@ fn describe(sh: &Shared, mut grant: Granted, port: u16) -> Granted {
 }
 
 /// Counts an exchange between its grant and its end (logged, withdrawn, or given up).
-struct Pending(Arc<Shared>);
+struct Pending<'a>(&'a AtomicUsize);
 
-impl Pending {
-    fn new(sh: Arc<Shared>) -> Pending {
-        sh.hook_pending.fetch_add(1, Ordering::AcqRel);
-        Pending(sh)
+impl<'a> Pending<'a> {
+    fn new(n: &'a AtomicUsize) -> Pending<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        Pending(n)
     }
 }
 
-impl Drop for Pending {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.hook_pending.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
