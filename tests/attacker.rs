@@ -347,6 +347,24 @@ fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
     let out = run(exec());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(std::fs::metadata(&events).unwrap().len(), 0, "the attacker read the victim's events");
+    // FIFOs as maps in the attacker's directory; a program started without `exec` (no
+    // STYXY_URL) finds the victim's own directory, and its daemon keeps its bind
+    let mut plant = bare("sh", &[]);
+    plant.args(["-c", &format!("mkfifo -m 666 {0}/policy.map {0}/ports.map", run_dir.display())]);
+    assert!(run(as_uid(plant, att)).status.success());
+    let script = "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 3005)); s.listen()\nc = socket.create_connection(('127.0.0.1', 3005), 2)\ncore = 'core' if 'libstyxy_preload_core' in open('/proc/self/maps').read() else 'shim'\nprint('served', s.getsockname()[1], core, flush=True)";
+    let mut c = bare("python3", &[("LD_PRELOAD", lib().display().to_string()), ("STYXY_PRELOAD_SESSION", "v13b".into())]);
+    c.args(["-c", script]).current_dir("/");
+    let started = Instant::now();
+    let out = run(as_uid(c, vic));
+    // kept by the shim alone (it found the daemon's hook.sock and maps): the hooks' logic never loaded
+    assert_eq!(text(&out.stdout).trim(), "served 3005 shim", "{}", text(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let logged = wait_for(5, "the kept bind's event", || {
+        let l = std::fs::read_to_string(own_home[0].join(".local/state/styxy-preload/events.jsonl")).ok()?;
+        l.lines().any(|e| e.contains("\"session\":\"v13b\"") && e.contains("\"action\":\"kept\"")).then_some(l)
+    });
+    assert!(logged.contains("\"port\":3005"), "{logged}");
     drop(w);
 }
 
