@@ -264,6 +264,7 @@ fn a_grant_that_cannot_be_journaled_is_not_made_and_says_why() {
     c.args(["-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 3000)); s.listen(); print(s.getsockname()[1])"]);
     let out = run(c);
     assert_eq!(text(&out.stdout).trim(), "3000", "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("cannot write its journal"), "said to the person: {}", text(&out.stderr));
     assert_eq!(held(), 0);
     // still serving; with room again, grants are made
     std::fs::remove_file(filler).unwrap();
