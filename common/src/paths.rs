@@ -71,31 +71,24 @@ fn tmp_fallback(name: &str, create: bool) -> PathBuf {
     if !is_own_uid(uid()) {
         return base;
     }
-    let made = if create { std::fs::DirBuilder::new().mode(0o700).create(&base) } else { Err(io::ErrorKind::AlreadyExists.into()) };
-    match made {
-        Ok(()) => return base,
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return base, // said by whoever uses it
-        Err(_) => {}
+    if create {
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&base);
     }
     match std::fs::symlink_metadata(&base) {
-        Ok(m) if private_to_us(&m) => return base,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return base,
-        _ => {}
+        Ok(m) if !private_to_us(&m) => own_sibling(&base).or_else(|| create.then(|| made_sibling(&base)).flatten()).unwrap_or(base),
+        _ => base, // ours, or not there (yet): said by whoever uses it
     }
-    if let Some(d) = own_sibling(&base) {
-        return d;
-    }
-    if !create {
-        return base;
-    }
-    let Ok(template) = std::ffi::CString::new(format!("{}.XXXXXX", base.display())) else { return base };
-    let mut template = template.into_bytes_with_nul();
+}
+
+/// A new `<base>.XXXXXX` (`mkdtemp`, mode 0700); then the first of ours, which two
+/// processes racing both use (the other stays empty).
+fn made_sibling(base: &Path) -> Option<PathBuf> {
+    let mut template = std::ffi::CString::new(format!("{}.XXXXXX", base.display())).ok()?.into_bytes_with_nul();
     // SAFETY: mkdtemp fills in the NUL-terminated template's trailing XXXXXX in place.
     if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
-        return base;
+        return None;
     }
-    // two processes racing both made one: both use the first (the other stays empty)
-    own_sibling(&base).unwrap_or(base)
+    own_sibling(base)
 }
 
 /// A real directory of ours nobody else may write in (or enter: `0o077`, [`ensure_private_dir`]'s
