@@ -175,12 +175,15 @@ fn a_flood_at_the_fd_limit_never_livelocks_the_daemon() {
     c.args(["-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 3000)); s.listen(); print(s.getsockname()[1])"]);
     assert_eq!(text(&run(c).stdout).trim(), "3000");
     assert!(w.json("GET", "/allocations", None).1["allocations"].as_array().unwrap().iter().any(|a| a["port"] == 3000));
-    // and SIGTERM ends it, while the flood still stands
+    // the same on the HTTP socket: 80 connections that never send a header
+    let silent: Vec<_> = (0..80).map(|_| std::os::unix::net::UnixStream::connect(w.socket()).unwrap()).collect();
+    wait_for(15, "the daemon's answer after the HTTP flood", || w.call_maybe("GET", "/status").filter(|r| r.status == 200));
+    // and SIGTERM ends it, while a flood still stands
     let more: Vec<_> = (0..40).map(|_| hook_conn(&w)).collect();
     // SAFETY: kill(2) of this world's daemon.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     wait_for(10, "the daemon's exit on SIGTERM", || (!Path::new(&format!("/proc/{pid}")).exists() || zombie(pid)).then_some(()));
-    drop((idle, more));
+    drop((idle, silent, more));
 }
 
 fn zombie(pid: i32) -> bool {
