@@ -13,11 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn is_root() -> bool {
-    // SAFETY: getuid cannot fail.
-    unsafe { libc::getuid() == 0 }
-}
-
 fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: mkfifo on a NUL-terminated path.
@@ -279,8 +274,7 @@ fn a_grant_that_cannot_be_journaled_is_not_made_and_says_why() {
 
 #[test]
 fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
-    if !is_root() {
-        eprintln!("skipped: needs root to be the attacker and the victim (CI runs as root)");
+    if !root("to be the attacker and the victim") {
         return;
     }
     let (att, vic) = (user("styxy-att"), user("styxy-vic13"));
@@ -374,8 +368,7 @@ fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
 
 #[test]
 fn the_overflow_uid_of_a_user_namespace_is_nobodys() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create the attacker (CI runs as root)");
+    if !root("to create the attacker") {
         return;
     }
     if run({
