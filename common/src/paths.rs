@@ -239,3 +239,29 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     }
     std::fs::rename(&tmp, path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_or_a_symlink_is_refused_at_once_never_waited_on() {
+        let dir = std::env::temp_dir().join(format!("styxy-paths-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // nobody writes it: a blocking open for reading would wait forever
+        let err = read_regular(&fifo, 16).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        // nobody reads it: a blocking open for writing would wait forever
+        assert!(open_regular(std::fs::OpenOptions::new().append(true), &fifo).is_err());
+        std::fs::write(dir.join("file"), b"data").unwrap();
+        std::os::unix::fs::symlink(dir.join("file"), dir.join("link")).unwrap();
+        assert!(read_regular(&dir.join("link"), 16).is_err());
+        assert_eq!(read_regular(&dir.join("file"), 2).unwrap(), b"da");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
