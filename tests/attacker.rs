@@ -40,23 +40,23 @@ fn bare(program: impl AsRef<std::ffi::OsStr>, env: &[(&str, String)]) -> Command
     c
 }
 
-/// Kills, pass or fail, a daemon a test started outside its world, and removes what the
-/// test planted in `/tmp`.
+/// Kills, pass or fail, the daemons a test started outside its world (their pid files in
+/// `paths`), and removes what the test planted or made in `/tmp`: `paths`, and the private
+/// fallbacks made beside them.
 struct Cleanup {
-    daemons: Vec<PathBuf>,
     paths: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for pidfile in &self.daemons {
-            if let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        let made: Vec<PathBuf> = self.paths.iter().filter_map(|p| p.file_name()?.to_str().map(siblings)).flatten().collect();
+        for dir in self.paths.iter().chain(&made) {
+            let pid = std::fs::read_to_string(dir.join("daemon.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok());
+            if let Some(pid) = pid {
                 // SAFETY: kill(2) of a daemon this test started.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
-        }
-        for p in &self.paths {
-            let _ = std::fs::remove_dir_all(p);
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -281,7 +281,7 @@ fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
     let w = World::new();
     let run_dir = PathBuf::from(format!("/tmp/styxy-preload-{vic}"));
     let home_dir = PathBuf::from(format!("/tmp/styxy-preload-home-{vic}"));
-    let mut planted = Cleanup { daemons: vec![], paths: vec![run_dir.clone(), home_dir.clone()] };
+    let _cleanup = Cleanup { paths: vec![run_dir.clone(), home_dir.clone()] };
     for d in siblings(&format!("styxy-preload-{vic}")).into_iter().chain(siblings(&format!("styxy-preload-home-{vic}"))) {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -320,8 +320,6 @@ fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
     // in private directories of its own, beside the attacker's
     let own_run = siblings(&format!("styxy-preload-{vic}"));
     let own_home = siblings(&format!("styxy-preload-home-{vic}"));
-    planted.paths.extend(own_run.iter().chain(&own_home).cloned());
-    planted.daemons.extend(own_run.iter().map(|d| d.join("daemon.pid")));
     assert_eq!((own_run.len(), own_home.len()), (1, 1), "{own_run:?} {own_home:?}");
     for d in own_run.iter().chain(&own_home) {
         let m = std::fs::symlink_metadata(d).unwrap();
@@ -399,8 +397,7 @@ fn the_overflow_uid_of_a_user_namespace_is_nobodys() {
     ];
     let planted = PathBuf::from("/tmp/styxy-preload-65534");
     let _ = std::fs::remove_dir_all(&planted);
-    let _cleanup =
-        Cleanup { daemons: vec![adir.join("rt/styxy-preload/daemon.pid"), planted.join("daemon.pid")], paths: vec![planted.clone()] };
+    let _cleanup = Cleanup { paths: vec![adir.join("rt/styxy-preload"), planted.clone()] };
     let mut start = bare(bin(), &aenv);
     start.args(["daemon", "start", "--idle-exit", "0", "--no-upstream"]);
     assert!(run(as_uid(start, att)).status.success());
