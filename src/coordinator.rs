@@ -5,6 +5,7 @@
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -75,10 +76,7 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
     let state = paths::state_dir();
     paths::ensure_private_dir(&state).map_err(|e| format!("cannot create {}: {e}", state.display()))?;
     let log_path = paths::daemon_log_path();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = paths::open_regular(std::fs::OpenOptions::new().create(true).append(true).mode(0o600), &log_path)
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
     let (report, report_w) = pipe().map_err(|e| format!("cannot start the daemon: {e}"))?;
     let wfd = report_w.as_raw_fd();

@@ -192,11 +192,22 @@ fn another_user_cannot_steer_a_sessions_connects_through_the_tmp_fallback() {
     let planted_gone = || std::fs::remove_dir_all(&planted);
     assert_eq!(text(&out.stdout).trim(), "victim", "{}", text(&out.stderr));
     assert!(!std::fs::read_to_string(&got).unwrap_or_default().contains("password"), "the attacker received the victim's bytes");
-    // the CLI refuses the planted socket, quickly and saying why
+    // the CLI never uses the planted directory: it looks in a private one of the victim's own
     let t = std::time::Instant::now();
     let out = run(as_user(vic, &venv, &bin(), &["status"]));
     let _ = planted_gone();
-    assert_eq!(out.status.code(), Some(1));
+    let own: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("styxy-preload-{vic}.")))
+        .map(|e| e.path())
+        .collect();
+    for d in &own {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    assert_eq!(out.status.code(), Some(1), "no daemon answers there");
     assert!(t.elapsed() < std::time::Duration::from_secs(3), "{:?}", t.elapsed());
-    assert!(text(&out.stdout).contains(&format!("belongs to uid {att}")), "{}", text(&out.stdout));
+    let said = text(&out.stdout);
+    assert!(!said.contains(&planted.join("daemon.sock").display().to_string()), "{said}");
+    assert!(own.iter().any(|d| said.contains(&d.display().to_string())), "{said} {own:?}");
 }

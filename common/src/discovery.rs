@@ -26,7 +26,7 @@ pub fn styxy_token() -> Option<String> {
 }
 
 pub fn read_token(path: &std::path::Path) -> Option<String> {
-    let t = std::fs::read_to_string(path).ok()?;
+    let t = String::from_utf8(crate::paths::read_regular(path, 4096).ok()?).ok()?;
     let t = t.trim();
     (!t.is_empty()).then(|| t.to_string())
 }

@@ -132,8 +132,10 @@ pub fn rotated_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The log, opened to append: a regular file only, never blocking (a FIFO named as a
+/// process's log is refused, not waited on: the daemon writes events for the shim).
 fn open_append(path: &Path) -> io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().append(true).create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
+    paths::open_regular(std::fs::OpenOptions::new().append(true).create(true).mode(0o600), path)
 }
 
 /// [`Log::append`]: `path` capped at `max` bytes, its directory created private or not.
@@ -174,7 +176,7 @@ pub fn read_with_len(path: &Path) -> io::Result<(Vec<Event>, u64)> {
     let mut found = false;
     let mut len = 0;
     for p in [rotated_path(path), path.to_path_buf()] {
-        match std::fs::read(&p) {
+        match paths::read_regular(&p, u64::MAX) {
             Ok(data) => {
                 found = true;
                 len = data.len() as u64;

@@ -330,7 +330,7 @@ fn same_user(sock: &Socket, path: &std::path::Path) -> io::Result<()> {
     };
     // SAFETY: getuid cannot fail.
     let me = unsafe { libc::getuid() };
-    if rc != 0 || cred.uid != me {
+    if rc != 0 || !crate::paths::is_own_uid(cred.uid) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("the socket {} belongs to uid {}, not to this user (uid {me}): refused", path.display(), cred.uid),

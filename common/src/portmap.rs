@@ -78,7 +78,7 @@ impl PortMap {
     /// wrong size or version, a symlink, or not ours alone (file and directory: another
     /// user could otherwise steer this session's connects).
     pub fn open_readonly(path: &Path) -> io::Result<PortMap> {
-        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+        let f = crate::paths::open_regular(std::fs::OpenOptions::new().read(true), path)?;
         crate::paths::owned_by_us(&f.metadata()?, path)?;
         crate::paths::owned_by_us(&std::fs::symlink_metadata(path.parent().unwrap_or(path))?, path)?;
         let map = Self::map(&f, libc::PROT_READ)?;
@@ -92,14 +92,8 @@ impl PortMap {
     /// reused in place, never replaced nor shrunk, so mappings held by running
     /// processes stay valid.
     pub fn create(path: &Path) -> io::Result<PortMap> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
+        let f =
+            crate::paths::open_regular(std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600), path)?;
         if f.metadata()?.len() < SIZE as u64 {
             f.set_len(SIZE as u64)?;
         }
@@ -313,13 +307,12 @@ impl PortMap {
 /// client deciding whether a slow answer is worth waiting for.
 pub fn alive_at(path: &Path) -> bool {
     use std::os::unix::fs::FileExt;
-    let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
-    else {
+    let Ok(f) = crate::paths::open_regular(std::fs::OpenOptions::new().read(true), path) else {
         return false;
     };
     let mut head = [0u8; 16];
-    let regular = f.metadata().is_ok_and(|m| m.is_file() && crate::paths::owned_by_us(&m, path).is_ok());
-    if !regular || f.read_exact_at(&mut head, 0).is_err() {
+    let ours = f.metadata().is_ok_and(|m| crate::paths::owned_by_us(&m, path).is_ok());
+    if !ours || f.read_exact_at(&mut head, 0).is_err() {
         return false;
     }
     let word = |i: usize| head[i..i + 8].try_into().map(u64::from_ne_bytes).unwrap_or(0);

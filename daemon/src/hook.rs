@@ -24,7 +24,7 @@ use styxy_preload_common::procinfo;
 use tokio::io::unix::AsyncFd;
 
 use crate::state::{AllocRequest, Owner};
-use crate::{now_ms, Shared};
+use crate::{now_ms, Backoff, Shared};
 
 /// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
 const EXCHANGE: Duration = Duration::from_secs(1);
@@ -49,6 +49,7 @@ const MAX_CONNS: usize = 512;
 pub async fn serve(shared: Arc<Shared>, listener: OwnedFd, uid: u32) {
     let Some(listener) = watch(listener) else { return };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+    let mut backoff = Backoff::default();
     loop {
         let Ok(mut ready) = listener.readable().await else { return };
         // SAFETY: accept4 on our listening socket; the result is a new fd we own.
@@ -56,11 +57,16 @@ pub async fn serve(shared: Arc<Shared>, listener: OwnedFd, uid: u32) {
             libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
         };
         if fd < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
                 ready.clear_ready();
+            } else {
+                drop(ready);
+                backoff.after(&e, "hook.sock").await;
             }
             continue;
         }
+        backoff.reset();
         // SAFETY: fd was just returned by accept4 and is owned by nobody else.
         let conn = unsafe { OwnedFd::from_raw_fd(fd) };
         match peer(&conn) {
@@ -68,7 +74,7 @@ pub async fn serve(shared: Arc<Shared>, listener: OwnedFd, uid: u32) {
                 let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
                 let sh = shared.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(EXCHANGE, exchange(&sh, conn, pid)).await;
+                    let _ = tokio::time::timeout(EXCHANGE, exchange(sh, conn, pid)).await;
                     drop(slot);
                 });
             }
@@ -117,33 +123,42 @@ fn send(fd: &AsyncFd<OwnedFd>, msg: &[u8]) {
 }
 
 /// `KEEP`, the answer, then `DONE`. A malformed or unexpected message ends the exchange.
-async fn exchange(sh: &Shared, conn: OwnedFd, pid: u32) {
+/// What touches the client's files (its `/proc` entries, the log its environment names)
+/// runs on a blocking thread: a client's path never holds up this thread, which answers
+/// every hook and every HTTP request.
+async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     let Some(fd) = watch(conn) else { return };
     let mut buf = [0u8; ASK_LEN + 1];
     let started = Instant::now();
     let Ok(n) = recv(&fd, &mut buf).await else { return };
     let Some(ask) = Ask::decode(&buf[..n]).filter(|a| a.kind == KEEP) else { return };
-    let Some(mut grant) = keep(sh, pid, &ask) else {
+    let Some(grant) = keep(&sh, pid, &ask) else {
         send(&fd, &Answer { status: DECLINED, port: 0, existing: false }.encode());
         return;
     };
     let _pending = Pending::new(&sh.hook_pending);
     send(&fd, &Answer { status: GRANTED, port: ask.port, existing: grant.existing }.encode());
-    describe(sh, &mut grant, ask.port);
+    let (port, family) = (ask.port, ask.family);
+    let described = tokio::task::spawn_blocking({
+        let sh = sh.clone();
+        move || describe(&sh, grant, port)
+    });
     let mut done = [0u8; ASK_LEN + 1];
-    let Ok(n) = recv(&fd, &mut done).await else { return };
-    match Ask::decode(&done[..n]).filter(|a| a.kind == DONE && a.port == ask.port) {
+    let heard = recv(&fd, &mut done).await;
+    let Ok(grant) = described.await else { return };
+    let Ok(n) = heard else { return };
+    match Ask::decode(&done[..n]).filter(|a| a.kind == DONE && a.port == port) {
         Some(done) if done.errno == 0 => {
             // bound by its owner: confirmed, as a listen would (a socket bound but not yet
             // listening escapes the sweep's test bind)
-            if let Some(a) = sh.state.lock().allocs.get_mut(&ask.port) {
+            if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
                 a.confirmed = true;
             }
-            log_event(&grant, &ask, started);
+            let _ = tokio::task::spawn_blocking(move || log_event(&grant, port, family, started)).await;
         }
         // the bind failed: a new grant is withdrawn; the hooks' logic takes it from here
         Some(_) if !grant.existing => {
-            sh.state.lock().remove(ask.port, now_ms());
+            sh.state.lock().remove(port, now_ms());
             sh.persist();
         }
         _ => {}
@@ -152,11 +167,11 @@ async fn exchange(sh: &Shared, conn: OwnedFd, pid: u32) {
 
 /// Who asked, read from /proc while the shim binds (off the answer's path): its name,
 /// directory and log, into the grant and a new allocation, which is then saved.
-fn describe(sh: &Shared, grant: &mut Granted, port: u16) {
+fn describe(sh: &Shared, mut grant: Granted, port: u16) -> Granted {
     grant.comm = procinfo::comm(grant.pid).unwrap_or_else(|| "?".into());
     grant.log = log_of(grant.pid);
     if grant.existing {
-        return;
+        return grant;
     }
     let cwd = procinfo::cwd(grant.pid);
     if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
@@ -165,6 +180,7 @@ fn describe(sh: &Shared, grant: &mut Granted, port: u16) {
         a.project_path = cwd;
     }
     sh.persist();
+    grant
 }
 
 /// Counts an exchange between its grant and its end (logged, withdrawn, or given up).
@@ -229,12 +245,10 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
     });
     // another port (a remap) is not granted here: the hooks' logic tells the person
     let g = st.allocate(&req, now_ms()).ok().filter(|g| g.port == ask.port)?;
-    if !g.existing {
-        if let Some(a) = st.allocs.get(&g.port) {
-            sh.journal.append(a);
-        }
-    }
     drop(st);
+    if !g.existing && crate::server::journaled(sh, g.port).is_err() {
+        return None; // not granted (and said); the hooks' logic hears why over HTTP
+    }
     sh.metrics.observe_allocate(started.elapsed(), true);
     Some(Granted {
         pid,
@@ -247,18 +261,19 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
     })
 }
 
-/// The event the process would have logged.
-fn log_event(g: &Granted, ask: &Ask, started: Instant) {
-    let (action, reason) = if g.again { (Action::Observed, Some(eventlog::bound_again(ask.port))) } else { (Action::Kept, None) };
+/// The event the process would have logged (a blocking thread's work: the client names
+/// the file).
+fn log_event(g: &Granted, port: u16, family: u8, started: Instant) {
+    let (action, reason) = if g.again { (Action::Observed, Some(eventlog::bound_again(port))) } else { (Action::Kept, None) };
     let ev = Event {
         ts: eventlog::now_ms(),
         session: g.session.clone(),
         pid: g.pid,
         comm: g.comm.clone(),
         call: "bind".into(),
-        requested_port: ask.port,
-        port: ask.port,
-        family: if ask.family == 6 { "ipv6" } else { "ipv4" }.into(),
+        requested_port: port,
+        port,
+        family: if family == 6 { "ipv6" } else { "ipv4" }.into(),
         service_type: Some(g.service_type.clone()),
         action,
         reason,

@@ -6,6 +6,16 @@
 //! atomically and re-validates it on start, and publishes the shared port map that
 //! lets `connect()` follow a session's remaps.
 
+/// One line in the daemon's log (its stderr), timestamped. A line that cannot be written
+/// (the log's disk is full) is lost, never a panic (as `eprintln!` would).
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{} styxy-preload daemon: {}\n", humantime::format_rfc3339_seconds(std::time::SystemTime::now()), format!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 pub mod activation;
 pub mod beat;
 pub mod hook;
@@ -41,12 +51,6 @@ use crate::state::{Snapshot, State};
 
 pub fn now_ms() -> u64 {
     styxy_preload_common::eventlog::now_ms()
-}
-
-macro_rules! log {
-    ($($arg:tt)*) => {
-        eprintln!("{} styxy-preload daemon: {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()), format!($($arg)*))
-    };
 }
 
 #[derive(Debug, Clone)]
@@ -169,13 +173,7 @@ fn raise_fd_limit() {
 /// Holds the per-user lock for the daemon's lifetime: one daemon per runtime directory.
 fn take_lock(dir: &std::path::Path) -> Result<std::fs::File, RunError> {
     let path = dir.join("daemon.lock");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
+    let f = paths::open_regular(std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600), &path)
         .map_err(ioe("cannot open", &path))?;
     // SAFETY: flock on a valid fd.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -186,7 +184,7 @@ fn take_lock(dir: &std::path::Path) -> Result<std::fs::File, RunError> {
 
 fn load_state(st: &mut State, journal: &journal::Journal) {
     let path = paths::daemon_state_path();
-    let data = match std::fs::read(&path) {
+    let data = match paths::read_regular(&path, 256 << 20) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => b"{}".to_vec(),
         Err(e) => {
@@ -397,9 +395,6 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     Ok(())
 }
 
-// Both loops accept with axum's `Listener`, which retries transient accept errors
-// (EMFILE, ECONNABORTED) itself.
-
 // Each listener has its own bound on open connections, so that clients over TCP (which
 // anyone on the machine can reach) can never use up what the owner's Unix socket needs;
 // a connection over the bound is closed at once.
@@ -408,10 +403,52 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
 const MAX_UNIX_CONNS: usize = 512;
 const MAX_TCP_CONNS: usize = 64;
 
-async fn accept_unix(mut listener: UnixListener, app: axum::Router, uid: u32) {
+/// How a server waits after an accept that failed for want of resources (`EMFILE`,
+/// `ENFILE`, `ENOMEM`, `ENOBUFS`): the connection stays queued, so accepting again at
+/// once fails again, and a loop that never yields would hold the daemon's one thread
+/// (no answer, no SIGTERM). It waits 5 ms, doubling to 1 s, while the connections it
+/// serves end and give their fds back; one line per run of failures.
+#[derive(Default)]
+pub(crate) struct Backoff {
+    wait: Option<Duration>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MOST: Duration = Duration::from_secs(1);
+
+    pub(crate) async fn after(&mut self, e: &io::Error, server: &str) {
+        if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) {
+            return; // that connection's trouble, not ours
+        }
+        let wait = match self.wait {
+            None => {
+                log!("{server}: cannot accept ({e}); waiting before accepting again");
+                Self::FIRST
+            }
+            Some(w) => (w * 2).min(Self::MOST),
+        };
+        self.wait = Some(wait);
+        tokio::time::sleep(wait).await;
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.wait = None;
+    }
+}
+
+async fn accept_unix(listener: UnixListener, app: axum::Router, uid: u32) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UNIX_CONNS));
+    let mut backoff = Backoff::default();
     loop {
-        let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                backoff.after(&e, "daemon.sock").await;
+                continue;
+            }
+        };
+        backoff.reset();
         let Ok(cred) = stream.peer_cred() else {
             continue;
         };
@@ -431,10 +468,18 @@ async fn accept_unix(mut listener: UnixListener, app: axum::Router, uid: u32) {
     }
 }
 
-async fn accept_tcp(mut listener: TcpListener, app: axum::Router) {
+async fn accept_tcp(listener: TcpListener, app: axum::Router) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNS));
+    let mut backoff = Backoff::default();
     loop {
-        let (stream, _) = axum::serve::Listener::accept(&mut listener).await;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                backoff.after(&e, "TCP").await;
+                continue;
+            }
+        };
+        backoff.reset();
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };

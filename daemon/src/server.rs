@@ -240,18 +240,27 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
     match result {
         Ok(g) => {
             if !req.dry_run && !g.existing {
-                // on disk (the journal) before the client hears of it
-                let st = sh.state.lock();
-                if let Some(a) = st.allocs.get(&g.port) {
-                    sh.journal.append(a);
-                }
-                drop(st);
+                // on disk (the journal) before the client hears of it, or not made
+                journaled(&sh, g.port)?;
                 sh.persist();
             }
             Ok(Json(granted(&req, g)).into_response())
         }
         Err(e) => refused(&sh, e),
     }
+}
+
+/// The new grant of `port` is in the journal; when it cannot be written (a full disk),
+/// the grant is withdrawn and the client told why (a 503: nothing would remember it
+/// after a restart, and another session's remap would then lead nowhere).
+pub(crate) fn journaled(sh: &Shared, port: u16) -> Result<(), ApiError> {
+    let mut st = sh.state.lock();
+    let Some(a) = st.allocs.get(&port) else { return Ok(()) };
+    let Err(e) = sh.journal.append(a) else { return Ok(()) };
+    st.remove(port, now_ms());
+    drop(st);
+    log!("grant of port {port} withdrawn: cannot write the journal: {e}");
+    Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("port {port} not granted: the daemon cannot write its journal: {e}")))
 }
 
 /// The answer to a grant: Styxy's shapes, for a dry run or an allocation.

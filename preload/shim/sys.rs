@@ -71,6 +71,8 @@ extern "C" {
     pub(crate) fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: SockLen) -> c_int;
     pub(crate) fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     fn clock_gettime(clock: c_int, ts: *mut TimeSpec) -> c_int;
+    pub(crate) fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
+    pub(crate) fn getdents64(fd: c_int, buf: *mut c_void, n: usize) -> isize;
 }
 
 pub(crate) const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
@@ -92,9 +94,13 @@ pub(crate) const O_NOFOLLOW: c_int = 0o400000;
 pub(crate) const PROT_READ: c_int = 1;
 pub(crate) const MAP_SHARED: c_int = 1;
 pub(crate) const AT_EMPTY_PATH: c_int = 0x1000;
+pub(crate) const AT_FDCWD: c_int = -100;
+pub(crate) const AT_SYMLINK_NOFOLLOW: c_int = 0x100;
+pub(crate) const O_DIRECTORY: c_int = 0o200000;
 pub(crate) const STATX_MODE_UID_SIZE: u32 = 0x2 | 0x8 | 0x200;
 pub(crate) const S_IFMT: u16 = 0o170000;
 pub(crate) const S_IFREG: u16 = 0o100000;
+pub(crate) const S_IFDIR: u16 = 0o040000;
 pub(crate) const EADDRINUSE: c_int = 98;
 pub(crate) const SO_REUSEPORT: c_int = 15;
 pub(crate) const SO_PEERCRED: c_int = 17;
