@@ -6,10 +6,10 @@ use core::sync::atomic::Ordering;
 
 use crate::corelib::{core_fn, CORE_UNANSWERED};
 use crate::env::{env, own_rules, session_tag};
-use crate::maps::{port_map, runtime_file};
+use crate::maps::{own_uid, port_map, runtime_file};
 use crate::sock::{shares_port, stream, Inet};
 use crate::sys::{
-    close, errno, fcntl, getpid, getsockopt, getuid, monotonic_ms, poll, recv, send, set_errno, setsockopt, socket, PollFd, SockLen,
+    close, errno, fcntl, getpid, getsockopt, monotonic_ms, poll, recv, send, set_errno, setsockopt, socket, PollFd, SockLen,
     TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, POLLIN, SOCK_CLOEXEC, SOCK_SEQPACKET,
     SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
@@ -149,9 +149,10 @@ fn hook_socket(started: u64) -> Result<c_int, Heard> {
     let connected = connect_bounded(fd, &sun, n, started);
     let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };
     let mut cl: SockLen = core::mem::size_of::<UCred>() as SockLen;
-    // SAFETY: getsockopt writes at most `cl` bytes into `cred`; getuid cannot fail.
+    // SAFETY: getsockopt writes at most `cl` bytes into `cred`.
     let ours = connected.is_ok()
-        && unsafe { getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) == 0 && cred.uid == getuid() };
+        && unsafe { getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) } == 0
+        && own_uid(cred.uid);
     if !ours {
         // SAFETY: our own socket, opened by `our_socket`.
         unsafe { close(fd) };

@@ -42,50 +42,28 @@ mod tests {
     //! Every way `route` ends, over a real port map in a private directory: the daemon's
     //! side of it is written here as the daemon writes it.
 
-    use std::collections::BTreeMap;
-    use std::ffi::OsString;
-    use std::os::unix::fs::DirBuilderExt;
-
     use libc::SOCK_DGRAM;
     use styxy_preload_common::portmap::PortMap;
     use styxy_preload_common::session::tag;
 
     use super::*;
+    use crate::testing::World;
 
-    /// The daemon's port map in a private runtime directory (`None`: no daemon yet).
-    struct Daemon {
-        dir: tempfile::TempDir,
-        map: Option<PortMap>,
+    /// `session` (None: a process outside any session) holds `port`, which it asked as
+    /// `requested`: as the daemon writes it.
+    fn holds(map: &PortMap, session: Option<&str>, requested: u16, port: u16) {
+        let t = session.map(tag).unwrap_or(0);
+        map.set_held(port, t);
+        if t != 0 {
+            map.insert(t, requested, port);
+        }
     }
 
-    impl Daemon {
-        fn new(running: bool) -> Daemon {
-            let dir = tempfile::tempdir().unwrap();
-            let run = dir.path().join("styxy-preload");
-            std::fs::DirBuilder::new().mode(0o700).create(&run).unwrap();
-            let map = running.then(|| PortMap::create(&run.join("ports.map")).unwrap());
-            Daemon { dir, map }
-        }
-
-        /// `session` (None: a process outside any session) holds `port`, which it asked as `requested`.
-        fn holds(&self, session: Option<&str>, requested: u16, port: u16) {
-            let map = self.map.as_ref().unwrap();
-            let t = session.map(tag).unwrap_or(0);
-            map.set_held(port, t);
-            if t != 0 {
-                map.insert(t, requested, port);
-            }
-        }
-
-        /// A process of `session` with `vars`, whose daemon this is.
-        fn process(&self, session: Option<&str>, vars: &[(&str, &str)]) -> Process {
-            let mut env: BTreeMap<String, OsString> = vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
-            env.insert("XDG_RUNTIME_DIR".into(), self.dir.path().into());
-            if let Some(s) = session {
-                env.insert("STYXY_PRELOAD_SESSION".into(), s.into());
-            }
-            Process::from_vars(&|k| env.get(k).cloned())
-        }
+    /// A process of `session` (None: outside any) with `vars`, in world `w`.
+    fn process(w: &World, session: Option<&str>, vars: &[(&str, &str)]) -> Process {
+        let mut all = vec![("STYXY_PRELOAD_SESSION", session.unwrap_or(""))];
+        all.extend_from_slice(vars);
+        w.process(&all)
     }
 
     /// Where a connect goes, as a comparable shape: None as asked, Some(None) refused,
@@ -104,11 +82,12 @@ mod tests {
 
     #[test]
     fn every_way_a_connect_goes() {
-        let d = Daemon::new(true);
-        d.holds(Some("a"), 3000, 3000); // session a serves 3000
-        d.holds(Some("b"), 3000, 3001); // session b was moved to 3001
-        d.holds(None, 8000, 8000); // a server outside any session
-        d.holds(Some("a"), 40000, 40000); // a port nobody coordinates (the ephemeral range)
+        let w = World::new(&[]);
+        let map = PortMap::create(&w.runtime().join("ports.map")).unwrap();
+        holds(&map, Some("a"), 3000, 3000); // session a serves 3000
+        holds(&map, Some("b"), 3000, 3001); // session b was moved to 3001
+        holds(&map, None, 8000, 8000); // a server outside any session
+        holds(&map, Some("a"), 40000, 40000); // a port nobody coordinates (the ephemeral range)
         let lo = [127, 0, 0, 1];
         let cases: &[Case] = &[
             ("outside any session: as asked", None, &[], lo, 3000, SOCK_STREAM, None),
@@ -124,7 +103,7 @@ mod tests {
             ("the actual port itself", Some("c"), &[], lo, 3001, SOCK_STREAM, Some(None)),
         ];
         for (name, session, vars, ip, port, ty, want) in cases {
-            let p = d.process(*session, vars);
+            let p = process(&w, *session, vars);
             let mut asked = false;
             let got = route(&p, &Addr::ipv4(*ip, *port), &mut || {
                 asked = true;
@@ -137,8 +116,8 @@ mod tests {
 
     #[test]
     fn without_a_daemon_every_connect_goes_as_asked() {
-        let d = Daemon::new(false);
-        let p = d.process(Some("c"), &[]);
+        let w = World::new(&[]);
+        let p = process(&w, Some("c"), &[]);
         assert_eq!(shape(route(&p, &Addr::ipv4([127, 0, 0, 1], 3000), &mut || Some(SOCK_STREAM))), None);
     }
 }

@@ -16,6 +16,8 @@ pub mod listen;
 pub mod process;
 pub mod report;
 pub mod sys;
+#[cfg(test)]
+mod testing;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -62,18 +62,14 @@ mod tests {
     //! Every way `decide` ends, over a fake socket and a fake daemon: a Unix socket where
     //! the process's daemon would be, which keeps the one request it receives.
 
-    use std::collections::BTreeMap;
-    use std::ffi::OsString;
     use std::io::{Read, Write};
-    use std::os::unix::fs::DirBuilderExt;
     use std::os::unix::net::UnixListener;
-    use std::path::PathBuf;
 
     use libc::c_int;
-    use styxy_preload_common::eventlog::{self, Event};
 
     use super::*;
     use crate::sys::Addr;
+    use crate::testing::World;
 
     /// A socket bound to `before`; `listen()` answers `result`, and the kernel then names `after`.
     struct FakeSocket {
@@ -108,74 +104,49 @@ mod tests {
         FakeSocket { reachable: true, before, after, result, listened: false }
     }
 
-    /// A process of session `t` with `vars`, its log and its (fake) daemon's socket in a
-    /// private directory.
-    struct World {
-        dir: tempfile::TempDir,
-        p: Process,
+    /// Serves one request on the world's daemon socket, answering `{}`; the request's bytes.
+    fn fake_daemon(w: &World) -> std::thread::JoinHandle<String> {
+        let listener = UnixListener::bind(w.runtime().join("daemon.sock")).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // the request ends with its JSON body's closing brace
+            while !got.ends_with(b"}") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+            String::from_utf8_lossy(&got).into_owned()
+        })
     }
 
-    impl World {
-        fn new(vars: &[(&str, &str)]) -> World {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::DirBuilder::new().mode(0o700).create(dir.path().join("styxy-preload")).unwrap();
-            let mut env: BTreeMap<String, OsString> = vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
-            env.insert("XDG_RUNTIME_DIR".into(), dir.path().into());
-            env.insert("STYXY_PRELOAD_LOG".into(), dir.path().join("events.jsonl").into());
-            env.insert("STYXY_PRELOAD_SESSION".into(), "t".into());
-            let p = Process::from_vars(&|k| env.get(k).cloned());
-            World { dir, p }
-        }
-
-        fn events(&self) -> Vec<Event> {
-            eventlog::read_all(&self.dir.path().join("events.jsonl")).unwrap_or_default()
-        }
-
-        /// Serves one request on the daemon's socket, answering `{}`; the request's bytes.
-        fn fake_daemon(&self) -> std::thread::JoinHandle<String> {
-            let path: PathBuf = self.dir.path().join("styxy-preload/daemon.sock");
-            let listener = UnixListener::bind(path).unwrap();
-            std::thread::spawn(move || {
-                let (mut conn, _) = listener.accept().unwrap();
-                conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                // the request ends with its JSON body's closing brace
-                while !got.ends_with(b"}") {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
-                String::from_utf8_lossy(&got).into_owned()
-            })
-        }
-
-        fn listen(&self, sock: &mut FakeSocket) -> Verdict {
-            decide(&self.p, &Caller { pid: 4242, comm: "srv", cwd: Some("/w") }, sock)
-        }
+    fn listen(w: &World, sock: &mut FakeSocket) -> Verdict {
+        decide(&w.p, &Caller { pid: 4242, comm: "srv", cwd: Some("/w") }, sock)
     }
 
     #[test]
     fn an_unreachable_socket_listens_as_asked() {
         let w = World::new(&[]);
         let mut s = FakeSocket { reachable: false, ..sock(Some(3000), 3000, Ok(())) };
-        assert_eq!(w.listen(&mut s), Verdict::AsAsked);
+        assert_eq!(listen(&w, &mut s), Verdict::AsAsked);
         assert!(!s.listened && w.events().is_empty());
     }
 
     #[test]
     fn a_failed_listen_is_the_programs_and_nothing_else() {
         let w = World::new(&[]);
-        assert_eq!(w.listen(&mut sock(Some(3000), 3000, Err(libc::EINVAL))), Verdict::Done(Err(libc::EINVAL)));
+        assert_eq!(listen(&w, &mut sock(Some(3000), 3000, Err(libc::EINVAL))), Verdict::Done(Err(libc::EINVAL)));
         assert!(w.events().is_empty());
     }
 
     #[test]
     fn a_port_the_kernel_chose_at_listen_is_observed() {
         let w = World::new(&[]);
-        assert_eq!(w.listen(&mut sock(Some(0), 43210, Ok(()))), Verdict::Done(Ok(())));
+        assert_eq!(listen(&w, &mut sock(Some(0), 43210, Ok(()))), Verdict::Done(Ok(())));
         let ev = w.events();
         assert_eq!(ev.len(), 1, "{ev:?}");
         assert_eq!((ev[0].requested_port, ev[0].port, ev[0].action), (0, 43210, Action::Observed));
@@ -184,8 +155,8 @@ mod tests {
     #[test]
     fn a_coordinated_port_is_confirmed_with_the_daemon() {
         let w = World::new(&[]);
-        let daemon = w.fake_daemon();
-        assert_eq!(w.listen(&mut sock(Some(3000), 3000, Ok(()))), Verdict::Done(Ok(())));
+        let daemon = fake_daemon(&w);
+        assert_eq!(listen(&w, &mut sock(Some(3000), 3000, Ok(()))), Verdict::Done(Ok(())));
         let req = daemon.join().unwrap();
         assert!(req.starts_with("POST /register-instance "), "{req}");
         for field in [r#""pid":4242"#, r#""port":3000"#, r#""instance_id":"t""#] {
@@ -199,7 +170,7 @@ mod tests {
         for (vars, port) in [(&[("STYXY_PRELOAD_MODE", "observe")][..], 3000), (&[][..], 40000)] {
             let w = World::new(vars);
             // no daemon listens: a confirmation would fail, and nothing may wait on it
-            assert_eq!(w.listen(&mut sock(Some(port), port, Ok(()))), Verdict::Done(Ok(())), "{vars:?} {port}");
+            assert_eq!(listen(&w, &mut sock(Some(port), port, Ok(()))), Verdict::Done(Ok(())), "{vars:?} {port}");
             assert!(w.events().is_empty());
         }
     }

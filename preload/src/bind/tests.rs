@@ -2,13 +2,13 @@
 //! program gets, which ports were bound, what was asked, and the event written.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::ffi::OsString;
 
 use libc::{c_int, EADDRINUSE, EADDRNOTAVAIL};
 use styxy_preload_common::api::{AllocateReply, AllocateRequest, Holder};
-use styxy_preload_common::eventlog::{self, Action, Event};
+use styxy_preload_common::eventlog::Action;
 
 use super::*;
+use crate::testing::World;
 
 /// The caller's socket: which ports the kernel refuses, and what was bound.
 struct FakeSocket {
@@ -74,33 +74,11 @@ fn taken(port: u16) -> Result<AllocateReply, AskError> {
     Ok(AllocateReply { success: Some(true), port: Some(port), holder: Some(holder), ..Default::default() })
 }
 
-/// A process with `vars` in its environment, logging into its own directory.
-struct World {
-    dir: tempfile::TempDir,
-    p: Process,
-}
-
-impl World {
-    fn new(vars: &[(&str, &str)]) -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let mut env: BTreeMap<String, OsString> = vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
-        env.insert("STYXY_PRELOAD_LOG".into(), dir.path().join("events.jsonl").into());
-        env.insert("STYXY_PRELOAD_NOTIFY".into(), "off".into());
-        env.entry("STYXY_PRELOAD_SESSION".into()).or_insert_with(|| "t".into());
-        let p = Process::from_vars(&|k| env.get(k).cloned());
-        World { dir, p }
-    }
-
-    fn events(&self) -> Vec<Event> {
-        eventlog::read_all(&self.dir.path().join("events.jsonl")).unwrap_or_default()
-    }
-
-    /// A bind of 127.0.0.1:`port` on `sock`, answered by `coord`.
-    fn bind(&self, port: u16, sock: &mut FakeSocket, coord: &mut FakeCoordinator) -> Verdict {
-        let who = Caller { pid: 4242, comm: "srv", cwd: Some("/w") };
-        sock.asked = port;
-        decide(&self.p, &who, &loopback(port), sock, coord)
-    }
+/// A bind of 127.0.0.1:`port` on `sock` in world `w`, answered by `coord`.
+fn bind_in(w: &World, port: u16, sock: &mut FakeSocket, coord: &mut FakeCoordinator) -> Verdict {
+    let who = Caller { pid: 4242, comm: "srv", cwd: Some("/w") };
+    sock.asked = port;
+    decide(&w.p, &who, &loopback(port), sock, coord)
 }
 
 fn loopback(port: u16) -> Addr {
@@ -366,7 +344,7 @@ fn every_branch_of_a_bind() {
     for mut c in cases {
         let w = World::new(c.vars);
         let mut coord = script(c.replies);
-        let verdict = w.bind(c.port, &mut c.sock, &mut coord);
+        let verdict = bind_in(&w, c.port, &mut c.sock, &mut coord);
         assert_eq!(verdict, c.verdict, "{}", c.name);
         assert_eq!(c.sock.bound, c.bound, "{}: ports bound", c.name);
         let asks: Vec<&[u16]> = coord.asked.iter().map(|r| r.exclude.as_slice()).collect();
@@ -390,8 +368,8 @@ fn every_branch_of_a_bind() {
 fn a_twin_of_the_same_remap_is_one_start() {
     let w = World::new(&[]);
     let mut coord = script([taken(3001), existing(3001)]);
-    assert_eq!(w.bind(3000, &mut tcp(), &mut coord), Verdict::Done(Ok(())));
-    assert_eq!(w.bind(3000, &mut tcp(), &mut coord), Verdict::Done(Ok(())));
+    assert_eq!(bind_in(&w, 3000, &mut tcp(), &mut coord), Verdict::Done(Ok(())));
+    assert_eq!(bind_in(&w, 3000, &mut tcp(), &mut coord), Verdict::Done(Ok(())));
     let actions: Vec<_> = w.events().iter().map(|e| (e.action, e.reason.clone().unwrap_or_default())).collect();
     assert_eq!(actions[0].0, Action::Remapped);
     assert_eq!(actions[1], (Action::Observed, "bound again by this process (a twin or after a probe) on 3001".into()));
@@ -403,12 +381,12 @@ fn a_tool_falling_back_by_itself_is_told_the_port_is_taken_and_its_next_port_is_
     // 8888 another session holds: the dry run would grant elsewhere
     let mut coord = script([grant(3010)]);
     let mut sock = tcp();
-    assert_eq!(w.bind(8888, &mut sock, &mut coord), Verdict::Done(Err(EADDRINUSE)));
+    assert_eq!(bind_in(&w, 8888, &mut sock, &mut coord), Verdict::Done(Err(EADDRINUSE)));
     assert!(sock.bound.is_empty(), "nothing bound: the tool moves on by itself");
     assert!(coord.asked[0].dry_run);
     // its next try, 8889 (outside every range), is asked about first, as a move from 8888
     let mut coord = script([grant(8889), grant(8889)]);
-    assert_eq!(w.bind(8889, &mut tcp(), &mut coord), Verdict::Done(Ok(())));
+    assert_eq!(bind_in(&w, 8889, &mut tcp(), &mut coord), Verdict::Done(Ok(())));
     assert_eq!(coord.asked.iter().map(|r| (r.dry_run, r.requested_port)).collect::<Vec<_>>(), [(true, Some(8888)), (false, Some(8888))]);
     let ev = w.events();
     assert_eq!((ev[0].action, ev[0].reason.as_deref()), (Action::Observed, Some("port 8888 is taken; left to srv's own fallback")));
@@ -440,7 +418,7 @@ fn a_tool_falling_back_by_itself_from_a_taken_port_outside_every_range_is_told_s
     let w = World::new(&[("STYXY_PRELOAD_MODE", "fallback")]);
     let mut coord = script([grant(3005)]);
     let mut sock = refusing(12000, EADDRINUSE);
-    assert_eq!(w.bind(12000, &mut sock, &mut coord), Verdict::Done(Err(EADDRINUSE)));
+    assert_eq!(bind_in(&w, 12000, &mut sock, &mut coord), Verdict::Done(Err(EADDRINUSE)));
     assert_eq!(sock.bound, [12000], "bound as asked once, never elsewhere");
     assert_eq!(coord.asked.iter().map(|r| (r.dry_run, r.exclude.clone())).collect::<Vec<_>>(), [(true, vec![12000])]);
     let ev = w.events();
