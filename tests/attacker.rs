@@ -163,7 +163,7 @@ fn a_flood_at_the_fd_limit_never_livelocks_the_daemon() {
     // a hard limit of 48 and 80 idle connections to the shim's socket: accept fails with EMFILE
     let w = World::new();
     let pid = daemon_with_fd_limit(&w, 48, 48);
-    let idle: Vec<_> = (0..80).map(|_| hook_conn(&w)).collect();
+    let idle: Vec<_> = (0..80).map(|_| w.hook_conn()).collect();
     // the daemon keeps answering (the idle ones time out and give their fds back)
     wait_for(15, "the daemon's answer after the flood", || w.call_maybe("GET", "/status").filter(|r| r.status == 200));
     let mut c = w.preloaded(Some("after-flood"), "python3");
@@ -174,7 +174,7 @@ fn a_flood_at_the_fd_limit_never_livelocks_the_daemon() {
     let silent: Vec<_> = (0..80).map(|_| std::os::unix::net::UnixStream::connect(w.socket()).unwrap()).collect();
     wait_for(15, "the daemon's answer after the HTTP flood", || w.call_maybe("GET", "/status").filter(|r| r.status == 200));
     // and SIGTERM ends it, while a flood still stands
-    let more: Vec<_> = (0..40).map(|_| hook_conn(&w)).collect();
+    let more: Vec<_> = (0..40).map(|_| w.hook_conn()).collect();
     // SAFETY: kill(2) of this world's daemon.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     wait_for(10, "the daemon's exit on SIGTERM", || (!Path::new(&format!("/proc/{pid}")).exists() || zombie(pid)).then_some(()));
@@ -184,25 +184,6 @@ fn a_flood_at_the_fd_limit_never_livelocks_the_daemon() {
 fn zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-}
-
-/// A SOCK_SEQPACKET connection to the daemon's shim socket.
-fn hook_conn(w: &World) -> OwnedFd {
-    let path = w.path("run/styxy-preload/hook.sock");
-    let bytes = path.as_os_str().as_encoded_bytes();
-    // SAFETY: a sockaddr_un filled within its size; the fd is ours.
-    unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let mut sun: libc::sockaddr_un = std::mem::zeroed();
-        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in sun.sun_path.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        let rc = libc::connect(fd, (&sun as *const libc::sockaddr_un).cast(), std::mem::size_of::<libc::sockaddr_un>() as u32);
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        OwnedFd::from_raw_fd(fd)
-    }
 }
 
 /// A tmpfs of `size` mounted at `dir` in a mount namespace of the calling thread's own

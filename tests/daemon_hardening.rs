@@ -166,30 +166,10 @@ fn an_exhausted_range_is_said_on_stderr_not_only_in_the_log() {
     assert_eq!(err.matches("styxy-preload:").count(), 1, "one line per process: {err}");
 }
 
-/// A SOCK_SEQPACKET connection to the daemon's shim socket.
-fn hook_conn(w: &World) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    let path = w.path("run/styxy-preload/hook.sock");
-    let bytes = path.as_os_str().as_encoded_bytes();
-    // SAFETY: a sockaddr_un filled within its size; the fd is ours.
-    unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let mut sun: libc::sockaddr_un = std::mem::zeroed();
-        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in sun.sun_path.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        let rc = libc::connect(fd, (&sun as *const libc::sockaddr_un).cast(), std::mem::size_of::<libc::sockaddr_un>() as u32);
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        std::os::fd::OwnedFd::from_raw_fd(fd)
-    }
-}
-
 /// The answer to `msg`, or `None` when the daemon closed the connection unanswered.
 fn hook_ask(w: &World, msg: &[u8]) -> Option<Vec<u8>> {
     use std::os::fd::AsRawFd;
-    let c = hook_conn(w);
+    let c = w.hook_conn();
     let mut buf = [0u8; 64];
     // SAFETY: send/recv of buffers of their length on our socket; SO_RCVTIMEO bounds the wait.
     unsafe {
@@ -234,7 +214,7 @@ fn idle_connections_to_the_shims_socket_never_stop_a_bind() {
     let mut w = World::new();
     w.start_daemon();
     // more silent connections than the daemon serves at once, held open
-    let idle: Vec<_> = (0..530).map(|_| hook_conn(&w)).collect();
+    let idle: Vec<_> = (0..530).map(|_| w.hook_conn()).collect();
     let started = Instant::now();
     let mut c = w.preloaded(Some("crowded"), fixture("binder"));
     c.args(["serve", "4093"]);

@@ -6,7 +6,6 @@
 mod common;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -91,11 +90,7 @@ fn seqpacket_listener(path: &Path) -> OwnedFd {
     // SAFETY: a new socket of ours, owned by the OwnedFd; bind reads a whole sockaddr_un.
     unsafe {
         let fd = OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0));
-        let mut addr: libc::sockaddr_un = std::mem::zeroed();
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-            *d = *s as libc::c_char;
-        }
+        let addr = sockaddr_un(path);
         let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
         assert_eq!(libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len), 0);
         assert_eq!(libc::listen(fd.as_raw_fd(), 8), 0);

@@ -387,25 +387,13 @@ fn a_signal_storm_during_coordinated_binds_moves_no_free_port() {
 /// Fills the listening backlog of the Unix socket at `path` with connections nobody
 /// accepts (the daemon is stopped); they stay open while the returned sockets live.
 fn fill_backlog(path: &std::path::Path, ty: libc::c_int) -> Vec<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-        *d = *s as libc::c_char;
-    }
     let mut held = Vec::new();
     for _ in 0..20_000 {
-        // SAFETY: a new socket of ours, owned by the OwnedFd; connect reads `addr`.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        // SAFETY: `addr` is a whole sockaddr_un.
-        if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
-            return held; // EAGAIN: the backlog is full
+        match unix_connect(path, ty | libc::SOCK_NONBLOCK) {
+            Ok(fd) => held.push(fd),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return held, // the backlog is full
+            Err(e) => panic!("connect to {}: {e}", path.display()),
         }
-        held.push(owned);
     }
     panic!("the backlog of {} never filled", path.display());
 }

@@ -481,3 +481,41 @@ pub fn root(why: &str) -> bool {
     }
     root
 }
+
+/// `path` as a `sockaddr_un`; pass the whole struct (`size_of` bytes).
+pub fn sockaddr_un(path: &Path) -> libc::sockaddr_un {
+    // SAFETY: sockaddr_un is plain integers and bytes, for which zero is valid.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in sun.sun_path.iter_mut().zip(path.as_os_str().as_encoded_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    sun
+}
+
+/// Connects a new Unix socket of `ty` (flags may be or'ed in) to `path`: the socket, or
+/// the connect's error.
+pub fn unix_connect(path: &Path, ty: libc::c_int) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let sun = sockaddr_un(path);
+    // SAFETY: a new socket of ours, owned by the OwnedFd; connect reads the whole sockaddr_un.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::connect(fd, (&sun as *const libc::sockaddr_un).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+}
+
+impl World {
+    /// A `SOCK_SEQPACKET` connection to the daemon's shim socket.
+    pub fn hook_conn(&self) -> std::os::fd::OwnedFd {
+        unix_connect(&self.path("run/styxy-preload/hook.sock"), libc::SOCK_SEQPACKET).unwrap()
+    }
+}
