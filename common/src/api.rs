@@ -193,6 +193,13 @@ pub struct AllocationInfo {
     pub comm: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age_s: Option<u64>,
+    /// The built-in daemon's: the allocation's standing in its upstream Styxy
+    /// (`{"state":"mirrored",…}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<serde_json::Value>,
+    /// Styxy's: the `User-Agent` of the client that asked (`curl/…` for Styxy's own hook).
+    #[serde(default, rename = "userAgent", skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]

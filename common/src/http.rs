@@ -127,7 +127,15 @@ impl std::error::Error for Error {}
 
 /// One request: `method` `path` with an optional JSON body.
 pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
-    request(ep, method, path, body, t, Wait::new(ep, Duration::ZERO))
+    request(ep, DEFAULT_AGENT, method, path, body, t, Wait::new(ep, Duration::ZERO))
+}
+
+/// The `User-Agent` of every request but the daemon's to its upstream.
+const DEFAULT_AGENT: &str = "styxy-preload";
+
+/// [`call`] with this `User-Agent` (Styxy records it with every allocation).
+pub fn call_as(ep: &Endpoint, agent: &str, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
+    request(ep, agent, method, path, body, t, Wait::new(ep, Duration::ZERO))
 }
 
 /// [`call`] from a hook to the local daemon: past `t`'s deadlines it goes on waiting while
@@ -135,10 +143,18 @@ pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Tim
 /// [`crate::mapview::PATIENCE_MS`]; a stopped or hung daemon still fails at `t`'s deadline
 /// or as soon as its beat is stale.
 pub fn call_waiting(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
-    request(ep, method, path, body, t, Wait::new(ep, Duration::from_millis(crate::mapview::PATIENCE_MS)))
+    request(ep, DEFAULT_AGENT, method, path, body, t, Wait::new(ep, Duration::from_millis(crate::mapview::PATIENCE_MS)))
 }
 
-fn request(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts, wait: Wait) -> Result<Response, Error> {
+fn request(
+    ep: &Endpoint,
+    user_agent: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    t: Timeouts,
+    wait: Wait,
+) -> Result<Response, Error> {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(t.total.max(wait.patience)))
@@ -148,7 +164,7 @@ fn request(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Time
         .max_response_header_size(16 * 1024)
         .input_buffer_size(16 * 1024)
         .output_buffer_size(16 * 1024)
-        .user_agent("styxy-preload")
+        .user_agent(user_agent)
         .build();
     let agent = ureq::Agent::with_parts(config, SockConnector { ep: ep.clone(), t, wait }, NoResolver);
     let url = match ep {
