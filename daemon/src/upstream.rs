@@ -356,8 +356,9 @@ struct Worker {
     /// Styxy's count of allocations as our view has it (its list, then our own
     /// allocates and releases): another count on `/status` means the view is stale.
     count: Option<u64>,
-    /// Styxy's uptime at the last poll: less means it restarted (and forgot).
-    uptime: Option<u64>,
+    /// When Styxy started, by its uptime at the last poll: another start means it
+    /// restarted (and forgot).
+    started_ms: Option<u64>,
 }
 
 enum Failure {
@@ -379,7 +380,7 @@ impl Worker {
             next_config_ms: 0,
             last_grant_ms: 0,
             count: None,
-            uptime: None,
+            started_ms: None,
         }
     }
 
@@ -468,7 +469,7 @@ impl Worker {
         drop(h);
         if !busy {
             self.count = None;
-            self.uptime = None;
+            self.started_ms = None;
             if let Some(sh) = self.shared.upgrade() {
                 sh.state.lock().upstream_held.clear();
             }
@@ -482,14 +483,20 @@ impl Worker {
         self.next_poll_ms = now + if self.active(now) { POLL_ACTIVE_MS } else { POLL_IDLE_MS };
         let Ok(r) = self.call_within("GET", "/status", None, POLL) else { return };
         let Ok(v) = r.json::<serde_json::Value>() else { return };
-        // Node's process.uptime(): seconds, with a fraction
-        let uptime = v["uptime"].as_f64().map(|u| (u * 1000.0) as u64);
-        if self.uptime.is_none() || uptime < self.uptime || now >= self.next_config_ms {
+        // when it started, from Node's process.uptime() (seconds, with a fraction) as of
+        // its answer, which comes right after it was computed
+        let now = now_ms();
+        let started = v["uptime"].as_f64().map(|u| now.saturating_sub((u * 1000.0) as u64));
+        let restarted = match (self.started_ms, started) {
+            (Some(a), Some(b)) => a.abs_diff(b) > 250,
+            _ => true,
+        };
+        if restarted || now >= self.next_config_ms {
             // there for the first time, back, or restarted: its types may be new
             self.read_config(sh);
             self.next_refresh_ms = now;
         }
-        self.uptime = uptime;
+        self.started_ms = started;
         if v["allocations"].as_u64() != self.count {
             self.next_refresh_ms = now;
         } else {
