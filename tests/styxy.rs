@@ -407,8 +407,9 @@ fn a_port_styxy_gave_another_client_since_the_last_reading_is_not_granted_while_
     let s = Styxy::start(&mut w, 0, &[]);
     start_daemon(&w, &s, &[]);
     upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
-    // the daemon is quiet (its list of Styxy's allocations is re-read every 30 s); another
-    // client takes 8000
+    // the daemon is quiet: past its first readings, Styxy's list is re-read every 30 s
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // another client takes 8000
     let v = s.allocate_for("curl/8.5.0", serde_json::json!({"service_type": "api", "preferred_port": 8000, "instance_id": "other"}));
     assert_eq!(v["port"], 8000, "{v}");
     upstream_when(&w, 5, "the daemon to learn of it", |u| u["held_by_others"] == 1);
@@ -425,6 +426,8 @@ fn status_says_styxy_is_gone_within_two_seconds_of_its_end() {
     let s = Styxy::start(&mut w, 0, &[]);
     start_daemon(&w, &s, &[]);
     upstream_when(&w, 10, "Styxy reachable", |u| u["reachable"] == true);
+    // the daemon is quiet: past its first readings, Styxy's list is re-read every 30 s
+    std::thread::sleep(std::time::Duration::from_secs(3));
     w.kill(s.pid);
     let t = std::time::Instant::now();
     upstream_when(&w, 2, "Styxy unreachable", |u| u["reachable"] == false);
