@@ -688,7 +688,9 @@ fn plan(st: &mut State, theirs: &[api::AllocationInfo], now: u64, reassert_after
 /// allocation of that port and session that has none (Styxy's answer came too late for
 /// it), or else released.
 fn adopt_or_release(st: &mut State, t: &api::AllocationInfo, unknown_ms: u64) {
-    let mine = st.allocs.get_mut(&t.port).filter(|a| a.session == t.instance_id && a.upstream.lock_id().is_none());
+    // no session is Styxy's "default" instance
+    let session = |a: &Allocation| a.session.clone().unwrap_or_else(|| "default".into());
+    let mine = st.allocs.get_mut(&t.port).filter(|a| Some(session(a)) == t.instance_id && a.upstream.lock_id().is_none());
     let made = t.allocated_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s).ok());
     let made_ms = made.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
     match mine {

@@ -23,8 +23,8 @@ pub fn run(json: bool) -> Result<i32, String> {
         return Ok(0);
     }
     println!(
-        "{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}  {}",
-        "PORT", "TYPE", "SESSION", "PIDS", "COMMAND", "REQUESTED", "AGE", "STYXY"
+        "{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}  STYXY",
+        "PORT", "TYPE", "SESSION", "PIDS", "COMMAND", "REQUESTED", "AGE"
     );
     for a in &reply.allocations {
         let pids = if a.pids.is_empty() {
