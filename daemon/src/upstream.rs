@@ -703,3 +703,63 @@ fn adopt_or_release(st: &mut State, t: &api::AllocationInfo, unknown_ms: u64) {
 fn error_text(r: &http::Response) -> String {
     r.json::<api::ErrorReply>().map(|e| e.error).unwrap_or_else(|_| String::from_utf8_lossy(&r.body).chars().take(200).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AllocRequest, Owner};
+    use styxy_preload_common::policy::Policy;
+
+    fn state_with(session: &str, port: u16) -> State {
+        let mut st = State::new(Policy::default(), None, 60_000);
+        st.port_in_use = |_| false;
+        st.styxy_sees = |_| false;
+        let req = AllocRequest {
+            service_type: "dev".into(),
+            service_name: "t".into(),
+            preferred_port: Some(port),
+            requested_port: Some(port),
+            session: Some(session.into()),
+            owner: Owner::of(std::process::id()),
+            ..Default::default()
+        };
+        assert_eq!(st.allocate(&req, 0).unwrap().port, port);
+        st
+    }
+
+    fn info(port: u16, lock: &str, instance: &str, agent: &str) -> api::AllocationInfo {
+        api::AllocationInfo {
+            port,
+            lock_id: lock.into(),
+            service_type: "dev".into(),
+            instance_id: Some(instance.into()),
+            user_agent: Some(agent.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_answer_outside_the_types_range_never_moves_a_grant() {
+        let mut st = state_with("s", 3000);
+        let answer = Answer::Granted { port: 45123, lock_id: "l1".into() };
+        assert_eq!(apply(&mut st, 3000, answer, true), None);
+        assert!(st.allocs.contains_key(&3000) && !st.allocs.contains_key(&45123));
+        assert_eq!(st.upstream_releases, ["l1"], "given back");
+        assert_eq!(st.allocs[&3000].upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
+    }
+
+    #[test]
+    fn styxys_allocations_under_our_name_are_adopted_or_released_never_someone_elses() {
+        let mut st = state_with("s", 3000);
+        let theirs = [
+            info(3000, "late", "s", "us"),      // an answer that came too late: adopted
+            info(3002, "stray", "s", "us"),     // an allocation of ours with no allocation here: released
+            info(3005, "other", "x", "curl/8"), // another client's
+        ];
+        let todo = plan(&mut st, &theirs, 10_000, 1_000_000, "us");
+        assert!(todo.is_empty());
+        assert_eq!(st.allocs[&3000].upstream.lock_id(), Some("late"));
+        assert_eq!(st.upstream_releases, ["stray"]);
+        assert_eq!(st.upstream_held.keys().copied().collect::<Vec<_>>(), [3005]);
+    }
+}
