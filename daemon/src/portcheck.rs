@@ -23,7 +23,7 @@ pub fn port_in_use(port: u16) -> bool {
 }
 
 /// True if Styxy's own test-bind would fail on `port`: a bind of `127.0.0.1` with
-/// `SO_REUSEADDR`, as Node's `listen()` makes it (docs/STYXY.md "Test-bind"). It sees
+/// `SO_REUSEADDR`, as Node's `listen()` makes it (docs/STYXY.md "`POST /allocate`"). It sees
 /// servers on `0.0.0.0`, `127.0.0.1` and dual-stack `[::]`, not on `::1` or `[::]` V6ONLY.
 pub fn styxy_sees(port: u16) -> bool {
     test_bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), true).is_err_and(|e| e.raw_os_error() != Some(libc::EACCES))
