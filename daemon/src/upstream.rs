@@ -361,6 +361,17 @@ struct Worker {
     started_ms: Option<u64>,
 }
 
+/// How Styxy failed to answer.
+#[derive(PartialEq, Eq)]
+enum Silent {
+    /// A timeout: it runs but is frozen (its port observer), holding what it held.
+    Busy,
+    /// Nothing accepts the connection (or an untrusted listener does): it holds nothing.
+    Gone,
+    /// Something answered, not with HTTP we understand.
+    Garbled,
+}
+
 enum Failure {
     /// Not counted, nothing happened on Styxy's side (unreachable, over our budget).
     Skipped,
@@ -417,7 +428,7 @@ impl Worker {
     fn call_within(&mut self, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<http::Response, Failure> {
         let now = now_ms();
         if let Err(why) = trusted(&self.cfg.endpoint, self.cfg.named) {
-            self.gone(why.clone().unwrap_or_else(|| "nothing listens there".into()), false);
+            self.gone(why.clone().unwrap_or_else(|| "nothing listens there".into()), Silent::Gone);
             self.up.health.lock().untrusted = why;
             return Err(Failure::Skipped);
         }
@@ -430,7 +441,12 @@ impl Worker {
         match res {
             Err(e) => {
                 drop(h);
-                self.gone(e.to_string(), e == http::Error::Timeout);
+                let state = match e {
+                    http::Error::Timeout => Silent::Busy,
+                    http::Error::Unreachable(_) => Silent::Gone,
+                    http::Error::Protocol(_) => Silent::Garbled,
+                };
+                self.gone(e.to_string(), state);
                 Err(Failure::Failed)
             }
             Ok(r) => {
@@ -456,18 +472,17 @@ impl Worker {
         }
     }
 
-    /// Styxy did not answer: `busy` (a timeout: it runs, frozen) or gone. A gone Styxy
-    /// holds nothing for anyone (a restart forgets everything): its last list no longer
-    /// keeps ports from being granted.
-    fn gone(&mut self, why: String, busy: bool) {
+    /// Styxy did not answer (see [`Silent`]). A gone Styxy holds nothing for anyone (a
+    /// restart forgets everything): its last list no longer keeps ports from being granted.
+    fn gone(&mut self, why: String, how: Silent) {
         let mut h = self.up.health.lock();
         h.reachable = false;
-        h.busy = busy;
+        h.busy = how == Silent::Busy;
         h.view_confirmed_ms = 0;
         h.last_error = Some(why);
         h.last_error_ms = Some(now_ms());
         drop(h);
-        if !busy {
+        if how == Silent::Gone {
             self.count = None;
             self.started_ms = None;
             if let Some(sh) = self.shared.upgrade() {
