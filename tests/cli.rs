@@ -256,7 +256,7 @@ except OSError as e: print(e.errno)\"";
     c.args(["-c", script, bin().to_str().unwrap()]).stderr(std::fs::File::create(&log).unwrap());
     c.stdin(std::process::Stdio::null());
     let out = c.output().unwrap();
-    assert_eq!(text(&out.stdout).trim(), "98");
+    assert_eq!(text(&out.stdout).trim(), "98", "{:?} {}", out.status, std::fs::read_to_string(&log).unwrap());
     let err = std::fs::read_to_string(&log).unwrap();
     assert!(err.contains("styxy-preload: no coordinator"), "coordination stopped without a word: {err}");
 }

@@ -6,7 +6,7 @@
 //! connect timeout and a total deadline.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
@@ -391,10 +391,25 @@ impl SockTransport {
         }
         let sock = &self.sock;
         tighten(&mut self.write_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_write_timeout(t)).map_err(ureq::Error::Io)?;
-        let r = (&self.sock).write_all(&self.pending).map_err(|e| io_err(e, timeout));
+        let r = send_all(sock, &self.pending).map_err(|e| io_err(e, timeout));
         self.pending.clear();
         r
     }
+}
+
+/// Writes all of `data` with `MSG_NOSIGNAL`: a peer that closed first is `EPIPE`, never a
+/// SIGPIPE, which would end a program whose SIGPIPE is the default (most C programs, and
+/// the CLI's printing commands).
+fn send_all(sock: &Socket, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match sock.send_with_flags(data, libc::MSG_NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Sets a socket timeout only when it must shrink by more than a few milliseconds
