@@ -344,18 +344,27 @@ enum Todo {
     Reassert(u16, String),
 }
 
-struct Worker {
+/// What the worker and the releaser share: how to reach Styxy, our budget there, and
+/// Styxy's count of allocations as our view has it.
+struct Client {
     cfg: Config,
+    /// The endpoint, with the token as last read (a 401 reads it again).
+    endpoint: Mutex<Endpoint>,
     shared: std::sync::Weak<Shared>,
     up: Arc<Upstream>,
-    budget: Budget,
+    budget: Mutex<Budget>,
+    /// Styxy's count of allocations as our view has it (its list, then our own
+    /// allocates and releases): another count on `/status` means the view is stale.
+    count: Mutex<Option<u64>>,
+}
+
+/// The thread that asks Styxy everything but releases.
+struct Worker {
+    client: Arc<Client>,
     next_refresh_ms: u64,
     next_poll_ms: u64,
     next_config_ms: u64,
     last_grant_ms: u64,
-    /// Styxy's count of allocations as our view has it (its list, then our own
-    /// allocates and releases): another count on `/status` means the view is stale.
-    count: Option<u64>,
     /// When Styxy started, by its uptime at the last poll: another start means it
     /// restarted (and forgot).
     started_ms: Option<u64>,
@@ -381,21 +390,27 @@ enum Failure {
 
 impl Worker {
     fn new(cfg: Config, shared: std::sync::Weak<Shared>, up: Arc<Upstream>) -> Worker {
-        Worker {
-            cfg,
-            shared,
-            up,
-            budget: Budget::default(),
-            next_refresh_ms: 0,
-            next_poll_ms: 0,
-            next_config_ms: 0,
-            last_grant_ms: 0,
-            count: None,
-            started_ms: None,
+        let endpoint = Mutex::new(cfg.endpoint.clone());
+        let client = Client { cfg, endpoint, shared, up, budget: Mutex::new(Budget::default()), count: Mutex::new(None) };
+        Worker { client: Arc::new(client), next_refresh_ms: 0, next_poll_ms: 0, next_config_ms: 0, last_grant_ms: 0, started_ms: None }
+    }
+
+    /// Runs the worker, and the releaser beside it (a release can take Styxy a second or
+    /// more, which an allocate for a bind in progress must not wait for).
+    fn run(self, rx: mpsc::Receiver<Job>) {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let releaser = {
+            let (client, stop) = (self.client.clone(), stop.clone());
+            std::thread::Builder::new().name("upstream-release".into()).spawn(move || client.releaser(&stop))
+        };
+        self.serve(rx);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(r) = releaser {
+            let _ = r.join();
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
+    fn serve(mut self, rx: mpsc::Receiver<Job>) {
         let mut first = true;
         loop {
             // the first round runs at once: Styxy's holdings are known before most binds
@@ -405,11 +420,10 @@ impl Worker {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             first = false;
-            let Some(sh) = self.shared.upgrade() else { break };
+            let Some(sh) = self.client.shared.upgrade() else { break };
             if now_ms() >= self.next_poll_ms {
                 self.poll(&sh);
             }
-            self.release_freed(&sh);
             if now_ms() >= self.next_refresh_ms {
                 self.reconcile(&sh);
             }
@@ -420,22 +434,155 @@ impl Worker {
         now.saturating_sub(self.last_grant_ms) < 60_000
     }
 
+    /// `GET /status` (free: neither counted nor authenticated): is Styxy there, did it
+    /// restart, and does its count of allocations still match our view?
+    fn poll(&mut self, sh: &Shared) {
+        let now = now_ms();
+        self.next_poll_ms = now + if self.active(now) { POLL_ACTIVE_MS } else { POLL_IDLE_MS };
+        let Ok(r) = self.client.call_within("GET", "/status", None, POLL) else {
+            if !self.client.up.health.lock().busy {
+                self.started_ms = None; // not a frozen Styxy: its types are read again when it answers
+            }
+            return;
+        };
+        let Ok(v) = r.json::<serde_json::Value>() else { return };
+        // when it started, from Node's process.uptime() (seconds, with a fraction) as of
+        // its answer, which comes right after it was computed
+        let now = now_ms();
+        let started = v["uptime"].as_f64().map(|u| now.saturating_sub((u * 1000.0) as u64));
+        let restarted = match (self.started_ms, started) {
+            (Some(a), Some(b)) => a.abs_diff(b) > 250,
+            _ => true,
+        };
+        if restarted || now >= self.next_config_ms {
+            // there for the first time, back, or restarted: its types may be new
+            self.read_config(sh);
+            self.next_refresh_ms = now;
+        }
+        self.started_ms = started;
+        if v["allocations"].as_u64() != *self.client.count.lock() {
+            self.next_refresh_ms = now;
+        } else {
+            self.client.up.health.lock().view_confirmed_ms = now;
+        }
+    }
+
+    /// Styxy's service types (`GET /config`), taken as far as a coordinator may set them.
+    fn read_config(&mut self, sh: &Shared) {
+        self.next_config_ms = now_ms() + CONFIG_EVERY_MS;
+        let Ok(r) = self.client.call("GET", "/config", None) else { return };
+        let Ok(cfg) = r.json::<serde_json::Value>() else { return };
+        let mut st = sh.state.lock();
+        let before = st.policy.types.clone();
+        if st.policy.apply_config(&cfg) && st.policy.types != before {
+            crate::publish_policy(&st.policy);
+        }
+    }
+
+    fn mirror(&mut self, port: u16, reply: oneshot::Sender<Answer>) {
+        let Some(sh) = self.client.shared.upgrade() else { return };
+        self.last_grant_ms = now_ms();
+        self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.client.cfg.refresh_active.as_millis() as u64);
+        let Some(a) = sh.state.lock().allocs.get(&port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
+        let answer = self.client.allocate(&a);
+        if let Err(late) = reply.send(answer) {
+            self.apply_late(&sh, port, late);
+        }
+    }
+
+    /// An answer nobody waits for any more: recorded; one that differs from the port
+    /// granted has Styxy's list read at once (whose is the port?).
+    fn apply_late(&mut self, sh: &Shared, port: u16, answer: Answer) {
+        if matches!(&answer, Answer::Granted { port: p, .. } if *p != port) {
+            self.next_refresh_ms = now_ms();
+        }
+        apply(&mut sh.state.lock(), port, answer, false);
+        sh.persist();
+    }
+
+    /// Reads Styxy's allocations and brings both sides together.
+    fn reconcile(&mut self, sh: &Shared) {
+        let now = now_ms();
+        let every = if self.active(now) { self.client.cfg.refresh_active } else { self.client.cfg.refresh_idle };
+        self.next_refresh_ms = now + every.as_millis() as u64;
+        let theirs = match self.client.call("GET", "/allocations", None) {
+            Ok(r) if r.status == 200 => match r.json::<AllocationsReply>() {
+                Ok(v) => v.allocations,
+                Err(_) => return,
+            },
+            _ => {
+                self.next_refresh_ms = now + 2_000;
+                return;
+            }
+        };
+        *self.client.count.lock() = Some(theirs.len() as u64);
+        {
+            let mut h = self.client.up.health.lock();
+            h.last_refresh_ms = Some(now);
+            h.view_confirmed_ms = now;
+        }
+        let todo = plan(&mut sh.state.lock(), &theirs, now, self.reassert_after(), &self.client.cfg.agent);
+        self.carry_out(sh, todo);
+        sh.persist();
+    }
+
+    /// Allocates and re-asserts what [`plan`] found, until Styxy fails or the budget ends.
+    fn carry_out(&mut self, sh: &Shared, todo: Vec<Todo>) {
+        for t in todo {
+            let (port, old) = match t {
+                Todo::Allocate(p) => (p, None),
+                Todo::Reassert(p, lock) => (p, Some(lock)),
+            };
+            if let Some(old) = old {
+                if !self.client.release(&old) {
+                    break;
+                }
+                if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
+                    a.upstream = Standing::Pending;
+                }
+            }
+            let Some(a) = sh.state.lock().allocs.get(&port).cloned() else { continue };
+            let answer = self.client.allocate(&a);
+            if matches!(answer, Answer::Failed) {
+                self.next_refresh_ms = now_ms() + 2_000;
+                break;
+            }
+            self.apply_late(sh, port, answer);
+        }
+    }
+
+    fn reassert_after(&self) -> u64 {
+        self.client.cfg.expiry.as_millis() as u64 * 3 / 5
+    }
+}
+
+impl Client {
+    /// Releases the locks of freed allocations every tick, until `stop`.
+    fn releaser(&self, stop: &std::sync::atomic::AtomicBool) {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(TICK);
+            let Some(sh) = self.shared.upgrade() else { return };
+            self.release_freed(&sh);
+        }
+    }
+
     /// One request to Styxy, within our budget; notes reachability, 401 and 429.
-    fn call(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<http::Response, Failure> {
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<http::Response, Failure> {
         self.call_within(method, path, body, CALL)
     }
 
-    fn call_within(&mut self, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<http::Response, Failure> {
+    fn call_within(&self, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<http::Response, Failure> {
         let now = now_ms();
-        if let Err(why) = trusted(&self.cfg.endpoint, self.cfg.named) {
+        let endpoint = self.endpoint.lock().clone();
+        if let Err(why) = trusted(&endpoint, self.cfg.named) {
             self.gone(why.clone().unwrap_or_else(|| "nothing listens there".into()), Silent::Gone);
             self.up.health.lock().untrusted = why;
             return Err(Failure::Skipped);
         }
-        if path != "/status" && !self.budget.take(self.cfg.per_minute, now) {
+        if path != "/status" && !self.budget.lock().take(self.cfg.per_minute, now) {
             return Err(Failure::Skipped);
         }
-        let res = http::call_as(&self.cfg.endpoint, &self.cfg.agent, method, path, body, t);
+        let res = http::call_as(&endpoint, &self.cfg.agent, method, path, body, t);
         let mut h = self.up.health.lock();
         h.untrusted = None;
         match res {
@@ -455,12 +602,12 @@ impl Worker {
                 h.refused = r.status == 401;
                 if h.refused {
                     // the token may have changed (Styxy writes a new one when its file is bad)
-                    self.cfg.endpoint = self.cfg.endpoint.clone().with_token(discovery::styxy_token());
+                    *self.endpoint.lock() = endpoint.with_token(discovery::styxy_token());
                 }
                 if r.status == 429 {
                     let secs = r.retry_after.unwrap_or(60).max(1);
-                    self.budget.blocked_until_ms = now + secs * 1000;
-                    h.blocked_until_ms = self.budget.blocked_until_ms;
+                    h.blocked_until_ms = now + secs * 1000;
+                    self.budget.lock().blocked_until_ms = h.blocked_until_ms;
                     h.last_429_ms = Some(now);
                 }
                 if r.status >= 400 {
@@ -474,7 +621,7 @@ impl Worker {
 
     /// Styxy did not answer (see [`Silent`]). A gone Styxy holds nothing for anyone (a
     /// restart forgets everything): its last list no longer keeps ports from being granted.
-    fn gone(&mut self, why: String, how: Silent) {
+    fn gone(&self, why: String, how: Silent) {
         let mut h = self.up.health.lock();
         h.reachable = false;
         h.busy = how == Silent::Busy;
@@ -483,55 +630,14 @@ impl Worker {
         h.last_error_ms = Some(now_ms());
         drop(h);
         if how == Silent::Gone {
-            self.count = None;
-            self.started_ms = None;
+            *self.count.lock() = None;
             if let Some(sh) = self.shared.upgrade() {
                 sh.state.lock().upstream_held.clear();
             }
         }
     }
 
-    /// `GET /status` (free: neither counted nor authenticated): is Styxy there, did it
-    /// restart, and does its count of allocations still match our view?
-    fn poll(&mut self, sh: &Shared) {
-        let now = now_ms();
-        self.next_poll_ms = now + if self.active(now) { POLL_ACTIVE_MS } else { POLL_IDLE_MS };
-        let Ok(r) = self.call_within("GET", "/status", None, POLL) else { return };
-        let Ok(v) = r.json::<serde_json::Value>() else { return };
-        // when it started, from Node's process.uptime() (seconds, with a fraction) as of
-        // its answer, which comes right after it was computed
-        let now = now_ms();
-        let started = v["uptime"].as_f64().map(|u| now.saturating_sub((u * 1000.0) as u64));
-        let restarted = match (self.started_ms, started) {
-            (Some(a), Some(b)) => a.abs_diff(b) > 250,
-            _ => true,
-        };
-        if restarted || now >= self.next_config_ms {
-            // there for the first time, back, or restarted: its types may be new
-            self.read_config(sh);
-            self.next_refresh_ms = now;
-        }
-        self.started_ms = started;
-        if v["allocations"].as_u64() != self.count {
-            self.next_refresh_ms = now;
-        } else {
-            self.up.health.lock().view_confirmed_ms = now;
-        }
-    }
-
-    /// Styxy's service types (`GET /config`), taken as far as a coordinator may set them.
-    fn read_config(&mut self, sh: &Shared) {
-        self.next_config_ms = now_ms() + CONFIG_EVERY_MS;
-        let Ok(r) = self.call("GET", "/config", None) else { return };
-        let Ok(cfg) = r.json::<serde_json::Value>() else { return };
-        let mut st = sh.state.lock();
-        let before = st.policy.types.clone();
-        if st.policy.apply_config(&cfg) && st.policy.types != before {
-            crate::publish_policy(&st.policy);
-        }
-    }
-
-    fn allocate(&mut self, a: &Allocation) -> Answer {
+    fn allocate(&self, a: &Allocation) -> Answer {
         let req = AllocateRequest {
             service_type: a.service_type.clone(),
             service_name: Some(api::service_name(a.comm.as_deref().unwrap_or("process"), a.requested_port.unwrap_or(a.port))),
@@ -549,7 +655,8 @@ impl Worker {
         match reply.as_ref().and_then(|g| g.granted().map(|(p, l)| (p, l.map(str::to_string), g.existing == Some(true)))) {
             Some((port, Some(lock_id), existing)) => {
                 if !existing {
-                    self.count = self.count.map(|c| c + 1);
+                    let mut count = self.count.lock();
+                    *count = count.map(|c| c + 1);
                 }
                 Answer::Granted { port, lock_id }
             }
@@ -559,38 +666,18 @@ impl Worker {
 
     /// `DELETE /allocate/:lock`. Styxy's fresh-install quirk answers 400 ENOENT although it
     /// released, and "not found" means it forgot the lock already: both count as released.
-    fn release(&mut self, lock_id: &str) -> bool {
+    fn release(&self, lock_id: &str) -> bool {
         let Ok(r) = self.call("DELETE", &format!("/allocate/{lock_id}"), None) else { return false };
         let text = error_text(&r);
         let released = r.status == 200 || (r.status == 400 && text.contains("ENOENT"));
         if released {
-            self.count = self.count.map(|c| c.saturating_sub(1));
+            let mut count = self.count.lock();
+            *count = count.map(|c| c.saturating_sub(1));
         }
         released || (r.status == 400 && text.contains("not found"))
     }
 
-    fn mirror(&mut self, port: u16, reply: oneshot::Sender<Answer>) {
-        let Some(sh) = self.shared.upgrade() else { return };
-        self.last_grant_ms = now_ms();
-        self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.cfg.refresh_active.as_millis() as u64);
-        let Some(a) = sh.state.lock().allocs.get(&port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
-        let answer = self.allocate(&a);
-        if let Err(late) = reply.send(answer) {
-            self.apply_late(&sh, port, late);
-        }
-    }
-
-    /// An answer nobody waits for any more: recorded; one that differs from the port
-    /// granted has Styxy's list read at once (whose is the port?).
-    fn apply_late(&mut self, sh: &Shared, port: u16, answer: Answer) {
-        if matches!(&answer, Answer::Granted { port: p, .. } if *p != port) {
-            self.next_refresh_ms = now_ms();
-        }
-        apply(&mut sh.state.lock(), port, answer, false);
-        sh.persist();
-    }
-
-    fn release_freed(&mut self, sh: &Shared) {
+    fn release_freed(&self, sh: &Shared) {
         let todo: Vec<String> = sh.state.lock().upstream_releases.clone();
         let mut done = Vec::new();
         for lock in todo {
@@ -603,61 +690,6 @@ impl Worker {
             sh.state.lock().upstream_releases.retain(|l| !done.contains(l));
             sh.persist();
         }
-    }
-
-    /// Reads Styxy's allocations and brings both sides together.
-    fn reconcile(&mut self, sh: &Shared) {
-        let now = now_ms();
-        let every = if self.active(now) { self.cfg.refresh_active } else { self.cfg.refresh_idle };
-        self.next_refresh_ms = now + every.as_millis() as u64;
-        let theirs = match self.call("GET", "/allocations", None) {
-            Ok(r) if r.status == 200 => match r.json::<AllocationsReply>() {
-                Ok(v) => v.allocations,
-                Err(_) => return,
-            },
-            _ => {
-                self.next_refresh_ms = now + 2_000;
-                return;
-            }
-        };
-        self.count = Some(theirs.len() as u64);
-        {
-            let mut h = self.up.health.lock();
-            h.last_refresh_ms = Some(now);
-            h.view_confirmed_ms = now;
-        }
-        let todo = plan(&mut sh.state.lock(), &theirs, now, self.reassert_after(), &self.cfg.agent);
-        self.carry_out(sh, todo);
-        sh.persist();
-    }
-
-    /// Allocates and re-asserts what [`plan`] found, until Styxy fails or the budget ends.
-    fn carry_out(&mut self, sh: &Shared, todo: Vec<Todo>) {
-        for t in todo {
-            let (port, old) = match t {
-                Todo::Allocate(p) => (p, None),
-                Todo::Reassert(p, lock) => (p, Some(lock)),
-            };
-            if let Some(old) = old {
-                if !self.release(&old) {
-                    break;
-                }
-                if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
-                    a.upstream = Standing::Pending;
-                }
-            }
-            let Some(a) = sh.state.lock().allocs.get(&port).cloned() else { continue };
-            let answer = self.allocate(&a);
-            if matches!(answer, Answer::Failed) {
-                self.next_refresh_ms = now_ms() + 2_000;
-                break;
-            }
-            self.apply_late(sh, port, answer);
-        }
-    }
-
-    fn reassert_after(&self) -> u64 {
-        self.cfg.expiry.as_millis() as u64 * 3 / 5
     }
 }
 
