@@ -1,5 +1,5 @@
 //! The daemon fronting a stand-in for the real Styxy daemon (tests/fixtures/fake_styxy.py,
-//! built to styxy-api.md, quirks included): the hooks talk only to the local daemon, and
+//! built to docs/STYXY.md, quirks included): the hooks talk only to the local daemon, and
 //! the user's Styxy sees every grant under its session, never loses a live port, frees
 //! dead ones within seconds, and is kept within its rate limit.
 
@@ -588,15 +588,18 @@ fn styxys_hook_reservation_is_the_commands_port_and_is_released_with_it() {
     let project = w.path("project");
     std::fs::create_dir_all(&project).unwrap();
     let project = project.canonicalize().unwrap();
-    // what universal-intercept.sh sends for `vite --port 3000` in the project, with curl
-    let hook = serde_json::json!({"service_type": "dev", "service_name": "vite-dev", "preferred_port": 3000,
-        "instance_id": "claude-code-universal", "project_path": project.to_str().unwrap()});
-    assert_eq!(s.allocate_for("curl/8.5.0", hook)["port"], 3000);
+    // Claude Code runs Styxy's hook before the Bash command `npx vite --port 3000`
+    let mut c = w.cmd("bash");
+    c.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/styxy/universal-intercept.sh"));
+    c.args(["Bash", "npx vite --port 3000"]).current_dir(&project).env("STYXY_URL", format!("http://127.0.0.1:{}", s.port));
+    c.env("CLAUDE_PROJECT_DIR", &project);
+    let said = text(&run(c).stdout);
+    assert!(said.contains("Port 3000 allocated via Styxy for dev service"), "{said}\n{}", s.summary());
     upstream_when(&w, 10, "the reservation read", |u| u["held_by_others"] == 1);
     // the command itself, under our library: its argv says vite
     let script = "import socket,sys,time\ns=socket.socket()\ns.bind(('0.0.0.0',3000))\ns.listen()\nprint(s.getsockname()[1], flush=True)\ntime.sleep(600)";
     let mut c = w.preloaded(Some("claude"), "python3");
-    c.args(["-c", script, "vite", "--port", "3000"]).current_dir(&project);
+    c.args(["-c", script, "vite", "--port", "3000"]).current_dir(&project).env_remove("CLAUDE_PROJECT_DIR");
     let pid = w.spawn(with_styxy(&s, c), "vite");
     let port: u16 = wait_for(10, "vite", || w.output_of("vite").trim().parse().ok());
     assert_eq!(port, 3000, "the port Styxy's hook reserved for this command: {}", w.stderr_of("vite"));

@@ -88,7 +88,7 @@ fn t(name: &str, lo: u16, hi: u16, p0: u16) -> ServiceType {
     ServiceType { name: name.to_string(), range: (lo, hi), preferred: (p0..p0 + 4).collect(), single: name == "ai" }
 }
 
-/// Styxy's built-in service types (`styxy-api.md` §5).
+/// Styxy's built-in service types (docs/STYXY.md "Field rules and built-in types").
 pub fn builtin_types() -> Vec<ServiceType> {
     vec![
         t("dev", 3000, 3099, 3000),
