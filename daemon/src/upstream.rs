@@ -3,9 +3,10 @@
 //!
 //! - Every grant becomes an allocation in Styxy (the session as `instance_id`, the type,
 //!   the client's cwd as `project_path`, `comm-port` as service name), asked with the
-//!   granted port as `preferred_port`. When Styxy answers within [`GRANT_WAIT`] with
-//!   another port (it holds ours for someone else), its choice wins if that port is free
-//!   here; a later answer that differs is a `conflict`.
+//!   granted port as `preferred_port`. When Styxy answers in time with another port of
+//!   the type (it holds ours for someone else), its choice wins if that port is free
+//!   here; a later answer that differs is given back, and the allocation is a `conflict`
+//!   once Styxy's list shows another client holding its port.
 //! - Ports Styxy holds for other clients (read from `GET /allocations` whenever Styxy's
 //!   count of allocations, polled on the free `GET /status` every second or half
 //!   second, differs from ours) are never granted ([`State::upstream_held`]).
@@ -20,10 +21,12 @@
 //!   restart) is allocated again.
 //! - Styxy allows 100 requests a minute for all local clients: the worker keeps to its
 //!   own [`Budget`], honours `Retry-After`, and never makes a bind wait on Styxy beyond
-//!   [`GRANT_WAIT`]: what it cannot do now it reconciles later.
+//!   [`GRANT_WAIT`] ([`STALE_WAIT`] when its view of Styxy is not confirmed): what it
+//!   cannot do now it reconciles later.
 //!
-//! One worker thread does all the talking, with blocking HTTP (`client::http`); the
-//! grant path only hands it a job and waits, bounded, on a oneshot channel.
+//! The facts about Styxy this relies on are in docs/STYXY.md. One worker thread does
+//! the talking, with blocking HTTP (`common::http`), and a second one the releases; the
+//! grant path only hands the worker a job and waits, bounded, on a oneshot channel.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
