@@ -796,6 +796,11 @@ mod tests {
         assert!(st.allocs.contains_key(&3000) && !st.allocs.contains_key(&45123));
         assert_eq!(st.upstream_releases, ["l1"], "given back");
         assert_eq!(st.allocs[&3000].upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
+        // a late answer of another port of the type (the server died meanwhile, say): no conflict either
+        let late = Answer::Granted { port: 3006, lock_id: "l2".into() };
+        assert_eq!(apply(&mut st, 3000, late, false), None);
+        assert_eq!(st.allocs[&3000].upstream, Standing::Pending);
+        assert_eq!(st.upstream_releases, ["l1", "l2"]);
     }
 
     #[test]
