@@ -18,8 +18,9 @@ const DEFAULT_INSTANCE: &str = "claude-code-universal";
 /// `CLAUDE_PROJECT_DIR` Claude Code gives the hook), under the service name the hook
 /// derives from the command.
 pub fn reserved_for(r: &AllocationInfo, req: &AllocRequest, ty: &str) -> bool {
-    let by_hook = r.user_agent.as_deref().is_some_and(|u| u.starts_with("curl/")) && r.instance_id.as_deref() == Some(&instance_id());
-    if !by_hook || r.service_type != ty || req.requested_port.or(req.preferred_port) != Some(r.port) {
+    // the cheap checks first: this runs for each held port a grant looks at
+    let asked = req.requested_port.or(req.preferred_port) == Some(r.port) && r.service_type == ty;
+    if !asked || !r.user_agent.as_deref().is_some_and(|u| u.starts_with("curl/")) || r.instance_id.as_deref() != Some(&instance_id()) {
         return false;
     }
     let Some(pid) = req.owner.as_ref().map(|o| o.pid) else { return false };
