@@ -629,3 +629,24 @@ fn a_slow_release_in_styxy_never_delays_the_allocate_of_a_server_starting_meanwh
     assert_eq!(held[&pb]["instance_id"], "y", "{}", s.summary());
     assert_eq!(daemon_status(&w)["upstream"]["served"], 0);
 }
+
+#[test]
+fn ports_a_styxy_stopped_for_good_held_for_others_are_granted_again_after_a_minute() {
+    let mut w = World::new();
+    let prehold: Vec<String> = (3000..3100).map(|p| format!("{p}:dev:stopped")).collect();
+    let s = Styxy::start(&mut w, 0, &[("FAKE_PREHOLD", &prehold.join(","))]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy's holdings read", |u| u["held_by_others"] == 100);
+    // stopped, not gone: a freeze lasts seconds, so for a while its holdings still count
+    // SAFETY: kill(2) of the stand-in this test started.
+    unsafe { libc::kill(s.pid as i32, libc::SIGSTOP) };
+    upstream_when(&w, 5, "Styxy busy", |u| u["busy"] == true && u["held_by_others"] == 100);
+    let t = std::time::Instant::now();
+    upstream_when(&w, 75, "Styxy taken for gone", |u| u["held_by_others"] == 0);
+    assert!(t.elapsed().as_secs() >= 55, "a frozen Styxy's holdings were dropped after {:?}", t.elapsed());
+    let (_, a, _) = python_server(&mut w, &s, "a", ("0.0.0.0", 3000), "a");
+    let (_, b, _) = python_server(&mut w, &s, "b", ("0.0.0.0", 3000), "b");
+    assert_eq!((a, b), (3000, 3001));
+    // SAFETY: as above.
+    unsafe { libc::kill(s.pid as i32, libc::SIGCONT) };
+}

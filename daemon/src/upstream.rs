@@ -61,6 +61,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// `GET /status` is polled this often while binds happen, and when all is quiet.
 const POLL_ACTIVE_MS: u64 = 500;
 const POLL_IDLE_MS: u64 = 1_000;
+/// A Styxy silent this long is taken for gone: its freezes last seconds, not minutes.
+const BUSY_GONE_MS: u64 = 60_000;
 /// `GET /config` is read again this often (and whenever Styxy restarts).
 const CONFIG_EVERY_MS: u64 = 60_000;
 
@@ -146,6 +148,9 @@ pub struct Health {
     /// When Styxy's count of allocations last matched our view of them.
     #[serde(skip)]
     view_confirmed_ms: u64,
+    /// Since when Styxy has not answered in time.
+    #[serde(skip)]
+    busy_since_ms: Option<u64>,
 }
 
 /// The upstream's part of `GET /status`: its health, and how our allocations stand there.
@@ -602,6 +607,7 @@ impl Client {
             Ok(r) => {
                 h.reachable = true;
                 h.busy = false;
+                h.busy_since_ms = None;
                 h.refused = r.status == 401;
                 if h.refused {
                     // the token may have changed (Styxy writes a new one when its file is bad)
@@ -622,17 +628,21 @@ impl Client {
         }
     }
 
-    /// Styxy did not answer (see [`Silent`]). A gone Styxy holds nothing for anyone (a
-    /// restart forgets everything): its last list no longer keeps ports from being granted.
+    /// Styxy did not answer (see [`Silent`]). A gone Styxy (or one silent for
+    /// [`BUSY_GONE_MS`]) holds nothing for anyone (a restart forgets everything): its last
+    /// list no longer keeps ports from being granted.
     fn gone(&self, why: String, how: Silent) {
+        let now = now_ms();
         let mut h = self.up.health.lock();
         h.reachable = false;
         h.busy = how == Silent::Busy;
+        h.busy_since_ms = if h.busy { h.busy_since_ms.or(Some(now)) } else { None };
+        let silent_too_long = h.busy_since_ms.is_some_and(|t| now.saturating_sub(t) > BUSY_GONE_MS);
         h.view_confirmed_ms = 0;
         h.last_error = Some(why);
-        h.last_error_ms = Some(now_ms());
+        h.last_error_ms = Some(now);
         drop(h);
-        if how == Silent::Gone {
+        if how == Silent::Gone || silent_too_long {
             *self.count.lock() = None;
             if let Some(sh) = self.shared.upgrade() {
                 sh.state.lock().upstream_held.clear();
