@@ -651,3 +651,29 @@ fn ports_a_styxy_stopped_for_good_held_for_others_are_granted_again_after_a_minu
     // SAFETY: as above.
     unsafe { libc::kill(s.pid as i32, libc::SIGCONT) };
 }
+
+#[test]
+fn a_command_starting_right_after_styxys_hook_gets_the_port_the_hook_reserved() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    let project = w.path("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let project = project.canonicalize().unwrap();
+    let mut hook = w.cmd("bash");
+    hook.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/styxy/universal-intercept.sh"));
+    hook.args(["Bash", "npx vite --port 3000"]).current_dir(&project).env("STYXY_URL", format!("http://127.0.0.1:{}", s.port));
+    hook.env("CLAUDE_PROJECT_DIR", &project);
+    // the command starts at once (before the daemon read Styxy's list again)
+    let script = "import socket,sys,time\ns=socket.socket()\ns.bind(('0.0.0.0',3000))\ns.listen()\nprint(s.getsockname()[1], flush=True)\ntime.sleep(600)";
+    let mut c = w.preloaded(Some("claude"), "python3");
+    c.args(["-c", script, "vite", "--port", "3000"]).current_dir(&project).env_remove("CLAUDE_PROJECT_DIR");
+    let said = text(&run(hook).stdout);
+    assert!(said.contains("Port 3000 allocated via Styxy"), "{said}");
+    w.spawn(with_styxy(&s, c), "vite");
+    let port: u16 = wait_for(10, "vite", || w.output_of("vite").trim().parse().ok());
+    assert_eq!(port, 3000, "{}", s.summary());
+    wait_for(10, "only the hook's reservation in Styxy", || s.ports().filter(|p| p.iter().eq([3000].iter())));
+    upstream_when(&w, 5, "the reservation adopted", |u| u["mirrored"] == 1 && u["conflicts"] == 0);
+}

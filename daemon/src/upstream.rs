@@ -493,8 +493,42 @@ impl Worker {
         self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.client.cfg.refresh_active.as_millis() as u64);
         let Some(a) = sh.state.lock().allocs.get(&port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
         let answer = self.client.allocate(&a);
+        let answer = self.reserved_by_hook(&sh, &a, answer);
         if let Err(late) = reply.send(answer) {
             self.apply_late(&sh, port, late);
+        }
+    }
+
+    /// Styxy answered another port than `a`'s: if its list shows `a`'s port reserved by
+    /// Styxy's hook for this very command (reserved after the daemon last read the list),
+    /// that reservation is the answer, and Styxy's other port is given back.
+    fn reserved_by_hook(&mut self, sh: &Shared, a: &Allocation, answer: Answer) -> Answer {
+        let Answer::Granted { port: theirs, lock_id } = &answer else { return answer };
+        if *theirs == a.port {
+            return answer;
+        }
+        let Ok(list) =
+            self.client.call("GET", "/allocations", None).and_then(|r| r.json::<AllocationsReply>().map_err(|_| Failure::Failed))
+        else {
+            return answer;
+        };
+        let req = crate::state::AllocRequest {
+            service_type: a.service_type.clone(),
+            requested_port: a.requested_port.or(Some(a.port)),
+            project_path: a.project_path.clone(),
+            owner: a.owners.first().cloned(),
+            ..Default::default()
+        };
+        let agent = &self.client.cfg.agent;
+        let found = list.allocations.into_iter().find(|t| {
+            t.port == a.port && t.user_agent.as_deref() != Some(agent) && crate::styxy_hook::reserved_for(t, &req, &a.service_type)
+        });
+        match found {
+            Some(t) => {
+                sh.state.lock().upstream_releases.push(lock_id.clone());
+                Answer::Granted { port: a.port, lock_id: t.lock_id }
+            }
+            None => answer,
         }
     }
 
