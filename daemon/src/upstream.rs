@@ -205,8 +205,9 @@ impl Upstream {
         let _ = self.jobs.lock().send(Job::Stop);
     }
 
-    /// Whether a grant may wait for Styxy now: it answered last time (or was never
-    /// tried yet) and is not refusing us or rate limiting.
+    /// Whether a grant may wait for Styxy now: it answered last time, is busy (frozen,
+    /// still holding what it held) or was never tried yet, and is trusted, not refusing
+    /// us and not rate limiting.
     pub(crate) fn usable(&self) -> bool {
         let h = self.health.lock();
         (h.reachable || h.busy || h.last_error_ms.is_none()) && !h.refused && h.untrusted.is_none() && now_ms() >= h.blocked_until_ms
@@ -232,7 +233,8 @@ pub fn config(cfg: &Config, wait: Duration) -> Option<serde_json::Value> {
     r.json().ok()
 }
 
-/// Mirrors the new allocation at `port` in Styxy, waiting at most [`GRANT_WAIT`]. Returns
+/// Mirrors the new allocation at `port` in Styxy, waiting at most [`GRANT_WAIT`] or
+/// [`STALE_WAIT`] (`Upstream::grant_wait`). Returns
 /// the port to grant instead when Styxy chose another one that is free here.
 pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
     let up = sh.upstream.get()?;
