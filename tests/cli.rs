@@ -272,6 +272,8 @@ fn every_command_ends_quietly_on_a_closed_pipe() {
     let mut c = w.cli();
     c.args(["port", "--session", "pipe-port", "3000"]);
     assert!(run(c).status.success());
+    let gen = w.path("generated");
+    std::fs::create_dir_all(&gen).unwrap();
     let commands: &[&[&str]] = &[
         &["ports"],
         &["ports", "--json"],
@@ -286,8 +288,11 @@ fn every_command_ends_quietly_on_a_closed_pipe() {
         &["port", "--json", "3002"],
         &["daemon", "status"],
         &["exec", "--", "echo", "hi"],
+        &["log", "-f"],
+        &["generate", "completions", gen.to_str().unwrap()],
         &["--help"],
         &["--version"],
+        &["daemon", "stop"],
     ];
     for args in commands {
         // a pipe whose reader is gone before the command writes: every write is EPIPE
@@ -295,9 +300,11 @@ fn every_command_ends_quietly_on_a_closed_pipe() {
         drop(read);
         let mut c = w.cli();
         c.args(*args).stdout(write).stderr(std::process::Stdio::piped());
-        let out = c.output().unwrap();
-        let stderr = text(&out.stderr);
+        let mut child = c.spawn().unwrap();
+        let status = wait_for(10, &format!("styxy-preload {} to end", args.join(" ")), || child.try_wait().unwrap());
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
         assert!(stderr.is_empty(), "styxy-preload {}: {stderr}", args.join(" "));
-        assert_ne!(out.status.code(), Some(101), "styxy-preload {} panicked", args.join(" "));
+        assert_ne!(status.code(), Some(101), "styxy-preload {} panicked", args.join(" "));
     }
 }
