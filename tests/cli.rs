@@ -256,7 +256,55 @@ except OSError as e: print(e.errno)\"";
     c.args(["-c", script, bin().to_str().unwrap()]).stderr(std::fs::File::create(&log).unwrap());
     c.stdin(std::process::Stdio::null());
     let out = c.output().unwrap();
-    assert_eq!(text(&out.stdout).trim(), "98");
+    assert_eq!(text(&out.stdout).trim(), "98", "{:?} {}", out.status, std::fs::read_to_string(&log).unwrap());
     let err = std::fs::read_to_string(&log).unwrap();
     assert!(err.contains("styxy-preload: no coordinator"), "coordination stopped without a word: {err}");
+}
+
+#[test]
+fn every_command_ends_quietly_on_a_closed_pipe() {
+    let w = World::new();
+    w.start_daemon();
+    // something in the log and the table
+    let mut c = w.preloaded(Some("pipe"), "python3");
+    c.args(["-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',3000)); s.listen()"]);
+    assert!(run(c).status.success());
+    let mut c = w.cli();
+    c.args(["port", "--session", "pipe-port", "3000"]);
+    assert!(run(c).status.success());
+    let gen = w.path("generated");
+    std::fs::create_dir_all(&gen).unwrap();
+    let commands: &[&[&str]] = &[
+        &["ports"],
+        &["ports", "--json"],
+        &["status"],
+        &["log"],
+        &["log", "--all"],
+        &["log", "--json"],
+        &["stats"],
+        &["stats", "--json"],
+        &["env"],
+        &["port", "3001"],
+        &["port", "--json", "3002"],
+        &["daemon", "status"],
+        &["exec", "--", "echo", "hi"],
+        &["log", "-f"],
+        &["generate", "completions", gen.to_str().unwrap()],
+        &["--help"],
+        &["--version"],
+        &["daemon", "stop"],
+    ];
+    for args in commands {
+        // a pipe whose reader is gone before the command writes: every write is EPIPE
+        let (read, write) = std::io::pipe().unwrap();
+        drop(read);
+        let mut c = w.cli();
+        c.args(*args).stdout(write).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let status = wait_for(10, &format!("styxy-preload {} to end", args.join(" ")), || child.try_wait().unwrap());
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(stderr.is_empty(), "styxy-preload {}: {stderr}", args.join(" "));
+        assert_ne!(status.code(), Some(101), "styxy-preload {} panicked", args.join(" "));
+    }
 }

@@ -1,5 +1,5 @@
 //! The daemon fronting a stand-in for the real Styxy daemon (tests/fixtures/fake_styxy.py,
-//! built to styxy-api.md, quirks included): the hooks talk only to the local daemon, and
+//! built to docs/STYXY.md, quirks included): the hooks talk only to the local daemon, and
 //! the user's Styxy sees every grant under its session, never loses a live port, frees
 //! dead ones within seconds, and is kept within its rate limit.
 
@@ -16,6 +16,7 @@ use styxy_preload_common::http::{self, Endpoint, Timeouts};
 struct Styxy {
     port: u16,
     log: std::path::PathBuf,
+    control: std::path::PathBuf,
     pid: u32,
 }
 
@@ -34,7 +35,18 @@ impl Styxy {
         let name = format!("styxy-{}", common::unique());
         let pid = w.spawn(c, &name);
         let port = wait_for(10, "the stand-in Styxy", || w.output_of(&name).trim().parse().ok());
-        Styxy { port, log, pid }
+        Styxy { port, log, control, pid }
+    }
+
+    /// Acts out a fault from now on (`slow 4000`), or none (`""`).
+    fn act(&self, fault: &str) {
+        std::fs::write(&self.control, fault).unwrap();
+    }
+
+    /// Another of Styxy's clients allocates `port` (as a `curl` would, with `agent`).
+    fn allocate_for(&self, agent: &str, body: Value) -> Value {
+        let r = http::call_as(&self.endpoint(), agent, "POST", "/allocate", Some(body.to_string().as_bytes()), Timeouts::CLI).unwrap();
+        serde_json::from_slice(&r.body).unwrap()
     }
 
     fn requests(&self) -> Vec<Value> {
@@ -291,8 +303,8 @@ fn styxy_killed_and_restarted_costs_no_bind_its_budget_and_is_reconciled() {
     wait_for(20, "Styxy to hold the daemon's ports again", || (s2.ports()? == want).then_some(()));
     let held = s2.held().unwrap();
     assert_eq!(held[&8031]["instance_id"], "someone-else");
-    let st = wait_for(10, "the conflict in status", || Some(daemon_status(&w)).filter(|v| v["upstream"]["conflicts"] == 1));
-    assert_eq!(st["upstream"]["mirrored"], 3, "{st:#}");
+    // (Styxy saves an allocation before the daemon has its answer: both are waited for)
+    upstream_when(&w, 10, "the conflict and three mirrored in status", |u| u["conflicts"] == 1 && u["mirrored"] == 3);
     let conflicts: Vec<_> = w.events().into_iter().filter(|e| e.action == Action::Conflict).collect();
     assert_eq!(conflicts.len(), 1, "{conflicts:#?}");
     assert_eq!(conflicts[0].port, 8031);
@@ -359,4 +371,309 @@ fn a_users_own_styxy_type_is_coordinated_under_its_name() {
     let allocs = s.allocates();
     assert_eq!(allocs.len(), 1, "12705 is in the user's type `ml`, so it is coordinated: {allocs:#?}");
     assert_eq!(allocs[0]["body"]["service_type"], "ml");
+}
+
+/// The upstream part of the daemon's `/status` once `pred` holds of it.
+fn upstream_when(w: &World, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_for(secs, what, || Some(daemon_status(w)["upstream"].clone()).filter(|u| pred(u)))
+}
+
+#[test]
+fn an_answer_styxy_gives_after_the_daemon_gave_up_is_adopted_and_released_with_its_server() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    // Styxy busy for 4 s with every answer: the daemon's client gives up after 3 s, and
+    // Styxy makes the allocation all the same
+    s.act("slow 4000");
+    let (srv, port, ms) = python_server(&mut w, &s, "s1", ("::1", 3020), "late");
+    assert!(ms < 300, "{ms} ms");
+    wait_for(20, "Styxy's late allocation", || s.held().filter(|h| h.get(&port).is_some_and(|a| a["instance_id"] == "s1")));
+    s.act("");
+    // the lock the daemon never heard of is its own: adopted, not another client's
+    let up = upstream_when(&w, 20, "the late allocation adopted", |u| u["mirrored"] == 1 && u["pending"] == 0);
+    assert_eq!((up["conflicts"].as_u64(), up["held_by_others"].as_u64()), (Some(0), Some(0)), "{up:#}\n{}", s.summary());
+    let of_s1 = || s.held().map(|h| h.into_values().filter(|a| a["instance_id"] == "s1").count());
+    wait_for(20, "one allocation of s1 in Styxy, stray ones released", || (of_s1()? == 1).then_some(()));
+    assert!(w.events().iter().all(|e| e.action != Action::Conflict), "{:#?}", w.events());
+    w.kill(srv);
+    wait_for(10, "Styxy to hold nothing of ours", || s.ports().filter(BTreeSet::is_empty));
+}
+
+#[test]
+fn a_port_styxy_gave_another_client_since_the_last_reading_is_not_granted_while_styxy_is_slow() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    // the daemon is quiet: past its first readings, Styxy's list is re-read every 30 s
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // another client takes 8000
+    let v = s.allocate_for("curl/8.5.0", serde_json::json!({"service_type": "api", "preferred_port": 8000, "instance_id": "other"}));
+    assert_eq!(v["port"], 8000, "{v}");
+    upstream_when(&w, 5, "the daemon to learn of it", |u| u["held_by_others"] == 1);
+    // Styxy now answers later than any grant waits
+    s.act("slow 400");
+    let (_, port, ms) = python_server(&mut w, &s, "a", ("0.0.0.0", 8000), "a");
+    assert_ne!(port, 8000, "Styxy holds 8000 for another client");
+    assert!(ms < 300, "{ms} ms");
+    eprintln!("bind while Styxy answers 400 ms late: {ms} ms");
+}
+
+#[test]
+fn status_says_styxy_is_gone_within_two_seconds_of_its_end() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy reachable", |u| u["reachable"] == true);
+    // the daemon is quiet: past its first readings, Styxy's list is re-read every 30 s
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    w.kill(s.pid);
+    let t = std::time::Instant::now();
+    upstream_when(&w, 2, "Styxy unreachable", |u| u["reachable"] == false);
+    eprintln!("noticed after {:?}", t.elapsed());
+}
+
+#[test]
+fn ports_shows_each_allocations_standing_in_styxy() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    let (_, port, _) = python_server(&mut w, &s, "p", ("::1", 8060), "p");
+    wait_for(10, "mirrored", || s.ports().filter(|p| p.contains(&port)));
+    let mut c = w.cli();
+    c.args(["ports", "--json"]);
+    let list: Value = serde_json::from_slice(&run(with_styxy(&s, c)).stdout).unwrap();
+    assert_eq!(list[0]["upstream"]["state"], "mirrored", "{list:#}");
+    let mut c = w.cli();
+    c.arg("ports");
+    let table = text(&run(with_styxy(&s, c)).stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].trim_end().ends_with("STYXY") && lines[1].trim_end().ends_with("mirrored"), "{table}");
+}
+
+#[test]
+fn status_is_quiet_about_what_is_fine_and_names_a_preload_library_before_ours() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[("FAKE_EXTRA_TYPE", "ml:12700:12799")]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    // inside an env shell, with a rule naming the user's own Styxy type
+    let mut c = w.cmd("bash");
+    c.args(["-c", "eval \"$(\"$0\" env)\" && exec \"$0\" status", bin().to_str().unwrap()]).env("STYXY_PRELOAD_PORTS", "12700-12710=ml");
+    let out = run(with_styxy(&s, c));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("STYXY_PRELOAD_DISABLE"), "{stdout}");
+    assert!(!stdout.contains('✗'), "{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // another preload library first
+    let other =
+        ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("libm");
+    let mut c = w.cli();
+    c.arg("status").env("LD_PRELOAD", format!("{other}:{}", lib().display()));
+    let out = run(with_styxy(&s, c));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&format!("✗ LD_PRELOAD lists {other} before")), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+}
+
+#[test]
+fn a_styxy_another_user_listens_for_gets_no_token_and_steers_nothing() {
+    let mut w = World::new();
+    std::fs::create_dir_all(w.path("home/.styxy")).unwrap();
+    std::fs::write(w.path("home/.styxy/auth.token"), TOKEN).unwrap();
+    let uid = common::user("styxy-intruder");
+    // the intruder's own stand-in, on a port the user's tools would ask: its /config makes
+    // 1024-32767 one type, its /allocate answers whatever it likes
+    let dir = tempfile::Builder::new().prefix("intruder-").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    std::fs::create_dir_all(dir.path().join(".styxy")).unwrap();
+    std::fs::write(dir.path().join(".styxy/auth.token"), "ef".repeat(32)).unwrap();
+    std::process::Command::new("chown").args(["-R", &format!("{uid}:{uid}")]).arg(dir.path()).status().unwrap();
+    let log = dir.path().join("styxy.log");
+    // a python3 every user may run (not one under root's home)
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or("python3");
+    let mut c = w.cmd("setpriv");
+    c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into(), python.into()]);
+    c.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_styxy.py")).arg(&log).arg(dir.path().join("control"));
+    c.env("HOME", dir.path()).env("FAKE_EXTRA_TYPE", "everything:1024:32767");
+    w.spawn(c, "intruder");
+    let port: u16 = wait_for(10, "the intruder's Styxy", || w.output_of("intruder").trim().parse().ok());
+    let mut c = w.cli();
+    c.args(["daemon", "start", "--idle-exit", "0"]).env("STYXY_DAEMON_PORT", port.to_string());
+    assert!(run(c).status.success());
+    let up = upstream_when(&w, 10, "the intruder noticed", |u| u["untrusted"].is_string());
+    assert!(up["untrusted"].as_str().unwrap().contains(&format!("uid {uid}")), "{up:#}");
+    // a bind of 5432 (not coordinated here) stays 5432, and nothing reached the intruder
+    let mut c = w.preloaded(Some("v"), "python3");
+    c.args(["-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',5432)); s.listen(); print(s.getsockname()[1])"]);
+    assert_eq!(text(&run(c).stdout).trim(), "5432");
+    let seen = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(seen.is_empty(), "the daemon talked to the intruder (token: {}): {seen}", seen.contains(TOKEN));
+    let mut c = w.cli();
+    c.arg("status").env("STYXY_DAEMON_PORT", port.to_string());
+    let out = text(&run(c).stdout);
+    assert!(out.contains("✗ upstream: Styxy not used:") && out.contains("not trusted"), "{out}");
+}
+
+#[test]
+fn ports_a_vanished_styxy_held_for_others_are_granted_again() {
+    let mut w = World::new();
+    let prehold: Vec<String> = (3000..3100).map(|p| format!("{p}:dev:gone")).collect();
+    let s = Styxy::start(&mut w, 0, &[("FAKE_PREHOLD", &prehold.join(","))]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy's holdings read", |u| u["held_by_others"] == 100);
+    w.kill(s.pid);
+    upstream_when(&w, 5, "Styxy gone", |u| u["reachable"] == false);
+    // two sessions' servers on 3000: coordinated again, the second moved
+    let (_, a, _) = python_server(&mut w, &s, "a", ("0.0.0.0", 3000), "a");
+    let (_, b, _) = python_server(&mut w, &s, "b", ("0.0.0.0", 3000), "b");
+    assert_eq!((a, b), (3000, 3001));
+    assert_eq!(daemon_status(&w)["upstream"]["held_by_others"], 0);
+}
+
+#[test]
+fn a_user_type_in_a_restarted_styxys_config_is_followed() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    // Styxy restarts with a new type in its config.json, between two of the daemon's readings
+    w.kill(s.pid);
+    let s2 = Styxy::start(&mut w, s.port, &[("FAKE_EXTRA_TYPE", "ml:12700:12799")]);
+    let has_ml = || w.json("GET", "/config", None).1["service_types"]["ml"]["range"] == serde_json::json!([12700, 12799]);
+    let t = std::time::Instant::now();
+    while !has_ml() {
+        assert!(
+            t.elapsed().as_secs() < 5,
+            "{:#}\n{}\n{} {} {}",
+            daemon_status(&w),
+            s2.summary(),
+            std::fs::read_to_string(w.path("state/styxy-preload/daemon.log")).unwrap_or_default(),
+            s.pid,
+            s2.pid
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut c = w.cli();
+    c.args(["exec", "--session", "ml", "--", "python3", "-c"])
+        .arg("import socket; s=socket.socket(); s.bind(('127.0.0.1',12705)); s.listen(); print(s.getsockname()[1])");
+    assert_eq!(text(&run(with_styxy(&s2, c)).stdout).trim(), "12705");
+    assert!(s2.allocates().iter().any(|a| a["body"]["service_type"] == "ml"), "{}", s2.summary());
+}
+
+#[test]
+fn an_ipv4_server_stays_in_styxys_list_past_the_reassert() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    // the daemon re-asserts at 3/5 of this expiry (3 s); Styxy's own is 30 min
+    start_daemon(&w, &s, &["--upstream-expiry", "5"]);
+    let (_, port, _) = python_server(&mut w, &s, "v4", ("0.0.0.0", 8070), "v4");
+    wait_for(10, "mirrored", || s.ports().filter(|p| p.contains(&port)));
+    // Styxy's test-bind would refuse to register it again: its lock is kept, not re-asserted
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert!(s.ports().unwrap().contains(&port), "{}", s.summary());
+    let up = daemon_status(&w)["upstream"].clone();
+    assert_eq!(up["mirrored"], 1, "{up:#}");
+}
+
+#[test]
+fn styxys_hook_reservation_is_the_commands_port_and_is_released_with_it() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    let project = w.path("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let project = project.canonicalize().unwrap();
+    // Claude Code runs Styxy's hook before the Bash command `npx vite --port 3000`
+    let mut c = w.cmd("bash");
+    c.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/styxy/universal-intercept.sh"));
+    c.args(["Bash", "npx vite --port 3000"]).current_dir(&project).env("STYXY_URL", format!("http://127.0.0.1:{}", s.port));
+    c.env("CLAUDE_PROJECT_DIR", &project);
+    let said = text(&run(c).stdout);
+    assert!(said.contains("Port 3000 allocated via Styxy for dev service"), "{said}\n{}", s.summary());
+    upstream_when(&w, 10, "the reservation read", |u| u["held_by_others"] == 1);
+    // the command itself, under our library: its argv says vite
+    let script = "import socket,sys,time\ns=socket.socket()\ns.bind(('0.0.0.0',3000))\ns.listen()\nprint(s.getsockname()[1], flush=True)\ntime.sleep(600)";
+    let mut c = w.preloaded(Some("claude"), "python3");
+    c.args(["-c", script, "vite", "--port", "3000"]).current_dir(&project).env_remove("CLAUDE_PROJECT_DIR");
+    let pid = w.spawn(with_styxy(&s, c), "vite");
+    let port: u16 = wait_for(10, "vite", || w.output_of("vite").trim().parse().ok());
+    assert_eq!(port, 3000, "the port Styxy's hook reserved for this command: {}", w.stderr_of("vite"));
+    let held = s.held().unwrap();
+    assert_eq!(held.keys().copied().collect::<Vec<_>>(), [3000], "only the hook's reservation: {}", s.summary());
+    let up = upstream_when(&w, 5, "the reservation adopted", |u| u["mirrored"] == 1);
+    assert_eq!((up["held_by_others"].as_u64(), up["conflicts"].as_u64()), (Some(0), Some(0)), "{up:#}");
+    w.kill(pid);
+    wait_for(10, "the reservation released with its server", || s.ports().filter(BTreeSet::is_empty));
+}
+
+#[test]
+fn a_slow_release_in_styxy_never_delays_the_allocate_of_a_server_starting_meanwhile() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    let (a, pa, _) = python_server(&mut w, &s, "x", ("0.0.0.0", 8080), "x");
+    wait_for(10, "mirrored", || s.ports().filter(|p| p.contains(&pa)));
+    // Styxy's state-file lock makes the release of x's port take 2.5 s
+    s.act("slowdelete 2500");
+    w.kill(a);
+    wait_for(10, "the release under way", || s.requests().into_iter().find(|r| r["status"] == "in flight"));
+    // a server on 0.0.0.0 starting now is in Styxy's list only if its allocate gets there
+    // before it listens (then Styxy's test-bind refuses it)
+    let (_, pb, _) = python_server(&mut w, &s, "y", ("0.0.0.0", 8081), "y");
+    let held = wait_for(10, "y's server in Styxy's list", || s.held().filter(|h| h.contains_key(&pb)));
+    assert_eq!(held[&pb]["instance_id"], "y", "{}", s.summary());
+    assert_eq!(daemon_status(&w)["upstream"]["served"], 0);
+}
+
+#[test]
+fn ports_a_styxy_stopped_for_good_held_for_others_are_granted_again_after_a_minute() {
+    let mut w = World::new();
+    let prehold: Vec<String> = (3000..3100).map(|p| format!("{p}:dev:stopped")).collect();
+    let s = Styxy::start(&mut w, 0, &[("FAKE_PREHOLD", &prehold.join(","))]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy's holdings read", |u| u["held_by_others"] == 100);
+    // stopped, not gone: a freeze lasts seconds, so for a while its holdings still count
+    // SAFETY: kill(2) of the stand-in this test started.
+    unsafe { libc::kill(s.pid as i32, libc::SIGSTOP) };
+    upstream_when(&w, 5, "Styxy busy", |u| u["busy"] == true && u["held_by_others"] == 100);
+    let t = std::time::Instant::now();
+    upstream_when(&w, 75, "Styxy taken for gone", |u| u["held_by_others"] == 0);
+    assert!(t.elapsed().as_secs() >= 55, "a frozen Styxy's holdings were dropped after {:?}", t.elapsed());
+    let (_, a, _) = python_server(&mut w, &s, "a", ("0.0.0.0", 3000), "a");
+    let (_, b, _) = python_server(&mut w, &s, "b", ("0.0.0.0", 3000), "b");
+    assert_eq!((a, b), (3000, 3001));
+    // SAFETY: as above.
+    unsafe { libc::kill(s.pid as i32, libc::SIGCONT) };
+}
+
+#[test]
+fn a_command_starting_right_after_styxys_hook_gets_the_port_the_hook_reserved() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    let project = w.path("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let project = project.canonicalize().unwrap();
+    let mut hook = w.cmd("bash");
+    hook.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/styxy/universal-intercept.sh"));
+    hook.args(["Bash", "npx vite --port 3000"]).current_dir(&project).env("STYXY_URL", format!("http://127.0.0.1:{}", s.port));
+    hook.env("CLAUDE_PROJECT_DIR", &project);
+    // the command starts at once (before the daemon read Styxy's list again)
+    let script = "import socket,sys,time\ns=socket.socket()\ns.bind(('0.0.0.0',3000))\ns.listen()\nprint(s.getsockname()[1], flush=True)\ntime.sleep(600)";
+    let mut c = w.preloaded(Some("claude"), "python3");
+    c.args(["-c", script, "vite", "--port", "3000"]).current_dir(&project).env_remove("CLAUDE_PROJECT_DIR");
+    let said = text(&run(hook).stdout);
+    assert!(said.contains("Port 3000 allocated via Styxy"), "{said}");
+    w.spawn(with_styxy(&s, c), "vite");
+    let port: u16 = wait_for(10, "vite", || w.output_of("vite").trim().parse().ok());
+    assert_eq!(port, 3000, "{}", s.summary());
+    wait_for(10, "only the hook's reservation in Styxy", || s.ports().filter(|p| p.iter().eq([3000].iter())));
+    upstream_when(&w, 5, "the reservation adopted", |u| u["mirrored"] == 1 && u["conflicts"] == 0);
 }

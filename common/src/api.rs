@@ -1,4 +1,4 @@
-//! The Styxy HTTP API as a port-allocating client sees it (`styxy-api.md` §4), plus the
+//! The Styxy HTTP API as a port-allocating client sees it (docs/STYXY.md "`POST /allocate`"), plus the
 //! few extra fields the built-in daemon understands and Styxy ignores. Clients
 //! serialise these types, the built-in daemon parses them (as leniently as Styxy does:
 //! ports as numbers or numeric strings, nulls for absent values) and answers with them.
@@ -149,7 +149,7 @@ pub struct ExhaustedContext {
 
 impl AllocateReply {
     /// The granted port and lock id, when the reply is a success (`success` or
-    /// `existing` true, `styxy-api.md` §10).
+    /// `existing` true, docs/STYXY.md "Field rules and built-in types").
     pub fn granted(&self) -> Option<(u16, Option<&str>)> {
         let ok = self.success == Some(true) || self.existing == Some(true);
         match (ok, self.port) {
@@ -193,6 +193,13 @@ pub struct AllocationInfo {
     pub comm: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age_s: Option<u64>,
+    /// The built-in daemon's: the allocation's standing in its upstream Styxy
+    /// (`{"state":"mirrored",…}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<serde_json::Value>,
+    /// Styxy's: the `User-Agent` of the client that asked (`curl/…` for Styxy's own hook).
+    #[serde(default, rename = "userAgent", skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -200,7 +207,7 @@ pub struct AllocationsReply {
     pub allocations: Vec<AllocationInfo>,
 }
 
-/// Styxy's character rules (`styxy-api.md` §4): service types `[A-Za-z0-9-]` ≤ 50,
+/// Styxy's character rules (docs/STYXY.md "Field rules and built-in types"): service types `[A-Za-z0-9-]` ≤ 50,
 /// instance ids `[A-Za-z0-9_-]` ≤ 100, service names `[A-Za-z0-9._-]` ≤ 100.
 pub fn valid_service_type(s: &str) -> bool {
     valid_chars(s, 50, |c| c.is_ascii_alphanumeric() || c == '-')

@@ -53,11 +53,12 @@ pub fn local_socket() -> Result<PathBuf, String> {
 
 /// The Styxy the daemon fronts: `STYXY_URL` when it is an `http://` URL, else
 /// `STYXY_DAEMON_HOST:STYXY_DAEMON_PORT` (default 127.0.0.1:9876); the token from
-/// `STYXY_TOKEN` or `~/.styxy/auth.token`. `Err` for a malformed `STYXY_URL`.
-pub fn upstream() -> Result<Endpoint, String> {
+/// `STYXY_TOKEN` or `~/.styxy/auth.token`; and whether the user named it (`STYXY_URL`),
+/// which trusts it whoever listens there. `Err` for a malformed `STYXY_URL`.
+pub fn upstream() -> Result<(Endpoint, bool), String> {
     match env_url()? {
-        Some(ep @ Endpoint::Tcp { .. }) => Ok(ep.with_token(styxy_token())),
-        _ => Ok(styxy_endpoint()),
+        Some(ep @ Endpoint::Tcp { .. }) => Ok((ep.with_token(styxy_token()), true)),
+        _ => Ok((styxy_endpoint(), false)),
     }
 }
 

@@ -6,7 +6,7 @@
 //! connect timeout and a total deadline.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
@@ -127,7 +127,15 @@ impl std::error::Error for Error {}
 
 /// One request: `method` `path` with an optional JSON body.
 pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
-    request(ep, method, path, body, t, Wait::new(ep, Duration::ZERO))
+    request(ep, DEFAULT_AGENT, method, path, body, t, Wait::new(ep, Duration::ZERO))
+}
+
+/// The `User-Agent` of every request but the daemon's to its upstream.
+const DEFAULT_AGENT: &str = "styxy-preload";
+
+/// [`call`] with this `User-Agent` (Styxy records it with every allocation).
+pub fn call_as(ep: &Endpoint, agent: &str, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
+    request(ep, agent, method, path, body, t, Wait::new(ep, Duration::ZERO))
 }
 
 /// [`call`] from a hook to the local daemon: past `t`'s deadlines it goes on waiting while
@@ -135,10 +143,18 @@ pub fn call(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Tim
 /// [`crate::mapview::PATIENCE_MS`]; a stopped or hung daemon still fails at `t`'s deadline
 /// or as soon as its beat is stale.
 pub fn call_waiting(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
-    request(ep, method, path, body, t, Wait::new(ep, Duration::from_millis(crate::mapview::PATIENCE_MS)))
+    request(ep, DEFAULT_AGENT, method, path, body, t, Wait::new(ep, Duration::from_millis(crate::mapview::PATIENCE_MS)))
 }
 
-fn request(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts, wait: Wait) -> Result<Response, Error> {
+fn request(
+    ep: &Endpoint,
+    user_agent: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    t: Timeouts,
+    wait: Wait,
+) -> Result<Response, Error> {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(t.total.max(wait.patience)))
@@ -148,7 +164,7 @@ fn request(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Time
         .max_response_header_size(16 * 1024)
         .input_buffer_size(16 * 1024)
         .output_buffer_size(16 * 1024)
-        .user_agent("styxy-preload")
+        .user_agent(user_agent)
         .build();
     let agent = ureq::Agent::with_parts(config, SockConnector { ep: ep.clone(), t, wait }, NoResolver);
     let url = match ep {
@@ -375,10 +391,25 @@ impl SockTransport {
         }
         let sock = &self.sock;
         tighten(&mut self.write_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_write_timeout(t)).map_err(ureq::Error::Io)?;
-        let r = (&self.sock).write_all(&self.pending).map_err(|e| io_err(e, timeout));
+        let r = send_all(sock, &self.pending).map_err(|e| io_err(e, timeout));
         self.pending.clear();
         r
     }
+}
+
+/// Writes all of `data` with `MSG_NOSIGNAL`: a peer that closed first is `EPIPE`, never a
+/// SIGPIPE, which would end a program whose SIGPIPE is the default (most C programs, and
+/// the CLI's printing commands).
+fn send_all(sock: &Socket, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match sock.send_with_flags(data, libc::MSG_NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Sets a socket timeout only when it must shrink by more than a few milliseconds

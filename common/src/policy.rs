@@ -35,6 +35,20 @@ impl<'a> Decision<'a> {
     }
 }
 
+/// The most ports a coordinator's own service type (one Styxy does not build in) may span.
+pub const MAX_USER_TYPE_PORTS: usize = 1000;
+
+/// One entry of a coordinator's `service_types`, as it reads.
+fn config_type(name: &str, v: &Value) -> Option<ServiceType> {
+    let range = v.get("range").or_else(|| v.get("port_range")).and_then(Value::as_array);
+    let port = |x: &Value| x.as_u64().and_then(|p| u16::try_from(p).ok());
+    let ports: Option<Vec<u16>> = range.and_then(|r| r.iter().map(port).collect());
+    let &[lo, hi] = ports.as_deref()? else { return None };
+    let preferred = v.get("preferred_ports").and_then(Value::as_array).map(|a| a.iter().filter_map(port).collect()).unwrap_or_default();
+    let single = v.get("instance_behavior").and_then(Value::as_str) == Some("single");
+    Some(ServiceType { name: name.to_string(), range: (lo, hi), preferred, single })
+}
+
 /// The fallback type for ports outside every range (on-conflict remaps).
 pub const FALLBACK_TYPE: &str = "dev";
 
@@ -74,7 +88,7 @@ fn t(name: &str, lo: u16, hi: u16, p0: u16) -> ServiceType {
     ServiceType { name: name.to_string(), range: (lo, hi), preferred: (p0..p0 + 4).collect(), single: name == "ai" }
 }
 
-/// Styxy's built-in service types (`styxy-api.md` §5).
+/// Styxy's built-in service types (docs/STYXY.md "Field rules and built-in types").
 pub fn builtin_types() -> Vec<ServiceType> {
     vec![
         t("dev", 3000, 3099, 3000),
@@ -199,25 +213,31 @@ impl Policy {
         Ok(())
     }
 
-    /// Replaces the type table with a coordinator's `GET /config` answer (`range`, or
-    /// `port_range` as in Styxy's files). Leaves the table alone if the answer holds
-    /// no usable type.
+    /// Takes the coordinator's service types (`GET /config`: `range` or `port_range`,
+    /// `preferred_ports`, `instance_behavior`) in place of the current ones. A coordinator
+    /// may narrow a built-in type but never widen it, and a type of its own (a user's,
+    /// from Styxy's `config.json`) is taken only above 1023, at most
+    /// [`MAX_USER_TYPE_PORTS`] ports, and clear of every other type: no answer makes
+    /// arbitrary ports coordinated. Returns whether any type was taken.
     pub fn apply_config(&mut self, config: &Value) -> bool {
         let Some(map) = config.get("service_types").and_then(Value::as_object) else {
             return false;
         };
-        let mut types = Vec::new();
+        let builtin = builtin_types();
+        let mut types: Vec<ServiceType> = Vec::new();
         for (name, v) in map {
-            let range = v.get("range").or_else(|| v.get("port_range")).and_then(Value::as_array);
-            let port = |x: &Value| x.as_u64().and_then(|p| u16::try_from(p).ok());
-            let ports: Option<Vec<u16>> = range.and_then(|r| r.iter().map(port).collect());
-            let Some(&[lo, hi]) = ports.as_deref() else {
+            let Some(mut t) = config_type(name, v) else { continue };
+            match builtin.iter().find(|b| b.name == *name) {
+                Some(b) => t.range = (t.range.0.max(b.range.0), t.range.1.min(b.range.1)),
+                None if t.range.0 < 1024 || usize::from(t.range.1 - t.range.0) >= MAX_USER_TYPE_PORTS => continue,
+                None => {}
+            }
+            let overlaps = |o: &ServiceType| t.range.0 <= o.range.1 && o.range.0 <= t.range.1;
+            if t.range.0 > t.range.1 || types.iter().chain(builtin.iter().filter(|b| b.name != t.name)).any(overlaps) {
                 continue;
-            };
-            let preferred =
-                v.get("preferred_ports").and_then(Value::as_array).map(|a| a.iter().filter_map(port).collect()).unwrap_or_default();
-            let single = v.get("instance_behavior").and_then(Value::as_str) == Some("single");
-            types.push(ServiceType { name: name.clone(), range: (lo, hi), preferred, single });
+            }
+            t.preferred.retain(|p| (t.range.0..=t.range.1).contains(p));
+            types.push(t);
         }
         if types.is_empty() {
             return false;
@@ -346,5 +366,23 @@ mod tests {
         assert_eq!(p.decide(7005), Decision::Single("ml"));
         assert!(!p.apply_config(&serde_json::json!({"error": "x"})));
         assert_eq!(p.types.len(), 2);
+    }
+
+    #[test]
+    fn a_coordinator_cannot_widen_a_type_or_coordinate_arbitrary_ports() {
+        let mut p = Policy::default();
+        let cfg = serde_json::json!({"service_types": {
+            "dev": {"preferred_ports": [2000, 3000], "range": [2000, 3500]},
+            "everything": {"preferred_ports": [1024], "range": [1024, 32767]},
+            "low": {"preferred_ports": [80], "range": [80, 90]},
+            "inside-api": {"preferred_ports": [8050], "range": [8050, 8060]},
+            "ml": {"preferred_ports": [12700], "range": [12700, 12799]}
+        }});
+        assert!(p.apply_config(&cfg));
+        let names: Vec<&str> = p.types.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["dev", "ml"], "a type over 1000 ports, under 1024 or over another type's is refused");
+        assert_eq!(p.types[0].range, (3000, 3099), "dev is not widened");
+        assert_eq!(p.types[0].preferred, [3000]);
+        assert_eq!(p.decide(5432), Decision::OnConflict("dev"), "not coordinated: bound as asked");
     }
 }

@@ -148,6 +148,54 @@ pub fn status_field(pid: impl Display, name: &str) -> Option<String> {
     status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string())
 }
 
+/// `pid`'s command line, its arguments joined by spaces.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
+
+/// The owners (uids) of the TCP sockets listening where a connection to `addr` would
+/// go: `addr` itself or the wildcard of its family (and `[::]` for IPv4, dual-stack),
+/// from this network namespace's `/proc/net/tcp` and `tcp6` (`local_address`, `st` 0A
+/// = LISTEN, `uid`). Empty when nothing listens there.
+pub fn tcp_listener_uids(addr: std::net::SocketAddr) -> Vec<u32> {
+    let mut uids = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(table) = std::fs::read_to_string(file) else { continue };
+        for line in table.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(&"0A"), Some(uid)) = (f.get(1), f.get(3), f.get(7)) else { continue };
+            if listens_for(local, addr) {
+                uids.extend(uid.parse::<u32>().ok());
+            }
+        }
+    }
+    uids
+}
+
+/// Whether a `/proc/net/tcp*` `local_address` (`0100007F:2694`: the address's bytes as
+/// the kernel's 32-bit words in hex, the port in hex) accepts connections to `addr`.
+fn listens_for(local: &str, addr: std::net::SocketAddr) -> bool {
+    use std::net::IpAddr;
+    let Some((ip_hex, port_hex)) = local.split_once(':') else { return false };
+    if u16::from_str_radix(port_hex, 16).ok() != Some(addr.port()) {
+        return false;
+    }
+    let words: Option<Vec<u32>> = (0..ip_hex.len() / 8).map(|i| u32::from_str_radix(&ip_hex[i * 8..i * 8 + 8], 16).ok()).collect();
+    let bytes: Vec<u8> = words.unwrap_or_default().iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let listener: Option<IpAddr> = match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    };
+    match (listener, addr.ip()) {
+        (Some(l), ip) if l == ip || l.is_unspecified() && l.is_ipv4() == ip.is_ipv4() => true,
+        (Some(IpAddr::V6(l)), IpAddr::V4(v4)) => l.is_unspecified() || l.to_ipv4_mapped() == Some(v4),
+        _ => false,
+    }
+}
+
 /// The process a thread belongs to (its thread-group id).
 pub fn tgid(tid: u32) -> Option<u32> {
     status_field(tid, "Tgid")?.parse().ok()
@@ -194,6 +242,22 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!id.alive());
+    }
+
+    #[test]
+    fn a_listening_socket_is_found_with_its_owner() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(tcp_listener_uids(addr), vec![me]);
+        drop(l);
+        assert!(tcp_listener_uids(addr).is_empty());
+        assert!(listens_for("0100007F:2694", "127.0.0.1:9876".parse().unwrap()));
+        assert!(listens_for("00000000:2694", "127.0.0.1:9876".parse().unwrap()));
+        assert!(!listens_for("0200007F:2694", "127.0.0.1:9876".parse().unwrap()));
+        assert!(listens_for("00000000000000000000000000000000:2694", "127.0.0.1:9876".parse().unwrap()));
+        assert!(!listens_for("0100007F:2695", "127.0.0.1:9876".parse().unwrap()));
     }
 
     #[test]

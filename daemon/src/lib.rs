@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod portcheck;
 pub mod server;
 pub mod state;
+pub mod styxy_hook;
 pub mod upstream;
 
 use std::collections::HashMap;

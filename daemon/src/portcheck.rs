@@ -22,6 +22,13 @@ pub fn port_in_use(port: u16) -> bool {
     }
 }
 
+/// True if Styxy's own test-bind would fail on `port`: a bind of `127.0.0.1` with
+/// `SO_REUSEADDR`, as Node's `listen()` makes it (docs/STYXY.md "`POST /allocate`"). It sees
+/// servers on `0.0.0.0`, `127.0.0.1` and dual-stack `[::]`, not on `::1` or `[::]` V6ONLY.
+pub fn styxy_sees(port: u16) -> bool {
+    test_bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), true).is_err_and(|e| e.raw_os_error() != Some(libc::EACCES))
+}
+
 fn test_bind(addr: SocketAddr, v4: bool) -> std::io::Result<()> {
     let domain = if v4 { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;

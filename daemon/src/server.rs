@@ -371,7 +371,9 @@ async fn config(AxState(sh): AxState<Arc<Shared>>) -> Response {
     Json(json!({"service_types": types, "compliance": {}})).into_response()
 }
 
-fn allocation_json(a: &crate::state::Allocation, now: u64) -> Value {
+/// An allocation in Styxy's shape plus ours; `upstream`: its standing in Styxy, when the
+/// daemon fronts one.
+fn allocation_json(a: &crate::state::Allocation, now: u64, upstream: bool) -> Value {
     json!({
         "port": a.port,
         "lockId": a.lock_id,
@@ -385,21 +387,21 @@ fn allocation_json(a: &crate::state::Allocation, now: u64) -> Value {
         "age_s": now.saturating_sub(a.allocated_at_ms) / 1000,
         "requested_port": a.requested_port,
         "comm": a.comm,
-        "upstream": a.upstream,
+        "upstream": if upstream { serde_json::to_value(&a.upstream).unwrap_or(Value::Null) } else { Value::Null },
     })
 }
 
 async fn allocations(AxState(sh): AxState<Arc<Shared>>) -> Response {
     let now = now_ms();
     let st = sh.state.lock();
-    let list: Vec<Value> = st.allocs.values().map(|a| allocation_json(a, now)).collect();
+    let list: Vec<Value> = st.allocs.values().map(|a| allocation_json(a, now, sh.upstream.get().is_some())).collect();
     Json(json!({"allocations": list})).into_response()
 }
 
 async fn check(AxState(sh): AxState<Arc<Shared>>, Path(port): Path<String>) -> ApiResult {
     let port = port_value(&Value::String(port), "port")?;
     let st = sh.state.lock();
-    let alloc = st.allocs.get(&port).map(|a| allocation_json(a, now_ms()));
+    let alloc = st.allocs.get(&port).map(|a| allocation_json(a, now_ms(), sh.upstream.get().is_some()));
     let in_use = portcheck::port_in_use(port);
     Ok(Json(json!({
         "port": port,

@@ -2,11 +2,11 @@
 //! the rules for granting one. Pure bookkeeping under the daemon's lock; the OS is
 //! consulted through `procinfo` (processes) and `portcheck` (ports) only.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use styxy_preload_common::api::Holder;
+use styxy_preload_common::api::{AllocationInfo, Holder};
 use styxy_preload_common::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::{procinfo, session};
@@ -188,8 +188,11 @@ pub struct State {
     pub map: Option<Arc<PortMap>>,
     pub grace_ms: u64,
     pub port_in_use: fn(u16) -> bool,
-    /// Ports the upstream Styxy holds for other clients: never granted here.
-    pub upstream_held: BTreeSet<u16>,
+    /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
+    pub styxy_sees: fn(u16) -> bool,
+    /// Ports the upstream Styxy holds for other clients, with Styxy's record of each:
+    /// never granted here, but to the command Styxy's hook reserved one for.
+    pub upstream_held: BTreeMap<u16, AllocationInfo>,
     /// Styxy locks of freed allocations, for the upstream worker to release.
     pub upstream_releases: Vec<String>,
 }
@@ -203,7 +206,8 @@ impl State {
             map,
             grace_ms,
             port_in_use: portcheck::port_in_use,
-            upstream_held: BTreeSet::new(),
+            styxy_sees: portcheck::styxy_sees,
+            upstream_held: BTreeMap::new(),
             upstream_releases: Vec::new(),
         }
     }
@@ -226,6 +230,11 @@ impl State {
         if req.dry_run {
             return Ok(Grant { port, lock_id, existing: false, holder });
         }
+        // the port Styxy's hook reserved for this very command: its lock becomes ours
+        let upstream = match self.upstream_held.remove(&port) {
+            Some(r) => Standing::Mirrored { lock_id: r.lock_id, asserted_at_ms: now_ms },
+            None => Standing::Pending,
+        };
         let a = Allocation {
             lock_id: lock_id.clone(),
             port,
@@ -237,7 +246,7 @@ impl State {
             comm: req.comm.clone(),
             owners: req.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
             allocated_at_ms: now_ms,
-            upstream: Standing::Pending,
+            upstream,
             confirmed: !req.bind,
         };
         self.publish(&a);
@@ -280,7 +289,9 @@ impl State {
             // the preferred port or nothing: only it is looked at (a port the session had
             // within the grace period is the hooks' logic's to grant)
             return match req.preferred_port {
-                Some(p) if remembered.is_none_or(|r| r == p) && !req.exclude.contains(&p) && self.free(p, now_ms) => Ok(p),
+                Some(p) if remembered.is_none_or(|r| r == p) && !req.exclude.contains(&p) && self.free_for(req, &ty.name, p, now_ms) => {
+                    Ok(p)
+                }
                 _ => Err(AllocError::NotExactly),
             };
         }
@@ -288,7 +299,7 @@ impl State {
             || remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
         let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || !policy::tool_default(p);
         for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {
-            if port != 0 && !req.exclude.contains(&port) && self.free(port, now_ms) {
+            if port != 0 && !req.exclude.contains(&port) && self.free_for(req, &ty.name, port, now_ms) {
                 return Ok(port);
             }
         }
@@ -347,9 +358,20 @@ impl State {
     /// for another client, and nothing is bound to it. An allocation whose owners are all
     /// gone (and whose port nobody serves) is freed here.
     pub fn free(&mut self, port: u16, now_ms: u64) -> bool {
-        if self.upstream_held.contains(&port) {
-            return false;
+        !self.upstream_held.contains_key(&port) && self.free_here(port, now_ms)
+    }
+
+    /// [`State::free`] for this request: a port Styxy's hook reserved for the very
+    /// command asking counts as free for it (docs/STYXY.md "The PreToolUse hook").
+    fn free_for(&mut self, req: &AllocRequest, ty: &str, port: u16, now_ms: u64) -> bool {
+        match self.upstream_held.get(&port) {
+            None => self.free_here(port, now_ms),
+            Some(r) => crate::styxy_hook::reserved_for(r, req, ty) && self.free_here(port, now_ms),
         }
+    }
+
+    /// Free here: no live allocation, nothing bound.
+    fn free_here(&mut self, port: u16, now_ms: u64) -> bool {
         if let Some(a) = self.allocs.get(&port) {
             if a.live(now_ms, self.port_in_use) {
                 return false;

@@ -3,20 +3,30 @@
 //!
 //! - Every grant becomes an allocation in Styxy (the session as `instance_id`, the type,
 //!   the client's cwd as `project_path`, `comm-port` as service name), asked with the
-//!   granted port as `preferred_port`. When Styxy answers within [`GRANT_WAIT`] with
-//!   another port (it holds ours for someone else), its choice wins if that port is free
-//!   here; a later answer that differs is a `conflict`.
-//! - Ports Styxy holds for other clients (refreshed from `GET /allocations` every few
-//!   seconds while binds happen) are never granted ([`State::upstream_held`]).
+//!   granted port as `preferred_port`. When Styxy answers in time with another port of
+//!   the type (it holds ours for someone else), its choice wins if that port is free
+//!   here; a later answer that differs is given back, and the allocation is a `conflict`
+//!   once Styxy's list shows another client holding its port.
+//! - Ports Styxy holds for other clients (read from `GET /allocations` whenever Styxy's
+//!   count of allocations, polled on the free `GET /status` every second or half
+//!   second, differs from ours) are never granted ([`State::upstream_held`]).
+//! - Styxy records each allocation's `User-Agent`; ours names this daemon
+//!   ([`Config::agent`]). An allocation of ours Styxy holds under a lock we do not know
+//!   (an answer that came after our client gave up, a crash) is adopted by the
+//!   allocation it belongs to, or released: never counted as another client's.
+//! - Styxy is trusted only when this user's uid owns its listening socket, or the user
+//!   named it (`STYXY_URL`, `--upstream`): nothing, the token least, goes elsewhere.
 //! - A freed allocation's Styxy lock is released within a second or two of the sweep
 //!   that freed it; a live one is re-asserted before Styxy's expiry; one Styxy lost (a
 //!   restart) is allocated again.
 //! - Styxy allows 100 requests a minute for all local clients: the worker keeps to its
 //!   own [`Budget`], honours `Retry-After`, and never makes a bind wait on Styxy beyond
-//!   [`GRANT_WAIT`]: what it cannot do now it reconciles later.
+//!   [`GRANT_WAIT`] ([`STALE_WAIT`] when its view of Styxy is not confirmed): what it
+//!   cannot do now it reconciles later.
 //!
-//! One worker thread does all the talking, with blocking HTTP (`client::http`); the
-//! grant path only hands it a job and waits, bounded, on a oneshot channel.
+//! The facts about Styxy this relies on are in docs/STYXY.md. One worker thread does
+//! the talking, with blocking HTTP (`common::http`), and a second one the releases; the
+//! grant path only hands the worker a job and waits, bounded, on a oneshot channel.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
@@ -29,21 +39,40 @@ use styxy_preload_common::api::{self, AllocateReply, AllocateRequest, Allocation
 use styxy_preload_common::discovery;
 use styxy_preload_common::eventlog::{self, Action, Event};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::{paths, procinfo};
 use tokio::sync::oneshot;
 
 use crate::state::{Allocation, Standing, State};
 use crate::{now_ms, Shared};
 
-/// How long a grant waits for Styxy's answer before it is made locally.
+/// How long a grant waits for Styxy's answer before it is made locally, when Styxy's
+/// count of allocations confirmed our view of it within [`FRESH_MS`].
 pub const GRANT_WAIT: Duration = Duration::from_millis(100);
+/// How long it waits otherwise: as long as the hooks' budget (200 ms a bind) allows.
+pub const STALE_WAIT: Duration = Duration::from_millis(160);
+/// A view of Styxy's allocations confirmed this recently is current enough for a grant.
+const FRESH_MS: u64 = 1_500;
 /// Styxy's own answers get this long (a DELETE right after an allocate takes ~1 s).
 const CALL: Timeouts = Timeouts { connect: Duration::from_millis(300), total: Duration::from_secs(3), max_body: 8 << 20 };
-/// The worker's heartbeat: releases and due refreshes are looked at this often.
-const TICK: Duration = Duration::from_millis(500);
+/// `GET /status`, polled: a Styxy silent this long is busy (its port observer freezes it).
+const POLL: Timeouts = Timeouts { connect: Duration::from_millis(300), total: Duration::from_millis(500), max_body: 64 << 10 };
+/// The worker's heartbeat: releases, polls and due refreshes are looked at this often.
+const TICK: Duration = Duration::from_millis(250);
+/// `GET /status` is polled this often while binds happen, and when all is quiet.
+const POLL_ACTIVE_MS: u64 = 500;
+const POLL_IDLE_MS: u64 = 1_000;
+/// A Styxy silent this long is taken for gone: its freezes last seconds, not minutes.
+const BUSY_GONE_MS: u64 = 60_000;
+/// `GET /config` is read again this often (and whenever Styxy restarts).
+const CONFIG_EVERY_MS: u64 = 60_000;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub endpoint: Endpoint,
+    /// The user named this Styxy (`STYXY_URL`, `--upstream`): trusted whoever listens.
+    pub named: bool,
+    /// Our `User-Agent`, which Styxy records with each allocation: it tells ours apart.
+    pub agent: String,
     /// Styxy forgets an allocation this long after it was made (30 min); live ones are
     /// re-asserted at three fifths of it.
     pub expiry: Duration,
@@ -63,6 +92,8 @@ impl Config {
     pub fn with_expiry(endpoint: Endpoint, expiry: Duration) -> Config {
         Config {
             endpoint,
+            named: false,
+            agent: agent(),
             expiry,
             per_minute: 80,
             refresh_active: Duration::from_secs(3).min(expiry / 10),
@@ -71,11 +102,40 @@ impl Config {
     }
 }
 
+/// This daemon's `User-Agent` towards Styxy: one per runtime directory (one daemon each).
+pub fn agent() -> String {
+    format!("styxy-preload-daemon ({})", paths::runtime_dir().display())
+}
+
+/// Whether `ep` may be told our token and believed: the user named it, or every socket
+/// listening where a connection to it goes is this user's (`/proc/net/tcp*`).
+/// `Err(None)`: nothing listens there; `Err(Some(why))`: another user does.
+pub fn trusted(ep: &Endpoint, named: bool) -> Result<(), Option<String>> {
+    let Endpoint::Tcp { addr, .. } = ep else { return Ok(()) };
+    if named {
+        return Ok(());
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let uids = procinfo::tcp_listener_uids(*addr);
+    match uids.iter().find(|u| **u != me) {
+        _ if uids.is_empty() => Err(None),
+        Some(other) => Err(Some(format!(
+            "{addr} is listened on by uid {other}, not by this user: not trusted, never sent the token (set STYXY_URL=http://{addr} to trust it)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What `status` shows of the upstream.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Health {
     pub url: String,
     pub reachable: bool,
+    /// Styxy runs but its last answer did not come in time (its port observer freezes it).
+    pub busy: bool,
+    /// Why Styxy is not trusted: another user listens where it is expected.
+    pub untrusted: Option<String>,
     /// Styxy refused the token (401): nothing is mirrored until that is fixed.
     pub refused: bool,
     pub last_error: Option<String>,
@@ -85,6 +145,12 @@ pub struct Health {
     #[serde(skip)]
     blocked_until_ms: u64,
     pub last_refresh_ms: Option<u64>,
+    /// When Styxy's count of allocations last matched our view of them.
+    #[serde(skip)]
+    view_confirmed_ms: u64,
+    /// Since when Styxy has not answered in time.
+    #[serde(skip)]
+    busy_since_ms: Option<u64>,
 }
 
 /// The upstream's part of `GET /status`: its health, and how our allocations stand there.
@@ -130,7 +196,7 @@ impl Upstream {
         let (tx, rx) = mpsc::channel();
         let up =
             Arc::new(Upstream { jobs: Mutex::new(tx), health: Mutex::new(Health { url: cfg.endpoint.to_string(), ..Health::default() }) });
-        let worker = Worker { cfg, shared, up: up.clone(), budget: Budget::default(), next_refresh_ms: 0, last_grant_ms: 0 };
+        let worker = Worker::new(cfg, shared, up.clone());
         let handle = std::thread::Builder::new().name("upstream".into()).spawn(move || worker.run(rx))?;
         Ok((up, handle))
     }
@@ -139,32 +205,45 @@ impl Upstream {
         let _ = self.jobs.lock().send(Job::Stop);
     }
 
-    /// Whether a grant may wait for Styxy now: it answered last time (or was never
-    /// tried yet) and is not refusing us or rate limiting.
+    /// Whether a grant may wait for Styxy now: it answered last time, is busy (frozen,
+    /// still holding what it held) or was never tried yet, and is trusted, not refusing
+    /// us and not rate limiting.
     pub(crate) fn usable(&self) -> bool {
         let h = self.health.lock();
-        (h.reachable || h.last_error_ms.is_none()) && !h.refused && now_ms() >= h.blocked_until_ms
+        (h.reachable || h.busy || h.last_error_ms.is_none()) && !h.refused && h.untrusted.is_none() && now_ms() >= h.blocked_until_ms
+    }
+
+    /// How long a grant waits for Styxy: longer when our view of it is not confirmed.
+    fn grant_wait(&self) -> Duration {
+        let h = self.health.lock();
+        if !h.busy && now_ms().saturating_sub(h.view_confirmed_ms) <= FRESH_MS {
+            GRANT_WAIT
+        } else {
+            STALE_WAIT
+        }
     }
 }
 
 /// Styxy's service types (`GET /config`), asked once at the daemon's start within
 /// `wait` so that the first grants already know a user's own types.
 pub fn config(cfg: &Config, wait: Duration) -> Option<serde_json::Value> {
+    trusted(&cfg.endpoint, cfg.named).ok()?;
     let t = Timeouts { connect: wait, total: wait, max_body: 1 << 20 };
-    let r = http::call(&cfg.endpoint, "GET", "/config", None, t).ok().filter(|r| r.status == 200)?;
+    let r = http::call_as(&cfg.endpoint, &cfg.agent, "GET", "/config", None, t).ok().filter(|r| r.status == 200)?;
     r.json().ok()
 }
 
-/// Mirrors the new allocation at `port` in Styxy, waiting at most [`GRANT_WAIT`]. Returns
+/// Mirrors the new allocation at `port` in Styxy, waiting at most [`GRANT_WAIT`] or
+/// [`STALE_WAIT`] (`Upstream::grant_wait`). Returns
 /// the port to grant instead when Styxy chose another one that is free here.
 pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
     let up = sh.upstream.get()?;
-    if !up.usable() {
-        return None; // granted locally; the worker reconciles when it can
+    if !up.usable() || sh.state.lock().allocs.get(&port).is_none_or(|a| a.upstream != Standing::Pending) {
+        return None; // granted locally (the worker reconciles when it can), or Styxy's hook's lock adopted
     }
     let (tx, mut rx) = oneshot::channel();
     up.jobs.lock().send(Job::Mirror { port, reply: tx }).ok()?;
-    let answer = match tokio::time::timeout(GRANT_WAIT, &mut rx).await {
+    let answer = match tokio::time::timeout(up.grant_wait(), &mut rx).await {
         Ok(Ok(a)) => a,
         _ => {
             // too late: from now on the worker applies the answer itself
@@ -178,41 +257,40 @@ pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
 }
 
 /// Records Styxy's answer for the allocation at `port`. `in_time`: the client has not
-/// been answered yet, so Styxy's other choice may replace ours. Returns the new port then.
+/// been answered yet, so Styxy's other choice may replace ours (only a port of the
+/// allocation's type, free here). Returns the new port then.
 fn apply(st: &mut State, port: u16, answer: Answer, in_time: bool) -> Option<u16> {
     let Answer::Granted { port: theirs, lock_id } = answer else {
         return None;
     };
     let now = now_ms();
     let mirrored = Standing::Mirrored { lock_id: lock_id.clone(), asserted_at_ms: now };
-    let waiting = st.allocs.get(&port).is_some_and(|a| a.upstream.lock_id().is_none());
-    if !waiting {
+    let Some(ty) = st.allocs.get(&port).filter(|a| a.upstream.lock_id().is_none()).map(|a| a.service_type.clone()) else {
         st.upstream_releases.push(lock_id); // freed meanwhile, or mirrored already
         return None;
-    }
+    };
     if theirs == port {
         if let Some(a) = st.allocs.get_mut(&port) {
             a.upstream = mirrored;
         }
         return None;
     }
-    if in_time && st.free(theirs, now) && st.relocate(port, theirs) {
+    let of_type = st.policy.service_type(&ty).is_some_and(|t| (t.range.0..=t.range.1).contains(&theirs));
+    if in_time && of_type && st.free(theirs, now) && st.relocate(port, theirs) {
         if let Some(a) = st.allocs.get_mut(&theirs) {
             a.upstream = mirrored;
         }
         return Some(theirs);
     }
-    // not the port the client has: give it back, and say why Styxy would not grant ours
+    // not the port the client has: give it back; Styxy's list says who holds ours
     st.upstream_releases.push(lock_id);
-    let served = !st.upstream_held.contains(&port) && (st.port_in_use)(port);
-    if !served {
-        st.upstream_held.insert(port);
-    }
+    let served = (st.styxy_sees)(port);
+    let held = st.upstream_held.get(&port).map(|h| h.instance_id.clone().unwrap_or_default());
     if let Some(a) = st.allocs.get_mut(&port) {
-        if served {
-            a.upstream = Standing::Served;
-        } else {
-            mark_conflict(a, &format!("Styxy holds {port} for another client (it offered {theirs})"));
+        match held {
+            Some(other) => mark_conflict(a, &format!("Styxy holds {port} for another client ({other})")),
+            None if served => a.upstream = Standing::Served,
+            None => {} // still pending: the next reading of Styxy's list finds out
         }
     }
     None
@@ -276,13 +354,41 @@ enum Todo {
     Reassert(u16, String),
 }
 
-struct Worker {
+/// What the worker and the releaser share: how to reach Styxy, our budget there, and
+/// Styxy's count of allocations as our view has it.
+struct Client {
     cfg: Config,
+    /// The endpoint, with the token as last read (a 401 reads it again).
+    endpoint: Mutex<Endpoint>,
     shared: std::sync::Weak<Shared>,
     up: Arc<Upstream>,
-    budget: Budget,
+    budget: Mutex<Budget>,
+    /// Styxy's count of allocations as our view has it (its list, then our own
+    /// allocates and releases): another count on `/status` means the view is stale.
+    count: Mutex<Option<u64>>,
+}
+
+/// The thread that asks Styxy everything but releases.
+struct Worker {
+    client: Arc<Client>,
     next_refresh_ms: u64,
+    next_poll_ms: u64,
+    next_config_ms: u64,
     last_grant_ms: u64,
+    /// When Styxy started, by its uptime at the last poll: another start means it
+    /// restarted (and forgot).
+    started_ms: Option<u64>,
+}
+
+/// How Styxy failed to answer.
+#[derive(PartialEq, Eq)]
+enum Silent {
+    /// A timeout: it runs but is frozen (its port observer), holding what it held.
+    Busy,
+    /// Nothing accepts the connection (or an untrusted listener does): it holds nothing.
+    Gone,
+    /// Something answered, not with HTTP we understand.
+    Garbled,
 }
 
 enum Failure {
@@ -293,7 +399,28 @@ enum Failure {
 }
 
 impl Worker {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
+    fn new(cfg: Config, shared: std::sync::Weak<Shared>, up: Arc<Upstream>) -> Worker {
+        let endpoint = Mutex::new(cfg.endpoint.clone());
+        let client = Client { cfg, endpoint, shared, up, budget: Mutex::new(Budget::default()), count: Mutex::new(None) };
+        Worker { client: Arc::new(client), next_refresh_ms: 0, next_poll_ms: 0, next_config_ms: 0, last_grant_ms: 0, started_ms: None }
+    }
+
+    /// Runs the worker, and the releaser beside it (a release can take Styxy a second or
+    /// more, which an allocate for a bind in progress must not wait for).
+    fn run(self, rx: mpsc::Receiver<Job>) {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let releaser = {
+            let (client, stop) = (self.client.clone(), stop.clone());
+            std::thread::Builder::new().name("upstream-release".into()).spawn(move || client.releaser(&stop))
+        };
+        self.serve(rx);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(r) = releaser {
+            let _ = r.join();
+        }
+    }
+
+    fn serve(mut self, rx: mpsc::Receiver<Job>) {
         let mut first = true;
         loop {
             // the first round runs at once: Styxy's holdings are known before most binds
@@ -303,40 +430,229 @@ impl Worker {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             first = false;
-            let Some(sh) = self.shared.upgrade() else { break };
-            self.release_freed(&sh);
+            let Some(sh) = self.client.shared.upgrade() else { break };
+            if now_ms() >= self.next_poll_ms {
+                self.poll(&sh);
+            }
             if now_ms() >= self.next_refresh_ms {
                 self.reconcile(&sh);
             }
         }
     }
 
-    /// One request to Styxy, within our budget; notes reachability, 401 and 429.
-    fn call(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<http::Response, Failure> {
+    fn active(&self, now: u64) -> bool {
+        now.saturating_sub(self.last_grant_ms) < 60_000
+    }
+
+    /// `GET /status` (free: neither counted nor authenticated): is Styxy there, did it
+    /// restart, and does its count of allocations still match our view?
+    fn poll(&mut self, sh: &Shared) {
         let now = now_ms();
-        if path != "/status" && !self.budget.take(self.cfg.per_minute, now) {
+        self.next_poll_ms = now + if self.active(now) { POLL_ACTIVE_MS } else { POLL_IDLE_MS };
+        let Ok(r) = self.client.call_within("GET", "/status", None, POLL) else {
+            if !self.client.up.health.lock().busy {
+                self.started_ms = None; // not a frozen Styxy: its types are read again when it answers
+            }
+            return;
+        };
+        let Ok(v) = r.json::<serde_json::Value>() else { return };
+        // when it started, from Node's process.uptime() (seconds, with a fraction) as of
+        // its answer, which comes right after it was computed
+        let now = now_ms();
+        let started = v["uptime"].as_f64().map(|u| now.saturating_sub((u * 1000.0) as u64));
+        let restarted = match (self.started_ms, started) {
+            (Some(a), Some(b)) => a.abs_diff(b) > 250,
+            _ => true,
+        };
+        if restarted || now >= self.next_config_ms {
+            // there for the first time, back, or restarted: its types may be new
+            self.read_config(sh);
+            self.next_refresh_ms = now;
+        }
+        self.started_ms = started;
+        if v["allocations"].as_u64() != *self.client.count.lock() {
+            self.next_refresh_ms = now;
+        } else {
+            self.client.up.health.lock().view_confirmed_ms = now;
+        }
+    }
+
+    /// Styxy's service types (`GET /config`), taken as far as a coordinator may set them.
+    fn read_config(&mut self, sh: &Shared) {
+        self.next_config_ms = now_ms() + CONFIG_EVERY_MS;
+        let Ok(r) = self.client.call("GET", "/config", None) else { return };
+        let Ok(cfg) = r.json::<serde_json::Value>() else { return };
+        let mut st = sh.state.lock();
+        let before = st.policy.types.clone();
+        if st.policy.apply_config(&cfg) && st.policy.types != before {
+            crate::publish_policy(&st.policy);
+        }
+    }
+
+    fn mirror(&mut self, port: u16, reply: oneshot::Sender<Answer>) {
+        let Some(sh) = self.client.shared.upgrade() else { return };
+        self.last_grant_ms = now_ms();
+        self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.client.cfg.refresh_active.as_millis() as u64);
+        let Some(a) = sh.state.lock().allocs.get(&port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
+        let answer = self.client.allocate(&a);
+        let answer = self.reserved_by_hook(&sh, &a, answer);
+        if let Err(late) = reply.send(answer) {
+            self.apply_late(&sh, port, late);
+        }
+    }
+
+    /// Styxy answered another port than `a`'s: if its list shows `a`'s port reserved by
+    /// Styxy's hook for this very command (reserved after the daemon last read the list),
+    /// that reservation is the answer, and Styxy's other port is given back.
+    fn reserved_by_hook(&mut self, sh: &Shared, a: &Allocation, answer: Answer) -> Answer {
+        let Answer::Granted { port: theirs, lock_id } = &answer else { return answer };
+        if *theirs == a.port {
+            return answer;
+        }
+        let Ok(list) =
+            self.client.call("GET", "/allocations", None).and_then(|r| r.json::<AllocationsReply>().map_err(|_| Failure::Failed))
+        else {
+            return answer;
+        };
+        let req = crate::state::AllocRequest {
+            service_type: a.service_type.clone(),
+            requested_port: a.requested_port.or(Some(a.port)),
+            project_path: a.project_path.clone(),
+            owner: a.owners.first().cloned(),
+            ..Default::default()
+        };
+        let agent = &self.client.cfg.agent;
+        let found = list.allocations.into_iter().find(|t| {
+            t.port == a.port && t.user_agent.as_deref() != Some(agent) && crate::styxy_hook::reserved_for(t, &req, &a.service_type)
+        });
+        match found {
+            Some(t) => {
+                sh.state.lock().upstream_releases.push(lock_id.clone());
+                Answer::Granted { port: a.port, lock_id: t.lock_id }
+            }
+            None => answer,
+        }
+    }
+
+    /// An answer nobody waits for any more: recorded; one that differs from the port
+    /// granted has Styxy's list read at once (whose is the port?).
+    fn apply_late(&mut self, sh: &Shared, port: u16, answer: Answer) {
+        if matches!(&answer, Answer::Granted { port: p, .. } if *p != port) {
+            self.next_refresh_ms = now_ms();
+        }
+        apply(&mut sh.state.lock(), port, answer, false);
+        sh.persist();
+    }
+
+    /// Reads Styxy's allocations and brings both sides together.
+    fn reconcile(&mut self, sh: &Shared) {
+        let now = now_ms();
+        let every = if self.active(now) { self.client.cfg.refresh_active } else { self.client.cfg.refresh_idle };
+        self.next_refresh_ms = now + every.as_millis() as u64;
+        let theirs = match self.client.call("GET", "/allocations", None) {
+            Ok(r) if r.status == 200 => match r.json::<AllocationsReply>() {
+                Ok(v) => v.allocations,
+                Err(_) => return,
+            },
+            _ => {
+                self.next_refresh_ms = now + 2_000;
+                return;
+            }
+        };
+        *self.client.count.lock() = Some(theirs.len() as u64);
+        {
+            let mut h = self.client.up.health.lock();
+            h.last_refresh_ms = Some(now);
+            h.view_confirmed_ms = now;
+        }
+        let todo = plan(&mut sh.state.lock(), &theirs, now, self.reassert_after(), &self.client.cfg.agent);
+        self.carry_out(sh, todo);
+        sh.persist();
+    }
+
+    /// Allocates and re-asserts what [`plan`] found, until Styxy fails or the budget ends.
+    fn carry_out(&mut self, sh: &Shared, todo: Vec<Todo>) {
+        for t in todo {
+            let (port, old) = match t {
+                Todo::Allocate(p) => (p, None),
+                Todo::Reassert(p, lock) => (p, Some(lock)),
+            };
+            if let Some(old) = old {
+                if !self.client.release(&old) {
+                    break;
+                }
+                if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
+                    a.upstream = Standing::Pending;
+                }
+            }
+            let Some(a) = sh.state.lock().allocs.get(&port).cloned() else { continue };
+            let answer = self.client.allocate(&a);
+            if matches!(answer, Answer::Failed) {
+                self.next_refresh_ms = now_ms() + 2_000;
+                break;
+            }
+            self.apply_late(sh, port, answer);
+        }
+    }
+
+    fn reassert_after(&self) -> u64 {
+        self.client.cfg.expiry.as_millis() as u64 * 3 / 5
+    }
+}
+
+impl Client {
+    /// Releases the locks of freed allocations every tick, until `stop`.
+    fn releaser(&self, stop: &std::sync::atomic::AtomicBool) {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(TICK);
+            let Some(sh) = self.shared.upgrade() else { return };
+            self.release_freed(&sh);
+        }
+    }
+
+    /// One request to Styxy, within our budget; notes reachability, 401 and 429.
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<http::Response, Failure> {
+        self.call_within(method, path, body, CALL)
+    }
+
+    fn call_within(&self, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<http::Response, Failure> {
+        let now = now_ms();
+        let endpoint = self.endpoint.lock().clone();
+        if let Err(why) = trusted(&endpoint, self.cfg.named) {
+            self.gone(why.clone().unwrap_or_else(|| "nothing listens there".into()), Silent::Gone);
+            self.up.health.lock().untrusted = why;
             return Err(Failure::Skipped);
         }
-        let res = http::call(&self.cfg.endpoint, method, path, body, CALL);
+        if path != "/status" && !self.budget.lock().take(self.cfg.per_minute, now) {
+            return Err(Failure::Skipped);
+        }
+        let res = http::call_as(&endpoint, &self.cfg.agent, method, path, body, t);
         let mut h = self.up.health.lock();
+        h.untrusted = None;
         match res {
             Err(e) => {
-                h.reachable = false;
-                h.last_error = Some(e.to_string());
-                h.last_error_ms = Some(now);
+                drop(h);
+                let state = match e {
+                    http::Error::Timeout => Silent::Busy,
+                    http::Error::Unreachable(_) => Silent::Gone,
+                    http::Error::Protocol(_) => Silent::Garbled,
+                };
+                self.gone(e.to_string(), state);
                 Err(Failure::Failed)
             }
             Ok(r) => {
                 h.reachable = true;
+                h.busy = false;
+                h.busy_since_ms = None;
                 h.refused = r.status == 401;
                 if h.refused {
                     // the token may have changed (Styxy writes a new one when its file is bad)
-                    self.cfg.endpoint = self.cfg.endpoint.clone().with_token(discovery::styxy_token());
+                    *self.endpoint.lock() = endpoint.with_token(discovery::styxy_token());
                 }
                 if r.status == 429 {
                     let secs = r.retry_after.unwrap_or(60).max(1);
-                    self.budget.blocked_until_ms = now + secs * 1000;
-                    h.blocked_until_ms = self.budget.blocked_until_ms;
+                    h.blocked_until_ms = now + secs * 1000;
+                    self.budget.lock().blocked_until_ms = h.blocked_until_ms;
                     h.last_429_ms = Some(now);
                 }
                 if r.status >= 400 {
@@ -348,7 +664,29 @@ impl Worker {
         }
     }
 
-    fn allocate(&mut self, a: &Allocation) -> Answer {
+    /// Styxy did not answer (see [`Silent`]). A gone Styxy (or one silent for
+    /// [`BUSY_GONE_MS`]) holds nothing for anyone (a restart forgets everything): its last
+    /// list no longer keeps ports from being granted.
+    fn gone(&self, why: String, how: Silent) {
+        let now = now_ms();
+        let mut h = self.up.health.lock();
+        h.reachable = false;
+        h.busy = how == Silent::Busy;
+        h.busy_since_ms = if h.busy { h.busy_since_ms.or(Some(now)) } else { None };
+        let silent_too_long = h.busy_since_ms.is_some_and(|t| now.saturating_sub(t) > BUSY_GONE_MS);
+        h.view_confirmed_ms = 0;
+        h.last_error = Some(why);
+        h.last_error_ms = Some(now);
+        drop(h);
+        if how == Silent::Gone || silent_too_long {
+            *self.count.lock() = None;
+            if let Some(sh) = self.shared.upgrade() {
+                sh.state.lock().upstream_held.clear();
+            }
+        }
+    }
+
+    fn allocate(&self, a: &Allocation) -> Answer {
         let req = AllocateRequest {
             service_type: a.service_type.clone(),
             service_name: Some(api::service_name(a.comm.as_deref().unwrap_or("process"), a.requested_port.unwrap_or(a.port))),
@@ -361,12 +699,15 @@ impl Worker {
             ..Default::default()
         };
         let Ok(body) = serde_json::to_vec(&req) else { return Answer::Failed };
-        match self.call("POST", "/allocate", Some(&body)) {
-            Ok(r) if r.status == 200 => {
-                match r.json::<AllocateReply>().ok().and_then(|g| g.granted().map(|(p, l)| (p, l.map(str::to_string)))) {
-                    Some((port, Some(lock_id))) => Answer::Granted { port, lock_id },
-                    _ => Answer::Failed,
+        let Ok(r) = self.call("POST", "/allocate", Some(&body)) else { return Answer::Failed };
+        let reply = r.json::<AllocateReply>().ok().filter(|_| r.status == 200);
+        match reply.as_ref().and_then(|g| g.granted().map(|(p, l)| (p, l.map(str::to_string), g.existing == Some(true)))) {
+            Some((port, Some(lock_id), existing)) => {
+                if !existing {
+                    let mut count = self.count.lock();
+                    *count = count.map(|c| c + 1);
                 }
+                Answer::Granted { port, lock_id }
             }
             _ => Answer::Failed,
         }
@@ -374,26 +715,18 @@ impl Worker {
 
     /// `DELETE /allocate/:lock`. Styxy's fresh-install quirk answers 400 ENOENT although it
     /// released, and "not found" means it forgot the lock already: both count as released.
-    fn release(&mut self, lock_id: &str) -> bool {
-        match self.call("DELETE", &format!("/allocate/{lock_id}"), None) {
-            Ok(r) => r.status == 200 || (r.status == 400 && ["ENOENT", "not found"].iter().any(|k| error_text(&r).contains(k))),
-            Err(_) => false,
+    fn release(&self, lock_id: &str) -> bool {
+        let Ok(r) = self.call("DELETE", &format!("/allocate/{lock_id}"), None) else { return false };
+        let text = error_text(&r);
+        let released = r.status == 200 || (r.status == 400 && text.contains("ENOENT"));
+        if released {
+            let mut count = self.count.lock();
+            *count = count.map(|c| c.saturating_sub(1));
         }
+        released || (r.status == 400 && text.contains("not found"))
     }
 
-    fn mirror(&mut self, port: u16, reply: oneshot::Sender<Answer>) {
-        let Some(sh) = self.shared.upgrade() else { return };
-        self.last_grant_ms = now_ms();
-        self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.cfg.refresh_active.as_millis() as u64);
-        let Some(a) = sh.state.lock().allocs.get(&port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
-        let answer = self.allocate(&a);
-        if let Err(late) = reply.send(answer) {
-            apply(&mut sh.state.lock(), port, late, false);
-            sh.persist();
-        }
-    }
-
-    fn release_freed(&mut self, sh: &Shared) {
+    fn release_freed(&self, sh: &Shared) {
         let todo: Vec<String> = sh.state.lock().upstream_releases.clone();
         let mut done = Vec::new();
         for lock in todo {
@@ -407,91 +740,36 @@ impl Worker {
             sh.persist();
         }
     }
-
-    /// Reads Styxy's allocations and brings both sides together.
-    fn reconcile(&mut self, sh: &Shared) {
-        let now = now_ms();
-        let active = now.saturating_sub(self.last_grant_ms) < 60_000;
-        let every = if active { self.cfg.refresh_active } else { self.cfg.refresh_idle };
-        self.next_refresh_ms = now + every.as_millis() as u64;
-        let reachable = self.up.health.lock().reachable;
-        if !reachable {
-            // /status is neither counted nor authenticated: probe until Styxy answers
-            self.next_refresh_ms = now + 2_000;
-            if !matches!(self.call("GET", "/status", None), Ok(r) if r.status == 200) {
-                return;
-            }
-            // Styxy is back (or there for the first time): its service types may be the user's own
-            if let Ok(r) = self.call("GET", "/config", None) {
-                if let Ok(cfg) = r.json::<serde_json::Value>() {
-                    let mut st = sh.state.lock();
-                    if st.policy.apply_config(&cfg) {
-                        crate::publish_policy(&st.policy);
-                    }
-                }
-            }
-        }
-        let theirs = match self.call("GET", "/allocations", None) {
-            Ok(r) if r.status == 200 => match r.json::<AllocationsReply>() {
-                Ok(v) => v.allocations,
-                Err(_) => return,
-            },
-            _ => {
-                self.next_refresh_ms = now + 2_000;
-                return;
-            }
-        };
-        self.up.health.lock().last_refresh_ms = Some(now);
-        let todo = plan(&mut sh.state.lock(), &theirs, now, self.reassert_after());
-        for t in todo {
-            let (port, old) = match t {
-                Todo::Allocate(p) => (p, None),
-                Todo::Reassert(p, lock) => (p, Some(lock)),
-            };
-            if let Some(old) = old {
-                if !self.release(&old) {
-                    break;
-                }
-                if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
-                    a.upstream = Standing::Pending;
-                }
-            }
-            let Some(a) = sh.state.lock().allocs.get(&port).cloned() else { continue };
-            let answer = self.allocate(&a);
-            let failed = matches!(answer, Answer::Failed);
-            apply(&mut sh.state.lock(), port, answer, false);
-            if failed {
-                self.next_refresh_ms = now_ms() + 2_000;
-                break;
-            }
-        }
-        sh.persist();
-    }
-
-    fn reassert_after(&self) -> u64 {
-        self.cfg.expiry.as_millis() as u64 * 3 / 5
-    }
 }
 
-/// Compares Styxy's allocations with ours: notes the ports Styxy holds for others, marks
-/// conflicts, and lists what to allocate or re-assert.
-fn plan(st: &mut State, theirs: &[api::AllocationInfo], now: u64, reassert_after: u64) -> Vec<Todo> {
-    let ours: BTreeSet<&str> =
-        st.allocs.values().filter_map(|a| a.upstream.lock_id()).chain(st.upstream_releases.iter().map(String::as_str)).collect();
+/// Compares Styxy's allocations with ours: adopts or releases what Styxy holds of ours
+/// under locks we do not know, notes the ports it holds for others, marks conflicts,
+/// and lists what to allocate or re-assert.
+fn plan(st: &mut State, theirs: &[api::AllocationInfo], now: u64, reassert_after: u64, agent: &str) -> Vec<Todo> {
+    let known: BTreeSet<String> =
+        st.allocs.values().filter_map(|a| a.upstream.lock_id().map(str::to_string)).chain(st.upstream_releases.iter().cloned()).collect();
+    let ours = |t: &api::AllocationInfo| t.user_agent.as_deref() == Some(agent);
+    for t in theirs.iter().filter(|t| ours(t) && !known.contains(&t.lock_id)) {
+        adopt_or_release(st, t, now.saturating_sub(reassert_after));
+    }
     let by_lock: BTreeMap<&str, u16> = theirs.iter().map(|t| (t.lock_id.as_str(), t.port)).collect();
-    let held: BTreeSet<u16> = theirs.iter().filter(|t| !ours.contains(t.lock_id.as_str())).map(|t| t.port).collect();
-    let in_use = st.port_in_use;
+    st.upstream_held = theirs.iter().filter(|t| !ours(t) && !known.contains(&t.lock_id)).map(|t| (t.port, t.clone())).collect();
+    let (held, sees) = (&st.upstream_held, st.styxy_sees);
     let mut todo = Vec::new();
     for a in st.allocs.values_mut() {
         match &a.upstream {
             Standing::Mirrored { lock_id, asserted_at_ms } if by_lock.get(lock_id.as_str()) == Some(&a.port) => {
-                if now.saturating_sub(*asserted_at_ms) >= reassert_after {
+                // a server Styxy's test-bind sees could not be registered again: its lock stays until Styxy expires it
+                if now.saturating_sub(*asserted_at_ms) >= reassert_after && !sees(a.port) {
                     todo.push(Todo::Reassert(a.port, lock_id.clone()));
                 }
             }
-            _ if held.contains(&a.port) => mark_conflict(a, &format!("Styxy holds {} for another client", a.port)),
+            _ if held.contains_key(&a.port) => {
+                let other = held[&a.port].instance_id.clone().unwrap_or_default();
+                mark_conflict(a, &format!("Styxy holds {} for another client ({other})", a.port));
+            }
             // Styxy's test-bind refuses it while it is served, and protects it meanwhile
-            Standing::Served if in_use(a.port) => {}
+            _ if sees(a.port) => a.upstream = Standing::Served,
             // never asked, lost by Styxy (a restart, its expiry), or free again: register it
             _ => {
                 a.upstream = Standing::Pending;
@@ -499,10 +777,90 @@ fn plan(st: &mut State, theirs: &[api::AllocationInfo], now: u64, reassert_after
             }
         }
     }
-    st.upstream_held = held;
     todo
+}
+
+/// An allocation Styxy holds under our name and a lock we do not know: the lock of our
+/// allocation of that port and session that has none (Styxy's answer came too late for
+/// it), or else released.
+fn adopt_or_release(st: &mut State, t: &api::AllocationInfo, unknown_ms: u64) {
+    // no session is Styxy's "default" instance
+    let session = |a: &Allocation| a.session.clone().unwrap_or_else(|| "default".into());
+    let mine = st.allocs.get_mut(&t.port).filter(|a| Some(session(a)) == t.instance_id && a.upstream.lock_id().is_none());
+    let made = t.allocated_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s).ok());
+    let made_ms = made.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+    match mine {
+        // when Styxy made it is when it expires (re-asserted at once if that is not known)
+        Some(a) => a.upstream = Standing::Mirrored { lock_id: t.lock_id.clone(), asserted_at_ms: made_ms.unwrap_or(unknown_ms) },
+        None => st.upstream_releases.push(t.lock_id.clone()),
+    }
 }
 
 fn error_text(r: &http::Response) -> String {
     r.json::<api::ErrorReply>().map(|e| e.error).unwrap_or_else(|_| String::from_utf8_lossy(&r.body).chars().take(200).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AllocRequest, Owner};
+    use styxy_preload_common::policy::Policy;
+
+    fn state_with(session: &str, port: u16) -> State {
+        let mut st = State::new(Policy::default(), None, 60_000);
+        st.port_in_use = |_| false;
+        st.styxy_sees = |_| false;
+        let req = AllocRequest {
+            service_type: "dev".into(),
+            service_name: "t".into(),
+            preferred_port: Some(port),
+            requested_port: Some(port),
+            session: Some(session.into()),
+            owner: Owner::of(std::process::id()),
+            ..Default::default()
+        };
+        assert_eq!(st.allocate(&req, 0).unwrap().port, port);
+        st
+    }
+
+    fn info(port: u16, lock: &str, instance: &str, agent: &str) -> api::AllocationInfo {
+        api::AllocationInfo {
+            port,
+            lock_id: lock.into(),
+            service_type: "dev".into(),
+            instance_id: Some(instance.into()),
+            user_agent: Some(agent.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_answer_outside_the_types_range_never_moves_a_grant() {
+        let mut st = state_with("s", 3000);
+        let answer = Answer::Granted { port: 45123, lock_id: "l1".into() };
+        assert_eq!(apply(&mut st, 3000, answer, true), None);
+        assert!(st.allocs.contains_key(&3000) && !st.allocs.contains_key(&45123));
+        assert_eq!(st.upstream_releases, ["l1"], "given back");
+        assert_eq!(st.allocs[&3000].upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
+        // a late answer of another port of the type (the server died meanwhile, say): no conflict either
+        let late = Answer::Granted { port: 3006, lock_id: "l2".into() };
+        assert_eq!(apply(&mut st, 3000, late, false), None);
+        assert_eq!(st.allocs[&3000].upstream, Standing::Pending);
+        assert_eq!(st.upstream_releases, ["l1", "l2"]);
+    }
+
+    #[test]
+    fn styxys_allocations_under_our_name_are_adopted_or_released_never_someone_elses() {
+        let mut st = state_with("s", 3000);
+        let theirs = [
+            info(3000, "late", "s", "us"),      // an answer that came too late: adopted
+            info(3002, "stray", "s", "us"),     // an allocation of ours with no allocation here: released
+            info(3005, "other", "x", "curl/8"), // another client's
+        ];
+        let todo = plan(&mut st, &theirs, 10_000, 1_000_000, "us");
+        assert!(todo.is_empty());
+        assert_eq!(st.allocs[&3000].upstream.lock_id(), Some("late"));
+        assert_eq!(st.upstream_releases, ["stray"]);
+        assert_eq!(st.upstream_held.keys().copied().collect::<Vec<_>>(), [3005]);
+    }
 }

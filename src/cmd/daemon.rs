@@ -16,14 +16,15 @@ use crate::coordinator::{self, PROBE};
 fn options(a: &DaemonRunArgs) -> Result<Options, String> {
     let upstream = match (&a.upstream, a.no_upstream) {
         (_, true) => None,
-        (Some(url), _) => Some(Endpoint::parse(url).map_err(|e| format!("--upstream {e}"))?.with_token(discovery::styxy_token())),
+        (Some(url), _) => Some((Endpoint::parse(url).map_err(|e| format!("--upstream {e}"))?.with_token(discovery::styxy_token()), true)),
         (None, false) => Some(discovery::upstream()?),
     };
     Ok(Options {
         idle_exit: (a.idle_exit > 0).then(|| Duration::from_secs(a.idle_exit)),
         http: a.http,
         grace: Duration::from_secs(a.grace),
-        upstream: upstream.map(|ep| upstream::Config::with_expiry(ep, Duration::from_secs(a.upstream_expiry))),
+        upstream: upstream
+            .map(|(ep, named)| upstream::Config { named, ..upstream::Config::with_expiry(ep, Duration::from_secs(a.upstream_expiry)) }),
         ..Options::default()
     })
 }

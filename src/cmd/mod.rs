@@ -12,6 +12,8 @@ mod status;
 
 use crate::cli::Command;
 
+pub use status::keep_users_disable;
+
 /// Runs a command; `Ok` carries the exit status, `Err` a message for stderr (exit 1).
 pub fn run(cmd: Command) -> Result<i32, String> {
     match cmd {

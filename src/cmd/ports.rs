@@ -22,7 +22,10 @@ pub fn run(json: bool) -> Result<i32, String> {
         println!("no allocations at {ep}");
         return Ok(0);
     }
-    println!("{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}", "PORT", "TYPE", "SESSION", "PIDS", "COMMAND", "REQUESTED", "AGE");
+    println!(
+        "{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}  STYXY",
+        "PORT", "TYPE", "SESSION", "PIDS", "COMMAND", "REQUESTED", "AGE"
+    );
     for a in &reply.allocations {
         let pids = if a.pids.is_empty() {
             a.process_id.map(|p| p.to_string()).unwrap_or_default()
@@ -30,17 +33,24 @@ pub fn run(json: bool) -> Result<i32, String> {
             a.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
         };
         println!(
-            "{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}",
+            "{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}  {}",
             a.port,
             cell(&a.service_type),
             cell(a.instance_id.as_deref().unwrap_or("-")),
             pids,
             cell(a.comm.as_deref().unwrap_or("-")),
             a.requested_port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            a.age_s.map(age).unwrap_or_default()
+            a.age_s.map(age).unwrap_or_default(),
+            standing(a)
         );
     }
     Ok(0)
+}
+
+/// The allocation's standing in the upstream Styxy (`mirrored`, `served`, `pending`,
+/// `conflict`), or `-` without one.
+fn standing(a: &styxy_preload_common::api::AllocationInfo) -> String {
+    cell(a.upstream.as_ref().and_then(|u| u["state"].as_str()).unwrap_or("-")).into_owned()
 }
 
 fn age(s: u64) -> String {

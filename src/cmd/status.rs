@@ -10,6 +10,19 @@ use styxy_preload_common::{paths, policy::Policy, session};
 use crate::coordinator::{self, PROBE};
 use crate::{libpath, seccomp};
 
+/// `STYXY_PRELOAD_DISABLE` as the user set it, before `main` set it for this process's
+/// own sockets.
+static USERS_DISABLE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Keeps the user's `STYXY_PRELOAD_DISABLE`; called by `main` before it changes it.
+pub fn keep_users_disable() {
+    let _ = USERS_DISABLE.set(std::env::var("STYXY_PRELOAD_DISABLE").ok());
+}
+
+fn users_disable() -> bool {
+    USERS_DISABLE.get().cloned().unwrap_or_else(|| std::env::var("STYXY_PRELOAD_DISABLE").ok()).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 pub fn run() -> Result<i32, String> {
     let mut broken = 0;
     let mut bad = |what: String, fix: String| {
@@ -25,26 +38,27 @@ pub fn run() -> Result<i32, String> {
         },
         Err(e) => bad(format!("library: {e}"), "build it with `cargo build --release --workspace`, or set STYXY_PRELOAD_LIB".into()),
     }
+    preload_order(&mut bad);
+    let mut policy = Policy::default();
     match coordinator::local() {
         Err(e) => {
             bad(format!("coordinator: {e}"), "set STYXY_URL to unix:/path/to/daemon.sock or http://127.0.0.1:9876, or unset it".into())
         }
-        Ok(ep) => daemon(&ep, &mut bad),
+        Ok(ep) => {
+            daemon(&ep, &mut bad);
+            // the daemon's types (the user's own from Styxy's config.json too) are what rules may name
+            if let Some(cfg) = http::call(&ep, "GET", "/config", None, PROBE).ok().and_then(|r| r.json::<serde_json::Value>().ok()) {
+                policy.apply_config(&cfg);
+            }
+        }
     }
     let mode = std::env::var("STYXY_PRELOAD_MODE").unwrap_or_else(|_| "coordinate".into());
     if !["coordinate", "on-conflict", "observe", "fallback"].contains(&mode.as_str()) {
         bad(format!("STYXY_PRELOAD_MODE={mode} is not a mode"), "use coordinate, on-conflict, observe or fallback".into());
     } else {
-        println!(
-            "✓ mode: {mode}{}",
-            if std::env::var("STYXY_PRELOAD_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0") {
-                " (but STYXY_PRELOAD_DISABLE is set: the hooks do nothing)"
-            } else {
-                ""
-            }
-        );
+        println!("✓ mode: {mode}{}", if users_disable() { " (but STYXY_PRELOAD_DISABLE is set: the hooks do nothing)" } else { "" });
     }
-    if let Err(e) = Policy::default().add_rules(&std::env::var("STYXY_PRELOAD_PORTS").unwrap_or_default()) {
+    if let Err(e) = policy.add_rules(&std::env::var("STYXY_PRELOAD_PORTS").unwrap_or_default()) {
         bad(format!("STYXY_PRELOAD_PORTS: {e}"), "fix the rule, e.g. STYXY_PRELOAD_PORTS=\"7000-7099=ui,9000=off\"".into());
     }
     match session::from_env() {
@@ -61,6 +75,24 @@ pub fn run() -> Result<i32, String> {
         Err(_) => println!("· log: {} (nothing logged yet)", log.display()),
     }
     Ok(if broken > 0 { 1 } else { 0 })
+}
+
+/// Another preload library listed before ours in `LD_PRELOAD` (Styxy's own shim, say)
+/// gets every `bind()` first: if it does not hand the call on, ours never sees it.
+fn preload_order(bad: &mut impl FnMut(String, String)) {
+    let list = std::env::var("LD_PRELOAD").unwrap_or_default();
+    let libs: Vec<&str> = list.split([':', ' ']).filter(|l| !l.is_empty()).collect();
+    let Some(ours) = libs.iter().position(|l| l.contains("libstyxy_preload")) else { return };
+    if ours > 0 {
+        bad(
+            format!(
+                "LD_PRELOAD lists {} before {}: its bind() and connect() run first, and ours may never be called",
+                libs[..ours].join(", "),
+                libs[ours]
+            ),
+            format!("put {} first in LD_PRELOAD (or run the command with `styxy-preload exec`)", libs[ours]),
+        );
+    }
 }
 
 /// How the daemon that answered `GET /status` with `v` runs, in words.
@@ -130,6 +162,19 @@ fn daemon(ep: &Endpoint, bad: &mut impl FnMut(String, String)) {
             ),
             "put Styxy's token in ~/.styxy/auth.token or STYXY_TOKEN (then `styxy-preload daemon stop`; the next exec restarts it)".into(),
         );
+    }
+    if let Some(why) = up["untrusted"].as_str() {
+        return bad(
+            format!("upstream: Styxy not used: {why}"),
+            "stop whatever listens there and start Styxy as yourself, or name the one to use with STYXY_URL".into(),
+        );
+    }
+    if up["busy"].as_bool() == Some(true) {
+        println!(
+            "· upstream: Styxy at {url} runs but does not answer (busy); grants wait for it at most {} ms",
+            styxy_preload_daemon::upstream::STALE_WAIT.as_millis()
+        );
+        return;
     }
     if up["reachable"].as_bool() != Some(true) {
         println!("· upstream: Styxy at {url} is not reachable; ports are granted here and mirrored once it answers");
