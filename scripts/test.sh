@@ -9,7 +9,7 @@
 # Each end-to-end test runs in a network namespace of its own (tests/common/mod.rs), which
 # needs CAP_SYS_ADMIN: as root it has it; a normal user's run goes inside a user namespace
 # (unshare --user --map-root-user), where the tests that need other real uids cannot run.
-#   scripts/test.sh [ARGS for cargo test...]     e.g. scripts/test.sh -- --nocapture
+#   scripts/test.sh [ARGS for the runner...]     cargo nextest run (cargo test without it), e.g. scripts/test.sh preload::
 #   scripts/test.sh --fast                       unit and protocol tests only (the inner loop)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,7 +96,14 @@ fi
 
 # everything the tests need is here now: a test that finds a program missing fails
 export STYXY_TEST_INSTALLED=1
-if [ "$(id -u)" != 0 ]; then
-  exec unshare --user --map-root-user -- cargo test --workspace --no-fail-fast "$@"
+# cargo-nextest runs the tests of every binary side by side (each test is hermetic: its own
+# network namespace, directories and daemon), four at a time as most of them wait on real
+# processes; cargo test runs one binary after another
+runner=(cargo test --workspace --no-fail-fast)
+if cargo nextest --version >/dev/null 2>&1; then
+  runner=(cargo nextest run --workspace --no-fail-fast --test-threads "${STYXY_TEST_THREADS:-4}")
 fi
-exec cargo test --workspace --no-fail-fast "$@"
+if [ "$(id -u)" != 0 ]; then
+  runner=(unshare --user --map-root-user -- "${runner[@]}")
+fi
+exec "${runner[@]}" "$@"
