@@ -67,7 +67,10 @@ pub struct Prepared {
     theirs: Option<OwnedFd>,
 }
 
-/// Makes `cmd`'s child install the filter (trapping `connect` too when `connect`).
+/// Makes `cmd`'s child install the filter (trapping `connect` too when `connect`), and
+/// die with us: without its supervisor its calls would fail with `ENOSYS` for ever.
+/// Call it on the thread that spawns `cmd` and lives as long as we do (the parent-death
+/// signal follows the thread).
 /// `env` is what `cmd` hands down on top of ours: the supervisor decides as a hooked
 /// process of the session would, with that environment.
 pub fn prepare(cmd: &mut Command, env: &BTreeMap<String, String>, connect: bool) -> io::Result<Prepared> {
@@ -79,8 +82,9 @@ pub fn prepare(cmd: &mut Command, env: &BTreeMap<String, String>, connect: bool)
     let (ours, theirs) = filter::socketpair()?;
     let prog = filter::program(&filter::trapped(connect));
     let fd = theirs.as_raw_fd();
-    // SAFETY: install() makes syscalls only, and `prog` moves into the closure.
-    unsafe { cmd.pre_exec(move || filter::install(&prog, fd)) };
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: die_with() and install() make syscalls only, and `prog` moves into the closure.
+    unsafe { cmd.pre_exec(move || filter::die_with(parent).and_then(|()| filter::install(&prog, fd))) };
     Ok(Prepared { ours, process, theirs: Some(theirs) })
 }
 
