@@ -19,7 +19,7 @@ use core::ffi::{c_char, c_int, c_void};
 
 use crate::slot::Slot;
 use crate::sys::{
-    close, environ, errno, faccessat, mmap, munmap, open, prctl, pread, set_errno, AT_EACCESS, AT_FDCWD, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC,
+    close, environ, errno, faccessat, getauxval, mmap, munmap, open, prctl, pread, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD, AT_PHDR, AT_PHNUM, AT_SECURE, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC,
     O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE, PR_GET_SECCOMP, SECCOMP_MODE_FILTER, X_OK,
 };
 use crate::text::cstr;
@@ -397,7 +397,9 @@ fn u64_at(b: &[u8], o: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
+const PT_LOAD: u32 = 1;
 const PT_INTERP: u32 = 3;
+const PT_PHDR: u32 = 6;
 const PT_NOTE: u32 = 4;
 const PHDR: usize = 56;
 /// At most this many program headers are read (real programs have about 15).
@@ -442,16 +444,18 @@ fn bytes<'a>(head: &'a [u8], far: &'a mut [u8], off: u64, len: usize, more: &mut
 }
 
 /// Whether the notes a `PT_NOTE` header `ph` points at hold Go's build id (name "Go",
-/// type 4).
+/// type 4), from the file.
 fn go_note(head: &[u8], ph: &[u8], more: &mut dyn FnMut(u64, &mut [u8]) -> usize) -> bool {
     let (Some(off), Some(len)) = (u64_at(ph, 8), u64_at(ph, 32)) else {
         return false;
     };
     let len = (len as usize).min(512);
     let mut far = [0u8; 512];
-    let Some(notes) = bytes(head, &mut far, off, len, more) else {
-        return false;
-    };
+    bytes(head, &mut far, off, len, more).is_some_and(has_go_id)
+}
+
+/// Whether `notes` (the contents of a `PT_NOTE` segment) hold Go's build id.
+fn has_go_id(notes: &[u8]) -> bool {
     let mut at = 0;
     while let (Some(namesz), Some(descsz), Some(kind)) = (u32_at(notes, at), u32_at(notes, at + 4), u32_at(notes, at + 8)) {
         let name = notes.get(at + 12..at + 12 + namesz as usize);
@@ -461,4 +465,61 @@ fn go_note(head: &[u8], ph: &[u8], more: &mut dyn FnMut(u64, &mut [u8]) -> usize
         at += 12 + (namesz as usize).next_multiple_of(4) + (descsz as usize).next_multiple_of(4);
     }
     false
+}
+
+/// At load, the one thing the library does before a call: a dynamically linked Go program
+/// (it loads the library, but its `net` package never calls it) started by a process the
+/// library is not in — the shell that ran `eval "$(styxy-preload env)"` — runs itself
+/// again under the supervisor, when its environment asks for coordination. The look is
+/// in memory (the program's own headers and notes, from the auxiliary vector): no
+/// syscall for any other program.
+///
+/// # Safety
+/// Called by the loader with the program's `argc`, `argv` and `envp`.
+unsafe extern "C" fn at_load(_argc: c_int, argv: Argv, envp: Argv) {
+    if !go_in_memory() {
+        return;
+    }
+    // SAFETY: getauxval reads the auxiliary vector; AT_EXECFN is the path the program was
+    // started with, a C string the kernel put on the stack.
+    let path = unsafe { getauxval(AT_EXECFN) } as *const c_char;
+    // started as `ld.so PROGRAM` (no interpreter base), or in secure mode: left alone
+    // SAFETY: as above.
+    if path.is_null() || unsafe { getauxval(AT_BASE) == 0 || getauxval(AT_SECURE) != 0 } {
+        return;
+    }
+    // SAFETY: the loader's arguments (this function's contract), `path` a C string.
+    unsafe { supervised(path, argv, envp) };
+}
+
+#[used]
+#[link_section = ".init_array"]
+static AT_LOAD: unsafe extern "C" fn(c_int, Argv, Argv) = at_load;
+
+/// Whether this process's program carries Go's build-id note, read from its program
+/// headers in memory (only notes inside a loaded segment are read).
+fn go_in_memory() -> bool {
+    // SAFETY: getauxval reads the auxiliary vector.
+    let (phdr, phnum) = unsafe { (getauxval(AT_PHDR), getauxval(AT_PHNUM)) };
+    if phdr == 0 || phnum == 0 || phnum > MAX_PHDRS as u64 {
+        return false;
+    }
+    // SAFETY: the kernel maps the program headers at AT_PHDR, AT_PHNUM entries of PHDR bytes.
+    let table = unsafe { core::slice::from_raw_parts(phdr as *const u8, phnum as usize * PHDR) };
+    let field = |ph: &[u8], o: usize| u64_at(ph, o).unwrap_or(0);
+    // the load bias: where PT_PHDR says the table is, against where it is
+    let Some(bias) = table.chunks_exact(PHDR).find(|ph| u32_at(ph, 0) == Some(PT_PHDR)).map(|ph| phdr.wrapping_sub(field(ph, 16)))
+    else {
+        return false;
+    };
+    let loaded = |from: u64, len: u64| {
+        table.chunks_exact(PHDR).any(|ph| {
+            u32_at(ph, 0) == Some(PT_LOAD) && field(ph, 16) <= from && from.saturating_add(len) <= field(ph, 16).saturating_add(field(ph, 32))
+        })
+    };
+    table.chunks_exact(PHDR).filter(|ph| u32_at(ph, 0) == Some(PT_NOTE)).any(|ph| {
+        let (vaddr, len) = (field(ph, 16), field(ph, 32).min(512));
+        // SAFETY: inside a loaded segment of the program (checked), `len` bytes.
+        loaded(vaddr, len) && has_go_id(unsafe { core::slice::from_raw_parts(bias.wrapping_add(vaddr) as *const u8, len as usize) })
+    })
 }
