@@ -228,7 +228,9 @@ unsafe fn spawn_supervised(
 unsafe fn supervisor_for(path: *const c_char, envp: Argv) -> Option<*const c_char> {
     // SAFETY: this function's contract.
     let wants = unsafe { Wanted::of(envp) };
-    let cli = wants.cli.filter(|_| wants.preloaded && !wants.disabled)?;
+    // a process whose own library is off (the CLI itself: `exec`, `supervise`) starts
+    // its programs as they are
+    let cli = wants.cli.filter(|_| wants.preloaded && !wants.disabled && crate::env::enabled())?;
     // SAFETY: both C strings (this function's contract, and an entry of `envp`).
     let (p, c) = unsafe { (cstr(path)?, cstr(cli)?) };
     if p == c || !unreachable(path) {

@@ -70,9 +70,22 @@ fn impossible(program: &std::ffi::OsStr) -> Option<String> {
 }
 
 /// Runs the program in this process, as the caller meant to: only returns when that fails.
+/// The `execve` syscall itself, not libc's (which the library in this process hooks, and
+/// would hand the program back to `supervise`).
 fn plain(program: &std::ffi::OsStr, argv: &[OsString], name: &str) -> i32 {
-    let e = Command::new(program).arg0(&argv[0]).args(&argv[1..]).env_remove("STYXY_PRELOAD_DISABLE").exec();
-    not_started(name, &e)
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).unwrap_or_default();
+    let env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != "STYXY_PRELOAD_DISABLE")
+        .map(|(k, v)| c(&[k.as_os_str(), v.as_os_str()].join(std::ffi::OsStr::new("="))))
+        .collect();
+    let args: Vec<CString> = argv.iter().map(|a| c(a)).collect();
+    let ptrs = |v: &[CString]| v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect::<Vec<_>>();
+    let (path, args_p, env_p) = (c(program), ptrs(&args), ptrs(&env));
+    // SAFETY: NUL-terminated strings and NULL-terminated arrays of them, alive during the call.
+    unsafe { libc::syscall(libc::SYS_execve, path.as_ptr(), args_p.as_ptr(), env_p.as_ptr()) };
+    not_started(name, &std::io::Error::last_os_error())
 }
 
 /// A program that could not be started: said as a shell would, with its exit code.
