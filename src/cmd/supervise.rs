@@ -128,16 +128,11 @@ fn relay_until_done(report: OwnedFd, name: &str) -> i32 {
             return 1;
         }
     };
-    let forwarder = signals.map(|s| {
-        let handle = s.handle();
-        (handle, std::thread::spawn(move || forward(s, pid)))
-    });
-    let status = read_word(&mut report);
-    if let Some((handle, thread)) = forwarder {
-        handle.close();
-        let _ = thread.join();
+    // the forwarding thread ends with this process (nothing to wait for)
+    if let Some(s) = signals {
+        std::thread::spawn(move || forward(s, pid));
     }
-    match status {
+    match read_word(&mut report) {
         Some(s) if libc::WIFSIGNALED(s) => die_of(libc::WTERMSIG(s)),
         Some(s) => libc::WEXITSTATUS(s),
         None => {

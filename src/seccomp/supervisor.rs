@@ -17,6 +17,8 @@ use styxy_preload_core::process::Process;
 use styxy_preload_core::sys::errno;
 use styxy_preload_core::{bind, connect, listen, sys, Addr, Caller, Route, Socket, Verdict};
 
+use super::workers::Workers;
+
 /// What the caller's syscall returns.
 enum Answer {
     /// Run it as the program made it.
@@ -27,6 +29,7 @@ enum Answer {
 /// Serves `listener` until the last process using the filter is gone.
 pub fn run(listener: OwnedFd, p: &Process) {
     let listener = Arc::new(listener);
+    let workers = Workers::new();
     let fd = listener.as_raw_fd();
     // Linux 6.6+: the caller and this thread wake each other on the same CPU (a round
     // trip costs about half); older kernels refuse the flag and nothing changes
@@ -58,7 +61,7 @@ pub fn run(listener: OwnedFd, p: &Process) {
                 }
             }
         }
-        let answer = catch_unwind(AssertUnwindSafe(|| handle(&listener, &req, p))).unwrap_or(Some(Answer::Continue));
+        let answer = catch_unwind(AssertUnwindSafe(|| handle(&listener, &workers, &req, p))).unwrap_or(Some(Answer::Continue));
         if let Some(a) = answer {
             respond(fd, req.id, a);
         }
@@ -99,7 +102,7 @@ fn respond(listener: RawFd, id: u64, a: Answer) {
 }
 
 /// `None` when a thread answers later (a blocking connect).
-fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif, p: &Process) -> Option<Answer> {
+fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &Process) -> Option<Answer> {
     let nr = i64::from(req.data.nr);
     let args = req.data.args;
     let mut sock = Remote {
@@ -132,13 +135,13 @@ fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif, p: &Process) -> Option<A
     };
     let Some(orig) = Addr::from_bytes(raw.bytes()) else {
         // not an address the decisions read (AF_UNSPEC, too short…): the kernel says what it says
-        return if nr == libc::SYS_connect { sock.connect(listener, raw) } else { Some(sock.bind_as_read(&raw)) };
+        return if nr == libc::SYS_connect { sock.connect(listener, workers, raw) } else { Some(sock.bind_as_read(&raw)) };
     };
     if nr == libc::SYS_connect {
         return match connect::route(p, &orig, &mut || sock.sock_type()) {
-            Route::AsAsked => sock.connect(listener, raw),
+            Route::AsAsked => sock.connect(listener, workers, raw),
             Route::Refused => Some(Answer::Return(Err(libc::ECONNREFUSED))),
-            Route::To(target) => sock.connect(listener, Raw::of(&target)),
+            Route::To(target) => sock.connect(listener, workers, Raw::of(&target)),
         };
     }
     if bind::untouched(p, &orig) {
@@ -331,7 +334,7 @@ impl Remote {
 
     /// Connects the caller's socket to `to`: here when it does not block, else on a
     /// thread of its own that answers when the connect does.
-    fn connect(&mut self, listener: &Arc<OwnedFd>, to: Raw) -> Option<Answer> {
+    fn connect(&mut self, listener: &Arc<OwnedFd>, workers: &Workers, to: Raw) -> Option<Answer> {
         let Ok(fd) = self.copy() else {
             return Some(Answer::Continue);
         };
@@ -343,11 +346,14 @@ impl Remote {
             return Some(Answer::Return(go()));
         }
         let (listener, id) = (listener.clone(), self.id);
-        let spawned =
-            std::thread::Builder::new().name("styxy-connect".into()).spawn(move || respond(listener.as_raw_fd(), id, Answer::Return(go())));
-        match spawned {
-            Ok(_) => None,
-            Err(_) => Some(Answer::Continue),
+        let job = Box::new(move || respond(listener.as_raw_fd(), id, Answer::Return(go())));
+        match workers.run(job) {
+            Ok(()) => None,
+            // no thread to wait on it: here, then (the address must not be read again)
+            Err(job) => {
+                job();
+                None
+            }
         }
     }
 }
