@@ -115,7 +115,12 @@ fn npx_esbuild_serve_under_exec_is_moved_and_isolated() {
         wait_for(60, who, || tree_ports(pid).into_iter().next());
         pids.push(pid);
     }
-    assert_two_sessions(&w, 8000, ("esbuild-a", "esbuild-a", pids[0], "page of esbuild-a"), ("esbuild-b", "esbuild-b", pids[1], "page of esbuild-b"));
+    assert_two_sessions(
+        &w,
+        8000,
+        ("esbuild-a", "esbuild-a", pids[0], "page of esbuild-a"),
+        ("esbuild-b", "esbuild-b", pids[1], "page of esbuild-b"),
+    );
 }
 
 #[test]
@@ -132,8 +137,11 @@ fn a_go_server_and_hugo_server_in_an_env_shell_are_moved_and_isolated() {
     }
     let site = w.path("site");
     std::fs::create_dir_all(site.join("layouts")).unwrap();
-    std::fs::write(site.join("hugo.toml"), "baseURL = \"http://localhost/\"\ndisableKinds = [\"taxonomy\", \"term\", \"RSS\", \"sitemap\", \"404\"]\n")
-        .unwrap();
+    std::fs::write(
+        site.join("hugo.toml"),
+        "baseURL = \"http://localhost/\"\ndisableKinds = [\"taxonomy\", \"term\", \"RSS\", \"sitemap\", \"404\"]\n",
+    )
+    .unwrap();
     std::fs::write(site.join("layouts/index.html"), "hugo page of {{ getenv \"HUGO_WHO\" }}\n").unwrap();
     let ha = in_env_shell(&mut w, "env-a", "HUGO_WHO=hugo-a hugo server --port 1313", "env-hugo-a", &site);
     wait_for(30, "A's hugo", || tree_ports(ha).into_iter().next());
@@ -173,7 +181,8 @@ fn comm(pid: u32) -> String {
 
 /// Gone, or a zombie nobody reaped yet: either way it makes no call any more.
 fn gone(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
 }
 
 #[test]
@@ -218,7 +227,11 @@ fn a_thread_flipping_the_address_after_the_check_never_reaches_another_sessions_
     c.args(["exec", "--quiet", "--seccomp", "--session", "racer", "--"]).arg(static_fixture("flip")).args(["8000", "8999", "3000"]);
     let out = run(c);
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("refused 3000"), "every connect refused (8999: nobody; 8000: another session's): {stdout} {}", text(&out.stderr));
+    assert!(
+        stdout.contains("refused 3000"),
+        "every connect refused (8999: nobody; 8000: another session's): {stdout} {}",
+        text(&out.stderr)
+    );
     assert!(stdout.contains("reached-held 0"), "{stdout}");
 }
 
@@ -271,6 +284,7 @@ fn exit_status_and_signals_pass_through_the_supervisor() {
     // SAFETY: kill(2) of a process of the tree we started.
     unsafe { libc::kill(relay as i32, libc::SIGTERM) };
     wait_for(10, "the program to end", || gone(program).then_some(()));
-    let status = wait_for(10, "the shell's report", || w.output_of("signals").lines().find(|l| l.starts_with("status")).map(str::to_string));
+    let status =
+        wait_for(10, "the shell's report", || w.output_of("signals").lines().find(|l| l.starts_with("status")).map(str::to_string));
     assert_eq!(status, format!("status {}", 128 + libc::SIGTERM), "the shell saw a death by SIGTERM");
 }

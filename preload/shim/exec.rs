@@ -19,8 +19,9 @@ use core::ffi::{c_char, c_int, c_void};
 
 use crate::slot::Slot;
 use crate::sys::{
-    close, environ, errno, faccessat, getauxval, mmap, munmap, open, prctl, pread, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD, AT_PHDR, AT_PHNUM, AT_SECURE, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC,
-    O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE, PR_GET_SECCOMP, SECCOMP_MODE_FILTER, X_OK,
+    close, environ, errno, faccessat, getauxval, mmap, munmap, open, prctl, pread, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD,
+    AT_PHDR, AT_PHNUM, AT_SECURE, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC, O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE, PR_GET_SECCOMP,
+    SECCOMP_MODE_FILTER, X_OK,
 };
 use crate::text::cstr;
 use crate::{missing, NO, YES};
@@ -295,6 +296,9 @@ const LIB: &[u8] = b"libstyxy_preload.so";
 ///
 /// # Safety
 /// `file` is a C string.
+// `contains` would call core's precompiled memchr, whose unwind tables name a personality
+// routine this panic=abort library does not have (it would not load)
+#[allow(clippy::manual_contains)]
 unsafe fn found(file: *const c_char, buf: &mut [u8; PATH_MAX]) -> Option<*const c_char> {
     // SAFETY: a C string (this function's contract).
     let name = unsafe { cstr(file) }?;
@@ -510,13 +514,14 @@ fn go_in_memory() -> bool {
     let table = unsafe { core::slice::from_raw_parts(phdr as *const u8, phnum as usize * PHDR) };
     let field = |ph: &[u8], o: usize| u64_at(ph, o).unwrap_or(0);
     // the load bias: where PT_PHDR says the table is, against where it is
-    let Some(bias) = table.chunks_exact(PHDR).find(|ph| u32_at(ph, 0) == Some(PT_PHDR)).map(|ph| phdr.wrapping_sub(field(ph, 16)))
-    else {
+    let Some(bias) = table.chunks_exact(PHDR).find(|ph| u32_at(ph, 0) == Some(PT_PHDR)).map(|ph| phdr.wrapping_sub(field(ph, 16))) else {
         return false;
     };
     let loaded = |from: u64, len: u64| {
         table.chunks_exact(PHDR).any(|ph| {
-            u32_at(ph, 0) == Some(PT_LOAD) && field(ph, 16) <= from && from.saturating_add(len) <= field(ph, 16).saturating_add(field(ph, 32))
+            u32_at(ph, 0) == Some(PT_LOAD)
+                && field(ph, 16) <= from
+                && from.saturating_add(len) <= field(ph, 16).saturating_add(field(ph, 32))
         })
     };
     table.chunks_exact(PHDR).filter(|ph| u32_at(ph, 0) == Some(PT_NOTE)).any(|ph| {

@@ -62,7 +62,7 @@ pub fn run(a: SuperviseArgs) -> Result<i32, String> {
 /// Why the program cannot be supervised here, checked before anything starts.
 fn impossible(program: &std::ffi::OsStr) -> Option<String> {
     if let Ok(m) = std::fs::metadata(program) {
-        if m.mode() & (libc::S_ISUID | libc::S_ISGID) as u32 != 0 {
+        if m.mode() & (libc::S_ISUID | libc::S_ISGID) != 0 {
             return Some("it is setuid or setgid, and the seccomp filter needs no_new_privs, which would drop its privileges".into());
         }
     }
