@@ -10,8 +10,8 @@
 //! `$STYXY_PRELOAD_CLI supervise -- PATH ARGV…` in its place. The look is one `open`, one
 //! `pread` of the first 4 KiB (the ELF header, the program headers and, in practice, the
 //! notes), one `close`; no allocation, no lock, errno as the program left it. It is safe
-//! between `vfork` and `execve`: syscalls only, on this thread's stack (and an anonymous
-//! mapping for the new argv).
+//! between `vfork` and `execve`: syscalls only, on this thread's stack (an anonymous
+//! mapping for a new argv of more than 64 entries).
 //!
 //! When running the CLI fails, the program runs as asked (uncoordinated).
 
@@ -327,8 +327,12 @@ unsafe fn found(file: *const c_char, buf: &mut [u8; PATH_MAX]) -> Option<*const 
     None
 }
 
-/// Calls `run` with `[cli, "supervise", "--", path, argv…, NULL]` (built in an anonymous
-/// mapping, unmapped after); `None` when it cannot be built.
+/// Pointers an argv on the stack holds; a longer one goes into an anonymous mapping.
+const STACK_ARGV: usize = 64;
+
+/// Calls `run` with `[cli, "supervise", "--", path, argv…, NULL]`: on the stack (a mapping
+/// made in a `vfork` child would stay in its parent after the exec), or in an anonymous
+/// mapping, unmapped after, when it is long; `None` when it cannot be built.
 ///
 /// # Safety
 /// `argv` is a NULL-terminated array of C strings (or null); `cli` and `path` C strings.
@@ -340,14 +344,19 @@ unsafe fn with_argv(cli: *const c_char, path: *const c_char, argv: Argv, run: im
     }
     let head: [*const c_char; 4] = [cli, c"supervise".as_ptr(), c"--".as_ptr(), path];
     let n = head.len() + argc.max(1) + 1;
+    let mut stack = [core::ptr::null::<c_char>(); STACK_ARGV];
     let size = n * core::mem::size_of::<*const c_char>();
-    // SAFETY: a fresh private anonymous mapping, ours alone.
-    let map = unsafe { mmap(core::ptr::null_mut(), size, PROT_READ | PROT_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0) };
-    if map as isize == -1 {
-        return None;
-    }
-    let new = map.cast::<*const c_char>();
-    // SAFETY: `n` pointers fit in the mapping; argv's entries are read within its array.
+    let new = if n <= STACK_ARGV {
+        stack.as_mut_ptr()
+    } else {
+        // SAFETY: a fresh private anonymous mapping, ours alone.
+        let map = unsafe { mmap(core::ptr::null_mut(), size, PROT_READ | PROT_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0) };
+        if map as isize == -1 {
+            return None;
+        }
+        map.cast::<*const c_char>()
+    };
+    // SAFETY: `n` pointers fit at `new`; argv's entries are read within its array.
     unsafe {
         for (i, p) in head.iter().enumerate() {
             *new.add(i) = *p;
@@ -360,8 +369,10 @@ unsafe fn with_argv(cli: *const c_char, path: *const c_char, argv: Argv, run: im
         *new.add(n - 1) = core::ptr::null();
     }
     let rc = run(new.cast_const());
-    // SAFETY: our mapping, no longer used.
-    unsafe { munmap(map, size) };
+    if n > STACK_ARGV {
+        // SAFETY: our mapping, no longer used.
+        unsafe { munmap(new.cast(), size) };
+    }
     Some(rc)
 }
 
