@@ -83,8 +83,13 @@ fn plain(program: &std::ffi::OsStr, argv: &[OsString], name: &str) -> i32 {
     let args: Vec<CString> = argv.iter().map(|a| c(a)).collect();
     let ptrs = |v: &[CString]| v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect::<Vec<_>>();
     let (path, args_p, env_p) = (c(program), ptrs(&args), ptrs(&env));
-    // SAFETY: NUL-terminated strings and NULL-terminated arrays of them, alive during the call.
-    unsafe { libc::syscall(libc::SYS_execve, path.as_ptr(), args_p.as_ptr(), env_p.as_ptr()) };
+    // SAFETY: SIGPIPE back to its default (Rust's runtime ignores it, and an ignored signal
+    // stays ignored across execve: std's spawn resets it too); then NUL-terminated strings
+    // and NULL-terminated arrays of them, alive during the call.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::syscall(libc::SYS_execve, path.as_ptr(), args_p.as_ptr(), env_p.as_ptr());
+    }
     not_started(name, &std::io::Error::last_os_error())
 }
 
