@@ -263,6 +263,19 @@ fn where_supervision_is_impossible_one_line_names_the_program_and_it_runs() {
 }
 
 #[test]
+fn a_dynamic_program_is_started_as_it_is() {
+    let w = World::new();
+    // sh execs grep, and node (execvp) and make (posix_spawn) would do the same: a
+    // dynamically linked C program has the library, it gets no filter and no supervise
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", "plain", "--", "sh", "-c", "grep -E '^(Seccomp|PPid):' /proc/self/status; echo \"sh $$\""]);
+    let out = text(&run(c).stdout);
+    let field = |name: &str| out.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
+    assert_eq!(field("Seccomp:").as_deref(), Some("0"), "{out}");
+    assert_eq!(field("PPid:"), field("sh "), "grep's parent is the shell itself: {out}");
+}
+
+#[test]
 fn exit_status_and_signals_pass_through_the_supervisor() {
     let mut w = World::new();
     let server = static_fixture("binder");
