@@ -130,7 +130,6 @@ pub(crate) fn monotonic_ms() -> u64 {
     unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
     (ts.sec as u64).wrapping_mul(1000).wrapping_add(ts.nsec as u64 / 1_000_000)
 }
-pub(crate) const AT_FDCWD: c_int = -100;
 pub(crate) const AT_PHDR: u64 = 3;
 pub(crate) const AT_PHNUM: u64 = 5;
 pub(crate) const AT_BASE: u64 = 7;
