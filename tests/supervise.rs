@@ -276,6 +276,21 @@ fn a_dynamic_program_is_started_as_it_is() {
 }
 
 #[test]
+fn no_seccomp_leaves_a_static_program_deeper_in_the_tree_alone() {
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--no-seccomp", "--session", "off", "--", "sh", "-c"]).arg(format!("{} serve 4070", server.display()));
+    let shell = w.spawn(c, "off");
+    assert_eq!(wait_for(20, "the server", || tree_ports(shell).into_iter().next()), 4070);
+    let program = *descendants(shell).iter().find(|p| comm(**p) == "binder-static").expect("the program");
+    let status = std::fs::read_to_string(format!("/proc/{program}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t0"), "no filter: {status}");
+    let cmdline = |p: u32| std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+    assert!(!descendants(shell).into_iter().any(|p| cmdline(p).split(|b| *b == 0).any(|a| a == b"supervise")), "no supervise in the tree");
+}
+
+#[test]
 fn exit_status_and_signals_pass_through_the_supervisor() {
     let mut w = World::new();
     let server = static_fixture("binder");
