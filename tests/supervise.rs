@@ -249,6 +249,17 @@ fn where_supervision_is_impossible_one_line_names_the_program_and_it_runs() {
     assert_eq!(wait_for(20, "the server", || tree_ports(pid).into_iter().next()), 4050);
     let line = format!("styxy-preload: {} is not coordinated: seccomp is not permitted here", server.display());
     assert_eq!(w.stderr_of("denied").trim_end(), line);
+    // a dynamically linked Go program, which would start supervise again as it loads: once
+    let goserver = go_fixture("goserver");
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", "denied-go", "--"])
+        .arg(fixture("deny"))
+        .args(["seccomp", "EPERM", "sh", "-c"])
+        .arg(format!("{} 4052 gopher", goserver.display()));
+    let pid = w.spawn(c, "denied-go");
+    assert_eq!(wait_for(20, "the Go server", || tree_ports(pid).into_iter().next()), 4052, "{}", w.stderr_of("denied-go"));
+    let line = format!("styxy-preload: {} is not coordinated: seccomp is not permitted here", goserver.display());
+    assert_eq!(w.stderr_of("denied-go").trim_end(), line);
     // a setuid program: the filter's no_new_privs would drop its privileges
     let setuid = w.path("setuid-binder");
     std::fs::copy(&server, &setuid).unwrap();

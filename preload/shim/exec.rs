@@ -505,6 +505,12 @@ unsafe extern "C" fn at_load(_argc: c_int, argv: Argv, envp: Argv) {
     if path.is_null() || unsafe { getauxval(AT_BASE) == 0 || getauxval(AT_SECURE) != 0 } {
         return;
     }
+    // a supervisor started this program (even one whose filter was then refused): it runs
+    // as it is, never handed back to `supervise` again
+    // SAFETY: the loader's `envp` (this function's contract).
+    if unsafe { Wanted::of(envp) }.supervised {
+        return;
+    }
     // SAFETY: the loader's arguments (this function's contract), `path` a C string.
     unsafe { supervised(path, argv, envp) };
 }

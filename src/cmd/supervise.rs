@@ -71,13 +71,15 @@ fn impossible(program: &std::ffi::OsStr) -> Option<String> {
 
 /// Runs the program in this process, as the caller meant to: only returns when that fails.
 /// The `execve` syscall itself, not libc's (which the library in this process hooks, and
-/// would hand the program back to `supervise`).
+/// would hand the program back to `supervise`), and without `STYXY_PRELOAD_CLI`: what
+/// makes supervision impossible here does for the program's tree too, and a dynamically
+/// linked Go program would otherwise start `supervise` again as it loads.
 fn plain(program: &std::ffi::OsStr, argv: &[OsString], name: &str) -> i32 {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let c = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).unwrap_or_default();
     let env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| k != "STYXY_PRELOAD_DISABLE")
+        .filter(|(k, _)| k != "STYXY_PRELOAD_DISABLE" && k != crate::libpath::CLI_ENV)
         .map(|(k, v)| c(&[k.as_os_str(), v.as_os_str()].join(std::ffi::OsStr::new("="))))
         .collect();
     let args: Vec<CString> = argv.iter().map(|a| c(a)).collect();
@@ -199,7 +201,7 @@ fn supervisor(program: &std::ffi::OsStr, argv: &[OsString], name: &str, report: 
         Ok(p) => Some(p),
         Err(e) => {
             eprintln!("styxy-preload: {name} is not coordinated: {e}");
-            cmd.env_remove(SUPERVISED_ENV);
+            cmd.env_remove(SUPERVISED_ENV).env_remove(crate::libpath::CLI_ENV);
             None
         }
     };
