@@ -16,6 +16,8 @@ cc -O2 -o "$tmp/listener" scripts/bench/listener.c
 cc -O2 -o "$tmp/onecall" scripts/bench/onecall.c
 cc -O2 -o "$tmp/rtt" scripts/bench/rtt.c
 cc -O2 -o "$tmp/binder" tests/fixtures/binder.c -lpthread
+cc -O2 -o "$tmp/execbench" scripts/bench/execbench.c
 cc -O2 -shared -fPIC -o "$tmp/empty.so" scripts/bench/empty.c
+GO111MODULE=off GOFLAGS= GOTOOLCHAIN=local GOCACHE="$tmp/go-cache" go build -o "$tmp/gotrue" scripts/bench/gotrue.go
 python3 scripts/bench/bench.py --tmp "$tmp" --bin target/release/styxy-preload --lib "$PWD/target/release/libstyxy_preload.so" \
   --allocate "$alloc_bench" ${smoke:+--smoke} --out BENCHMARKS.md

@@ -52,6 +52,10 @@ pub enum Command {
     /// Run, start, stop or check the built-in coordinator daemon
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Run PROGRAM under the seccomp supervisor (the library does this by itself for
+    /// static and Go programs it cannot reach)
+    #[command(hide = true)]
+    Supervise(SuperviseArgs),
     /// Write shell completions (bash, zsh, fish) or man pages into DIR (for packagers)
     #[command(
         after_help = "Examples:\n  styxy-preload generate completions packaging/completions\n  styxy-preload generate man packaging/man"
@@ -123,6 +127,15 @@ impl Mode {
             Mode::Fallback => "fallback",
         }
     }
+}
+
+#[derive(Args)]
+pub struct SuperviseArgs {
+    /// The program's path, as `execve` takes it
+    pub program: std::ffi::OsString,
+    /// Its argv, from argv[0]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub argv: Vec<std::ffi::OsString>,
 }
 
 #[derive(Args)]

@@ -53,3 +53,13 @@ pub fn preload_value(lib: &Path) -> String {
     let rest = old.split([':', ' ']).filter(|p| !p.is_empty() && !p.ends_with(LIB));
     std::iter::once(lib.to_string_lossy().as_ref()).chain(rest).collect::<Vec<_>>().join(":")
 }
+
+/// Set by `exec` and `env`: this program, which the library runs static and Go programs
+/// under (`styxy-preload supervise`); unset, they run as they are.
+pub const CLI_ENV: &str = "STYXY_PRELOAD_CLI";
+
+/// This program's absolute path, for [`CLI_ENV`].
+pub fn cli() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.canonicalize().unwrap_or(exe).to_str()?.to_string())
+}

@@ -46,6 +46,9 @@ _styxy__preload() {
             styxy__preload,status)
                 cmd="styxy__preload__subcmd__status"
                 ;;
+            styxy__preload,supervise)
+                cmd="styxy__preload__subcmd__supervise"
+                ;;
             styxy__preload__subcmd__daemon,help)
                 cmd="styxy__preload__subcmd__daemon__subcmd__help"
                 ;;
@@ -106,6 +109,9 @@ _styxy__preload() {
             styxy__preload__subcmd__help,status)
                 cmd="styxy__preload__subcmd__help__subcmd__status"
                 ;;
+            styxy__preload__subcmd__help,supervise)
+                cmd="styxy__preload__subcmd__help__subcmd__supervise"
+                ;;
             styxy__preload__subcmd__help__subcmd__daemon,run)
                 cmd="styxy__preload__subcmd__help__subcmd__daemon__subcmd__run"
                 ;;
@@ -125,7 +131,7 @@ _styxy__preload() {
 
     case "${cmd}" in
         styxy__preload)
-            opts="-h -V --help --version exec log ports port env status stats daemon generate help"
+            opts="-h -V --help --version exec log ports port env status stats daemon supervise generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -395,7 +401,7 @@ _styxy__preload() {
             return 0
             ;;
         styxy__subcmd__preload__subcmd__help)
-            opts="exec log ports port env status stats daemon generate help"
+            opts="exec log ports port env status stats daemon supervise generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -604,6 +610,20 @@ _styxy__preload() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        styxy__subcmd__preload__subcmd__help__subcmd__supervise)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         styxy__subcmd__preload__subcmd__log)
             opts="-f -n -h --json --follow --session --since --lines --all --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -693,6 +713,20 @@ _styxy__preload() {
             return 0
             ;;
         styxy__subcmd__preload__subcmd__status)
+            opts="-h --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        styxy__subcmd__preload__subcmd__supervise)
             opts="-h --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

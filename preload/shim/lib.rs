@@ -19,7 +19,8 @@
 //! Here: the four exports and what each decides. Beside: [`sock`] (the program's address
 //! and socket), [`env`] (the environment's switches), [`maps`] (the daemon's policy and
 //! port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`), [`corelib`]
-//! (loading the hooks' logic), [`slot`], [`sys`] (libc), [`text`] (C strings).
+//! (loading the hooks' logic), [`exec`] (static and Go programs started under the
+//! seccomp supervisor), [`slot`], [`sys`] (libc), [`text`] (C strings).
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
@@ -51,6 +52,7 @@ mod switch;
 
 mod corelib;
 mod env;
+mod exec;
 mod keep;
 mod maps;
 mod slot;

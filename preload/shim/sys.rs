@@ -73,6 +73,11 @@ extern "C" {
     fn clock_gettime(clock: c_int, ts: *mut TimeSpec) -> c_int;
     pub(crate) fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     pub(crate) fn getdents64(fd: c_int, buf: *mut c_void, n: usize) -> isize;
+    pub(crate) static environ: crate::exec::Argv;
+    pub(crate) fn pread(fd: c_int, buf: *mut c_void, n: usize, off: i64) -> isize;
+    pub(crate) fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int;
+    pub(crate) fn prctl(option: c_int, ...) -> c_int;
+    pub(crate) fn getauxval(kind: u64) -> u64;
 }
 
 pub(crate) const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
@@ -125,6 +130,17 @@ pub(crate) fn monotonic_ms() -> u64 {
     unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
     (ts.sec as u64).wrapping_mul(1000).wrapping_add(ts.nsec as u64 / 1_000_000)
 }
+pub(crate) const AT_PHDR: u64 = 3;
+pub(crate) const AT_PHNUM: u64 = 5;
+pub(crate) const AT_BASE: u64 = 7;
+pub(crate) const AT_SECURE: u64 = 23;
+pub(crate) const AT_EXECFN: u64 = 31;
+pub(crate) const AT_EACCESS: c_int = 0x200;
+pub(crate) const X_OK: c_int = 1;
+pub(crate) const PR_GET_SECCOMP: c_int = 21;
+pub(crate) const SECCOMP_MODE_FILTER: c_int = 2;
+pub(crate) const PROT_WRITE: c_int = 2;
+pub(crate) const MAP_PRIVATE_ANONYMOUS: c_int = 0x02 | 0x20;
 
 /// The calling thread's `errno`.
 pub(crate) fn errno() -> c_int {

@@ -25,6 +25,10 @@ pub fn run(a: EnvArgs) -> Result<i32, String> {
     if let Some(id) = stderr_file() {
         vars.push((STDERR_FILE_ENV, id));
     }
+    // static and Go programs: the library runs them under `styxy-preload supervise`
+    if let Some(cli) = libpath::cli() {
+        vars.push((libpath::CLI_ENV, cli));
+    }
     for (k, v) in vars {
         match a.shell {
             Shell::Bash | Shell::Zsh => println!("export {k}={}", quote(&v)),

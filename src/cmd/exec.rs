@@ -45,6 +45,9 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let mut cmd = Command::new(&program);
     cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
+    if a.no_seccomp {
+        cmd.env_remove(libpath::CLI_ENV);
+    }
     // connect is trapped only where it can be virtualised: with the daemon's port map
     let connect = endpoint.is_some();
     let prepared = seccomp.then(|| seccomp::prepare(&mut cmd, &env, connect)).transpose().map_err(|e| format!("seccomp mode: {e}"))?;
@@ -120,6 +123,10 @@ fn environment(a: &ExecArgs, lib: &std::path::Path, session: &str, endpoint: Opt
     }
     if let Some(id) = stderr_file() {
         env.insert(STDERR_FILE_ENV.into(), id);
+    }
+    // static and Go programs deeper in the tree: the library runs them under `supervise`
+    if let Some(cli) = libpath::cli().filter(|_| !a.no_seccomp) {
+        env.insert(libpath::CLI_ENV.into(), cli);
     }
     if seccomp {
         env.insert(SUPERVISED_ENV.into(), (seccomp_filters() + 1).to_string());

@@ -9,6 +9,7 @@ mod port;
 mod ports;
 mod stats;
 mod status;
+mod supervise;
 
 use crate::cli::Command;
 
@@ -25,6 +26,7 @@ pub fn run(cmd: Command) -> Result<i32, String> {
         Command::Status => status::run(),
         Command::Stats(a) => stats::run(a),
         Command::Daemon(d) => daemon::run(d),
+        Command::Supervise(a) => supervise::run(a),
         Command::Generate { what, dir } => generate::run(what, &dir),
     }
 }

@@ -91,6 +91,21 @@ pub unsafe fn install(prog: &[sock_filter], sock: RawFd) -> io::Result<()> {
     }
 }
 
+/// In the child, between `fork` and `execve`: SIGKILL when `parent` (its supervisor)
+/// dies — at once if it already has. Syscalls only.
+pub fn die_with(parent: libc::pid_t) -> io::Result<()> {
+    // SAFETY: prctl and getppid on the calling process.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
+}
+
 /// Control-message space for one fd, with the alignment `cmsghdr` needs.
 #[repr(C, align(8))]
 struct Cmsg([u8; 32]);

@@ -6,6 +6,7 @@
 
 mod filter;
 mod supervisor;
+mod workers;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -62,16 +63,20 @@ fn has_cap_sys_ptrace() -> bool {
 /// A command set up to install the filter; [`Prepared::start`] after it spawned.
 pub struct Prepared {
     ours: OwnedFd,
-    /// The settings the tree's hooked processes would read from their environment.
-    process: Process,
+    /// What the command hands down on top of our environment: the settings the tree's
+    /// hooked processes read are made from it once the command runs (not before: the
+    /// program starts sooner).
+    env: BTreeMap<String, String>,
     theirs: Option<OwnedFd>,
 }
 
-/// Makes `cmd`'s child install the filter (trapping `connect` too when `connect`).
+/// Makes `cmd`'s child install the filter (trapping `connect` too when `connect`), and
+/// die with us: without its supervisor its calls would fail with `ENOSYS` for ever.
+/// Call it on the thread that spawns `cmd` and lives as long as we do (the parent-death
+/// signal follows the thread).
 /// `env` is what `cmd` hands down on top of ours: the supervisor decides as a hooked
 /// process of the session would, with that environment.
 pub fn prepare(cmd: &mut Command, env: &BTreeMap<String, String>, connect: bool) -> io::Result<Prepared> {
-    let process = Process::from_vars(&|k| env.get(k).map(OsString::from).or_else(|| std::env::var_os(k)));
     // orphans of the tree become our children, so they stay our descendants (whose
     // sockets Yama lets us take) and we can wait for them
     // SAFETY: prctl on ourselves.
@@ -79,9 +84,10 @@ pub fn prepare(cmd: &mut Command, env: &BTreeMap<String, String>, connect: bool)
     let (ours, theirs) = filter::socketpair()?;
     let prog = filter::program(&filter::trapped(connect));
     let fd = theirs.as_raw_fd();
-    // SAFETY: install() makes syscalls only, and `prog` moves into the closure.
-    unsafe { cmd.pre_exec(move || filter::install(&prog, fd)) };
-    Ok(Prepared { ours, process, theirs: Some(theirs) })
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: die_with() and install() make syscalls only, and `prog` moves into the closure.
+    unsafe { cmd.pre_exec(move || filter::die_with(parent).and_then(|()| filter::install(&prog, fd))) };
+    Ok(Prepared { ours, env: env.clone(), theirs: Some(theirs) })
 }
 
 impl Prepared {
@@ -89,7 +95,8 @@ impl Prepared {
     pub fn start(mut self) -> Result<Supervisor, String> {
         drop(self.theirs.take());
         let listener = filter::receive(&self.ours)?;
-        let process = self.process;
+        let env = std::mem::take(&mut self.env);
+        let process = Process::from_vars(&|k| env.get(k).map(OsString::from).or_else(|| std::env::var_os(k)));
         std::thread::Builder::new()
             .name("styxy-seccomp".into())
             .spawn(move || supervisor::run(listener, &process))

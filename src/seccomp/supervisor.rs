@@ -17,6 +17,8 @@ use styxy_preload_core::process::Process;
 use styxy_preload_core::sys::errno;
 use styxy_preload_core::{bind, connect, listen, sys, Addr, Caller, Route, Socket, Verdict};
 
+use super::workers::Workers;
+
 /// What the caller's syscall returns.
 enum Answer {
     /// Run it as the program made it.
@@ -27,6 +29,7 @@ enum Answer {
 /// Serves `listener` until the last process using the filter is gone.
 pub fn run(listener: OwnedFd, p: &Process) {
     let listener = Arc::new(listener);
+    let workers = Workers::new();
     let fd = listener.as_raw_fd();
     // Linux 6.6+: the caller and this thread wake each other on the same CPU (a round
     // trip costs about half); older kernels refuse the flag and nothing changes
@@ -58,7 +61,7 @@ pub fn run(listener: OwnedFd, p: &Process) {
                 }
             }
         }
-        let answer = catch_unwind(AssertUnwindSafe(|| handle(&listener, &req, p))).unwrap_or(Some(Answer::Continue));
+        let answer = catch_unwind(AssertUnwindSafe(|| handle(&listener, &workers, &req, p))).unwrap_or(Some(Answer::Continue));
         if let Some(a) = answer {
             respond(fd, req.id, a);
         }
@@ -99,7 +102,7 @@ fn respond(listener: RawFd, id: u64, a: Answer) {
 }
 
 /// `None` when a thread answers later (a blocking connect).
-fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif, p: &Process) -> Option<Answer> {
+fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &Process) -> Option<Answer> {
     let nr = i64::from(req.data.nr);
     let args = req.data.args;
     let mut sock = Remote {
@@ -111,54 +114,103 @@ fn handle(listener: &Arc<OwnedFd>, req: &seccomp_notif, p: &Process) -> Option<A
         target: None,
         copy: None,
     };
-    let verdict = if nr == libc::SYS_listen {
+    if nr == libc::SYS_listen {
         sock.call = Call::Listen(args[1] as c_int);
         let Ok(who) = sock.target().cloned() else {
             return Some(Answer::Continue);
         };
-        listen::decide(p, &who.caller(), &mut sock)
-    } else {
-        // read before the caller is known to still wait: only acted on once it is
-        // (open_target checks), and a stale CONTINUE or error answer is refused by the kernel
-        let Some(orig) = read_addr(req.pid, args[1], args[2] as usize) else {
-            return Some(Answer::Continue);
-        };
-        if nr == libc::SYS_connect {
-            return match connect::route(p, &orig, &mut || sock.sock_type()) {
-                Route::AsAsked => Some(Answer::Continue),
-                Route::Refused => Some(Answer::Return(Err(libc::ECONNREFUSED))),
-                Route::To(target) => sock.connect(listener, target),
-            };
-        }
-        if bind::untouched(p, &orig) {
-            return Some(Answer::Continue);
-        }
-        sock.call = Call::Bind(orig);
-        let Ok(who) = sock.target().cloned() else {
-            return Some(Answer::Continue);
-        };
-        bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Daemon(&p.endpoint))
+        return Some(answer(listen::decide(p, &who.caller(), &mut sock)));
+    }
+    // bind or connect: the address is read once, here. Once a decision is made on it,
+    // the call is made on our copy of the socket with our copy of the address: another
+    // thread of the caller may change its memory meanwhile, and the kernel must not read
+    // it again (`CONTINUE` would). A socket that is not IPv4/IPv6 reaches no port,
+    // whatever the address says: its calls continue.
+    if !sock.inet() {
+        return Some(Answer::Continue);
+    }
+    let raw = match Raw::read(req.pid, args[1], args[2]) {
+        Ok(raw) => raw,
+        Err(e) => return Some(Answer::Return(Err(e))),
     };
-    Some(match verdict {
-        Verdict::AsAsked => Answer::Continue,
+    let Some(orig) = Addr::from_bytes(raw.bytes()) else {
+        // not an address the decisions read (AF_UNSPEC, too short…): the kernel says what it says
+        return if nr == libc::SYS_connect { sock.connect(listener, workers, raw) } else { Some(sock.bind_as_read(&raw)) };
+    };
+    if nr == libc::SYS_connect {
+        return match connect::route(p, &orig, &mut || sock.sock_type()) {
+            Route::AsAsked => sock.connect(listener, workers, raw),
+            Route::Refused => Some(Answer::Return(Err(libc::ECONNREFUSED))),
+            Route::To(target) => sock.connect(listener, workers, Raw::of(&target)),
+        };
+    }
+    if bind::untouched(p, &orig) {
+        return Some(sock.bind_as_read(&raw));
+    }
+    sock.call = Call::Bind(orig);
+    let Ok(who) = sock.target().cloned() else {
+        return Some(Answer::Continue);
+    };
+    Some(match bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Daemon(&p.endpoint)) {
+        Verdict::AsAsked => sock.bind_as_read(&raw),
         Verdict::Done(r) => Answer::Return(r),
     })
 }
 
-/// The sockaddr the caller passed, read from its memory.
-fn read_addr(tid: u32, ptr: u64, len: usize) -> Option<Addr> {
-    if !(2..=std::mem::size_of::<libc::sockaddr_storage>()).contains(&len) {
-        return None;
+fn answer(v: Verdict) -> Answer {
+    match v {
+        Verdict::AsAsked => Answer::Continue,
+        Verdict::Done(r) => Answer::Return(r),
     }
-    let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
-    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
-    let remote = libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len };
-    // SAFETY: one iovec each side; the kernel checks the remote range.
-    let n = unsafe { libc::process_vm_readv(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
-    if n != len as isize {
-        return None;
+}
+
+/// A sockaddr as the caller passed it, copied out of its memory (or made here).
+#[derive(Clone, Copy)]
+struct Raw {
+    buf: [u8; std::mem::size_of::<libc::sockaddr_storage>()],
+    len: usize,
+}
+
+impl Raw {
+    /// The caller's `len` bytes at `ptr`; the errno the kernel would give when they
+    /// cannot be read.
+    fn read(tid: u32, ptr: u64, len: u64) -> Result<Raw, c_int> {
+        let mut raw = Raw { buf: [0; std::mem::size_of::<libc::sockaddr_storage>()], len: 0 };
+        // as the kernel's move_addr_to_kernel
+        let len = usize::try_from(len).ok().filter(|l| *l <= raw.buf.len()).ok_or(libc::EINVAL)?;
+        raw.len = len;
+        if len == 0 {
+            return Ok(raw);
+        }
+        let local = libc::iovec { iov_base: raw.buf.as_mut_ptr().cast(), iov_len: len };
+        let remote = libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len };
+        // SAFETY: one iovec each side; the kernel checks the remote range.
+        let n = unsafe { libc::process_vm_readv(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n != len as isize {
+            return Err(libc::EFAULT);
+        }
+        Ok(raw)
     }
-    Addr::from_bytes(&buf[..len])
+
+    fn of(a: &Addr) -> Raw {
+        let len = a.socklen() as usize;
+        let mut raw = Raw { buf: [0; std::mem::size_of::<libc::sockaddr_storage>()], len };
+        // SAFETY: an Addr holds `socklen()` initialised bytes at `ptr()`, at most a sockaddr_storage.
+        raw.buf[..len].copy_from_slice(unsafe { std::slice::from_raw_parts(a.ptr().cast::<u8>(), len) });
+        raw
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn ptr(&self) -> *const libc::sockaddr {
+        if self.len == 0 {
+            std::ptr::null()
+        } else {
+            self.buf.as_ptr().cast()
+        }
+    }
 }
 
 /// The calling process: who it is, and a pidfd to take its socket with.
@@ -249,6 +301,28 @@ impl Remote {
         pidfd_getfd(pidfd, self.fd)
     }
 
+    /// Whether the socket is IPv4 or IPv6 (false when we cannot take a copy of it).
+    fn inet(&mut self) -> bool {
+        self.copy().ok().and_then(|fd| sys::sockopt(fd, libc::SO_DOMAIN)).is_some_and(|d| d == libc::AF_INET || d == libc::AF_INET6)
+    }
+
+    /// The bind as the caller asked it, made on our copies of its socket and address. A
+    /// privileged port we may not bind (the caller may hold the capability) goes to the
+    /// kernel as the program made it: that failed bind changed nothing.
+    fn bind_as_read(&mut self, raw: &Raw) -> Answer {
+        let Ok(fd) = self.copy() else {
+            return Answer::Continue;
+        };
+        // SAFETY: our copy of the socket and of the address.
+        if unsafe { libc::bind(fd, raw.ptr(), raw.len as libc::socklen_t) } == 0 {
+            return Answer::Return(Ok(()));
+        }
+        match errno() {
+            libc::EACCES => Answer::Continue,
+            e => Answer::Return(Err(e)),
+        }
+    }
+
     fn give_up(&mut self, e: c_int) {
         static WARNED: AtomicBool = AtomicBool::new(false);
         // ESRCH: the caller is gone; EBADF: its fd is not open, the kernel will say so
@@ -260,7 +334,7 @@ impl Remote {
 
     /// Connects the caller's socket to `to`: here when it does not block, else on a
     /// thread of its own that answers when the connect does.
-    fn connect(&mut self, listener: &Arc<OwnedFd>, to: Addr) -> Option<Answer> {
+    fn connect(&mut self, listener: &Arc<OwnedFd>, workers: &Workers, to: Raw) -> Option<Answer> {
         let Ok(fd) = self.copy() else {
             return Some(Answer::Continue);
         };
@@ -272,18 +346,21 @@ impl Remote {
             return Some(Answer::Return(go()));
         }
         let (listener, id) = (listener.clone(), self.id);
-        let spawned =
-            std::thread::Builder::new().name("styxy-connect".into()).spawn(move || respond(listener.as_raw_fd(), id, Answer::Return(go())));
-        match spawned {
-            Ok(_) => None,
-            Err(_) => Some(Answer::Continue),
+        let job = Box::new(move || respond(listener.as_raw_fd(), id, Answer::Return(go())));
+        match workers.run(job) {
+            Ok(()) => None,
+            // no thread to wait on it: here, then (the address must not be read again)
+            Err(job) => {
+                job();
+                None
+            }
         }
     }
 }
 
-fn connect_fd(fd: RawFd, to: &Addr) -> Result<(), c_int> {
+fn connect_fd(fd: RawFd, to: &Raw) -> Result<(), c_int> {
     // SAFETY: our copy of the socket and our copy of the address.
-    if unsafe { libc::connect(fd, to.ptr(), to.socklen()) } == 0 {
+    if unsafe { libc::connect(fd, to.ptr(), to.len as libc::socklen_t) } == 0 {
         Ok(())
     } else {
         Err(errno())
