@@ -9,9 +9,9 @@ use crate::env::{env, own_rules, session_tag};
 use crate::maps::{own_uid, port_map, runtime_file};
 use crate::sock::{shares_port, stream, Inet};
 use crate::sys::{
-    close, errno, fcntl, getpid, getsockopt, monotonic_ms, poll, recv, send, set_errno, setsockopt, socket, PollFd, SockLen,
-    TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, POLLIN, SOCK_CLOEXEC, SOCK_SEQPACKET,
-    SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
+    close, errno, fcntl, getpid, getsockopt, monotonic_ms, poll, recv, send, set_errno, setsockopt, socket, PollFd, SockLen, TimeVal,
+    UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, POLLIN, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET,
+    SO_PEERCRED, SO_SNDTIMEO,
 };
 use crate::{hookproto, mapview, AddrFn, REAL_CONNECT};
 
