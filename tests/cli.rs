@@ -235,6 +235,7 @@ s.bind(('0.0.0.0', 8060)); print(s.getsockname()[1])\"";
     assert!(text(&out.stderr).contains("port 8060 is taken"), "{}", text(&out.stderr));
     // with the shell gone, the idle limit applies again
     let pid = w.daemon_pid().unwrap();
+    // SAFETY: kill(2) with signal 0 only asks whether the pid lives.
     wait_for(10, "the daemon's idle exit", || (unsafe { libc::kill(pid, 0) } != 0).then_some(()));
 }
 

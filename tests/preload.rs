@@ -138,6 +138,7 @@ fn a_frozen_daemon_costs_a_bind_at_most_the_timeout() {
     let mut c = w.preloaded(Some("frozen"), "python3");
     c.args(["-c", script]);
     let out = run(c);
+    // SAFETY: kill(2) of this world's daemon, stopped above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let s = text(&out.stdout);
     let f: Vec<&str> = s.split_whitespace().collect();

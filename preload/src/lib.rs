@@ -8,6 +8,10 @@
 //! There is no lock and no thread here: per-process state is published lock-free, so
 //! a child forked while another thread was inside a hook starts clean.
 
+// The entry points below are `unsafe fn`s whose contract (`# Safety`) is the program's call
+// itself, which they hand on whole to libc's function and to `Addr::read`.
+#![allow(unsafe_op_in_unsafe_fn)]
+
 pub mod bind;
 pub mod call;
 pub mod cluster;

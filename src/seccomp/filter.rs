@@ -62,32 +62,38 @@ pub fn program(calls: &[i64]) -> Vec<sock_filter> {
 /// # Safety
 /// Only in a `pre_exec` hook; `prog` outlives the call.
 pub unsafe fn install(prog: &[sock_filter], sock: RawFd) -> io::Result<()> {
-    let fprog = sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut sock_filter };
-    let mut listener: c_int = -1;
-    let mut err: c_int = 0;
-    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-        err = *libc::__errno_location();
-    } else {
-        // once the supervisor holds a notification, only a fatal signal interrupts the
-        // call (Linux 5.19): otherwise a signal would restart a bind we already made
-        for flags in
-            [libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER]
-        {
-            listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &fprog as *const sock_fprog) as c_int;
-            err = if listener < 0 { *libc::__errno_location() } else { 0 };
-            if err != libc::EINVAL {
-                break;
+    // SAFETY: syscalls only, on the calling process (this function's contract: between
+    // fork and execve); `fprog` points at `prog`, which outlives the call; errno is read
+    // right after the call that set it.
+    unsafe {
+        let fprog = sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut sock_filter };
+        let mut listener: c_int = -1;
+        let mut err: c_int = 0;
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            err = *libc::__errno_location();
+        } else {
+            // once the supervisor holds a notification, only a fatal signal interrupts the
+            // call (Linux 5.19): otherwise a signal would restart a bind we already made
+            for flags in [
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            ] {
+                listener = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &fprog as *const sock_fprog) as c_int;
+                err = if listener < 0 { *libc::__errno_location() } else { 0 };
+                if err != libc::EINVAL {
+                    break;
+                }
             }
         }
-    }
-    let sent = send(sock, err, (listener >= 0).then_some(listener));
-    if listener >= 0 {
-        libc::close(listener);
-    }
-    if sent {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        let sent = send(sock, err, (listener >= 0).then_some(listener));
+        if listener >= 0 {
+            libc::close(listener);
+        }
+        if sent {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 }
 
@@ -110,23 +116,32 @@ pub fn die_with(parent: libc::pid_t) -> io::Result<()> {
 #[repr(C, align(8))]
 struct Cmsg([u8; 32]);
 
+/// Sends `err` and, when there is one, the listener `fd` over `sock`.
+///
+/// # Safety
+/// Only between `fork` and `execve` (no allocation); `sock` and `fd` are open.
 unsafe fn send(sock: RawFd, err: c_int, fd: Option<c_int>) -> bool {
     let mut payload = err;
     let mut iov = libc::iovec { iov_base: (&mut payload as *mut c_int).cast(), iov_len: std::mem::size_of::<c_int>() };
     let mut cmsg = Cmsg([0; 32]);
-    let mut msg: libc::msghdr = std::mem::zeroed();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        msg.msg_control = cmsg.0.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) as usize;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<c_int>(), fd);
+    // SAFETY: msghdr is plain data (zero is valid); it points at `iov` and `cmsg`, live
+    // buffers of the sizes given; the control header written is the first of `cmsg`,
+    // which has room and alignment for one fd (`Cmsg`).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if let Some(fd) = fd {
+            msg.msg_control = cmsg.0.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<c_int>(), fd);
+        }
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) >= 0
     }
-    libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) >= 0
 }
 
 /// In `exec`, after the child started: its listener, or why it has none.
