@@ -81,7 +81,7 @@ if ! cmp -s "$fixtures/package.json" "$npm_tools/installed.json"; then
   cp "$fixtures/package.json" "$npm_tools/installed.json"
 fi
 
-# Python packages of the real-program tests (jupyter_server, gunicorn), exact versions in
+# Python packages of the real-program tests (jupyter_server, gunicorn, uvicorn), exact versions in
 # requirements.txt, for python3 (the Python the tests run): pip, or pip told that a
 # distribution-managed Python may take them (PEP 668)
 if ! python3 - "$fixtures/requirements.txt" 2>/dev/null <<'PY'

@@ -136,6 +136,23 @@ pub fn cwd(pid: u32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|d| d.to_string_lossy().chars().take(1000).collect())
 }
 
+/// The inodes of `pid`'s sockets (its `/proc/<pid>/fd/*` links that read `socket:[N]`).
+pub fn socket_inodes(pid: impl Display) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    fds.flatten()
+        .filter_map(|fd| {
+            let link = std::fs::read_link(fd.path()).ok()?;
+            link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// `pid`'s network namespace: the inode of `/proc/<pid>/ns/net`.
+pub fn netns(pid: impl Display) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
+}
+
 /// `pid`'s command name (`/proc/<pid>/comm`, at most 15 bytes).
 pub fn comm(pid: impl Display) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
@@ -222,6 +239,10 @@ mod tests {
         assert!(!descends_from(pp, me));
         assert_eq!(cwd(me).map(std::path::PathBuf::from), std::env::current_dir().ok());
         assert!(comm(me).is_some_and(|c| !c.is_empty() && c.len() <= 15));
+        assert!(netns(me).is_some() && netns(me) == netns(SELF));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ino = std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&l))).unwrap();
+        assert!(socket_inodes(me).contains(&std::os::unix::fs::MetadataExt::ino(&ino)));
         assert!(env_has(me, "PATH") || std::env::var_os("PATH").is_none());
         assert!(!env_has(me, "PAT"));
         let path = environ(me).into_iter().find(|(k, _)| k == "PATH").map(|(_, v)| v);

@@ -1,9 +1,9 @@
 //! Is a port bound at OS level: the daemon's test bind, made with the tag `exec`'s
-//! seccomp filter lets through. (What it reads about processes is in
-//! `styxy_preload_common::procinfo`.)
+//! seccomp filter lets through; and which sockets hold a port (the kernel's socket
+//! diagnostics). (What it reads about processes is in `styxy_preload_common::procinfo`.)
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// True if a socket listens on `port` (or holds it without `SO_REUSEADDR`), on any
 /// address, IPv4 or IPv6: a test bind of the dual-stack wildcard with `SO_REUSEADDR`.
@@ -51,6 +51,108 @@ pub fn bind_unsupervised(s: &socket2::Socket, addr: &socket2::SockAddr) -> std::
     }
 }
 
+/// A TCP socket whose local port is the one asked about, in any state: listening,
+/// connected, or bound and not yet listening.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSocket {
+    pub inode: u64,
+    pub uid: u32,
+}
+
+/// Every TCP socket (IPv4 and IPv6) of the daemon's network namespace whose local port
+/// is `port`, bound-only ones included, from the kernel's socket diagnostics
+/// (`NETLINK_SOCK_DIAG`; a kernel before 6.7 lists no bound-only socket). `None` when
+/// the kernel cannot be asked.
+pub fn sockets_on(port: u16) -> Option<Vec<PortSocket>> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        diag_dump(family as u8, port, &mut out)?;
+    }
+    Some(out)
+}
+
+/// Every TCP state, and the kernel's pseudo-state for a socket bound and nothing more
+/// (`TCP_BOUND_INACTIVE`, 13).
+const ALL_STATES: u32 = (1 << 14) - 1;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_HDR: usize = 16;
+/// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte socket id, expires,
+/// rqueue, wqueue, uid (offset 64), inode (offset 68).
+const DIAG_MSG_LEN: usize = 72;
+
+/// One `SOCK_DIAG_BY_FAMILY` dump of TCP sockets of `family` whose source port is
+/// `port` (the kernel filters on the request's `idiag_sport`), appended to `out`.
+fn diag_dump(family: u8, port: u16, out: &mut Vec<PortSocket>) -> Option<()> {
+    let fd = diag_socket()?;
+    let req = diag_request(family, port);
+    // SAFETY: send of a buffer of its length on our netlink socket.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent != req.len() as isize {
+        return None;
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: recv into a buffer of its length; the socket has a receive timeout.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = usize::try_from(n).ok()?;
+        if n == 0 || !diag_messages(&buf[..n], out)? {
+            return Some(());
+        }
+    }
+}
+
+/// A netlink socket for socket diagnostics, CLOEXEC, whose reads wait at most 200 ms.
+fn diag_socket() -> Option<OwnedFd> {
+    // SAFETY: socket(2); the fd is owned below.
+    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: a fresh fd of ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+    // SAFETY: setsockopt with a value of the option's type and size.
+    let rc = unsafe {
+        libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32)
+    };
+    (rc == 0).then_some(fd)
+}
+
+/// `nlmsghdr` + `inet_diag_req_v2` asking for TCP sockets of `family` on source `port`.
+fn diag_request(family: u8, port: u16) -> Vec<u8> {
+    let mut m = Vec::with_capacity(NLMSG_HDR + 56);
+    m.extend_from_slice(&((NLMSG_HDR + 56) as u32).to_ne_bytes());
+    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    m.extend_from_slice(&[0; 8]); // sequence number, port id
+    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend_from_slice(&ALL_STATES.to_ne_bytes());
+    m.extend_from_slice(&port.to_be_bytes()); // idiag_sport
+    m.resize(NLMSG_HDR + 56, 0); // the rest of the socket id: any
+    m
+}
+
+/// Reads one datagram of netlink messages into `out`; `Some(false)` once the dump is
+/// done, `None` on an error message or a malformed one.
+fn diag_messages(mut buf: &[u8], out: &mut Vec<PortSocket>) -> Option<bool> {
+    let u32_at = |b: &[u8], at: usize| Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    while buf.len() >= NLMSG_HDR {
+        let len = u32_at(buf, 0)? as usize;
+        let kind = u16::from_ne_bytes(buf.get(4..6)?.try_into().ok()?);
+        let body = buf.get(NLMSG_HDR..len)?;
+        match i32::from(kind) {
+            libc::NLMSG_DONE => return Some(false),
+            libc::NLMSG_ERROR => return None,
+            _ if kind == SOCK_DIAG_BY_FAMILY && body.len() >= DIAG_MSG_LEN => {
+                out.push(PortSocket { uid: u32_at(body, 64)?, inode: u64::from(u32_at(body, 68)?) });
+            }
+            _ => {}
+        }
+        buf = buf.get(len.next_multiple_of(4).min(buf.len())..)?;
+    }
+    Some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +166,28 @@ mod tests {
         assert!(port_in_use(l6.local_addr().unwrap().port()));
         drop(l);
         assert!(!port_in_use(p));
+    }
+
+    fn inode(fd: &impl AsRawFd) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap().ino()
+    }
+
+    #[test]
+    fn sockets_bound_and_not_yet_listening_are_listed_with_their_inode() {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into()).unwrap();
+        let port = s.local_addr().unwrap().as_socket().unwrap().port();
+        // SAFETY: getuid(2) cannot fail.
+        let uid = unsafe { libc::getuid() };
+        assert!(!port_in_use(port), "the test bind does not see a bound socket with SO_REUSEADDR");
+        assert_eq!(sockets_on(port), Some(vec![PortSocket { inode: inode(&s), uid }]));
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let p6 = l6.local_addr().unwrap().port();
+        assert!(sockets_on(p6).unwrap().contains(&PortSocket { inode: inode(&l6), uid }));
+        let gone = inode(&s);
+        drop(s);
+        assert!(!sockets_on(port).unwrap().iter().any(|s| s.inode == gone));
     }
 }

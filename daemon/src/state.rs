@@ -11,7 +11,7 @@ use styxy_preload_common::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::{procinfo, session};
 
-use crate::portcheck;
+use crate::portcheck::{self, PortSocket};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -58,6 +58,11 @@ pub struct Allocation {
     /// port being bound): one its client gave up on (a timeout) expires unconfirmed.
     #[serde(default = "confirmed_by_default")]
     pub confirmed: bool,
+    /// Granted for a bind: it stands while a socket of an owner's (or of an owner's
+    /// child's) holds its port, and is freed when that socket is gone. Other grants
+    /// (an API client's, `exec --port`'s) stand while an owner lives.
+    #[serde(default)]
+    pub bind: bool,
 }
 
 fn confirmed_by_default() -> bool {
@@ -94,14 +99,87 @@ impl Standing {
 }
 
 impl Allocation {
-    /// Held by a live owner or served; an unconfirmed grant past [`UNCONFIRMED_MS`] only
-    /// while its port is bound (its client may have given up on it and bound another).
-    fn live(&self, now_ms: u64, in_use: fn(u16) -> bool) -> bool {
-        if !self.confirmed && now_ms.saturating_sub(self.allocated_at_ms) > UNCONFIRMED_MS {
-            return in_use(self.port);
+    /// Whether the allocation stands (docs/ARCHITECTURE.md "The built-in daemon"). With
+    /// no live owner: while a socket of the user's own holds the port (a server that
+    /// outlived the process that asked for it: a daemon forked off). A grant for a bind:
+    /// while an owner's socket holds the port; unconfirmed and not yet bound, for
+    /// [`UNCONFIRMED_MS`]. Any other grant: while an owner lives.
+    fn live(&self, now_ms: u64, os: Os) -> bool {
+        let alive: Vec<u32> = self.owners.iter().filter(|o| procinfo::alive(o.pid, o.start)).map(|o| o.pid).collect();
+        let young = !self.confirmed && now_ms.saturating_sub(self.allocated_at_ms) <= UNCONFIRMED_MS;
+        if alive.is_empty() {
+            return young || os.held_by_user(self.port);
         }
-        self.owners.iter().any(|o| procinfo::alive(o.pid, o.start)) || in_use(self.port)
+        if !self.bind {
+            return true;
+        }
+        match os.held_by(self.port, &alive) {
+            Some(held) => held || young,
+            // not to be told from here (another network namespace, no socket diagnostics):
+            // as a bind was judged before, by its owners and the test bind
+            None => self.confirmed || young || (os.in_use)(self.port),
+        }
     }
+}
+
+/// What the daemon asks the OS about ports (fakes in tests).
+#[derive(Clone, Copy)]
+pub struct Os {
+    /// Does a test bind of the port fail ([`portcheck::port_in_use`]).
+    pub in_use: fn(u16) -> bool,
+    /// The TCP sockets on the port, in any state ([`portcheck::sockets_on`]).
+    pub sockets_on: fn(u16) -> Option<Vec<PortSocket>>,
+}
+
+impl Os {
+    /// A socket of `pids` or of their descendants holds `port`. `None` when it cannot be
+    /// told: no socket diagnostics, or a process in another network namespace than the
+    /// daemon's, whose sockets the daemon does not see.
+    fn held_by(&self, port: u16, pids: &[u32]) -> Option<bool> {
+        let sockets = (self.sockets_on)(port)?;
+        if sockets.is_empty() && pids.iter().all(|p| same_netns(*p)) {
+            return Some(false);
+        }
+        let mut unseen = false;
+        for pid in family(pids) {
+            if !same_netns(pid) {
+                unseen = true;
+            } else if procinfo::socket_inodes(pid).iter().any(|i| sockets.iter().any(|s| s.inode == *i)) {
+                return Some(true);
+            }
+        }
+        (!unseen).then_some(false)
+    }
+
+    /// A socket of the daemon's user (the user's own) holds `port`.
+    fn held_by_user(&self, port: u16) -> bool {
+        // SAFETY: geteuid(2) cannot fail.
+        let me = unsafe { libc::geteuid() };
+        match (self.sockets_on)(port) {
+            Some(sockets) => sockets.iter().any(|s| s.uid == me),
+            None => (self.in_use)(port),
+        }
+    }
+}
+
+/// `pids` and their descendants, at most 256 processes.
+fn family(pids: &[u32]) -> Vec<u32> {
+    let mut all = pids.to_vec();
+    let mut i = 0;
+    while i < all.len() && all.len() < 256 {
+        let kids = procinfo::children(all[i]);
+        all.extend(kids.into_iter().filter(|k| !all.contains(k)).collect::<Vec<_>>());
+        i += 1;
+    }
+    all.truncate(256);
+    all
+}
+
+/// Whether `pid` shares the daemon's network namespace (its sockets are the ones the
+/// daemon's socket diagnostics list).
+fn same_netns(pid: u32) -> bool {
+    let mine = procinfo::netns(procinfo::SELF);
+    mine.is_some() && procinfo::netns(pid) == mine
 }
 
 /// A session's last mapping, remembered for the grace period after it was freed.
@@ -190,6 +268,8 @@ pub struct State {
     pub port_in_use: fn(u16) -> bool,
     /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
     pub styxy_sees: fn(u16) -> bool,
+    /// The TCP sockets on a port, in any state ([`portcheck::sockets_on`]).
+    pub sockets_on: fn(u16) -> Option<Vec<PortSocket>>,
     /// Ports the upstream Styxy holds for other clients, with Styxy's record of each:
     /// never granted here, but to the command Styxy's hook reserved one for.
     pub upstream_held: BTreeMap<u16, AllocationInfo>,
@@ -207,9 +287,14 @@ impl State {
             grace_ms,
             port_in_use: portcheck::port_in_use,
             styxy_sees: portcheck::styxy_sees,
+            sockets_on: portcheck::sockets_on,
             upstream_held: BTreeMap::new(),
             upstream_releases: Vec::new(),
         }
+    }
+
+    fn os(&self) -> Os {
+        Os { in_use: self.port_in_use, sockets_on: self.sockets_on }
     }
 
     pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
@@ -248,6 +333,7 @@ impl State {
             allocated_at_ms: now_ms,
             upstream,
             confirmed: !req.bind,
+            bind: req.bind,
         };
         self.publish(&a);
         self.allocs.insert(port, a);
@@ -373,7 +459,7 @@ impl State {
     /// Free here: no live allocation, nothing bound.
     fn free_here(&mut self, port: u16, now_ms: u64) -> bool {
         if let Some(a) = self.allocs.get(&port) {
-            if a.live(now_ms, self.port_in_use) {
+            if a.live(now_ms, self.os()) {
                 return false;
             }
             self.remove(port, now_ms);
@@ -445,11 +531,10 @@ impl State {
     /// Frees every allocation whose owners are gone and whose port nobody serves.
     /// Returns how many were freed.
     pub fn sweep(&mut self, now_ms: u64) -> usize {
-        let in_use = self.port_in_use;
         let mut confirmed = Vec::new();
         let mut dead = Vec::new();
         for a in self.allocs.values() {
-            if !a.live(now_ms, in_use) {
+            if !a.live(now_ms, self.os()) {
                 dead.push(a.port);
             } else if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS {
                 confirmed.push(a.port); // its port is bound: taken after all
@@ -504,7 +589,7 @@ impl State {
         self.recent = snap.recent;
         self.upstream_releases = snap.upstream_releases;
         for a in snap.allocations {
-            if a.live(now_ms, self.port_in_use) && !self.allocs.contains_key(&a.port) {
+            if a.live(now_ms, self.os()) && !self.allocs.contains_key(&a.port) {
                 self.publish(&a);
                 self.allocs.insert(a.port, a);
                 kept += 1;
@@ -609,6 +694,53 @@ mod tests {
         assert_eq!(s.allocate(&req("b", 5173), 0).unwrap().port, 3001);
         // asked for by name, a default is granted as usual
         assert_eq!(s.allocate(&req("c", 3000), 0).unwrap().port, 3000);
+    }
+
+    /// The one socket `fake_sockets` reports on any port: (inode, uid), 0 for none.
+    static FAKE: std::sync::Mutex<(u64, u32)> = std::sync::Mutex::new((0, 0));
+
+    fn fake_sockets(_: u16) -> Option<Vec<PortSocket>> {
+        let (inode, uid) = *FAKE.lock().unwrap();
+        Some(if inode == 0 { vec![] } else { vec![PortSocket { inode, uid }] })
+    }
+
+    fn socket_inode(s: &socket2::Socket) -> u64 {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/self/fd/{}", s.as_raw_fd())).unwrap().ino()
+    }
+
+    #[test]
+    fn a_bind_grant_stands_while_its_owners_socket_holds_the_port_and_no_longer() {
+        let mut s = state();
+        s.sockets_on = fake_sockets;
+        // SAFETY: geteuid(2) cannot fail.
+        let me_uid = unsafe { libc::geteuid() };
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap(); // bound, never listening
+        *FAKE.lock().unwrap() = (socket_inode(&sock), me_uid);
+        let bind = AllocRequest { bind: true, ..req("b", 3000) };
+        assert_eq!(s.allocate(&bind, 0).unwrap().port, 3000);
+        assert_eq!(s.sweep(60_000), 0, "bound a minute before its listen(): it stands");
+        assert!(s.allocs[&3000].confirmed);
+        // the socket is another process's (same inode number, not among our fds): freed
+        *FAKE.lock().unwrap() = (u64::MAX, me_uid);
+        assert_eq!(s.sweep(60_001), 1);
+        // an owner gone: only a socket of the user's own keeps it (a server that outlived
+        // the process that asked), never another user's
+        let dead = AllocRequest { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..bind.clone() };
+        s.allocate(&dead, 70_000).unwrap();
+        *FAKE.lock().unwrap() = (u64::MAX, me_uid.wrapping_add(1));
+        assert_eq!(s.sweep(80_000), 1, "another user's socket on the port keeps nothing alive");
+        s.allocate(&dead, 90_000).unwrap();
+        *FAKE.lock().unwrap() = (u64::MAX, me_uid);
+        assert_eq!(s.sweep(100_000), 0);
+        // an API client's grant stands while its owner lives, bound or not
+        s.clear(0);
+        *FAKE.lock().unwrap() = (0, 0);
+        s.allocate(&req("c", 3000), 0).unwrap();
+        assert_eq!(s.sweep(60_000), 0);
+        drop(sock);
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! Servers as people really run them, each started twice in two sessions: a server that
+//! binds long before it listens (uvicorn's reloader and workers), a remapped port another
+//! user grabs after its server exits.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// `styxy-preload exec --session SESSION -- CMD…` in `dir`.
+fn exec(w: &World, session: &str, dir: &Path, cmd: &[&str]) -> Command {
+    let mut c = w.cli();
+    c.args(["exec", "--session", session, "--"]).args(cmd).current_dir(dir);
+    c
+}
+
+/// A directory of the world holding `who` (what its servers answer).
+fn site(w: &World, name: &str) -> std::path::PathBuf {
+    let dir = w.path(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("who"), name).unwrap();
+    dir
+}
+
+/// `python3 -m http.server PORT` in session `name`, serving `who` = name; the port it serves.
+fn http_server(w: &mut World, name: &str, port: u16) -> (u32, u16) {
+    let dir = site(w, name);
+    let pid = w.spawn(exec(w, name, &dir, &["python3", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]), name);
+    (pid, wait_for(20, &format!("{name} listening"), || tree_ports(pid).into_iter().next()))
+}
+
+/// A client in `session` asking `http://127.0.0.1:PORT/who` every 250 ms for `secs`
+/// seconds: one line per request, the answer or `refused`/the error.
+fn ask_for(w: &World, session: &str, port: u16, secs: u32) -> Vec<String> {
+    let script = "import sys, time, urllib.request\n\
+end = time.monotonic() + float(sys.argv[2])\n\
+while time.monotonic() < end:\n    \
+try: print(urllib.request.urlopen('http://127.0.0.1:%s/who' % sys.argv[1], timeout=3).read().decode().strip(), flush=True)\n    \
+except Exception as e: print('error', getattr(e, 'reason', e), flush=True)\n    \
+time.sleep(0.25)";
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", session, "--", "python3", "-c", script, &port.to_string(), &secs.to_string()]);
+    text(&run(c).stdout).lines().map(str::to_string).collect()
+}
+
+/// `GET /allocations`: the ports the daemon holds.
+fn allocated(w: &World) -> Vec<u16> {
+    let (_, v) = w.json("GET", "/allocations", None);
+    v["allocations"].as_array().into_iter().flatten().filter_map(|a| a["port"].as_u64()).map(|p| p as u16).collect()
+}
+
+#[test]
+fn a_server_that_listens_seconds_after_its_bind_keeps_its_remap() {
+    let mut w = World::new();
+    assert_eq!(http_server(&mut w, "A", 8050).1, 8050);
+    // B binds 8050 (SO_REUSEADDR, as uvicorn's reloader does) and listens 2 s later
+    let server = "import socket, time\n\
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 8050))\n\
+print('bound', s.getsockname()[1], flush=True)\n\
+time.sleep(2); s.listen(); print('listening', flush=True)\n\
+while True:\n    \
+c, _ = s.accept(); c.recv(1000); c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\nB'); c.close()";
+    let dir = site(&w, "B");
+    let pid = w.spawn(exec(&w, "B", &dir, &["python3", "-c", server]), "B");
+    wait_for(20, "B listening", || w.output_of("B").contains("listening").then_some(()));
+    let port: u16 = w.output_of("B").split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_ne!(port, 8050);
+    assert!(tree_ports(pid).contains(&port));
+    let answers = ask_for(&w, "B", 8050, 8);
+    assert!(answers.len() >= 10 && answers.iter().all(|a| a == "B"), "B's connects to 8050 must reach B: {answers:?}");
+}
+
+/// An ASGI app answering what its directory's `who` holds.
+const ASGI_APP: &str = "async def app(scope, receive, send):\n    \
+if scope['type'] != 'http':\n        return\n    \
+body = open('who', 'rb').read()\n    \
+await send({'type': 'http.response.start', 'status': 200, 'headers': [(b'content-type', b'text/plain')]})\n    \
+await send({'type': 'http.response.body', 'body': body})\n";
+
+fn uvicorn_twice(extra: &[&str]) {
+    if !Command::new("python3").args(["-c", "import uvicorn"]).status().is_ok_and(|s| s.success()) {
+        return missing("uvicorn (pip install -r tests/fixtures/realtools/requirements.txt)");
+    }
+    let mut w = World::new();
+    let mut pids = Vec::new();
+    for s in ["A", "B"] {
+        let dir = site(&w, s);
+        std::fs::write(dir.join("app.py"), ASGI_APP).unwrap();
+        let cmd: Vec<&str> = ["python3", "-m", "uvicorn", "app:app", "--port", "8000"].into_iter().chain(extra.iter().copied()).collect();
+        pids.push(w.spawn(exec(&w, s, &dir, &cmd), s));
+        wait_for(30, &format!("uvicorn {s} serving"), || w.stderr_of(s).contains("Application startup complete").then_some(()));
+    }
+    let b_port = wait_for(10, "B listening", || tree_ports(pids[1]).into_iter().next());
+    assert_ne!(b_port, 8000);
+    let answers = ask_for(&w, "B", 8000, 8);
+    assert!(answers.len() >= 10 && answers.iter().all(|a| a == "B"), "B's connects to 8000 must reach B: {answers:?}");
+    assert_eq!(http_get("127.0.0.1", 8000, "/").as_deref(), Some("A"));
+    assert!(allocated(&w).contains(&b_port));
+}
+
+#[test]
+fn uvicorn_with_its_reloader_keeps_its_remap() {
+    uvicorn_twice(&["--reload"]);
+}
+
+#[test]
+fn uvicorn_with_workers_keeps_its_remap() {
+    uvicorn_twice(&["--workers", "2"]);
+}
+
+/// `program` run as `uid`, without the library.
+fn as_user(w: &World, uid: u32, program: &str, args: &[&str]) -> Command {
+    let mut c = w.cmd("setpriv");
+    c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]).arg(program).args(args);
+    c
+}
+
+#[test]
+fn a_remapped_port_another_user_grabs_after_its_server_exits_is_not_the_sessions() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        return eprintln!("skipped: needs root to run a process as another user");
+    }
+    let mut w = World::new();
+    assert_eq!(http_server(&mut w, "A", 3000).1, 3000);
+    let (b, b_port) = http_server(&mut w, "B", 3000);
+    assert_ne!(b_port, 3000);
+    // the daemon stopped while B's server exits and another user takes its port: the sweep
+    // that follows sees the port bound, by someone else
+    let daemon = w.daemon_pid().unwrap();
+    // SAFETY: kill(2) of this world's daemon.
+    unsafe { libc::kill(daemon, libc::SIGSTOP) };
+    w.kill(b);
+    let attacker = "import socket, sys\n\
+s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('listening', flush=True)\n\
+while True:\n    \
+c, _ = s.accept(); print('got', c.recv(1000)[:20], flush=True); c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\nattacker'); c.close()";
+    let att = w.spawn(as_user(&w, user("styxy-grab"), "/usr/bin/python3", &["-c", attacker, &b_port.to_string()]), "attacker");
+    wait_for(10, "the attacker listening", || w.output_of("attacker").contains("listening").then_some(()));
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon, libc::SIGCONT) };
+    wait_for(10, "B's allocation freed", || (!allocated(&w).contains(&b_port)).then_some(()));
+    let once = ask_for(&w, "B", 3000, 1);
+    assert!(once.iter().all(|a| a.starts_with("error")), "B's connect reached someone: {once:?}");
+    assert!(!w.output_of("attacker").contains("got"), "the attacker received B's request");
+    // B's server, restarted, serves on a port of its own and B reaches it
+    let (_, again) = http_server(&mut w, "B", 3000);
+    assert!(again != 3000 && again != b_port);
+    assert!(ask_for(&w, "B", 3000, 1).iter().all(|a| a == "B"));
+    w.kill(att);
+}
