@@ -35,22 +35,54 @@ pub const TOOLS: &[(&str, &[(&str, u16)])] = &[
 
 /// Tools that move to the next port by themselves when theirs is taken (and then print the
 /// one they got): `exec` lets them (fallback mode) instead of moving their first bind
-/// silently, so the URL they print is the one they serve.
-pub const FALLS_BACK: &[&str] = &[
-    "jupyter",
-    "jupyter-lab",
-    "jupyter-notebook",
-    "jupyter-server",
-    "jupyter_server",
-    "vite",
-    "http-server",
-    "webpack-dev-server",
-    "webpack",
+/// silently, so the URL they print is the one they serve. Each with the arguments that
+/// turn its fallback off (`--strictPort`; an explicit port for tools that look for a free
+/// one only when none was named): then it fails on a taken port, so it is moved instead.
+pub const FALLS_BACK: &[(&str, Strict)] = &[
+    ("jupyter", Strict::Flags(&["--port-retries=0", "--ServerApp.port_retries=0", "--NotebookApp.port_retries=0"])),
+    ("jupyter-lab", Strict::Flags(&["--port-retries=0", "--ServerApp.port_retries=0"])),
+    ("jupyter-notebook", Strict::Flags(&["--port-retries=0", "--NotebookApp.port_retries=0"])),
+    ("jupyter-server", Strict::Flags(&["--port-retries=0", "--ServerApp.port_retries=0"])),
+    ("jupyter_server", Strict::Flags(&["--port-retries=0", "--ServerApp.port_retries=0"])),
+    ("vite", Strict::Flags(&["--strictPort", "--strict-port", "--strictPort=true"])),
+    ("http-server", Strict::NamedPort(&["-p", "--port"])),
+    ("webpack-dev-server", Strict::NamedPort(&["--port"])),
+    ("webpack", Strict::NamedPort(&["--port"])),
 ];
 
-/// Whether `cmd` runs a tool of [`FALLS_BACK`].
+/// What makes a tool of [`FALLS_BACK`] keep the port it was given.
+#[derive(Debug, Clone, Copy)]
+pub enum Strict {
+    /// Any of these arguments.
+    Flags(&'static [&'static str]),
+    /// One of these options with a port number (`-p 8080`, `--port=8080`; not `auto`, not 0).
+    NamedPort(&'static [&'static str]),
+}
+
+impl Strict {
+    fn holds(&self, args: &[String]) -> bool {
+        match self {
+            Strict::Flags(flags) => args.iter().any(|a| flags.contains(&a.as_str())),
+            Strict::NamedPort(opts) => args.iter().enumerate().any(|(i, a)| {
+                let value = match a.split_once('=') {
+                    Some((o, v)) if opts.contains(&o) => Some(v),
+                    _ if opts.contains(&a.as_str()) => args.get(i + 1).map(String::as_str),
+                    _ => None,
+                };
+                value.and_then(|v| v.parse::<u16>().ok()).is_some_and(|p| p != 0)
+            }),
+        }
+    }
+}
+
+/// Whether `cmd` runs a tool of [`FALLS_BACK`] that will fall back (nothing in its
+/// arguments turns that off).
 pub fn falls_back(cmd: &[String]) -> bool {
-    cmd.iter().any(|arg| FALLS_BACK.contains(&arg.rsplit('/').next().unwrap_or(arg)))
+    let base = |arg: &String| arg.rsplit('/').next().unwrap_or(arg).to_string();
+    match cmd.iter().enumerate().find_map(|(i, a)| FALLS_BACK.iter().find(|(t, _)| *t == base(a)).map(|(_, s)| (i, s))) {
+        Some((i, strict)) => !strict.holds(&cmd[i + 1..]),
+        None => false,
+    }
 }
 
 /// Node packages that find a free port by binding it and closing it, then hand that port
@@ -61,36 +93,68 @@ pub const PORT_FINDERS: &[&str] = &["get-port", "detect-port", "portfinder"];
 /// Programs that run a Node project's code.
 const NODE_RUNNERS: &[&str] = &["node", "nodejs", "npx", "npm", "pnpm", "yarn"];
 
-/// Whether `cmd` runs a Node program (`node x.js`, `npx tool`, `npm run dev`) whose
-/// project uses a [`PORT_FINDERS`] package: the nearest `package.json` above `cwd`, or
-/// above the directory of a file named in `cmd` (the script), lists one in its
-/// `dependencies` or `devDependencies`. Such a program falls back by itself when its
-/// probe fails, and then really gets the port it reports.
+/// Whether `cmd` runs a Node program whose own code finds its port with a
+/// [`PORT_FINDERS`] package: the script `node` runs (`node server.mjs`), the script a
+/// package.json `scripts` entry runs (`npm run dev`, `pnpm dev`, `yarn start`), or the
+/// executable of an installed tool (`npx tool`: `node_modules/.bin/tool`) imports or
+/// requires one. Such a program falls back by itself when its probe fails, and then
+/// really gets the port it reports. What its project merely depends on does not count: a
+/// fixed-port server in a project that lists get-port is moved, never made to fail.
 pub fn finds_ports_itself(cmd: &[String], cwd: &Path) -> bool {
-    let Some(program) = cmd.first() else {
-        return false;
+    program_files(cmd, cwd, 2).iter().any(|f| imports_port_finder(f))
+}
+
+/// The files of code `cmd` runs first, following a package.json script `depth` times.
+fn program_files(cmd: &[String], cwd: &Path, depth: u32) -> Vec<PathBuf> {
+    let Some(program) = cmd.first().map(|p| p.rsplit('/').next().unwrap_or(p)) else {
+        return Vec::new();
     };
-    if !NODE_RUNNERS.contains(&program.rsplit('/').next().unwrap_or(program)) {
+    if !NODE_RUNNERS.contains(&program) {
+        return Vec::new();
+    }
+    let words: Vec<&String> = cmd[1..].iter().filter(|a| !a.starts_with('-')).collect();
+    match program {
+        "node" | "nodejs" => words.first().map(|f| cwd.join(f)).into_iter().collect(),
+        "npx" => words.first().and_then(|tool| installed_bin(cwd, tool)).into_iter().collect(),
+        _ if depth == 0 => Vec::new(),
+        _ => {
+            // npm run dev, npm start, pnpm dev, yarn start
+            let name = words.iter().find(|w| !["run", "run-script"].contains(&w.as_str())).map(|w| w.as_str()).unwrap_or("start");
+            let Some(script) = package_script(cwd, name) else { return Vec::new() };
+            let argv: Vec<String> = script.split_whitespace().map(str::to_string).collect();
+            let runs_node = argv.first().is_some_and(|p| NODE_RUNNERS.contains(&p.as_str()));
+            match runs_node {
+                true => program_files(&argv, cwd, depth - 1),
+                // a tool of the project's own `node_modules/.bin` (`"dev": "vite"`)
+                false => argv.first().and_then(|tool| installed_bin(cwd, tool)).into_iter().collect(),
+            }
+        }
+    }
+}
+
+/// `node_modules/.bin/<tool>` of the nearest project above `cwd`, resolved to its file.
+fn installed_bin(cwd: &Path, tool: &str) -> Option<PathBuf> {
+    let tool = tool.split('@').find(|s| !s.is_empty())?; // npx tool@1.2
+    cwd.ancestors().map(|d| d.join("node_modules/.bin").join(tool)).find(|p| p.is_file())?.canonicalize().ok()
+}
+
+/// The `scripts` entry `name` of the nearest `package.json` above `cwd`.
+fn package_script(cwd: &Path, name: &str) -> Option<String> {
+    let pkg = cwd.ancestors().map(|d| d.join("package.json")).find(|p| p.is_file())?;
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(pkg).ok()?).ok()?;
+    v.get("scripts")?.get(name)?.as_str().map(str::to_string)
+}
+
+/// Whether the file of code at `path` (its first 256 KiB) imports or requires a
+/// [`PORT_FINDERS`] package: `'get-port'` or `"get-port"` as a module name.
+fn imports_port_finder(path: &Path) -> bool {
+    let mut buf = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 256 * 1024), &mut buf));
+    if read.is_err() {
         return false;
     }
-    let scripts = cmd[1..].iter().filter(|a| !a.starts_with('-')).map(|a| cwd.join(a)).filter(|p| p.is_file());
-    let starts = std::iter::once(cwd.to_path_buf()).chain(scripts.filter_map(|p| p.parent().map(Path::to_path_buf)));
-    starts.filter_map(|dir| nearest_package_json(&dir)).any(|pkg| uses_port_finder(&pkg))
-}
-
-/// The `package.json` in `dir` or the nearest directory above it.
-fn nearest_package_json(dir: &Path) -> Option<PathBuf> {
-    dir.ancestors().map(|d| d.join("package.json")).find(|p| p.is_file())
-}
-
-fn uses_port_finder(package_json: &Path) -> bool {
-    let Some(pkg) = std::fs::read(package_json).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) else {
-        return false;
-    };
-    ["dependencies", "devDependencies"]
-        .iter()
-        .filter_map(|k| pkg.get(k)?.as_object())
-        .any(|deps| PORT_FINDERS.iter().any(|f| deps.contains_key(*f)))
+    let code = String::from_utf8_lossy(&buf);
+    PORT_FINDERS.iter().any(|f| ["'", "\"", "`"].iter().any(|q| code.contains(&format!("{q}{f}{q}")) || code.contains(&format!("{q}{f}/"))))
 }
 
 /// The variables the first recognised tool of `cmd` reads, with its default ports;
@@ -119,47 +183,46 @@ mod tests {
     }
 
     #[test]
-    fn a_node_project_using_a_port_finder_falls_back_by_itself() {
+    fn a_node_program_whose_code_uses_a_port_finder_falls_back_by_itself() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
-        // a project with get-port, run from a folder below it
-        write(&root.join("app/package.json"), r#"{"name":"app","dependencies":{"express":"4","get-port":"7.2.0"}}"#);
-        write(&root.join("app/server.mjs"), "");
-        std::fs::create_dir_all(root.join("app/src/deep")).unwrap();
-        for cmd in ["node server.mjs", "npx vite-node x", "npm run dev", "/usr/bin/node --watch server.mjs", "pnpm dev", "yarn start"] {
-            assert!(finds_ports_itself(&args(cmd), &root.join("app")), "{cmd}");
+        let app = root.join("app");
+        write(&app.join("package.json"), r#"{"name":"app","scripts":{"dev":"node server.mjs","fixed":"node fixed.js","tool":"finder"}}"#);
+        write(&app.join("server.mjs"), "import getPort from 'get-port';\nconst port = await getPort({port: 3000});\n");
+        write(&app.join("fixed.js"), "require('http').createServer().listen(3000);\n");
+        write(&app.join("node_modules/finder/cli.js"), "const portfinder = require(\"portfinder\");\n");
+        std::fs::create_dir_all(app.join("node_modules/.bin")).unwrap();
+        std::os::unix::fs::symlink("../finder/cli.js", app.join("node_modules/.bin/finder")).unwrap();
+        for cmd in ["node server.mjs", "/usr/bin/node --watch server.mjs", "npm run dev", "pnpm dev", "yarn dev", "npx finder", "npm run tool"] {
+            assert!(finds_ports_itself(&args(cmd), &app), "{cmd}");
         }
-        assert!(finds_ports_itself(&args("node server.mjs"), &root.join("app/src/deep")), "the nearest package.json above cwd");
-        // a script in a project of its own, run from elsewhere: its folder counts
-        assert!(finds_ports_itself(&args("node app/server.mjs"), root));
-        let abs = root.join("app/server.mjs").display().to_string();
-        assert!(finds_ports_itself(&["node".to_string(), abs], Path::new("/")));
-        // devDependencies too, and each finder
-        for (i, f) in PORT_FINDERS.iter().enumerate() {
-            let dir = root.join(format!("dev{i}"));
-            write(&dir.join("package.json"), &format!(r#"{{"devDependencies":{{"{f}":"*"}}}}"#));
-            assert!(finds_ports_itself(&args("npm run dev"), &dir), "{f}");
+        assert!(finds_ports_itself(&args("node app/server.mjs"), root), "a script named from elsewhere");
+        // the same project's fixed-port server: what it depends on does not count
+        for cmd in ["node fixed.js", "npm run fixed", "npm start", "npx missing", "python3 -m http.server"] {
+            assert!(!finds_ports_itself(&args(cmd), &app), "{cmd}");
         }
+        assert!(!finds_ports_itself(&[], root));
+        // a name in a comment or a string is not an import
+        write(&app.join("talk.js"), "// we could use get-port here\nconsole.log('get-port is nice')\n");
+        assert!(!finds_ports_itself(&args("node talk.js"), &app));
     }
 
     #[test]
-    fn other_projects_and_programs_do_not() {
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path();
-        write(&root.join("package.json"), r#"{"dependencies":{"get-port":"7"}}"#);
-        // the nearest package.json decides, not one further up
-        write(&root.join("next-app/package.json"), r#"{"dependencies":{"next":"15"},"scripts":{"get-port":"x"}}"#);
-        assert!(!finds_ports_itself(&args("npx next dev"), &root.join("next-app")));
-        // a name elsewhere in the file is not a dependency
-        write(&root.join("other/package.json"), r#"{"description":"no get-port here","peerDependencies":{"portfinder":"1"}}"#);
-        assert!(!finds_ports_itself(&args("node x.js"), &root.join("other")));
-        // not JSON, and no package.json at all
-        write(&root.join("broken/package.json"), "{ not json");
-        assert!(!finds_ports_itself(&args("node x.js"), &root.join("broken")));
-        assert!(!finds_ports_itself(&args("node x.js"), Path::new("/proc/self")));
-        // not a Node program, though its project uses get-port
-        assert!(!finds_ports_itself(&args("python3 -m http.server"), root));
-        assert!(!finds_ports_itself(&[], root));
+    fn a_tool_told_to_keep_its_port_does_not_fall_back() {
+        for cmd in ["npx vite", "npx vite preview", "jupyter lab --port 8888", "npx http-server site", "npx webpack serve", "npx http-server -p auto"] {
+            assert!(falls_back(&args(cmd)), "{cmd}");
+        }
+        for cmd in [
+            "npx vite preview --strictPort",
+            "npx vite --strict-port",
+            "npx webpack serve --port 8080",
+            "npx webpack-dev-server --port=8080",
+            "npx http-server site -p 8080",
+            "jupyter lab --port-retries=0",
+            "python3 -m http.server",
+        ] {
+            assert!(!falls_back(&args(cmd)), "{cmd}");
+        }
     }
 
     fn v(cmd: &str) -> Vec<(&'static str, u16)> {

@@ -151,3 +151,27 @@ c, _ = s.accept(); print('got', c.recv(1000)[:20], flush=True); c.sendall(b'HTTP
     assert!(ask_for(&w, "B", 3000, 1).iter().all(|a| a == "B"));
     w.kill(att);
 }
+
+#[test]
+fn a_fixed_port_node_server_in_a_get_port_project_is_moved_and_serves() {
+    let mut w = World::new();
+    let mut pids = Vec::new();
+    for s in ["A", "B"] {
+        let dir = site(&w, s);
+        // the project lists get-port (another of its scripts uses it); this server does not
+        std::fs::write(dir.join("package.json"), r#"{"private": true, "type": "module", "dependencies": {"get-port": "7.2.0"}}"#).unwrap();
+        let server = "import http from 'node:http';\n\
+http.createServer((q, r) => r.end(process.env.WHO)).listen(3000, () => console.log('listening'));\n";
+        std::fs::write(dir.join("server.mjs"), server).unwrap();
+        let mut c = exec(&w, s, &dir, &["node", "server.mjs"]);
+        c.env("WHO", s);
+        pids.push(w.spawn(c, s));
+        wait_for(20, &format!("{s} listening"), || w.output_of(s).contains("listening").then_some(()));
+    }
+    let b_port = wait_for(10, "B's port", || tree_ports(pids[1]).into_iter().next());
+    assert_ne!(b_port, 3000);
+    assert!(!w.finished(pids[1]), "B's server ended: {}", w.stderr_of("B"));
+    assert_eq!(http_get("127.0.0.1", b_port, "/").as_deref(), Some("B"));
+    let b = ask_for(&w, "B", 3000, 1);
+    assert!(!b.is_empty() && b.iter().all(|a| a == "B"), "{b:?}");
+}
