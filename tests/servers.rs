@@ -175,3 +175,60 @@ http.createServer((q, r) => r.end(process.env.WHO)).listen(3000, () => console.l
     let b = ask_for(&w, "B", 3000, 1);
     assert!(!b.is_empty() && b.iter().all(|a| a == "B"), "{b:?}");
 }
+
+/// The port a client in `session` reaches when it connects to 127.0.0.1:`port` and the
+/// first `len` bytes it reads after sending `hello` (`peer-port bytes`), or `error …`.
+fn dial(w: &World, session: &str, port: u16, hello: &str, len: usize) -> String {
+    let script = "import socket, sys\n\
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5)\n\
+s.sendall(sys.argv[2].encode()); got = b''\n\
+while len(got) < int(sys.argv[3]):\n    \
+b = s.recv(100)\n    \
+if not b: break\n    \
+got += b\n\
+print(s.getpeername()[1], got.decode(errors='replace'))";
+    let mut c = w.cli();
+    c.args(["exec", "--quiet", "--session", session, "--", "python3", "-c", script, &port.to_string(), hello, &len.to_string()]);
+    let out = run(c);
+    format!("{}{}", text(&out.stdout).trim(), if out.status.success() { String::new() } else { format!("error {}", text(&out.stderr)) })
+}
+
+#[test]
+fn two_jvms_with_jdwp_on_5005_both_start_and_each_session_reaches_its_own() {
+    let mut w = World::new();
+    let mut pids = Vec::new();
+    for s in ["A", "B"] {
+        let dir = site(&w, s);
+        std::fs::write(dir.join("Main.java"), "public class Main { public static void main(String[] a) throws Exception { System.out.println(\"up\"); Thread.sleep(600000); } }").unwrap();
+        let agent = "-agentlib:jdwp=transport=dt_socket,server=y,suspend=n,address=5005";
+        pids.push(w.spawn(exec(&w, s, &dir, &["java", agent, "Main.java"]), s));
+        wait_for(60, &format!("JVM {s} up"), || w.output_of(s).contains("up").then_some(()));
+    }
+    assert!(!w.finished(pids[1]), "B's JVM ended: {}", w.stderr_of("B"));
+    let ports: Vec<u16> = pids.iter().map(|p| wait_for(10, "JDWP listening", || tree_ports(*p).into_iter().next())).collect();
+    assert_eq!(ports[0], 5005);
+    assert_ne!(ports[1], 5005);
+    for (s, port) in ["A", "B"].iter().zip(&ports) {
+        assert_eq!(dial(&w, s, 5005, "JDWP-Handshake", 14), format!("{port} JDWP-Handshake"), "session {s}");
+    }
+}
+
+#[test]
+fn two_node_inspectors_on_9229_both_listen_and_each_session_reaches_its_own() {
+    let mut w = World::new();
+    let mut pids = Vec::new();
+    for s in ["A", "B"] {
+        let dir = site(&w, s);
+        std::fs::write(dir.join(format!("app-{s}.js")), "setInterval(() => {}, 1000);\n").unwrap();
+        pids.push(w.spawn(exec(&w, s, &dir, &["node", "--inspect=127.0.0.1:9229", &format!("app-{s}.js")]), s));
+        wait_for(20, &format!("inspector {s}"), || w.stderr_of(s).contains("Debugger listening").then_some(()));
+    }
+    assert!(!w.stderr_of("B").contains("failed"), "{}", w.stderr_of("B"));
+    for s in ["A", "B"] {
+        let mut c = w.cli();
+        let get = "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:9229/json/list', timeout=5).read().decode())";
+        c.args(["exec", "--quiet", "--session", s, "--", "python3", "-c", get]);
+        let body = text(&run(c).stdout);
+        assert!(body.contains(&format!("app-{s}.js")), "session {s} reached another inspector: {body}");
+    }
+}

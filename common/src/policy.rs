@@ -55,6 +55,22 @@ pub const FALLBACK_TYPE: &str = "dev";
 /// Ports debuggers attach to by number: Node inspector, JDWP, debugpy.
 pub const DEBUGGER_PORTS: [u16; 3] = [9229, 5005, 5678];
 
+/// The service type of [`DEBUGGER_PORTS`]: a type of our own (Styxy has none). Its
+/// allocations are never sent to Styxy, which would invent a range for an unknown name
+/// and keep it for good.
+pub const DEBUG_TYPE: &str = "debug";
+
+/// Whether `ty` is a type of our own, unknown to Styxy ([`DEBUG_TYPE`]).
+pub fn local_type(ty: &str) -> bool {
+    ty == DEBUG_TYPE
+}
+
+/// Types of our own, added to whichever types the coordinator has: `debug`, whose range
+/// (between Styxy's `database` and `storybook`) takes a second debugger's port.
+pub fn local_types() -> Vec<ServiceType> {
+    vec![ServiceType { name: DEBUG_TYPE.into(), range: (5680, 5699), preferred: vec![], single: false }]
+}
+
 /// Styxy's own listener and the ports its client probes.
 pub const STYXY_PORTS: (u16, u16) = (9876, 9880);
 
@@ -81,7 +97,7 @@ pub const RANGE_DEFAULTS: [u16; 6] = [3000, 4000, 5000, 6006, 8000, 9222];
 /// A port some well-known tool asks for by default: a remap avoids it while other ports
 /// of the type are free, so the next tool that wants it is not moved too.
 pub fn tool_default(port: u16) -> bool {
-    RANGE_DEFAULTS.contains(&port) || TOOL_DEFAULTS.iter().any(|(p, _)| *p == port)
+    RANGE_DEFAULTS.contains(&port) || TOOL_DEFAULTS.iter().any(|(p, _)| *p == port) || DEBUGGER_PORTS.contains(&port)
 }
 
 fn t(name: &str, lo: u16, hi: u16, p0: u16) -> ServiceType {
@@ -131,7 +147,8 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { types: builtin_types(), rules: vec![], coordinator_ports: vec![], ephemeral_low: 32768 }
+        let types = builtin_types().into_iter().chain(local_types()).collect();
+        Policy { types, rules: vec![], coordinator_ports: vec![], ephemeral_low: 32768 }
     }
 }
 
@@ -155,8 +172,8 @@ impl Policy {
         if port >= self.ephemeral_low {
             return Decision::Untouched("ephemeral range");
         }
-        if DEBUGGER_PORTS.contains(&port) {
-            return Decision::Untouched("debugger port");
+        if DEBUGGER_PORTS.contains(&port) && self.known(DEBUG_TYPE) {
+            return self.typed(DEBUG_TYPE);
         }
         if let Some(ty) = self.types.iter().find(|t| (t.range.0..=t.range.1).contains(&port)) {
             return self.typed(&ty.name);
@@ -242,6 +259,12 @@ impl Policy {
         if types.is_empty() {
             return false;
         }
+        for local in local_types() {
+            let overlaps = |t: &ServiceType| t.range.0 <= local.range.1 && local.range.0 <= t.range.1;
+            if !types.iter().any(|t| t.name == local.name || overlaps(t)) {
+                types.push(local);
+            }
+        }
         types.sort_by_key(|t| t.range.0);
         self.types = types;
         true
@@ -308,9 +331,10 @@ mod tests {
             (6006, c("storybook")),
             (1313, c("docs")),
             (5000, c("functions")),
-            (9229, Decision::Untouched("debugger port")),
-            (5005, Decision::Untouched("debugger port")),
-            (5678, Decision::Untouched("debugger port")),
+            (9229, c("debug")),
+            (5005, c("debug")),
+            (5678, c("debug")),
+            (5690, c("debug")),
             (9876, Decision::Untouched("coordinator port")),
             (9880, Decision::Untouched("coordinator port")),
             (11434, Decision::Single("ai")),
@@ -326,8 +350,10 @@ mod tests {
 
     #[test]
     fn every_builtin_type_is_known_and_ranges_do_not_overlap() {
-        let types = builtin_types();
-        assert_eq!(types.len(), 17);
+        let types: Vec<ServiceType> = builtin_types().into_iter().chain(local_types()).collect();
+        assert_eq!(builtin_types().len(), 17);
+        let mut types = types;
+        types.sort_by_key(|t| t.range.0);
         for w in types.windows(2) {
             assert!(w[0].range.1 < w[1].range.0, "{:?} overlaps {:?}", w[0], w[1]);
         }
@@ -360,12 +386,13 @@ mod tests {
             "broken": {"range": [1]}
         }});
         assert!(p.apply_config(&cfg));
-        assert_eq!(p.types.len(), 2);
+        assert_eq!(p.types.len(), 3, "the coordinator's two, and debug");
+        assert_eq!(p.decide(9229), Decision::Coordinated("debug"));
         assert_eq!(p.decide(3005), Decision::Coordinated("dev"));
         assert_eq!(p.decide(3050), Decision::OnConflict("dev"));
         assert_eq!(p.decide(7005), Decision::Single("ml"));
         assert!(!p.apply_config(&serde_json::json!({"error": "x"})));
-        assert_eq!(p.types.len(), 2);
+        assert_eq!(p.types.len(), 3);
     }
 
     #[test]

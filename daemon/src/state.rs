@@ -87,6 +87,8 @@ pub enum Standing {
     Served,
     /// Styxy holds it for another client.
     Conflict,
+    /// A type of our own (`policy::local_type`): never sent to Styxy.
+    Local,
 }
 
 impl Standing {
@@ -255,6 +257,9 @@ pub enum AllocError {
     },
 }
 
+/// How many ports above the one asked for a remap tries first.
+pub const NEAR: u16 = 9;
+
 /// Ports one session may hold at once, and all sessions together.
 pub const SESSION_QUOTA: usize = 256;
 pub const TOTAL_QUOTA: usize = 4096;
@@ -315,8 +320,10 @@ impl State {
         if req.dry_run {
             return Ok(Grant { port, lock_id, existing: false, holder });
         }
-        // the port Styxy's hook reserved for this very command: its lock becomes ours
+        // a type of our own is never Styxy's; the port Styxy's hook reserved for this very
+        // command: its lock becomes ours
         let upstream = match self.upstream_held.remove(&port) {
+            _ if policy::local_type(&ty.name) => Standing::Local,
             Some(r) => Standing::Mirrored { lock_id: r.lock_id, asserted_at_ms: now_ms },
             None => Standing::Pending,
         };
@@ -362,8 +369,9 @@ impl State {
     }
 
     /// The port to grant: the one the session had within the grace period, the preferred
-    /// one, the type's preferred ones, then its range — other tools' default ports only
-    /// when nothing else of the type is free.
+    /// one, the ones just above it of the same type ([`NEAR`]), the type's preferred
+    /// ones, then its range — other tools' default ports only when nothing else of the
+    /// type is free.
     fn choose(&mut self, req: &AllocRequest, ty: &ServiceType, now_ms: u64) -> Result<u16, AllocError> {
         let requested = req.requested_port.or(req.preferred_port);
         self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
@@ -381,9 +389,11 @@ impl State {
                 _ => Err(AllocError::NotExactly),
             };
         }
-        let candidates =
-            || remembered.into_iter().chain(req.preferred_port).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1);
-        let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || !policy::tool_default(p);
+        let near = self.near(requested.filter(|r| Some(*r) != remembered), &ty.name);
+        let candidates = || {
+            remembered.into_iter().chain(req.preferred_port).chain(near.iter().copied()).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1)
+        };
+        let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || near.contains(&p) || !policy::tool_default(p);
         for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {
             if port != 0 && !req.exclude.contains(&port) && self.free_for(req, &ty.name, port, now_ms) {
                 return Ok(port);
@@ -394,6 +404,13 @@ impl State {
             range: ty.range,
             allocated: self.allocs.keys().copied().filter(|p| (ty.range.0..=ty.range.1).contains(p)).collect(),
         })
+    }
+
+    /// The ports just above `requested` that the policy gives the same type, where the
+    /// tool itself would look next when its port is taken (Vite 5173 → 5174…).
+    fn near(&self, requested: Option<u16>, ty: &str) -> Vec<u16> {
+        let Some(r) = requested else { return Vec::new() };
+        (r.saturating_add(1)..=r.saturating_add(NEAR)).filter(|p| self.policy.decide(*p).service_type() == Some(ty)).collect()
     }
 
     /// The policy as the calling process sees it: with the `STYXY_PRELOAD_PORTS` rules of
@@ -690,10 +707,18 @@ mod tests {
     fn a_remap_avoids_other_tools_defaults_while_the_type_has_other_ports() {
         let mut s = state();
         assert_eq!(s.allocate(&req("a", 5173), 0).unwrap().port, 5173);
-        // the second Vite: not 3000 (Next, Express…), not 5174
-        assert_eq!(s.allocate(&req("b", 5173), 0).unwrap().port, 3001);
+        // the second Vite: where Vite itself would go (5174), not 3000 (Next, Express…)
+        assert_eq!(s.allocate(&req("b", 5173), 0).unwrap().port, 5174);
+        assert_eq!(s.allocate(&req("d", 5173), 0).unwrap().port, 5175);
+        // a second Next: 3001; a debugger: its own type's range, never another debugger's port
+        assert_eq!(s.allocate(&req("a", 3000), 0).unwrap().port, 3000);
+        assert_eq!(s.allocate(&req("b", 3000), 0).unwrap().port, 3001);
+        let debug = |session: &str, port| AllocRequest { service_type: "debug".into(), ..req(session, port) };
+        assert_eq!(s.allocate(&debug("a", 9229), 0).unwrap().port, 9229);
+        assert_eq!(s.allocate(&debug("b", 9229), 0).unwrap().port, 5680);
+        assert_eq!(s.allocs[&5680].upstream, Standing::Local, "never sent to Styxy");
         // asked for by name, a default is granted as usual
-        assert_eq!(s.allocate(&req("c", 3000), 0).unwrap().port, 3000);
+        assert_eq!(s.allocate(&req("c", 4321), 0).unwrap().port, 4321);
     }
 
     /// The one socket `fake_sockets` reports on any port: (inode, uid), 0 for none.

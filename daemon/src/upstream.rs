@@ -764,6 +764,7 @@ fn plan(st: &mut State, theirs: &[api::AllocationInfo], now: u64, reassert_after
                     todo.push(Todo::Reassert(a.port, lock_id.clone()));
                 }
             }
+            Standing::Local => {} // a type of our own: never Styxy's
             _ if held.contains_key(&a.port) => {
                 let other = held[&a.port].instance_id.clone().unwrap_or_default();
                 mark_conflict(a, &format!("Styxy holds {} for another client ({other})", a.port));

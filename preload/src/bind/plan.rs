@@ -38,7 +38,7 @@ pub enum Plan<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bypass {
     /// The policy leaves the port alone: port 0, a privileged port without a
-    /// `STYXY_PRELOAD_PORTS` rule, the ephemeral range, a debugger's or the
+    /// `STYXY_PRELOAD_PORTS` rule, the ephemeral range, the
     /// coordinator's port, or a rule saying `off`. The policy's reason.
     Untouched(&'static str),
     /// Not a TCP stream socket: UDP and the rest are never coordinated.
