@@ -166,6 +166,15 @@ fn readable(f: &std::fs::File, ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
+/// The daemon's network namespace (its `GET /status`), for [`procinfo::NETNS_ENV`]: a
+/// session's process in another namespace is left alone.
+///
+/// [`procinfo::NETNS_ENV`]: styxy_preload_common::procinfo::NETNS_ENV
+pub fn netns(ep: &Endpoint) -> Option<u64> {
+    let r = http::call(ep, "GET", "/status", None, PROBE).ok().filter(|r| r.status == 200)?;
+    r.json::<serde_json::Value>().ok()?.get("netns")?.as_u64()
+}
+
 /// Keeps the daemon up while `pid` (an `env` shell, an `exec`) runs: its sessions may
 /// ask at any time, so the daemon must not idle out under them.
 pub fn anchor(ep: &Endpoint, session: &str, pid: u32) {

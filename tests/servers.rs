@@ -232,3 +232,31 @@ fn two_node_inspectors_on_9229_both_listen_and_each_session_reaches_its_own() {
         assert!(body.contains(&format!("app-{s}.js")), "session {s} reached another inspector: {body}");
     }
 }
+
+#[test]
+fn a_server_in_its_own_network_namespace_keeps_its_port() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        return eprintln!("skipped: needs root for unshare -n");
+    }
+    let mut w = World::new();
+    assert_eq!(http_server(&mut w, "A", 8001).1, 8001);
+    // in B, a sandbox with a network of its own: its 8001 is free, whatever A holds outside
+    let dir = site(&w, "B");
+    let client = "import socket, sys, time\n\
+for i in range(100):\n    \
+try:\n        \
+s = socket.create_connection(('127.0.0.1', 8001), timeout=2); s.sendall(b'GET /who HTTP/1.0\\r\\n\\r\\n')\n        \
+print(sys.argv[1], s.recv(1000).decode().split('\\r\\n\\r\\n')[-1], s.getpeername()[1], flush=True); break\n    \
+except OSError: time.sleep(0.1)";
+    let script = format!(
+        "ip link set lo up; python3 -m http.server 8001 --bind 127.0.0.1 2>server.err & \
+         env -u LD_PRELOAD python3 -c \"{client}\" unhooked; python3 -c \"{client}\" hooked; kill $!"
+    );
+    let out = run(exec(&w, "B", &dir, &["unshare", "-n", "sh", "-c", &script]));
+    let said = text(&out.stdout);
+    assert!(said.contains("unhooked B 8001"), "an unhooked client in the namespace: {said}\n{}", text(&out.stderr));
+    assert!(said.contains("hooked B 8001"), "a hooked client in the namespace: {said}\n{}", text(&out.stderr));
+    let server_err = std::fs::read_to_string(dir.join("server.err")).unwrap_or_default();
+    assert!(!server_err.contains("is taken"), "{server_err}");
+}

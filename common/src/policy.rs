@@ -147,7 +147,8 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        let types = builtin_types().into_iter().chain(local_types()).collect();
+        let mut types: Vec<ServiceType> = builtin_types().into_iter().chain(local_types()).collect();
+        types.sort_by_key(|t| t.range.0);
         Policy { types, rules: vec![], coordinator_ports: vec![], ephemeral_low: 32768 }
     }
 }

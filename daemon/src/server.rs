@@ -339,6 +339,7 @@ async fn status(AxState(sh): AxState<Arc<Shared>>) -> Response {
         "daemon": "styxy-preload",
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
+        "netns": procinfo::netns(procinfo::SELF),
         "run_mode": crate::activation::run_mode().as_str(),
         "uptime": sh.started.elapsed().as_secs(),
         "allocations": allocations,

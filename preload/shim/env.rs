@@ -4,7 +4,7 @@
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use crate::sys::getenv;
+use crate::sys::{getenv, statx, AT_FDCWD, STATX_INO};
 use crate::text::cstr;
 use crate::{mapview, switch, NO, UNKNOWN, YES};
 
@@ -44,9 +44,37 @@ fn env_flag(cache: &AtomicU8, name: &CStr, test: fn(Option<&[u8]>) -> bool) -> b
     }
 }
 
-/// `STYXY_PRELOAD_DISABLE` unset, empty or `0` ([`switch::disables`]).
+/// `STYXY_PRELOAD_DISABLE` unset, empty or `0` ([`switch::disables`]), and the process
+/// in the daemon's network namespace (`STYXY_PRELOAD_NETNS`, set by `exec` and `env`): in
+/// another one (`unshare -n`, a container), ports are that namespace's, and every call is
+/// left alone.
 pub(crate) fn enabled() -> bool {
-    env_flag(&ENABLED, c"STYXY_PRELOAD_DISABLE", |v| !switch::disables(v))
+    env_flag(&ENABLED, c"STYXY_PRELOAD_DISABLE", |v| !switch::disables(v) && !foreign_netns())
+}
+
+/// `STYXY_PRELOAD_NETNS` names a network namespace (the inode of the daemon's
+/// `/proc/<pid>/ns/net`) and this process is in another one.
+fn foreign_netns() -> bool {
+    // SAFETY: parsed here and not kept.
+    let Some(want) = (unsafe { env(c"STYXY_PRELOAD_NETNS") }).and_then(number) else {
+        return false;
+    };
+    let mut st = [0u8; 256];
+    // SAFETY: a NUL-terminated path; statx writes a `struct statx` (256 bytes) into `st`.
+    if unsafe { statx(AT_FDCWD, c"/proc/self/ns/net".as_ptr(), 0, STATX_INO, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: stx_ino, within `st`, read unaligned.
+    let ino = unsafe { core::ptr::read_unaligned(st.as_ptr().add(32).cast::<u64>()) };
+    ino != want
+}
+
+/// A decimal number of at most 19 digits.
+fn number(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0')))
 }
 
 pub(crate) fn in_session() -> bool {

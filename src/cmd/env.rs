@@ -1,7 +1,7 @@
 //! `styxy-preload env`: the exports that make every process of a shell coordinated,
 //! for agents that set `LD_PRELOAD` globally.
 
-use styxy_preload_common::session;
+use styxy_preload_common::{procinfo, session};
 use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
 
 use crate::cli::{EnvArgs, Shell};
@@ -20,6 +20,9 @@ pub fn run(a: EnvArgs) -> Result<i32, String> {
     coordinator::anchor(&endpoint, &session, unsafe { libc::getppid() } as u32);
     let preload = libpath::preload_value(&lib);
     let mut vars = vec![("LD_PRELOAD", preload), ("STYXY_URL", endpoint.to_string()), (session::ENV, session)];
+    if let Some(ns) = coordinator::netns(&endpoint) {
+        vars.push((procinfo::NETNS_ENV, ns.to_string()));
+    }
     // the shell's own `2>log` (this command inherits it): the notice may go there, into no
     // other regular file
     if let Some(id) = stderr_file() {

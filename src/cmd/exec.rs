@@ -16,7 +16,7 @@ use styxy_preload_common::api::{AllocateReply, AllocateRequest};
 use styxy_preload_common::eventlog::{self, Action};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::policy::Policy;
-use styxy_preload_common::{discovery, paths, session};
+use styxy_preload_common::{discovery, paths, procinfo, session};
 
 use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
 use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
@@ -105,6 +105,9 @@ fn environment(a: &ExecArgs, lib: &std::path::Path, session: &str, endpoint: Opt
         env.insert("STYXY_URL".into(), ep.to_string());
         if let Some(types) = coordinator_types(ep) {
             env.insert("STYXY_PRELOAD_TYPES".into(), types);
+        }
+        if let Some(ns) = coordinator::netns(ep) {
+            env.insert(procinfo::NETNS_ENV.into(), ns.to_string());
         }
     }
     match a.mode {
