@@ -260,3 +260,37 @@ except OSError: time.sleep(0.1)";
     let server_err = std::fs::read_to_string(dir.join("server.err")).unwrap_or_default();
     assert!(!server_err.contains("is taken"), "{server_err}");
 }
+
+#[test]
+fn a_refused_connect_is_an_event_and_one_stderr_line() {
+    let mut w = World::new();
+    let (a, _) = http_server(&mut w, "A", 3000);
+    // a client in B, twice: isolation refuses both, one line says why
+    let client = "import urllib.request\n\
+for i in range(2):\n    \
+try: urllib.request.urlopen('http://127.0.0.1:3000/who', timeout=3); print('reached')\n    \
+except Exception as e: print('error', getattr(e, 'reason', e))";
+    let mut c = w.cli();
+    c.args(["exec", "--session", "B", "--", "python3", "-c", client]);
+    let out = run(c);
+    assert_eq!(text(&out.stdout).matches("Connection refused").count(), 2, "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("refused")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    let a_pid = wait_for(5, "A's server", || w.json("GET", "/allocations", None).1["allocations"][0]["process_id"].as_u64());
+    assert!(lines[0].contains(&format!("session A's server (python3, pid {a_pid})")), "{err}");
+    assert!(lines[0].contains("--no-isolate") && lines[0].contains("ports --session B"), "{err}");
+    let ev: Vec<_> = w.events().into_iter().filter(|e| e.call == "connect" && e.session.as_deref() == Some("B")).collect();
+    assert_eq!(ev.len(), 1, "{ev:#?}");
+    assert_eq!(ev[0].action, styxy_preload_common::eventlog::Action::Isolated);
+    assert!(ev[0].reason.as_deref().is_some_and(|r| r.contains("session A's server")), "{ev:#?}");
+    let mut c = w.cli();
+    c.args(["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&run(c).stdout).unwrap();
+    assert_eq!(stats["refused_connects"], 1, "{stats:#}");
+    let mut c = w.cli();
+    c.args(["log", "--session", "B"]);
+    let log = text(&run(c).stdout);
+    assert!(log.lines().any(|l| l.contains("isolated") && l.contains("session A's server")), "{log}");
+    w.kill(a);
+}

@@ -235,10 +235,15 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
             // SAFETY: `len` bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
-        Some(Route::Refused) if stream(fd) => {
-            set_errno(ECONNREFUSED);
-            -1
-        }
+        // refused: the hooks' logic refuses it too, and says so (an event, one stderr line)
+        Some(Route::Refused) if stream(fd) => match core_fn(&CORE_CONNECT) {
+            // SAFETY: the program's call and libc's function, as the core's connect takes them.
+            Some(hook) => unsafe { hook(fd, addr, len, real) },
+            None => {
+                set_errno(ECONNREFUSED);
+                -1
+            }
+        },
         Some(_) => plain(),
         // the hooks' logic changes only stream connects: a datagram one (a DNS query to
         // 127.0.0.53) never loads it

@@ -111,6 +111,9 @@ pub unsafe extern "C" fn styxy_core_connect(fd: c_int, addr: *const sockaddr, le
                 Route::AsAsked => plain(),
                 Route::To(target) => real(fd, target.ptr(), target.socklen()),
                 Route::Refused => {
+                    if let Some(orig) = Addr::read(addr, len) {
+                        report::refused(p, &p.caller(), &orig);
+                    }
                     sys::set_errno(ECONNREFUSED);
                     -1
                 }

@@ -69,6 +69,8 @@ pub struct Memory {
     last: AtomicU64,
     /// The pid that said on stderr that it cannot ask the daemon.
     warned: AtomicU32,
+    refused: AtomicU64,
+    refusal_told: AtomicU32,
 }
 
 impl Memory {
@@ -90,6 +92,18 @@ impl Memory {
     }
 
     /// True the first time `pid` asks: one line on stderr per process, not one per bind.
+    /// The first refused connect of `pid` to `port` in a row: logged once, not once per
+    /// retry of a client polling it.
+    pub fn first_refusal(&self, pid: u32, port: u16) -> bool {
+        let key = u64::from(pid) << 16 | u64::from(port);
+        self.refused.swap(key, Ordering::Relaxed) != key
+    }
+
+    /// The first refused connect of `pid`: told on stderr once.
+    pub fn first_refusal_told(&self, pid: u32) -> bool {
+        self.refusal_told.swap(pid, Ordering::Relaxed) != pid
+    }
+
     pub fn first_warning(&self, pid: u32) -> bool {
         self.warned.swap(pid, Ordering::Relaxed) != pid
     }

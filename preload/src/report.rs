@@ -127,3 +127,66 @@ fn pipe_room(fd: libc::c_int) -> Option<usize> {
         usize::try_from(size - queued).ok()
     }
 }
+
+/// A connect refused because another session's server holds the port (isolation): an
+/// `isolated` event once per process and port in a row (not once per retry of a client
+/// polling it), and once per process one stderr line naming that server and how to reach
+/// one's own.
+pub fn refused(p: &Process, who: &Caller, addr: &Addr) {
+    if !p.memory.first_refusal(who.pid, addr.port) {
+        return;
+    }
+    let errno = sys::errno();
+    let started = std::time::Instant::now();
+    let holder = holder(p, addr.port);
+    let reason = format!("port {} is {holder}", addr.port);
+    let ty = match p.policy.decide(addr.port) {
+        styxy_preload_common::policy::Decision::Untouched(_) => None,
+        d => d.service_type(),
+    };
+    let o = Outcome {
+        call: "connect",
+        requested: addr.port,
+        port: addr.port,
+        addr,
+        service_type: ty,
+        action: Action::Isolated,
+        reason: Some(reason),
+        started,
+        backend: None,
+        retries: 0,
+    };
+    event(p, who, o);
+    if p.memory.first_refusal_told(who.pid) {
+        let session = p.session.as_deref().unwrap_or("?");
+        notify(
+            p,
+            &format!(
+                "connect to port {port} refused: it is {holder}; session {session} has no server on {port} — start yours in this \
+                 session (then {port} leads to it), see this session's with `styxy-preload ports --session {session}`, or run with \
+                 `exec --no-isolate` to reach other sessions' servers",
+                port = addr.port
+            ),
+        );
+    }
+    sys::set_errno(errno);
+}
+
+/// Who holds `port`, as the daemon knows it (`GET /check/PORT`): "session A's server
+/// (python3, pid 4242)", or "another session's server" when it cannot say.
+fn holder(p: &Process, port: u16) -> String {
+    use styxy_preload_common::http::{self, Timeouts};
+    let known = http::call(&p.endpoint, "GET", &format!("/check/{port}"), None, Timeouts::HOOK)
+        .ok()
+        .filter(|r| r.status == 200)
+        .and_then(|r| r.json::<serde_json::Value>().ok())
+        .map(|v| v["allocated_to"].clone())
+        .filter(|a| a.is_object());
+    let Some(a) = known else { return "another session's server".into() };
+    let session = a["instance_id"].as_str().unwrap_or("?");
+    let comm = a["comm"].as_str().unwrap_or("?");
+    match a["process_id"].as_u64() {
+        Some(pid) => format!("session {session}'s server ({comm}, pid {pid})"),
+        None => format!("session {session}'s server ({comm})"),
+    }
+}

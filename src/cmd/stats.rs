@@ -115,6 +115,8 @@ struct Stats {
     coordinator: Option<String>,
     /// Fullest first; only types holding a port.
     ranges_now: Vec<RangeUse>,
+    /// Connects refused because another session's server holds the port (isolation).
+    refused_connects: u64,
     session: Option<String>,
     since_s: Option<u64>,
     summary: String,
@@ -140,10 +142,9 @@ pub fn run(a: StatsArgs) -> Result<i32, String> {
 
 fn gather(a: &StatsArgs, events: &[Event]) -> Stats {
     let since_ms = a.since.map(|d| eventlog::now_ms().saturating_sub(d.as_millis() as u64));
-    let binds = events
-        .iter()
-        .filter(|e| e.call == "bind" && e.action != Action::Observed)
-        .filter(|e| since_ms.is_none_or(|t| e.ts >= t) && a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s)));
+    let wanted = |e: &&Event| since_ms.is_none_or(|t| e.ts >= t) && a.session.as_ref().is_none_or(|s| e.session.as_ref() == Some(s));
+    let binds = events.iter().filter(|e| e.call == "bind" && e.action != Action::Observed).filter(wanted);
+    let refused_connects = events.iter().filter(|e| e.call == "connect" && e.action == Action::Isolated).filter(wanted).count() as u64;
 
     let mut total = Counts::default();
     let mut by_type: BTreeMap<String, Counts> = BTreeMap::new();
@@ -197,7 +198,7 @@ fn gather(a: &StatsArgs, events: &[Event]) -> Stats {
         totals.remapped,
         failed,
         ranges.first().map(|r| format!("; the fullest range is {} ({} of {} ports held)", r.service_type, r.held, r.size)).unwrap_or_default()
-    );
+    ) + &refused_summary(refused_connects);
     Stats {
         summary,
         since_s: a.since.map(|d| d.as_secs()),
@@ -206,7 +207,17 @@ fn gather(a: &StatsArgs, events: &[Event]) -> Stats {
         by_type,
         by_session,
         ranges_now: ranges,
+        refused_connects,
         coordinator: live.map(|(ep, _)| ep),
+    }
+}
+
+/// The summary's sentence on isolation, when it refused anything.
+fn refused_summary(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        1 => " 1 connect to another session's server was refused (isolation; `styxy-preload log` names it).".into(),
+        n => format!(" {n} connects to other sessions' servers were refused (isolation; `styxy-preload log` names them)."),
     }
 }
 
