@@ -294,3 +294,28 @@ except Exception as e: print('error', getattr(e, 'reason', e))";
     assert!(log.lines().any(|l| l.contains("isolated") && l.contains("session A's server")), "{log}");
     w.kill(a);
 }
+
+#[test]
+fn the_notice_reaches_a_log_a_shell_redirect_made_under_exec_and_env() {
+    let mut w = World::new();
+    let (a, _) = http_server(&mut w, "A", 8000);
+    let dir = site(&w, "B");
+    // under exec: the shell inside the session makes the log
+    let pid = w.spawn(exec(&w, "B", &dir, &["sh", "-c", "python3 -m http.server 8000 > exec.log 2>&1"]), "B");
+    let b_port = wait_for(20, "B listening", || tree_ports(pid).into_iter().next());
+    assert_ne!(b_port, 8000);
+    let log = wait_for(10, "the notice in exec.log", || std::fs::read_to_string(dir.join("exec.log")).ok().filter(|l| l.contains("is taken")));
+    assert!(log.contains(&format!("port 8000 is taken; ")) && log.contains(&format!(" got {b_port}")), "{log}");
+    w.kill(pid);
+    // under env: a shell that evaluated `styxy-preload env`
+    let script = format!("eval \"$({} env --session C)\"; exec python3 -m http.server 8000 > env.log 2>&1", bin().display());
+    let mut c = w.cmd("bash");
+    c.args(["-c", &script]).current_dir(&dir);
+    let pid = w.spawn(c, "C");
+    let c_port = wait_for(20, "C listening", || tree_ports(pid).into_iter().next());
+    assert_ne!(c_port, 8000);
+    let log = wait_for(10, "the notice in env.log", || std::fs::read_to_string(dir.join("env.log")).ok().filter(|l| l.contains("is taken")));
+    assert!(log.contains(&format!(" got {c_port}")), "{log}");
+    w.kill(pid);
+    w.kill(a);
+}

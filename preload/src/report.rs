@@ -89,10 +89,11 @@ fn write_stderr(msg: &[u8], stderr_file: Option<&str>) -> std::io::Result<()> {
         return Ok(());
     }
     if kind == libc::S_IFREG {
-        // only exec's own `2>file`, through the program's description: its offset moves on,
+        // only exec's own `2>file`, or the log a shell redirect made of both stdout and
+        // stderr (`> log 2>&1`), through the program's description: its offset moves on,
         // so the program's next line follows ours instead of overwriting it (a regular
         // file never makes a write wait)
-        if stderr_file == Some(format!("{}:{}", meta.dev(), meta.ino()).as_str()) {
+        if stderr_file == Some(format!("{}:{}", meta.dev(), meta.ino()).as_str()) || stdout_is_stderr() {
             // SAFETY: write of a valid buffer to fd 2.
             unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
         }
@@ -113,6 +114,32 @@ fn write_stderr(msg: &[u8], stderr_file: Option<&str>) -> std::io::Result<()> {
     // a terminal: through a description of our own, O_NONBLOCK without touching the program's
     let mut f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(fd2)?;
     f.write(msg).map(|_| ())
+}
+
+/// Whether fd 1 and fd 2 are one open file description (`> log 2>&1`, `&> log`): a log a
+/// shell made for the program's output. A data file the program itself opened lands at
+/// fd 2 alone (after a `close(2)`), never duplicated onto its stdout.
+fn stdout_is_stderr() -> bool {
+    // SAFETY: getpid cannot fail; kcmp compares two of this process's fds, no memory.
+    let rc = unsafe {
+        let me = libc::getpid();
+        libc::syscall(libc::SYS_kcmp, me, me, 0 /* KCMP_FILE */, 1, 2)
+    };
+    match rc {
+        0 => true,
+        1 | 2 | 3 => false,
+        // no kcmp here (a kernel without it, a seccomp filter): one description shares
+        // its offset and flags, read from /proc
+        _ => {
+            let info = |fd: u8| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok();
+            let same_file = |m: &std::fs::Metadata, n: &std::fs::Metadata| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino()) == (n.dev(), n.ino())
+            };
+            let meta = |fd: u8| std::fs::metadata(format!("/proc/self/fd/{fd}")).ok();
+            matches!((meta(1), meta(2)), (Some(a), Some(b)) if same_file(&a, &b)) && info(1).is_some() && info(1) == info(2)
+        }
+    }
 }
 
 /// Bytes a pipe can take now: its size less what waits in it.
