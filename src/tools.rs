@@ -46,6 +46,8 @@ pub const FALLS_BACK: &[(&str, Strict)] = &[
     ("jupyter_server", Strict::Flags(&["--port-retries=0", "--ServerApp.port_retries=0"])),
     ("vite", Strict::Flags(&["--strictPort", "--strict-port", "--strictPort=true"])),
     ("http-server", Strict::NamedPort(&["-p", "--port"])),
+    // hugo server: another port when 1313 is taken, unless --port named one
+    ("hugo", Strict::NamedPort(&["-p", "--port"])),
     ("webpack-dev-server", Strict::NamedPort(&["--port"])),
     ("webpack", Strict::NamedPort(&["--port"])),
 ];
@@ -157,9 +159,90 @@ fn imports_port_finder(path: &Path) -> bool {
     PORT_FINDERS.iter().any(|f| ["'", "\"", "`"].iter().any(|q| code.contains(&format!("{q}{f}{q}")) || code.contains(&format!("{q}{f}/"))))
 }
 
+/// A tool that takes its port as an argument: `exec` hands it the session's port there
+/// (`--port auto`, or a port its arguments name), so it binds it and prints it.
+#[derive(Debug)]
+pub struct PortArg {
+    pub tool: &'static str,
+    /// The subcommand that serves (`hugo server`), if the tool has subcommands.
+    serves: &'static [&'static str],
+    /// The options naming the port, the first one used to add it.
+    options: &'static [&'static str],
+    /// The value is `host:port` (mkdocs `-a`); added as `127.0.0.1:port`.
+    host_port: bool,
+    pub default: u16,
+}
+
+pub const PORT_ARGS: &[PortArg] = &[
+    PortArg { tool: "hugo", serves: &["server", "serve"], options: &["--port", "-p"], host_port: false, default: 1313 },
+    PortArg { tool: "mkdocs", serves: &["serve"], options: &["--dev-addr", "-a"], host_port: true, default: 8000 },
+    PortArg { tool: "http-server", serves: &[], options: &["--port", "-p"], host_port: false, default: 8080 },
+    PortArg { tool: "jupyter", serves: &[], options: &["--port", "--ServerApp.port"], host_port: false, default: 8888 },
+    PortArg { tool: "jupyter-lab", serves: &[], options: &["--port", "--ServerApp.port"], host_port: false, default: 8888 },
+    PortArg { tool: "jupyter-notebook", serves: &[], options: &["--port", "--NotebookApp.port"], host_port: false, default: 8888 },
+    PortArg { tool: "jupyter-server", serves: &[], options: &["--port", "--ServerApp.port"], host_port: false, default: 8888 },
+];
+
+/// Where a [`PORT_ARGS`] tool in a command takes its port.
+#[derive(Debug)]
+pub struct ArgPort {
+    pub spec: &'static PortArg,
+    /// The argument holding the port (`--port`'s value, `--port=N`, `host:N`) and the port.
+    named: Option<(usize, u16)>,
+}
+
+/// The [`PORT_ARGS`] tool `cmd` runs as a server, with the port its arguments name.
+pub fn arg_port(cmd: &[String]) -> Option<ArgPort> {
+    let base = |a: &String| a.rsplit('/').next().unwrap_or(a).to_string();
+    let (at, spec) = cmd.iter().enumerate().find_map(|(i, a)| PORT_ARGS.iter().find(|t| t.tool == base(a)).map(|t| (i, t)))?;
+    let rest = &cmd[at + 1..];
+    if !spec.serves.is_empty() && !rest.iter().any(|a| spec.serves.contains(&a.as_str())) {
+        return None;
+    }
+    let port_of = |v: &str| {
+        let p = if spec.host_port { v.rsplit(':').next()? } else { v };
+        p.parse::<u16>().ok().filter(|p| *p != 0)
+    };
+    let named = rest.iter().enumerate().find_map(|(i, a)| {
+        let value = match a.split_once('=') {
+            Some((o, v)) if spec.options.contains(&o) => Some((at + 1 + i, v)),
+            _ if spec.options.contains(&a.as_str()) => rest.get(i + 1).map(|v| (at + 2 + i, v.as_str())),
+            _ => None,
+        }?;
+        Some((value.0, port_of(value.1)?))
+    });
+    Some(ArgPort { spec, named })
+}
+
+impl ArgPort {
+    /// The port the arguments name.
+    pub fn asked(&self) -> Option<u16> {
+        self.named.map(|(_, p)| p)
+    }
+
+    /// Makes `cmd` name `port`: in place of the port it named, or as a new option.
+    pub fn set(&self, cmd: &mut Vec<String>, port: u16) {
+        match self.named {
+            Some((i, old)) => {
+                let arg = &cmd[i];
+                let at = arg.rfind(&old.to_string()).unwrap_or(arg.len());
+                cmd[i] = format!("{}{port}", &arg[..at]);
+            }
+            None => {
+                cmd.push(self.spec.options[0].to_string());
+                cmd.push(if self.spec.host_port { format!("127.0.0.1:{port}") } else { port.to_string() });
+            }
+        }
+    }
+}
+
 /// The variables the first recognised tool of `cmd` reads, with its default ports;
-/// `PORT` and 3000 for anything else (the PaaS convention most servers follow).
+/// `PORT` and 3000 for anything else (the PaaS convention most servers follow), nothing
+/// for a tool that takes its port as an argument only ([`PORT_ARGS`]).
 pub fn variables(cmd: &[String]) -> &'static [(&'static str, u16)] {
+    if arg_port(cmd).is_some_and(|a| !a.spec.tool.starts_with("jupyter")) {
+        return &[];
+    }
     for arg in cmd {
         let base = arg.rsplit('/').next().unwrap_or(arg);
         if let Some((_, vars)) = TOOLS.iter().find(|(name, _)| *name == base) {
@@ -223,6 +306,29 @@ mod tests {
         ] {
             assert!(!falls_back(&args(cmd)), "{cmd}");
         }
+    }
+
+    #[test]
+    fn tools_taking_their_port_as_an_argument_are_handed_it_there() {
+        let set = |cmd: &str, port| {
+            let mut c = args(cmd);
+            let a = arg_port(&c).unwrap_or_else(|| panic!("{cmd}"));
+            a.set(&mut c, port);
+            (a.asked(), c.join(" "))
+        };
+        assert_eq!(set("hugo server --port 1313", 4100), (Some(1313), "hugo server --port 4100".into()));
+        assert_eq!(set("hugo server -p=1313 -D", 4100), (Some(1313), "hugo server -p=4100 -D".into()));
+        assert_eq!(set("hugo server", 4100), (None, "hugo server --port 4100".into()));
+        assert_eq!(set("mkdocs serve -a 127.0.0.1:8000", 8001), (Some(8000), "mkdocs serve -a 127.0.0.1:8001".into()));
+        assert_eq!(set("python3 -m mkdocs serve", 8001), (None, "python3 -m mkdocs serve --dev-addr 127.0.0.1:8001".into()));
+        assert_eq!(set("npx http-server site -p 8080", 8081), (Some(8080), "npx http-server site -p 8081".into()));
+        assert_eq!(set("jupyter server --port=8888", 3001), (Some(8888), "jupyter server --port=3001".into()));
+        // not serving, or not a tool of these
+        for cmd in ["hugo", "hugo new site x", "mkdocs build", "python3 -m http.server 8000"] {
+            assert!(arg_port(&args(cmd)).is_none(), "{cmd}");
+        }
+        assert_eq!(v("hugo server"), []);
+        assert_eq!(v("jupyter lab"), [("JUPYTER_PORT", 8888)]);
     }
 
     fn v(cmd: &str) -> Vec<(&'static str, u16)> {

@@ -164,18 +164,17 @@ fn two_jupyter_servers_each_print_the_url_they_serve() {
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();
     let mut ports = Vec::new();
-    for who in ["A", "B"] {
+    // C names the port: exec hands it the session's port in its place
+    for who in ["A", "B", "C"] {
         let dir = w.path(who);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("notebook-of-{who}.txt")), who).unwrap();
         let jupyter = jupyter.to_str().unwrap();
-        let c = exec(
-            &w,
-            &format!("jup-{who}"),
-            &[],
-            &dir,
-            &[jupyter, "server", "--no-browser", "--allow-root", "--IdentityProvider.token=", "--ServerApp.password="],
-        );
+        let mut cmd = vec![jupyter, "server", "--no-browser", "--allow-root", "--IdentityProvider.token=", "--ServerApp.password="];
+        if who == "C" {
+            cmd.extend(["--port", "8888"]);
+        }
+        let c = exec(&w, &format!("jup-{who}"), &[], &dir, &cmd);
         let pid = w.spawn(c, who);
         reaper.0.push(pid);
         let port = wait_for(60, "Jupyter's URL", || printed_port(&w.stderr_of(who), "http://127.0.0.1:"));
@@ -189,6 +188,7 @@ fn two_jupyter_servers_each_print_the_url_they_serve() {
     }
     assert_eq!(ports[0], 8888);
     assert_ne!(ports[1], 8888, "B printed the URL A serves");
+    assert!(ports[2] != 8888 && ports[2] != ports[1], "C: {ports:?}");
     assert!(w.stderr_of("B").contains("is already in use, trying another port"), "{}", w.stderr_of("B"));
 }
 

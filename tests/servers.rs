@@ -319,3 +319,78 @@ fn the_notice_reaches_a_log_a_shell_redirect_made_under_exec_and_env() {
     w.kill(pid);
     w.kill(a);
 }
+
+/// The port of the first `prefix<port>` in `text` (a printed URL).
+fn printed_port(text: &str, prefix: &str) -> Option<u16> {
+    let rest = &text[text.find(prefix)? + prefix.len()..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())].parse().ok()
+}
+
+/// A hugo site in the world whose page says `who`.
+fn hugo_site(w: &World, who: &str) -> std::path::PathBuf {
+    let dir = site(w, who);
+    std::fs::write(dir.join("hugo.toml"), "baseURL = 'http://example.org/'\ntitle = 't'\ndisableKinds = ['taxonomy', 'term', 'RSS', 'sitemap']\n").unwrap();
+    std::fs::create_dir_all(dir.join("layouts")).unwrap();
+    std::fs::write(dir.join("layouts/index.html"), format!("<html><body>hugo-of-{who}</body></html>")).unwrap();
+    dir
+}
+
+#[test]
+fn hugo_twice_prints_the_port_it_serves() {
+    if !Command::new("hugo").arg("version").status().is_ok_and(|s| s.success()) {
+        return missing("hugo (apt-get install hugo)");
+    }
+    let mut w = World::new();
+    // A and B name 1313; C names none (hugo's own fallback); D: --port auto
+    let cases: [(&str, &[&str], &[&str]); 4] = [
+        ("A", &[], &["--port", "1313"]),
+        ("B", &[], &["--port", "1313"]),
+        ("C", &[], &[]),
+        ("D", &["--port", "auto"], &[]),
+    ];
+    let mut printed = Vec::new();
+    for (who, options, extra) in cases {
+        let dir = hugo_site(&w, who);
+        let mut c = w.cli();
+        c.args(["exec", "--session", who]).args(options).args(["--", "hugo", "server"]).args(extra).current_dir(&dir);
+        let pid = w.spawn(c, who);
+        let port = wait_for(60, "hugo's URL", || printed_port(&w.output_of(who), "http://localhost:"));
+        let served = wait_for(20, "hugo listening", || Some(tree_ports(pid)).filter(|p| !p.is_empty()));
+        assert!(served.contains(&port), "{who} prints {port}, listens on {served:?}:\n{}{}", w.output_of(who), w.stderr_of(who));
+        let page = wait_for(20, "the printed URL answers", || http_get("127.0.0.1", port, "/"));
+        assert!(page.contains(&format!("hugo-of-{who}")), "{who}'s printed URL reached another site: {page}");
+        // the page's live reload comes back to the same port
+        assert!(page.contains(&format!("port={port}")), "{who}: {page}");
+        printed.push(port);
+    }
+    assert_eq!(printed[0], 1313);
+    assert!(printed[1..].iter().all(|p| *p != 1313), "{printed:?}");
+}
+
+#[test]
+fn mkdocs_twice_prints_the_port_it_serves() {
+    if !Command::new("mkdocs").arg("--version").status().is_ok_and(|s| s.success()) {
+        return missing("mkdocs (apt-get install mkdocs)");
+    }
+    let mut w = World::new();
+    // A: mkdocs' default 8000; B: --port auto; C names 8000 with -a
+    let cases: [(&str, &[&str], &[&str]); 3] = [("A", &[], &[]), ("B", &["--port", "auto"], &[]), ("C", &[], &["-a", "127.0.0.1:8000"])];
+    let mut printed = Vec::new();
+    for (who, options, extra) in cases {
+        let dir = site(&w, who);
+        std::fs::write(dir.join("mkdocs.yml"), format!("site_name: docs-of-{who}\n")).unwrap();
+        std::fs::create_dir_all(dir.join("docs")).unwrap();
+        std::fs::write(dir.join("docs/index.md"), format!("# mkdocs-of-{who}\n")).unwrap();
+        let mut c = w.cli();
+        c.args(["exec", "--session", who]).args(options).args(["--", "mkdocs", "serve", "--no-livereload"]).args(extra).current_dir(&dir);
+        let pid = w.spawn(c, who);
+        let port = wait_for(60, "mkdocs' URL", || printed_port(&w.stderr_of(who), "Serving on http://127.0.0.1:"));
+        let served = wait_for(20, "mkdocs listening", || Some(tree_ports(pid)).filter(|p| !p.is_empty()));
+        assert!(served.contains(&port), "{who} prints {port}, listens on {served:?}:\n{}", w.stderr_of(who));
+        let page = wait_for(20, "the printed URL answers", || http_get("127.0.0.1", port, "/"));
+        assert!(page.contains(&format!("mkdocs-of-{who}")), "{who}'s printed URL reached another site: {page}");
+        printed.push(port);
+    }
+    assert_eq!(printed[0], 8000);
+    assert!(printed[1] != 8000 && printed[2] != 8000 && printed[1] != printed[2], "{printed:?}");
+}

@@ -35,16 +35,20 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let program = a.cmd.first().ok_or("no command given")?.clone();
     let seccomp = use_seccomp(a.seccomp, a.no_seccomp, &program);
     let mut env = environment(&a, &lib, &session, endpoint.as_ref(), seccomp);
-    let mut args: Vec<String> = a.cmd[1..].to_vec();
+    let mut argv: Vec<String> = a.cmd.clone();
     if !a.ports.is_empty() {
         let ep = endpoint.as_ref().ok_or("--port needs a coordinator, and none answers (drop --no-start-daemon)")?;
-        hand_ports(&a, ep, &session, &mut env, &mut args)?;
+        hand_ports(&a, ep, &session, &mut env, &mut argv[1..])?;
     }
+    if let Some(ep) = &endpoint {
+        hand_port_argument(&a, ep, &session, &mut argv)?;
+    }
+    let args = &argv[1..];
 
     let started_ms = eventlog::now_ms();
     let signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let mut cmd = Command::new(&program);
-    cmd.args(&args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
+    cmd.args(args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
     if a.no_seccomp {
         cmd.env_remove(libpath::CLI_ENV);
     }
@@ -156,6 +160,18 @@ fn hand_ports(a: &ExecArgs, ep: &Endpoint, session: &str, env: &mut BTreeMap<Str
         }
         env.insert(name, port.to_string());
     }
+    Ok(())
+}
+
+/// A tool that takes its port as an argument (hugo, mkdocs, http-server, Jupyter): the
+/// port its arguments name, or with `--port auto` its default, is allocated in the
+/// session and handed to it there, so that it binds that port and prints it.
+fn hand_port_argument(a: &ExecArgs, ep: &Endpoint, session: &str, argv: &mut Vec<String>) -> Result<(), String> {
+    let Some(arg) = tools::arg_port(argv) else { return Ok(()) };
+    let auto = a.ports.iter().any(|p| p == "auto");
+    let Some(asked) = arg.asked().or(auto.then_some(arg.spec.default)) else { return Ok(()) };
+    let (_, port) = preallocate(ep, session, &format!("{}={asked}", arg.spec.tool))?;
+    arg.set(argv, port);
     Ok(())
 }
 
