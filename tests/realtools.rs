@@ -308,6 +308,35 @@ fn vite_project(w: &World, name: &str, nm: &Path, marker: &str) -> PathBuf {
 }
 
 #[test]
+fn vite_preview_is_a_dev_server_and_with_strict_port_is_moved_not_failed() {
+    let Some(nm) = node_modules(&["vite"]) else { return };
+    let mut w = World::new();
+    let mut reaper = Reaper(Vec::new());
+    w.start_daemon();
+    let mut pids = Vec::new();
+    // A: vite preview on its default; B: --strictPort, which turns Vite's own fallback off
+    for (who, strict) in [("A", false), ("B", true)] {
+        let dir = vite_project(&w, who, &nm, &format!("preview-of-{who}"));
+        assert!(run(exec(&w, &format!("build-{who}"), &["--quiet"], &dir, &["npx", "vite", "build"])).status.success());
+        let cmd: &[&str] = if strict { &["npx", "vite", "preview", "--strictPort"] } else { &["npx", "vite", "preview"] };
+        let pid = w.spawn(exec(&w, &format!("pv-{who}"), &[], &dir, cmd), who);
+        reaper.0.push(pid);
+        wait_for(60, "vite preview listening", || Some(tree_ports(pid)).filter(|p| !p.is_empty()));
+        pids.push(pid);
+    }
+    assert!(tree_ports(pids[0]).contains(&4173));
+    assert!(!w.finished(pids[1]), "B's vite preview --strictPort ended: {}{}", w.output_of("B"), w.stderr_of("B"));
+    assert!(!tree_ports(pids[1]).contains(&4173));
+    for who in ["A", "B"] {
+        let page = get_in_session(&w, &format!("pv-{who}"), "http://127.0.0.1:4173/");
+        assert!(page.contains(&format!("preview-of-{who}")), "session {who} reached another preview: {page}");
+    }
+    let (_, v) = w.json("GET", "/allocations", None);
+    let a = v["allocations"].as_array().unwrap().iter().find(|a| a["port"] == 4173).cloned().unwrap_or_default();
+    assert_eq!(a["service_type"], "dev", "{v:#}");
+}
+
+#[test]
 fn a_second_vite_does_not_take_3000_while_3001_to_3099_are_free() {
     let Some(nm) = node_modules(&["vite"]) else { return };
     let mut w = World::new();

@@ -394,3 +394,20 @@ fn mkdocs_twice_prints_the_port_it_serves() {
     assert_eq!(printed[0], 8000);
     assert!(printed[1] != 8000 && printed[2] != 8000 && printed[1] != printed[2], "{printed:?}");
 }
+
+#[test]
+fn a_server_restarted_in_one_session_is_one_remap_in_the_exit_summary() {
+    let mut w = World::new();
+    let (a, _) = http_server(&mut w, "A", 8000);
+    // a reloader's way: the server started twice in one run, each time moved the same way
+    let server = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 8000)); s.listen(); print(s.getsockname()[1])";
+    let script = format!("python3 -c \"{server}\"; python3 -c \"{server}\"");
+    let mut c = w.cli();
+    c.args(["exec", "--session", "B", "--", "sh", "-c", &script]);
+    let out = run(c);
+    let ports: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert!(ports.len() == 2 && ports[0] == ports[1] && ports[0] != "8000", "{ports:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("1 port remapped: 8000→{} (python3)\n", ports[0])), "{err}");
+    w.kill(a);
+}

@@ -104,27 +104,36 @@ fn t(name: &str, lo: u16, hi: u16, p0: u16) -> ServiceType {
     ServiceType { name: name.to_string(), range: (lo, hi), preferred: (p0..p0 + 4).collect(), single: name == "ai" }
 }
 
-/// Styxy's built-in service types (docs/STYXY.md "Field rules and built-in types").
+/// Styxy's built-in service types (docs/STYXY.md "Field rules and built-in types"): name,
+/// range, first preferred port.
+const BUILTIN: [(&str, u16, u16, u16); 17] = [
+    ("dev", 3000, 3099, 3000),
+    ("monitoring", 3100, 3199, 3100),
+    ("ui", 4000, 4099, 4000),
+    ("docs", 4100, 4199, 4100),
+    ("hub", 4400, 4499, 4400),
+    ("functions", 5000, 5099, 5001),
+    ("database", 5430, 5499, 5430),
+    ("storybook", 6006, 6029, 6006),
+    ("infrastructure", 6370, 6399, 6370),
+    ("api", 8000, 8099, 8000),
+    ("proxy", 8100, 8199, 8100),
+    ("build", 8200, 8299, 8200),
+    ("messaging", 9050, 9098, 9050),
+    ("auth", 9099, 9199, 9099),
+    ("test", 9200, 9299, 9200),
+    ("coordination", 9870, 9899, 9870),
+    ("ai", 11400, 11499, 11430),
+];
+
+/// Styxy's built-in service types.
 pub fn builtin_types() -> Vec<ServiceType> {
-    vec![
-        t("dev", 3000, 3099, 3000),
-        t("monitoring", 3100, 3199, 3100),
-        t("ui", 4000, 4099, 4000),
-        t("docs", 4100, 4199, 4100),
-        t("hub", 4400, 4499, 4400),
-        t("functions", 5000, 5099, 5001),
-        t("database", 5430, 5499, 5430),
-        t("storybook", 6006, 6029, 6006),
-        t("infrastructure", 6370, 6399, 6370),
-        t("api", 8000, 8099, 8000),
-        t("proxy", 8100, 8199, 8100),
-        t("build", 8200, 8299, 8200),
-        t("messaging", 9050, 9098, 9050),
-        t("auth", 9099, 9199, 9099),
-        t("test", 9200, 9299, 9200),
-        t("coordination", 9870, 9899, 9870),
-        t("ai", 11400, 11499, 11430),
-    ]
+    BUILTIN.iter().map(|(name, lo, hi, p0)| t(name, *lo, *hi, *p0)).collect()
+}
+
+/// Whether `ty` is one of Styxy's built-in types as it comes (not a user's own range).
+fn builtin(ty: &ServiceType) -> bool {
+    BUILTIN.iter().any(|(name, lo, hi, _)| ty.name == *name && ty.range == (*lo, *hi))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,13 +185,15 @@ impl Policy {
         if DEBUGGER_PORTS.contains(&port) && self.known(DEBUG_TYPE) {
             return self.typed(DEBUG_TYPE);
         }
-        if let Some(ty) = self.types.iter().find(|t| (t.range.0..=t.range.1).contains(&port)) {
-            return self.typed(&ty.name);
-        }
-        if let Some((_, ty)) = TOOL_DEFAULTS.iter().find(|(p, _)| *p == port) {
-            if self.known(ty) {
-                return self.typed(ty);
-            }
+        let range = self.types.iter().find(|t| (t.range.0..=t.range.1).contains(&port));
+        let tool = TOOL_DEFAULTS.iter().find(|(p, ty)| *p == port && self.known(ty)).map(|(_, ty)| *ty);
+        match (range, tool) {
+            // a tool's default is its tool's type, also inside a built-in range of another
+            // (vite preview's 4173 is a dev server, not docs); a user's own range wins
+            (Some(r), Some(ty)) if builtin(r) => return self.typed(ty),
+            (Some(r), _) => return self.typed(&r.name),
+            (None, Some(ty)) => return self.typed(ty),
+            (None, None) => {}
         }
         Decision::OnConflict(FALLBACK_TYPE)
     }
@@ -321,6 +332,8 @@ mod tests {
             (3099, c("dev")),
             (3100, c("monitoring")),
             (5173, c("dev")),
+            (4173, c("dev")), // vite preview, inside docs' range
+            (4174, c("docs")),
             (4200, c("ui")),
             (4321, c("dev")),
             (8888, c("dev")),

@@ -298,11 +298,14 @@ fn summary(session: &str, since_ms: u64) {
     let Ok(events) = eventlog::read_all(&paths::event_log_path()) else {
         return;
     };
-    let remaps: Vec<String> = events
-        .iter()
-        .filter(|e| e.ts >= since_ms && e.session.as_deref() == Some(session) && e.action == Action::Remapped)
-        .map(|e| format!("{}→{} ({})", e.requested_port, e.port, styxy_preload_common::text::cell(&e.comm)))
-        .collect();
+    let mut remaps: Vec<String> = Vec::new();
+    // one entry per remap, however often it was bound (a reloader's restarts, twins)
+    for e in events.iter().filter(|e| e.ts >= since_ms && e.session.as_deref() == Some(session) && e.action == Action::Remapped) {
+        let line = format!("{}→{} ({})", e.requested_port, e.port, styxy_preload_common::text::cell(&e.comm));
+        if !remaps.contains(&line) {
+            remaps.push(line);
+        }
+    }
     if !remaps.is_empty() {
         let n = remaps.len();
         eprintln!("styxy-preload: session {session}: {n} port{} remapped: {}", if n == 1 { "" } else { "s" }, remaps.join(", "));
