@@ -373,8 +373,10 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
             _ = tick.tick() => {
                 let sh = shared.clone();
                 let (freed, held) = tokio::task::spawn_blocking(move || {
+                    // /proc is read without the lock: grants go on meanwhile
+                    let verdicts = sh.state.lock().sweep_plan().judge(now_ms());
                     let mut st = sh.state.lock();
-                    (st.sweep(now_ms()), st.allocs.len())
+                    (st.sweep_apply(verdicts, now_ms()), st.allocs.len())
                 }).await.unwrap_or((0, 1));
                 if freed > 0 {
                     shared.persist();

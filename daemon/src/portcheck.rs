@@ -51,22 +51,23 @@ pub fn bind_unsupervised(s: &socket2::Socket, addr: &socket2::SockAddr) -> std::
     }
 }
 
-/// A TCP socket whose local port is the one asked about, in any state: listening,
-/// connected, or bound and not yet listening.
+/// A TCP socket in any state: listening, connected, or bound and not yet listening.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortSocket {
+    /// Its local port.
+    pub port: u16,
     pub inode: u64,
     pub uid: u32,
 }
 
 /// Every TCP socket (IPv4 and IPv6) of the daemon's network namespace whose local port
-/// is `port`, bound-only ones included, from the kernel's socket diagnostics
-/// (`NETLINK_SOCK_DIAG`; a kernel before 6.7 lists no bound-only socket). `None` when
-/// the kernel cannot be asked.
-pub fn sockets_on(port: u16) -> Option<Vec<PortSocket>> {
+/// is `port` (all of them for `None`), bound-only ones included, from the kernel's socket
+/// diagnostics (`NETLINK_SOCK_DIAG`; a kernel before 6.7 lists no bound-only socket).
+/// `None` when the kernel cannot be asked.
+pub fn sockets(port: Option<u16>) -> Option<Vec<PortSocket>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        diag_dump(family as u8, port, &mut out)?;
+        diag_dump(family as u8, port.unwrap_or(0), &mut out)?;
     }
     Some(out)
 }
@@ -76,12 +77,14 @@ pub fn sockets_on(port: u16) -> Option<Vec<PortSocket>> {
 const ALL_STATES: u32 = (1 << 14) - 1;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_HDR: usize = 16;
-/// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte socket id, expires,
-/// rqueue, wqueue, uid (offset 64), inode (offset 68).
+/// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte socket id (source
+/// port first, big-endian, at offset 4), expires, rqueue, wqueue, uid (offset 64), inode
+/// (offset 68).
 const DIAG_MSG_LEN: usize = 72;
 
 /// One `SOCK_DIAG_BY_FAMILY` dump of TCP sockets of `family` whose source port is
-/// `port` (the kernel filters on the request's `idiag_sport`), appended to `out`.
+/// `port` (the kernel filters on the request's `idiag_sport`; 0: every one), appended to
+/// `out`.
 fn diag_dump(family: u8, port: u16, out: &mut Vec<PortSocket>) -> Option<()> {
     let fd = diag_socket()?;
     let req = diag_request(family, port);
@@ -144,7 +147,8 @@ fn diag_messages(mut buf: &[u8], out: &mut Vec<PortSocket>) -> Option<bool> {
             libc::NLMSG_DONE => return Some(false),
             libc::NLMSG_ERROR => return None,
             _ if kind == SOCK_DIAG_BY_FAMILY && body.len() >= DIAG_MSG_LEN => {
-                out.push(PortSocket { uid: u32_at(body, 64)?, inode: u64::from(u32_at(body, 68)?) });
+                let port = u16::from_be_bytes(body.get(4..6)?.try_into().ok()?);
+                out.push(PortSocket { port, uid: u32_at(body, 64)?, inode: u64::from(u32_at(body, 68)?) });
             }
             _ => {}
         }
@@ -182,12 +186,14 @@ mod tests {
         // SAFETY: getuid(2) cannot fail.
         let uid = unsafe { libc::getuid() };
         assert!(!port_in_use(port), "the test bind does not see a bound socket with SO_REUSEADDR");
-        assert_eq!(sockets_on(port), Some(vec![PortSocket { inode: inode(&s), uid }]));
+        assert_eq!(sockets(Some(port)), Some(vec![PortSocket { port, inode: inode(&s), uid }]));
         let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
         let p6 = l6.local_addr().unwrap().port();
-        assert!(sockets_on(p6).unwrap().contains(&PortSocket { inode: inode(&l6), uid }));
+        let six = PortSocket { port: p6, inode: inode(&l6), uid };
+        assert!(sockets(Some(p6)).unwrap().contains(&six));
+        assert!(sockets(None).unwrap().contains(&six), "all of them");
         let gone = inode(&s);
         drop(s);
-        assert!(!sockets_on(port).unwrap().iter().any(|s| s.inode == gone));
+        assert!(!sockets(Some(port)).unwrap().iter().any(|s| s.inode == gone));
     }
 }

@@ -497,13 +497,12 @@ async fn suggest(
 async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
     let m = json_body(body).await?;
     let force = m.get("force").and_then(Value::as_bool).unwrap_or(false);
-    let cleaned = {
-        let mut st = sh.state.lock();
-        if force {
-            st.clear(now_ms())
-        } else {
-            st.sweep(now_ms())
-        }
+    let cleaned = if force {
+        sh.state.lock().clear(now_ms())
+    } else {
+        let plan = sh.state.lock().sweep_plan();
+        let verdicts = tokio::task::spawn_blocking(move || plan.judge(now_ms())).await.unwrap_or_default();
+        sh.state.lock().sweep_apply(verdicts, now_ms())
     };
     if cleaned > 0 {
         sh.persist();

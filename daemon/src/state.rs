@@ -105,21 +105,26 @@ impl Allocation {
     /// no live owner: while a socket of the user's own holds the port (a server that
     /// outlived the process that asked for it: a daemon forked off). A grant for a bind:
     /// while an owner's socket holds the port; unconfirmed and not yet bound, for
-    /// [`UNCONFIRMED_MS`]. Any other grant: while an owner lives.
-    fn live(&self, now_ms: u64, os: Os) -> bool {
+    /// [`UNCONFIRMED_MS`]. Any other grant: while an owner lives. A quick look (choosing
+    /// a port to grant) takes a bind grant of a live owner as standing when it is
+    /// confirmed or its port is listened on: the sweep looks at its sockets.
+    fn live(&self, now_ms: u64, look: &Look) -> bool {
         let alive: Vec<u32> = self.owners.iter().filter(|o| procinfo::alive(o.pid, o.start)).map(|o| o.pid).collect();
         let young = !self.confirmed && now_ms.saturating_sub(self.allocated_at_ms) <= UNCONFIRMED_MS;
         if alive.is_empty() {
-            return young || os.held_by_user(self.port);
+            return young || look.held_by_user(self.port);
         }
-        if !self.bind {
+        let quick = look.snapshot.is_none();
+        // a quick look: a confirmed grant, or a port something listens on, stands until
+        // the sweep looks closer
+        if !self.bind || young || (quick && (self.confirmed || (look.os.in_use)(self.port))) {
             return true;
         }
-        match os.held_by(self.port, &alive) {
-            Some(held) => held || young,
+        match look.held_by(self.port, &alive) {
+            Some(held) => held,
             // not to be told from here (another network namespace, no socket diagnostics):
             // as a bind was judged before, by its owners and the test bind
-            None => self.confirmed || young || (os.in_use)(self.port),
+            None => self.confirmed || (look.os.in_use)(self.port),
         }
     }
 }
@@ -129,26 +134,59 @@ impl Allocation {
 pub struct Os {
     /// Does a test bind of the port fail ([`portcheck::port_in_use`]).
     pub in_use: fn(u16) -> bool,
-    /// The TCP sockets on the port, in any state ([`portcheck::sockets_on`]).
-    pub sockets_on: fn(u16) -> Option<Vec<PortSocket>>,
+    /// The TCP sockets on a port, or all of them, in any state ([`portcheck::sockets`]).
+    pub sockets: fn(Option<u16>) -> Option<Vec<PortSocket>>,
 }
 
-impl Os {
+/// How closely allocations are looked at: a quick look asks about one port when it must;
+/// the sweep looks at every one against one snapshot of all sockets.
+pub struct Look {
+    os: Os,
+    /// The sweep's snapshot (`Some(None)`: the kernel could not be asked).
+    snapshot: Option<Option<Vec<PortSocket>>>,
+    /// Socket inodes of the processes looked at so far (a server holds several ports).
+    inodes: std::cell::RefCell<std::collections::HashMap<u32, Vec<u64>>>,
+}
+
+impl Look {
+    fn quick(os: Os) -> Look {
+        Look { os, snapshot: None, inodes: Default::default() }
+    }
+
+    fn close(os: Os) -> Look {
+        Look { os, snapshot: Some((os.sockets)(None)), inodes: Default::default() }
+    }
+
+    /// Whether one of `pid`'s sockets is among `sockets`.
+    fn has_one_of(&self, pid: u32, sockets: &[PortSocket]) -> bool {
+        let mut cache = self.inodes.borrow_mut();
+        let inodes = cache.entry(pid).or_insert_with(|| procinfo::socket_inodes(pid));
+        inodes.iter().any(|i| sockets.iter().any(|s| s.inode == *i))
+    }
+
+    fn sockets_on(&self, port: u16) -> Option<Vec<PortSocket>> {
+        match &self.snapshot {
+            Some(all) => all.as_ref().map(|all| all.iter().filter(|s| s.port == port).copied().collect()),
+            None => (self.os.sockets)(Some(port)),
+        }
+    }
+
     /// A socket of `pids` or of their descendants holds `port`. `None` when it cannot be
     /// told: no socket diagnostics, or a process in another network namespace than the
     /// daemon's, whose sockets the daemon does not see.
     fn held_by(&self, port: u16, pids: &[u32]) -> Option<bool> {
-        let sockets = (self.sockets_on)(port)?;
+        let sockets = self.sockets_on(port)?;
         if sockets.is_empty() && pids.iter().all(|p| same_netns(*p)) {
             return Some(false);
         }
         let mut unseen = false;
-        for pid in family(pids) {
-            if !same_netns(pid) {
-                unseen = true;
-            } else if procinfo::socket_inodes(pid).iter().any(|i| sockets.iter().any(|s| s.inode == *i)) {
-                return Some(true);
-            }
+        let mut holds = |pid: u32| {
+            unseen |= !same_netns(pid);
+            self.has_one_of(pid, &sockets)
+        };
+        // the owners first; their descendants (workers that inherited the socket) only then
+        if pids.iter().any(|p| holds(*p)) || family(pids).into_iter().skip(pids.len()).any(&mut holds) {
+            return Some(true);
         }
         (!unseen).then_some(false)
     }
@@ -157,9 +195,9 @@ impl Os {
     fn held_by_user(&self, port: u16) -> bool {
         // SAFETY: geteuid(2) cannot fail.
         let me = unsafe { libc::geteuid() };
-        match (self.sockets_on)(port) {
+        match self.sockets_on(port) {
             Some(sockets) => sockets.iter().any(|s| s.uid == me),
-            None => (self.in_use)(port),
+            None => (self.os.in_use)(port),
         }
     }
 }
@@ -182,6 +220,36 @@ fn family(pids: &[u32]) -> Vec<u32> {
 fn same_netns(pid: u32) -> bool {
     let mine = procinfo::netns(procinfo::SELF);
     mine.is_some() && procinfo::netns(pid) == mine
+}
+
+/// A sweep's view of the allocations, judged without the daemon's lock.
+pub struct SweepPlan {
+    allocs: Vec<Allocation>,
+    os: Os,
+}
+
+/// What a sweep found: (port, lock id) of the allocations that no longer stand, and of
+/// unconfirmed ones found bound (taken after all).
+#[derive(Default)]
+pub struct Verdicts {
+    dead: Vec<(u16, String)>,
+    confirmed: Vec<(u16, String)>,
+}
+
+impl SweepPlan {
+    /// Looks at every allocation closely, against one snapshot of the sockets.
+    pub fn judge(self, now_ms: u64) -> Verdicts {
+        let look = Look::close(self.os);
+        let mut v = Verdicts::default();
+        for a in self.allocs {
+            if !a.live(now_ms, &look) {
+                v.dead.push((a.port, a.lock_id));
+            } else if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS {
+                v.confirmed.push((a.port, a.lock_id));
+            }
+        }
+        v
+    }
 }
 
 /// A session's last mapping, remembered for the grace period after it was freed.
@@ -273,8 +341,8 @@ pub struct State {
     pub port_in_use: fn(u16) -> bool,
     /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
     pub styxy_sees: fn(u16) -> bool,
-    /// The TCP sockets on a port, in any state ([`portcheck::sockets_on`]).
-    pub sockets_on: fn(u16) -> Option<Vec<PortSocket>>,
+    /// The TCP sockets on a port, or all of them ([`portcheck::sockets`]).
+    pub sockets: fn(Option<u16>) -> Option<Vec<PortSocket>>,
     /// Ports the upstream Styxy holds for other clients, with Styxy's record of each:
     /// never granted here, but to the command Styxy's hook reserved one for.
     pub upstream_held: BTreeMap<u16, AllocationInfo>,
@@ -292,14 +360,14 @@ impl State {
             grace_ms,
             port_in_use: portcheck::port_in_use,
             styxy_sees: portcheck::styxy_sees,
-            sockets_on: portcheck::sockets_on,
+            sockets: portcheck::sockets,
             upstream_held: BTreeMap::new(),
             upstream_releases: Vec::new(),
         }
     }
 
     fn os(&self) -> Os {
-        Os { in_use: self.port_in_use, sockets_on: self.sockets_on }
+        Os { in_use: self.port_in_use, sockets: self.sockets }
     }
 
     pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
@@ -476,7 +544,7 @@ impl State {
     /// Free here: no live allocation, nothing bound.
     fn free_here(&mut self, port: u16, now_ms: u64) -> bool {
         if let Some(a) = self.allocs.get(&port) {
-            if a.live(now_ms, self.os()) {
+            if a.live(now_ms, &Look::quick(self.os())) {
                 return false;
             }
             self.remove(port, now_ms);
@@ -545,23 +613,32 @@ impl State {
         self.remove(port, now_ms)
     }
 
-    /// Frees every allocation whose owners are gone and whose port nobody serves.
-    /// Returns how many were freed.
+    /// Frees every allocation that no longer stands ([`Allocation::live`], looked at
+    /// closely). Returns how many were freed. The daemon's own sweep goes in three steps
+    /// instead ([`State::sweep_plan`], [`SweepPlan::judge`], [`State::sweep_apply`]), so
+    /// that its lock is not held while `/proc` is read.
     pub fn sweep(&mut self, now_ms: u64) -> usize {
-        let mut confirmed = Vec::new();
-        let mut dead = Vec::new();
-        for a in self.allocs.values() {
-            if !a.live(now_ms, self.os()) {
-                dead.push(a.port);
-            } else if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS {
-                confirmed.push(a.port); // its port is bound: taken after all
+        let verdicts = self.sweep_plan().judge(now_ms);
+        self.sweep_apply(verdicts, now_ms)
+    }
+
+    /// What a sweep looks at: a copy of the allocations (taken under the lock).
+    pub fn sweep_plan(&self) -> SweepPlan {
+        SweepPlan { allocs: self.allocs.values().cloned().collect(), os: self.os() }
+    }
+
+    /// Carries out a sweep's verdicts: frees the allocations found dead and confirms
+    /// the ones found bound, each only if it is still the one judged (same lock id).
+    pub fn sweep_apply(&mut self, v: Verdicts, now_ms: u64) -> usize {
+        let same = |st: &State, (port, lock): &(u16, String)| st.allocs.get(port).is_some_and(|a| &a.lock_id == lock);
+        for c in &v.confirmed {
+            if same(self, c) {
+                if let Some(a) = self.allocs.get_mut(&c.0) {
+                    a.confirmed = true;
+                }
             }
         }
-        for p in &confirmed {
-            if let Some(a) = self.allocs.get_mut(p) {
-                a.confirmed = true;
-            }
-        }
+        let dead: Vec<u16> = v.dead.iter().filter(|d| same(self, d)).map(|d| d.0).collect();
         for p in &dead {
             self.remove(*p, now_ms);
         }
@@ -605,8 +682,9 @@ impl State {
         let (mut kept, mut dropped) = (0, 0);
         self.recent = snap.recent;
         self.upstream_releases = snap.upstream_releases;
+        let look = Look::close(self.os());
         for a in snap.allocations {
-            if a.live(now_ms, self.os()) && !self.allocs.contains_key(&a.port) {
+            if a.live(now_ms, &look) && !self.allocs.contains_key(&a.port) {
                 self.publish(&a);
                 self.allocs.insert(a.port, a);
                 kept += 1;
@@ -653,6 +731,7 @@ mod tests {
     fn state() -> State {
         let mut s = State::new(Policy::default(), None, 60_000);
         s.port_in_use = no_os;
+        s.sockets = |_| Some(vec![]);
         s
     }
 
@@ -724,9 +803,9 @@ mod tests {
     /// The one socket `fake_sockets` reports on any port: (inode, uid), 0 for none.
     static FAKE: std::sync::Mutex<(u64, u32)> = std::sync::Mutex::new((0, 0));
 
-    fn fake_sockets(_: u16) -> Option<Vec<PortSocket>> {
+    fn fake_sockets(port: Option<u16>) -> Option<Vec<PortSocket>> {
         let (inode, uid) = *FAKE.lock().unwrap();
-        Some(if inode == 0 { vec![] } else { vec![PortSocket { inode, uid }] })
+        Some(if inode == 0 { vec![] } else { vec![PortSocket { port: port.unwrap_or(3000), inode, uid }] })
     }
 
     fn socket_inode(s: &socket2::Socket) -> u64 {
@@ -738,7 +817,7 @@ mod tests {
     #[test]
     fn a_bind_grant_stands_while_its_owners_socket_holds_the_port_and_no_longer() {
         let mut s = state();
-        s.sockets_on = fake_sockets;
+        s.sockets = fake_sockets;
         // SAFETY: geteuid(2) cannot fail.
         let me_uid = unsafe { libc::geteuid() };
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -840,6 +919,7 @@ mod fuzz {
         fn never_grants_one_port_twice(ops in prop::collection::vec(op(), 1..80)) {
             let mut st = State::new(Policy::default(), None, 60_000);
             st.port_in_use = |_| false;
+            st.sockets = |_| Some(vec![]);
             let me = Owner::of(std::process::id());
             let types = ["dev", "api", "storybook", "ai"];
             let mut locks = Vec::new();
