@@ -246,8 +246,9 @@ fn a_server_in_its_own_network_namespace_keeps_its_port() {
     let client = "import socket, sys, time\n\
 for i in range(100):\n    \
 try:\n        \
-s = socket.create_connection(('127.0.0.1', 8001), timeout=2); s.sendall(b'GET /who HTTP/1.0\\r\\n\\r\\n')\n        \
-print(sys.argv[1], s.recv(1000).decode().split('\\r\\n\\r\\n')[-1], s.getpeername()[1], flush=True); break\n    \
+s = socket.create_connection(('127.0.0.1', 8001), timeout=2); peer = s.getpeername()[1]\n        \
+s.sendall(b'GET /who HTTP/1.0\\r\\n\\r\\n'); got = b''.join(iter(lambda: s.recv(1000), b''))\n        \
+print(sys.argv[1], got.decode().split('\\r\\n\\r\\n')[-1], peer, flush=True); break\n    \
 except OSError: time.sleep(0.1)";
     let script = format!(
         "ip link set lo up; python3 -m http.server 8001 --bind 127.0.0.1 2>server.err & \
