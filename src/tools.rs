@@ -276,7 +276,9 @@ mod tests {
         write(&app.join("node_modules/finder/cli.js"), "const portfinder = require(\"portfinder\");\n");
         std::fs::create_dir_all(app.join("node_modules/.bin")).unwrap();
         std::os::unix::fs::symlink("../finder/cli.js", app.join("node_modules/.bin/finder")).unwrap();
-        for cmd in ["node server.mjs", "/usr/bin/node --watch server.mjs", "npm run dev", "pnpm dev", "yarn dev", "npx finder", "npm run tool"] {
+        for cmd in
+            ["node server.mjs", "/usr/bin/node --watch server.mjs", "npm run dev", "pnpm dev", "yarn dev", "npx finder", "npm run tool"]
+        {
             assert!(finds_ports_itself(&args(cmd), &app), "{cmd}");
         }
         assert!(finds_ports_itself(&args("node app/server.mjs"), root), "a script named from elsewhere");
@@ -292,7 +294,14 @@ mod tests {
 
     #[test]
     fn a_tool_told_to_keep_its_port_does_not_fall_back() {
-        for cmd in ["npx vite", "npx vite preview", "jupyter lab --port 8888", "npx http-server site", "npx webpack serve", "npx http-server -p auto"] {
+        for cmd in [
+            "npx vite",
+            "npx vite preview",
+            "jupyter lab --port 8888",
+            "npx http-server site",
+            "npx webpack serve",
+            "npx http-server -p auto",
+        ] {
             assert!(falls_back(&args(cmd)), "{cmd}");
         }
         for cmd in [

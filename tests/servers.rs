@@ -305,8 +305,9 @@ fn the_notice_reaches_a_log_a_shell_redirect_made_under_exec_and_env() {
     let pid = w.spawn(exec(&w, "B", &dir, &["sh", "-c", "python3 -m http.server 8000 > exec.log 2>&1"]), "B");
     let b_port = wait_for(20, "B listening", || tree_ports(pid).into_iter().next());
     assert_ne!(b_port, 8000);
-    let log = wait_for(10, "the notice in exec.log", || std::fs::read_to_string(dir.join("exec.log")).ok().filter(|l| l.contains("is taken")));
-    assert!(log.contains(&format!("port 8000 is taken; ")) && log.contains(&format!(" got {b_port}")), "{log}");
+    let log =
+        wait_for(10, "the notice in exec.log", || std::fs::read_to_string(dir.join("exec.log")).ok().filter(|l| l.contains("is taken")));
+    assert!(log.contains("port 8000 is taken; ") && log.contains(&format!(" got {b_port}")), "{log}");
     w.kill(pid);
     // under env: a shell that evaluated `styxy-preload env`
     let script = format!("eval \"$({} env --session C)\"; exec python3 -m http.server 8000 > env.log 2>&1", bin().display());
@@ -315,7 +316,8 @@ fn the_notice_reaches_a_log_a_shell_redirect_made_under_exec_and_env() {
     let pid = w.spawn(c, "C");
     let c_port = wait_for(20, "C listening", || tree_ports(pid).into_iter().next());
     assert_ne!(c_port, 8000);
-    let log = wait_for(10, "the notice in env.log", || std::fs::read_to_string(dir.join("env.log")).ok().filter(|l| l.contains("is taken")));
+    let log =
+        wait_for(10, "the notice in env.log", || std::fs::read_to_string(dir.join("env.log")).ok().filter(|l| l.contains("is taken")));
     assert!(log.contains(&format!(" got {c_port}")), "{log}");
     w.kill(pid);
     w.kill(a);
@@ -330,7 +332,11 @@ fn printed_port(text: &str, prefix: &str) -> Option<u16> {
 /// A hugo site in the world whose page says `who`.
 fn hugo_site(w: &World, who: &str) -> std::path::PathBuf {
     let dir = site(w, who);
-    std::fs::write(dir.join("hugo.toml"), "baseURL = 'http://example.org/'\ntitle = 't'\ndisableKinds = ['taxonomy', 'term', 'RSS', 'sitemap']\n").unwrap();
+    std::fs::write(
+        dir.join("hugo.toml"),
+        "baseURL = 'http://example.org/'\ntitle = 't'\ndisableKinds = ['taxonomy', 'term', 'RSS', 'sitemap']\n",
+    )
+    .unwrap();
     std::fs::create_dir_all(dir.join("layouts")).unwrap();
     std::fs::write(dir.join("layouts/index.html"), format!("<html><body>hugo-of-{who}</body></html>")).unwrap();
     dir
@@ -343,12 +349,8 @@ fn hugo_twice_prints_the_port_it_serves() {
     }
     let mut w = World::new();
     // A and B name 1313; C names none (hugo's own fallback); D: --port auto
-    let cases: [(&str, &[&str], &[&str]); 4] = [
-        ("A", &[], &["--port", "1313"]),
-        ("B", &[], &["--port", "1313"]),
-        ("C", &[], &[]),
-        ("D", &["--port", "auto"], &[]),
-    ];
+    let cases: [(&str, &[&str], &[&str]); 4] =
+        [("A", &[], &["--port", "1313"]), ("B", &[], &["--port", "1313"]), ("C", &[], &[]), ("D", &["--port", "auto"], &[])];
     let mut printed = Vec::new();
     for (who, options, extra) in cases {
         let dir = hugo_site(&w, who);

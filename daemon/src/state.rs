@@ -459,7 +459,12 @@ impl State {
         }
         let near = self.near(requested.filter(|r| Some(*r) != remembered), &ty.name);
         let candidates = || {
-            remembered.into_iter().chain(req.preferred_port).chain(near.iter().copied()).chain(ty.preferred.iter().copied()).chain(ty.range.0..=ty.range.1)
+            remembered
+                .into_iter()
+                .chain(req.preferred_port)
+                .chain(near.iter().copied())
+                .chain(ty.preferred.iter().copied())
+                .chain(ty.range.0..=ty.range.1)
         };
         let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || near.contains(&p) || !policy::tool_default(p);
         for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {

@@ -127,7 +127,7 @@ fn stdout_is_stderr() -> bool {
     };
     match rc {
         0 => true,
-        1 | 2 | 3 => false,
+        1..=3 => false,
         // no kcmp here (a kernel without it, a seccomp filter): one description shares
         // its offset and flags, read from /proc
         _ => {
