@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use styxy_preload_common::api::{
     port_of, valid_instance_id, valid_service_name, valid_service_type, AllocateReply, AllocateRequest, ErrorReply, ExhaustedContext,
 };
-use styxy_preload_common::procinfo;
+use styxy_preload_common::{policy, procinfo};
 
 use crate::state::{AllocError, AllocRequest, Grant, Owner};
 use crate::{now_ms, portcheck, Shared};
@@ -358,9 +358,12 @@ fn rss_bytes() -> u64 {
 
 async fn config(AxState(sh): AxState<Arc<Shared>>) -> Response {
     let st = sh.state.lock();
+    // Styxy's shape: the types of our own (debug) are the daemon's business, never a
+    // client's to pass on to Styxy
     let types: Map<String, Value> = st
         .types()
         .iter()
+        .filter(|t| !policy::local_type(&t.name))
         .map(|t| {
             (
                 t.name.clone(),

@@ -437,9 +437,9 @@ impl State {
     }
 
     /// The port to grant: the one the session had within the grace period, the preferred
-    /// one, the ones just above it of the same type ([`NEAR`]), the type's preferred
-    /// ones, then its range — other tools' default ports only when nothing else of the
-    /// type is free.
+    /// one, for a tool's default outside the type's range the ones just above it
+    /// ([`NEAR`]), the type's preferred ones, then its range — other tools' default ports
+    /// only when nothing else of the type is free.
     fn choose(&mut self, req: &AllocRequest, ty: &ServiceType, now_ms: u64) -> Result<u16, AllocError> {
         let requested = req.requested_port.or(req.preferred_port);
         self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
@@ -457,7 +457,7 @@ impl State {
                 _ => Err(AllocError::NotExactly),
             };
         }
-        let near = self.near(requested.filter(|r| Some(*r) != remembered), &ty.name);
+        let near = self.near(requested.filter(|r| Some(*r) != remembered), ty);
         let candidates = || {
             remembered
                 .into_iter()
@@ -479,11 +479,13 @@ impl State {
         })
     }
 
-    /// The ports just above `requested` that the policy gives the same type, where the
-    /// tool itself would look next when its port is taken (Vite 5173 → 5174…).
-    fn near(&self, requested: Option<u16>, ty: &str) -> Vec<u16> {
-        let Some(r) = requested else { return Vec::new() };
-        (r.saturating_add(1)..=r.saturating_add(NEAR)).filter(|p| self.policy.decide(*p).service_type() == Some(ty)).collect()
+    /// For a port outside its type's range (a tool's default: Vite's 5173, Jupyter's
+    /// 8888), the ports just above it that the policy gives the same type, where the tool
+    /// itself would look next when its port is taken (Vite 5173 → 5174…). Inside the
+    /// range the type's own order applies: the neighbours there are other servers' ports.
+    fn near(&self, requested: Option<u16>, ty: &ServiceType) -> Vec<u16> {
+        let Some(r) = requested.filter(|r| !(ty.range.0..=ty.range.1).contains(r)) else { return Vec::new() };
+        (r.saturating_add(1)..=r.saturating_add(NEAR)).filter(|p| self.policy.decide(*p).service_type() == Some(ty.name.as_str())).collect()
     }
 
     /// The policy as the calling process sees it: with the `STYXY_PRELOAD_PORTS` rules of
