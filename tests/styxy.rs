@@ -171,6 +171,31 @@ fn exec_sessions_are_allocations_in_styxy_under_their_names_and_released_when_th
 }
 
 #[test]
+fn debug_ports_are_coordinated_here_and_never_sent_to_styxy() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    // two Node inspectors on 9229 and an api server: the api port is mirrored, 9229 is not
+    let mut pids = Vec::new();
+    for who in ["a", "b"] {
+        let mut c = w.preloaded(Some(who), "node");
+        c.args(["--inspect=127.0.0.1:9229", "-e", "setInterval(() => {}, 1000)"]);
+        pids.push(w.spawn(with_styxy(&s, c), who));
+        wait_for(20, "the inspector", || w.stderr_of(who).contains("Debugger listening").then_some(()));
+    }
+    let (_, api, _) = python_server(&mut w, &s, "a", ("0.0.0.0", 8000), "api");
+    let inspectors: BTreeSet<u16> = pids.iter().flat_map(|p| tree_ports(*p)).collect();
+    assert_eq!(inspectors.len(), 2, "both inspectors listen: {inspectors:?}");
+    wait_for(10, "the api port mirrored", || s.held().filter(|h| h.contains_key(&api)));
+    let sent: Vec<Value> = s.allocates();
+    assert!(sent.iter().all(|r| !r["body"].to_string().contains("debug")), "a debug allocation reached Styxy: {}", s.summary());
+    assert!(s.ports().unwrap_or_default().is_disjoint(&inspectors), "{}", s.summary());
+    let (_, v) = w.json("GET", "/allocations", None);
+    let debug = v["allocations"].as_array().unwrap().iter().filter(|a| a["service_type"] == "debug").count();
+    assert_eq!(debug, 2, "{v:#}");
+}
+
+#[test]
 fn a_port_styxy_holds_for_another_client_is_never_granted() {
     let mut w = World::new();
     // another Styxy client reserved 8000 and 3000 and never binds them
