@@ -323,6 +323,16 @@ fn the_notice_reaches_a_log_a_shell_redirect_made_under_exec_and_env() {
     w.kill(a);
 }
 
+/// Whether anything in this test's network namespace listens on TCP `port` (the kernel's view).
+fn listened(port: u16) -> bool {
+    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            c.len() > 3 && c[3] == "0A" && c[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) == Some(port)
+        })
+    })
+}
+
 /// The port of the first `prefix<port>` in `text` (a printed URL).
 fn printed_port(text: &str, prefix: &str) -> Option<u16> {
     let rest = &text[text.find(prefix)? + prefix.len()..];
@@ -413,4 +423,52 @@ fn a_server_restarted_in_one_session_is_one_remap_in_the_exit_summary() {
     let err = text(&out.stderr);
     assert!(err.contains(&format!("1 port remapped: 8000→{} (python3)\n", ports[0])), "{err}");
     w.kill(a);
+}
+
+#[test]
+fn two_debugpy_on_5678_both_listen_and_each_session_reaches_its_own() {
+    if !Command::new("python3").args(["-c", "import debugpy"]).status().is_ok_and(|s| s.success()) {
+        return missing("debugpy (pip install -r tests/fixtures/realtools/requirements.txt)");
+    }
+    let mut w = World::new();
+    // debugpy's adapter detaches from its process group: ended by its session when the test ends
+    let _reap = SessionReaper(vec!["dbg-A", "dbg-B"]);
+    for s in ["dbg-A", "dbg-B"] {
+        let dir = site(&w, s);
+        std::fs::write(dir.join("app.py"), "import time\nprint('up', flush=True)\ntime.sleep(600)\n").unwrap();
+        w.spawn(exec(&w, s, &dir, &["python3", "-m", "debugpy", "--listen", "127.0.0.1:5678", "app.py"]), s);
+        wait_for(30, &format!("debugpy {s}"), || w.output_of(s).contains("up").then_some(()));
+    }
+    // B's adapter was moved, and said where
+    let moved: u16 = wait_for(20, "B's notice", || {
+        let err = w.stderr_of("dbg-B");
+        let line = err.lines().find(|l| l.contains("port 5678 is taken;"))?.to_string();
+        line.rsplit(" got ").next()?.trim().parse().ok()
+    });
+    assert!((5680..5700).contains(&moved), "{moved}");
+    for p in [5678, moved] {
+        wait_for(10, "debugpy listening", || listened(p).then_some(()));
+    }
+    // a debugger in each session dialling 5678 reaches its own (the peer's port)
+    for (s, port) in [("dbg-A", 5678), ("dbg-B", moved)] {
+        let reached = dial(&w, s, 5678, "", 0);
+        assert_eq!(reached.split_whitespace().next(), Some(port.to_string().as_str()), "session {s}: {reached}");
+    }
+}
+
+/// Kills, when dropped, every process whose environment names one of these sessions
+/// (processes that left their process group: daemons, detached adapters).
+struct SessionReaper(Vec<&'static str>);
+
+impl Drop for SessionReaper {
+    fn drop(&mut self) {
+        for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let mine = env.split(|b| *b == 0).any(|kv| self.0.iter().any(|s| kv == format!("STYXY_PRELOAD_SESSION={s}").as_bytes()));
+            if mine {
+                // SAFETY: kill(2) of a process of this test's sessions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
 }
