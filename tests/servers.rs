@@ -280,7 +280,7 @@ except Exception as e: print('error', getattr(e, 'reason', e))";
     assert_eq!(lines.len(), 1, "{err}");
     let a_pid = wait_for(5, "A's server", || w.json("GET", "/allocations", None).1["allocations"][0]["process_id"].as_u64());
     assert!(lines[0].contains(&format!("session A's server (python3, pid {a_pid})")), "{err}");
-    assert!(lines[0].contains("--no-isolate") && lines[0].contains("ports --session B"), "{err}");
+    assert!(lines[0].contains("--no-isolate") && lines[0].contains("styxy-preload ports"), "{err}");
     let ev: Vec<_> = w.events().into_iter().filter(|e| e.call == "connect" && e.session.as_deref() == Some("B")).collect();
     assert_eq!(ev.len(), 1, "{ev:#?}");
     assert_eq!(ev[0].action, styxy_preload_common::eventlog::Action::Isolated);
@@ -471,4 +471,37 @@ impl Drop for SessionReaper {
             }
         }
     }
+}
+
+#[test]
+fn ports_lists_a_sessions_server_on_a_port_nobody_coordinates() {
+    let mut w = World::new();
+    // 9515 (chromedriver's) is no type's: bound as asked, no allocation
+    let (pid, port) = http_server(&mut w, "A", 9515);
+    assert_eq!(port, 9515);
+    let (_, api) = http_server(&mut w, "B", 8000);
+    let out = run({
+        let mut c = w.cli();
+        c.arg("ports");
+        c
+    });
+    let table = text(&out.stdout);
+    assert!(table.lines().any(|l| l.split_whitespace().next() == Some(&api.to_string())), "{table}");
+    let line = table.lines().find(|l| l.split_whitespace().next() == Some("9515")).unwrap_or_else(|| panic!("9515 missing:\n{table}"));
+    let python = wait_for(5, "the server's pid", || procinfo_children(pid).into_iter().find(|c| listening_ports(*c).contains(&9515)));
+    assert_eq!(line.split_whitespace().collect::<Vec<_>>(), ["9515", "A", &python.to_string(), "python3"], "{table}");
+}
+
+/// `pid` and its descendants.
+fn procinfo_children(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        for t in std::fs::read_dir(format!("/proc/{}/task", all[i])).into_iter().flatten().flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            all.extend(kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()));
+        }
+        i += 1;
+    }
+    all
 }

@@ -97,8 +97,7 @@ pub fn children(pid: impl Display) -> Vec<u32> {
 /// Every process whose parent is `pid`, by a scan of all of `/proc` (whichever of
 /// `pid`'s threads the kernel made the parent, orphans reparented to a subreaper too).
 pub fn children_by_scan(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter(|p| parent(*p) == Some(pid)).collect()
+    all_pids().into_iter().filter(|p| parent(*p) == Some(pid)).collect()
 }
 
 /// `pid`'s raw environment as it was started (`KEY=value` entries, NUL-separated).
@@ -145,6 +144,34 @@ pub fn socket_inodes(pid: impl Display) -> Vec<u64> {
             link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
         })
         .collect()
+}
+
+/// The TCP ports `pid` listens on: its socket inodes found listening in its own network
+/// namespace's `/proc/<pid>/net/tcp` and `tcp6`.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes = socket_inodes(pid);
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A") && f.get(9).and_then(|i| i.parse().ok()).is_some_and(|i: u64| inodes.contains(&i));
+            let port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|h| u16::from_str_radix(h, 16).ok());
+            if let Some(p) = port.filter(|p| listening && !ports.contains(p)) {
+                ports.push(p);
+            }
+        }
+    }
+    ports
+}
+
+/// The processes in `/proc` (every pid this process may see).
+pub fn all_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// The variable `exec` and `env` set to the daemon's network namespace ([`netns`]): a
@@ -247,6 +274,8 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ino = std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&l))).unwrap();
         assert!(socket_inodes(me).contains(&std::os::unix::fs::MetadataExt::ino(&ino)));
+        assert!(listening_ports(me).contains(&l.local_addr().unwrap().port()));
+        assert!(all_pids().contains(&me));
         assert!(env_has(me, "PATH") || std::env::var_os("PATH").is_none());
         assert!(!env_has(me, "PAT"));
         let path = environ(me).into_iter().find(|(k, _)| k == "PATH").map(|(_, v)| v);

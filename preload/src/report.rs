@@ -190,8 +190,8 @@ pub fn refused(p: &Process, who: &Caller, addr: &Addr) {
             p,
             &format!(
                 "connect to port {port} refused: it is {holder}; session {session} has no server on {port} — start yours in this \
-                 session (then {port} leads to it), see this session's with `styxy-preload ports --session {session}`, or run with \
-                 `exec --no-isolate` to reach other sessions' servers",
+                 session (then {port} leads to it), see every session's with `styxy-preload ports`, or run with `exec --no-isolate` \
+                 to reach other sessions' servers",
                 port = addr.port
             ),
         );

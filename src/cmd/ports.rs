@@ -1,7 +1,9 @@
-//! `styxy-preload ports`: the coordinator's live allocations.
+//! `styxy-preload ports`: the coordinator's live allocations, and the sessions' servers
+//! on ports nobody coordinates.
 
 use styxy_preload_common::api::AllocationsReply;
 use styxy_preload_common::http::{self, Timeouts};
+use styxy_preload_common::{procinfo, session};
 
 use crate::coordinator;
 use styxy_preload_common::text::cell;
@@ -20,8 +22,50 @@ pub fn run(json: bool) -> Result<i32, String> {
     }
     if reply.allocations.is_empty() {
         println!("no allocations at {ep}");
-        return Ok(0);
+    } else {
+        allocations_table(&reply);
     }
+    let allocated: Vec<u16> = reply.allocations.iter().map(|a| a.port).collect();
+    let others = uncoordinated(&allocated);
+    if !others.is_empty() {
+        println!("\nlistening in a session, on a port nobody coordinates (bound as asked):");
+        println!("{:>5}  {:<20}  {:<8}  {:<15}", "PORT", "SESSION", "PID", "COMMAND");
+        for l in others {
+            println!("{:>5}  {:<20}  {:<8}  {:<15}", l.port, cell(&l.session), l.pid, cell(&l.comm));
+        }
+    }
+    Ok(0)
+}
+
+/// A session's process listening on a port no allocation covers.
+struct Listener {
+    port: u16,
+    session: String,
+    pid: u32,
+    comm: String,
+}
+
+/// The listening ports of processes in a session (`STYXY_PRELOAD_SESSION` in their
+/// environment) that no allocation covers: servers on ports nobody coordinates
+/// (chromedriver's 9515), found in `/proc`; one line per port and session.
+fn uncoordinated(allocated: &[u16]) -> Vec<Listener> {
+    let mut out: Vec<Listener> = Vec::new();
+    for pid in procinfo::all_pids() {
+        let Some(s) = procinfo::environ(pid).into_iter().find(|(k, _)| k == session::ENV).and_then(|(_, v)| v.into_string().ok()) else {
+            continue;
+        };
+        for port in procinfo::listening_ports(pid) {
+            if !allocated.contains(&port) && !out.iter().any(|l| l.port == port && l.session == s) {
+                let comm = procinfo::comm(pid).unwrap_or_default();
+                out.push(Listener { port, session: s.clone(), pid, comm });
+            }
+        }
+    }
+    out.sort_by_key(|l| l.port);
+    out
+}
+
+fn allocations_table(reply: &AllocationsReply) {
     println!(
         "{:>5}  {:<14}  {:<20}  {:<16}  {:<15}  {:>9}  {:>6}  STYXY",
         "PORT", "TYPE", "SESSION", "PIDS", "COMMAND", "REQUESTED", "AGE"
@@ -44,7 +88,6 @@ pub fn run(json: bool) -> Result<i32, String> {
             standing(a)
         );
     }
-    Ok(0)
 }
 
 /// The allocation's standing in the upstream Styxy (`mirrored`, `served`, `pending`,
