@@ -505,3 +505,25 @@ fn procinfo_children(pid: u32) -> Vec<u32> {
     }
     all
 }
+
+#[test]
+fn a_bind_that_fails_with_eaddrinuse_does_not_own_the_sessions_port() {
+    let mut w = World::new();
+    http_server(&mut w, "A", 3000);
+    let (_, b_port) = http_server(&mut w, "B", 3000);
+    // a second server of B asks for 3000 too: B's 3000 is taken (by B's own), as without us
+    let script = "import errno, os, socket, time\n\
+s = socket.socket()\n\
+try: s.bind(('127.0.0.1', 3000)); print('bound', flush=True)\n\
+except OSError as e: print(errno.errorcode[e.errno], os.getpid(), flush=True)\n\
+time.sleep(600)";
+    let dir = site(&w, "B2");
+    let pid = w.spawn(exec(&w, "B", &dir, &["python3", "-c", script]), "B2");
+    let out = wait_for(10, "the second bind", || Some(w.output_of("B2")).filter(|o| !o.is_empty()));
+    let second: u32 = out.strip_prefix("EADDRINUSE ").and_then(|p| p.trim().parse().ok()).unwrap_or_else(|| panic!("{out}"));
+    let (_, v) = w.json("GET", "/allocations", None);
+    let a = v["allocations"].as_array().unwrap().iter().find(|a| a["port"] == b_port).cloned().unwrap();
+    let pids: Vec<u64> = a["pids"].as_array().unwrap().iter().filter_map(|p| p.as_u64()).collect();
+    assert!(!pids.contains(&u64::from(second)), "the failed bind's pid owns {b_port}: {a:#}");
+    w.kill(pid);
+}

@@ -149,10 +149,9 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     let Ok(n) = heard else { return };
     match Ask::decode(&done[..n]).filter(|a| a.kind == DONE && a.port == port) {
         Some(done) if done.errno == 0 => {
-            // bound by its owner: confirmed, as a listen would (a socket bound but not yet
-            // listening escapes the sweep's test bind)
-            if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
-                a.confirmed = true;
+            // bound: confirmed, and the binder an owner, as a listen would
+            if let Some(owner) = Owner::of(grant.pid) {
+                sh.state.lock().confirm(port, owner);
             }
             let _ = tokio::task::spawn_blocking(move || log_event(&grant, port, family, started)).await;
         }

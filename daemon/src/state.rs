@@ -429,8 +429,11 @@ impl State {
         if req.exactly && req.preferred_port != Some(a.port) {
             return Some(Err(AllocError::NotExactly)); // the session maps it elsewhere
         }
-        // the common case (the same process binding again) reads nothing from /proc
-        if let Some(o) = req.owner.as_ref().filter(|o| !a.owners.iter().any(|x| x.pid == o.pid)).and_then(Owner::resolved) {
+        // a bind in progress becomes an owner once it is confirmed (its listen(), or its
+        // bind's DONE): one that fails with EADDRINUSE never does. The common case (the
+        // same process binding again) reads nothing from /proc.
+        let new_owner = req.owner.as_ref().filter(|o| !req.bind && !a.owners.iter().any(|x| x.pid == o.pid));
+        if let Some(o) = new_owner.and_then(Owner::resolved) {
             a.owners.push(o);
         }
         Some(Ok(Grant { port: a.port, lock_id: a.lock_id.clone(), existing: true, holder: None }))
