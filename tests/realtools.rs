@@ -199,11 +199,16 @@ fn two_http_servers_each_print_the_url_they_serve() {
     let mut reaper = Reaper(Vec::new());
     w.start_daemon();
     let mut ports = Vec::new();
-    for who in ["A", "B"] {
+    // C names its port (-p 8080): exec hands it the session's port in its place
+    for who in ["A", "B", "C"] {
         let dir = project(&w, who, &nm, &[("package.json", r#"{"private": true}"#)]);
         std::fs::create_dir_all(dir.join("site")).unwrap();
         std::fs::write(dir.join("site/who.txt"), who).unwrap();
-        let pid = w.spawn(exec(&w, &format!("hs-{who}"), &[], &dir, &["npx", "http-server", "site", "-c-1"]), who);
+        let mut cmd = vec!["npx", "http-server", "site", "-c-1"];
+        if who == "C" {
+            cmd.extend(["-p", "8080"]);
+        }
+        let pid = w.spawn(exec(&w, &format!("hs-{who}"), &[], &dir, &cmd), who);
         reaper.0.push(pid);
         let port = wait_for(60, "http-server's URL", || printed_port(&w.output_of(who), "http://127.0.0.1:"));
         let served = wait_for(20, "http-server listening", || Some(tree_ports(pid)).filter(|p| !p.is_empty()));
@@ -213,7 +218,10 @@ fn two_http_servers_each_print_the_url_they_serve() {
     }
     assert_eq!(ports[0], 8080);
     assert_ne!(ports[1], 8080, "B printed the URL A serves");
-    assert!(!w.stderr_of("B").contains("is taken;"), "http-server said where it went, no notice needed: {}", w.stderr_of("B"));
+    assert!(ports[2] != 8080 && ports[2] != ports[1], "C: {ports:?}");
+    for who in ["B", "C"] {
+        assert!(!w.stderr_of(who).contains("is taken;"), "{who} printed where it serves, no notice needed: {}", w.stderr_of(who));
+    }
 }
 
 /// A server on the port get-port answers (`RANGE` set: the first free one of 3000–3099).
