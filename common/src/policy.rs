@@ -421,7 +421,7 @@ mod tests {
         }});
         assert!(p.apply_config(&cfg));
         let names: Vec<&str> = p.types.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, ["dev", "ml"], "a type over 1000 ports, under 1024 or over another type's is refused");
+        assert_eq!(names, ["dev", "debug", "ml"], "a type over 1000 ports, under 1024 or over another type's is refused (debug is ours)");
         assert_eq!(p.types[0].range, (3000, 3099), "dev is not widened");
         assert_eq!(p.types[0].preferred, [3000]);
         assert_eq!(p.decide(5432), Decision::OnConflict("dev"), "not coordinated: bound as asked");
