@@ -63,7 +63,8 @@ pub struct PortSocket {
 /// Every TCP socket (IPv4 and IPv6) of the daemon's network namespace whose local port
 /// is `port` (all of them for `None`), bound-only ones included, from the kernel's socket
 /// diagnostics (`NETLINK_SOCK_DIAG`; a kernel before 6.7 lists no bound-only socket).
-/// `None` when the kernel cannot be asked.
+/// Only sockets a process holds: a connection in `TIME_WAIT` (inode 0, uid 0 as the
+/// kernel reports it) is nobody's. `None` when the kernel cannot be asked.
 pub fn sockets(port: Option<u16>) -> Option<Vec<PortSocket>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
@@ -148,7 +149,10 @@ fn diag_messages(mut buf: &[u8], out: &mut Vec<PortSocket>) -> Option<bool> {
             libc::NLMSG_ERROR => return None,
             _ if kind == SOCK_DIAG_BY_FAMILY && body.len() >= DIAG_MSG_LEN => {
                 let port = u16::from_be_bytes(body.get(4..6)?.try_into().ok()?);
-                out.push(PortSocket { port, uid: u32_at(body, 64)?, inode: u64::from(u32_at(body, 68)?) });
+                let inode = u64::from(u32_at(body, 68)?);
+                if inode != 0 {
+                    out.push(PortSocket { port, uid: u32_at(body, 64)?, inode });
+                }
             }
             _ => {}
         }
@@ -195,5 +199,13 @@ mod tests {
         let gone = inode(&s);
         drop(s);
         assert!(!sockets(Some(port)).unwrap().iter().any(|s| s.inode == gone));
+        // a connection the server closed first lingers in TIME_WAIT: nobody's socket
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let lp = l.local_addr().unwrap().port();
+        let c = std::net::TcpStream::connect(("127.0.0.1", lp)).unwrap();
+        drop(l.accept().unwrap());
+        drop(l);
+        drop(c);
+        assert!(sockets(Some(lp)).unwrap().is_empty(), "{:?}", sockets(Some(lp)));
     }
 }
