@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures styxy-preload's figures side by side in one run and writes BENCHMARKS.md.
-#   scripts/bench.sh           full run (under a minute on 2 cores)
+#   scripts/bench.sh           full run (about two minutes on 2 cores)
 #   scripts/bench.sh --smoke   tiny run that checks the script works (CI); writes nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
