@@ -37,6 +37,8 @@ struct FakeDaemon {
     beating: Arc<AtomicBool>,
     done: mpsc::Receiver<(u8, u16, i32)>,
     asked: mpsc::Receiver<u16>,
+    /// Which of the asking process's fds 0, 1 and 2 were open while it asked.
+    stdio: mpsc::Receiver<[bool; 3]>,
 }
 
 impl FakeDaemon {
@@ -57,11 +59,14 @@ impl FakeDaemon {
         let listener = seqpacket_listener(&run.join("hook.sock"));
         let (done_tx, done) = mpsc::channel();
         let (asked_tx, asked) = mpsc::channel();
+        let (stdio_tx, stdio) = mpsc::channel();
         std::thread::spawn(move || {
             let _map = map; // the port map lives as long as the daemon
             let Some(conn) = accept(&listener) else { return };
             let mut buf = [0u8; ASK_LEN + 1];
             let Some(ask) = recv(&conn, &mut buf).and_then(|n| Ask::decode(&buf[..n]).filter(|a| a.kind == KEEP)) else { return };
+            let pid = peer_pid(&conn);
+            let _ = stdio_tx.send([0, 1, 2].map(|fd| std::fs::symlink_metadata(format!("/proc/{pid}/fd/{fd}")).is_ok()));
             let _ = asked_tx.send(ask.port);
             match reply {
                 Reply::Silent => std::thread::sleep(Duration::from_secs(5)),
@@ -76,7 +81,7 @@ impl FakeDaemon {
                 }
             }
         });
-        FakeDaemon { beating: flag, done, asked }
+        FakeDaemon { beating: flag, done, asked, stdio }
     }
 }
 
@@ -96,6 +101,15 @@ fn seqpacket_listener(path: &Path) -> OwnedFd {
         assert_eq!(libc::listen(fd.as_raw_fd(), 8), 0);
         fd
     }
+}
+
+/// The pid of the process at the other end of `c` (`SO_PEERCRED`).
+fn peer_pid(c: &OwnedFd) -> i32 {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    unsafe { libc::getsockopt(c.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    cred.pid
 }
 
 /// The next connection, within 10 s.
@@ -177,4 +191,18 @@ fn a_silent_daemon_that_does_not_beat_is_passed_by() {
     assert!(d.done.try_recv().is_err());
     let ev = styxy_preload_common::eventlog::read_all(&w.log_path()).unwrap_or_default();
     assert!(ev.iter().any(|e| e.action == Action::Passthrough && e.requested_port == 3000), "{ev:?}");
+}
+
+#[test]
+fn the_shims_socket_never_lands_on_fd_0_to_2() {
+    let w = World::new();
+    let d = FakeDaemon::start(&w, Reply::After(Duration::ZERO, answer(GRANTED, 3000)), true);
+    // the program closed its stdio: its own socket takes fd 0, and 1 and 2 are free
+    let out = w.path("bound");
+    let mut c = w.preloaded(Some("s"), "python3");
+    c.args(["-c", "import os,socket\nfor fd in (0,1,2): os.close(fd)\ns=socket.socket()\ns.bind(('127.0.0.1',3000))\nopen(os.environ['OUT'],'w').write(str(s.getsockname()[1]))"])
+        .env("OUT", &out);
+    run(c);
+    assert_eq!(d.stdio.recv_timeout(Duration::from_secs(5)), Ok([true, false, false]), "fds 0-2 while the shim asked");
+    assert_eq!(std::fs::read_to_string(&out).unwrap_or_default(), "3000");
 }
