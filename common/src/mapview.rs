@@ -19,6 +19,30 @@ pub const BEAT_EVERY_MS: u64 = 100;
 pub const BEAT_STALE_MS: u64 = 600;
 /// However alive the daemon looks, a hook waits at most this long for its answer.
 pub const PATIENCE_MS: u64 = 10_000;
+/// The daemon's pid in the header (`u32`), for a look at its process when its beat is late.
+pub const PID_OFF: usize = 16;
+/// A beat later than [`BEAT_STALE_MS`] but within this: a daemon starved of CPU (its
+/// process runs or waits to) is still alive; one that is stopped or gone is not.
+pub const BEAT_GRACE_MS: u64 = 5_000;
+
+/// What a hook makes of the daemon's beat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// It beat within [`BEAT_STALE_MS`]: alive, however busy.
+    Alive,
+    /// Its beat is late: alive if its process (this pid) is neither stopped nor gone.
+    Late(u32),
+    /// No beat for [`BEAT_GRACE_MS`], or no daemon: stopped, hung or gone.
+    Gone,
+}
+
+/// Whether `/proc/<pid>/stat`'s text names a process that runs or waits to: not stopped
+/// (`T`, `t`), a zombie or dead.
+pub fn runs(stat: &[u8]) -> bool {
+    let Some(close) = stat.iter().rposition(|c| *c == b')') else { return false };
+    let state = stat.get(close + 2).copied().unwrap_or(b'?');
+    !matches!(state, b'T' | b't' | b'Z' | b'X' | b'x' | b'?')
+}
 pub const HELD_OFF: usize = HEADER;
 pub const REMAP_OFF: usize = HELD_OFF + PORTS * 4;
 pub const SIZE: usize = REMAP_OFF + 2 * SLOTS * 8;
@@ -81,7 +105,21 @@ impl<'a> View<'a> {
     /// The daemon beat within [`BEAT_STALE_MS`] of `now` (`CLOCK_MONOTONIC` ms): it is
     /// alive, however busy, and worth waiting for.
     pub fn alive(self, now: u64) -> bool {
-        self.valid() && now.saturating_sub(self.beat().load(Ordering::Acquire)) <= BEAT_STALE_MS
+        self.liveness(now) == Liveness::Alive
+    }
+
+    /// The daemon's pid ([`PID_OFF`]), 0 when not written.
+    pub fn daemon_pid(self) -> &'a AtomicU32 {
+        // SAFETY: in bounds and 4-aligned.
+        unsafe { &*(self.base.add(PID_OFF).cast::<AtomicU32>()) }
+    }
+
+    /// What the beat says of the daemon at `now` (`CLOCK_MONOTONIC` ms).
+    pub fn liveness(self, now: u64) -> Liveness {
+        if !self.valid() {
+            return Liveness::Gone;
+        }
+        liveness(now, self.beat().load(Ordering::Acquire), self.daemon_pid().load(Ordering::Acquire))
     }
 
     pub fn valid(self) -> bool {
@@ -143,6 +181,15 @@ impl<'a> View<'a> {
     }
 }
 
+/// What a beat at `beat` of the daemon `pid` says at `now`.
+pub fn liveness(now: u64, beat: u64, pid: u32) -> Liveness {
+    match now.saturating_sub(beat) {
+        age if age <= BEAT_STALE_MS => Liveness::Alive,
+        age if age <= BEAT_GRACE_MS && pid != 0 => Liveness::Late(pid),
+        _ => Liveness::Gone,
+    }
+}
+
 /// The 32-bit tag of a session in the map (FNV-1a of its id as the client sends it —
 /// other characters than `[A-Za-z0-9_-]` each become one `_`, at most 100 —, never 0:
 /// 0 means "no session").
@@ -165,5 +212,32 @@ pub fn tag(session: &[u8]) -> u32 {
         1
     } else {
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_beat_is_judged_by_the_daemons_process() {
+        assert_eq!(liveness(10_000, 9_500, 42), Liveness::Alive);
+        assert_eq!(liveness(10_000, 9_000, 42), Liveness::Late(42));
+        assert_eq!(liveness(10_000, 9_000, 0), Liveness::Gone, "no pid written: only the beat counts");
+        assert_eq!(liveness(10_000, 4_000, 42), Liveness::Gone);
+        assert_eq!(liveness(10_000, 0, 42), Liveness::Gone, "never beat");
+    }
+
+    #[test]
+    fn a_stopped_dead_or_unreadable_process_does_not_run() {
+        let stat = |state: &str| format!("42 (a (b) c) {state} 1 42 42 0 -1");
+        for s in ["R", "S", "D", "I"] {
+            assert!(runs(stat(s).as_bytes()), "{s}");
+        }
+        for s in ["T", "t", "Z", "X"] {
+            assert!(!runs(stat(s).as_bytes()), "{s}");
+        }
+        assert!(!runs(b""));
+        assert!(!runs(b"42 (cut"));
     }
 }

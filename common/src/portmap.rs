@@ -48,7 +48,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 pub use crate::mapview::SIZE;
-use crate::mapview::{deleted, is, next, pack, prev, slot, View, MAGIC, SLOTS};
+use crate::mapview::{deleted, is, next, pack, prev, slot, Liveness, View, MAGIC, SLOTS};
 
 /// Tombstones that trigger a rebuild: at most 1/16 of the table, so the load (live +
 /// deleted) stays under 1/4 with the daemon's 4096 allocations and lookups stay short.
@@ -137,6 +137,11 @@ impl PortMap {
     /// The daemon is alive now (the writer).
     pub fn beat(&self) {
         self.view().beat().store(monotonic_ms(), Ordering::Release);
+    }
+
+    /// The daemon that beats is this process (the writer, once).
+    pub fn set_daemon_pid(&self, pid: u32) {
+        self.view().daemon_pid().store(pid, Ordering::Release);
     }
 
     /// The daemon beat recently (a reader): it is alive, however busy.
@@ -310,13 +315,21 @@ pub fn alive_at(path: &Path) -> bool {
     let Ok(f) = crate::paths::open_regular(std::fs::OpenOptions::new().read(true), path) else {
         return false;
     };
-    let mut head = [0u8; 16];
+    let mut head = [0u8; 24];
     let ours = f.metadata().is_ok_and(|m| crate::paths::owned_by_us(&m, path).is_ok());
     if !ours || f.read_exact_at(&mut head, 0).is_err() {
         return false;
     }
     let word = |i: usize| head[i..i + 8].try_into().map(u64::from_ne_bytes).unwrap_or(0);
-    word(0) as u32 == MAGIC && monotonic_ms().saturating_sub(word(crate::mapview::BEAT_OFF)) <= crate::mapview::BEAT_STALE_MS
+    let half = |i: usize| head[i..i + 4].try_into().map(u32::from_ne_bytes).unwrap_or(0);
+    if half(0) != MAGIC {
+        return false;
+    }
+    match crate::mapview::liveness(monotonic_ms(), word(crate::mapview::BEAT_OFF), half(crate::mapview::PID_OFF)) {
+        Liveness::Alive => true,
+        Liveness::Late(pid) => std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| crate::mapview::runs(&s)),
+        Liveness::Gone => false,
+    }
 }
 
 /// `CLOCK_MONOTONIC` in milliseconds: the beat's clock, the same in every process.

@@ -28,6 +28,7 @@ impl Beat {
     /// Beats now, and every [`mapview::BEAT_EVERY_MS`] from a thread of its own.
     pub fn start(map: Arc<PortMap>) -> std::io::Result<Arc<Beat>> {
         let beat = Arc::new(Beat { map, turned: AtomicU64::new(monotonic_ms()), stop: AtomicBool::new(false) });
+        beat.map.set_daemon_pid(std::process::id());
         beat.map.beat();
         let b = beat.clone();
         std::thread::Builder::new().name("beat".into()).spawn(move || b.run())?;

@@ -9,10 +9,11 @@ use crate::env::{env, own_rules, session_tag};
 use crate::maps::{own_uid, port_map, runtime_file};
 use crate::sock::{shares_port, stream, Inet};
 use crate::sys::{
-    close, errno, fcntl, getpid, getsockopt, monotonic_ms, poll, recv, send, set_errno, setsockopt, socket, PollFd, SockLen, TimeVal,
-    UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, POLLIN, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET,
-    SO_PEERCRED, SO_SNDTIMEO,
+    close, errno, fcntl, getpid, getsockopt, monotonic_ms, open, poll, read, recv, send, set_errno, setsockopt, socket, PollFd, SockLen,
+    TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN,
+    SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
+use crate::text::{append, decimal};
 use crate::{hookproto, mapview, AddrFn, REAL_CONNECT};
 
 /// How long a bind waits for the daemon when there is no port map to read its beat from:
@@ -30,10 +31,43 @@ const SLICE_MS: c_int = 100;
 fn worth_waiting(started: u64) -> bool {
     let now = monotonic_ms();
     let waited = now.saturating_sub(started);
-    match port_map() {
-        Some(view) => waited < mapview::PATIENCE_MS && view.alive(now),
-        None => waited < HOOK_ANSWER_MS,
+    let Some(view) = port_map() else {
+        return waited < HOOK_ANSWER_MS;
+    };
+    waited < mapview::PATIENCE_MS
+        && match view.liveness(now) {
+            mapview::Liveness::Alive => true,
+            // a beat late on a machine that starves the daemon of CPU: alive while its
+            // process runs or waits to, not when it is stopped or gone
+            mapview::Liveness::Late(pid) => process_runs(pid),
+            mapview::Liveness::Gone => false,
+        }
+}
+
+/// Whether process `pid` runs or waits to (`/proc/<pid>/stat`, [`mapview::runs`]).
+fn process_runs(pid: u32) -> bool {
+    let mut path = [0u8; 32];
+    let n = append(&mut path, 0, b"/proc/\0");
+    let n = decimal(&mut path, n, pid);
+    if n == 0 || append(&mut path, n, b"/stat\0") == 0 {
+        return false;
     }
+    let saved = errno();
+    // SAFETY: `path` is NUL-terminated (append); the fd is ours, closed below.
+    let fd = unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) };
+    let mut stat = [0u8; 512];
+    let n = if fd < 0 {
+        -1
+    } else {
+        // SAFETY: read writes at most `stat.len()` bytes into `stat`; then our fd is closed.
+        unsafe {
+            let n = read(fd, stat.as_mut_ptr().cast(), stat.len());
+            close(fd);
+            n
+        }
+    };
+    set_errno(saved);
+    usize::try_from(n).ok().and_then(|n| stat.get(..n)).is_some_and(mapview::runs)
 }
 
 /// Ports this process bound through [`keep`] (pid and port; a forked child's pid differs,
