@@ -14,19 +14,6 @@ fn exec(w: &mut World, session: &str, flags: &[&str], program: &std::path::Path,
     w.spawn(c, name)
 }
 
-/// The pids of `pid`'s descendants (not `pid` itself).
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            out.push(c);
-            out.extend(descendants(c));
-        }
-    }
-    out
-}
-
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
 }

@@ -149,19 +149,6 @@ fn a_go_server_and_hugo_server_in_an_env_shell_are_moved_and_isolated() {
     assert_two_sessions(&w, 1313, ("env-a", "env-hugo-a", ha, "hugo page of hugo-a"), ("env-b", "env-hugo-b", hb, "hugo page of hugo-b"));
 }
 
-/// The pids of `pid`'s descendants (not `pid` itself).
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            out.push(c);
-            out.extend(descendants(c));
-        }
-    }
-    out
-}
-
 /// The parent of `pid`.
 fn ppid(pid: u32) -> u32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -519,3 +519,16 @@ impl World {
         unix_connect(&self.path("run/styxy-preload/hook.sock"), libc::SOCK_SEQPACKET).unwrap()
     }
 }
+
+/// The pids of `pid`'s descendants (not `pid` itself).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            out.push(c);
+            out.extend(descendants(c));
+        }
+    }
+    out
+}
