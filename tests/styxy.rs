@@ -57,6 +57,12 @@ impl Styxy {
         self.requests().into_iter().filter(|r| r["method"] == "POST" && r["path"] == "/allocate").collect()
     }
 
+    /// Styxy's uptime in seconds, from its `GET /status` (free: not counted).
+    fn uptime(&self) -> f64 {
+        let r = http::call_as(&self.endpoint(), "test", "GET", "/status", None, Timeouts::CLI).unwrap();
+        serde_json::from_slice::<Value>(&r.body).unwrap()["uptime"].as_f64().unwrap()
+    }
+
     fn endpoint(&self) -> Endpoint {
         Endpoint::Tcp { addr: ([127, 0, 0, 1], self.port).into(), token: Some(TOKEN.into()) }
     }
@@ -567,7 +573,9 @@ fn a_user_type_in_a_restarted_styxys_config_is_followed() {
     let s = Styxy::start(&mut w, 0, &[]);
     start_daemon(&w, &s, &[]);
     upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
-    // Styxy restarts with a new type in its config.json, between two of the daemon's readings
+    // Styxy restarts with a new type in its config.json, between two of the daemon's
+    // readings, and later than the uptime it reports can tell apart from its first start
+    wait_for(10, "Styxy up for a second", || (s.uptime() > 1.0).then_some(()));
     w.kill(s.pid);
     let s2 = Styxy::start(&mut w, s.port, &[("FAKE_EXTRA_TYPE", "ml:12700:12799")]);
     let has_ml = || w.json("GET", "/config", None).1["service_types"]["ml"]["range"] == serde_json::json!([12700, 12799]);

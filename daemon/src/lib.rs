@@ -236,7 +236,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     raise_fd_limit();
     let state_dir = paths::state_dir();
     paths::ensure_private_dir(&state_dir).map_err(ioe("cannot create", &state_dir))?;
-    let (st, journal) = initial_state(&opts);
+    let (st, journal, probe) = initial_state(&opts);
     let token = match opts.http {
         Some(_) => Some(read_or_create_token()?),
         None => None,
@@ -247,7 +247,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
         let sh = shared.clone();
         std::thread::Builder::new().name("persist".into()).spawn(move || persist_loop(&sh, rx)).map_err(|e| RunError::Io(e.to_string()))?
     };
-    let upstream_worker = start_upstream(&opts, &shared)?;
+    let upstream_worker = start_upstream(&opts, probe.as_ref(), &shared)?;
 
     let sock = paths::socket_path();
     let std_listener = activation::listener(inherited, &sock).map_err(RunError::Io)?;
@@ -273,8 +273,9 @@ pub fn run(opts: Options) -> Result<(), RunError> {
 }
 
 /// The state the daemon starts from: the policy (the environment's rules, the upstream
-/// Styxy's types), the shared port map, and what the last run saved and journaled.
-fn initial_state(opts: &Options) -> (State, journal::Journal) {
+/// Styxy's types), the shared port map, and what the last run saved and journaled; and
+/// what the start learned of the upstream Styxy, when there is one.
+fn initial_state(opts: &Options) -> (State, journal::Journal, Option<upstream::Probe>) {
     let (policy, rule_err) = Policy::from_env();
     if let Some(e) = rule_err {
         log!("STYXY_PRELOAD_PORTS ignored in part: {e}");
@@ -288,12 +289,13 @@ fn initial_state(opts: &Options) -> (State, journal::Journal) {
     };
     let mut st = State::new(policy, map, opts.grace.as_millis() as u64);
     let journal = journal::Journal::open(paths::state_dir().join("daemon-journal.jsonl"));
-    if let Some(cfg) = opts.upstream.as_ref().and_then(|u| upstream::config(u, Duration::from_millis(500))) {
-        st.policy.apply_config(&cfg);
+    let probe = opts.upstream.as_ref().map(|u| upstream::probe(u, Duration::from_millis(500)));
+    if let Some(upstream::Probe::Config(cfg)) = &probe {
+        st.policy.apply_config(cfg);
     }
     publish_policy(&st.policy);
     load_state(&mut st, &journal);
-    (st, journal)
+    (st, journal, probe)
 }
 
 impl Shared {
@@ -317,10 +319,14 @@ impl Shared {
 }
 
 /// The upstream Styxy's worker thread, when there is one.
-fn start_upstream(opts: &Options, shared: &Arc<Shared>) -> Result<Option<std::thread::JoinHandle<()>>, RunError> {
-    let Some(cfg) = opts.upstream.clone() else { return Ok(None) };
+fn start_upstream(
+    opts: &Options,
+    probe: Option<&upstream::Probe>,
+    shared: &Arc<Shared>,
+) -> Result<Option<std::thread::JoinHandle<()>>, RunError> {
+    let (Some(cfg), Some(probe)) = (opts.upstream.clone(), probe) else { return Ok(None) };
     log!("upstream: Styxy at {}", cfg.endpoint);
-    let (up, handle) = upstream::Upstream::start(cfg, Arc::downgrade(shared)).map_err(|e| RunError::Io(e.to_string()))?;
+    let (up, handle) = upstream::Upstream::start(cfg, probe, Arc::downgrade(shared)).map_err(|e| RunError::Io(e.to_string()))?;
     let _ = shared.upstream.set(up);
     Ok(Some(handle))
 }

@@ -192,10 +192,21 @@ pub struct Upstream {
 
 impl Upstream {
     /// Starts the worker thread.
-    pub fn start(cfg: Config, shared: std::sync::Weak<Shared>) -> std::io::Result<(Arc<Upstream>, std::thread::JoinHandle<()>)> {
+    pub fn start(
+        cfg: Config,
+        first: &Probe,
+        shared: std::sync::Weak<Shared>,
+    ) -> std::io::Result<(Arc<Upstream>, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
-        let up =
-            Arc::new(Upstream { jobs: Mutex::new(tx), health: Mutex::new(Health { url: cfg.endpoint.to_string(), ..Health::default() }) });
+        let mut health = Health { url: cfg.endpoint.to_string(), ..Health::default() };
+        match first {
+            Probe::Silent(why) => {
+                health.last_error = Some(why.clone());
+                health.last_error_ms = Some(now_ms());
+            }
+            _ => health.reachable = true,
+        }
+        let up = Arc::new(Upstream { jobs: Mutex::new(tx), health: Mutex::new(health) });
         let worker = Worker::new(cfg, shared, up.clone());
         let handle = std::thread::Builder::new().name("upstream".into()).spawn(move || worker.run(rx))?;
         Ok((up, handle))
@@ -224,13 +235,31 @@ impl Upstream {
     }
 }
 
-/// Styxy's service types (`GET /config`), asked once at the daemon's start within
-/// `wait` so that the first grants already know a user's own types.
-pub fn config(cfg: &Config, wait: Duration) -> Option<serde_json::Value> {
-    trusted(&cfg.endpoint, cfg.named).ok()?;
+/// What the daemon's start learned of Styxy (`GET /config`, asked once within a wait so
+/// that the first grants already know a user's own types): its types, that it answered
+/// without them, or why nothing answered. The worker starts from it: until its first try,
+/// a Styxy that did not answer at the start is not waited for by the first binds.
+pub enum Probe {
+    Config(serde_json::Value),
+    Answered,
+    Silent(String),
+}
+
+pub fn probe(cfg: &Config, wait: Duration) -> Probe {
+    if let Err(why) = trusted(&cfg.endpoint, cfg.named) {
+        return match why {
+            None => Probe::Silent(format!("nothing listens at {}", cfg.endpoint)),
+            Some(_) => Probe::Answered, // the worker says why it is not trusted
+        };
+    }
     let t = Timeouts { connect: wait, total: wait, max_body: 1 << 20 };
-    let r = http::call_as(&cfg.endpoint, &cfg.agent, "GET", "/config", None, t).ok().filter(|r| r.status == 200)?;
-    r.json().ok()
+    match http::call_as(&cfg.endpoint, &cfg.agent, "GET", "/config", None, t) {
+        Err(e) => Probe::Silent(e.to_string()),
+        Ok(r) => match r.json().ok().filter(|_| r.status == 200) {
+            Some(v) => Probe::Config(v),
+            None => Probe::Answered,
+        },
+    }
 }
 
 /// Mirrors the new allocation at `port` in Styxy, waiting at most [`GRANT_WAIT`] or
