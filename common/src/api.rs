@@ -107,6 +107,19 @@ pub struct Holder {
     pub comm: Option<String>,
 }
 
+impl Holder {
+    /// How a remap's reason names the holder: ` by vite (pid 12, session a)`, or nothing
+    /// when it is not known.
+    pub fn describe(&self) -> String {
+        match (&self.session, self.pid, &self.comm) {
+            (Some(s), Some(pid), Some(c)) => format!(" by {c} (pid {pid}, session {s})"),
+            (None, Some(pid), Some(c)) => format!(" by {c} (pid {pid})"),
+            (Some(s), _, _) => format!(" by session {s}"),
+            _ => String::new(),
+        }
+    }
+}
+
 /// Any answer to `POST /allocate`: success (`lock_id`), a dry run (`dry_run`, with
 /// the type and name asked for), Styxy's singleton reuse shape (`lockId`, `existing`,
 /// no `success`), or an error (`error`, and for an exhausted range its `context`).

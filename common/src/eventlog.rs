@@ -80,6 +80,12 @@ pub fn bound_again(port: u16) -> String {
     format!("{BOUND_AGAIN} on {port}")
 }
 
+/// The reason of a remap: `port` is another session's, or taken; `holder` as
+/// [`crate::api::Holder::describe`] says it. Written by the hooks' logic and the daemon.
+pub fn taken(port: u16, holder: &str) -> String {
+    format!("port {port} is taken{holder}")
+}
+
 const BOUND_AGAIN: &str = "bound again by this process (a twin or after a probe)";
 
 impl Event {

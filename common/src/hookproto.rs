@@ -5,15 +5,16 @@
 //! the client crate — one layout for both ends.
 //!
 //! One connection carries one bind: the shim sends an [`Ask`] (`KEEP`: may this process
-//! have exactly this port?), the daemon answers an [`Answer`]; the shim binds and sends
-//! an [`Ask`] of kind `DONE` with the result, which the daemon logs. Nothing else: a
-//! remap, a fallback or an error is the hooks' logic's (the shim hears `DECLINED` and
-//! loads it, as before).
+//! have this port?), the daemon answers an [`Answer`]: `GRANTED` (this very port),
+//! `MOVED` (another port, when the ask says it [`MAY_MOVE`]) or `DECLINED`; the shim
+//! binds and sends an [`Ask`] of kind `DONE` with the result, which the daemon logs (or,
+//! on a failure, withdraws the grant). A fallback, an error and every retry are the hooks'
+//! logic's (the shim hears `DECLINED`, or fails its bind, and loads it).
 
 /// File name of the socket in the daemon's runtime directory.
 pub const SOCKET: &str = "hook.sock";
-/// "SPH1": the layout's version; another version is declined.
-pub const MAGIC: u32 = 0x3148_5053;
+/// "SPH2": the layout's version; another version is declined.
+pub const MAGIC: u32 = 0x3248_5053;
 /// The longest session id the shim sends (the daemon's limit is 100).
 pub const SESSION_MAX: usize = 100;
 pub const ASK_LEN: usize = 128;
@@ -24,9 +25,16 @@ pub const KEEP: u8 = 1;
 /// The bind's result, after a `GRANTED`.
 pub const DONE: u8 = 2;
 
+/// `Ask::flags`: the shim binds another port when this one is not this process's to have,
+/// and tells the person (a remap).
+pub const MAY_MOVE: u8 = 1;
+
+/// This very port.
 pub const GRANTED: u8 = 1;
-/// Not in the shim's way: the hooks' logic decides (remap, type, upstream, …).
+/// Not in the shim's way: the hooks' logic decides (type, upstream, fallback, …).
 pub const DECLINED: u8 = 2;
+/// Another port (`Answer::port`): the one asked is another session's, or taken.
+pub const MOVED: u8 = 3;
 
 /// A request from the shim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,16 +45,18 @@ pub struct Ask<'a> {
     pub family: u8,
     /// `DONE`: 0 when the bind succeeded, else its errno.
     pub errno: i32,
+    /// `KEEP`: [`MAY_MOVE`] or 0.
+    pub flags: u8,
     /// `STYXY_PRELOAD_SESSION`, empty for none.
     pub session: &'a [u8],
 }
 
-/// The daemon's answer to a `KEEP`.
+/// The daemon's answer to a `KEEP`: the port to bind (`GRANTED`, `MOVED`), or none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub status: u8,
     pub port: u16,
-    /// The session held this port already (a restart, a twin).
+    /// The session held this port already (a restart, a twin, a probe then the bind).
     pub existing: bool,
 }
 
@@ -63,6 +73,7 @@ impl Ask<'_> {
         b[6..8].copy_from_slice(&self.port.to_le_bytes());
         b[8..12].copy_from_slice(&self.errno.to_le_bytes());
         b[12] = self.session.len() as u8;
+        b[13] = self.flags;
         b[16..16 + self.session.len()].copy_from_slice(self.session);
         Some(b)
     }
@@ -81,6 +92,7 @@ impl Ask<'_> {
             family: b[5],
             port: u16::from_le_bytes([b[6], b[7]]),
             errno: i32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            flags: b[13],
             session: &b[16..16 + len],
         })
     }
@@ -97,7 +109,7 @@ impl Answer {
     }
 
     pub fn decode(b: &[u8]) -> Option<Answer> {
-        if b.len() != ANSWER_LEN || b[0..4] != MAGIC.to_le_bytes() || !matches!(b[4], GRANTED | DECLINED) {
+        if b.len() != ANSWER_LEN || b[0..4] != MAGIC.to_le_bytes() || !matches!(b[4], GRANTED | DECLINED | MOVED) {
             return None;
         }
         Some(Answer { status: b[4], existing: b[5] != 0, port: u16::from_le_bytes([b[6], b[7]]) })
@@ -110,7 +122,7 @@ mod tests {
 
     #[test]
     fn an_ask_survives_the_wire_and_garbage_does_not_pass() {
-        let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, session: b"agent-1" };
+        let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, flags: MAY_MOVE, session: b"agent-1" };
         let wire = a.encode().unwrap();
         assert_eq!(Ask::decode(&wire), Some(a));
         assert_eq!(Ask::decode(&wire[..ASK_LEN - 1]), None, "short");
@@ -130,8 +142,10 @@ mod tests {
 
     #[test]
     fn an_answer_survives_the_wire() {
-        let a = Answer { status: GRANTED, port: 8061, existing: true };
-        assert_eq!(Answer::decode(&a.encode()), Some(a));
+        for status in [GRANTED, MOVED, DECLINED] {
+            let a = Answer { status, port: 8061, existing: true };
+            assert_eq!(Answer::decode(&a.encode()), Some(a));
+        }
         assert_eq!(Answer::decode(&[0; ANSWER_LEN]), None);
     }
 }

@@ -13,6 +13,8 @@ pub mod eventlog;
 pub mod hookproto;
 pub mod http;
 pub mod mapview;
+pub mod moved;
+pub mod notice;
 pub mod paths;
 pub mod policy;
 pub mod policymap;

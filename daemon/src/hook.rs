@@ -1,9 +1,10 @@
 //! The shim's socket (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): `hook.sock`, a
 //! `SOCK_SEQPACKET` Unix socket beside `daemon.sock`, speaking the fixed layout of
-//! `styxy_preload_common::hookproto`. It answers one question — may this process bind
-//! exactly the port it asked for? — so that a process's first coordinated bind costs one
-//! round trip and no library load. Everything else (a remap, fallback mode, Styxy
-//! upstream) is `DECLINED` and goes the HTTP way through the hooks' logic.
+//! `styxy_preload_common::hookproto`. It answers one question — which port may this
+//! process bind for the one it asked for? — so that a process's coordinated bind, kept or
+//! remapped, costs one round trip and no library load. The rest (fallback mode, Styxy
+//! upstream, a retry after a failed bind) is `DECLINED` and goes the HTTP way through the
+//! hooks' logic.
 //!
 //! The peer is known from the kernel (`SO_PEERCRED`): only our uid, and the owner pid
 //! is the peer itself. The daemon writes the bind's event once the shim reports the
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use styxy_preload_common::api::{service_name, valid_instance_id};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
-use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
+use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP, MAY_MOVE, MOVED};
 use styxy_preload_common::policy::Decision;
 use styxy_preload_common::procinfo;
 use tokio::io::unix::AsyncFd;
@@ -123,9 +124,11 @@ fn send(fd: &AsyncFd<OwnedFd>, msg: &[u8]) {
 }
 
 /// `KEEP`, the answer, then `DONE`. A malformed or unexpected message ends the exchange.
-/// What touches the client's files (its `/proc` entries, the log its environment names)
-/// runs on a blocking thread: a client's path never holds up this thread, which answers
-/// every hook and every HTTP request.
+/// Who asked is read from `/proc` (its name, directory and log) before the answer, while
+/// the process waits for it (a short-lived one is gone soon after), on a blocking thread:
+/// a client's path never holds up this thread, which answers every hook and every HTTP
+/// request. A new grant whose `DONE` says the bind failed, or whose client closed without
+/// one, is withdrawn.
 async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     let Some(fd) = watch(conn) else { return };
     let mut buf = [0u8; ASK_LEN + 1];
@@ -137,36 +140,40 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
         return;
     };
     let _pending = Pending::new(&sh.hook_pending);
-    send(&fd, &Answer { status: GRANTED, port: ask.port, existing: grant.existing }.encode());
-    let (port, family) = (ask.port, ask.family);
+    let (port, family, existing) = (grant.port, ask.family, grant.existing);
     let described = tokio::task::spawn_blocking({
         let sh = sh.clone();
-        move || describe(&sh, grant, port)
-    });
+        move || describe(&sh, grant)
+    })
+    .await;
+    let status = if port == ask.port { GRANTED } else { MOVED };
+    send(&fd, &Answer { status, port, existing }.encode());
     let mut done = [0u8; ASK_LEN + 1];
     let heard = recv(&fd, &mut done).await;
-    let Ok(grant) = described.await else { return };
-    let Ok(n) = heard else { return };
-    match Ask::decode(&done[..n]).filter(|a| a.kind == DONE && a.port == port) {
-        Some(done) if done.errno == 0 => {
+    let reported = heard.as_ref().ok().and_then(|n| Ask::decode(&done[..*n])).filter(|a| a.kind == DONE && a.port == port);
+    match (reported, described) {
+        (Some(done), Ok(grant)) if done.errno == 0 => {
             // bound: confirmed, and the binder an owner, as a listen would
             if let Some(owner) = Owner::of(grant.pid) {
                 sh.state.lock().confirm(port, owner);
             }
             let _ = tokio::task::spawn_blocking(move || log_event(&grant, port, family, started)).await;
         }
-        // the bind failed: a new grant is withdrawn; the hooks' logic takes it from here
-        Some(_) if !grant.existing => {
+        // no word in time: the grant stands while its owner's socket holds the port
+        _ if existing || heard.is_err() => {}
+        // the bind failed, or the client closed without a word (it gave up): a new grant
+        // is withdrawn (the hooks' logic takes it from here)
+        _ => {
             sh.state.lock().remove(port, now_ms());
             sh.persist();
         }
-        _ => {}
     }
 }
 
-/// Who asked, read from /proc while the shim binds (off the answer's path): its name,
-/// directory and log, into the grant and a new allocation, which is then saved.
-fn describe(sh: &Shared, mut grant: Granted, port: u16) -> Granted {
+/// Who asked, read from /proc while it waits for the answer: its name, directory and
+/// log, into the grant and a new allocation, which is then saved.
+fn describe(sh: &Shared, mut grant: Granted) -> Granted {
+    let port = grant.port;
     grant.comm = procinfo::comm(grant.pid).unwrap_or_else(|| "?".into());
     grant.log = log_of(grant.pid);
     if grant.existing {
@@ -201,6 +208,12 @@ impl Drop for Pending<'_> {
 /// What the daemon granted, for the event.
 struct Granted {
     pid: u32,
+    /// The port granted: the one asked, or another (a remap).
+    port: u16,
+    /// The port asked for.
+    asked: u16,
+    /// Who holds the port asked for, when another was granted (the remap's reason).
+    holder: String,
     existing: bool,
     /// The process had bound this port before (a dual-stack twin, a probe).
     again: bool,
@@ -210,8 +223,8 @@ struct Granted {
     log: Log,
 }
 
-/// Grants exactly `ask.port` to `pid` when the hooks' logic would keep it too: a
-/// coordinated port, no Styxy answering (a grant would wait for it), and free for this session.
+/// Grants `ask.port` to `pid`, or another port when the ask [`MAY_MOVE`], as the hooks'
+/// logic would: a coordinated port, no Styxy answering (a grant would wait for it).
 fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
     if sh.upstream.get().is_some_and(|u| u.usable()) {
@@ -237,13 +250,11 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
         exclude: vec![],
         owner: Some(Owner::pid(pid)),
         bind: true,
-        exactly: true,
+        exactly: ask.flags & MAY_MOVE == 0,
     };
-    let again = session.is_some_and(|s| {
-        st.allocs.get(&ask.port).is_some_and(|a| a.session.as_deref() == Some(s) && a.owners.iter().any(|o| o.pid == pid))
-    });
-    // another port (a remap) is not granted here: the hooks' logic tells the person
-    let g = st.allocate(&req, now_ms()).ok().filter(|g| g.port == ask.port)?;
+    let g = st.allocate(&req, now_ms()).ok()?;
+    // the process had bound this grant before (a twin, a probe): one start
+    let again = g.existing && st.allocs.get(&g.port).is_some_and(|a| a.owners.iter().any(|o| o.pid == pid));
     drop(st);
     if !g.existing && crate::server::journaled(sh, g.port).is_err() {
         return None; // not granted (and said); the hooks' logic hears why over HTTP
@@ -251,6 +262,9 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
     sh.metrics.observe_allocate(started.elapsed(), true);
     Some(Granted {
         pid,
+        port: g.port,
+        asked: ask.port,
+        holder: g.holder.as_ref().map(styxy_preload_common::api::Holder::describe).unwrap_or_default(),
         existing: g.existing,
         again,
         service_type: ty,
@@ -263,14 +277,18 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
 /// The event the process would have logged (a blocking thread's work: the client names
 /// the file).
 fn log_event(g: &Granted, port: u16, family: u8, started: Instant) {
-    let (action, reason) = if g.again { (Action::Observed, Some(eventlog::bound_again(port))) } else { (Action::Kept, None) };
+    let (action, reason) = match () {
+        _ if g.again => (Action::Observed, Some(eventlog::bound_again(port))),
+        _ if port != g.asked => (Action::Remapped, Some(eventlog::taken(g.asked, &g.holder))),
+        _ => (Action::Kept, None),
+    };
     let ev = Event {
         ts: eventlog::now_ms(),
         session: g.session.clone(),
         pid: g.pid,
         comm: g.comm.clone(),
         call: "bind".into(),
-        requested_port: port,
+        requested_port: g.asked,
         port,
         family: if family == 6 { "ipv6" } else { "ipv4" }.into(),
         service_type: Some(g.service_type.clone()),

@@ -2,17 +2,15 @@
 //! answer (never at load time), its functions kept in typed slots; the one stderr line
 //! when it cannot be loaded.
 
-use core::ffi::{c_int, c_void};
+use core::ffi::c_void;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::env::env;
+use crate::notice::notice;
 use crate::slot::Slot;
-use crate::sys::{
-    close, dladdr, dlerror, dlopen, errno, getsockopt, lseek, open, set_errno, write, DlInfo, SockLen, ESPIPE, O_CLOEXEC, O_NOCTTY,
-    O_NONBLOCK, O_WRONLY, RTLD_NODELETE, RTLD_NOW, SEEK_CUR, SOL_SOCKET, SO_TYPE,
-};
+use crate::sys::{dladdr, dlerror, dlopen, errno, set_errno, DlInfo, RTLD_NODELETE, RTLD_NOW};
 use crate::text::{append, cstr, put};
-use crate::{CoreAddrFn, CoreListenFn, CoreNameFn, NO, UNKNOWN, YES};
+use crate::{CoreAddrFn, CoreListenFn, NO, UNKNOWN, YES};
 
 /// A core that fails to load (EMFILE at the fd limit…) is tried again on later calls,
 /// this many times in all.
@@ -20,14 +18,12 @@ const CORE_TRIES: u8 = 8;
 const CORE_NAME: &[u8] = b"libstyxy_preload_core.so\0";
 
 // SAFETY: the core's exports (preload/src/lib.rs) have these types: AddrFn's arguments
-// and libc's function, and `styxy_core_getsockname(int, struct sockaddr *, const socklen_t *)`.
+// and libc's function.
 pub(crate) static CORE_BIND: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_bind") };
 // SAFETY: as CORE_BIND.
 pub(crate) static CORE_LISTEN: Slot<CoreListenFn> = unsafe { Slot::new(c"styxy_core_listen") };
 // SAFETY: as CORE_BIND.
 pub(crate) static CORE_CONNECT: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_connect") };
-// SAFETY: as CORE_BIND.
-pub(crate) static CORE_GETSOCKNAME: Slot<CoreNameFn> = unsafe { Slot::new(c"styxy_core_getsockname") };
 // SAFETY: as CORE_BIND.
 pub(crate) static CORE_UNANSWERED: Slot<CoreAddrFn> = unsafe { Slot::new(c"styxy_core_unanswered") };
 
@@ -51,7 +47,7 @@ fn core_loaded() -> bool {
     } else if CORE_FAILURES.fetch_add(1, Ordering::AcqRel) + 1 >= CORE_TRIES && CORE.swap(NO, Ordering::AcqRel) != NO {
         // SAFETY: `dlerror` answers null or this thread's last message, read here at once.
         let why = unsafe { cstr(dlerror()) };
-        say(b"styxy-preload: cannot load libstyxy_preload_core.so (", why, b"): this process's ports are not coordinated\n");
+        notice(&[b"cannot load libstyxy_preload_core.so (", why.unwrap_or(b"?"), b"): this process's ports are not coordinated"]);
     }
     set_errno(saved);
     ok
@@ -64,47 +60,6 @@ pub(crate) fn core_fn<F: Copy>(slot: &Slot<F>) -> Option<F> {
         slot.get()
     } else {
         None
-    }
-}
-
-/// The core's function in `slot` if the core is loaded already (never loads it).
-pub(crate) fn core_fn_if_loaded<F: Copy>(slot: &Slot<F>) -> Option<F> {
-    if CORE.load(Ordering::Acquire) == YES {
-        slot.get()
-    } else {
-        None
-    }
-}
-
-/// One line on stderr, only when fd 2 is a terminal or a pipe (not a socket, not a
-/// file the program may have reopened there), through a non-blocking description of our
-/// own: a full pipe drops the line rather than wait.
-fn say(head: &[u8], middle: Option<&[u8]>, tail: &[u8]) {
-    let mut ty: c_int = 0;
-    let mut len: SockLen = 4;
-    // SAFETY: getsockopt writes at most `len` (4) bytes into `ty`.
-    if unsafe { getsockopt(2, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) } == 0 {
-        return;
-    }
-    // SAFETY: moves nothing (SEEK_CUR by 0): only asks whether fd 2 seeks.
-    if unsafe { lseek(2, 0, SEEK_CUR) } != -1 || errno() != ESPIPE {
-        return;
-    }
-    // SAFETY: a NUL-terminated path; the description is ours (closed below).
-    let fd = unsafe { open(c"/proc/self/fd/2".as_ptr(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) };
-    if fd < 0 {
-        return;
-    }
-    let mut line = [0u8; 512];
-    let mut n = append(&mut line, 0, head) + 1;
-    if let Some(middle) = middle {
-        n = put(&mut line[..400], n, middle).max(n);
-    }
-    n = append(&mut line, n, tail) + 1;
-    // SAFETY: at most `line.len()` bytes of `line`, to our own `fd`, which nothing else uses.
-    unsafe {
-        write(fd, line.as_ptr().cast(), n.min(line.len()));
-        close(fd);
     }
 }
 
@@ -149,13 +104,12 @@ fn load_core() -> bool {
     if h.is_null() {
         return false;
     }
-    // all five, or the core is not loaded (a slot found meanwhile is never called)
+    // all four, or the core is not loaded (a slot found meanwhile is never called)
     // SAFETY: `h` is dlopen's handle, never closed (RTLD_NODELETE, and no dlclose).
     unsafe {
         CORE_BIND.resolve(h).is_some()
             && CORE_LISTEN.resolve(h).is_some()
             && CORE_CONNECT.resolve(h).is_some()
-            && CORE_GETSOCKNAME.resolve(h).is_some()
             && CORE_UNANSWERED.resolve(h).is_some()
     }
 }

@@ -1,17 +1,19 @@
-//! A coordinated bind kept in one round trip on the daemon's `hook.sock`
+//! A coordinated bind, kept or moved, in one round trip on the daemon's `hook.sock`
 //! (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"), and the ports this process kept.
 
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::Ordering;
 
 use crate::corelib::{core_fn, CORE_UNANSWERED};
-use crate::env::{env, own_rules, session_tag};
+use crate::env::{env, own_rules};
 use crate::maps::{own_uid, port_map, runtime_file};
+use crate::moved;
+use crate::notice::notice;
 use crate::sock::{shares_port, stream, Inet};
 use crate::sys::{
-    close, errno, fcntl, getpid, getsockopt, monotonic_ms, open, poll, read, recv, send, set_errno, setsockopt, socket, PollFd, SockLen,
-    TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN,
-    SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
+    close, errno, fcntl, getpid, getsockopt, monotonic_ms, open, poll, prctl, read, recv, send, set_errno, setsockopt, socket, PollFd,
+    SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK,
+    O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
 use crate::text::{append, decimal};
 use crate::{hookproto, mapview, AddrFn, REAL_CONNECT};
@@ -87,17 +89,18 @@ pub(crate) fn kept_here(port: u16) -> bool {
 }
 
 /// A coordinated bind in one round trip on the daemon's `hook.sock`
-/// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants exactly the port
-/// asked for, this binds it and reports the result (the daemon logs it). `None` when
-/// the hooks' logic must decide: rules of the process's own, a shared port, no daemon,
-/// or anything but that very port (a remap tells the person, the hooks' logic does).
+/// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants the port asked for,
+/// or another one (a remap: this process may move), this binds it, reports the result
+/// (the daemon logs it) and tells the person of a move. `None` when the hooks' logic must
+/// decide: rules of the process's own, a shared port, no daemon, a declined ask, or a
+/// failed bind (the hooks' logic binds again and says why).
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to bind, `inet` read from its address,
 /// `real` libc's bind.
 pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: AddrFn) -> Option<c_int> {
     let port = inet.port;
-    if own_rules() || shares_port(fd) || !stream(fd) || moved_for_session(port) {
+    if own_rules() || shares_port(fd) || !stream(fd) {
         return None;
     }
     // SAFETY: the program's own call, to libc's function (this function's contract).
@@ -112,21 +115,11 @@ pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &I
     // SAFETY: copied into the ask here.
     let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
     let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
-    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, session };
+    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, flags: hookproto::MAY_MOVE, session };
     let saved = errno();
-    let started = monotonic_ms();
-    let heard = match (hook_socket(started), ask.encode()) {
-        (Ok(conn), Some(m)) => (Some(conn), exchange(conn, &m, started)),
-        (Ok(conn), None) => (Some(conn), Heard::Nothing),
-        (Err(heard), _) => (None, heard),
-    };
-    let conn = match heard {
-        (Some(conn), Heard::Answer(a)) if a.status == hookproto::GRANTED && a.port == port => conn,
-        (conn, heard) => {
-            if let Some(conn) = conn {
-                // SAFETY: our own connection, opened by `hook_socket`.
-                unsafe { close(conn) };
-            }
+    let (conn, granted) = match ask_daemon(&ask) {
+        Ok(answer) => answer,
+        Err(heard) => {
             set_errno(saved);
             if !matches!(heard, Heard::Silent) {
                 return None;
@@ -140,31 +133,81 @@ pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &I
             });
         }
     };
-    let rc = plain();
+    let rc = if granted == port {
+        plain()
+    } else {
+        let moved = inet.with_port(granted);
+        // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `moved`: the program's
+        // address with the granted port.
+        unsafe { real(fd, moved.as_ptr().cast(), len) }
+    };
     let err = if rc == 0 { 0 } else { errno() };
-    if let Some(done) = (hookproto::Ask { kind: hookproto::DONE, errno: err, ..ask }).encode() {
+    if let Some(done) = (hookproto::Ask { kind: hookproto::DONE, port: granted, errno: err, ..ask }).encode() {
         // SAFETY: `done.len()` bytes of `done`, on our own connection.
         unsafe { send(conn, done.as_ptr().cast(), done.len(), MSG_DONTWAIT | MSG_NOSIGNAL) };
     }
     // SAFETY: our own connection, opened by `hook_socket`.
     unsafe { close(conn) };
+    set_errno(saved);
     if rc != 0 {
         return None; // the hooks' logic binds again and says why it fails
     }
-    let key = kept_key(port);
-    if let Some(slot) = KEPT.iter().find(|k| k.load(Ordering::Relaxed) == 0).or(KEPT.get(usize::from(port) % KEPT.len())) {
-        slot.store(key, Ordering::Relaxed);
+    remember_kept(granted);
+    if granted != port {
+        told_moved(fd, port, granted);
     }
     Some(0)
 }
 
-/// The port map says this session's `port` lives elsewhere, or another session holds
-/// it: a remap, which the hooks' logic makes (and tells the person); no point asking.
-fn moved_for_session(port: u16) -> bool {
-    let Some(view) = port_map() else { return false };
-    let tag = session_tag().unwrap_or(0);
-    let holder = view.held(port);
-    view.lookup(tag, port).is_some_and(|a| a != port) || (holder != 0 && holder != tag)
+/// Asks the daemon: the open connection and the port to bind (the one asked, or another
+/// when the daemon moved it), or what was heard instead.
+fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, u16), Heard> {
+    let started = monotonic_ms();
+    let conn = hook_socket(started)?;
+    let heard = match ask.encode() {
+        Some(m) => exchange(conn, &m, started),
+        None => Heard::Nothing,
+    };
+    let granted = match heard {
+        Heard::Answer(a) if a.status == hookproto::GRANTED && a.port == ask.port => Ok(a.port),
+        Heard::Answer(a) if a.status == hookproto::MOVED && a.port != 0 && a.port != ask.port => Ok(a.port),
+        Heard::Silent => Err(Heard::Silent),
+        _ => Err(Heard::Nothing),
+    };
+    if granted.is_err() {
+        // SAFETY: our own connection, opened by `hook_socket`.
+        unsafe { close(conn) };
+    }
+    granted.map(|port| (conn, port))
+}
+
+/// This process holds `port`'s allocation now: its `listen()` has nothing to confirm.
+fn remember_kept(port: u16) {
+    let key = kept_key(port);
+    if let Some(slot) = KEPT.iter().find(|k| k.load(Ordering::Relaxed) == 0).or(KEPT.get(usize::from(port) % KEPT.len())) {
+        slot.store(key, Ordering::Relaxed);
+    }
+}
+
+/// `fd`'s bind of `asked` landed on `got`: recorded (what a cluster primary's
+/// `getsockname` shows), and told the person once (a twin, or a probe then the bind, is
+/// one move).
+fn told_moved(fd: c_int, asked: u16, got: u16) {
+    let twin = moved::seen(asked, got);
+    moved::record(fd, asked, got);
+    if twin {
+        return;
+    }
+    let mut comm = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `comm`.
+    unsafe { prctl(PR_GET_NAME, comm.as_mut_ptr()) };
+    let comm = comm.split(|c| *c == 0).next().unwrap_or(&[]);
+    let (mut a, mut g, mut p) = ([0u8; 8], [0u8; 8], [0u8; 12]);
+    let (an, gn) = (decimal(&mut a, 0, u32::from(asked)), decimal(&mut g, 0, u32::from(got)));
+    // SAFETY: getpid cannot fail.
+    let pn = decimal(&mut p, 0, unsafe { getpid() } as u32);
+    let (a, g, p) = (a.get(..an).unwrap_or(&[]), g.get(..gn).unwrap_or(&[]), p.get(..pn).unwrap_or(&[]));
+    notice(&[b"port ", a, b" is taken; ", comm, b" (pid ", p, b") got ", g]);
 }
 
 /// A connection to the daemon's `hook.sock`, when it answers and runs as our uid, on an

@@ -27,7 +27,7 @@
 
 use core::ffi::{c_int, c_void};
 
-use corelib::{core_fn, core_fn_if_loaded, CORE_BIND, CORE_CONNECT, CORE_GETSOCKNAME, CORE_LISTEN};
+use corelib::{core_fn, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
 use env::{enabled, in_session, isolate, own_rules, session_tag};
 use keep::{keep, kept_here};
 use maps::{port_class, port_map, COORDINATED_PORT, ON_CONFLICT_PORT, UNTOUCHED_PORT};
@@ -44,6 +44,13 @@ mod mapview;
 #[allow(dead_code)]
 #[path = "../../common/src/hookproto.rs"]
 mod hookproto;
+/// The sockets a bind moved (one record for the shim and the hooks' logic).
+#[path = "../../common/src/moved.rs"]
+mod moved_table;
+/// Where a line of ours may go on stderr (one rule for the shim and the hooks' logic).
+#[allow(dead_code)]
+#[path = "../../common/src/notice.rs"]
+mod notice_rule;
 #[path = "../../common/src/sockaddr.rs"]
 mod sockaddr;
 /// How the environment's switches read (one parse for the shim and the hooks' logic).
@@ -55,6 +62,8 @@ mod env;
 mod exec;
 mod keep;
 mod maps;
+mod moved;
+mod notice;
 mod slot;
 mod sock;
 mod sys;
@@ -63,7 +72,6 @@ mod text;
 type AddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen) -> c_int;
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type NameFn = unsafe extern "C" fn(c_int, *mut c_void, *mut SockLen) -> c_int;
-type CoreNameFn = unsafe extern "C" fn(c_int, *mut c_void, *const SockLen);
 type CoreAddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen, AddrFn) -> c_int;
 type CoreListenFn = unsafe extern "C" fn(c_int, c_int, ListenFn) -> c_int;
 
@@ -191,19 +199,22 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
     plain()
 }
 
-/// A getsockname: the kernel's answer. Only a process whose hooks moved a bind (the
-/// core is loaded then) may see another port: docs/ARCHITECTURE.md "What a program sees".
+/// A getsockname: the kernel's answer, but for a socket this process's bind moved when a
+/// child is a Node cluster worker ([`moved`]; docs/ARCHITECTURE.md "What a program sees").
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to getsockname(2); `real` is libc's.
 unsafe fn shim_getsockname(real: NameFn, fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int {
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let rc = unsafe { real(fd, addr, len) };
-    if rc == 0 {
-        if let Some(hook) = core_fn_if_loaded(&CORE_GETSOCKNAME) {
-            // SAFETY: the program's buffer, which the kernel just filled: `*len` bytes at
-            // `addr` are the socket's address, as the core's getsockname takes them.
-            unsafe { hook(fd, addr, len) };
+    // only the family and the port, the first 4 bytes, are read and written: `*len` is the
+    // address's whole length, which a buffer the kernel truncated is shorter than
+    // SAFETY: the program's `len`, which the kernel just wrote (rc 0), read during its call.
+    if rc == 0 && !addr.is_null() && !len.is_null() && unsafe { *len } >= 4 {
+        // SAFETY: at least 4 bytes at `addr`, the program's buffer the kernel just filled.
+        let head = unsafe { core::slice::from_raw_parts_mut(addr.cast::<u8>(), 4) };
+        if let Some(asked) = sockaddr::head(head).and_then(|(_, got)| moved::shown(fd, got)) {
+            sockaddr::set_port(head, asked);
         }
     }
     rc
@@ -224,15 +235,9 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
     match route(inet.port) {
         Some(Route::AsAsked) => plain(),
         Some(Route::To(actual)) if stream(fd) && (len as usize) <= 128 => {
-            // a copy of the caller's address with the session's actual port (sin_port and
-            // sin6_port are both at offset 2)
-            let mut copy = [0u8; 128];
-            let n = len as usize; // all of them: `inet.bytes` is `len` (≤ 128) long
-            if let (Some(to), Some(from)) = (copy.get_mut(..n), inet.bytes.get(..n)) {
-                to.copy_from_slice(from);
-            }
-            sockaddr::set_port(&mut copy, actual);
-            // SAFETY: `len` bytes of `copy`, a sockaddr like the program's.
+            // the caller's address with the session's actual port
+            let copy = inet.with_port(actual);
+            // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
         // refused: the hooks' logic refuses it too, and says so (an event, one stderr line)

@@ -122,6 +122,22 @@ fn own_sibling(prefix: &[u8], best: &mut [u8; 64]) -> usize {
         return 0;
     }
     let mut found = 0;
+    each_entry(dir, |bytes| {
+        let ours = bytes.len() == prefix.len() + 8 && bytes.starts_with(prefix) && bytes.get(prefix.len()) == Some(&b'.');
+        if ours && (found == 0 || bytes < best.get(..found).unwrap_or(&[])) && kind_of(dir, bytes) == Some((S_IFDIR, true)) {
+            if let Some(to) = best.get_mut(..bytes.len()) {
+                to.copy_from_slice(bytes);
+                found = bytes.len() - 1;
+            }
+        }
+    });
+    // SAFETY: our own fd, opened above.
+    unsafe { close(dir) };
+    found
+}
+
+/// Calls `f` with the name (NUL-terminated) of every entry of the directory open at `dir`.
+pub(crate) fn each_entry(dir: c_int, mut f: impl FnMut(&[u8])) {
     let mut ents = [0u8; 2048];
     loop {
         // SAFETY: the kernel writes at most `ents.len()` bytes of whole records into `ents`.
@@ -131,20 +147,11 @@ fn own_sibling(prefix: &[u8], best: &mut [u8; 64]) -> usize {
         while let Some(rec) = ents.get(at..got) {
             // struct linux_dirent64: d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name
             let len = rec.get(16..18).and_then(|l| <[u8; 2]>::try_from(l).ok()).map_or(0, |l| usize::from(u16::from_ne_bytes(l)));
-            let Some(bytes) = rec.get(19..len).and_then(|n| n.get(..=n.iter().position(|c| *c == 0)?)) else { break };
+            let Some(name) = rec.get(19..len).and_then(|n| n.get(..=n.iter().position(|c| *c == 0)?)) else { break };
             at += len;
-            let ours = bytes.len() == prefix.len() + 8 && bytes.starts_with(prefix) && bytes.get(prefix.len()) == Some(&b'.');
-            if ours && (found == 0 || bytes < best.get(..found).unwrap_or(&[])) && kind_of(dir, bytes) == Some((S_IFDIR, true)) {
-                if let Some(to) = best.get_mut(..bytes.len()) {
-                    to.copy_from_slice(bytes);
-                    found = bytes.len() - 1;
-                }
-            }
+            f(name);
         }
     }
-    // SAFETY: our own fd, opened above.
-    unsafe { close(dir) };
-    found
 }
 
 /// The kind of `path` (NUL-terminated; not followed) and whether it is ours alone (ours,

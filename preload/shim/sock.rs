@@ -78,6 +78,17 @@ impl Inet<'_> {
         sockaddr::parse(bytes).map(|(family, port)| Inet { bytes, family, port })
     }
 
+    /// A copy of the address (its `bytes.len()` ≤ 128 bytes) with another port (`sin_port`
+    /// and `sin6_port` are both at offset 2).
+    pub(crate) fn with_port(&self, port: u16) -> [u8; 128] {
+        let mut copy = [0u8; 128];
+        if let Some(to) = copy.get_mut(..self.bytes.len()) {
+            to.copy_from_slice(self.bytes);
+        }
+        sockaddr::set_port(&mut copy, port);
+        copy
+    }
+
     pub(crate) fn is_loopback(&self) -> bool {
         sockaddr::is_loopback(self.bytes, self.family)
     }

@@ -36,8 +36,13 @@ pub(crate) fn append(buf: &mut [u8], at: usize, tail: &[u8]) -> usize {
 }
 
 /// Writes `v` in decimal at `at`, NUL-terminated; the new length, 0 when it does not fit.
-pub(crate) fn decimal(buf: &mut [u8], at: usize, mut v: u32) -> usize {
-    let mut digits = [0u8; 10];
+pub(crate) fn decimal(buf: &mut [u8], at: usize, v: u32) -> usize {
+    decimal64(buf, at, u64::from(v))
+}
+
+/// [`decimal`] of a `u64`.
+pub(crate) fn decimal64(buf: &mut [u8], at: usize, mut v: u64) -> usize {
+    let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
         i -= 1;

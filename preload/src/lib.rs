@@ -14,7 +14,6 @@
 
 pub mod bind;
 pub mod call;
-pub mod cluster;
 pub mod connect;
 pub mod listen;
 pub mod process;
@@ -26,7 +25,6 @@ mod testing;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use libc::{c_int, sockaddr, socklen_t, ECONNREFUSED};
-use styxy_preload_common::sockaddr as inet;
 
 pub use call::{Caller, Route, Socket, Verdict};
 pub use sys::{Addr, AddrFn, ListenFn};
@@ -123,43 +121,24 @@ pub unsafe extern "C" fn styxy_core_connect(fd: c_int, addr: *const sockaddr, le
     )
 }
 
-/// # Safety
-/// Called by the interposer after libc's `getsockname` succeeded: `addr` is the program's
-/// buffer the kernel filled, `*len` the address's whole length (the buffer may be
-/// shorter); its first 4 bytes (family, port) may be rewritten in place.
-#[no_mangle]
-pub unsafe extern "C" fn styxy_core_getsockname(fd: c_int, addr: *mut sockaddr, len: *const socklen_t) {
-    if cluster::moved().is_empty() || addr.is_null() || len.is_null() {
-        return;
-    }
-    guarded(
-        || {
-            let errno = sys::errno();
-            // only the family and the port, the first 4 bytes, are read and written: `*len`
-            // is the address's whole length, which a buffer the kernel truncated is shorter than
-            if *len >= 4 {
-                let head = std::slice::from_raw_parts_mut(addr.cast::<u8>(), 4);
-                if let Some((_, got)) = inet::head(head) {
-                    if let Some(asked) = cluster::moved().asked(fd, got).filter(|_| cluster::has_cluster_workers()) {
-                        inet::set_port(head, asked);
-                    }
-                }
-            }
-            sys::set_errno(errno);
-            0
-        },
-        || 0,
-    );
-}
-
-/// Records a successful bind that landed elsewhere than `asked` (see [`cluster`]).
+/// Records a successful bind that landed elsewhere than `asked` in the interposer's
+/// record of moved sockets (`styxy_preload_moved`: what `getsockname` tells a Node
+/// cluster primary, docs/ARCHITECTURE.md "What a program sees").
 fn note_moved(fd: c_int, asked: u16) {
     if asked == 0 {
         return;
     }
     let errno = sys::errno();
     if let Some(got) = sys::local_addr(fd).filter(|a| a.port != asked) {
-        cluster::moved().record(fd, asked, got.port);
+        // SAFETY: dlsym of a NUL-terminated name; when found, the interposer's
+        // `styxy_preload_moved(int, uint16_t, uint16_t)` (preload/shim/moved.rs).
+        unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"styxy_preload_moved".as_ptr());
+            if !f.is_null() {
+                let f: extern "C" fn(c_int, u16, u16) = std::mem::transmute(f);
+                f(fd, asked, got.port);
+            }
+        }
     }
     sys::set_errno(errno);
 }

@@ -47,7 +47,7 @@ pub fn event(p: &Process, who: &Caller, o: Outcome) {
 /// Set by `exec` when its own stderr is a regular file (`cmd 2>log`): `<dev>:<ino>` of
 /// that file. A regular file at fd 2 is written to only when it is this one: otherwise the
 /// program closed fd 2 and reopened one of its own data files there.
-pub const STDERR_FILE_ENV: &str = "STYXY_PRELOAD_STDERR";
+pub use styxy_preload_common::notice::STDERR_FILE_ENV;
 
 /// `<dev>:<ino>` of this process's stderr when it is a regular file: what `exec` (its
 /// tree's) and `env` (its shell's, `cmd 2>log`) hand down as [`STDERR_FILE_ENV`].
@@ -57,102 +57,17 @@ pub fn stderr_file() -> Option<String> {
     Some(format!("{}:{}", m.dev(), m.ino()))
 }
 
-/// One line on stderr, if notifications are on and fd 2 is safe to write to: a terminal, a
-/// pipe or a Unix socket (Node's `child_process` gives children a socketpair), or the
-/// regular file `exec` was started with. Never a network socket, never another file, and
-/// never a wait: a full pipe or socket drops the line.
+/// One line on stderr, if notifications are on, under the one rule for where a line of
+/// ours may go (`styxy_preload_common::notice`: a terminal, a pipe with room, a Unix
+/// socket, `exec`'s own `2>file`; never a wait).
 pub fn notify(p: &Process, line: &str) {
     if !p.notify {
         return;
     }
     let errno = sys::errno();
     let msg = format!("styxy-preload: {}\n", styxy_preload_common::text::cell(line));
-    let _ = write_stderr(msg.as_bytes(), p.stderr_file.as_deref());
+    styxy_preload_common::notice::write_line(msg.as_bytes(), p.stderr_file.as_deref().map(str::as_bytes));
     sys::set_errno(errno);
-}
-
-fn write_stderr(msg: &[u8], stderr_file: Option<&str>) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-
-    let fd2 = std::path::Path::new("/proc/self/fd/2");
-    let meta = std::fs::metadata(fd2)?;
-    let kind = meta.mode() & libc::S_IFMT;
-    if kind == libc::S_IFSOCK {
-        // SAFETY: getsockopt/send on fd 2 with valid buffers; MSG_DONTWAIT never waits.
-        unsafe {
-            if sys::sockopt(2, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
-                return Ok(()); // TCP/UDP: the program's peer would read our line
-            }
-            libc::send(2, msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
-        }
-        return Ok(());
-    }
-    if kind == libc::S_IFREG {
-        // only exec's own `2>file`, or the log a shell redirect made of both stdout and
-        // stderr (`> log 2>&1`), through the program's description: its offset moves on,
-        // so the program's next line follows ours instead of overwriting it (a regular
-        // file never makes a write wait)
-        if stderr_file == Some(format!("{}:{}", meta.dev(), meta.ino()).as_str()) || stdout_is_stderr() {
-            // SAFETY: write of a valid buffer to fd 2.
-            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
-        }
-        return Ok(());
-    }
-    // a pipe: written only when the line fits in it now (a write of at most PIPE_BUF bytes
-    // is atomic: all of it, at once, or nothing) — never a wait on a reader
-    if kind == libc::S_IFIFO {
-        if msg.len() <= libc::PIPE_BUF && pipe_room(2).is_some_and(|room| room >= msg.len()) {
-            // SAFETY: write of a valid buffer to fd 2.
-            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
-        }
-        return Ok(());
-    }
-    if kind != libc::S_IFCHR {
-        return Ok(());
-    }
-    // a terminal: through a description of our own, O_NONBLOCK without touching the program's
-    let mut f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(fd2)?;
-    f.write(msg).map(|_| ())
-}
-
-/// Whether fd 1 and fd 2 are one open file description (`> log 2>&1`, `&> log`): a log a
-/// shell made for the program's output. A data file the program itself opened lands at
-/// fd 2 alone (after a `close(2)`), never duplicated onto its stdout.
-fn stdout_is_stderr() -> bool {
-    // SAFETY: getpid cannot fail; kcmp compares two of this process's fds, no memory.
-    let rc = unsafe {
-        let me = libc::getpid();
-        libc::syscall(libc::SYS_kcmp, me, me, 0 /* KCMP_FILE */, 1, 2)
-    };
-    match rc {
-        0 => true,
-        1..=3 => false,
-        // no kcmp here (a kernel without it, a seccomp filter): one description shares
-        // its offset and flags, read from /proc
-        _ => {
-            let info = |fd: u8| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok();
-            let same_file = |m: &std::fs::Metadata, n: &std::fs::Metadata| {
-                use std::os::unix::fs::MetadataExt;
-                (m.dev(), m.ino()) == (n.dev(), n.ino())
-            };
-            let meta = |fd: u8| std::fs::metadata(format!("/proc/self/fd/{fd}")).ok();
-            matches!((meta(1), meta(2)), (Some(a), Some(b)) if same_file(&a, &b)) && info(1).is_some() && info(1) == info(2)
-        }
-    }
-}
-
-/// Bytes a pipe can take now: its size less what waits in it.
-fn pipe_room(fd: libc::c_int) -> Option<usize> {
-    // SAFETY: fcntl and ioctl on fd 2 with a valid out-pointer.
-    unsafe {
-        let size = libc::fcntl(fd, libc::F_GETPIPE_SZ);
-        let mut queued: libc::c_int = 0;
-        if size < 0 || libc::ioctl(fd, libc::FIONREAD, &mut queued) != 0 {
-            return None;
-        }
-        usize::try_from(size - queued).ok()
-    }
 }
 
 /// A connect refused because another session's server holds the port (isolation): an

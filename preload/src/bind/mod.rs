@@ -241,13 +241,7 @@ fn warn_once(p: &Process, who: &Caller, coord: &dyn Coordinator, e: &AskError) {
 }
 
 fn holder_text(reply: &AllocateReply) -> String {
-    let Some(h) = &reply.holder else { return String::new() };
-    match (&h.session, h.pid, &h.comm) {
-        (Some(s), Some(pid), Some(c)) => format!(" by {c} (pid {pid}, session {s})"),
-        (None, Some(pid), Some(c)) => format!(" by {c} (pid {pid})"),
-        (Some(s), _, _) => format!(" by session {s}"),
-        _ => String::new(),
-    }
+    reply.holder.as_ref().map(api::Holder::describe).unwrap_or_default()
 }
 
 #[cfg(test)]

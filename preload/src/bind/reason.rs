@@ -89,7 +89,7 @@ impl fmt::Display for Reason {
             Reason::NoPortGranted => write!(f, "no port granted"),
             Reason::BoundAgain(port) => write!(f, "{}", eventlog::bound_again(*port)),
             Reason::MovedByItself { comm, from } => write!(f, "{comm} moved from {from} by itself"),
-            Reason::Taken { port, holder } => write!(f, "port {port} is taken{holder}"),
+            Reason::Taken { port, holder } => write!(f, "{}", eventlog::taken(*port, holder)),
             Reason::SessionPortServed(port) => write!(f, "the session's port {port} is served already (by another of its processes)"),
             Reason::SessionPortInTimeWait(port) => {
                 write!(f, "the session's port {port} is still in TIME_WAIT from an earlier server (bound without SO_REUSEADDR)")
