@@ -132,7 +132,7 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     let started = Instant::now();
     let Ok(n) = recv(&fd, &mut buf).await else { return };
     let Some(ask) = Ask::decode(&buf[..n]).filter(|a| a.kind == KEEP) else { return };
-    let Some(grant) = keep(&sh, pid, &ask) else {
+    let Some(grant) = keep(&sh, pid, &ask).await else {
         send(&fd, &Answer { status: DECLINED, port: 0, existing: false }.encode());
         return;
     };
@@ -151,15 +151,12 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
         Some(done) if done.errno == 0 => {
             // bound: confirmed, and the binder an owner, as a listen would
             if let Some(owner) = Owner::of(grant.pid) {
-                sh.state.lock().confirm(port, owner);
+                sh.confirm(port, owner);
             }
             let _ = tokio::task::spawn_blocking(move || log_event(&grant, port, family, started)).await;
         }
         // the bind failed: a new grant is withdrawn; the hooks' logic takes it from here
-        Some(_) if !grant.existing => {
-            sh.state.lock().remove(port, now_ms());
-            sh.persist();
-        }
+        Some(_) if !grant.existing => sh.withdraw(port),
         _ => {}
     }
 }
@@ -172,13 +169,7 @@ fn describe(sh: &Shared, mut grant: Granted, port: u16) -> Granted {
     if grant.existing {
         return grant;
     }
-    let cwd = procinfo::cwd(grant.pid);
-    if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
-        a.service_name = service_name(&grant.comm, port);
-        a.comm = Some(grant.comm.clone());
-        a.project_path = cwd;
-    }
-    sh.persist();
+    sh.describe(port, &grant.comm, procinfo::cwd(grant.pid));
     grant
 }
 
@@ -212,7 +203,7 @@ struct Granted {
 
 /// Grants exactly `ask.port` to `pid` when the hooks' logic would keep it too: a
 /// coordinated port, no Styxy answering (a grant would wait for it), and free for this session.
-fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
+async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<Granted> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
     if sh.upstream.get().is_some_and(|u| u.usable()) {
         return None; // Styxy answers: the hooks' logic waits for its word on the port
@@ -221,10 +212,11 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
     if session.is_some_and(|s| !valid_instance_id(s)) {
         return None;
     }
-    let started = Instant::now();
-    let mut st = sh.state.lock();
-    let Decision::Coordinated(ty) = st.policy.decide(ask.port) else { return None };
-    let ty = ty.to_string();
+    let (ty, again) = {
+        let st = sh.state.lock();
+        let Decision::Coordinated(ty) = st.policy().decide(ask.port) else { return None };
+        (ty.to_string(), session.is_some_and(|s| st.owned_by(ask.port, s, pid)))
+    };
     let req = AllocRequest {
         service_type: ty.clone(),
         service_name: service_name("process", ask.port), // named once the shim binds
@@ -239,16 +231,9 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
         bind: true,
         exactly: true,
     };
-    let again = session.is_some_and(|s| {
-        st.allocs.get(&ask.port).is_some_and(|a| a.session.as_deref() == Some(s) && a.owners.iter().any(|o| o.pid == pid))
-    });
-    // another port (a remap) is not granted here: the hooks' logic tells the person
-    let g = st.allocate(&req, now_ms()).ok().filter(|g| g.port == ask.port)?;
-    drop(st);
-    if !g.existing && crate::server::journaled(sh, g.port).is_err() {
-        return None; // not granted (and said); the hooks' logic hears why over HTTP
-    }
-    sh.metrics.observe_allocate(started.elapsed(), true);
+    // another port (a remap) is not granted here: the hooks' logic tells the person; a
+    // grant that cannot be journaled is not made (and said): it hears why over HTTP
+    let g = sh.grant(&req).await.ok().filter(|g| g.port == ask.port)?;
     Some(Granted {
         pid,
         existing: g.existing,

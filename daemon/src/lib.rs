@@ -22,6 +22,7 @@ pub mod hook;
 pub mod journal;
 pub mod metrics;
 pub mod portcheck;
+pub mod record;
 pub mod server;
 pub mod state;
 pub mod styxy_hook;
@@ -291,9 +292,9 @@ fn initial_state(opts: &Options) -> (State, journal::Journal, Option<upstream::P
     let journal = journal::Journal::open(paths::state_dir().join("daemon-journal.jsonl"));
     let probe = opts.upstream.as_ref().map(|u| upstream::probe(u, Duration::from_millis(500)));
     if let Some(upstream::Probe::Config(cfg)) = &probe {
-        st.policy.apply_config(cfg);
+        st.apply_config(cfg);
     }
-    publish_policy(&st.policy);
+    publish_policy(st.policy());
     load_state(&mut st, &journal);
     (st, journal, probe)
 }
@@ -343,7 +344,7 @@ fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListener, opts: Options) -> Result<(), RunError> {
     // the liveness beat hooks read in the port map, beaten once before the first hook can ask
-    let map = shared.state.lock().map.clone();
+    let map = shared.state.lock().port_map();
     let beat = match map.map(beat::Beat::start).transpose() {
         Ok(b) => b,
         Err(e) => return Err(RunError::Io(format!("cannot start the beat thread: {e}"))),
@@ -382,7 +383,7 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
                     // /proc is read without the lock: grants go on meanwhile
                     let verdicts = sh.state.lock().sweep_plan().judge(now_ms());
                     let mut st = sh.state.lock();
-                    (st.sweep_apply(verdicts, now_ms()), st.allocs.len())
+                    (st.sweep_apply(verdicts, now_ms()), st.len())
                 }).await.unwrap_or((0, 1));
                 if freed > 0 {
                     shared.persist();

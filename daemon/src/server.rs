@@ -19,6 +19,7 @@ use styxy_preload_common::api::{
 };
 use styxy_preload_common::{policy, procinfo};
 
+use crate::record::Refusal;
 use crate::state::{AllocError, AllocRequest, Grant, Owner};
 use crate::{now_ms, portcheck, Shared};
 
@@ -225,42 +226,14 @@ fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiE
 }
 
 async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
-    let started = std::time::Instant::now();
     let m = json_body(body).await?;
     let req = parse_allocate(m, peer)?;
-    let mut result = sh.state.lock().allocate(&req, now_ms());
-    if let Ok(g) = &mut result {
-        if !req.dry_run && !g.existing {
-            if let Some(theirs) = crate::upstream::mirror_grant(&sh, g.port).await {
-                g.port = theirs; // Styxy held ours for another client and chose this one
-            }
-        }
+    match sh.grant(&req).await {
+        Ok(g) => Ok(Json(granted(&req, g)).into_response()),
+        Err(Refusal::State(e)) => refused(&sh, e),
+        // not on disk, so not made: nothing would remember it after a restart
+        Err(Refusal::Unjournaled(why)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why)),
     }
-    sh.metrics.observe_allocate(started.elapsed(), result.is_ok());
-    match result {
-        Ok(g) => {
-            if !req.dry_run && !g.existing {
-                // on disk (the journal) before the client hears of it, or not made
-                journaled(&sh, g.port)?;
-                sh.persist();
-            }
-            Ok(Json(granted(&req, g)).into_response())
-        }
-        Err(e) => refused(&sh, e),
-    }
-}
-
-/// The new grant of `port` is in the journal; when it cannot be written (a full disk),
-/// the grant is withdrawn and the client told why (a 503: nothing would remember it
-/// after a restart, and another session's remap would then lead nowhere).
-pub(crate) fn journaled(sh: &Shared, port: u16) -> Result<(), ApiError> {
-    let mut st = sh.state.lock();
-    let Some(a) = st.allocs.get(&port) else { return Ok(()) };
-    let Err(e) = sh.journal.append(a) else { return Ok(()) };
-    st.remove(port, now_ms());
-    drop(st);
-    log!("grant of port {port} withdrawn: cannot write the journal: {e}");
-    Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("port {port} not granted: the daemon cannot write its journal: {e}")))
 }
 
 /// The answer to a grant: Styxy's shapes, for a dry run or an allocation.
@@ -322,18 +295,14 @@ async fn release(AxState(sh): AxState<Arc<Shared>>, Path(lock_id): Path<String>)
     if !valid_uuid_v4(&lock_id) {
         return Err(ApiError::bad("lock_id must be a valid UUID v4"));
     }
-    let released = sh.state.lock().release(&lock_id, now_ms());
-    match released {
-        Some(a) => {
-            sh.persist();
-            Ok(Json(json!({"success": true, "port": a.port, "message": format!("Port {} released", a.port)})).into_response())
-        }
+    match sh.release(&lock_id) {
+        Some(a) => Ok(Json(json!({"success": true, "port": a.port, "message": format!("Port {} released", a.port)})).into_response()),
         None => Err(ApiError::bad(format!("Lock ID {lock_id} not found"))),
     }
 }
 
 async fn status(AxState(sh): AxState<Arc<Shared>>) -> Response {
-    let allocations = sh.state.lock().allocs.len();
+    let allocations = sh.state.lock().len();
     Json(json!({
         "status": "running",
         "daemon": "styxy-preload",
@@ -398,14 +367,14 @@ fn allocation_json(a: &crate::state::Allocation, now: u64, upstream: bool) -> Va
 async fn allocations(AxState(sh): AxState<Arc<Shared>>) -> Response {
     let now = now_ms();
     let st = sh.state.lock();
-    let list: Vec<Value> = st.allocs.values().map(|a| allocation_json(a, now, sh.upstream.get().is_some())).collect();
+    let list: Vec<Value> = st.allocations().map(|a| allocation_json(a, now, sh.upstream.get().is_some())).collect();
     Json(json!({"allocations": list})).into_response()
 }
 
 async fn check(AxState(sh): AxState<Arc<Shared>>, Path(port): Path<String>) -> ApiResult {
     let port = port_value(&Value::String(port), "port")?;
     let st = sh.state.lock();
-    let alloc = st.allocs.get(&port).map(|a| allocation_json(a, now_ms(), sh.upstream.get().is_some()));
+    let alloc = st.allocation(port).map(|a| allocation_json(a, now_ms(), sh.upstream.get().is_some()));
     let in_use = portcheck::port_in_use(port);
     Ok(Json(json!({
         "port": port,
@@ -475,13 +444,10 @@ async fn register_pid(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extens
     let confirmed = match (m.get("port"), pid.and_then(Owner::of)) {
         (Some(p), Some(owner)) => {
             let port = port_value(p, "port")?;
-            sh.state.lock().confirm(port, owner)
+            sh.confirm(port, owner)
         }
         _ => false,
     };
-    if confirmed {
-        sh.persist();
-    }
     Ok(Json(json!({"success": true, "instance_id": id, "confirmed": confirmed, "message": "registered"})).into_response())
 }
 
@@ -492,7 +458,7 @@ async fn suggest(
 ) -> ApiResult {
     let count = q.get("count").and_then(|c| c.parse::<usize>().ok()).unwrap_or(5).clamp(1, 100);
     let mut st = sh.state.lock();
-    let t = st.policy.service_type(&ty).cloned().ok_or_else(|| ApiError::bad(format!("unknown service type '{ty}'")))?;
+    let t = st.policy().service_type(&ty).cloned().ok_or_else(|| ApiError::bad(format!("unknown service type '{ty}'")))?;
     let ports = st.suggest(&t, count, now_ms());
     Ok(Json(json!({"service_type": ty, "suggestions": ports, "count": ports.len(), "message": "not reserved"})).into_response())
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use styxy_preload_common::api::{AllocationInfo, Holder};
+use styxy_preload_common::eventlog::{self, Action, Event};
 use styxy_preload_common::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::{procinfo, session};
@@ -134,8 +135,15 @@ impl Allocation {
 pub struct Os {
     /// Does a test bind of the port fail ([`portcheck::port_in_use`]).
     pub in_use: fn(u16) -> bool,
+    /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
+    pub styxy_sees: fn(u16) -> bool,
     /// The TCP sockets on a port, or all of them, in any state ([`portcheck::sockets`]).
     pub sockets: fn(Option<u16>) -> Option<Vec<PortSocket>>,
+}
+
+impl Os {
+    /// The machine's own answers.
+    pub const REAL: Os = Os { in_use: portcheck::port_in_use, styxy_sees: portcheck::styxy_sees, sockets: portcheck::sockets };
 }
 
 /// How closely allocations are looked at: a quick look asks about one port when it must;
@@ -332,22 +340,22 @@ pub const NEAR: u16 = 9;
 pub const SESSION_QUOTA: usize = 256;
 pub const TOTAL_QUOTA: usize = 4096;
 
+/// The allocations and the rules that keep them. Its fields are its own: every change
+/// goes through a method named for what happens (a grant, a confirmation, a release, a
+/// sweep, Styxy's answer or list), which also publishes it in the port map and notes the
+/// Styxy locks to give back; others read through the accessors.
 pub struct State {
-    pub allocs: BTreeMap<u16, Allocation>,
-    pub recent: Vec<Recent>,
-    pub policy: Policy,
-    pub map: Option<Arc<PortMap>>,
-    pub grace_ms: u64,
-    pub port_in_use: fn(u16) -> bool,
-    /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
-    pub styxy_sees: fn(u16) -> bool,
-    /// The TCP sockets on a port, or all of them ([`portcheck::sockets`]).
-    pub sockets: fn(Option<u16>) -> Option<Vec<PortSocket>>,
+    allocs: BTreeMap<u16, Allocation>,
+    recent: Vec<Recent>,
+    policy: Policy,
+    map: Option<Arc<PortMap>>,
+    grace_ms: u64,
+    os: Os,
     /// Ports the upstream Styxy holds for other clients, with Styxy's record of each:
     /// never granted here, but to the command Styxy's hook reserved one for.
-    pub upstream_held: BTreeMap<u16, AllocationInfo>,
+    upstream_held: BTreeMap<u16, AllocationInfo>,
     /// Styxy locks of freed allocations, for the upstream worker to release.
-    pub upstream_releases: Vec<String>,
+    upstream_releases: Vec<String>,
 }
 
 impl State {
@@ -358,16 +366,67 @@ impl State {
             policy,
             map,
             grace_ms,
-            port_in_use: portcheck::port_in_use,
-            styxy_sees: portcheck::styxy_sees,
-            sockets: portcheck::sockets,
+            os: Os::REAL,
             upstream_held: BTreeMap::new(),
             upstream_releases: Vec::new(),
         }
     }
 
+    /// The same state asking `os` about ports instead of the machine (tests).
+    pub fn with_os(self, os: Os) -> State {
+        State { os, ..self }
+    }
+
     fn os(&self) -> Os {
-        Os { in_use: self.port_in_use, sockets: self.sockets }
+        self.os
+    }
+
+    /// The allocations, by port.
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocs.values()
+    }
+
+    pub fn allocation(&self, port: u16) -> Option<&Allocation> {
+        self.allocs.get(&port)
+    }
+
+    /// How many allocations stand.
+    pub fn len(&self) -> usize {
+        self.allocs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.allocs.is_empty()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The shared port map this state publishes to, when there is one.
+    pub fn port_map(&self) -> Option<Arc<PortMap>> {
+        self.map.clone()
+    }
+
+    /// Takes Styxy's service types (`GET /config`); whether the types changed.
+    pub fn apply_config(&mut self, cfg: &serde_json::Value) -> bool {
+        let before = self.policy.types.clone();
+        self.policy.apply_config(cfg) && self.policy.types != before
+    }
+
+    /// Whether `pid` of `session` already owns the allocation at `port` (it binds again).
+    pub fn owned_by(&self, port: u16, session: &str, pid: u32) -> bool {
+        self.allocs.get(&port).is_some_and(|a| a.session.as_deref() == Some(session) && a.owners.iter().any(|o| o.pid == pid))
+    }
+
+    /// Names a new allocation after the process that asked: its name and directory
+    /// (read after the grant, off the answer's path).
+    pub fn describe(&mut self, port: u16, comm: &str, project_path: Option<String>) {
+        if let Some(a) = self.allocs.get_mut(&port) {
+            a.service_name = styxy_preload_common::api::service_name(comm, port);
+            a.comm = Some(comm.to_string());
+            a.project_path = project_path;
+        }
     }
 
     pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
@@ -538,7 +597,7 @@ impl State {
     /// A port is free if no live allocation holds it, the upstream Styxy does not hold it
     /// for another client, and nothing is bound to it. An allocation whose owners are all
     /// gone (and whose port nobody serves) is freed here.
-    pub fn free(&mut self, port: u16, now_ms: u64) -> bool {
+    fn free(&mut self, port: u16, now_ms: u64) -> bool {
         !self.upstream_held.contains_key(&port) && self.free_here(port, now_ms)
     }
 
@@ -559,7 +618,7 @@ impl State {
             }
             self.remove(port, now_ms);
         }
-        !(self.port_in_use)(port)
+        !(self.os.in_use)(port)
     }
 
     fn holder_of(&self, port: u16) -> Holder {
@@ -607,7 +666,7 @@ impl State {
 
     /// Moves the allocation at `from` to the free port `to` (the upstream's own choice,
     /// before the client has its answer).
-    pub fn relocate(&mut self, from: u16, to: u16) -> bool {
+    fn relocate(&mut self, from: u16, to: u16) -> bool {
         let Some(mut a) = self.allocs.remove(&from) else {
             return false;
         };
@@ -730,6 +789,178 @@ impl State {
     }
 }
 
+/// What a reconciliation with Styxy's list found to do for one of our allocations.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Todo {
+    /// Not in Styxy (never mirrored, or Styxy lost it): allocate it.
+    Allocate(u16),
+    /// In Styxy, but close to its expiry: release and allocate again.
+    Reassert(u16, String),
+}
+
+/// The allocations' standing in the upstream Styxy (docs/ARCHITECTURE.md "One path"):
+/// what the worker learns is recorded here, and what it must do is read from here.
+impl State {
+    /// The Styxy locks of freed allocations, still to release.
+    pub fn releases_pending(&self) -> &[String] {
+        &self.upstream_releases
+    }
+
+    /// How many ports Styxy holds for other clients.
+    pub fn held_by_others(&self) -> usize {
+        self.upstream_held.len()
+    }
+
+    /// A Styxy lock that is not ours to keep (an answer nobody needs): to release.
+    pub fn give_back(&mut self, lock_id: String) {
+        self.upstream_releases.push(lock_id);
+    }
+
+    /// These locks are released in Styxy.
+    pub fn released(&mut self, locks: &[String]) {
+        self.upstream_releases.retain(|l| !locks.contains(l));
+    }
+
+    /// Styxy holds nothing for anyone any more (gone, or silent too long): its last list
+    /// no longer keeps ports from being granted.
+    pub fn styxy_forgot(&mut self) {
+        self.upstream_held.clear();
+    }
+
+    /// The allocation at `port` is no longer in Styxy (its lock was released to be
+    /// asserted again).
+    pub fn unmirror(&mut self, port: u16) {
+        if let Some(a) = self.allocs.get_mut(&port) {
+            a.upstream = Standing::Pending;
+        }
+    }
+
+    /// Records Styxy's answer `theirs` (under `lock_id`) for the allocation at `port`.
+    /// `in_time`: the client has not been answered yet, so Styxy's other choice may
+    /// replace ours (only a port of the allocation's type, free here). Returns the new
+    /// port then.
+    pub fn adopt_answer(&mut self, port: u16, theirs: u16, lock_id: String, in_time: bool, now: u64) -> Option<u16> {
+        let mirrored = Standing::Mirrored { lock_id: lock_id.clone(), asserted_at_ms: now };
+        let Some(ty) = self.allocs.get(&port).filter(|a| a.upstream.lock_id().is_none()).map(|a| a.service_type.clone()) else {
+            self.upstream_releases.push(lock_id); // freed meanwhile, or mirrored already
+            return None;
+        };
+        if theirs == port {
+            self.set_standing(port, mirrored);
+            return None;
+        }
+        let of_type = self.policy.service_type(&ty).is_some_and(|t| (t.range.0..=t.range.1).contains(&theirs));
+        if in_time && of_type && self.free(theirs, now) && self.relocate(port, theirs) {
+            self.set_standing(theirs, mirrored);
+            return Some(theirs);
+        }
+        // not the port the client has: give it back; Styxy's list says who holds ours
+        self.upstream_releases.push(lock_id);
+        let served = (self.os.styxy_sees)(port);
+        let held = self.upstream_held.get(&port).map(|h| h.instance_id.clone().unwrap_or_default());
+        if let Some(a) = self.allocs.get_mut(&port) {
+            match held {
+                Some(other) => a.conflict(&format!("Styxy holds {port} for another client ({other})")),
+                None if served => a.upstream = Standing::Served,
+                None => {} // still pending: the next reading of Styxy's list finds out
+            }
+        }
+        None
+    }
+
+    fn set_standing(&mut self, port: u16, standing: Standing) {
+        if let Some(a) = self.allocs.get_mut(&port) {
+            a.upstream = standing;
+        }
+    }
+
+    /// Compares Styxy's allocations with ours: adopts or releases what Styxy holds of
+    /// ours (`agent`) under locks we do not know, notes the ports it holds for others,
+    /// marks conflicts, and lists what to allocate or re-assert.
+    pub fn reconcile(&mut self, theirs: &[AllocationInfo], now: u64, reassert_after: u64, agent: &str) -> Vec<Todo> {
+        let known: std::collections::BTreeSet<String> = self
+            .allocs
+            .values()
+            .filter_map(|a| a.upstream.lock_id().map(str::to_string))
+            .chain(self.upstream_releases.iter().cloned())
+            .collect();
+        let ours = |t: &AllocationInfo| t.user_agent.as_deref() == Some(agent);
+        for t in theirs.iter().filter(|t| ours(t) && !known.contains(&t.lock_id)) {
+            self.adopt_or_release(t, now.saturating_sub(reassert_after));
+        }
+        let by_lock: BTreeMap<&str, u16> = theirs.iter().map(|t| (t.lock_id.as_str(), t.port)).collect();
+        self.upstream_held = theirs.iter().filter(|t| !ours(t) && !known.contains(&t.lock_id)).map(|t| (t.port, t.clone())).collect();
+        let (held, sees) = (&self.upstream_held, self.os.styxy_sees);
+        let mut todo = Vec::new();
+        for a in self.allocs.values_mut() {
+            match &a.upstream {
+                Standing::Mirrored { lock_id, asserted_at_ms } if by_lock.get(lock_id.as_str()) == Some(&a.port) => {
+                    // a server Styxy's test-bind sees could not be registered again: its lock stays until Styxy expires it
+                    if now.saturating_sub(*asserted_at_ms) >= reassert_after && !sees(a.port) {
+                        todo.push(Todo::Reassert(a.port, lock_id.clone()));
+                    }
+                }
+                Standing::Local => {} // a type of our own: never Styxy's
+                _ if held.contains_key(&a.port) => {
+                    let other = held[&a.port].instance_id.clone().unwrap_or_default();
+                    a.conflict(&format!("Styxy holds {} for another client ({other})", a.port));
+                }
+                // Styxy's test-bind refuses it while it is served, and protects it meanwhile
+                _ if sees(a.port) => a.upstream = Standing::Served,
+                // never asked, lost by Styxy (a restart, its expiry), or free again: register it
+                _ => {
+                    a.upstream = Standing::Pending;
+                    todo.push(Todo::Allocate(a.port));
+                }
+            }
+        }
+        todo
+    }
+
+    /// An allocation Styxy holds under our name and a lock we do not know: the lock of our
+    /// allocation of that port and session that has none (Styxy's answer came too late for
+    /// it), or else released.
+    fn adopt_or_release(&mut self, t: &AllocationInfo, unknown_ms: u64) {
+        // no session is Styxy's "default" instance
+        let session = |a: &Allocation| a.session.clone().unwrap_or_else(|| "default".into());
+        let mine = self.allocs.get_mut(&t.port).filter(|a| Some(session(a)) == t.instance_id && a.upstream.lock_id().is_none());
+        let made = t.allocated_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s).ok());
+        let made_ms = made.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+        match mine {
+            // when Styxy made it is when it expires (re-asserted at once if that is not known)
+            Some(a) => a.upstream = Standing::Mirrored { lock_id: t.lock_id.clone(), asserted_at_ms: made_ms.unwrap_or(unknown_ms) },
+            None => self.upstream_releases.push(t.lock_id.clone()),
+        }
+    }
+}
+
+impl Allocation {
+    /// Marks it as conflicting with Styxy and logs a `conflict` event, once.
+    fn conflict(&mut self, why: &str) {
+        if self.upstream == Standing::Conflict {
+            return;
+        }
+        self.upstream = Standing::Conflict;
+        let ev = Event {
+            ts: eventlog::now_ms(),
+            session: self.session.clone(),
+            pid: self.owners.first().map(|o| o.pid).unwrap_or(0),
+            comm: self.comm.clone().unwrap_or_default(),
+            call: "upstream".into(),
+            requested_port: self.requested_port.unwrap_or(self.port),
+            port: self.port,
+            family: "ipv4".into(),
+            service_type: Some(self.service_type.clone()),
+            action: Action::Conflict,
+            reason: Some(why.to_string()),
+            latency_us: 0,
+            backend: Some("styxy".into()),
+            retries: 0,
+        };
+        let _ = eventlog::Log::own().append(&ev);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,8 +971,8 @@ mod tests {
 
     fn state() -> State {
         let mut s = State::new(Policy::default(), None, 60_000);
-        s.port_in_use = no_os;
-        s.sockets = |_| Some(vec![]);
+        s.os.in_use = no_os;
+        s.os.sockets = |_| Some(vec![]);
         s
     }
 
@@ -827,7 +1058,7 @@ mod tests {
     #[test]
     fn a_bind_grant_stands_while_its_owners_socket_holds_the_port_and_no_longer() {
         let mut s = state();
-        s.sockets = fake_sockets;
+        s.os.sockets = fake_sockets;
         // SAFETY: geteuid(2) cannot fail.
         let me_uid = unsafe { libc::geteuid() };
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -877,7 +1108,7 @@ mod tests {
     #[test]
     fn os_bound_ports_are_skipped_and_exhaustion_is_an_error() {
         let mut s = state();
-        s.port_in_use = |p| p == 8000;
+        s.os.in_use = |p| p == 8000;
         let mut r = req("a", 8000);
         r.service_type = "api".into();
         assert_eq!(s.allocate(&r, 0).unwrap().port, 8001);
@@ -928,8 +1159,8 @@ mod fuzz {
         #[test]
         fn never_grants_one_port_twice(ops in prop::collection::vec(op(), 1..80)) {
             let mut st = State::new(Policy::default(), None, 60_000);
-            st.port_in_use = |_| false;
-            st.sockets = |_| Some(vec![]);
+            st.os.in_use = |_| false;
+            st.os.sockets = |_| Some(vec![]);
             let me = Owner::of(std::process::id());
             let types = ["dev", "api", "storybook", "ai"];
             let mut locks = Vec::new();

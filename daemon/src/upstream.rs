@@ -9,7 +9,7 @@
 //!   once Styxy's list shows another client holding its port.
 //! - Ports Styxy holds for other clients (read from `GET /allocations` whenever Styxy's
 //!   count of allocations, polled on the free `GET /status` every second or half
-//!   second, differs from ours) are never granted ([`State::upstream_held`]).
+//!   second, differs from ours) are never granted ([`State::held_by_others`]).
 //! - Styxy records each allocation's `User-Agent`; ours names this daemon
 //!   ([`Config::agent`]). An allocation of ours Styxy holds under a lock we do not know
 //!   (an answer that came after our client gave up, a crash) is adopted by the
@@ -28,7 +28,6 @@
 //! the talking, with blocking HTTP (`common::http`), and a second one the releases; the
 //! grant path only hands the worker a job and waits, bounded, on a oneshot channel.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,12 +36,11 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use styxy_preload_common::api::{self, AllocateReply, AllocateRequest, AllocationsReply};
 use styxy_preload_common::discovery;
-use styxy_preload_common::eventlog::{self, Action, Event};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::{paths, procinfo};
 use tokio::sync::oneshot;
 
-use crate::state::{Allocation, Standing, State};
+use crate::state::{Allocation, Standing, State, Todo};
 use crate::{now_ms, Shared};
 
 /// How long a grant waits for Styxy's answer before it is made locally, when Styxy's
@@ -157,14 +155,14 @@ pub struct Health {
 pub fn report(sh: &Shared) -> Option<serde_json::Value> {
     let health = serde_json::to_value(&*sh.upstream.get()?.health.lock()).ok()?;
     let st = sh.state.lock();
-    let count = |f: fn(&Standing) -> bool| st.allocs.values().filter(|a| f(&a.upstream)).count();
+    let count = |f: fn(&Standing) -> bool| st.allocations().filter(|a| f(&a.upstream)).count();
     let mut v = health;
     v["mirrored"] = count(|u| matches!(u, Standing::Mirrored { .. })).into();
     v["served"] = count(|u| *u == Standing::Served).into();
     v["conflicts"] = count(|u| *u == Standing::Conflict).into();
     v["pending"] = count(|u| *u == Standing::Pending).into();
-    v["held_by_others"] = st.upstream_held.len().into();
-    v["releases_pending"] = st.upstream_releases.len().into();
+    v["held_by_others"] = st.held_by_others().into();
+    v["releases_pending"] = st.releases_pending().len().into();
     Some(v)
 }
 
@@ -267,7 +265,7 @@ pub fn probe(cfg: &Config, wait: Duration) -> Probe {
 /// the port to grant instead when Styxy chose another one that is free here.
 pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
     let up = sh.upstream.get()?;
-    if !up.usable() || sh.state.lock().allocs.get(&port).is_none_or(|a| a.upstream != Standing::Pending) {
+    if !up.usable() || sh.state.lock().allocation(port).is_none_or(|a| a.upstream != Standing::Pending) {
         return None; // granted locally (the worker reconciles when it can), or Styxy's hook's lock adopted
     }
     let (tx, mut rx) = oneshot::channel();
@@ -285,69 +283,13 @@ pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
     moved
 }
 
-/// Records Styxy's answer for the allocation at `port`. `in_time`: the client has not
-/// been answered yet, so Styxy's other choice may replace ours (only a port of the
-/// allocation's type, free here). Returns the new port then.
+/// Records Styxy's answer for the allocation at `port` ([`State::adopt_answer`]).
+/// `in_time`: the client has not been answered yet. Returns the port to grant instead.
 fn apply(st: &mut State, port: u16, answer: Answer, in_time: bool) -> Option<u16> {
     let Answer::Granted { port: theirs, lock_id } = answer else {
         return None;
     };
-    let now = now_ms();
-    let mirrored = Standing::Mirrored { lock_id: lock_id.clone(), asserted_at_ms: now };
-    let Some(ty) = st.allocs.get(&port).filter(|a| a.upstream.lock_id().is_none()).map(|a| a.service_type.clone()) else {
-        st.upstream_releases.push(lock_id); // freed meanwhile, or mirrored already
-        return None;
-    };
-    if theirs == port {
-        if let Some(a) = st.allocs.get_mut(&port) {
-            a.upstream = mirrored;
-        }
-        return None;
-    }
-    let of_type = st.policy.service_type(&ty).is_some_and(|t| (t.range.0..=t.range.1).contains(&theirs));
-    if in_time && of_type && st.free(theirs, now) && st.relocate(port, theirs) {
-        if let Some(a) = st.allocs.get_mut(&theirs) {
-            a.upstream = mirrored;
-        }
-        return Some(theirs);
-    }
-    // not the port the client has: give it back; Styxy's list says who holds ours
-    st.upstream_releases.push(lock_id);
-    let served = (st.styxy_sees)(port);
-    let held = st.upstream_held.get(&port).map(|h| h.instance_id.clone().unwrap_or_default());
-    if let Some(a) = st.allocs.get_mut(&port) {
-        match held {
-            Some(other) => mark_conflict(a, &format!("Styxy holds {port} for another client ({other})")),
-            None if served => a.upstream = Standing::Served,
-            None => {} // still pending: the next reading of Styxy's list finds out
-        }
-    }
-    None
-}
-
-/// Marks `a` as conflicting with Styxy and logs a `conflict` event, once.
-fn mark_conflict(a: &mut Allocation, why: &str) {
-    if a.upstream == Standing::Conflict {
-        return;
-    }
-    a.upstream = Standing::Conflict;
-    let ev = Event {
-        ts: now_ms(),
-        session: a.session.clone(),
-        pid: a.owners.first().map(|o| o.pid).unwrap_or(0),
-        comm: a.comm.clone().unwrap_or_default(),
-        call: "upstream".into(),
-        requested_port: a.requested_port.unwrap_or(a.port),
-        port: a.port,
-        family: "ipv4".into(),
-        service_type: Some(a.service_type.clone()),
-        action: Action::Conflict,
-        reason: Some(why.to_string()),
-        latency_us: 0,
-        backend: Some("styxy".into()),
-        retries: 0,
-    };
-    let _ = eventlog::Log::own().append(&ev);
+    st.adopt_answer(port, theirs, lock_id, in_time, now_ms())
 }
 
 /// Our own share of Styxy's fixed-window rate limit, and its `Retry-After`.
@@ -373,14 +315,6 @@ impl Budget {
         self.used += 1;
         true
     }
-}
-
-/// What a reconciliation found to do for one of our allocations.
-enum Todo {
-    /// Not in Styxy (never mirrored, or Styxy lost it): allocate it.
-    Allocate(u16),
-    /// In Styxy, but close to its expiry: release and allocate again.
-    Reassert(u16, String),
 }
 
 /// What the worker and the releaser share: how to reach Styxy, our budget there, and
@@ -512,9 +446,8 @@ impl Worker {
         let Ok(r) = self.client.call("GET", "/config", None) else { return };
         let Ok(cfg) = r.json::<serde_json::Value>() else { return };
         let mut st = sh.state.lock();
-        let before = st.policy.types.clone();
-        if st.policy.apply_config(&cfg) && st.policy.types != before {
-            crate::publish_policy(&st.policy);
+        if st.apply_config(&cfg) {
+            crate::publish_policy(st.policy());
         }
     }
 
@@ -522,7 +455,7 @@ impl Worker {
         let Some(sh) = self.client.shared.upgrade() else { return };
         self.last_grant_ms = now_ms();
         self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.client.cfg.refresh_active.as_millis() as u64);
-        let Some(a) = sh.state.lock().allocs.get(&port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
+        let Some(a) = sh.state.lock().allocation(port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
         let answer = self.client.allocate(&a);
         let answer = self.reserved_by_hook(&sh, &a, answer);
         if let Err(late) = reply.send(answer) {
@@ -556,7 +489,7 @@ impl Worker {
         });
         match found {
             Some(t) => {
-                sh.state.lock().upstream_releases.push(lock_id.clone());
+                sh.state.lock().give_back(lock_id.clone());
                 Answer::Granted { port: a.port, lock_id: t.lock_id }
             }
             None => answer,
@@ -594,7 +527,7 @@ impl Worker {
             h.last_refresh_ms = Some(now);
             h.view_confirmed_ms = now;
         }
-        let todo = plan(&mut sh.state.lock(), &theirs, now, self.reassert_after(), &self.client.cfg.agent);
+        let todo = sh.state.lock().reconcile(&theirs, now, self.reassert_after(), &self.client.cfg.agent);
         self.carry_out(sh, todo);
         sh.persist();
     }
@@ -610,11 +543,9 @@ impl Worker {
                 if !self.client.release(&old) {
                     break;
                 }
-                if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
-                    a.upstream = Standing::Pending;
-                }
+                sh.state.lock().unmirror(port);
             }
-            let Some(a) = sh.state.lock().allocs.get(&port).cloned() else { continue };
+            let Some(a) = sh.state.lock().allocation(port).cloned() else { continue };
             let answer = self.client.allocate(&a);
             if matches!(answer, Answer::Failed) {
                 self.next_refresh_ms = now_ms() + 2_000;
@@ -710,7 +641,7 @@ impl Client {
         if how == Silent::Gone || silent_too_long {
             *self.count.lock() = None;
             if let Some(sh) = self.shared.upgrade() {
-                sh.state.lock().upstream_held.clear();
+                sh.state.lock().styxy_forgot();
             }
         }
     }
@@ -756,7 +687,7 @@ impl Client {
     }
 
     fn release_freed(&self, sh: &Shared) {
-        let todo: Vec<String> = sh.state.lock().upstream_releases.clone();
+        let todo: Vec<String> = sh.state.lock().releases_pending().to_vec();
         let mut done = Vec::new();
         for lock in todo {
             if !self.release(&lock) {
@@ -765,64 +696,9 @@ impl Client {
             done.push(lock);
         }
         if !done.is_empty() {
-            sh.state.lock().upstream_releases.retain(|l| !done.contains(l));
+            sh.state.lock().released(&done);
             sh.persist();
         }
-    }
-}
-
-/// Compares Styxy's allocations with ours: adopts or releases what Styxy holds of ours
-/// under locks we do not know, notes the ports it holds for others, marks conflicts,
-/// and lists what to allocate or re-assert.
-fn plan(st: &mut State, theirs: &[api::AllocationInfo], now: u64, reassert_after: u64, agent: &str) -> Vec<Todo> {
-    let known: BTreeSet<String> =
-        st.allocs.values().filter_map(|a| a.upstream.lock_id().map(str::to_string)).chain(st.upstream_releases.iter().cloned()).collect();
-    let ours = |t: &api::AllocationInfo| t.user_agent.as_deref() == Some(agent);
-    for t in theirs.iter().filter(|t| ours(t) && !known.contains(&t.lock_id)) {
-        adopt_or_release(st, t, now.saturating_sub(reassert_after));
-    }
-    let by_lock: BTreeMap<&str, u16> = theirs.iter().map(|t| (t.lock_id.as_str(), t.port)).collect();
-    st.upstream_held = theirs.iter().filter(|t| !ours(t) && !known.contains(&t.lock_id)).map(|t| (t.port, t.clone())).collect();
-    let (held, sees) = (&st.upstream_held, st.styxy_sees);
-    let mut todo = Vec::new();
-    for a in st.allocs.values_mut() {
-        match &a.upstream {
-            Standing::Mirrored { lock_id, asserted_at_ms } if by_lock.get(lock_id.as_str()) == Some(&a.port) => {
-                // a server Styxy's test-bind sees could not be registered again: its lock stays until Styxy expires it
-                if now.saturating_sub(*asserted_at_ms) >= reassert_after && !sees(a.port) {
-                    todo.push(Todo::Reassert(a.port, lock_id.clone()));
-                }
-            }
-            Standing::Local => {} // a type of our own: never Styxy's
-            _ if held.contains_key(&a.port) => {
-                let other = held[&a.port].instance_id.clone().unwrap_or_default();
-                mark_conflict(a, &format!("Styxy holds {} for another client ({other})", a.port));
-            }
-            // Styxy's test-bind refuses it while it is served, and protects it meanwhile
-            _ if sees(a.port) => a.upstream = Standing::Served,
-            // never asked, lost by Styxy (a restart, its expiry), or free again: register it
-            _ => {
-                a.upstream = Standing::Pending;
-                todo.push(Todo::Allocate(a.port));
-            }
-        }
-    }
-    todo
-}
-
-/// An allocation Styxy holds under our name and a lock we do not know: the lock of our
-/// allocation of that port and session that has none (Styxy's answer came too late for
-/// it), or else released.
-fn adopt_or_release(st: &mut State, t: &api::AllocationInfo, unknown_ms: u64) {
-    // no session is Styxy's "default" instance
-    let session = |a: &Allocation| a.session.clone().unwrap_or_else(|| "default".into());
-    let mine = st.allocs.get_mut(&t.port).filter(|a| Some(session(a)) == t.instance_id && a.upstream.lock_id().is_none());
-    let made = t.allocated_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s).ok());
-    let made_ms = made.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
-    match mine {
-        // when Styxy made it is when it expires (re-asserted at once if that is not known)
-        Some(a) => a.upstream = Standing::Mirrored { lock_id: t.lock_id.clone(), asserted_at_ms: made_ms.unwrap_or(unknown_ms) },
-        None => st.upstream_releases.push(t.lock_id.clone()),
     }
 }
 
@@ -833,13 +709,12 @@ fn error_text(r: &http::Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AllocRequest, Owner};
+    use crate::state::{AllocRequest, Os, Owner};
     use styxy_preload_common::policy::Policy;
 
     fn state_with(session: &str, port: u16) -> State {
-        let mut st = State::new(Policy::default(), None, 60_000);
-        st.port_in_use = |_| false;
-        st.styxy_sees = |_| false;
+        let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+        let mut st = State::new(Policy::default(), None, 60_000).with_os(os);
         let req = AllocRequest {
             service_type: "dev".into(),
             service_name: "t".into(),
@@ -869,14 +744,14 @@ mod tests {
         let mut st = state_with("s", 3000);
         let answer = Answer::Granted { port: 45123, lock_id: "l1".into() };
         assert_eq!(apply(&mut st, 3000, answer, true), None);
-        assert!(st.allocs.contains_key(&3000) && !st.allocs.contains_key(&45123));
-        assert_eq!(st.upstream_releases, ["l1"], "given back");
-        assert_eq!(st.allocs[&3000].upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
+        assert!(st.allocation(3000).is_some() && st.allocation(45123).is_none());
+        assert_eq!(st.releases_pending(), ["l1"], "given back");
+        assert_eq!(st.allocation(3000).unwrap().upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
         // a late answer of another port of the type (the server died meanwhile, say): no conflict either
         let late = Answer::Granted { port: 3006, lock_id: "l2".into() };
         assert_eq!(apply(&mut st, 3000, late, false), None);
-        assert_eq!(st.allocs[&3000].upstream, Standing::Pending);
-        assert_eq!(st.upstream_releases, ["l1", "l2"]);
+        assert_eq!(st.allocation(3000).unwrap().upstream, Standing::Pending);
+        assert_eq!(st.releases_pending(), ["l1", "l2"]);
     }
 
     #[test]
@@ -887,10 +762,10 @@ mod tests {
             info(3002, "stray", "s", "us"),     // an allocation of ours with no allocation here: released
             info(3005, "other", "x", "curl/8"), // another client's
         ];
-        let todo = plan(&mut st, &theirs, 10_000, 1_000_000, "us");
+        let todo = st.reconcile(&theirs, 10_000, 1_000_000, "us");
         assert!(todo.is_empty());
-        assert_eq!(st.allocs[&3000].upstream.lock_id(), Some("late"));
-        assert_eq!(st.upstream_releases, ["stray"]);
-        assert_eq!(st.upstream_held.keys().copied().collect::<Vec<_>>(), [3005]);
+        assert_eq!(st.allocation(3000).unwrap().upstream.lock_id(), Some("late"));
+        assert_eq!(st.releases_pending(), ["stray"]);
+        assert_eq!(st.held_by_others(), 1, "3005 is another client's");
     }
 }
