@@ -5,13 +5,13 @@
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use crate::env::env;
-use crate::slot::Slot;
-use crate::sys::{
+use crate::cstring::{append, cstr, put};
+use crate::libc_calls::{
     close, dladdr, dlerror, dlopen, errno, getsockopt, lseek, open, set_errno, write, DlInfo, SockLen, ESPIPE, O_CLOEXEC, O_NOCTTY,
     O_NONBLOCK, O_WRONLY, RTLD_NODELETE, RTLD_NOW, SEEK_CUR, SOL_SOCKET, SO_TYPE,
 };
-use crate::text::{append, cstr, put};
+use crate::settings::env;
+use crate::slot::Slot;
 use crate::{CoreAddrFn, CoreListenFn, CoreNameFn, NO, UNKNOWN, YES};
 
 /// A core that fails to load (EMFILE at the fd limit…) is tried again on later calls,
