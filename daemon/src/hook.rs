@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use styxy_preload_common::api::{service_name, valid_instance_id};
+use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
 use styxy_preload_common::policy::Decision;
 use styxy_preload_common::procinfo;
 use tokio::io::unix::AsyncFd;
 
-use crate::state::{AllocRequest, Owner};
+use crate::state::{Claim, Owner};
 use crate::{now_ms, Backoff, Shared};
 
 /// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
@@ -163,7 +163,7 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
 
 /// Who asked, read from /proc while the shim binds (off the answer's path): its name,
 /// directory and log, into the grant and a new allocation, which is then saved.
-fn describe(sh: &Shared, mut grant: Granted, port: u16) -> Granted {
+fn describe(sh: &Shared, mut grant: KeptBind, port: u16) -> KeptBind {
     grant.comm = procinfo::comm(grant.pid).unwrap_or_else(|| "?".into());
     grant.log = log_of(grant.pid);
     if grant.existing {
@@ -190,7 +190,7 @@ impl Drop for Pending<'_> {
 }
 
 /// What the daemon granted, for the event.
-struct Granted {
+struct KeptBind {
     pid: u32,
     existing: bool,
     /// The process had bound this port before (a dual-stack twin, a probe).
@@ -203,7 +203,7 @@ struct Granted {
 
 /// Grants exactly `ask.port` to `pid` when the hooks' logic would keep it too: a
 /// coordinated port, no Styxy answering (a grant would wait for it), and free for this session.
-async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<Granted> {
+async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
     if sh.upstream.get().is_some_and(|u| u.usable()) {
         return None; // Styxy answers: the hooks' logic waits for its word on the port
@@ -217,24 +217,17 @@ async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<Granted> {
         let Decision::Coordinated(ty) = st.policy().decide(ask.port) else { return None };
         (ty.to_string(), session.is_some_and(|s| st.owned_by(ask.port, s, pid)))
     };
-    let req = AllocRequest {
-        service_type: ty.clone(),
-        service_name: service_name("process", ask.port), // named once the shim binds
-        preferred_port: Some(ask.port),
-        session: session.map(str::to_string),
-        project_path: None,
-        dry_run: false,
-        requested_port: Some(ask.port),
-        comm: None,
-        exclude: vec![],
-        owner: Some(Owner::pid(pid)),
+    let asked = AllocateRequest {
+        service_name: Some(service_name("process", ask.port)), // named once the shim binds
+        instance_id: session.map(str::to_string),
         bind: true,
-        exactly: true,
+        ..AllocateRequest::for_port(&ty, ask.port)
     };
+    let claim = Claim { exactly: true, ..Claim::new(asked, Some(Owner::pid(pid))) };
     // another port (a remap) is not granted here: the hooks' logic tells the person; a
     // grant that cannot be journaled is not made (and said): it hears why over HTTP
-    let g = sh.grant(&req).await.ok().filter(|g| g.port == ask.port)?;
-    Some(Granted {
+    let g = sh.grant(&claim).await.ok().filter(|g| g.port == ask.port)?;
+    Some(KeptBind {
         pid,
         existing: g.existing,
         again,
@@ -247,7 +240,7 @@ async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<Granted> {
 
 /// The event the process would have logged (a blocking thread's work: the client names
 /// the file).
-fn log_event(g: &Granted, port: u16, family: u8, started: Instant) {
+fn log_event(g: &KeptBind, port: u16, family: u8, started: Instant) {
     let (action, reason) = if g.again { (Action::Observed, Some(eventlog::bound_again(port))) } else { (Action::Kept, None) };
     let ev = Event {
         ts: eventlog::now_ms(),

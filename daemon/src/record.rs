@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::state::{AllocError, AllocRequest, Allocation, Grant, Owner};
+use crate::state::{AllocError, Allocation, Claim, Grant, Owner};
 use crate::{now_ms, Shared};
 
 /// Why a grant was not made.
@@ -20,14 +20,14 @@ pub enum Refusal {
 }
 
 impl Shared {
-    /// Grants `req`: the state's choice, Styxy's word on it when Styxy answers in time
+    /// Grants `claim`: the state's choice, Styxy's word on it when Styxy answers in time
     /// (`upstream::mirror_grant`), the journal line, a save and the metrics, in that
     /// order. A dry run and an existing grant change nothing, so only the metrics see them.
-    pub async fn grant(&self, req: &AllocRequest) -> Result<Grant, Refusal> {
+    pub async fn grant(&self, claim: &Claim) -> Result<Grant, Refusal> {
         let started = Instant::now();
-        let result = self.state.lock().allocate(req, now_ms()).map_err(Refusal::State);
+        let result = self.state.lock().allocate(claim, now_ms()).map_err(Refusal::State);
         let result = match result {
-            Ok(g) if !req.dry_run && !g.existing => self.made(g).await,
+            Ok(g) if !claim.req.dry_run && !g.existing => self.made(g).await,
             other => other,
         };
         self.metrics.observe_allocate(started.elapsed(), result.is_ok());

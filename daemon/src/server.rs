@@ -20,7 +20,7 @@ use styxy_preload_common::api::{
 use styxy_preload_common::{policy, procinfo};
 
 use crate::record::Refusal;
-use crate::state::{AllocError, AllocRequest, Grant, Owner};
+use crate::state::{AllocError, Claim, Grant, Owner, UNNAMED};
 use crate::{now_ms, portcheck, Shared};
 
 /// The largest request body accepted (Styxy: 10 kB).
@@ -164,17 +164,17 @@ fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>
 }
 
 /// The allocate request's body, parsed into the clients' own type ([`AllocateRequest`]:
-/// types and port ranges) and checked against Styxy's rules and the daemon's own.
-fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<AllocRequest, ApiError> {
-    let r = AllocateRequest::deserialize(Value::Object(m)).map_err(|e| ApiError::bad(e.to_string()))?;
+/// types and port ranges), checked against Styxy's rules and the daemon's own, and made
+/// a [`Claim`] of its owner: the caller, or the pid it names when that may own it.
+fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<Claim, ApiError> {
+    let mut r = AllocateRequest::deserialize(Value::Object(m)).map_err(|e| ApiError::bad(e.to_string()))?;
     if r.service_type.is_empty() {
         return Err(ApiError::bad("service_type is required"));
     }
     if !valid_service_type(&r.service_type) {
         return Err(ApiError::bad("service_type must be 1-50 characters of A-Z, a-z, 0-9 and -"));
     }
-    let service_name = r.service_name.unwrap_or_else(|| "unnamed-service".into());
-    if !valid_service_name(&service_name) {
+    if !valid_service_name(r.service_name.as_deref().unwrap_or(UNNAMED)) {
         return Err(ApiError::bad("service_name must be 1-100 characters of A-Z, a-z, 0-9, ., _ and -"));
     }
     if r.instance_id.as_deref().is_some_and(|s| !valid_instance_id(s)) {
@@ -187,26 +187,17 @@ fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<AllocRequest, Api
         return Err(ApiError::bad("exclude must be an array of at most 256 ports"));
     }
     let pid = r.pid.map(|p| valid_pid(p).ok_or_else(|| ApiError::bad("pid must be a positive integer"))).transpose()?;
-    let comm = r.comm.map(|c| c.chars().take(64).collect::<String>());
-    let session = r.instance_id.filter(|s| s != "default");
+    r.comm = r.comm.map(|c| c.chars().take(64).collect::<String>());
+    let mut claim = Claim::new(r, None);
     let owner_pid = match pid {
-        Some(p) => Some(verified_pid(p, peer, session.as_deref())?),
+        Some(p) => Some(verified_pid(p, peer, claim.session())?),
         None => peer.pid,
     };
-    Ok(AllocRequest {
-        service_type: r.service_type,
-        service_name,
-        preferred_port: r.preferred_port,
-        session,
-        project_path: r.project_path,
-        dry_run: r.dry_run,
-        requested_port: r.requested_port,
-        comm: comm.or_else(|| owner_pid.and_then(procinfo::comm)),
-        exclude: r.exclude,
-        owner: owner_pid.map(Owner::pid),
-        bind: r.bind,
-        exactly: false,
-    })
+    if claim.req.comm.is_none() {
+        claim.req.comm = owner_pid.and_then(procinfo::comm);
+    }
+    claim.owner = owner_pid.map(Owner::pid);
+    Ok(claim)
 }
 
 /// An owner pid a client names must be its own, its parent's (`styxy-preload port`
@@ -229,7 +220,7 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
     let m = json_body(body).await?;
     let req = parse_allocate(m, peer)?;
     match sh.grant(&req).await {
-        Ok(g) => Ok(Json(granted(&req, g)).into_response()),
+        Ok(g) => Ok(Json(grant_reply(&req, g)).into_response()),
         Err(Refusal::State(e)) => refused(&sh, e),
         // not on disk, so not made: nothing would remember it after a restart
         Err(Refusal::Unjournaled(why)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why)),
@@ -237,15 +228,15 @@ async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<
 }
 
 /// The answer to a grant: Styxy's shapes, for a dry run or an allocation.
-fn granted(req: &AllocRequest, g: Grant) -> AllocateReply {
-    if req.dry_run {
+fn grant_reply(claim: &Claim, g: Grant) -> AllocateReply {
+    if claim.req.dry_run {
         return AllocateReply {
             success: Some(true),
             port: Some(g.port),
             dry_run: true,
             message: Some(format!("Port {} is available", g.port)),
-            service_type: Some(req.service_type.clone()),
-            service_name: Some(req.service_name.clone()),
+            service_type: Some(claim.req.service_type.clone()),
+            service_name: Some(claim.service_name().to_string()),
             holder: g.holder,
             ..Default::default()
         };
@@ -255,7 +246,7 @@ fn granted(req: &AllocRequest, g: Grant) -> AllocateReply {
         port: Some(g.port),
         lock_id: Some(g.lock_id),
         existing: g.existing.then_some(true),
-        message: Some(format!("Port {} allocated for {} service", g.port, req.service_type)),
+        message: Some(format!("Port {} allocated for {} service", g.port, claim.req.service_type)),
         holder: g.holder,
         ..Default::default()
     }
@@ -547,9 +538,9 @@ mod fuzz {
         fn validation_never_panics(m in request()) {
             match parse_allocate(m, Peer { pid: None, tcp: false }) {
                 Ok(r) => {
-                    prop_assert!(valid_service_type(&r.service_type));
-                    prop_assert!(r.preferred_port.is_none_or(|p| p != 0));
-                    prop_assert!(r.session.as_deref().is_none_or(valid_instance_id));
+                    prop_assert!(valid_service_type(&r.req.service_type));
+                    prop_assert!(r.req.preferred_port.is_none_or(|p| p != 0));
+                    prop_assert!(r.session().is_none_or(valid_instance_id));
                 }
                 Err(ApiError(status, msg)) => {
                     prop_assert!(status.is_client_error());

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use styxy_preload_common::api::{AllocationInfo, Holder};
+use styxy_preload_common::api::{AllocateRequest, AllocationInfo, Holder};
 use styxy_preload_common::eventlog::{self, Action, Event};
 use styxy_preload_common::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_common::portmap::PortMap;
@@ -102,6 +102,21 @@ impl Standing {
 }
 
 impl Allocation {
+    /// The request that asks Styxy for this allocation: its port preferred, under its
+    /// session, named after its process and the port that process asked for.
+    pub fn request(&self) -> AllocateRequest {
+        let comm = self.comm.as_deref().unwrap_or("process");
+        AllocateRequest {
+            service_name: Some(styxy_preload_common::api::service_name(comm, self.requested_port.unwrap_or(self.port))),
+            instance_id: self.session.clone(),
+            project_path: self.project_path.clone(),
+            pid: self.owners.first().map(|o| o.pid),
+            requested_port: self.requested_port,
+            comm: self.comm.clone(),
+            ..AllocateRequest::for_port(&self.service_type, self.port)
+        }
+    }
+
     /// Whether the allocation stands (docs/ARCHITECTURE.md "The built-in daemon"). With
     /// no live owner: while a socket of the user's own holds the port (a server that
     /// outlived the process that asked for it: a daemon forked off). A grant for a bind:
@@ -280,25 +295,41 @@ pub struct Snapshot {
     pub upstream_releases: Vec<String>,
 }
 
-/// A validated `POST /allocate`.
+/// A service name for a request that gave none (Styxy's own).
+pub const UNNAMED: &str = "unnamed-service";
+
+/// A claim on a port: an allocate request as it comes over the wire (the one request
+/// type, [`AllocateRequest`], checked by the server or made by `hook.sock`'s `KEEP`), who
+/// will own the grant, and how strictly the preferred port is meant.
 #[derive(Debug, Clone, Default)]
-pub struct AllocRequest {
-    pub service_type: String,
-    pub service_name: String,
-    pub preferred_port: Option<u16>,
-    pub session: Option<String>,
-    pub project_path: Option<String>,
-    pub dry_run: bool,
-    pub requested_port: Option<u16>,
-    pub comm: Option<String>,
-    pub exclude: Vec<u16>,
+pub struct Claim {
+    pub req: AllocateRequest,
+    /// The caller, or the pid it named (checked by the server).
     pub owner: Option<Owner>,
-    /// For a bind in progress: the grant waits for its confirmation.
-    pub bind: bool,
     /// The preferred port or nothing: another port is not granted (`NotExactly`), and
     /// nothing changes (the shim's `KEEP`: one look at the port, not a dry run and then
     /// the grant).
     pub exactly: bool,
+}
+
+impl Claim {
+    pub fn new(req: AllocateRequest, owner: Option<Owner>) -> Claim {
+        Claim { req, owner, exactly: false }
+    }
+
+    /// Its session: the instance id, but Styxy's `default` one, which is no session.
+    pub fn session(&self) -> Option<&str> {
+        self.req.instance_id.as_deref().filter(|s| *s != "default")
+    }
+
+    pub fn service_name(&self) -> &str {
+        self.req.service_name.as_deref().unwrap_or(UNNAMED)
+    }
+
+    /// The port the client asked for: its requested port, else its preferred one.
+    pub fn requested(&self) -> Option<u16> {
+        self.req.requested_port.or(self.req.preferred_port)
+    }
 }
 
 #[derive(Debug)]
@@ -429,22 +460,26 @@ impl State {
         }
     }
 
-    pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
-        let ty = self.policy.service_type(&req.service_type).cloned().ok_or_else(|| AllocError::UnknownType(req.service_type.clone()))?;
-        if let Some(grant) = self.held_by_session(req) {
+    pub fn allocate(&mut self, claim: &Claim, now_ms: u64) -> Result<Grant, AllocError> {
+        let ty = self
+            .policy
+            .service_type(&claim.req.service_type)
+            .cloned()
+            .ok_or_else(|| AllocError::UnknownType(claim.req.service_type.clone()))?;
+        if let Some(grant) = self.held_by_session(claim) {
             return grant;
         }
-        self.check(req, &ty)?;
-        let port = self.choose(req, &ty, now_ms)?;
-        let holder = match req.preferred_port {
+        self.check(claim, &ty)?;
+        let port = self.choose(claim, &ty, now_ms)?;
+        let holder = match claim.req.preferred_port {
             Some(p) if p != port => Some(self.holder_of(p)),
             _ => None,
         };
-        if req.exactly && req.preferred_port != Some(port) {
+        if claim.exactly && claim.req.preferred_port != Some(port) {
             return Err(AllocError::NotExactly);
         }
         let lock_id = uuid::Uuid::new_v4().to_string();
-        if req.dry_run {
+        if claim.req.dry_run {
             return Ok(Grant { port, lock_id, existing: false, holder });
         }
         // a type of our own is never Styxy's; the port Styxy's hook reserved for this very
@@ -458,16 +493,16 @@ impl State {
             lock_id: lock_id.clone(),
             port,
             service_type: ty.name.clone(),
-            service_name: req.service_name.clone(),
-            session: req.session.clone(),
-            project_path: req.project_path.clone(),
-            requested_port: req.requested_port.or(req.preferred_port),
-            comm: req.comm.clone(),
-            owners: req.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
+            service_name: claim.service_name().to_string(),
+            session: claim.session().map(str::to_string),
+            project_path: claim.req.project_path.clone(),
+            requested_port: claim.requested(),
+            comm: claim.req.comm.clone(),
+            owners: claim.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
             allocated_at_ms: now_ms,
             upstream,
-            confirmed: !req.bind,
-            bind: req.bind,
+            confirmed: !claim.req.bind,
+            bind: claim.req.bind,
         };
         self.publish(&a);
         self.allocs.insert(port, a);
@@ -477,21 +512,21 @@ impl State {
     /// The session already holds this requested port, or holds the port itself (a tool
     /// handed it by `exec --port` binds it): the same allocation, shared with the asking
     /// owner.
-    fn held_by_session(&mut self, req: &AllocRequest) -> Option<Result<Grant, AllocError>> {
-        let (s, r) = (req.session.as_ref()?, req.requested_port.or(req.preferred_port)?);
-        let mine = |a: &&Allocation| a.session.as_ref() == Some(s);
+    fn held_by_session(&mut self, claim: &Claim) -> Option<Result<Grant, AllocError>> {
+        let (s, r) = (claim.session()?, claim.requested()?);
+        let mine = |a: &&Allocation| a.session.as_deref() == Some(s);
         let found = match self.allocs.values().filter(mine).find(|a| a.requested_port == Some(r)) {
             Some(a) => Some(a.port),
             None => self.allocs.get(&r).filter(mine).map(|a| a.port),
         };
-        let a = found.and_then(|p| self.allocs.get_mut(&p)).filter(|a| !req.exclude.contains(&a.port))?;
-        if req.exactly && req.preferred_port != Some(a.port) {
+        let a = found.and_then(|p| self.allocs.get_mut(&p)).filter(|a| !claim.req.exclude.contains(&a.port))?;
+        if claim.exactly && claim.req.preferred_port != Some(a.port) {
             return Some(Err(AllocError::NotExactly)); // the session maps it elsewhere
         }
         // a bind in progress becomes an owner once it is confirmed (its listen(), or its
         // bind's DONE): one that fails with EADDRINUSE never does. The common case (the
         // same process binding again) reads nothing from /proc.
-        let new_owner = req.owner.as_ref().filter(|o| !req.bind && !a.owners.iter().any(|x| x.pid == o.pid));
+        let new_owner = claim.owner.as_ref().filter(|o| !claim.req.bind && !a.owners.iter().any(|x| x.pid == o.pid));
         if let Some(o) = new_owner.and_then(Owner::resolved) {
             a.owners.push(o);
         }
@@ -502,18 +537,22 @@ impl State {
     /// one, for a tool's default outside the type's range the ones just above it
     /// ([`NEAR`]), the type's preferred ones, then its range — other tools' default ports
     /// only when nothing else of the type is free.
-    fn choose(&mut self, req: &AllocRequest, ty: &ServiceType, now_ms: u64) -> Result<u16, AllocError> {
-        let requested = req.requested_port.or(req.preferred_port);
+    fn choose(&mut self, claim: &Claim, ty: &ServiceType, now_ms: u64) -> Result<u16, AllocError> {
+        let requested = claim.requested();
         self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
-        let remembered = match (&req.session, requested) {
-            (Some(s), Some(r)) => self.recent.iter().rev().find(|x| &x.session == s && x.requested == r).map(|x| x.port),
+        let remembered = match (claim.session(), requested) {
+            (Some(s), Some(r)) => self.recent.iter().rev().find(|x| x.session == s && x.requested == r).map(|x| x.port),
             _ => None,
         };
-        if req.exactly {
+        if claim.exactly {
             // the preferred port or nothing: only it is looked at (a port the session had
             // within the grace period is the hooks' logic's to grant)
-            return match req.preferred_port {
-                Some(p) if remembered.is_none_or(|r| r == p) && !req.exclude.contains(&p) && self.free_for(req, &ty.name, p, now_ms) => {
+            return match claim.req.preferred_port {
+                Some(p)
+                    if remembered.is_none_or(|r| r == p)
+                        && !claim.req.exclude.contains(&p)
+                        && self.free_for(claim, &ty.name, p, now_ms) =>
+                {
                     Ok(p)
                 }
                 _ => Err(AllocError::NotExactly),
@@ -523,14 +562,14 @@ impl State {
         let candidates = || {
             remembered
                 .into_iter()
-                .chain(req.preferred_port)
+                .chain(claim.req.preferred_port)
                 .chain(near.iter().copied())
                 .chain(ty.preferred.iter().copied())
                 .chain(ty.range.0..=ty.range.1)
         };
-        let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || near.contains(&p) || !policy::tool_default(p);
+        let wanted = |p: u16| Some(p) == remembered || Some(p) == claim.req.preferred_port || near.contains(&p) || !policy::tool_default(p);
         for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {
-            if port != 0 && !req.exclude.contains(&port) && self.free_for(req, &ty.name, port, now_ms) {
+            if port != 0 && !claim.req.exclude.contains(&port) && self.free_for(claim, &ty.name, port, now_ms) {
                 return Ok(port);
             }
         }
@@ -554,8 +593,8 @@ impl State {
     /// its own environment (a rule may give a privileged port a type, README "Which ports
     /// are coordinated"). Read only for a port the daemon's own policy does not give the
     /// type, and only of an owner the server checked is the caller, its parent or child.
-    fn callers_policy(&self, req: &AllocRequest) -> Option<Policy> {
-        let pid = req.owner.as_ref()?.pid;
+    fn callers_policy(&self, claim: &Claim) -> Option<Policy> {
+        let pid = claim.owner.as_ref()?.pid;
         let spec = procinfo::environ(pid).into_iter().find(|(k, _)| k == "STYXY_PRELOAD_PORTS")?.1.into_string().ok()?;
         let mut p = self.policy.clone();
         p.rules.clear();
@@ -565,29 +604,29 @@ impl State {
 
     /// A new allocation's ports must be ones the policy gives its type, and its session
     /// (and everyone) must be under quota.
-    fn check(&self, req: &AllocRequest, ty: &ServiceType) -> Result<(), AllocError> {
+    fn check(&self, claim: &Claim, ty: &ServiceType) -> Result<(), AllocError> {
         let of_type = |policy: &Policy, p: u16| policy.decide(p).service_type() == Some(ty.name.as_str());
         let callers = std::cell::OnceCell::new();
         let mine = |p: u16| {
             (ty.range.0..=ty.range.1).contains(&p)
                 || of_type(&self.policy, p)
-                || callers.get_or_init(|| self.callers_policy(req)).as_ref().is_some_and(|c| of_type(c, p))
+                || callers.get_or_init(|| self.callers_policy(claim)).as_ref().is_some_and(|c| of_type(c, p))
         };
-        for p in req.preferred_port.into_iter().chain(req.requested_port) {
+        for p in claim.req.preferred_port.into_iter().chain(claim.req.requested_port) {
             if !mine(p) && !matches!(self.policy.decide(p), Decision::OnConflict(_)) {
                 return Err(AllocError::NotOfType { port: p, ty: ty.name.clone() });
             }
         }
-        if let Some(pref) = req.preferred_port.filter(|p| !mine(*p)) {
+        if let Some(pref) = claim.req.preferred_port.filter(|p| !mine(*p)) {
             return Err(AllocError::NotOfType { port: pref, ty: ty.name.clone() });
         }
-        if req.dry_run {
+        if claim.req.dry_run {
             return Ok(());
         }
         if self.allocs.len() >= TOTAL_QUOTA {
             return Err(AllocError::Quota { who: "all sessions together".into(), limit: TOTAL_QUOTA });
         }
-        let s = req.session.as_deref();
+        let s = claim.session();
         if s.is_some() && self.allocs.values().filter(|a| a.session.as_deref() == s).count() >= SESSION_QUOTA {
             return Err(AllocError::Quota { who: format!("session {}", s.unwrap_or_default()), limit: SESSION_QUOTA });
         }
@@ -603,10 +642,10 @@ impl State {
 
     /// [`State::free`] for this request: a port Styxy's hook reserved for the very
     /// command asking counts as free for it (docs/STYXY.md "The PreToolUse hook").
-    fn free_for(&mut self, req: &AllocRequest, ty: &str, port: u16, now_ms: u64) -> bool {
+    fn free_for(&mut self, claim: &Claim, ty: &str, port: u16, now_ms: u64) -> bool {
         match self.upstream_held.get(&port) {
             None => self.free_here(port, now_ms),
-            Some(r) => crate::styxy_hook::reserved_for(r, req, ty) && self.free_here(port, now_ms),
+            Some(r) => crate::styxy_hook::reserved_for(r, claim, ty) && self.free_here(port, now_ms),
         }
     }
 
@@ -980,22 +1019,26 @@ mod tests {
         Owner::of(std::process::id())
     }
 
-    fn req(session: &str, port: u16) -> AllocRequest {
-        AllocRequest {
-            service_type: "dev".into(),
-            service_name: "t".into(),
-            preferred_port: Some(port),
-            session: Some(session.into()),
-            requested_port: Some(port),
-            owner: me(),
-            ..Default::default()
-        }
+    fn req(session: &str, port: u16) -> Claim {
+        let asked =
+            AllocateRequest { service_name: Some("t".into()), instance_id: Some(session.into()), ..AllocateRequest::for_port("dev", port) };
+        Claim::new(asked, me())
+    }
+
+    fn of_type(ty: &str, mut c: Claim) -> Claim {
+        c.req.service_type = ty.into();
+        c
+    }
+
+    fn for_bind(mut c: Claim) -> Claim {
+        c.req.bind = true;
+        c
     }
 
     #[test]
     fn exactly_grants_the_preferred_port_or_changes_nothing() {
         let mut s = state();
-        let exactly = |session: &str| AllocRequest { exactly: true, ..req(session, 3000) };
+        let exactly = |session: &str| Claim { exactly: true, ..req(session, 3000) };
         assert_eq!(s.allocate(&exactly("a"), 0).unwrap().port, 3000);
         let before = s.allocs.len();
         assert_eq!(s.allocate(&exactly("b"), 0).unwrap_err(), AllocError::NotExactly);
@@ -1019,7 +1062,7 @@ mod tests {
         let b2 = s.allocate(&req("b", 3000), 0).unwrap();
         assert_eq!((b2.port, b2.existing, b2.lock_id), (3001, true, b.lock_id));
         let mut ex = req("b", 3000);
-        ex.exclude = vec![3001];
+        ex.req.exclude = vec![3001];
         assert_ne!(s.allocate(&ex, 0).unwrap().port, 3001);
     }
 
@@ -1033,7 +1076,7 @@ mod tests {
         // a second Next: 3001; a debugger: its own type's range, never another debugger's port
         assert_eq!(s.allocate(&req("a", 3000), 0).unwrap().port, 3000);
         assert_eq!(s.allocate(&req("b", 3000), 0).unwrap().port, 3001);
-        let debug = |session: &str, port| AllocRequest { service_type: "debug".into(), ..req(session, port) };
+        let debug = |session: &str, port| of_type("debug", req(session, port));
         assert_eq!(s.allocate(&debug("a", 9229), 0).unwrap().port, 9229);
         assert_eq!(s.allocate(&debug("b", 9229), 0).unwrap().port, 5680);
         assert_eq!(s.allocs[&5680].upstream, Standing::Local, "never sent to Styxy");
@@ -1064,7 +1107,7 @@ mod tests {
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap(); // bound, never listening
         *FAKE.lock().unwrap() = (socket_inode(&sock), me_uid);
-        let bind = AllocRequest { bind: true, ..req("b", 3000) };
+        let bind = for_bind(req("b", 3000));
         assert_eq!(s.allocate(&bind, 0).unwrap().port, 3000);
         assert_eq!(s.sweep(60_000), 0, "bound a minute before its listen(): it stands");
         assert!(s.allocs[&3000].confirmed);
@@ -1073,7 +1116,7 @@ mod tests {
         assert_eq!(s.sweep(60_001), 1);
         // an owner gone: only a socket of the user's own keeps it (a server that outlived
         // the process that asked), never another user's
-        let dead = AllocRequest { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..bind.clone() };
+        let dead = Claim { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..bind.clone() };
         s.allocate(&dead, 70_000).unwrap();
         *FAKE.lock().unwrap() = (u64::MAX, me_uid.wrapping_add(1));
         assert_eq!(s.sweep(80_000), 1, "another user's socket on the port keeps nothing alive");
@@ -1110,21 +1153,21 @@ mod tests {
         let mut s = state();
         s.os.in_use = |p| p == 8000;
         let mut r = req("a", 8000);
-        r.service_type = "api".into();
+        r.req.service_type = "api".into();
         assert_eq!(s.allocate(&r, 0).unwrap().port, 8001);
         let mut ports = vec![8001];
         for i in 0..98 {
             let mut r = req(&format!("s{i}"), 8000);
-            r.service_type = "api".into();
+            r.req.service_type = "api".into();
             ports.push(s.allocate(&r, 0).unwrap().port);
         }
         ports.sort();
         ports.dedup();
         assert_eq!(ports.len(), 99);
         let mut r = req("last", 8000);
-        r.service_type = "api".into();
+        r.req.service_type = "api".into();
         assert!(matches!(s.allocate(&r, 0), Err(AllocError::Exhausted { .. })));
-        r.service_type = "nope".into();
+        r.req.service_type = "nope".into();
         assert_eq!(s.allocate(&r, 0).unwrap_err(), AllocError::UnknownType("nope".into()));
     }
 }
@@ -1168,20 +1211,20 @@ mod fuzz {
                 match o {
                     Op::Alloc { ty, session, port, dry } => {
                         let held: BTreeSet<u16> = st.allocs.keys().copied().collect();
-                        let req = AllocRequest {
+                        let asked = AllocateRequest {
                             service_type: types[ty].into(),
-                            service_name: "f".into(),
+                            service_name: Some("f".into()),
                             preferred_port: port,
                             requested_port: port,
-                            session: Some(format!("s{session}")),
-                            owner: me.clone(),
+                            instance_id: Some(format!("s{session}")),
                             dry_run: dry,
                             ..Default::default()
                         };
+                        let req = Claim::new(asked, me.clone());
                         if let Ok(g) = st.allocate(&req, 0) {
                             if g.existing {
                                 let a = &st.allocs[&g.port];
-                                prop_assert_eq!(a.session.as_deref(), req.session.as_deref());
+                                prop_assert_eq!(a.session.as_deref(), req.session());
                             } else {
                                 prop_assert!(!held.contains(&g.port), "port {} granted twice", g.port);
                                 if !dry { locks.push(g.lock_id); }

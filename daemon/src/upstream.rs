@@ -34,13 +34,13 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use styxy_preload_common::api::{self, AllocateReply, AllocateRequest, AllocationsReply};
+use styxy_preload_common::api::{self, AllocateReply, AllocationsReply};
 use styxy_preload_common::discovery;
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::{paths, procinfo};
 use tokio::sync::oneshot;
 
-use crate::state::{Allocation, Standing, State, Todo};
+use crate::state::{Allocation, Claim, Standing, State, Todo};
 use crate::{now_ms, Shared};
 
 /// How long a grant waits for Styxy's answer before it is made locally, when Styxy's
@@ -168,8 +168,8 @@ pub fn report(sh: &Shared) -> Option<serde_json::Value> {
 
 /// Styxy's answer to one allocate, as the grant path and the worker apply it.
 #[derive(Debug, Clone)]
-pub enum Answer {
-    Granted { port: u16, lock_id: String },
+pub enum StyxyAnswer {
+    Allocated { port: u16, lock_id: String },
     Failed,
 }
 
@@ -177,7 +177,7 @@ enum Job {
     /// Mirror the new allocation at this port; the answer goes back if still awaited.
     Mirror {
         port: u16,
-        reply: oneshot::Sender<Answer>,
+        reply: oneshot::Sender<StyxyAnswer>,
     },
     Stop,
 }
@@ -285,8 +285,8 @@ pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
 
 /// Records Styxy's answer for the allocation at `port` ([`State::adopt_answer`]).
 /// `in_time`: the client has not been answered yet. Returns the port to grant instead.
-fn apply(st: &mut State, port: u16, answer: Answer, in_time: bool) -> Option<u16> {
-    let Answer::Granted { port: theirs, lock_id } = answer else {
+fn apply(st: &mut State, port: u16, answer: StyxyAnswer, in_time: bool) -> Option<u16> {
+    let StyxyAnswer::Allocated { port: theirs, lock_id } = answer else {
         return None;
     };
     st.adopt_answer(port, theirs, lock_id, in_time, now_ms())
@@ -451,7 +451,7 @@ impl Worker {
         }
     }
 
-    fn mirror(&mut self, port: u16, reply: oneshot::Sender<Answer>) {
+    fn mirror(&mut self, port: u16, reply: oneshot::Sender<StyxyAnswer>) {
         let Some(sh) = self.client.shared.upgrade() else { return };
         self.last_grant_ms = now_ms();
         self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.client.cfg.refresh_active.as_millis() as u64);
@@ -466,8 +466,8 @@ impl Worker {
     /// Styxy answered another port than `a`'s: if its list shows `a`'s port reserved by
     /// Styxy's hook for this very command (reserved after the daemon last read the list),
     /// that reservation is the answer, and Styxy's other port is given back.
-    fn reserved_by_hook(&mut self, sh: &Shared, a: &Allocation, answer: Answer) -> Answer {
-        let Answer::Granted { port: theirs, lock_id } = &answer else { return answer };
+    fn reserved_by_hook(&mut self, sh: &Shared, a: &Allocation, answer: StyxyAnswer) -> StyxyAnswer {
+        let StyxyAnswer::Allocated { port: theirs, lock_id } = &answer else { return answer };
         if *theirs == a.port {
             return answer;
         }
@@ -476,21 +476,15 @@ impl Worker {
         else {
             return answer;
         };
-        let req = crate::state::AllocRequest {
-            service_type: a.service_type.clone(),
-            requested_port: a.requested_port.or(Some(a.port)),
-            project_path: a.project_path.clone(),
-            owner: a.owners.first().cloned(),
-            ..Default::default()
-        };
+        let claim = Claim::new(a.request(), a.owners.first().cloned());
         let agent = &self.client.cfg.agent;
         let found = list.allocations.into_iter().find(|t| {
-            t.port == a.port && t.user_agent.as_deref() != Some(agent) && crate::styxy_hook::reserved_for(t, &req, &a.service_type)
+            t.port == a.port && t.user_agent.as_deref() != Some(agent) && crate::styxy_hook::reserved_for(t, &claim, &a.service_type)
         });
         match found {
             Some(t) => {
                 sh.state.lock().give_back(lock_id.clone());
-                Answer::Granted { port: a.port, lock_id: t.lock_id }
+                StyxyAnswer::Allocated { port: a.port, lock_id: t.lock_id }
             }
             None => answer,
         }
@@ -498,8 +492,8 @@ impl Worker {
 
     /// An answer nobody waits for any more: recorded; one that differs from the port
     /// granted has Styxy's list read at once (whose is the port?).
-    fn apply_late(&mut self, sh: &Shared, port: u16, answer: Answer) {
-        if matches!(&answer, Answer::Granted { port: p, .. } if *p != port) {
+    fn apply_late(&mut self, sh: &Shared, port: u16, answer: StyxyAnswer) {
+        if matches!(&answer, StyxyAnswer::Allocated { port: p, .. } if *p != port) {
             self.next_refresh_ms = now_ms();
         }
         apply(&mut sh.state.lock(), port, answer, false);
@@ -547,7 +541,7 @@ impl Worker {
             }
             let Some(a) = sh.state.lock().allocation(port).cloned() else { continue };
             let answer = self.client.allocate(&a);
-            if matches!(answer, Answer::Failed) {
+            if matches!(answer, StyxyAnswer::Failed) {
                 self.next_refresh_ms = now_ms() + 2_000;
                 break;
             }
@@ -646,30 +640,19 @@ impl Client {
         }
     }
 
-    fn allocate(&self, a: &Allocation) -> Answer {
-        let req = AllocateRequest {
-            service_type: a.service_type.clone(),
-            service_name: Some(api::service_name(a.comm.as_deref().unwrap_or("process"), a.requested_port.unwrap_or(a.port))),
-            preferred_port: Some(a.port),
-            instance_id: a.session.clone(),
-            project_path: a.project_path.clone(),
-            pid: a.owners.first().map(|o| o.pid),
-            requested_port: a.requested_port,
-            comm: a.comm.clone(),
-            ..Default::default()
-        };
-        let Ok(body) = serde_json::to_vec(&req) else { return Answer::Failed };
-        let Ok(r) = self.call("POST", "/allocate", Some(&body)) else { return Answer::Failed };
+    fn allocate(&self, a: &Allocation) -> StyxyAnswer {
+        let Ok(body) = serde_json::to_vec(&a.request()) else { return StyxyAnswer::Failed };
+        let Ok(r) = self.call("POST", "/allocate", Some(&body)) else { return StyxyAnswer::Failed };
         let reply = r.json::<AllocateReply>().ok().filter(|_| r.status == 200);
-        match reply.as_ref().and_then(|g| g.granted().map(|(p, l)| (p, l.map(str::to_string), g.existing == Some(true)))) {
+        match reply.as_ref().and_then(|g| g.port_and_lock().map(|(p, l)| (p, l.map(str::to_string), g.existing == Some(true)))) {
             Some((port, Some(lock_id), existing)) => {
                 if !existing {
                     let mut count = self.count.lock();
                     *count = count.map(|c| c + 1);
                 }
-                Answer::Granted { port, lock_id }
+                StyxyAnswer::Allocated { port, lock_id }
             }
-            _ => Answer::Failed,
+            _ => StyxyAnswer::Failed,
         }
     }
 
@@ -709,21 +692,15 @@ fn error_text(r: &http::Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AllocRequest, Os, Owner};
+    use crate::state::{Os, Owner};
+    use styxy_preload_common::api::AllocateRequest;
     use styxy_preload_common::policy::Policy;
 
     fn state_with(session: &str, port: u16) -> State {
         let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
         let mut st = State::new(Policy::default(), None, 60_000).with_os(os);
-        let req = AllocRequest {
-            service_type: "dev".into(),
-            service_name: "t".into(),
-            preferred_port: Some(port),
-            requested_port: Some(port),
-            session: Some(session.into()),
-            owner: Owner::of(std::process::id()),
-            ..Default::default()
-        };
+        let asked = AllocateRequest { instance_id: Some(session.into()), ..AllocateRequest::for_port("dev", port) };
+        let req = Claim::new(asked, Owner::of(std::process::id()));
         assert_eq!(st.allocate(&req, 0).unwrap().port, port);
         st
     }
@@ -742,13 +719,13 @@ mod tests {
     #[test]
     fn an_answer_outside_the_types_range_never_moves_a_grant() {
         let mut st = state_with("s", 3000);
-        let answer = Answer::Granted { port: 45123, lock_id: "l1".into() };
+        let answer = StyxyAnswer::Allocated { port: 45123, lock_id: "l1".into() };
         assert_eq!(apply(&mut st, 3000, answer, true), None);
         assert!(st.allocation(3000).is_some() && st.allocation(45123).is_none());
         assert_eq!(st.releases_pending(), ["l1"], "given back");
         assert_eq!(st.allocation(3000).unwrap().upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
         // a late answer of another port of the type (the server died meanwhile, say): no conflict either
-        let late = Answer::Granted { port: 3006, lock_id: "l2".into() };
+        let late = StyxyAnswer::Allocated { port: 3006, lock_id: "l2".into() };
         assert_eq!(apply(&mut st, 3000, late, false), None);
         assert_eq!(st.allocation(3000).unwrap().upstream, Standing::Pending);
         assert_eq!(st.releases_pending(), ["l1", "l2"]);
