@@ -266,3 +266,194 @@ fn log_of(pid: u32) -> Log {
     let env = procinfo::environ(pid);
     Log::of(&|k| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The hook server against a fake shim: the test plays the other end of the
+    //! `SOCK_SEQPACKET` connection in the hookproto layout, both ways, and a real
+    //! process (`sleep`, with its own environment) is the binder the daemon looks up.
+    use std::path::PathBuf;
+    use std::process::{Child, Command};
+
+    use socket2::{Domain, Socket, Type};
+    use styxy_preload_common::hookproto::ANSWER_LEN;
+
+    use super::*;
+    use crate::state::Os;
+
+    const EADDRINUSE: i32 = 98;
+
+    /// A scratch directory, a daemon's state with its journal there, and a process
+    /// whose environment puts its event log there too.
+    struct Fixture {
+        dir: PathBuf,
+        sh: Arc<Shared>,
+        binder: Child,
+    }
+
+    impl Fixture {
+        fn new(name: &str) -> Fixture {
+            Fixture::with_journal(name, |dir| dir.join("daemon-journal.jsonl"))
+        }
+
+        fn with_journal(name: &str, journal: fn(&Path) -> PathBuf) -> Fixture {
+            let dir = std::env::temp_dir().join(format!("styxy-hook-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+            let sh = Shared::for_tests(os, journal(&dir));
+            let binder = Command::new("sleep").arg("30").env_clear().env("STYXY_PRELOAD_LOG", dir.join("events.jsonl")).spawn().unwrap();
+            Fixture { dir, sh, binder }
+        }
+
+        fn events(&self) -> String {
+            std::fs::read_to_string(self.dir.join("events.jsonl")).unwrap_or_default()
+        }
+
+        fn journal(&self) -> String {
+            std::fs::read_to_string(self.dir.join("daemon-journal.jsonl")).unwrap_or_default()
+        }
+
+        /// One exchange: the daemon's side runs here, the shim's (`shim`, given its end
+        /// of the connection) on a thread; what the shim saw comes back.
+        async fn exchange<T: Send + 'static>(&self, shim: impl FnOnce(Socket) -> T + Send + 'static) -> T {
+            let (daemon_end, shim_end) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+            daemon_end.set_nonblocking(true).unwrap();
+            shim_end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let peer = std::thread::spawn(move || shim(shim_end));
+            let served = tokio::time::timeout(Duration::from_secs(5), exchange(self.sh.clone(), daemon_end.into(), self.binder.id()));
+            assert!(served.await.is_ok(), "the exchange ends");
+            peer.join().unwrap()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = self.binder.kill();
+            let _ = self.binder.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn ask(kind: u8, port: u16, errno: i32, session: &[u8]) -> [u8; ASK_LEN] {
+        Ask { kind, port, family: 4, errno, session }.encode().unwrap()
+    }
+
+    fn send(s: &Socket, msg: &[u8]) {
+        assert_eq!(s.send(msg).unwrap(), msg.len());
+    }
+
+    /// The daemon's answer; `None` when it closed the connection unanswered.
+    fn answer(s: &Socket) -> Option<Answer> {
+        let mut buf = [std::mem::MaybeUninit::new(0u8); ANSWER_LEN + 1];
+        let n = s.recv(&mut buf).expect("an answer or the end, within the read timeout");
+        // SAFETY: recv initialised the first n bytes (all of them were initialised anyway).
+        let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        (n > 0).then(|| Answer::decode(&bytes).expect("an answer in the layout"))
+    }
+
+    /// KEEP, the answer, then DONE with `errno`.
+    fn keep_then_done(port: u16, session: &'static [u8], errno: i32) -> impl FnOnce(Socket) -> Option<Answer> {
+        move |s| {
+            send(&s, &ask(KEEP, port, 0, session));
+            let a = answer(&s);
+            if a.is_some_and(|a| a.status == GRANTED) {
+                send(&s, &ask(DONE, port, errno, session));
+            }
+            a
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_bind_is_journaled_before_its_answer_then_confirmed_and_logged() {
+        let f = Fixture::new("kept");
+        let journal = f.dir.join("daemon-journal.jsonl");
+        let (got, journaled) = f
+            .exchange(move |s| {
+                send(&s, &ask(KEEP, 3000, 0, b"s1"));
+                let a = answer(&s);
+                // the answer is out: its grant must be on disk already
+                let journaled = std::fs::read_to_string(&journal).unwrap_or_default();
+                send(&s, &ask(DONE, 3000, 0, b"s1"));
+                (a, journaled)
+            })
+            .await;
+        assert_eq!(got, Some(Answer { status: GRANTED, port: 3000, existing: false }));
+        assert!(journaled.contains("\"port\":3000"), "journaled before the answer: {journaled:?}");
+        let st = f.sh.state.lock();
+        let a = st.allocation(3000).expect("granted");
+        assert!(a.confirmed && a.bind, "confirmed by DONE: {a:?}");
+        assert_eq!(a.owners.iter().map(|o| o.pid).collect::<Vec<_>>(), [f.binder.id()]);
+        assert_eq!((a.session.as_deref(), a.comm.as_deref()), (Some("s1"), Some("sleep")));
+        drop(st);
+        let events = f.events();
+        assert_eq!(events.lines().count(), 1, "{events}");
+        assert!(events.contains("\"action\":\"kept\"") && events.contains("\"port\":3000"), "{events}");
+        assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_bind_withdraws_its_grant_and_logs_nothing() {
+        let f = Fixture::new("withdrawn");
+        let got = f.exchange(keep_then_done(3000, b"s1", EADDRINUSE)).await;
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
+        assert!(f.sh.state.lock().is_empty(), "withdrawn");
+        assert_eq!(f.events(), "");
+        assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn another_sessions_port_and_an_uncoordinated_one_are_declined_changing_nothing() {
+        let f = Fixture::new("declined");
+        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).await.map(|a| a.status), Some(GRANTED));
+        let declined = Some(Answer { status: DECLINED, port: 0, existing: false });
+        assert_eq!(f.exchange(keep_then_done(3000, b"b", 0)).await, declined, "a's port: b's would be a remap");
+        assert_eq!(f.exchange(keep_then_done(22, b"b", 0)).await, declined, "not a coordinated port");
+        let st = f.sh.state.lock();
+        assert_eq!(st.len(), 1);
+        assert_eq!(st.allocation(3000).and_then(|a| a.session.as_deref()), Some("a"));
+        drop(st);
+        assert_eq!(f.journal().lines().count(), 1, "one grant, one line");
+    }
+
+    #[tokio::test]
+    async fn garbage_or_an_early_close_ends_the_exchange() {
+        let f = Fixture::new("garbage");
+        let mut bad = ask(KEEP, 3000, 0, b"s1");
+        bad[0] ^= 1; // another layout
+        let got = f.exchange(move |s| {
+            send(&s, &bad);
+            answer(&s)
+        });
+        assert_eq!(got.await, None, "closed unanswered");
+        assert!(f.sh.state.lock().is_empty());
+        // granted, then the shim is gone before DONE: the grant waits unconfirmed (it
+        // expires unless its port is bound), and nothing is logged
+        let got = f.exchange(|s| {
+            send(&s, &ask(KEEP, 3000, 0, b"s1"));
+            answer(&s)
+        });
+        assert_eq!(got.await.map(|a| a.status), Some(GRANTED));
+        assert!(f.sh.state.lock().allocation(3000).is_some_and(|a| !a.confirmed));
+        // a DONE for another port is no DONE
+        let got = f.exchange(|s| {
+            send(&s, &ask(KEEP, 3001, 0, b"s2"));
+            let a = answer(&s);
+            send(&s, &ask(DONE, 4000, 0, b"s2"));
+            a
+        });
+        assert_eq!(got.await.map(|a| a.status), Some(GRANTED));
+        assert!(f.sh.state.lock().allocation(3001).is_some_and(|a| !a.confirmed));
+        assert_eq!(f.events(), "");
+        assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_cannot_be_journaled_is_declined() {
+        // the journal's path is a directory: no line can be written
+        let f = Fixture::with_journal("unjournaled", |dir| dir.to_path_buf());
+        let got = f.exchange(keep_then_done(3000, b"s1", 0)).await;
+        assert_eq!(got.map(|a| a.status), Some(DECLINED));
+        assert!(f.sh.state.lock().is_empty(), "withdrawn");
+    }
+}

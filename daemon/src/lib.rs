@@ -319,6 +319,17 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+impl Shared {
+    /// A daemon's shared state for unit tests: the default policy, no port map, the OS
+    /// as `os` answers, the journal at `journal`, and no writer (a save is a no-op).
+    pub(crate) fn for_tests(os: state::Os, journal: PathBuf) -> Arc<Shared> {
+        let st = State::new(Policy::default(), None, 60_000).with_os(os);
+        let (tx, _) = mpsc::channel();
+        Arc::new(Shared::new(st, journal::Journal::open(journal), None, tx))
+    }
+}
+
 /// The upstream Styxy's worker thread, when there is one.
 fn start_upstream(
     opts: &Options,
