@@ -746,3 +746,258 @@ mod tests {
         assert_eq!(st.held_by_others(), 1, "3005 is another client's");
     }
 }
+
+#[cfg(test)]
+mod worker_tests {
+    //! The worker against a scripted Styxy: an HTTP server on a loopback port that
+    //! answers each request with a canned answer in Styxy's shapes (docs/STYXY.md) and
+    //! keeps what it was asked. The worker's steps run here, one after the other, as its
+    //! thread would run them: nothing waits on a clock.
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+
+    use axum::response::IntoResponse;
+    use serde_json::{json, Value};
+    use styxy_preload_common::api::AllocateRequest;
+
+    use super::*;
+    use crate::state::{Os, Owner};
+
+    /// One canned answer: to the first request with this method and path prefix.
+    #[derive(Clone)]
+    struct Canned {
+        method: &'static str,
+        path: &'static str,
+        status: u16,
+        retry_after: Option<u64>,
+        body: Value,
+    }
+
+    fn canned(method: &'static str, path: &'static str, status: u16, body: Value) -> Canned {
+        Canned { method, path, status, retry_after: None, body }
+    }
+
+    /// What the scripted Styxy was asked.
+    #[derive(Debug, Clone)]
+    struct Asked {
+        method: String,
+        path: String,
+        agent: String,
+        auth: String,
+        body: Value,
+    }
+
+    struct Styxy {
+        addr: SocketAddr,
+        asked: Arc<Mutex<Vec<Asked>>>,
+        stop: Option<oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Styxy {
+        fn start(script: Vec<Canned>) -> Styxy {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let asked: Arc<Mutex<Vec<Asked>>> = Arc::default();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let log = asked.clone();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    let app = axum::Router::new().fallback(move |req: axum::extract::Request| answer(req, script.clone(), log.clone()));
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let stopped = async {
+                        let _ = stopped.await;
+                    };
+                    axum::serve(listener, app).with_graceful_shutdown(stopped).await.unwrap();
+                });
+            });
+            Styxy { addr, asked, stop: Some(stop), thread: Some(thread) }
+        }
+
+        fn asked(&self) -> Vec<Asked> {
+            self.asked.lock().clone()
+        }
+    }
+
+    impl Drop for Styxy {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    async fn answer(req: axum::extract::Request, script: Vec<Canned>, log: Arc<Mutex<Vec<Asked>>>) -> axum::response::Response {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        log.lock().push(Asked {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            agent: header("user-agent"),
+            auth: header("authorization"),
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        });
+        let found = script.iter().find(|c| c.method == parts.method.as_str() && parts.uri.path().starts_with(c.path));
+        let Some(c) = found else { return axum::http::StatusCode::NOT_FOUND.into_response() };
+        let mut r = (axum::http::StatusCode::from_u16(c.status).unwrap(), axum::Json(c.body.clone())).into_response();
+        if let Some(secs) = c.retry_after {
+            r.headers_mut().insert("retry-after", secs.into());
+        }
+        r
+    }
+
+    /// The daemon's state, with one pending allocation of port 3000 for session `s`,
+    /// and a worker for the Styxy at `addr`.
+    struct Daemon {
+        dir: PathBuf,
+        sh: Arc<Shared>,
+        up: Arc<Upstream>,
+        worker: Worker,
+    }
+
+    const AGENT: &str = "styxy-preload-daemon (test)";
+
+    impl Daemon {
+        fn new(name: &str, addr: SocketAddr) -> Daemon {
+            let dir = std::env::temp_dir().join(format!("styxy-upstream-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+            let sh = Shared::for_tests(os, dir.join("daemon-journal.jsonl"));
+            let mut cfg = Config::new(Endpoint::Tcp { addr, token: Some("secret".into()) });
+            cfg.named = true;
+            cfg.agent = AGENT.into();
+            let (jobs, _) = mpsc::channel();
+            let up = Arc::new(Upstream { jobs: Mutex::new(jobs), health: Mutex::new(Health::default()) });
+            let _ = sh.upstream.set(up.clone());
+            let worker = Worker::new(cfg, Arc::downgrade(&sh), up.clone());
+            let d = Daemon { dir, sh, up, worker };
+            d.grant("s", 3000);
+            d
+        }
+
+        fn grant(&self, session: &str, port: u16) {
+            let asked = AllocateRequest { instance_id: Some(session.into()), ..AllocateRequest::for_port("dev", port) };
+            let claim = Claim::new(asked, Owner::of(std::process::id()));
+            assert_eq!(self.sh.state.lock().allocate(&claim, now_ms()).unwrap().port, port);
+        }
+
+        /// The grant path's mirror of `port`, answered in time: the worker asks Styxy,
+        /// the answer is applied as `mirror_grant` applies it. The port to grant instead.
+        fn mirror_in_time(&mut self, port: u16) -> (StyxyAnswer, Option<u16>) {
+            let (tx, mut rx) = oneshot::channel();
+            self.worker.mirror(port, tx);
+            let answer = rx.try_recv().expect("the worker answered");
+            (answer.clone(), apply(&mut self.sh.state.lock(), port, answer, true))
+        }
+
+        fn standing(&self, port: u16) -> Option<Standing> {
+            self.sh.state.lock().allocation(port).map(|a| a.upstream.clone())
+        }
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn granted(port: u16, lock: &str) -> Value {
+        json!({"success": true, "port": port, "lock_id": lock, "message": format!("Port {port} allocated for dev service")})
+    }
+
+    #[test]
+    fn a_grant_is_mirrored_under_styxys_lock() {
+        let styxy = Styxy::start(vec![canned("POST", "/allocate", 200, granted(3000, "lock-1"))]);
+        let mut d = Daemon::new("mirrored", styxy.addr);
+        let (_, moved) = d.mirror_in_time(3000);
+        assert_eq!(moved, None);
+        assert_eq!(d.standing(3000).and_then(|s| s.lock_id().map(str::to_string)).as_deref(), Some("lock-1"));
+        let asked = styxy.asked();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        let a = &asked[0];
+        assert_eq!((a.method.as_str(), a.path.as_str(), a.agent.as_str(), a.auth.as_str()), ("POST", "/allocate", AGENT, "Bearer secret"));
+        assert_eq!(
+            (a.body["service_type"].as_str(), a.body["preferred_port"].as_u64(), a.body["instance_id"].as_str()),
+            (Some("dev"), Some(3000), Some("s"))
+        );
+        assert!(d.up.health.lock().reachable && d.up.usable());
+    }
+
+    #[test]
+    fn styxys_other_port_is_granted_in_time_and_given_back_when_late() {
+        let styxy = Styxy::start(vec![
+            canned("POST", "/allocate", 200, granted(3005, "lock-2")),
+            canned("GET", "/allocations", 200, json!({"allocations": []})),
+        ]);
+        let mut d = Daemon::new("other-port", styxy.addr);
+        // in time: Styxy's choice (a port of the type, free here) is the grant
+        let (_, moved) = d.mirror_in_time(3000);
+        assert_eq!(moved, Some(3005));
+        assert_eq!(d.standing(3000), None);
+        assert_eq!(d.standing(3005).and_then(|s| s.lock_id().map(str::to_string)).as_deref(), Some("lock-2"));
+        // late (the client has its answer): the grant stays, Styxy's lock goes back
+        d.grant("t", 3001);
+        let (tx, rx) = oneshot::channel();
+        drop(rx); // nobody waits any more
+        d.worker.mirror(3001, tx);
+        assert_eq!(d.standing(3001), Some(Standing::Pending));
+        assert_eq!(d.sh.state.lock().releases_pending(), ["lock-2"]);
+    }
+
+    #[test]
+    fn a_429_blocks_every_request_until_retry_after() {
+        let busy = json!({"success": false, "error": "Too many requests"});
+        let styxy = Styxy::start(vec![Canned { retry_after: Some(30), ..canned("POST", "/allocate", 429, busy) }]);
+        let mut d = Daemon::new("429", styxy.addr);
+        let before = now_ms();
+        let (answer, _) = d.mirror_in_time(3000);
+        assert!(matches!(answer, StyxyAnswer::Failed));
+        assert_eq!(d.standing(3000), Some(Standing::Pending), "to mirror later");
+        let h = d.up.health.lock().clone();
+        assert!(h.blocked_until_ms >= before + 30_000 && h.last_429_ms.is_some(), "{h:?}");
+        assert!(!d.up.usable(), "grants do not wait for a Styxy that said to wait");
+        // the worker's own next request is not even sent
+        let a = d.sh.state.lock().allocation(3000).cloned().unwrap();
+        assert!(matches!(d.worker.client.allocate(&a), StyxyAnswer::Failed));
+        assert_eq!(styxy.asked().len(), 1);
+    }
+
+    #[test]
+    fn a_401_is_noted_and_nothing_is_mirrored() {
+        let refused = json!({"success": false, "error": "Invalid API key"});
+        let styxy = Styxy::start(vec![canned("POST", "/allocate", 401, refused)]);
+        let mut d = Daemon::new("401", styxy.addr);
+        let (answer, _) = d.mirror_in_time(3000);
+        assert!(matches!(answer, StyxyAnswer::Failed));
+        assert_eq!(d.standing(3000), Some(Standing::Pending));
+        let h = d.up.health.lock().clone();
+        assert!(h.refused && h.last_error.as_deref().is_some_and(|e| e.contains("401")), "{h:?}");
+        assert!(!d.up.usable());
+    }
+
+    #[test]
+    fn an_unreachable_styxy_holds_nothing_and_grants_go_on_alone() {
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone); // nothing listens there now
+        let mut d = Daemon::new("unreachable", addr);
+        // what Styxy's last list said it holds for others
+        let theirs = api::AllocationInfo { port: 3005, lock_id: "x".into(), service_type: "dev".into(), ..Default::default() };
+        d.sh.state.lock().reconcile(&[theirs], now_ms(), u64::MAX, AGENT);
+        assert_eq!(d.sh.state.lock().held_by_others(), 1);
+        let (answer, _) = d.mirror_in_time(3000);
+        assert!(matches!(answer, StyxyAnswer::Failed));
+        assert_eq!(d.standing(3000), Some(Standing::Pending));
+        assert_eq!(d.sh.state.lock().held_by_others(), 0, "a Styxy that is gone holds nothing");
+        let h = d.up.health.lock().clone();
+        assert!(!h.reachable && !h.busy && h.last_error.is_some(), "{h:?}");
+        assert!(!d.up.usable());
+    }
+}
