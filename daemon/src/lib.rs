@@ -390,15 +390,10 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
             _ = tokio::signal::ctrl_c() => { log!("SIGINT"); break; }
             _ = tick.tick() => {
                 let sh = shared.clone();
-                let (freed, held) = tokio::task::spawn_blocking(move || {
-                    // /proc is read without the lock: grants go on meanwhile
-                    let verdicts = sh.state.lock().sweep_plan().judge(now_ms());
-                    let mut st = sh.state.lock();
-                    (st.sweep_apply(verdicts, now_ms()), st.len())
-                }).await.unwrap_or((0, 1));
-                if freed > 0 {
-                    shared.persist();
-                }
+                let held = tokio::task::spawn_blocking(move || {
+                    sh.sweep();
+                    sh.state.lock().len()
+                }).await.unwrap_or(1);
                 if let Some(idle) = opts.idle_exit {
                     let quiet = now_ms().saturating_sub(shared.last_activity.load(Ordering::Relaxed));
                     if held == 0 && quiet > idle.as_millis() as u64 && !shared.anchored() {

@@ -1,6 +1,7 @@
 //! What happens to the allocations, each with every step that goes with it: a grant is
 //! mirrored in Styxy, journaled (on disk before its answer leaves, or withdrawn), saved
-//! and counted; a confirmation, a withdrawal, a release and a description are saved.
+//! and counted; a confirmation, a withdrawal, a release, a sweep and a description are
+//! saved.
 //! The HTTP API (`server.rs`) and the shim's socket (`hook.rs`) change the state through
 //! these, so that neither can leave a step out.
 
@@ -79,6 +80,28 @@ impl Shared {
             self.persist();
         }
         released
+    }
+
+    /// Frees what no longer stands, looked at closely, and saves: `/proc` is read without
+    /// the state's lock (grants go on meanwhile), and only what is still the allocation
+    /// judged is freed. Blocking: run it off the runtime's thread. How many were freed.
+    pub fn sweep(&self) -> usize {
+        let plan = self.state.lock().sweep_plan();
+        let verdicts = plan.judge(now_ms());
+        let freed = self.state.lock().sweep_apply(verdicts, now_ms());
+        if freed > 0 {
+            self.persist();
+        }
+        freed
+    }
+
+    /// Frees every allocation (`/cleanup` with `force`), and saves.
+    pub fn clear(&self) -> usize {
+        let cleared = self.state.lock().clear(now_ms());
+        if cleared > 0 {
+            self.persist();
+        }
+        cleared
     }
 
     /// Names the new allocation at `port` after the process that asked, and saves it.

@@ -457,16 +457,7 @@ async fn suggest(
 async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
     let m = json_body(body).await?;
     let force = m.get("force").and_then(Value::as_bool).unwrap_or(false);
-    let cleaned = if force {
-        sh.state.lock().clear(now_ms())
-    } else {
-        let plan = sh.state.lock().sweep_plan();
-        let verdicts = tokio::task::spawn_blocking(move || plan.judge(now_ms())).await.unwrap_or_default();
-        sh.state.lock().sweep_apply(verdicts, now_ms())
-    };
-    if cleaned > 0 {
-        sh.persist();
-    }
+    let cleaned = if force { sh.clear() } else { tokio::task::spawn_blocking(move || sh.sweep()).await.unwrap_or(0) };
     Ok(Json(json!({"success": true, "cleaned": cleaned, "message": format!("Cleaned {cleaned} allocations")})).into_response())
 }
 
