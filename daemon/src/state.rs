@@ -452,7 +452,7 @@ impl State {
 
     /// Names a new allocation after the process that asked: its name and directory
     /// (read after the grant, off the answer's path).
-    pub fn describe(&mut self, port: u16, comm: &str, project_path: Option<String>) {
+    pub(crate) fn describe(&mut self, port: u16, comm: &str, project_path: Option<String>) {
         if let Some(a) = self.allocs.get_mut(&port) {
             a.service_name = styxy_preload_common::api::service_name(comm, port);
             a.comm = Some(comm.to_string());
@@ -460,7 +460,9 @@ impl State {
         }
     }
 
-    pub fn allocate(&mut self, claim: &Claim, now_ms: u64) -> Result<Grant, AllocError> {
+    /// The grant `claim` asks for, made in the state (and the port map). The daemon
+    /// grants through `Shared::grant` (`record.rs`), which journals, saves and counts it.
+    pub(crate) fn allocate(&mut self, claim: &Claim, now_ms: u64) -> Result<Grant, AllocError> {
         let ty = self
             .policy
             .service_type(&claim.req.service_type)
@@ -690,7 +692,7 @@ impl State {
     }
 
     /// Drops the allocation at `port`, remembering the session's mapping.
-    pub fn remove(&mut self, port: u16, now_ms: u64) -> Option<Allocation> {
+    pub(crate) fn remove(&mut self, port: u16, now_ms: u64) -> Option<Allocation> {
         let a = self.allocs.remove(&port)?;
         self.unpublish(&a);
         if let Some(l) = a.upstream.lock_id() {
@@ -716,7 +718,7 @@ impl State {
         true
     }
 
-    pub fn release(&mut self, lock_id: &str, now_ms: u64) -> Option<Allocation> {
+    pub(crate) fn release(&mut self, lock_id: &str, now_ms: u64) -> Option<Allocation> {
         let port = self.allocs.values().find(|a| a.lock_id == lock_id)?.port;
         self.remove(port, now_ms)
     }
@@ -737,7 +739,7 @@ impl State {
 
     /// Carries out a sweep's verdicts: frees the allocations found dead and confirms
     /// the ones found bound, each only if it is still the one judged (same lock id).
-    pub fn sweep_apply(&mut self, v: Verdicts, now_ms: u64) -> usize {
+    pub(crate) fn sweep_apply(&mut self, v: Verdicts, now_ms: u64) -> usize {
         let same = |st: &State, (port, lock): &(u16, String)| st.allocs.get(port).is_some_and(|a| &a.lock_id == lock);
         for c in &v.confirmed {
             if same(self, c) {
@@ -753,7 +755,7 @@ impl State {
         dead.len()
     }
 
-    pub fn clear(&mut self, now_ms: u64) -> usize {
+    pub(crate) fn clear(&mut self, now_ms: u64) -> usize {
         let ports: Vec<u16> = self.allocs.keys().copied().collect();
         for p in &ports {
             self.remove(*p, now_ms);
@@ -762,7 +764,7 @@ impl State {
     }
 
     /// Adds `owner` to the allocation at `port` (a `listen()` confirmation).
-    pub fn confirm(&mut self, port: u16, owner: Owner) -> bool {
+    pub(crate) fn confirm(&mut self, port: u16, owner: Owner) -> bool {
         match self.allocs.get_mut(&port) {
             Some(a) => {
                 if !a.owners.contains(&owner) {
