@@ -43,6 +43,15 @@ pub struct AllocateRequest {
     pub bind: bool,
 }
 
+impl AllocateRequest {
+    /// A request for `port` of type `ty`, as the port a tool asked for (preferred and
+    /// requested); the optional fields by struct update:
+    /// `AllocateRequest { pid: Some(pid), ..AllocateRequest::for_port("dev", 3000) }`.
+    pub fn for_port(ty: &str, port: u16) -> AllocateRequest {
+        AllocateRequest { service_type: ty.to_string(), preferred_port: Some(port), requested_port: Some(port), ..Default::default() }
+    }
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -163,7 +172,7 @@ pub struct ExhaustedContext {
 impl AllocateReply {
     /// The granted port and lock id, when the reply is a success (`success` or
     /// `existing` true, docs/STYXY.md "Field rules and built-in types").
-    pub fn granted(&self) -> Option<(u16, Option<&str>)> {
+    pub fn port_and_lock(&self) -> Option<(u16, Option<&str>)> {
         let ok = self.success == Some(true) || self.existing == Some(true);
         match (ok, self.port) {
             (true, Some(p)) if p != 0 => Some((p, self.lock_id.as_deref())),
@@ -256,18 +265,18 @@ mod tests {
     fn reply_shapes() {
         let ok: AllocateReply =
             serde_json::from_str(r#"{"success":true,"port":3000,"lock_id":"a","message":"Port 3000 allocated for dev service"}"#).unwrap();
-        assert_eq!(ok.granted(), Some((3000, Some("a"))));
+        assert_eq!(ok.port_and_lock(), Some((3000, Some("a"))));
         let reuse: AllocateReply = serde_json::from_str(
             r#"{"port":11430,"lockId":"b","message":"m","existing":true,"existingInstanceId":"x","existingPid":1,"allocatedAt":1}"#,
         )
         .unwrap();
-        assert_eq!(reuse.granted(), Some((11430, Some("b"))));
+        assert_eq!(reuse.port_and_lock(), Some((11430, Some("b"))));
         let err: AllocateReply =
             serde_json::from_str(r#"{"success":false,"error":"No available ports in range 6006-6029 for service type storybook","context":{"allocated_ports":[6006]}}"#)
                 .unwrap();
-        assert_eq!(err.granted(), None);
+        assert_eq!(err.port_and_lock(), None);
         let dry: AllocateReply = serde_json::from_str(r#"{"success":true,"port":0}"#).unwrap();
-        assert_eq!(dry.granted(), None);
+        assert_eq!(dry.port_and_lock(), None);
         assert!(serde_json::from_str::<AllocateReply>(r#"{"success":true,"port":70000}"#).is_err());
     }
 
@@ -361,11 +370,11 @@ mod fuzz {
         #[test]
         fn any_answer_is_handled(body in prop::collection::vec(any::<u8>(), 0..256), port in any::<i64>(), ok in any::<bool>()) {
             if let Ok(r) = serde_json::from_slice::<AllocateReply>(&body) {
-                let _ = r.granted();
+                let _ = r.port_and_lock();
             }
             let text = format!(r#"{{"success":{ok},"port":{port},"lock_id":"x"}}"#);
             if let Ok(r) = serde_json::from_str::<AllocateReply>(&text) {
-                prop_assert!(r.granted().is_none_or(|(p, _)| p != 0 && i64::from(p) == port));
+                prop_assert!(r.port_and_lock().is_none_or(|(p, _)| p != 0 && i64::from(p) == port));
             }
         }
 

@@ -17,14 +17,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use styxy_preload_common::api::{service_name, valid_instance_id};
+use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP, MAY_MOVE, MOVED};
 use styxy_preload_common::policy::Decision;
 use styxy_preload_common::procinfo;
 use tokio::io::unix::AsyncFd;
 
-use crate::state::{AllocRequest, Owner};
+use crate::state::{Claim, Owner};
 use crate::{now_ms, Backoff, Shared};
 
 /// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
@@ -135,7 +135,7 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     let started = Instant::now();
     let Ok(n) = recv(&fd, &mut buf).await else { return };
     let Some(ask) = Ask::decode(&buf[..n]).filter(|a| a.kind == KEEP) else { return };
-    let Some(grant) = keep(&sh, pid, &ask) else {
+    let Some(grant) = keep(&sh, pid, &ask).await else {
         send(&fd, &Answer { status: DECLINED, port: 0, existing: false }.encode());
         return;
     };
@@ -155,7 +155,7 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
         (Some(done), Ok(grant)) if done.errno == 0 => {
             // bound: confirmed, and the binder an owner, as a listen would
             if let Some(owner) = Owner::of(grant.pid) {
-                sh.state.lock().confirm(port, owner);
+                sh.confirm(port, owner);
             }
             let _ = tokio::task::spawn_blocking(move || log_event(&grant, port, family, started)).await;
         }
@@ -163,29 +163,19 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
         _ if existing || heard.is_err() => {}
         // the bind failed, or the client closed without a word (it gave up): a new grant
         // is withdrawn (the hooks' logic takes it from here)
-        _ => {
-            sh.state.lock().remove(port, now_ms());
-            sh.persist();
-        }
+        _ => sh.withdraw(port),
     }
 }
 
 /// Who asked, read from /proc while it waits for the answer: its name, directory and
 /// log, into the grant and a new allocation, which is then saved.
-fn describe(sh: &Shared, mut grant: Granted) -> Granted {
-    let port = grant.port;
+fn describe(sh: &Shared, mut grant: KeptBind) -> KeptBind {
     grant.comm = procinfo::comm(grant.pid).unwrap_or_else(|| "?".into());
     grant.log = log_of(grant.pid);
     if grant.existing {
         return grant;
     }
-    let cwd = procinfo::cwd(grant.pid);
-    if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
-        a.service_name = service_name(&grant.comm, port);
-        a.comm = Some(grant.comm.clone());
-        a.project_path = cwd;
-    }
-    sh.persist();
+    sh.describe(grant.port, &grant.comm, procinfo::cwd(grant.pid));
     grant
 }
 
@@ -206,7 +196,7 @@ impl Drop for Pending<'_> {
 }
 
 /// What the daemon granted, for the event.
-struct Granted {
+struct KeptBind {
     pid: u32,
     /// The port granted: the one asked, or another (a remap).
     port: u16,
@@ -225,7 +215,7 @@ struct Granted {
 
 /// Grants `ask.port` to `pid`, or another port when the ask [`MAY_MOVE`], as the hooks'
 /// logic would: a coordinated port, no Styxy answering (a grant would wait for it).
-fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
+async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
     if sh.upstream.get().is_some_and(|u| u.usable()) {
         return None; // Styxy answers: the hooks' logic waits for its word on the port
@@ -234,33 +224,23 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
     if session.is_some_and(|s| !valid_instance_id(s)) {
         return None;
     }
-    let started = Instant::now();
-    let mut st = sh.state.lock();
-    let Decision::Coordinated(ty) = st.policy.decide(ask.port) else { return None };
-    let ty = ty.to_string();
-    let req = AllocRequest {
-        service_type: ty.clone(),
-        service_name: service_name("process", ask.port), // named once the shim binds
-        preferred_port: Some(ask.port),
-        session: session.map(str::to_string),
-        project_path: None,
-        dry_run: false,
-        requested_port: Some(ask.port),
-        comm: None,
-        exclude: vec![],
-        owner: Some(Owner::pid(pid)),
-        bind: true,
-        exactly: ask.flags & MAY_MOVE == 0,
+    let ty = match sh.state.lock().policy().decide(ask.port) {
+        Decision::Coordinated(ty) => ty.to_string(),
+        _ => return None,
     };
-    let g = st.allocate(&req, now_ms()).ok()?;
+    let asked = AllocateRequest {
+        service_name: Some(service_name("process", ask.port)), // named once the shim binds
+        instance_id: session.map(str::to_string),
+        bind: true,
+        ..AllocateRequest::for_port(&ty, ask.port)
+    };
+    let claim = Claim { exactly: ask.flags & MAY_MOVE == 0, ..Claim::new(asked, Some(Owner::pid(pid))) };
+    // a grant that cannot be journaled is not made (and said): the hooks' logic hears why
+    // over HTTP
+    let g = sh.grant(&claim).await.ok()?;
     // the process had bound this grant before (a twin, a probe): one start
-    let again = g.existing && st.allocs.get(&g.port).is_some_and(|a| a.owners.iter().any(|o| o.pid == pid));
-    drop(st);
-    if !g.existing && crate::server::journaled(sh, g.port).is_err() {
-        return None; // not granted (and said); the hooks' logic hears why over HTTP
-    }
-    sh.metrics.observe_allocate(started.elapsed(), true);
-    Some(Granted {
+    let again = g.existing && session.is_some_and(|s| sh.state.lock().owned_by(g.port, s, pid));
+    Some(KeptBind {
         pid,
         port: g.port,
         asked: ask.port,
@@ -276,7 +256,7 @@ fn keep(sh: &Shared, pid: u32, ask: &Ask) -> Option<Granted> {
 
 /// The event the process would have logged (a blocking thread's work: the client names
 /// the file).
-fn log_event(g: &Granted, port: u16, family: u8, started: Instant) {
+fn log_event(g: &KeptBind, port: u16, family: u8, started: Instant) {
     let (action, reason) = match () {
         _ if g.again => (Action::Observed, Some(eventlog::bound_again(port))),
         _ if port != g.asked => (Action::Remapped, Some(eventlog::taken(g.asked, &g.holder))),
@@ -305,4 +285,224 @@ fn log_event(g: &Granted, port: u16, family: u8, started: Instant) {
 fn log_of(pid: u32) -> Log {
     let env = procinfo::environ(pid);
     Log::of(&|k| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The hook server against a fake shim: the test plays the other end of the
+    //! `SOCK_SEQPACKET` connection in the hookproto layout, both ways, and a real
+    //! process (`sleep`, with its own environment) is the binder the daemon looks up.
+    use std::path::PathBuf;
+    use std::process::{Child, Command};
+
+    use socket2::{Domain, Socket, Type};
+    use styxy_preload_common::hookproto::ANSWER_LEN;
+
+    use super::*;
+    use crate::state::Os;
+
+    const EADDRINUSE: i32 = 98;
+
+    /// A scratch directory, a daemon's state with its journal there, and a process
+    /// whose environment puts its event log there too.
+    struct Fixture {
+        dir: PathBuf,
+        sh: Arc<Shared>,
+        binder: Child,
+    }
+
+    impl Fixture {
+        fn new(name: &str) -> Fixture {
+            Fixture::with_journal(name, |dir| dir.join("daemon-journal.jsonl"))
+        }
+
+        fn with_journal(name: &str, journal: fn(&Path) -> PathBuf) -> Fixture {
+            let dir = std::env::temp_dir().join(format!("styxy-hook-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+            let sh = Shared::for_tests(os, journal(&dir));
+            let binder = Command::new("sleep").arg("30").env_clear().env("STYXY_PRELOAD_LOG", dir.join("events.jsonl")).spawn().unwrap();
+            Fixture { dir, sh, binder }
+        }
+
+        fn events(&self) -> String {
+            std::fs::read_to_string(self.dir.join("events.jsonl")).unwrap_or_default()
+        }
+
+        fn journal(&self) -> String {
+            std::fs::read_to_string(self.dir.join("daemon-journal.jsonl")).unwrap_or_default()
+        }
+
+        /// One exchange: the daemon's side runs here, the shim's (`shim`, given its end
+        /// of the connection) on a thread; what the shim saw comes back.
+        async fn exchange<T: Send + 'static>(&self, shim: impl FnOnce(Socket) -> T + Send + 'static) -> T {
+            let (daemon_end, shim_end) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+            daemon_end.set_nonblocking(true).unwrap();
+            shim_end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let peer = std::thread::spawn(move || shim(shim_end));
+            let served = tokio::time::timeout(Duration::from_secs(5), exchange(self.sh.clone(), daemon_end.into(), self.binder.id()));
+            assert!(served.await.is_ok(), "the exchange ends");
+            peer.join().unwrap()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = self.binder.kill();
+            let _ = self.binder.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn ask(kind: u8, port: u16, errno: i32, session: &[u8]) -> [u8; ASK_LEN] {
+        Ask { kind, port, family: 4, errno, flags: 0, session }.encode().unwrap()
+    }
+
+    fn send(s: &Socket, msg: &[u8]) {
+        assert_eq!(s.send(msg).unwrap(), msg.len());
+    }
+
+    /// The daemon's answer; `None` when it closed the connection unanswered.
+    fn answer(s: &Socket) -> Option<Answer> {
+        let mut buf = [std::mem::MaybeUninit::new(0u8); ANSWER_LEN + 1];
+        let n = s.recv(&mut buf).expect("an answer or the end, within the read timeout");
+        // SAFETY: recv initialised the first n bytes (all of them were initialised anyway).
+        let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        (n > 0).then(|| Answer::decode(&bytes).expect("an answer in the layout"))
+    }
+
+    /// KEEP, the answer, then DONE with `errno`.
+    fn keep_then_done(port: u16, session: &'static [u8], errno: i32) -> impl FnOnce(Socket) -> Option<Answer> {
+        move |s| {
+            send(&s, &ask(KEEP, port, 0, session));
+            let a = answer(&s);
+            if a.is_some_and(|a| a.status == GRANTED) {
+                send(&s, &ask(DONE, port, errno, session));
+            }
+            a
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_bind_is_journaled_before_its_answer_then_confirmed_and_logged() {
+        let f = Fixture::new("kept");
+        let journal = f.dir.join("daemon-journal.jsonl");
+        let (got, journaled) = f
+            .exchange(move |s| {
+                send(&s, &ask(KEEP, 3000, 0, b"s1"));
+                let a = answer(&s);
+                // the answer is out: its grant must be on disk already
+                let journaled = std::fs::read_to_string(&journal).unwrap_or_default();
+                send(&s, &ask(DONE, 3000, 0, b"s1"));
+                (a, journaled)
+            })
+            .await;
+        assert_eq!(got, Some(Answer { status: GRANTED, port: 3000, existing: false }));
+        assert!(journaled.contains("\"port\":3000"), "journaled before the answer: {journaled:?}");
+        let st = f.sh.state.lock();
+        let a = st.allocation(3000).expect("granted");
+        assert!(a.confirmed && a.bind, "confirmed by DONE: {a:?}");
+        assert_eq!(a.owners.iter().map(|o| o.pid).collect::<Vec<_>>(), [f.binder.id()]);
+        assert_eq!((a.session.as_deref(), a.comm.as_deref()), (Some("s1"), Some("sleep")));
+        drop(st);
+        let events = f.events();
+        assert_eq!(events.lines().count(), 1, "{events}");
+        assert!(events.contains("\"action\":\"kept\"") && events.contains("\"port\":3000"), "{events}");
+        assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_bind_withdraws_its_grant_and_logs_nothing() {
+        let f = Fixture::new("withdrawn");
+        let got = f.exchange(keep_then_done(3000, b"s1", EADDRINUSE)).await;
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
+        assert!(f.sh.state.lock().is_empty(), "withdrawn");
+        assert_eq!(f.events(), "");
+        assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn another_sessions_port_and_an_uncoordinated_one_are_declined_changing_nothing() {
+        let f = Fixture::new("declined");
+        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).await.map(|a| a.status), Some(GRANTED));
+        let declined = Some(Answer { status: DECLINED, port: 0, existing: false });
+        assert_eq!(f.exchange(keep_then_done(3000, b"b", 0)).await, declined, "a's port: b's would be a remap");
+        assert_eq!(f.exchange(keep_then_done(22, b"b", 0)).await, declined, "not a coordinated port");
+        let st = f.sh.state.lock();
+        assert_eq!(st.len(), 1);
+        assert_eq!(st.allocation(3000).and_then(|a| a.session.as_deref()), Some("a"));
+        drop(st);
+        assert_eq!(f.journal().lines().count(), 1, "one grant, one line");
+    }
+
+    #[tokio::test]
+    async fn a_shim_that_may_move_gets_another_port_and_the_remap_is_logged() {
+        let f = Fixture::new("moved");
+        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).await.map(|a| a.status), Some(GRANTED));
+        let may_move = |session: &'static [u8], errno: i32| {
+            move |s: Socket| {
+                let ask_move = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: MAY_MOVE, session };
+                send(&s, &ask_move.encode().unwrap());
+                let a = answer(&s);
+                if let Some(a) = a {
+                    send(&s, &ask(DONE, a.port, errno, session));
+                }
+                a
+            }
+        };
+        let got = f.exchange(may_move(b"b", 0)).await.expect("an answer");
+        assert_eq!((got.status, got.existing), (MOVED, false));
+        assert_ne!(got.port, 3000);
+        let b = f.sh.state.lock().allocation(got.port).map(|a| (a.session.clone(), a.requested_port, a.confirmed));
+        assert_eq!(b, Some((Some("b".to_string()), Some(3000), true)));
+        let events = f.events();
+        let remap = events.lines().find(|l| l.contains("\"action\":\"remapped\"")).unwrap_or_else(|| panic!("{events}"));
+        assert!(remap.contains("\"requested_port\":3000") && remap.contains("port 3000 is taken by sleep"), "{remap}");
+        // withdrawn when the bind of the other port fails
+        let got = f.exchange(may_move(b"c", EADDRINUSE)).await.expect("an answer");
+        assert_eq!(got.status, MOVED);
+        assert!(f.sh.state.lock().allocation(got.port).is_none(), "withdrawn");
+    }
+
+    #[tokio::test]
+    async fn garbage_or_an_early_close_ends_the_exchange() {
+        let f = Fixture::new("garbage");
+        let mut bad = ask(KEEP, 3000, 0, b"s1");
+        bad[0] ^= 1; // another layout
+        let got = f.exchange(move |s| {
+            send(&s, &bad);
+            answer(&s)
+        });
+        assert_eq!(got.await, None, "closed unanswered");
+        assert!(f.sh.state.lock().is_empty());
+        // granted, then the shim is gone before DONE (it gave up): the grant is withdrawn,
+        // and nothing is logged
+        let got = f.exchange(|s| {
+            send(&s, &ask(KEEP, 3000, 0, b"s1"));
+            answer(&s)
+        });
+        assert_eq!(got.await.map(|a| a.status), Some(GRANTED));
+        assert!(f.sh.state.lock().allocation(3000).is_none(), "withdrawn");
+        // a DONE for another port is no DONE: withdrawn too
+        let got = f.exchange(|s| {
+            send(&s, &ask(KEEP, 3001, 0, b"s2"));
+            let a = answer(&s);
+            send(&s, &ask(DONE, 4000, 0, b"s2"));
+            a
+        });
+        assert_eq!(got.await.map(|a| a.status), Some(GRANTED));
+        assert!(f.sh.state.lock().is_empty());
+        assert_eq!(f.events(), "");
+        assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_grant_that_cannot_be_journaled_is_declined() {
+        // the journal's path is a directory: no line can be written
+        let f = Fixture::with_journal("unjournaled", |dir| dir.to_path_buf());
+        let got = f.exchange(keep_then_done(3000, b"s1", 0)).await;
+        assert_eq!(got.map(|a| a.status), Some(DECLINED));
+        assert!(f.sh.state.lock().is_empty(), "withdrawn");
+    }
 }

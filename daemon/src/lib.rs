@@ -22,6 +22,7 @@ pub mod hook;
 pub mod journal;
 pub mod metrics;
 pub mod portcheck;
+pub mod record;
 pub mod server;
 pub mod state;
 pub mod styxy_hook;
@@ -291,9 +292,9 @@ fn initial_state(opts: &Options) -> (State, journal::Journal, Option<upstream::P
     let journal = journal::Journal::open(paths::state_dir().join("daemon-journal.jsonl"));
     let probe = opts.upstream.as_ref().map(|u| upstream::probe(u, Duration::from_millis(500)));
     if let Some(upstream::Probe::Config(cfg)) = &probe {
-        st.policy.apply_config(cfg);
+        st.apply_config(cfg);
     }
-    publish_policy(&st.policy);
+    publish_policy(st.policy());
     load_state(&mut st, &journal);
     (st, journal, probe)
 }
@@ -315,6 +316,17 @@ impl Shared {
             dirty: std::sync::atomic::AtomicBool::new(false),
             write_lock: Mutex::new(()),
         }
+    }
+}
+
+#[cfg(test)]
+impl Shared {
+    /// A daemon's shared state for unit tests: the default policy, no port map, the OS
+    /// as `os` answers, the journal at `journal`, and no writer (a save is a no-op).
+    pub(crate) fn for_tests(os: state::Os, journal: PathBuf) -> Arc<Shared> {
+        let st = State::new(Policy::default(), None, 60_000).with_os(os);
+        let (tx, _) = mpsc::channel();
+        Arc::new(Shared::new(st, journal::Journal::open(journal), None, tx))
     }
 }
 
@@ -343,7 +355,7 @@ fn tcp_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListener, opts: Options) -> Result<(), RunError> {
     // the liveness beat hooks read in the port map, beaten once before the first hook can ask
-    let map = shared.state.lock().map.clone();
+    let map = shared.state.lock().port_map();
     let beat = match map.map(beat::Beat::start).transpose() {
         Ok(b) => b,
         Err(e) => return Err(RunError::Io(format!("cannot start the beat thread: {e}"))),
@@ -378,15 +390,10 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
             _ = tokio::signal::ctrl_c() => { log!("SIGINT"); break; }
             _ = tick.tick() => {
                 let sh = shared.clone();
-                let (freed, held) = tokio::task::spawn_blocking(move || {
-                    // /proc is read without the lock: grants go on meanwhile
-                    let verdicts = sh.state.lock().sweep_plan().judge(now_ms());
-                    let mut st = sh.state.lock();
-                    (st.sweep_apply(verdicts, now_ms()), st.allocs.len())
-                }).await.unwrap_or((0, 1));
-                if freed > 0 {
-                    shared.persist();
-                }
+                let held = tokio::task::spawn_blocking(move || {
+                    sh.sweep();
+                    sh.state.lock().len()
+                }).await.unwrap_or(1);
                 if let Some(idle) = opts.idle_exit {
                     let quiet = now_ms().saturating_sub(shared.last_activity.load(Ordering::Relaxed));
                     if held == 0 && quiet > idle.as_millis() as u64 && !shared.anchored() {

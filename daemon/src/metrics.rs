@@ -48,10 +48,10 @@ impl Metrics {
         let _ = writeln!(out, "# HELP styxy_ports_held Ports held now, by service type.");
         let _ = writeln!(out, "# TYPE styxy_ports_held gauge");
         for t in st.types() {
-            let n = st.allocs.values().filter(|a| a.service_type == t.name).count();
+            let n = st.allocations().filter(|a| a.service_type == t.name).count();
             let _ = writeln!(out, "styxy_ports_held{{service_type=\"{}\"}} {n}", t.name);
         }
-        let mut sessions: Vec<&str> = st.allocs.values().filter_map(|a| a.session.as_deref()).collect();
+        let mut sessions: Vec<&str> = st.allocations().filter_map(|a| a.session.as_deref()).collect();
         sessions.sort_unstable();
         sessions.dedup();
         let _ = writeln!(out, "# HELP styxy_live_sessions Sessions holding at least one port.");

@@ -19,7 +19,8 @@ use styxy_preload_common::api::{
 };
 use styxy_preload_common::{policy, procinfo};
 
-use crate::state::{AllocError, AllocRequest, Grant, Owner};
+use crate::record::Refusal;
+use crate::state::{AllocError, Claim, Grant, Owner, UNNAMED};
 use crate::{now_ms, portcheck, Shared};
 
 /// The largest request body accepted (Styxy: 10 kB).
@@ -163,17 +164,17 @@ fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>
 }
 
 /// The allocate request's body, parsed into the clients' own type ([`AllocateRequest`]:
-/// types and port ranges) and checked against Styxy's rules and the daemon's own.
-fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<AllocRequest, ApiError> {
-    let r = AllocateRequest::deserialize(Value::Object(m)).map_err(|e| ApiError::bad(e.to_string()))?;
+/// types and port ranges), checked against Styxy's rules and the daemon's own, and made
+/// a [`Claim`] of its owner: the caller, or the pid it names when that may own it.
+fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<Claim, ApiError> {
+    let mut r = AllocateRequest::deserialize(Value::Object(m)).map_err(|e| ApiError::bad(e.to_string()))?;
     if r.service_type.is_empty() {
         return Err(ApiError::bad("service_type is required"));
     }
     if !valid_service_type(&r.service_type) {
         return Err(ApiError::bad("service_type must be 1-50 characters of A-Z, a-z, 0-9 and -"));
     }
-    let service_name = r.service_name.unwrap_or_else(|| "unnamed-service".into());
-    if !valid_service_name(&service_name) {
+    if !valid_service_name(r.service_name.as_deref().unwrap_or(UNNAMED)) {
         return Err(ApiError::bad("service_name must be 1-100 characters of A-Z, a-z, 0-9, ., _ and -"));
     }
     if r.instance_id.as_deref().is_some_and(|s| !valid_instance_id(s)) {
@@ -186,26 +187,17 @@ fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<AllocRequest, Api
         return Err(ApiError::bad("exclude must be an array of at most 256 ports"));
     }
     let pid = r.pid.map(|p| valid_pid(p).ok_or_else(|| ApiError::bad("pid must be a positive integer"))).transpose()?;
-    let comm = r.comm.map(|c| c.chars().take(64).collect::<String>());
-    let session = r.instance_id.filter(|s| s != "default");
+    r.comm = r.comm.map(|c| c.chars().take(64).collect::<String>());
+    let mut claim = Claim::new(r, None);
     let owner_pid = match pid {
-        Some(p) => Some(verified_pid(p, peer, session.as_deref())?),
+        Some(p) => Some(verified_pid(p, peer, claim.session())?),
         None => peer.pid,
     };
-    Ok(AllocRequest {
-        service_type: r.service_type,
-        service_name,
-        preferred_port: r.preferred_port,
-        session,
-        project_path: r.project_path,
-        dry_run: r.dry_run,
-        requested_port: r.requested_port,
-        comm: comm.or_else(|| owner_pid.and_then(procinfo::comm)),
-        exclude: r.exclude,
-        owner: owner_pid.map(Owner::pid),
-        bind: r.bind,
-        exactly: false,
-    })
+    if claim.req.comm.is_none() {
+        claim.req.comm = owner_pid.and_then(procinfo::comm);
+    }
+    claim.owner = owner_pid.map(Owner::pid);
+    Ok(claim)
 }
 
 /// An owner pid a client names must be its own, its parent's (`styxy-preload port`
@@ -225,54 +217,26 @@ fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiE
 }
 
 async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {
-    let started = std::time::Instant::now();
     let m = json_body(body).await?;
     let req = parse_allocate(m, peer)?;
-    let mut result = sh.state.lock().allocate(&req, now_ms());
-    if let Ok(g) = &mut result {
-        if !req.dry_run && !g.existing {
-            if let Some(theirs) = crate::upstream::mirror_grant(&sh, g.port).await {
-                g.port = theirs; // Styxy held ours for another client and chose this one
-            }
-        }
+    match sh.grant(&req).await {
+        Ok(g) => Ok(Json(grant_reply(&req, g)).into_response()),
+        Err(Refusal::State(e)) => refused(&sh, e),
+        // not on disk, so not made: nothing would remember it after a restart
+        Err(Refusal::Unjournaled(why)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why)),
     }
-    sh.metrics.observe_allocate(started.elapsed(), result.is_ok());
-    match result {
-        Ok(g) => {
-            if !req.dry_run && !g.existing {
-                // on disk (the journal) before the client hears of it, or not made
-                journaled(&sh, g.port)?;
-                sh.persist();
-            }
-            Ok(Json(granted(&req, g)).into_response())
-        }
-        Err(e) => refused(&sh, e),
-    }
-}
-
-/// The new grant of `port` is in the journal; when it cannot be written (a full disk),
-/// the grant is withdrawn and the client told why (a 503: nothing would remember it
-/// after a restart, and another session's remap would then lead nowhere).
-pub(crate) fn journaled(sh: &Shared, port: u16) -> Result<(), ApiError> {
-    let mut st = sh.state.lock();
-    let Some(a) = st.allocs.get(&port) else { return Ok(()) };
-    let Err(e) = sh.journal.append(a) else { return Ok(()) };
-    st.remove(port, now_ms());
-    drop(st);
-    log!("grant of port {port} withdrawn: cannot write the journal: {e}");
-    Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("port {port} not granted: the daemon cannot write its journal: {e}")))
 }
 
 /// The answer to a grant: Styxy's shapes, for a dry run or an allocation.
-fn granted(req: &AllocRequest, g: Grant) -> AllocateReply {
-    if req.dry_run {
+fn grant_reply(claim: &Claim, g: Grant) -> AllocateReply {
+    if claim.req.dry_run {
         return AllocateReply {
             success: Some(true),
             port: Some(g.port),
             dry_run: true,
             message: Some(format!("Port {} is available", g.port)),
-            service_type: Some(req.service_type.clone()),
-            service_name: Some(req.service_name.clone()),
+            service_type: Some(claim.req.service_type.clone()),
+            service_name: Some(claim.service_name().to_string()),
             holder: g.holder,
             ..Default::default()
         };
@@ -282,7 +246,7 @@ fn granted(req: &AllocRequest, g: Grant) -> AllocateReply {
         port: Some(g.port),
         lock_id: Some(g.lock_id),
         existing: g.existing.then_some(true),
-        message: Some(format!("Port {} allocated for {} service", g.port, req.service_type)),
+        message: Some(format!("Port {} allocated for {} service", g.port, claim.req.service_type)),
         holder: g.holder,
         ..Default::default()
     }
@@ -322,18 +286,14 @@ async fn release(AxState(sh): AxState<Arc<Shared>>, Path(lock_id): Path<String>)
     if !valid_uuid_v4(&lock_id) {
         return Err(ApiError::bad("lock_id must be a valid UUID v4"));
     }
-    let released = sh.state.lock().release(&lock_id, now_ms());
-    match released {
-        Some(a) => {
-            sh.persist();
-            Ok(Json(json!({"success": true, "port": a.port, "message": format!("Port {} released", a.port)})).into_response())
-        }
+    match sh.release(&lock_id) {
+        Some(a) => Ok(Json(json!({"success": true, "port": a.port, "message": format!("Port {} released", a.port)})).into_response()),
         None => Err(ApiError::bad(format!("Lock ID {lock_id} not found"))),
     }
 }
 
 async fn status(AxState(sh): AxState<Arc<Shared>>) -> Response {
-    let allocations = sh.state.lock().allocs.len();
+    let allocations = sh.state.lock().len();
     Json(json!({
         "status": "running",
         "daemon": "styxy-preload",
@@ -398,14 +358,14 @@ fn allocation_json(a: &crate::state::Allocation, now: u64, upstream: bool) -> Va
 async fn allocations(AxState(sh): AxState<Arc<Shared>>) -> Response {
     let now = now_ms();
     let st = sh.state.lock();
-    let list: Vec<Value> = st.allocs.values().map(|a| allocation_json(a, now, sh.upstream.get().is_some())).collect();
+    let list: Vec<Value> = st.allocations().map(|a| allocation_json(a, now, sh.upstream.get().is_some())).collect();
     Json(json!({"allocations": list})).into_response()
 }
 
 async fn check(AxState(sh): AxState<Arc<Shared>>, Path(port): Path<String>) -> ApiResult {
     let port = port_value(&Value::String(port), "port")?;
     let st = sh.state.lock();
-    let alloc = st.allocs.get(&port).map(|a| allocation_json(a, now_ms(), sh.upstream.get().is_some()));
+    let alloc = st.allocation(port).map(|a| allocation_json(a, now_ms(), sh.upstream.get().is_some()));
     let in_use = portcheck::port_in_use(port);
     Ok(Json(json!({
         "port": port,
@@ -475,13 +435,10 @@ async fn register_pid(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extens
     let confirmed = match (m.get("port"), pid.and_then(Owner::of)) {
         (Some(p), Some(owner)) => {
             let port = port_value(p, "port")?;
-            sh.state.lock().confirm(port, owner)
+            sh.confirm(port, owner)
         }
         _ => false,
     };
-    if confirmed {
-        sh.persist();
-    }
     Ok(Json(json!({"success": true, "instance_id": id, "confirmed": confirmed, "message": "registered"})).into_response())
 }
 
@@ -492,7 +449,7 @@ async fn suggest(
 ) -> ApiResult {
     let count = q.get("count").and_then(|c| c.parse::<usize>().ok()).unwrap_or(5).clamp(1, 100);
     let mut st = sh.state.lock();
-    let t = st.policy.service_type(&ty).cloned().ok_or_else(|| ApiError::bad(format!("unknown service type '{ty}'")))?;
+    let t = st.policy().service_type(&ty).cloned().ok_or_else(|| ApiError::bad(format!("unknown service type '{ty}'")))?;
     let ports = st.suggest(&t, count, now_ms());
     Ok(Json(json!({"service_type": ty, "suggestions": ports, "count": ports.len(), "message": "not reserved"})).into_response())
 }
@@ -500,16 +457,7 @@ async fn suggest(
 async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
     let m = json_body(body).await?;
     let force = m.get("force").and_then(Value::as_bool).unwrap_or(false);
-    let cleaned = if force {
-        sh.state.lock().clear(now_ms())
-    } else {
-        let plan = sh.state.lock().sweep_plan();
-        let verdicts = tokio::task::spawn_blocking(move || plan.judge(now_ms())).await.unwrap_or_default();
-        sh.state.lock().sweep_apply(verdicts, now_ms())
-    };
-    if cleaned > 0 {
-        sh.persist();
-    }
+    let cleaned = if force { sh.clear() } else { tokio::task::spawn_blocking(move || sh.sweep()).await.unwrap_or(0) };
     Ok(Json(json!({"success": true, "cleaned": cleaned, "message": format!("Cleaned {cleaned} allocations")})).into_response())
 }
 
@@ -581,9 +529,9 @@ mod fuzz {
         fn validation_never_panics(m in request()) {
             match parse_allocate(m, Peer { pid: None, tcp: false }) {
                 Ok(r) => {
-                    prop_assert!(valid_service_type(&r.service_type));
-                    prop_assert!(r.preferred_port.is_none_or(|p| p != 0));
-                    prop_assert!(r.session.as_deref().is_none_or(valid_instance_id));
+                    prop_assert!(valid_service_type(&r.req.service_type));
+                    prop_assert!(r.req.preferred_port.is_none_or(|p| p != 0));
+                    prop_assert!(r.session().is_none_or(valid_instance_id));
                 }
                 Err(ApiError(status, msg)) => {
                     prop_assert!(status.is_client_error());

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use styxy_preload_common::api::{AllocationInfo, Holder};
+use styxy_preload_common::api::{AllocateRequest, AllocationInfo, Holder};
+use styxy_preload_common::eventlog::{self, Action, Event};
 use styxy_preload_common::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::{procinfo, session};
@@ -101,6 +102,21 @@ impl Standing {
 }
 
 impl Allocation {
+    /// The request that asks Styxy for this allocation: its port preferred, under its
+    /// session, named after its process and the port that process asked for.
+    pub fn request(&self) -> AllocateRequest {
+        let comm = self.comm.as_deref().unwrap_or("process");
+        AllocateRequest {
+            service_name: Some(styxy_preload_common::api::service_name(comm, self.requested_port.unwrap_or(self.port))),
+            instance_id: self.session.clone(),
+            project_path: self.project_path.clone(),
+            pid: self.owners.first().map(|o| o.pid),
+            requested_port: self.requested_port,
+            comm: self.comm.clone(),
+            ..AllocateRequest::for_port(&self.service_type, self.port)
+        }
+    }
+
     /// Whether the allocation stands (docs/ARCHITECTURE.md "The built-in daemon"). With
     /// no live owner: while a socket of the user's own holds the port (a server that
     /// outlived the process that asked for it: a daemon forked off). A grant for a bind:
@@ -134,8 +150,15 @@ impl Allocation {
 pub struct Os {
     /// Does a test bind of the port fail ([`portcheck::port_in_use`]).
     pub in_use: fn(u16) -> bool,
+    /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
+    pub styxy_sees: fn(u16) -> bool,
     /// The TCP sockets on a port, or all of them, in any state ([`portcheck::sockets`]).
     pub sockets: fn(Option<u16>) -> Option<Vec<PortSocket>>,
+}
+
+impl Os {
+    /// The machine's own answers.
+    pub const REAL: Os = Os { in_use: portcheck::port_in_use, styxy_sees: portcheck::styxy_sees, sockets: portcheck::sockets };
 }
 
 /// How closely allocations are looked at: a quick look asks about one port when it must;
@@ -272,25 +295,41 @@ pub struct Snapshot {
     pub upstream_releases: Vec<String>,
 }
 
-/// A validated `POST /allocate`.
+/// A service name for a request that gave none (Styxy's own).
+pub const UNNAMED: &str = "unnamed-service";
+
+/// A claim on a port: an allocate request as it comes over the wire (the one request
+/// type, [`AllocateRequest`], checked by the server or made by `hook.sock`'s `KEEP`), who
+/// will own the grant, and how strictly the preferred port is meant.
 #[derive(Debug, Clone, Default)]
-pub struct AllocRequest {
-    pub service_type: String,
-    pub service_name: String,
-    pub preferred_port: Option<u16>,
-    pub session: Option<String>,
-    pub project_path: Option<String>,
-    pub dry_run: bool,
-    pub requested_port: Option<u16>,
-    pub comm: Option<String>,
-    pub exclude: Vec<u16>,
+pub struct Claim {
+    pub req: AllocateRequest,
+    /// The caller, or the pid it named (checked by the server).
     pub owner: Option<Owner>,
-    /// For a bind in progress: the grant waits for its confirmation.
-    pub bind: bool,
     /// The preferred port or nothing: another port is not granted (`NotExactly`), and
     /// nothing changes (the shim's `KEEP`: one look at the port, not a dry run and then
     /// the grant).
     pub exactly: bool,
+}
+
+impl Claim {
+    pub fn new(req: AllocateRequest, owner: Option<Owner>) -> Claim {
+        Claim { req, owner, exactly: false }
+    }
+
+    /// Its session: the instance id, but Styxy's `default` one, which is no session.
+    pub fn session(&self) -> Option<&str> {
+        self.req.instance_id.as_deref().filter(|s| *s != "default")
+    }
+
+    pub fn service_name(&self) -> &str {
+        self.req.service_name.as_deref().unwrap_or(UNNAMED)
+    }
+
+    /// The port the client asked for: its requested port, else its preferred one.
+    pub fn requested(&self) -> Option<u16> {
+        self.req.requested_port.or(self.req.preferred_port)
+    }
 }
 
 #[derive(Debug)]
@@ -332,22 +371,22 @@ pub const NEAR: u16 = 9;
 pub const SESSION_QUOTA: usize = 256;
 pub const TOTAL_QUOTA: usize = 4096;
 
+/// The allocations and the rules that keep them. Its fields are its own: every change
+/// goes through a method named for what happens (a grant, a confirmation, a release, a
+/// sweep, Styxy's answer or list), which also publishes it in the port map and notes the
+/// Styxy locks to give back; others read through the accessors.
 pub struct State {
-    pub allocs: BTreeMap<u16, Allocation>,
-    pub recent: Vec<Recent>,
-    pub policy: Policy,
-    pub map: Option<Arc<PortMap>>,
-    pub grace_ms: u64,
-    pub port_in_use: fn(u16) -> bool,
-    /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
-    pub styxy_sees: fn(u16) -> bool,
-    /// The TCP sockets on a port, or all of them ([`portcheck::sockets`]).
-    pub sockets: fn(Option<u16>) -> Option<Vec<PortSocket>>,
+    allocs: BTreeMap<u16, Allocation>,
+    recent: Vec<Recent>,
+    policy: Policy,
+    map: Option<Arc<PortMap>>,
+    grace_ms: u64,
+    os: Os,
     /// Ports the upstream Styxy holds for other clients, with Styxy's record of each:
     /// never granted here, but to the command Styxy's hook reserved one for.
-    pub upstream_held: BTreeMap<u16, AllocationInfo>,
+    upstream_held: BTreeMap<u16, AllocationInfo>,
     /// Styxy locks of freed allocations, for the upstream worker to release.
-    pub upstream_releases: Vec<String>,
+    upstream_releases: Vec<String>,
 }
 
 impl State {
@@ -358,34 +397,91 @@ impl State {
             policy,
             map,
             grace_ms,
-            port_in_use: portcheck::port_in_use,
-            styxy_sees: portcheck::styxy_sees,
-            sockets: portcheck::sockets,
+            os: Os::REAL,
             upstream_held: BTreeMap::new(),
             upstream_releases: Vec::new(),
         }
     }
 
-    fn os(&self) -> Os {
-        Os { in_use: self.port_in_use, sockets: self.sockets }
+    /// The same state asking `os` about ports instead of the machine (tests).
+    pub fn with_os(self, os: Os) -> State {
+        State { os, ..self }
     }
 
-    pub fn allocate(&mut self, req: &AllocRequest, now_ms: u64) -> Result<Grant, AllocError> {
-        let ty = self.policy.service_type(&req.service_type).cloned().ok_or_else(|| AllocError::UnknownType(req.service_type.clone()))?;
-        if let Some(grant) = self.held_by_session(req) {
+    fn os(&self) -> Os {
+        self.os
+    }
+
+    /// The allocations, by port.
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocs.values()
+    }
+
+    pub fn allocation(&self, port: u16) -> Option<&Allocation> {
+        self.allocs.get(&port)
+    }
+
+    /// How many allocations stand.
+    pub fn len(&self) -> usize {
+        self.allocs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.allocs.is_empty()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The shared port map this state publishes to, when there is one.
+    pub fn port_map(&self) -> Option<Arc<PortMap>> {
+        self.map.clone()
+    }
+
+    /// Takes Styxy's service types (`GET /config`); whether the types changed.
+    pub fn apply_config(&mut self, cfg: &serde_json::Value) -> bool {
+        let before = self.policy.types.clone();
+        self.policy.apply_config(cfg) && self.policy.types != before
+    }
+
+    /// Whether `pid` of `session` already owns the allocation at `port` (it binds again).
+    pub fn owned_by(&self, port: u16, session: &str, pid: u32) -> bool {
+        self.allocs.get(&port).is_some_and(|a| a.session.as_deref() == Some(session) && a.owners.iter().any(|o| o.pid == pid))
+    }
+
+    /// Names a new allocation after the process that asked: its name and directory
+    /// (read after the grant, off the answer's path).
+    pub(crate) fn describe(&mut self, port: u16, comm: &str, project_path: Option<String>) {
+        if let Some(a) = self.allocs.get_mut(&port) {
+            a.service_name = styxy_preload_common::api::service_name(comm, port);
+            a.comm = Some(comm.to_string());
+            a.project_path = project_path;
+        }
+    }
+
+    /// The grant `claim` asks for, made in the state (and the port map). The daemon
+    /// grants through `Shared::grant` (`record.rs`), which journals, saves and counts it.
+    pub(crate) fn allocate(&mut self, claim: &Claim, now_ms: u64) -> Result<Grant, AllocError> {
+        let ty = self
+            .policy
+            .service_type(&claim.req.service_type)
+            .cloned()
+            .ok_or_else(|| AllocError::UnknownType(claim.req.service_type.clone()))?;
+        if let Some(grant) = self.held_by_session(claim) {
             return grant;
         }
-        self.check(req, &ty)?;
-        let port = self.choose(req, &ty, now_ms)?;
-        let holder = match req.preferred_port {
+        self.check(claim, &ty)?;
+        let port = self.choose(claim, &ty, now_ms)?;
+        let holder = match claim.req.preferred_port {
             Some(p) if p != port => Some(self.holder_of(p)),
             _ => None,
         };
-        if req.exactly && req.preferred_port != Some(port) {
+        if claim.exactly && claim.req.preferred_port != Some(port) {
             return Err(AllocError::NotExactly);
         }
         let lock_id = uuid::Uuid::new_v4().to_string();
-        if req.dry_run {
+        if claim.req.dry_run {
             return Ok(Grant { port, lock_id, existing: false, holder });
         }
         // a type of our own is never Styxy's; the port Styxy's hook reserved for this very
@@ -399,16 +495,16 @@ impl State {
             lock_id: lock_id.clone(),
             port,
             service_type: ty.name.clone(),
-            service_name: req.service_name.clone(),
-            session: req.session.clone(),
-            project_path: req.project_path.clone(),
-            requested_port: req.requested_port.or(req.preferred_port),
-            comm: req.comm.clone(),
-            owners: req.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
+            service_name: claim.service_name().to_string(),
+            session: claim.session().map(str::to_string),
+            project_path: claim.req.project_path.clone(),
+            requested_port: claim.requested(),
+            comm: claim.req.comm.clone(),
+            owners: claim.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
             allocated_at_ms: now_ms,
             upstream,
-            confirmed: !req.bind,
-            bind: req.bind,
+            confirmed: !claim.req.bind,
+            bind: claim.req.bind,
         };
         self.publish(&a);
         self.allocs.insert(port, a);
@@ -418,21 +514,21 @@ impl State {
     /// The session already holds this requested port, or holds the port itself (a tool
     /// handed it by `exec --port` binds it): the same allocation, shared with the asking
     /// owner.
-    fn held_by_session(&mut self, req: &AllocRequest) -> Option<Result<Grant, AllocError>> {
-        let (s, r) = (req.session.as_ref()?, req.requested_port.or(req.preferred_port)?);
-        let mine = |a: &&Allocation| a.session.as_ref() == Some(s);
+    fn held_by_session(&mut self, claim: &Claim) -> Option<Result<Grant, AllocError>> {
+        let (s, r) = (claim.session()?, claim.requested()?);
+        let mine = |a: &&Allocation| a.session.as_deref() == Some(s);
         let found = match self.allocs.values().filter(mine).find(|a| a.requested_port == Some(r)) {
             Some(a) => Some(a.port),
             None => self.allocs.get(&r).filter(mine).map(|a| a.port),
         };
-        let a = found.and_then(|p| self.allocs.get_mut(&p)).filter(|a| !req.exclude.contains(&a.port))?;
-        if req.exactly && req.preferred_port != Some(a.port) {
+        let a = found.and_then(|p| self.allocs.get_mut(&p)).filter(|a| !claim.req.exclude.contains(&a.port))?;
+        if claim.exactly && claim.req.preferred_port != Some(a.port) {
             return Some(Err(AllocError::NotExactly)); // the session maps it elsewhere
         }
         // a bind in progress becomes an owner once it is confirmed (its listen(), or its
         // bind's DONE): one that fails with EADDRINUSE never does. The common case (the
         // same process binding again) reads nothing from /proc.
-        let new_owner = req.owner.as_ref().filter(|o| !req.bind && !a.owners.iter().any(|x| x.pid == o.pid));
+        let new_owner = claim.owner.as_ref().filter(|o| !claim.req.bind && !a.owners.iter().any(|x| x.pid == o.pid));
         if let Some(o) = new_owner.and_then(Owner::resolved) {
             a.owners.push(o);
         }
@@ -443,18 +539,22 @@ impl State {
     /// one, for a tool's default outside the type's range the ones just above it
     /// ([`NEAR`]), the type's preferred ones, then its range — other tools' default ports
     /// only when nothing else of the type is free.
-    fn choose(&mut self, req: &AllocRequest, ty: &ServiceType, now_ms: u64) -> Result<u16, AllocError> {
-        let requested = req.requested_port.or(req.preferred_port);
+    fn choose(&mut self, claim: &Claim, ty: &ServiceType, now_ms: u64) -> Result<u16, AllocError> {
+        let requested = claim.requested();
         self.recent.retain(|r| now_ms.saturating_sub(r.freed_at_ms) < self.grace_ms);
-        let remembered = match (&req.session, requested) {
-            (Some(s), Some(r)) => self.recent.iter().rev().find(|x| &x.session == s && x.requested == r).map(|x| x.port),
+        let remembered = match (claim.session(), requested) {
+            (Some(s), Some(r)) => self.recent.iter().rev().find(|x| x.session == s && x.requested == r).map(|x| x.port),
             _ => None,
         };
-        if req.exactly {
+        if claim.exactly {
             // the preferred port or nothing: only it is looked at (a port the session had
             // within the grace period is the hooks' logic's to grant)
-            return match req.preferred_port {
-                Some(p) if remembered.is_none_or(|r| r == p) && !req.exclude.contains(&p) && self.free_for(req, &ty.name, p, now_ms) => {
+            return match claim.req.preferred_port {
+                Some(p)
+                    if remembered.is_none_or(|r| r == p)
+                        && !claim.req.exclude.contains(&p)
+                        && self.free_for(claim, &ty.name, p, now_ms) =>
+                {
                     Ok(p)
                 }
                 _ => Err(AllocError::NotExactly),
@@ -464,14 +564,14 @@ impl State {
         let candidates = || {
             remembered
                 .into_iter()
-                .chain(req.preferred_port)
+                .chain(claim.req.preferred_port)
                 .chain(near.iter().copied())
                 .chain(ty.preferred.iter().copied())
                 .chain(ty.range.0..=ty.range.1)
         };
-        let wanted = |p: u16| Some(p) == remembered || Some(p) == req.preferred_port || near.contains(&p) || !policy::tool_default(p);
+        let wanted = |p: u16| Some(p) == remembered || Some(p) == claim.req.preferred_port || near.contains(&p) || !policy::tool_default(p);
         for port in candidates().filter(|p| wanted(*p)).chain(candidates()) {
-            if port != 0 && !req.exclude.contains(&port) && self.free_for(req, &ty.name, port, now_ms) {
+            if port != 0 && !claim.req.exclude.contains(&port) && self.free_for(claim, &ty.name, port, now_ms) {
                 return Ok(port);
             }
         }
@@ -495,8 +595,8 @@ impl State {
     /// its own environment (a rule may give a privileged port a type, README "Which ports
     /// are coordinated"). Read only for a port the daemon's own policy does not give the
     /// type, and only of an owner the server checked is the caller, its parent or child.
-    fn callers_policy(&self, req: &AllocRequest) -> Option<Policy> {
-        let pid = req.owner.as_ref()?.pid;
+    fn callers_policy(&self, claim: &Claim) -> Option<Policy> {
+        let pid = claim.owner.as_ref()?.pid;
         let spec = procinfo::environ(pid).into_iter().find(|(k, _)| k == "STYXY_PRELOAD_PORTS")?.1.into_string().ok()?;
         let mut p = self.policy.clone();
         p.rules.clear();
@@ -506,29 +606,29 @@ impl State {
 
     /// A new allocation's ports must be ones the policy gives its type, and its session
     /// (and everyone) must be under quota.
-    fn check(&self, req: &AllocRequest, ty: &ServiceType) -> Result<(), AllocError> {
+    fn check(&self, claim: &Claim, ty: &ServiceType) -> Result<(), AllocError> {
         let of_type = |policy: &Policy, p: u16| policy.decide(p).service_type() == Some(ty.name.as_str());
         let callers = std::cell::OnceCell::new();
         let mine = |p: u16| {
             (ty.range.0..=ty.range.1).contains(&p)
                 || of_type(&self.policy, p)
-                || callers.get_or_init(|| self.callers_policy(req)).as_ref().is_some_and(|c| of_type(c, p))
+                || callers.get_or_init(|| self.callers_policy(claim)).as_ref().is_some_and(|c| of_type(c, p))
         };
-        for p in req.preferred_port.into_iter().chain(req.requested_port) {
+        for p in claim.req.preferred_port.into_iter().chain(claim.req.requested_port) {
             if !mine(p) && !matches!(self.policy.decide(p), Decision::OnConflict(_)) {
                 return Err(AllocError::NotOfType { port: p, ty: ty.name.clone() });
             }
         }
-        if let Some(pref) = req.preferred_port.filter(|p| !mine(*p)) {
+        if let Some(pref) = claim.req.preferred_port.filter(|p| !mine(*p)) {
             return Err(AllocError::NotOfType { port: pref, ty: ty.name.clone() });
         }
-        if req.dry_run {
+        if claim.req.dry_run {
             return Ok(());
         }
         if self.allocs.len() >= TOTAL_QUOTA {
             return Err(AllocError::Quota { who: "all sessions together".into(), limit: TOTAL_QUOTA });
         }
-        let s = req.session.as_deref();
+        let s = claim.session();
         if s.is_some() && self.allocs.values().filter(|a| a.session.as_deref() == s).count() >= SESSION_QUOTA {
             return Err(AllocError::Quota { who: format!("session {}", s.unwrap_or_default()), limit: SESSION_QUOTA });
         }
@@ -538,16 +638,16 @@ impl State {
     /// A port is free if no live allocation holds it, the upstream Styxy does not hold it
     /// for another client, and nothing is bound to it. An allocation whose owners are all
     /// gone (and whose port nobody serves) is freed here.
-    pub fn free(&mut self, port: u16, now_ms: u64) -> bool {
+    fn free(&mut self, port: u16, now_ms: u64) -> bool {
         !self.upstream_held.contains_key(&port) && self.free_here(port, now_ms)
     }
 
     /// [`State::free`] for this request: a port Styxy's hook reserved for the very
     /// command asking counts as free for it (docs/STYXY.md "The PreToolUse hook").
-    fn free_for(&mut self, req: &AllocRequest, ty: &str, port: u16, now_ms: u64) -> bool {
+    fn free_for(&mut self, claim: &Claim, ty: &str, port: u16, now_ms: u64) -> bool {
         match self.upstream_held.get(&port) {
             None => self.free_here(port, now_ms),
-            Some(r) => crate::styxy_hook::reserved_for(r, req, ty) && self.free_here(port, now_ms),
+            Some(r) => crate::styxy_hook::reserved_for(r, claim, ty) && self.free_here(port, now_ms),
         }
     }
 
@@ -559,7 +659,7 @@ impl State {
             }
             self.remove(port, now_ms);
         }
-        !(self.port_in_use)(port)
+        !(self.os.in_use)(port)
     }
 
     fn holder_of(&self, port: u16) -> Holder {
@@ -592,7 +692,7 @@ impl State {
     }
 
     /// Drops the allocation at `port`, remembering the session's mapping.
-    pub fn remove(&mut self, port: u16, now_ms: u64) -> Option<Allocation> {
+    pub(crate) fn remove(&mut self, port: u16, now_ms: u64) -> Option<Allocation> {
         let a = self.allocs.remove(&port)?;
         self.unpublish(&a);
         if let Some(l) = a.upstream.lock_id() {
@@ -607,7 +707,7 @@ impl State {
 
     /// Moves the allocation at `from` to the free port `to` (the upstream's own choice,
     /// before the client has its answer).
-    pub fn relocate(&mut self, from: u16, to: u16) -> bool {
+    fn relocate(&mut self, from: u16, to: u16) -> bool {
         let Some(mut a) = self.allocs.remove(&from) else {
             return false;
         };
@@ -618,7 +718,7 @@ impl State {
         true
     }
 
-    pub fn release(&mut self, lock_id: &str, now_ms: u64) -> Option<Allocation> {
+    pub(crate) fn release(&mut self, lock_id: &str, now_ms: u64) -> Option<Allocation> {
         let port = self.allocs.values().find(|a| a.lock_id == lock_id)?.port;
         self.remove(port, now_ms)
     }
@@ -639,7 +739,7 @@ impl State {
 
     /// Carries out a sweep's verdicts: frees the allocations found dead and confirms
     /// the ones found bound, each only if it is still the one judged (same lock id).
-    pub fn sweep_apply(&mut self, v: Verdicts, now_ms: u64) -> usize {
+    pub(crate) fn sweep_apply(&mut self, v: Verdicts, now_ms: u64) -> usize {
         let same = |st: &State, (port, lock): &(u16, String)| st.allocs.get(port).is_some_and(|a| &a.lock_id == lock);
         for c in &v.confirmed {
             if same(self, c) {
@@ -655,7 +755,7 @@ impl State {
         dead.len()
     }
 
-    pub fn clear(&mut self, now_ms: u64) -> usize {
+    pub(crate) fn clear(&mut self, now_ms: u64) -> usize {
         let ports: Vec<u16> = self.allocs.keys().copied().collect();
         for p in &ports {
             self.remove(*p, now_ms);
@@ -664,7 +764,7 @@ impl State {
     }
 
     /// Adds `owner` to the allocation at `port` (a `listen()` confirmation).
-    pub fn confirm(&mut self, port: u16, owner: Owner) -> bool {
+    pub(crate) fn confirm(&mut self, port: u16, owner: Owner) -> bool {
         match self.allocs.get_mut(&port) {
             Some(a) => {
                 if !a.owners.contains(&owner) {
@@ -730,6 +830,178 @@ impl State {
     }
 }
 
+/// What a reconciliation with Styxy's list found to do for one of our allocations.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Todo {
+    /// Not in Styxy (never mirrored, or Styxy lost it): allocate it.
+    Allocate(u16),
+    /// In Styxy, but close to its expiry: release and allocate again.
+    Reassert(u16, String),
+}
+
+/// The allocations' standing in the upstream Styxy (docs/ARCHITECTURE.md "One path"):
+/// what the worker learns is recorded here, and what it must do is read from here.
+impl State {
+    /// The Styxy locks of freed allocations, still to release.
+    pub fn releases_pending(&self) -> &[String] {
+        &self.upstream_releases
+    }
+
+    /// How many ports Styxy holds for other clients.
+    pub fn held_by_others(&self) -> usize {
+        self.upstream_held.len()
+    }
+
+    /// A Styxy lock that is not ours to keep (an answer nobody needs): to release.
+    pub fn give_back(&mut self, lock_id: String) {
+        self.upstream_releases.push(lock_id);
+    }
+
+    /// These locks are released in Styxy.
+    pub fn released(&mut self, locks: &[String]) {
+        self.upstream_releases.retain(|l| !locks.contains(l));
+    }
+
+    /// Styxy holds nothing for anyone any more (gone, or silent too long): its last list
+    /// no longer keeps ports from being granted.
+    pub fn styxy_forgot(&mut self) {
+        self.upstream_held.clear();
+    }
+
+    /// The allocation at `port` is no longer in Styxy (its lock was released to be
+    /// asserted again).
+    pub fn unmirror(&mut self, port: u16) {
+        if let Some(a) = self.allocs.get_mut(&port) {
+            a.upstream = Standing::Pending;
+        }
+    }
+
+    /// Records Styxy's answer `theirs` (under `lock_id`) for the allocation at `port`.
+    /// `in_time`: the client has not been answered yet, so Styxy's other choice may
+    /// replace ours (only a port of the allocation's type, free here). Returns the new
+    /// port then.
+    pub fn adopt_answer(&mut self, port: u16, theirs: u16, lock_id: String, in_time: bool, now: u64) -> Option<u16> {
+        let mirrored = Standing::Mirrored { lock_id: lock_id.clone(), asserted_at_ms: now };
+        let Some(ty) = self.allocs.get(&port).filter(|a| a.upstream.lock_id().is_none()).map(|a| a.service_type.clone()) else {
+            self.upstream_releases.push(lock_id); // freed meanwhile, or mirrored already
+            return None;
+        };
+        if theirs == port {
+            self.set_standing(port, mirrored);
+            return None;
+        }
+        let of_type = self.policy.service_type(&ty).is_some_and(|t| (t.range.0..=t.range.1).contains(&theirs));
+        if in_time && of_type && self.free(theirs, now) && self.relocate(port, theirs) {
+            self.set_standing(theirs, mirrored);
+            return Some(theirs);
+        }
+        // not the port the client has: give it back; Styxy's list says who holds ours
+        self.upstream_releases.push(lock_id);
+        let served = (self.os.styxy_sees)(port);
+        let held = self.upstream_held.get(&port).map(|h| h.instance_id.clone().unwrap_or_default());
+        if let Some(a) = self.allocs.get_mut(&port) {
+            match held {
+                Some(other) => a.conflict(&format!("Styxy holds {port} for another client ({other})")),
+                None if served => a.upstream = Standing::Served,
+                None => {} // still pending: the next reading of Styxy's list finds out
+            }
+        }
+        None
+    }
+
+    fn set_standing(&mut self, port: u16, standing: Standing) {
+        if let Some(a) = self.allocs.get_mut(&port) {
+            a.upstream = standing;
+        }
+    }
+
+    /// Compares Styxy's allocations with ours: adopts or releases what Styxy holds of
+    /// ours (`agent`) under locks we do not know, notes the ports it holds for others,
+    /// marks conflicts, and lists what to allocate or re-assert.
+    pub fn reconcile(&mut self, theirs: &[AllocationInfo], now: u64, reassert_after: u64, agent: &str) -> Vec<Todo> {
+        let known: std::collections::BTreeSet<String> = self
+            .allocs
+            .values()
+            .filter_map(|a| a.upstream.lock_id().map(str::to_string))
+            .chain(self.upstream_releases.iter().cloned())
+            .collect();
+        let ours = |t: &AllocationInfo| t.user_agent.as_deref() == Some(agent);
+        for t in theirs.iter().filter(|t| ours(t) && !known.contains(&t.lock_id)) {
+            self.adopt_or_release(t, now.saturating_sub(reassert_after));
+        }
+        let by_lock: BTreeMap<&str, u16> = theirs.iter().map(|t| (t.lock_id.as_str(), t.port)).collect();
+        self.upstream_held = theirs.iter().filter(|t| !ours(t) && !known.contains(&t.lock_id)).map(|t| (t.port, t.clone())).collect();
+        let (held, sees) = (&self.upstream_held, self.os.styxy_sees);
+        let mut todo = Vec::new();
+        for a in self.allocs.values_mut() {
+            match &a.upstream {
+                Standing::Mirrored { lock_id, asserted_at_ms } if by_lock.get(lock_id.as_str()) == Some(&a.port) => {
+                    // a server Styxy's test-bind sees could not be registered again: its lock stays until Styxy expires it
+                    if now.saturating_sub(*asserted_at_ms) >= reassert_after && !sees(a.port) {
+                        todo.push(Todo::Reassert(a.port, lock_id.clone()));
+                    }
+                }
+                Standing::Local => {} // a type of our own: never Styxy's
+                _ if held.contains_key(&a.port) => {
+                    let other = held[&a.port].instance_id.clone().unwrap_or_default();
+                    a.conflict(&format!("Styxy holds {} for another client ({other})", a.port));
+                }
+                // Styxy's test-bind refuses it while it is served, and protects it meanwhile
+                _ if sees(a.port) => a.upstream = Standing::Served,
+                // never asked, lost by Styxy (a restart, its expiry), or free again: register it
+                _ => {
+                    a.upstream = Standing::Pending;
+                    todo.push(Todo::Allocate(a.port));
+                }
+            }
+        }
+        todo
+    }
+
+    /// An allocation Styxy holds under our name and a lock we do not know: the lock of our
+    /// allocation of that port and session that has none (Styxy's answer came too late for
+    /// it), or else released.
+    fn adopt_or_release(&mut self, t: &AllocationInfo, unknown_ms: u64) {
+        // no session is Styxy's "default" instance
+        let session = |a: &Allocation| a.session.clone().unwrap_or_else(|| "default".into());
+        let mine = self.allocs.get_mut(&t.port).filter(|a| Some(session(a)) == t.instance_id && a.upstream.lock_id().is_none());
+        let made = t.allocated_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s).ok());
+        let made_ms = made.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+        match mine {
+            // when Styxy made it is when it expires (re-asserted at once if that is not known)
+            Some(a) => a.upstream = Standing::Mirrored { lock_id: t.lock_id.clone(), asserted_at_ms: made_ms.unwrap_or(unknown_ms) },
+            None => self.upstream_releases.push(t.lock_id.clone()),
+        }
+    }
+}
+
+impl Allocation {
+    /// Marks it as conflicting with Styxy and logs a `conflict` event, once.
+    fn conflict(&mut self, why: &str) {
+        if self.upstream == Standing::Conflict {
+            return;
+        }
+        self.upstream = Standing::Conflict;
+        let ev = Event {
+            ts: eventlog::now_ms(),
+            session: self.session.clone(),
+            pid: self.owners.first().map(|o| o.pid).unwrap_or(0),
+            comm: self.comm.clone().unwrap_or_default(),
+            call: "upstream".into(),
+            requested_port: self.requested_port.unwrap_or(self.port),
+            port: self.port,
+            family: "ipv4".into(),
+            service_type: Some(self.service_type.clone()),
+            action: Action::Conflict,
+            reason: Some(why.to_string()),
+            latency_us: 0,
+            backend: Some("styxy".into()),
+            retries: 0,
+        };
+        let _ = eventlog::Log::own().append(&ev);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,8 +1012,8 @@ mod tests {
 
     fn state() -> State {
         let mut s = State::new(Policy::default(), None, 60_000);
-        s.port_in_use = no_os;
-        s.sockets = |_| Some(vec![]);
+        s.os.in_use = no_os;
+        s.os.sockets = |_| Some(vec![]);
         s
     }
 
@@ -749,22 +1021,26 @@ mod tests {
         Owner::of(std::process::id())
     }
 
-    fn req(session: &str, port: u16) -> AllocRequest {
-        AllocRequest {
-            service_type: "dev".into(),
-            service_name: "t".into(),
-            preferred_port: Some(port),
-            session: Some(session.into()),
-            requested_port: Some(port),
-            owner: me(),
-            ..Default::default()
-        }
+    fn req(session: &str, port: u16) -> Claim {
+        let asked =
+            AllocateRequest { service_name: Some("t".into()), instance_id: Some(session.into()), ..AllocateRequest::for_port("dev", port) };
+        Claim::new(asked, me())
+    }
+
+    fn of_type(ty: &str, mut c: Claim) -> Claim {
+        c.req.service_type = ty.into();
+        c
+    }
+
+    fn for_bind(mut c: Claim) -> Claim {
+        c.req.bind = true;
+        c
     }
 
     #[test]
     fn exactly_grants_the_preferred_port_or_changes_nothing() {
         let mut s = state();
-        let exactly = |session: &str| AllocRequest { exactly: true, ..req(session, 3000) };
+        let exactly = |session: &str| Claim { exactly: true, ..req(session, 3000) };
         assert_eq!(s.allocate(&exactly("a"), 0).unwrap().port, 3000);
         let before = s.allocs.len();
         assert_eq!(s.allocate(&exactly("b"), 0).unwrap_err(), AllocError::NotExactly);
@@ -788,7 +1064,7 @@ mod tests {
         let b2 = s.allocate(&req("b", 3000), 0).unwrap();
         assert_eq!((b2.port, b2.existing, b2.lock_id), (3001, true, b.lock_id));
         let mut ex = req("b", 3000);
-        ex.exclude = vec![3001];
+        ex.req.exclude = vec![3001];
         assert_ne!(s.allocate(&ex, 0).unwrap().port, 3001);
     }
 
@@ -802,7 +1078,7 @@ mod tests {
         // a second Next: 3001; a debugger: its own type's range, never another debugger's port
         assert_eq!(s.allocate(&req("a", 3000), 0).unwrap().port, 3000);
         assert_eq!(s.allocate(&req("b", 3000), 0).unwrap().port, 3001);
-        let debug = |session: &str, port| AllocRequest { service_type: "debug".into(), ..req(session, port) };
+        let debug = |session: &str, port| of_type("debug", req(session, port));
         assert_eq!(s.allocate(&debug("a", 9229), 0).unwrap().port, 9229);
         assert_eq!(s.allocate(&debug("b", 9229), 0).unwrap().port, 5680);
         assert_eq!(s.allocs[&5680].upstream, Standing::Local, "never sent to Styxy");
@@ -827,13 +1103,13 @@ mod tests {
     #[test]
     fn a_bind_grant_stands_while_its_owners_socket_holds_the_port_and_no_longer() {
         let mut s = state();
-        s.sockets = fake_sockets;
+        s.os.sockets = fake_sockets;
         // SAFETY: geteuid(2) cannot fail.
         let me_uid = unsafe { libc::geteuid() };
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap(); // bound, never listening
         *FAKE.lock().unwrap() = (socket_inode(&sock), me_uid);
-        let bind = AllocRequest { bind: true, ..req("b", 3000) };
+        let bind = for_bind(req("b", 3000));
         assert_eq!(s.allocate(&bind, 0).unwrap().port, 3000);
         assert_eq!(s.sweep(60_000), 0, "bound a minute before its listen(): it stands");
         assert!(s.allocs[&3000].confirmed);
@@ -842,7 +1118,7 @@ mod tests {
         assert_eq!(s.sweep(60_001), 1);
         // an owner gone: only a socket of the user's own keeps it (a server that outlived
         // the process that asked), never another user's
-        let dead = AllocRequest { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..bind.clone() };
+        let dead = Claim { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..bind.clone() };
         s.allocate(&dead, 70_000).unwrap();
         *FAKE.lock().unwrap() = (u64::MAX, me_uid.wrapping_add(1));
         assert_eq!(s.sweep(80_000), 1, "another user's socket on the port keeps nothing alive");
@@ -877,23 +1153,23 @@ mod tests {
     #[test]
     fn os_bound_ports_are_skipped_and_exhaustion_is_an_error() {
         let mut s = state();
-        s.port_in_use = |p| p == 8000;
+        s.os.in_use = |p| p == 8000;
         let mut r = req("a", 8000);
-        r.service_type = "api".into();
+        r.req.service_type = "api".into();
         assert_eq!(s.allocate(&r, 0).unwrap().port, 8001);
         let mut ports = vec![8001];
         for i in 0..98 {
             let mut r = req(&format!("s{i}"), 8000);
-            r.service_type = "api".into();
+            r.req.service_type = "api".into();
             ports.push(s.allocate(&r, 0).unwrap().port);
         }
         ports.sort();
         ports.dedup();
         assert_eq!(ports.len(), 99);
         let mut r = req("last", 8000);
-        r.service_type = "api".into();
+        r.req.service_type = "api".into();
         assert!(matches!(s.allocate(&r, 0), Err(AllocError::Exhausted { .. })));
-        r.service_type = "nope".into();
+        r.req.service_type = "nope".into();
         assert_eq!(s.allocate(&r, 0).unwrap_err(), AllocError::UnknownType("nope".into()));
     }
 }
@@ -928,8 +1204,8 @@ mod fuzz {
         #[test]
         fn never_grants_one_port_twice(ops in prop::collection::vec(op(), 1..80)) {
             let mut st = State::new(Policy::default(), None, 60_000);
-            st.port_in_use = |_| false;
-            st.sockets = |_| Some(vec![]);
+            st.os.in_use = |_| false;
+            st.os.sockets = |_| Some(vec![]);
             let me = Owner::of(std::process::id());
             let types = ["dev", "api", "storybook", "ai"];
             let mut locks = Vec::new();
@@ -937,20 +1213,20 @@ mod fuzz {
                 match o {
                     Op::Alloc { ty, session, port, dry } => {
                         let held: BTreeSet<u16> = st.allocs.keys().copied().collect();
-                        let req = AllocRequest {
+                        let asked = AllocateRequest {
                             service_type: types[ty].into(),
-                            service_name: "f".into(),
+                            service_name: Some("f".into()),
                             preferred_port: port,
                             requested_port: port,
-                            session: Some(format!("s{session}")),
-                            owner: me.clone(),
+                            instance_id: Some(format!("s{session}")),
                             dry_run: dry,
                             ..Default::default()
                         };
+                        let req = Claim::new(asked, me.clone());
                         if let Ok(g) = st.allocate(&req, 0) {
                             if g.existing {
                                 let a = &st.allocs[&g.port];
-                                prop_assert_eq!(a.session.as_deref(), req.session.as_deref());
+                                prop_assert_eq!(a.session.as_deref(), req.session());
                             } else {
                                 prop_assert!(!held.contains(&g.port), "port {} granted twice", g.port);
                                 if !dry { locks.push(g.lock_id); }

@@ -7,25 +7,25 @@
 use styxy_preload_common::api::AllocationInfo;
 use styxy_preload_common::procinfo;
 
-use crate::state::AllocRequest;
+use crate::state::Claim;
 
 /// The hook's instance id when `~/.claude/styxy-instance-state` does not name one.
 const DEFAULT_INSTANCE: &str = "claude-code-universal";
 
-/// Whether Styxy's hook made `r` for the command asking in `req`: asked with `curl`
+/// Whether Styxy's hook made `r` for the command asking in `claim`: asked with `curl`
 /// under the hook's instance id, for the port the command asks for and the type our
 /// policy gives it, from the command's project (its working directory, or the
 /// `CLAUDE_PROJECT_DIR` Claude Code gives the hook), under the service name the hook
 /// derives from the command.
-pub fn reserved_for(r: &AllocationInfo, req: &AllocRequest, ty: &str) -> bool {
+pub fn reserved_for(r: &AllocationInfo, claim: &Claim, ty: &str) -> bool {
     // the cheap checks first: this runs for each held port a grant looks at
-    let asked = req.requested_port.or(req.preferred_port) == Some(r.port) && r.service_type == ty;
+    let asked = claim.requested() == Some(r.port) && r.service_type == ty;
     if !asked || !r.user_agent.as_deref().is_some_and(|u| u.starts_with("curl/")) || r.instance_id.as_deref() != Some(&instance_id()) {
         return false;
     }
-    let Some(pid) = req.owner.as_ref().map(|o| o.pid) else { return false };
+    let Some(pid) = claim.owner.as_ref().map(|o| o.pid) else { return false };
     let project = procinfo::environ(pid).into_iter().find(|(k, _)| k == "CLAUDE_PROJECT_DIR").and_then(|(_, v)| v.into_string().ok());
-    let same_project = r.project_path.is_some() && (r.project_path == req.project_path || r.project_path == project);
+    let same_project = r.project_path.is_some() && (r.project_path == claim.req.project_path || r.project_path == project);
     same_project && procinfo::cmdline(pid).is_some_and(|cmd| service_name(ty, &cmd) == r.service_name)
 }
 

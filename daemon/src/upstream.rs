@@ -9,7 +9,7 @@
 //!   once Styxy's list shows another client holding its port.
 //! - Ports Styxy holds for other clients (read from `GET /allocations` whenever Styxy's
 //!   count of allocations, polled on the free `GET /status` every second or half
-//!   second, differs from ours) are never granted ([`State::upstream_held`]).
+//!   second, differs from ours) are never granted ([`State::held_by_others`]).
 //! - Styxy records each allocation's `User-Agent`; ours names this daemon
 //!   ([`Config::agent`]). An allocation of ours Styxy holds under a lock we do not know
 //!   (an answer that came after our client gave up, a crash) is adopted by the
@@ -28,21 +28,19 @@
 //! the talking, with blocking HTTP (`common::http`), and a second one the releases; the
 //! grant path only hands the worker a job and waits, bounded, on a oneshot channel.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use styxy_preload_common::api::{self, AllocateReply, AllocateRequest, AllocationsReply};
+use styxy_preload_common::api::{self, AllocateReply, AllocationsReply};
 use styxy_preload_common::discovery;
-use styxy_preload_common::eventlog::{self, Action, Event};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::{paths, procinfo};
 use tokio::sync::oneshot;
 
-use crate::state::{Allocation, Standing, State};
+use crate::state::{Allocation, Claim, Standing, State, Todo};
 use crate::{now_ms, Shared};
 
 /// How long a grant waits for Styxy's answer before it is made locally, when Styxy's
@@ -157,21 +155,21 @@ pub struct Health {
 pub fn report(sh: &Shared) -> Option<serde_json::Value> {
     let health = serde_json::to_value(&*sh.upstream.get()?.health.lock()).ok()?;
     let st = sh.state.lock();
-    let count = |f: fn(&Standing) -> bool| st.allocs.values().filter(|a| f(&a.upstream)).count();
+    let count = |f: fn(&Standing) -> bool| st.allocations().filter(|a| f(&a.upstream)).count();
     let mut v = health;
     v["mirrored"] = count(|u| matches!(u, Standing::Mirrored { .. })).into();
     v["served"] = count(|u| *u == Standing::Served).into();
     v["conflicts"] = count(|u| *u == Standing::Conflict).into();
     v["pending"] = count(|u| *u == Standing::Pending).into();
-    v["held_by_others"] = st.upstream_held.len().into();
-    v["releases_pending"] = st.upstream_releases.len().into();
+    v["held_by_others"] = st.held_by_others().into();
+    v["releases_pending"] = st.releases_pending().len().into();
     Some(v)
 }
 
 /// Styxy's answer to one allocate, as the grant path and the worker apply it.
 #[derive(Debug, Clone)]
-pub enum Answer {
-    Granted { port: u16, lock_id: String },
+pub enum StyxyAnswer {
+    Allocated { port: u16, lock_id: String },
     Failed,
 }
 
@@ -179,7 +177,7 @@ enum Job {
     /// Mirror the new allocation at this port; the answer goes back if still awaited.
     Mirror {
         port: u16,
-        reply: oneshot::Sender<Answer>,
+        reply: oneshot::Sender<StyxyAnswer>,
     },
     Stop,
 }
@@ -267,7 +265,7 @@ pub fn probe(cfg: &Config, wait: Duration) -> Probe {
 /// the port to grant instead when Styxy chose another one that is free here.
 pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
     let up = sh.upstream.get()?;
-    if !up.usable() || sh.state.lock().allocs.get(&port).is_none_or(|a| a.upstream != Standing::Pending) {
+    if !up.usable() || sh.state.lock().allocation(port).is_none_or(|a| a.upstream != Standing::Pending) {
         return None; // granted locally (the worker reconciles when it can), or Styxy's hook's lock adopted
     }
     let (tx, mut rx) = oneshot::channel();
@@ -285,69 +283,13 @@ pub async fn mirror_grant(sh: &Shared, port: u16) -> Option<u16> {
     moved
 }
 
-/// Records Styxy's answer for the allocation at `port`. `in_time`: the client has not
-/// been answered yet, so Styxy's other choice may replace ours (only a port of the
-/// allocation's type, free here). Returns the new port then.
-fn apply(st: &mut State, port: u16, answer: Answer, in_time: bool) -> Option<u16> {
-    let Answer::Granted { port: theirs, lock_id } = answer else {
+/// Records Styxy's answer for the allocation at `port` ([`State::adopt_answer`]).
+/// `in_time`: the client has not been answered yet. Returns the port to grant instead.
+fn apply(st: &mut State, port: u16, answer: StyxyAnswer, in_time: bool) -> Option<u16> {
+    let StyxyAnswer::Allocated { port: theirs, lock_id } = answer else {
         return None;
     };
-    let now = now_ms();
-    let mirrored = Standing::Mirrored { lock_id: lock_id.clone(), asserted_at_ms: now };
-    let Some(ty) = st.allocs.get(&port).filter(|a| a.upstream.lock_id().is_none()).map(|a| a.service_type.clone()) else {
-        st.upstream_releases.push(lock_id); // freed meanwhile, or mirrored already
-        return None;
-    };
-    if theirs == port {
-        if let Some(a) = st.allocs.get_mut(&port) {
-            a.upstream = mirrored;
-        }
-        return None;
-    }
-    let of_type = st.policy.service_type(&ty).is_some_and(|t| (t.range.0..=t.range.1).contains(&theirs));
-    if in_time && of_type && st.free(theirs, now) && st.relocate(port, theirs) {
-        if let Some(a) = st.allocs.get_mut(&theirs) {
-            a.upstream = mirrored;
-        }
-        return Some(theirs);
-    }
-    // not the port the client has: give it back; Styxy's list says who holds ours
-    st.upstream_releases.push(lock_id);
-    let served = (st.styxy_sees)(port);
-    let held = st.upstream_held.get(&port).map(|h| h.instance_id.clone().unwrap_or_default());
-    if let Some(a) = st.allocs.get_mut(&port) {
-        match held {
-            Some(other) => mark_conflict(a, &format!("Styxy holds {port} for another client ({other})")),
-            None if served => a.upstream = Standing::Served,
-            None => {} // still pending: the next reading of Styxy's list finds out
-        }
-    }
-    None
-}
-
-/// Marks `a` as conflicting with Styxy and logs a `conflict` event, once.
-fn mark_conflict(a: &mut Allocation, why: &str) {
-    if a.upstream == Standing::Conflict {
-        return;
-    }
-    a.upstream = Standing::Conflict;
-    let ev = Event {
-        ts: now_ms(),
-        session: a.session.clone(),
-        pid: a.owners.first().map(|o| o.pid).unwrap_or(0),
-        comm: a.comm.clone().unwrap_or_default(),
-        call: "upstream".into(),
-        requested_port: a.requested_port.unwrap_or(a.port),
-        port: a.port,
-        family: "ipv4".into(),
-        service_type: Some(a.service_type.clone()),
-        action: Action::Conflict,
-        reason: Some(why.to_string()),
-        latency_us: 0,
-        backend: Some("styxy".into()),
-        retries: 0,
-    };
-    let _ = eventlog::Log::own().append(&ev);
+    st.adopt_answer(port, theirs, lock_id, in_time, now_ms())
 }
 
 /// Our own share of Styxy's fixed-window rate limit, and its `Retry-After`.
@@ -373,14 +315,6 @@ impl Budget {
         self.used += 1;
         true
     }
-}
-
-/// What a reconciliation found to do for one of our allocations.
-enum Todo {
-    /// Not in Styxy (never mirrored, or Styxy lost it): allocate it.
-    Allocate(u16),
-    /// In Styxy, but close to its expiry: release and allocate again.
-    Reassert(u16, String),
 }
 
 /// What the worker and the releaser share: how to reach Styxy, our budget there, and
@@ -512,17 +446,16 @@ impl Worker {
         let Ok(r) = self.client.call("GET", "/config", None) else { return };
         let Ok(cfg) = r.json::<serde_json::Value>() else { return };
         let mut st = sh.state.lock();
-        let before = st.policy.types.clone();
-        if st.policy.apply_config(&cfg) && st.policy.types != before {
-            crate::publish_policy(&st.policy);
+        if st.apply_config(&cfg) {
+            crate::publish_policy(st.policy());
         }
     }
 
-    fn mirror(&mut self, port: u16, reply: oneshot::Sender<Answer>) {
+    fn mirror(&mut self, port: u16, reply: oneshot::Sender<StyxyAnswer>) {
         let Some(sh) = self.client.shared.upgrade() else { return };
         self.last_grant_ms = now_ms();
         self.next_refresh_ms = self.next_refresh_ms.min(now_ms() + self.client.cfg.refresh_active.as_millis() as u64);
-        let Some(a) = sh.state.lock().allocs.get(&port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
+        let Some(a) = sh.state.lock().allocation(port).filter(|a| a.upstream == Standing::Pending).cloned() else { return };
         let answer = self.client.allocate(&a);
         let answer = self.reserved_by_hook(&sh, &a, answer);
         if let Err(late) = reply.send(answer) {
@@ -533,8 +466,8 @@ impl Worker {
     /// Styxy answered another port than `a`'s: if its list shows `a`'s port reserved by
     /// Styxy's hook for this very command (reserved after the daemon last read the list),
     /// that reservation is the answer, and Styxy's other port is given back.
-    fn reserved_by_hook(&mut self, sh: &Shared, a: &Allocation, answer: Answer) -> Answer {
-        let Answer::Granted { port: theirs, lock_id } = &answer else { return answer };
+    fn reserved_by_hook(&mut self, sh: &Shared, a: &Allocation, answer: StyxyAnswer) -> StyxyAnswer {
+        let StyxyAnswer::Allocated { port: theirs, lock_id } = &answer else { return answer };
         if *theirs == a.port {
             return answer;
         }
@@ -543,21 +476,15 @@ impl Worker {
         else {
             return answer;
         };
-        let req = crate::state::AllocRequest {
-            service_type: a.service_type.clone(),
-            requested_port: a.requested_port.or(Some(a.port)),
-            project_path: a.project_path.clone(),
-            owner: a.owners.first().cloned(),
-            ..Default::default()
-        };
+        let claim = Claim::new(a.request(), a.owners.first().cloned());
         let agent = &self.client.cfg.agent;
         let found = list.allocations.into_iter().find(|t| {
-            t.port == a.port && t.user_agent.as_deref() != Some(agent) && crate::styxy_hook::reserved_for(t, &req, &a.service_type)
+            t.port == a.port && t.user_agent.as_deref() != Some(agent) && crate::styxy_hook::reserved_for(t, &claim, &a.service_type)
         });
         match found {
             Some(t) => {
-                sh.state.lock().upstream_releases.push(lock_id.clone());
-                Answer::Granted { port: a.port, lock_id: t.lock_id }
+                sh.state.lock().give_back(lock_id.clone());
+                StyxyAnswer::Allocated { port: a.port, lock_id: t.lock_id }
             }
             None => answer,
         }
@@ -565,8 +492,8 @@ impl Worker {
 
     /// An answer nobody waits for any more: recorded; one that differs from the port
     /// granted has Styxy's list read at once (whose is the port?).
-    fn apply_late(&mut self, sh: &Shared, port: u16, answer: Answer) {
-        if matches!(&answer, Answer::Granted { port: p, .. } if *p != port) {
+    fn apply_late(&mut self, sh: &Shared, port: u16, answer: StyxyAnswer) {
+        if matches!(&answer, StyxyAnswer::Allocated { port: p, .. } if *p != port) {
             self.next_refresh_ms = now_ms();
         }
         apply(&mut sh.state.lock(), port, answer, false);
@@ -594,7 +521,7 @@ impl Worker {
             h.last_refresh_ms = Some(now);
             h.view_confirmed_ms = now;
         }
-        let todo = plan(&mut sh.state.lock(), &theirs, now, self.reassert_after(), &self.client.cfg.agent);
+        let todo = sh.state.lock().reconcile(&theirs, now, self.reassert_after(), &self.client.cfg.agent);
         self.carry_out(sh, todo);
         sh.persist();
     }
@@ -610,13 +537,11 @@ impl Worker {
                 if !self.client.release(&old) {
                     break;
                 }
-                if let Some(a) = sh.state.lock().allocs.get_mut(&port) {
-                    a.upstream = Standing::Pending;
-                }
+                sh.state.lock().unmirror(port);
             }
-            let Some(a) = sh.state.lock().allocs.get(&port).cloned() else { continue };
+            let Some(a) = sh.state.lock().allocation(port).cloned() else { continue };
             let answer = self.client.allocate(&a);
-            if matches!(answer, Answer::Failed) {
+            if matches!(answer, StyxyAnswer::Failed) {
                 self.next_refresh_ms = now_ms() + 2_000;
                 break;
             }
@@ -710,35 +635,24 @@ impl Client {
         if how == Silent::Gone || silent_too_long {
             *self.count.lock() = None;
             if let Some(sh) = self.shared.upgrade() {
-                sh.state.lock().upstream_held.clear();
+                sh.state.lock().styxy_forgot();
             }
         }
     }
 
-    fn allocate(&self, a: &Allocation) -> Answer {
-        let req = AllocateRequest {
-            service_type: a.service_type.clone(),
-            service_name: Some(api::service_name(a.comm.as_deref().unwrap_or("process"), a.requested_port.unwrap_or(a.port))),
-            preferred_port: Some(a.port),
-            instance_id: a.session.clone(),
-            project_path: a.project_path.clone(),
-            pid: a.owners.first().map(|o| o.pid),
-            requested_port: a.requested_port,
-            comm: a.comm.clone(),
-            ..Default::default()
-        };
-        let Ok(body) = serde_json::to_vec(&req) else { return Answer::Failed };
-        let Ok(r) = self.call("POST", "/allocate", Some(&body)) else { return Answer::Failed };
+    fn allocate(&self, a: &Allocation) -> StyxyAnswer {
+        let Ok(body) = serde_json::to_vec(&a.request()) else { return StyxyAnswer::Failed };
+        let Ok(r) = self.call("POST", "/allocate", Some(&body)) else { return StyxyAnswer::Failed };
         let reply = r.json::<AllocateReply>().ok().filter(|_| r.status == 200);
-        match reply.as_ref().and_then(|g| g.granted().map(|(p, l)| (p, l.map(str::to_string), g.existing == Some(true)))) {
+        match reply.as_ref().and_then(|g| g.port_and_lock().map(|(p, l)| (p, l.map(str::to_string), g.existing == Some(true)))) {
             Some((port, Some(lock_id), existing)) => {
                 if !existing {
                     let mut count = self.count.lock();
                     *count = count.map(|c| c + 1);
                 }
-                Answer::Granted { port, lock_id }
+                StyxyAnswer::Allocated { port, lock_id }
             }
-            _ => Answer::Failed,
+            _ => StyxyAnswer::Failed,
         }
     }
 
@@ -756,7 +670,7 @@ impl Client {
     }
 
     fn release_freed(&self, sh: &Shared) {
-        let todo: Vec<String> = sh.state.lock().upstream_releases.clone();
+        let todo: Vec<String> = sh.state.lock().releases_pending().to_vec();
         let mut done = Vec::new();
         for lock in todo {
             if !self.release(&lock) {
@@ -765,64 +679,9 @@ impl Client {
             done.push(lock);
         }
         if !done.is_empty() {
-            sh.state.lock().upstream_releases.retain(|l| !done.contains(l));
+            sh.state.lock().released(&done);
             sh.persist();
         }
-    }
-}
-
-/// Compares Styxy's allocations with ours: adopts or releases what Styxy holds of ours
-/// under locks we do not know, notes the ports it holds for others, marks conflicts,
-/// and lists what to allocate or re-assert.
-fn plan(st: &mut State, theirs: &[api::AllocationInfo], now: u64, reassert_after: u64, agent: &str) -> Vec<Todo> {
-    let known: BTreeSet<String> =
-        st.allocs.values().filter_map(|a| a.upstream.lock_id().map(str::to_string)).chain(st.upstream_releases.iter().cloned()).collect();
-    let ours = |t: &api::AllocationInfo| t.user_agent.as_deref() == Some(agent);
-    for t in theirs.iter().filter(|t| ours(t) && !known.contains(&t.lock_id)) {
-        adopt_or_release(st, t, now.saturating_sub(reassert_after));
-    }
-    let by_lock: BTreeMap<&str, u16> = theirs.iter().map(|t| (t.lock_id.as_str(), t.port)).collect();
-    st.upstream_held = theirs.iter().filter(|t| !ours(t) && !known.contains(&t.lock_id)).map(|t| (t.port, t.clone())).collect();
-    let (held, sees) = (&st.upstream_held, st.styxy_sees);
-    let mut todo = Vec::new();
-    for a in st.allocs.values_mut() {
-        match &a.upstream {
-            Standing::Mirrored { lock_id, asserted_at_ms } if by_lock.get(lock_id.as_str()) == Some(&a.port) => {
-                // a server Styxy's test-bind sees could not be registered again: its lock stays until Styxy expires it
-                if now.saturating_sub(*asserted_at_ms) >= reassert_after && !sees(a.port) {
-                    todo.push(Todo::Reassert(a.port, lock_id.clone()));
-                }
-            }
-            Standing::Local => {} // a type of our own: never Styxy's
-            _ if held.contains_key(&a.port) => {
-                let other = held[&a.port].instance_id.clone().unwrap_or_default();
-                mark_conflict(a, &format!("Styxy holds {} for another client ({other})", a.port));
-            }
-            // Styxy's test-bind refuses it while it is served, and protects it meanwhile
-            _ if sees(a.port) => a.upstream = Standing::Served,
-            // never asked, lost by Styxy (a restart, its expiry), or free again: register it
-            _ => {
-                a.upstream = Standing::Pending;
-                todo.push(Todo::Allocate(a.port));
-            }
-        }
-    }
-    todo
-}
-
-/// An allocation Styxy holds under our name and a lock we do not know: the lock of our
-/// allocation of that port and session that has none (Styxy's answer came too late for
-/// it), or else released.
-fn adopt_or_release(st: &mut State, t: &api::AllocationInfo, unknown_ms: u64) {
-    // no session is Styxy's "default" instance
-    let session = |a: &Allocation| a.session.clone().unwrap_or_else(|| "default".into());
-    let mine = st.allocs.get_mut(&t.port).filter(|a| Some(session(a)) == t.instance_id && a.upstream.lock_id().is_none());
-    let made = t.allocated_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s).ok());
-    let made_ms = made.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
-    match mine {
-        // when Styxy made it is when it expires (re-asserted at once if that is not known)
-        Some(a) => a.upstream = Standing::Mirrored { lock_id: t.lock_id.clone(), asserted_at_ms: made_ms.unwrap_or(unknown_ms) },
-        None => st.upstream_releases.push(t.lock_id.clone()),
     }
 }
 
@@ -833,22 +692,15 @@ fn error_text(r: &http::Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AllocRequest, Owner};
+    use crate::state::{Os, Owner};
+    use styxy_preload_common::api::AllocateRequest;
     use styxy_preload_common::policy::Policy;
 
     fn state_with(session: &str, port: u16) -> State {
-        let mut st = State::new(Policy::default(), None, 60_000);
-        st.port_in_use = |_| false;
-        st.styxy_sees = |_| false;
-        let req = AllocRequest {
-            service_type: "dev".into(),
-            service_name: "t".into(),
-            preferred_port: Some(port),
-            requested_port: Some(port),
-            session: Some(session.into()),
-            owner: Owner::of(std::process::id()),
-            ..Default::default()
-        };
+        let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+        let mut st = State::new(Policy::default(), None, 60_000).with_os(os);
+        let asked = AllocateRequest { instance_id: Some(session.into()), ..AllocateRequest::for_port("dev", port) };
+        let req = Claim::new(asked, Owner::of(std::process::id()));
         assert_eq!(st.allocate(&req, 0).unwrap().port, port);
         st
     }
@@ -867,16 +719,16 @@ mod tests {
     #[test]
     fn an_answer_outside_the_types_range_never_moves_a_grant() {
         let mut st = state_with("s", 3000);
-        let answer = Answer::Granted { port: 45123, lock_id: "l1".into() };
+        let answer = StyxyAnswer::Allocated { port: 45123, lock_id: "l1".into() };
         assert_eq!(apply(&mut st, 3000, answer, true), None);
-        assert!(st.allocs.contains_key(&3000) && !st.allocs.contains_key(&45123));
-        assert_eq!(st.upstream_releases, ["l1"], "given back");
-        assert_eq!(st.allocs[&3000].upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
+        assert!(st.allocation(3000).is_some() && st.allocation(45123).is_none());
+        assert_eq!(st.releases_pending(), ["l1"], "given back");
+        assert_eq!(st.allocation(3000).unwrap().upstream, Standing::Pending, "no conflict without Styxy's list saying whose 3000 is");
         // a late answer of another port of the type (the server died meanwhile, say): no conflict either
-        let late = Answer::Granted { port: 3006, lock_id: "l2".into() };
+        let late = StyxyAnswer::Allocated { port: 3006, lock_id: "l2".into() };
         assert_eq!(apply(&mut st, 3000, late, false), None);
-        assert_eq!(st.allocs[&3000].upstream, Standing::Pending);
-        assert_eq!(st.upstream_releases, ["l1", "l2"]);
+        assert_eq!(st.allocation(3000).unwrap().upstream, Standing::Pending);
+        assert_eq!(st.releases_pending(), ["l1", "l2"]);
     }
 
     #[test]
@@ -887,10 +739,265 @@ mod tests {
             info(3002, "stray", "s", "us"),     // an allocation of ours with no allocation here: released
             info(3005, "other", "x", "curl/8"), // another client's
         ];
-        let todo = plan(&mut st, &theirs, 10_000, 1_000_000, "us");
+        let todo = st.reconcile(&theirs, 10_000, 1_000_000, "us");
         assert!(todo.is_empty());
-        assert_eq!(st.allocs[&3000].upstream.lock_id(), Some("late"));
-        assert_eq!(st.upstream_releases, ["stray"]);
-        assert_eq!(st.upstream_held.keys().copied().collect::<Vec<_>>(), [3005]);
+        assert_eq!(st.allocation(3000).unwrap().upstream.lock_id(), Some("late"));
+        assert_eq!(st.releases_pending(), ["stray"]);
+        assert_eq!(st.held_by_others(), 1, "3005 is another client's");
+    }
+}
+
+#[cfg(test)]
+mod worker_tests {
+    //! The worker against a scripted Styxy: an HTTP server on a loopback port that
+    //! answers each request with a canned answer in Styxy's shapes (docs/STYXY.md) and
+    //! keeps what it was asked. The worker's steps run here, one after the other, as its
+    //! thread would run them: nothing waits on a clock.
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+
+    use axum::response::IntoResponse;
+    use serde_json::{json, Value};
+    use styxy_preload_common::api::AllocateRequest;
+
+    use super::*;
+    use crate::state::{Os, Owner};
+
+    /// One canned answer: to the first request with this method and path prefix.
+    #[derive(Clone)]
+    struct Canned {
+        method: &'static str,
+        path: &'static str,
+        status: u16,
+        retry_after: Option<u64>,
+        body: Value,
+    }
+
+    fn canned(method: &'static str, path: &'static str, status: u16, body: Value) -> Canned {
+        Canned { method, path, status, retry_after: None, body }
+    }
+
+    /// What the scripted Styxy was asked.
+    #[derive(Debug, Clone)]
+    struct Asked {
+        method: String,
+        path: String,
+        agent: String,
+        auth: String,
+        body: Value,
+    }
+
+    struct Styxy {
+        addr: SocketAddr,
+        asked: Arc<Mutex<Vec<Asked>>>,
+        stop: Option<oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Styxy {
+        fn start(script: Vec<Canned>) -> Styxy {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let asked: Arc<Mutex<Vec<Asked>>> = Arc::default();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let log = asked.clone();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    let app = axum::Router::new().fallback(move |req: axum::extract::Request| answer(req, script.clone(), log.clone()));
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let stopped = async {
+                        let _ = stopped.await;
+                    };
+                    axum::serve(listener, app).with_graceful_shutdown(stopped).await.unwrap();
+                });
+            });
+            Styxy { addr, asked, stop: Some(stop), thread: Some(thread) }
+        }
+
+        fn asked(&self) -> Vec<Asked> {
+            self.asked.lock().clone()
+        }
+    }
+
+    impl Drop for Styxy {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    async fn answer(req: axum::extract::Request, script: Vec<Canned>, log: Arc<Mutex<Vec<Asked>>>) -> axum::response::Response {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        log.lock().push(Asked {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            agent: header("user-agent"),
+            auth: header("authorization"),
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        });
+        let found = script.iter().find(|c| c.method == parts.method.as_str() && parts.uri.path().starts_with(c.path));
+        let Some(c) = found else { return axum::http::StatusCode::NOT_FOUND.into_response() };
+        let mut r = (axum::http::StatusCode::from_u16(c.status).unwrap(), axum::Json(c.body.clone())).into_response();
+        if let Some(secs) = c.retry_after {
+            r.headers_mut().insert("retry-after", secs.into());
+        }
+        r
+    }
+
+    /// The daemon's state, with one pending allocation of port 3000 for session `s`,
+    /// and a worker for the Styxy at `addr`.
+    struct Daemon {
+        dir: PathBuf,
+        sh: Arc<Shared>,
+        up: Arc<Upstream>,
+        worker: Worker,
+    }
+
+    const AGENT: &str = "styxy-preload-daemon (test)";
+
+    impl Daemon {
+        fn new(name: &str, addr: SocketAddr) -> Daemon {
+            let dir = std::env::temp_dir().join(format!("styxy-upstream-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+            let sh = Shared::for_tests(os, dir.join("daemon-journal.jsonl"));
+            let mut cfg = Config::new(Endpoint::Tcp { addr, token: Some("secret".into()) });
+            cfg.named = true;
+            cfg.agent = AGENT.into();
+            let (jobs, _) = mpsc::channel();
+            let up = Arc::new(Upstream { jobs: Mutex::new(jobs), health: Mutex::new(Health::default()) });
+            let _ = sh.upstream.set(up.clone());
+            let worker = Worker::new(cfg, Arc::downgrade(&sh), up.clone());
+            let d = Daemon { dir, sh, up, worker };
+            d.grant("s", 3000);
+            d
+        }
+
+        fn grant(&self, session: &str, port: u16) {
+            let asked = AllocateRequest { instance_id: Some(session.into()), ..AllocateRequest::for_port("dev", port) };
+            let claim = Claim::new(asked, Owner::of(std::process::id()));
+            assert_eq!(self.sh.state.lock().allocate(&claim, now_ms()).unwrap().port, port);
+        }
+
+        /// The grant path's mirror of `port`, answered in time: the worker asks Styxy,
+        /// the answer is applied as `mirror_grant` applies it. The port to grant instead.
+        fn mirror_in_time(&mut self, port: u16) -> (StyxyAnswer, Option<u16>) {
+            let (tx, mut rx) = oneshot::channel();
+            self.worker.mirror(port, tx);
+            let answer = rx.try_recv().expect("the worker answered");
+            (answer.clone(), apply(&mut self.sh.state.lock(), port, answer, true))
+        }
+
+        fn standing(&self, port: u16) -> Option<Standing> {
+            self.sh.state.lock().allocation(port).map(|a| a.upstream.clone())
+        }
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn granted(port: u16, lock: &str) -> Value {
+        json!({"success": true, "port": port, "lock_id": lock, "message": format!("Port {port} allocated for dev service")})
+    }
+
+    #[test]
+    fn a_grant_is_mirrored_under_styxys_lock() {
+        let styxy = Styxy::start(vec![canned("POST", "/allocate", 200, granted(3000, "lock-1"))]);
+        let mut d = Daemon::new("mirrored", styxy.addr);
+        let (_, moved) = d.mirror_in_time(3000);
+        assert_eq!(moved, None);
+        assert_eq!(d.standing(3000).and_then(|s| s.lock_id().map(str::to_string)).as_deref(), Some("lock-1"));
+        let asked = styxy.asked();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        let a = &asked[0];
+        assert_eq!((a.method.as_str(), a.path.as_str(), a.agent.as_str(), a.auth.as_str()), ("POST", "/allocate", AGENT, "Bearer secret"));
+        assert_eq!(
+            (a.body["service_type"].as_str(), a.body["preferred_port"].as_u64(), a.body["instance_id"].as_str()),
+            (Some("dev"), Some(3000), Some("s"))
+        );
+        assert!(d.up.health.lock().reachable && d.up.usable());
+    }
+
+    #[test]
+    fn styxys_other_port_is_granted_in_time_and_given_back_when_late() {
+        let styxy = Styxy::start(vec![
+            canned("POST", "/allocate", 200, granted(3005, "lock-2")),
+            canned("GET", "/allocations", 200, json!({"allocations": []})),
+        ]);
+        let mut d = Daemon::new("other-port", styxy.addr);
+        // in time: Styxy's choice (a port of the type, free here) is the grant
+        let (_, moved) = d.mirror_in_time(3000);
+        assert_eq!(moved, Some(3005));
+        assert_eq!(d.standing(3000), None);
+        assert_eq!(d.standing(3005).and_then(|s| s.lock_id().map(str::to_string)).as_deref(), Some("lock-2"));
+        // late (the client has its answer): the grant stays, Styxy's lock goes back
+        d.grant("t", 3001);
+        let (tx, rx) = oneshot::channel();
+        drop(rx); // nobody waits any more
+        d.worker.mirror(3001, tx);
+        assert_eq!(d.standing(3001), Some(Standing::Pending));
+        assert_eq!(d.sh.state.lock().releases_pending(), ["lock-2"]);
+    }
+
+    #[test]
+    fn a_429_blocks_every_request_until_retry_after() {
+        let busy = json!({"success": false, "error": "Too many requests"});
+        let styxy = Styxy::start(vec![Canned { retry_after: Some(30), ..canned("POST", "/allocate", 429, busy) }]);
+        let mut d = Daemon::new("429", styxy.addr);
+        let before = now_ms();
+        let (answer, _) = d.mirror_in_time(3000);
+        assert!(matches!(answer, StyxyAnswer::Failed));
+        assert_eq!(d.standing(3000), Some(Standing::Pending), "to mirror later");
+        let h = d.up.health.lock().clone();
+        assert!(h.blocked_until_ms >= before + 30_000 && h.last_429_ms.is_some(), "{h:?}");
+        assert!(!d.up.usable(), "grants do not wait for a Styxy that said to wait");
+        // the worker's own next request is not even sent
+        let a = d.sh.state.lock().allocation(3000).cloned().unwrap();
+        assert!(matches!(d.worker.client.allocate(&a), StyxyAnswer::Failed));
+        assert_eq!(styxy.asked().len(), 1);
+    }
+
+    #[test]
+    fn a_401_is_noted_and_nothing_is_mirrored() {
+        let refused = json!({"success": false, "error": "Invalid API key"});
+        let styxy = Styxy::start(vec![canned("POST", "/allocate", 401, refused)]);
+        let mut d = Daemon::new("401", styxy.addr);
+        let (answer, _) = d.mirror_in_time(3000);
+        assert!(matches!(answer, StyxyAnswer::Failed));
+        assert_eq!(d.standing(3000), Some(Standing::Pending));
+        let h = d.up.health.lock().clone();
+        assert!(h.refused && h.last_error.as_deref().is_some_and(|e| e.contains("401")), "{h:?}");
+        assert!(!d.up.usable());
+    }
+
+    #[test]
+    fn an_unreachable_styxy_holds_nothing_and_grants_go_on_alone() {
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone); // nothing listens there now
+        let mut d = Daemon::new("unreachable", addr);
+        // what Styxy's last list said it holds for others
+        let theirs = api::AllocationInfo { port: 3005, lock_id: "x".into(), service_type: "dev".into(), ..Default::default() };
+        d.sh.state.lock().reconcile(&[theirs], now_ms(), u64::MAX, AGENT);
+        assert_eq!(d.sh.state.lock().held_by_others(), 1);
+        let (answer, _) = d.mirror_in_time(3000);
+        assert!(matches!(answer, StyxyAnswer::Failed));
+        assert_eq!(d.standing(3000), Some(Standing::Pending));
+        assert_eq!(d.sh.state.lock().held_by_others(), 0, "a Styxy that is gone holds nothing");
+        let h = d.up.health.lock().clone();
+        assert!(!h.reachable && !h.busy && h.last_error.is_some(), "{h:?}");
+        assert!(!d.up.usable());
     }
 }

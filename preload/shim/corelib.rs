@@ -5,11 +5,11 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use crate::env::env;
+use crate::cstring::{append, cstr, put};
+use crate::libc_calls::{dladdr, dlerror, dlopen, errno, set_errno, DlInfo, RTLD_NODELETE, RTLD_NOW};
 use crate::notice::notice;
+use crate::settings::env;
 use crate::slot::Slot;
-use crate::sys::{dladdr, dlerror, dlopen, errno, set_errno, DlInfo, RTLD_NODELETE, RTLD_NOW};
-use crate::text::{append, cstr, put};
 use crate::{CoreAddrFn, CoreListenFn, NO, UNKNOWN, YES};
 
 /// A core that fails to load (EMFILE at the fd limit…) is tried again on later calls,

@@ -5,17 +5,17 @@ use core::ffi::{c_int, c_void};
 use core::sync::atomic::Ordering;
 
 use crate::corelib::{core_fn, CORE_UNANSWERED};
-use crate::env::{env, own_rules};
-use crate::maps::{own_uid, port_map, runtime_file};
-use crate::moved;
-use crate::notice::notice;
-use crate::sock::{shares_port, stream, Inet};
-use crate::sys::{
+use crate::cstring::{append, decimal};
+use crate::libc_calls::{
     close, errno, fcntl, getpid, getsockopt, monotonic_ms, open, poll, prctl, read, recv, send, set_errno, setsockopt, socket, PollFd,
     SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK,
     O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
-use crate::text::{append, decimal};
+use crate::maps::{own_uid, port_map, runtime_file};
+use crate::moved;
+use crate::notice::notice;
+use crate::settings::{env, own_rules};
+use crate::sockinfo::{shares_port, stream, Inet};
 use crate::{hookproto, mapview, AddrFn, REAL_CONNECT};
 
 /// How long a bind waits for the daemon when there is no port map to read its beat from:

@@ -16,11 +16,11 @@
 //! that reads through a pointer the program passed is `unsafe`; what it read goes on as
 //! slices. A `dlsym` answer becomes a typed function in one place ([`slot::Slot`]).
 //!
-//! Here: the four exports and what each decides. Beside: [`sock`] (the program's address
-//! and socket), [`env`] (the environment's switches), [`maps`] (the daemon's policy and
-//! port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`), [`corelib`]
-//! (loading the hooks' logic), [`exec`] (static and Go programs started under the
-//! seccomp supervisor), [`slot`], [`sys`] (libc), [`text`] (C strings).
+//! Here: the four exports and what each decides. Beside: [`sockinfo`] (the program's
+//! address and socket), [`settings`] (the environment's switches), [`maps`] (the daemon's
+//! policy and port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`),
+//! [`corelib`] (loading the hooks' logic), [`exec_hooks`] (static and Go programs started
+//! under the seccomp supervisor), [`slot`], [`libc_calls`] (libc), [`cstring`] (C strings).
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
@@ -28,12 +28,12 @@
 use core::ffi::{c_int, c_void};
 
 use corelib::{core_fn, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
-use env::{enabled, in_session, isolate, own_rules, session_tag};
 use keep::{keep, kept_here};
+use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, port_map, COORDINATED_PORT, ON_CONFLICT_PORT, UNTOUCHED_PORT};
+use settings::{enabled, in_session, isolate, own_rules, session_tag};
 use slot::Slot;
-use sock::{shares_port, stream, Inet};
-use sys::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
+use sockinfo::{shares_port, stream, Inet};
 
 /// The port map's reader, shared with the client crate (one reader for both).
 #[allow(dead_code)]
@@ -58,16 +58,16 @@ mod sockaddr;
 mod switch;
 
 mod corelib;
-mod env;
-mod exec;
+mod cstring;
+mod exec_hooks;
 mod keep;
+mod libc_calls;
 mod maps;
 mod moved;
 mod notice;
+mod settings;
 mod slot;
-mod sock;
-mod sys;
-mod text;
+mod sockinfo;
 
 type AddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen) -> c_int;
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
@@ -232,16 +232,16 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
     let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && in_session() && a.is_loopback() && enabled()) else {
         return plain();
     };
-    match route(inet.port) {
-        Some(Route::AsAsked) => plain(),
-        Some(Route::To(actual)) if stream(fd) && (len as usize) <= 128 => {
+    match port_route(inet.port) {
+        Some(PortRoute::AsAsked) => plain(),
+        Some(PortRoute::To(actual)) if stream(fd) && (len as usize) <= 128 => {
             // the caller's address with the session's actual port
             let copy = inet.with_port(actual);
             // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
         // refused: the hooks' logic refuses it too, and says so (an event, one stderr line)
-        Some(Route::Refused) if stream(fd) => match core_fn(&CORE_CONNECT) {
+        Some(PortRoute::Refused) if stream(fd) => match core_fn(&CORE_CONNECT) {
             // SAFETY: the program's call and libc's function, as the core's connect takes them.
             Some(hook) => unsafe { hook(fd, addr, len, real) },
             None => {
@@ -262,7 +262,7 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
 }
 
 /// Where a session's loopback connect goes (docs/ARCHITECTURE.md "A call's way").
-enum Route {
+enum PortRoute {
     AsAsked,
     /// The session remapped this port: connect here instead.
     To(u16),
@@ -273,20 +273,20 @@ enum Route {
 /// The shim's own answer for a loopback connect in a session, from the port map and the
 /// policy map; `None` when the hooks' logic must decide (the process has rules of its
 /// own, or the session id needs more than the map's tag).
-fn route(port: u16) -> Option<Route> {
+fn port_route(port: u16) -> Option<PortRoute> {
     if own_rules() {
         return None;
     }
     let tag = session_tag()?;
     let Some(view) = port_map() else {
-        return Some(Route::AsAsked); // no daemon yet: nothing to follow
+        return Some(PortRoute::AsAsked); // no daemon yet: nothing to follow
     };
     if let Some(actual) = view.lookup(tag, port).filter(|a| *a != port) {
-        return Some(Route::To(actual));
+        return Some(PortRoute::To(actual));
     }
     let holder = view.held(port);
     if holder != 0 && holder != tag && isolate() && port_class(port).is_some_and(|c| c != UNTOUCHED_PORT) {
-        return Some(Route::Refused);
+        return Some(PortRoute::Refused);
     }
-    Some(Route::AsAsked)
+    Some(PortRoute::AsAsked)
 }

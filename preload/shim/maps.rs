@@ -5,13 +5,13 @@
 use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
-use crate::env::{env, own_rules};
-use crate::mapview;
-use crate::sys::{
+use crate::cstring::{append, decimal, put};
+use crate::libc_calls::{
     close, errno, getdents64, getuid, mmap, munmap, open, read, set_errno, statx, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MAP_SHARED,
     O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT, S_IFREG,
 };
-use crate::text::{append, decimal, put};
+use crate::mapview;
+use crate::settings::{env, own_rules};
 
 /// The daemon's policy map (common/src/policymap.rs): magic, header, a class per port.
 const POLICY_MAGIC: u32 = 0x5350_5031;

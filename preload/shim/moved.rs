@@ -14,10 +14,10 @@
 
 use core::ffi::c_int;
 
+use crate::cstring::{append, put};
+use crate::libc_calls::{close, errno, open, read, set_errno, O_CLOEXEC, O_DIRECTORY, O_NONBLOCK, O_RDONLY};
 use crate::maps::each_entry;
 use crate::moved_table::Moved;
-use crate::sys::{close, errno, open, read, set_errno, O_CLOEXEC, O_DIRECTORY, O_NONBLOCK, O_RDONLY};
-use crate::text::{append, put};
 
 static MOVED: Moved = Moved::new();
 

@@ -2,10 +2,10 @@
 //! for where a line of ours may go ([`notice_rule`](crate::notice_rule), which the hooks'
 //! logic follows too). `STYXY_PRELOAD_NOTIFY=off` silences it.
 
-use crate::env::env;
+use crate::libc_calls::{errno, set_errno};
 use crate::notice_rule::write_line;
+use crate::settings::env;
 use crate::switch;
-use crate::sys::{errno, set_errno};
 
 /// The longest line written; a longer one is cut.
 const LINE_MAX: usize = 512;

@@ -6,7 +6,7 @@ use core::ffi::{c_void, CStr};
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use crate::sys::{dlsym, RTLD_NEXT};
+use crate::libc_calls::{dlsym, RTLD_NEXT};
 
 /// The C function `name` in another library, as an `F`; kept for the process's life once
 /// found (racing threads store the same pointer).

@@ -275,20 +275,17 @@ fn known(p: &Policy) -> String {
 /// Allocates `requested` (or another port of `ty`) for `session`, owned by `pid`.
 pub fn allocate(ep: &Endpoint, session: &str, ty: &str, requested: u16, pid: u32) -> Result<(u16, Option<String>), String> {
     let req = AllocateRequest {
-        service_type: ty.to_string(),
         service_name: Some(format!("styxy-preload-{requested}")),
-        preferred_port: Some(requested),
-        requested_port: Some(requested),
         instance_id: Some(session.to_string()),
         pid: Some(pid),
         project_path: std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned()),
-        ..Default::default()
+        ..AllocateRequest::for_port(ty, requested)
     };
     let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
     let res =
         http::call(ep, "POST", "/allocate", Some(&body), Timeouts::CLI).map_err(|e| format!("allocating a {ty} port at {ep}: {e}"))?;
     let reply: AllocateReply = res.json().map_err(|e| e.to_string())?;
-    match reply.granted() {
+    match reply.port_and_lock() {
         Some((port, lock)) => Ok((port, lock.map(str::to_string))),
         None => Err(format!("the coordinator refused a {ty} port: {}", reply.error.unwrap_or_else(|| format!("HTTP {}", res.status)))),
     }

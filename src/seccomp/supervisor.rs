@@ -20,6 +20,7 @@ use styxy_preload_core::{bind, connect, listen, sys, Addr, Caller, Route, Socket
 use super::workers::Workers;
 
 /// What the caller's syscall returns.
+#[derive(Debug, PartialEq, Eq)]
 enum Answer {
     /// Run it as the program made it.
     Continue,
@@ -133,34 +134,72 @@ fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &P
         Ok(raw) => raw,
         Err(e) => return Some(Answer::Return(Err(e))),
     };
-    let Some(orig) = Addr::from_bytes(raw.bytes()) else {
-        // not an address the decisions read (AF_UNSPEC, too short…): the kernel says what it says
-        return if nr == libc::SYS_connect { sock.connect(listener, workers, raw) } else { Some(sock.bind_as_read(&raw)) };
-    };
-    if nr == libc::SYS_connect {
-        return match connect::route(p, &orig, &mut || sock.sock_type()) {
-            Route::AsAsked => sock.connect(listener, workers, raw),
-            Route::Refused => Some(Answer::Return(Err(libc::ECONNREFUSED))),
-            Route::To(target) => sock.connect(listener, workers, Raw::of(&target)),
+    let connecting = nr == libc::SYS_connect;
+    let route = |a: &Addr| connect::route(p, a, &mut || sock.sock_type());
+    match step(connecting, Addr::from_bytes(raw.bytes()), route, |a| bind::untouched(p, a)) {
+        Step::Fail(e) => Some(Answer::Return(Err(e))),
+        Step::AsRead if connecting => sock.connect(listener, workers, raw),
+        Step::AsRead => Some(sock.bind_as_read(&raw)),
+        Step::ConnectTo(target) => sock.connect(listener, workers, Raw::of(&target)),
+        Step::DecideBind(orig) => {
+            sock.call = Call::Bind(orig);
+            let Ok(who) = sock.target().cloned() else {
+                return Some(Answer::Continue);
+            };
+            Some(match bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Daemon(&p.endpoint)) {
+                Verdict::AsAsked => sock.bind_as_read(&raw),
+                Verdict::Done(r) => Answer::Return(r),
+            })
+        }
+    }
+}
+
+/// What the supervisor does with a bind or connect on an IPv4/IPv6 socket whose address
+/// it read.
+enum Step {
+    /// The call fails with this errno (isolation refuses the connect).
+    Fail(c_int),
+    /// Made on our copies with the address as the caller passed it.
+    AsRead,
+    /// A connect made to this address instead (the session's remap of the port).
+    ConnectTo(Addr),
+    /// A bind the library decides (`bind::decide`).
+    DecideBind(Addr),
+}
+
+/// The supervisor's decision for a bind or a connect (`connecting`) to `addr` (`None`: not
+/// an address the decisions read, AF_UNSPEC or too short — the kernel says what it
+/// says), given the library's decisions: `route` for a connect, `untouched` for a bind.
+fn step(connecting: bool, addr: Option<Addr>, route: impl FnOnce(&Addr) -> Route, untouched: impl FnOnce(&Addr) -> bool) -> Step {
+    let Some(orig) = addr else { return Step::AsRead };
+    if connecting {
+        return match route(&orig) {
+            Route::AsAsked => Step::AsRead,
+            Route::Refused => Step::Fail(libc::ECONNREFUSED),
+            Route::To(target) => Step::ConnectTo(target),
         };
     }
-    if bind::untouched(p, &orig) {
-        return Some(sock.bind_as_read(&raw));
+    if untouched(&orig) {
+        Step::AsRead
+    } else {
+        Step::DecideBind(orig)
     }
-    sock.call = Call::Bind(orig);
-    let Ok(who) = sock.target().cloned() else {
-        return Some(Answer::Continue);
-    };
-    Some(match bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Daemon(&p.endpoint)) {
-        Verdict::AsAsked => sock.bind_as_read(&raw),
-        Verdict::Done(r) => Answer::Return(r),
-    })
 }
 
 fn answer(v: Verdict) -> Answer {
     match v {
         Verdict::AsAsked => Answer::Continue,
         Verdict::Done(r) => Answer::Return(r),
+    }
+}
+
+/// The answer to a bind made as the caller asked it on our copies: its result, but a
+/// privileged port we may not bind (`EACCES`: the caller may hold the capability) goes
+/// to the kernel as the program made it — that failed bind changed nothing.
+fn as_read(result: Result<(), c_int>) -> Answer {
+    match result {
+        Err(libc::EACCES) => Answer::Continue,
+        r => Answer::Return(r),
     }
 }
 
@@ -306,21 +345,15 @@ impl Remote {
         self.copy().ok().and_then(|fd| sys::sockopt(fd, libc::SO_DOMAIN)).is_some_and(|d| d == libc::AF_INET || d == libc::AF_INET6)
     }
 
-    /// The bind as the caller asked it, made on our copies of its socket and address. A
-    /// privileged port we may not bind (the caller may hold the capability) goes to the
-    /// kernel as the program made it: that failed bind changed nothing.
+    /// The bind as the caller asked it, made on our copies of its socket and address
+    /// ([`as_read`] answers it).
     fn bind_as_read(&mut self, raw: &Raw) -> Answer {
         let Ok(fd) = self.copy() else {
             return Answer::Continue;
         };
         // SAFETY: our copy of the socket and of the address.
-        if unsafe { libc::bind(fd, raw.ptr(), raw.len as libc::socklen_t) } == 0 {
-            return Answer::Return(Ok(()));
-        }
-        match errno() {
-            libc::EACCES => Answer::Continue,
-            e => Answer::Return(Err(e)),
-        }
+        let rc = unsafe { libc::bind(fd, raw.ptr(), raw.len as libc::socklen_t) };
+        as_read(if rc == 0 { Ok(()) } else { Err(errno()) })
     }
 
     fn give_up(&mut self, e: c_int) {
@@ -401,5 +434,64 @@ impl Socket for Remote {
         } else {
             Err(errno())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step as a row of a table shows it: what, its errno, its port.
+    type Shape = (&'static str, Option<c_int>, Option<u16>);
+
+    fn shape(s: Step) -> Shape {
+        match s {
+            Step::Fail(e) => ("fail", Some(e), None),
+            Step::AsRead => ("as read", None, None),
+            Step::ConnectTo(a) => ("connect to", None, Some(a.port)),
+            Step::DecideBind(a) => ("decide bind", None, Some(a.port)),
+        }
+    }
+
+    const ASKED: u16 = 3000;
+
+    #[test]
+    fn each_bind_and_connect_goes_where_the_decisions_say() {
+        let asked = Some(Addr::ipv4([127, 0, 0, 1], ASKED));
+        let moved = Addr::ipv4([127, 0, 0, 1], 3007);
+        let no_route = |_: &Addr| -> Route { panic!("a bind is never routed") };
+        let no_test = |_: &Addr| -> bool { panic!("a connect is never a bind's question") };
+        let rows: [(&str, Step, Shape); 7] = [
+            ("connect, no inet address", step(true, None, no_route, no_test), ("as read", None, None)),
+            ("bind, no inet address", step(false, None, no_route, no_test), ("as read", None, None)),
+            ("connect as asked", step(true, asked, |_| Route::AsAsked, no_test), ("as read", None, None)),
+            ("connect isolated", step(true, asked, |_| Route::Refused, no_test), ("fail", Some(libc::ECONNREFUSED), None)),
+            ("connect remapped", step(true, asked, move |_| Route::To(moved), no_test), ("connect to", None, Some(3007))),
+            ("bind untouched", step(false, asked, no_route, |a| a.port == ASKED), ("as read", None, None)),
+            ("bind coordinated", step(false, asked, no_route, |_| false), ("decide bind", None, Some(ASKED))),
+        ];
+        for (case, got, want) in rows {
+            assert_eq!(shape(got), want, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_bind_as_read_answers_its_result_but_leaves_a_privileged_port_to_the_kernel() {
+        let rows = [
+            (Ok(()), Answer::Return(Ok(()))),
+            (Err(libc::EADDRINUSE), Answer::Return(Err(libc::EADDRINUSE))),
+            (Err(libc::EINVAL), Answer::Return(Err(libc::EINVAL))),
+            (Err(libc::EACCES), Answer::Continue),
+        ];
+        for (result, want) in rows {
+            assert_eq!(as_read(result), want, "{result:?}");
+        }
+    }
+
+    #[test]
+    fn a_verdict_is_the_calls_answer() {
+        assert_eq!(answer(Verdict::AsAsked), Answer::Continue);
+        assert_eq!(answer(Verdict::Done(Ok(()))), Answer::Return(Ok(())));
+        assert_eq!(answer(Verdict::Done(Err(libc::EADDRINUSE))), Answer::Return(Err(libc::EADDRINUSE)));
     }
 }

@@ -88,9 +88,7 @@ impl Bind<'_> {
     /// The request for this bind; `moved_from` is the port the tool first wanted.
     fn request(&self, moved_from: Option<u16>, exclude: Vec<u16>) -> AllocateRequest {
         AllocateRequest {
-            service_type: self.ty.to_string(),
             service_name: Some(api::service_name(self.who.comm, self.orig.port)),
-            preferred_port: Some(self.orig.port),
             instance_id: self.p.session.clone(),
             project_path: self.who.cwd.map(str::to_string),
             pid: Some(self.who.pid),
@@ -98,7 +96,7 @@ impl Bind<'_> {
             comm: Some(self.who.comm.to_string()),
             exclude,
             bind: true,
-            ..Default::default()
+            ..AllocateRequest::for_port(self.ty, self.orig.port)
         }
     }
 
@@ -141,7 +139,7 @@ fn ask_first(b: &Bind, fallback: bool, moved_from: Option<u16>, sock: &mut dyn S
 /// the kernel would tell it were the port bound (`EADDRINUSE`): it moves on by itself
 /// and says where it went. `None`: the port would be granted, go on.
 fn leave_to_the_tool(b: &Bind, req: &AllocateRequest, moved_from: Option<u16>, coord: &mut dyn Coordinator) -> Option<Verdict> {
-    match coord.allocate(&AllocateRequest { dry_run: true, ..req.clone() }).map(|r| r.granted().map(|(port, _)| port)) {
+    match coord.allocate(&AllocateRequest { dry_run: true, ..req.clone() }).map(|r| r.port_and_lock().map(|(port, _)| port)) {
         Ok(Some(port)) if port != b.orig.port => {
             b.p.memory.remember_origin(b.who.pid, moved_from.unwrap_or(b.orig.port));
             // a probe the tool answers itself: not a start
@@ -169,7 +167,7 @@ fn allocate_and_bind(
             Ok(r) => r,
             Err(e) => return b.unasked(e, coord, retries),
         };
-        let Some((port, _)) = reply.granted() else {
+        let Some((port, _)) = reply.port_and_lock() else {
             b.event(b.orig.port, Action::Passthrough, Some(Reason::NoPortGranted), retries);
             return Verdict::AsAsked;
         };

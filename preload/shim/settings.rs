@@ -4,8 +4,8 @@
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use crate::sys::{getenv, statx, AT_FDCWD, STATX_INO};
-use crate::text::cstr;
+use crate::cstring::cstr;
+use crate::libc_calls::{getenv, statx, AT_FDCWD, STATX_INO};
 use crate::{mapview, switch, NO, UNKNOWN, YES};
 
 static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);

@@ -71,7 +71,7 @@ extern "C" {
     fn clock_gettime(clock: c_int, ts: *mut TimeSpec) -> c_int;
     pub(crate) fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     pub(crate) fn getdents64(fd: c_int, buf: *mut c_void, n: usize) -> isize;
-    pub(crate) static environ: crate::exec::Argv;
+    pub(crate) static environ: crate::exec_hooks::Argv;
     pub(crate) fn pread(fd: c_int, buf: *mut c_void, n: usize, off: i64) -> isize;
     pub(crate) fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int;
     pub(crate) fn prctl(option: c_int, ...) -> c_int;

@@ -17,13 +17,13 @@
 
 use core::ffi::{c_char, c_int, c_void};
 
-use crate::slot::Slot;
-use crate::sys::{
+use crate::cstring::cstr;
+use crate::libc_calls::{
     close, environ, errno, faccessat, getauxval, mmap, munmap, open, prctl, pread, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD,
     AT_PHDR, AT_PHNUM, AT_SECURE, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC, O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE, PR_GET_SECCOMP,
     SECCOMP_MODE_FILTER, X_OK,
 };
-use crate::text::cstr;
+use crate::slot::Slot;
 use crate::{missing, NO, YES};
 
 pub(crate) type Argv = *const *const c_char;
@@ -126,7 +126,7 @@ pub unsafe extern "C" fn posix_spawn(
     envp: Argv,
 ) -> c_int {
     let Some(real) = REAL_SPAWN.next() else {
-        return crate::sys::ENOSYS;
+        return crate::libc_calls::ENOSYS;
     };
     // SAFETY: the program's call (this function's contract).
     unsafe {
@@ -151,7 +151,7 @@ pub unsafe extern "C" fn posix_spawnp(
     envp: Argv,
 ) -> c_int {
     let Some(real) = REAL_SPAWNP.next() else {
-        return crate::sys::ENOSYS;
+        return crate::libc_calls::ENOSYS;
     };
     let mut buf = [0u8; PATH_MAX];
     // SAFETY: the program's call (this function's contract); `buf` outlives the spawn.
@@ -231,7 +231,7 @@ unsafe fn supervisor_for(path: *const c_char, envp: Argv) -> Option<*const c_cha
     let wants = unsafe { Wanted::of(envp) };
     // a process whose own library is off (the CLI itself: `exec`, `supervise`) starts
     // its programs as they are
-    let cli = wants.cli.filter(|_| wants.preloaded && !wants.disabled && crate::env::enabled())?;
+    let cli = wants.cli.filter(|_| wants.preloaded && !wants.disabled && crate::settings::enabled())?;
     // SAFETY: both C strings (this function's contract, and an entry of `envp`).
     let (p, c) = unsafe { (cstr(path)?, cstr(cli)?) };
     if p == c || !unreachable(path) {
@@ -306,11 +306,11 @@ unsafe fn found(file: *const c_char, buf: &mut [u8; PATH_MAX]) -> Option<*const 
         return Some(file);
     }
     // SAFETY: getenv's answer, read here and not kept.
-    let path = unsafe { crate::env::env(c"PATH") }.unwrap_or(b"/bin:/usr/bin");
+    let path = unsafe { crate::settings::env(c"PATH") }.unwrap_or(b"/bin:/usr/bin");
     for dir in path.split(|c| *c == b':') {
         let dir = if dir.is_empty() { b".".as_slice() } else { dir };
-        let n = crate::text::put(buf, 0, dir);
-        if n == 0 || crate::text::put(buf, n + 1, name) == 0 {
+        let n = crate::cstring::put(buf, 0, dir);
+        if n == 0 || crate::cstring::put(buf, n + 1, name) == 0 {
             continue;
         }
         if let Some(slash) = buf.get_mut(n) {

@@ -1,0 +1,112 @@
+//! What happens to the allocations, each with every step that goes with it: a grant is
+//! mirrored in Styxy, journaled (on disk before its answer leaves, or withdrawn), saved
+//! and counted; a confirmation, a withdrawal, a release, a sweep and a description are
+//! saved.
+//! The HTTP API (`server.rs`) and the shim's socket (`hook.rs`) change the state through
+//! these, so that neither can leave a step out.
+
+use std::time::Instant;
+
+use crate::state::{AllocError, Allocation, Claim, Grant, Owner};
+use crate::{now_ms, Shared};
+
+/// Why a grant was not made.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The state's rules refused it.
+    State(AllocError),
+    /// It could not be journaled (a full disk): withdrawn, since nothing would remember
+    /// it after a restart, and another session's remap would then lead nowhere.
+    Unjournaled(String),
+}
+
+impl Shared {
+    /// Grants `claim`: the state's choice, Styxy's word on it when Styxy answers in time
+    /// (`upstream::mirror_grant`), the journal line, a save and the metrics, in that
+    /// order. A dry run and an existing grant change nothing, so only the metrics see them.
+    pub async fn grant(&self, claim: &Claim) -> Result<Grant, Refusal> {
+        let started = Instant::now();
+        let result = self.state.lock().allocate(claim, now_ms()).map_err(Refusal::State);
+        let result = match result {
+            Ok(g) if !claim.req.dry_run && !g.existing => self.made(g).await,
+            other => other,
+        };
+        self.metrics.observe_allocate(started.elapsed(), result.is_ok());
+        result
+    }
+
+    /// A new grant, made in the state: mirrored, journaled and saved.
+    async fn made(&self, mut g: Grant) -> Result<Grant, Refusal> {
+        if let Some(theirs) = crate::upstream::mirror_grant(self, g.port).await {
+            g.port = theirs; // Styxy held ours for another client and chose this one
+        }
+        self.journaled(g.port)?;
+        self.persist();
+        Ok(g)
+    }
+
+    /// The new grant of `port` is in the journal; when it cannot be written, it is
+    /// withdrawn.
+    fn journaled(&self, port: u16) -> Result<(), Refusal> {
+        let mut st = self.state.lock();
+        let Some(a) = st.allocation(port) else { return Ok(()) };
+        let Err(e) = self.journal.append(a) else { return Ok(()) };
+        st.remove(port, now_ms());
+        drop(st);
+        log!("grant of port {port} withdrawn: cannot write the journal: {e}");
+        Err(Refusal::Unjournaled(format!("port {port} not granted: the daemon cannot write its journal: {e}")))
+    }
+
+    /// `owner` bound or listens on `port`: the grant is confirmed, and saved.
+    pub fn confirm(&self, port: u16, owner: Owner) -> bool {
+        let confirmed = self.state.lock().confirm(port, owner);
+        if confirmed {
+            self.persist();
+        }
+        confirmed
+    }
+
+    /// The bind a new grant was made for failed: the grant is withdrawn, and saved.
+    pub fn withdraw(&self, port: u16) {
+        if self.state.lock().remove(port, now_ms()).is_some() {
+            self.persist();
+        }
+    }
+
+    /// A client gives its grant back (`DELETE /allocate/:lock`).
+    pub fn release(&self, lock_id: &str) -> Option<Allocation> {
+        let released = self.state.lock().release(lock_id, now_ms());
+        if released.is_some() {
+            self.persist();
+        }
+        released
+    }
+
+    /// Frees what no longer stands, looked at closely, and saves: `/proc` is read without
+    /// the state's lock (grants go on meanwhile), and only what is still the allocation
+    /// judged is freed. Blocking: run it off the runtime's thread. How many were freed.
+    pub fn sweep(&self) -> usize {
+        let plan = self.state.lock().sweep_plan();
+        let verdicts = plan.judge(now_ms());
+        let freed = self.state.lock().sweep_apply(verdicts, now_ms());
+        if freed > 0 {
+            self.persist();
+        }
+        freed
+    }
+
+    /// Frees every allocation (`/cleanup` with `force`), and saves.
+    pub fn clear(&self) -> usize {
+        let cleared = self.state.lock().clear(now_ms());
+        if cleared > 0 {
+            self.persist();
+        }
+        cleared
+    }
+
+    /// Names the new allocation at `port` after the process that asked, and saves it.
+    pub fn describe(&self, port: u16, comm: &str, project_path: Option<String>) {
+        self.state.lock().describe(port, comm, project_path);
+        self.persist();
+    }
+}
