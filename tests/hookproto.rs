@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use styxy_preload_common::eventlog::Action;
-use styxy_preload_common::hookproto::{Answer, Ask, ANSWER_LEN, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
+use styxy_preload_common::hookproto::{self, Answer, Ask, ANSWER_LEN, ASK_LEN, DECLINED, DONE, DONE_MAX, GRANTED, KEEP};
 use styxy_preload_common::policy::Policy;
 use styxy_preload_common::portmap::PortMap;
 
@@ -32,7 +32,8 @@ fn answer(status: u8, port: u16) -> [u8; ANSWER_LEN] {
 
 /// The daemon's side of the world's runtime directory: its policy map, a port map that
 /// beats while `beating`, and `hook.sock`, served by a thread that answers one `KEEP` with
-/// `reply` and reports the `DONE` that follows (kind, port, errno).
+/// `reply` and reports the `DONE` that follows (kind, port, errno; errno -1 when it did
+/// not carry the shim's `HOME`, where its event log is).
 struct FakeDaemon {
     beating: Arc<AtomicBool>,
     done: mpsc::Receiver<(u8, u16, i32)>,
@@ -74,9 +75,12 @@ impl FakeDaemon {
                     std::thread::sleep(delay);
                     // SAFETY: send of a buffer of its length on our own connection.
                     unsafe { libc::send(conn.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
-                    let mut buf = [0u8; ASK_LEN + 1];
-                    if let Some(done) = recv(&conn, &mut buf).and_then(|n| Ask::decode(&buf[..n])) {
-                        let _ = done_tx.send((done.kind, done.port, done.errno));
+                    // the ask, then the log variables of the shim's environment
+                    let mut buf = vec![0u8; DONE_MAX + 1];
+                    let n = recv(&conn, &mut buf).filter(|n| (ASK_LEN..=DONE_MAX).contains(n));
+                    if let Some((done, vars)) = n.and_then(|n| Some((Ask::decode(&buf[..ASK_LEN])?, &buf[ASK_LEN..n]))) {
+                        let home = hookproto::done_vars(vars).any(|(k, v)| k == "HOME" && !v.is_empty());
+                        let _ = done_tx.send((done.kind, done.port, if home { done.errno } else { -1 }));
                     }
                 }
             }

@@ -308,3 +308,17 @@ fn a_datagram_connect_never_loads_the_core_even_with_rules_of_its_own() {
     wait_for(10, "the stream connect", || w.output_of("tcp").contains("tcp").then_some(()));
     assert!(core_loaded(tcp), "a stream connect with rules of its own is the hooks' logic's");
 }
+
+#[test]
+fn the_library_needs_libc_and_nothing_else() {
+    let lib = lib();
+    let out = std::process::Command::new("readelf").args(["-dW", "--dyn-syms"]).arg(&lib).output().expect("readelf (binutils)");
+    let text = text(&out.stdout);
+    let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    assert_eq!(needed.len(), 1, "{needed:?}");
+    assert!(needed[0].contains("[libc.so.6]"), "{needed:?}");
+    // every symbol it must take from elsewhere is libc's, versioned (a Rust runtime symbol
+    // such as rust_eh_personality would make every program fail to start)
+    let foreign: Vec<&str> = text.lines().filter(|l| l.contains(" GLOBAL ") && l.contains(" UND ") && !l.contains("@GLIBC_")).collect();
+    assert!(foreign.is_empty(), "symbols from outside libc: {foreign:#?}");
+}

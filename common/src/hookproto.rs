@@ -22,8 +22,14 @@ pub const ANSWER_LEN: usize = 8;
 
 /// May this process bind exactly this port (granted, as a bind in progress)?
 pub const KEEP: u8 = 1;
-/// The bind's result, after a `GRANTED`.
+/// The bind's result, after a `GRANTED` or `MOVED`; after its [`ASK_LEN`] bytes, the
+/// variables of [`LOG_VARS`] the process has, each `KEY=VALUE` and a NUL: where the
+/// daemon writes the bind's event (the process may be gone before `/proc` could tell).
 pub const DONE: u8 = 2;
+/// The environment that names a process's event log (`eventlog::Log::of`).
+pub const LOG_VARS: [&str; 4] = ["STYXY_PRELOAD_LOG", "STYXY_PRELOAD_LOG_MAX", "XDG_STATE_HOME", "HOME"];
+/// The longest `DONE`: the ask and its variables.
+pub const DONE_MAX: usize = ASK_LEN + 4096;
 
 /// `Ask::flags`: the shim binds another port when this one is not this process's to have,
 /// and tells the person (a remap).
@@ -98,6 +104,16 @@ impl Ask<'_> {
     }
 }
 
+/// The `KEY=VALUE` entries after a `DONE`'s ask ([`LOG_VARS`] only; anything else is
+/// skipped).
+pub fn done_vars(tail: &[u8]) -> impl Iterator<Item = (&'static str, &[u8])> + '_ {
+    tail.split(|c| *c == 0).filter_map(|kv| {
+        let eq = kv.iter().position(|c| *c == b'=')?;
+        let key = LOG_VARS.iter().find(|k| k.as_bytes() == &kv[..eq])?;
+        Some((*key, &kv[eq + 1..]))
+    })
+}
+
 impl Answer {
     pub fn encode(&self) -> [u8; ANSWER_LEN] {
         let mut b = [0u8; ANSWER_LEN];
@@ -138,6 +154,13 @@ mod tests {
         assert_eq!(Ask { session: &[b'x'; 101], ..a }.encode(), None);
         let d = Ask { kind: DONE, errno: 98, ..a };
         assert_eq!(Ask::decode(&d.encode().unwrap()), Some(d));
+    }
+
+    #[test]
+    fn a_dones_variables_are_the_log_ones_only() {
+        let tail = b"HOME=/home/a\0PATH=/bin\0STYXY_PRELOAD_LOG=/tmp/x=y\0junk\0\0XDG_STATE_HOME=\0";
+        let got: Vec<_> = done_vars(tail).collect();
+        assert_eq!(got, [("HOME", &b"/home/a"[..]), ("STYXY_PRELOAD_LOG", b"/tmp/x=y"), ("XDG_STATE_HOME", b"")]);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
-use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP, MAY_MOVE, MOVED};
+use styxy_preload_common::hookproto::{self, Answer, Ask, ASK_LEN, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED};
 use styxy_preload_common::policy::Decision;
 use styxy_preload_common::procinfo;
 use tokio::io::unix::AsyncFd;
@@ -124,11 +124,12 @@ fn send(fd: &AsyncFd<OwnedFd>, msg: &[u8]) {
 }
 
 /// `KEEP`, the answer, then `DONE`. A malformed or unexpected message ends the exchange.
-/// Who asked is read from `/proc` (its name, directory and log) before the answer, while
-/// the process waits for it (a short-lived one is gone soon after), on a blocking thread:
-/// a client's path never holds up this thread, which answers every hook and every HTTP
-/// request. A new grant whose `DONE` says the bind failed, or whose client closed without
-/// one, is withdrawn.
+/// Who asked is read from `/proc` before the answer, while the process waits for it (a
+/// short-lived one is gone soon after): its name and directory, which never wait on the
+/// process; its log comes with `DONE`. What touches the client's files (the log it names)
+/// runs on a blocking thread: a client's path never holds up this thread, which answers
+/// every hook and every HTTP request. A new grant whose `DONE` says the bind failed, or
+/// whose client closed without one, is withdrawn.
 async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     let Some(fd) = watch(conn) else { return };
     let mut buf = [0u8; ASK_LEN + 1];
@@ -141,23 +142,22 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     };
     let _pending = Pending::new(&sh.hook_pending);
     let (port, family, existing) = (grant.port, ask.family, grant.existing);
-    let described = tokio::task::spawn_blocking({
-        let sh = sh.clone();
-        move || describe(&sh, grant)
-    })
-    .await;
+    let grant = describe(&sh, grant);
     let status = if port == ask.port { GRANTED } else { MOVED };
     send(&fd, &Answer { status, port, existing }.encode());
-    let mut done = [0u8; ASK_LEN + 1];
+    let mut done = vec![0u8; DONE_MAX + 1];
     let heard = recv(&fd, &mut done).await;
-    let reported = heard.as_ref().ok().and_then(|n| Ask::decode(&done[..*n])).filter(|a| a.kind == DONE && a.port == port);
-    match (reported, described) {
-        (Some(done), Ok(grant)) if done.errno == 0 => {
+    let message = heard.as_ref().ok().and_then(|n| done.get(..*n)).filter(|m| m.len() >= ASK_LEN);
+    let reported =
+        message.and_then(|m| Some((Ask::decode(&m[..ASK_LEN])?, &m[ASK_LEN..]))).filter(|(a, _)| a.kind == DONE && a.port == port);
+    match reported {
+        Some((done, vars)) if done.errno == 0 => {
             // bound: confirmed, and the binder an owner, as a listen would
             if let Some(owner) = Owner::of(grant.pid) {
                 sh.confirm(port, owner);
             }
-            let _ = tokio::task::spawn_blocking(move || log_event(&grant, port, family, started)).await;
+            let vars = log_vars(vars);
+            let _ = tokio::task::spawn_blocking(move || log_event(&grant, vars, port, family, started)).await;
         }
         // no word in time: the grant stands while its owner's socket holds the port
         _ if existing || heard.is_err() => {}
@@ -167,11 +167,11 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     }
 }
 
-/// Who asked, read from /proc while it waits for the answer: its name, directory and
-/// log, into the grant and a new allocation, which is then saved.
+/// Who asked, read from /proc while it waits for the answer: its name and directory
+/// (neither waits on the process, as its memory would), into the grant and a new
+/// allocation, which is then saved.
 fn describe(sh: &Shared, mut grant: KeptBind) -> KeptBind {
     grant.comm = procinfo::comm(grant.pid).unwrap_or_else(|| "?".into());
-    grant.log = log_of(grant.pid);
     if grant.existing {
         return grant;
     }
@@ -210,7 +210,6 @@ struct KeptBind {
     service_type: String,
     session: Option<String>,
     comm: String,
-    log: Log,
 }
 
 /// Grants `ask.port` to `pid`, or another port when the ask [`MAY_MOVE`], as the hooks'
@@ -250,13 +249,12 @@ async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
         service_type: ty,
         session: session.map(str::to_string),
         comm: String::new(),
-        log: Log::default(),
     })
 }
 
 /// The event the process would have logged (a blocking thread's work: the client names
 /// the file).
-fn log_event(g: &KeptBind, port: u16, family: u8, started: Instant) {
+fn log_event(g: &KeptBind, vars: Option<Vec<(&'static str, std::ffi::OsString)>>, port: u16, family: u8, started: Instant) {
     let (action, reason) = match () {
         _ if g.again => (Action::Observed, Some(eventlog::bound_again(port))),
         _ if port != g.asked => (Action::Remapped, Some(eventlog::taken(g.asked, &g.holder))),
@@ -278,10 +276,23 @@ fn log_event(g: &KeptBind, port: u16, family: u8, started: Instant) {
         backend: Some("unix".into()),
         retries: 0,
     };
-    let _ = g.log.append(&ev);
+    let log = match vars {
+        Some(vars) => Log::of(&|k| vars.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone())),
+        None => log_of(g.pid),
+    };
+    let _ = log.append(&ev);
 }
 
-/// The event log of `pid`: where its own environment says (`paths::event_log_path`).
+/// The log variables a `DONE` carried; `None` when it carried none (a shim that does not
+/// send them: its environment is read from `/proc` instead).
+fn log_vars(tail: &[u8]) -> Option<Vec<(&'static str, std::ffi::OsString)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let vars: Vec<_> = hookproto::done_vars(tail).map(|(k, v)| (k, std::ffi::OsStr::from_bytes(v).to_owned())).collect();
+    (!tail.is_empty()).then_some(vars)
+}
+
+/// The event log of `pid`: where its own environment says (`paths::event_log_path`), as
+/// `/proc` shows it.
 fn log_of(pid: u32) -> Log {
     let env = procinfo::environ(pid);
     Log::of(&|k| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()))
@@ -463,6 +474,34 @@ mod tests {
         let got = f.exchange(may_move(b"c", EADDRINUSE)).await.expect("an answer");
         assert_eq!(got.status, MOVED);
         assert!(f.sh.state.lock().allocation(got.port).is_none(), "withdrawn");
+    }
+
+    #[tokio::test]
+    async fn a_binder_gone_before_done_is_logged_where_its_done_says() {
+        let mut f = Fixture::new("gone");
+        let elsewhere = f.dir.join("elsewhere.jsonl");
+        let log_var = format!("STYXY_PRELOAD_LOG={}\0", elsewhere.display());
+        // the binder's name is read while it waits for the answer; it exits right after
+        let pid = f.binder.id();
+        let _ = f.binder.kill();
+        let got = f
+            .exchange(move |s| {
+                send(&s, &ask(KEEP, 3000, 0, b"s1"));
+                let a = answer(&s);
+                let _ = std::process::Command::new("true").status(); // time for the exit to land
+                let mut done = ask(DONE, 3000, 0, b"s1").to_vec();
+                done.extend_from_slice(log_var.as_bytes());
+                done.extend_from_slice(b"PATH=/bin\0");
+                send(&s, &done);
+                a
+            })
+            .await;
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
+        let _ = f.binder.wait();
+        assert!(!std::path::Path::new(&format!("/proc/{pid}/environ")).exists() || procinfo::environ(pid).is_empty());
+        let events = std::fs::read_to_string(&elsewhere).unwrap_or_default();
+        assert!(events.contains("\"action\":\"kept\"") && events.contains("\"comm\":\"sleep\""), "{events:?}");
+        assert_eq!(f.events(), "", "not where /proc would have said");
     }
 
     #[tokio::test]

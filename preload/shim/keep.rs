@@ -1,11 +1,11 @@
 //! A coordinated bind, kept or moved, in one round trip on the daemon's `hook.sock`
 //! (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"), and the ports this process kept.
 
-use core::ffi::{c_int, c_void};
+use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::Ordering;
 
 use crate::corelib::{core_fn, CORE_UNANSWERED};
-use crate::cstring::{append, decimal};
+use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
     close, errno, fcntl, getpid, getsockopt, monotonic_ms, open, poll, prctl, read, recv, send, set_errno, setsockopt, socket, PollFd,
     SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK,
@@ -142,10 +142,10 @@ pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &I
         unsafe { real(fd, moved.as_ptr().cast(), len) }
     };
     let err = if rc == 0 { 0 } else { errno() };
-    if let Some(done) = (hookproto::Ask { kind: hookproto::DONE, port: granted, errno: err, ..ask }).encode() {
-        // SAFETY: `done.len()` bytes of `done`, on our own connection.
-        unsafe { send(conn, done.as_ptr().cast(), done.len(), MSG_DONTWAIT | MSG_NOSIGNAL) };
-    }
+    let mut done = [0u8; hookproto::DONE_MAX];
+    let n = done_message(&hookproto::Ask { kind: hookproto::DONE, port: granted, errno: err, ..ask }, &mut done);
+    // SAFETY: `n` (≤ DONE_MAX) bytes of `done`, on our own connection.
+    unsafe { send(conn, done.as_ptr().cast(), n, MSG_DONTWAIT | MSG_NOSIGNAL) };
     // SAFETY: our own connection, opened by `hook_socket`.
     unsafe { close(conn) };
     set_errno(saved);
@@ -157,6 +157,34 @@ pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &I
         told_moved(fd, port, granted);
     }
     Some(0)
+}
+
+/// The `DONE` for `ask` into `buf`: the ask, then the variables of this process's
+/// environment that name its event log (`hookproto::LOG_VARS`, as many as fit): the
+/// daemon writes the bind's event there. Its length (0 sends nothing).
+fn done_message(ask: &hookproto::Ask, buf: &mut [u8; hookproto::DONE_MAX]) -> usize {
+    let (Some(head), Some(to)) = (ask.encode(), buf.get_mut(..hookproto::ASK_LEN)) else { return 0 };
+    to.copy_from_slice(&head);
+    let mut n = hookproto::ASK_LEN;
+    for key in hookproto::LOG_VARS {
+        let mut name = [0u8; 32];
+        if put(&mut name, 0, key.as_bytes()) == 0 {
+            continue;
+        }
+        // SAFETY: `name` is NUL-terminated (`put`); the value is copied into `buf` here and
+        // not kept.
+        let Some(value) = (unsafe { env(CStr::from_ptr(name.as_ptr().cast())) }) else { continue };
+        let entry = [key.as_bytes(), b"=", value, b"\0"];
+        let len: usize = entry.iter().map(|p| p.len()).sum();
+        let Some(mut slot) = buf.get_mut(n..n + len) else { continue };
+        for part in entry {
+            let Some((head, rest)) = slot.split_at_mut_checked(part.len()) else { break };
+            head.copy_from_slice(part);
+            slot = rest;
+        }
+        n += len;
+    }
+    n
 }
 
 /// Asks the daemon: the open connection and the port to bind (the one asked, or another
