@@ -710,3 +710,31 @@ fn a_command_starting_right_after_styxys_hook_gets_the_port_the_hook_reserved() 
     wait_for(10, "only the hook's reservation in Styxy", || s.ports().filter(|p| p.iter().eq([3000].iter())));
     upstream_when(&w, 5, "the reservation adopted", |u| u["mirrored"] == 1 && u["conflicts"] == 0);
 }
+
+#[test]
+fn with_styxy_answering_a_bind_is_mirrored_there_in_one_round_trip_without_the_core() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    let (a, pa, _) = python_server(&mut w, &s, "one", ("127.0.0.1", 3000), "one");
+    let (b, pb, _) = python_server(&mut w, &s, "two", ("127.0.0.1", 3000), "two");
+    assert_eq!(pa, 3000);
+    assert_ne!(pb, 3000, "another session's port is moved");
+    for pid in [a, b] {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(!maps.contains("libstyxy_preload_core"), "pid {pid} loaded the core");
+    }
+    // Styxy was asked for each before the bind, named after the process and the port it
+    // asked for, as the hooks' logic names them
+    let asked: Vec<Value> = s.allocates().into_iter().map(|r| r["body"].clone()).collect();
+    for (port, session) in [(pa, "one"), (pb, "two")] {
+        let mine = asked.iter().find(|b| b["preferred_port"] == port).unwrap_or_else(|| panic!("{port}: {}", s.summary()));
+        assert_eq!(
+            (mine["service_name"].as_str(), mine["instance_id"].as_str(), mine["requested_port"].as_u64()),
+            (Some("python3-3000"), Some(session), Some(3000)),
+            "{mine}"
+        );
+    }
+    assert!(s.ports().is_some_and(|p| p.contains(&pa) && p.contains(&pb)), "{}", s.summary());
+}

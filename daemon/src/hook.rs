@@ -2,9 +2,10 @@
 //! `SOCK_SEQPACKET` Unix socket beside `daemon.sock`, speaking the fixed layout of
 //! `styxy_preload_common::hookproto`. It answers one question — which port may this
 //! process bind for the one it asked for? — so that a process's coordinated bind, kept or
-//! remapped, costs one round trip and no library load. The rest (fallback mode, Styxy
-//! upstream, a retry after a failed bind) is `DECLINED` and goes the HTTP way through the
-//! hooks' logic.
+//! remapped, costs one round trip and no library load; when Styxy answers, the grant
+//! waits for its word on this side of the exchange (`Shared::grant`). The rest (a port no
+//! type claims, fallback mode, a retry after a failed bind) is `DECLINED` or left to the
+//! hooks' logic, which goes the HTTP way.
 //!
 //! The peer is known from the kernel (`SO_PEERCRED`): only our uid, and the owner pid
 //! is the peer itself. The daemon writes the bind's event once the shim reports the
@@ -142,7 +143,6 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
     };
     let _pending = Pending::new(&sh.hook_pending);
     let (port, family, existing) = (grant.port, ask.family, grant.existing);
-    let grant = describe(&sh, grant);
     let status = if port == ask.port { GRANTED } else { MOVED };
     send(&fd, &Answer { status, port, existing }.encode());
     let mut done = vec![0u8; DONE_MAX + 1];
@@ -165,18 +165,6 @@ async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
         // is withdrawn (the hooks' logic takes it from here)
         _ => sh.withdraw(port),
     }
-}
-
-/// Who asked, read from /proc while it waits for the answer: its name and directory
-/// (neither waits on the process, as its memory would), into the grant and a new
-/// allocation, which is then saved.
-fn describe(sh: &Shared, mut grant: KeptBind) -> KeptBind {
-    grant.comm = procinfo::comm(grant.pid).unwrap_or_else(|| "?".into());
-    if grant.existing {
-        return grant;
-    }
-    sh.describe(grant.port, &grant.comm, procinfo::cwd(grant.pid));
-    grant
 }
 
 /// Counts an exchange between its grant and its end (logged, withdrawn, or given up).
@@ -213,12 +201,9 @@ struct KeptBind {
 }
 
 /// Grants `ask.port` to `pid`, or another port when the ask [`MAY_MOVE`], as the hooks'
-/// logic would: a coordinated port, no Styxy answering (a grant would wait for it).
+/// logic would for a coordinated port, Styxy consulted when it answers.
 async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
-    if sh.upstream.get().is_some_and(|u| u.usable()) {
-        return None; // Styxy answers: the hooks' logic waits for its word on the port
-    }
     let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty() && *s != "default");
     if session.is_some_and(|s| !valid_instance_id(s)) {
         return None;
@@ -227,15 +212,20 @@ async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
         Decision::Coordinated(ty) => ty.to_string(),
         _ => return None,
     };
+    // who asks, read while it waits for the answer (neither read waits on the process):
+    // the grant is named as the hooks' logic would name it, and so is Styxy's mirror of it
+    let comm = procinfo::comm(pid).unwrap_or_else(|| "?".into());
     let asked = AllocateRequest {
-        service_name: Some(service_name("process", ask.port)), // named once the shim binds
+        service_name: Some(service_name(&comm, ask.port)),
         instance_id: session.map(str::to_string),
+        project_path: procinfo::cwd(pid),
+        comm: Some(comm.clone()),
         bind: true,
         ..AllocateRequest::for_port(&ty, ask.port)
     };
     let claim = Claim { exactly: ask.flags & MAY_MOVE == 0, ..Claim::new(asked, Some(Owner::pid(pid))) };
-    // a grant that cannot be journaled is not made (and said): the hooks' logic hears why
-    // over HTTP
+    // mirrored in Styxy when it answers (which may choose another port); a grant that
+    // cannot be journaled is not made (and said): the hooks' logic hears why over HTTP
     let g = sh.grant(&claim).await.ok()?;
     // the process had bound this grant before (a twin, a probe): one start
     let again = g.existing && session.is_some_and(|s| sh.state.lock().owned_by(g.port, s, pid));
@@ -248,7 +238,7 @@ async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
         again,
         service_type: ty,
         session: session.map(str::to_string),
-        comm: String::new(),
+        comm,
     })
 }
 
