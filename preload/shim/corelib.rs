@@ -7,9 +7,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::cstring::{append, cstr, put};
 use crate::libc_calls::{dladdr, dlerror, dlopen, errno, set_errno, DlInfo, RTLD_NODELETE, RTLD_NOW};
-use crate::notice::notice;
 use crate::settings::env;
 use crate::slot::Slot;
+use crate::tell::notice;
 use crate::{CoreAddrFn, CoreListenFn, NO, UNKNOWN, YES};
 
 /// A core that fails to load (EMFILE at the fd limit…) is tried again on later calls,

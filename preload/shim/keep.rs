@@ -4,6 +4,7 @@
 use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::Ordering;
 
+use crate::cluster;
 use crate::corelib::{core_fn, CORE_UNANSWERED};
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
@@ -12,10 +13,9 @@ use crate::libc_calls::{
     O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
 use crate::maps::{own_uid, port_map, runtime_file};
-use crate::moved;
-use crate::notice::notice;
 use crate::settings::{env, own_rules};
 use crate::sockinfo::{shares_port, stream, Inet};
+use crate::tell::notice;
 use crate::{hookproto, mapview, AddrFn, REAL_CONNECT};
 
 /// How long a bind waits for the daemon when there is no port map to read its beat from:
@@ -221,8 +221,8 @@ fn remember_kept(port: u16) {
 /// `getsockname` shows), and told the person once (a twin, or a probe then the bind, is
 /// one move).
 fn told_moved(fd: c_int, asked: u16, got: u16) {
-    let twin = moved::seen(asked, got);
-    moved::record(fd, asked, got);
+    let twin = cluster::seen(asked, got);
+    cluster::record(fd, asked, got);
     if twin {
         return;
     }

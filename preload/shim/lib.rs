@@ -57,17 +57,17 @@ mod sockaddr;
 #[path = "../../common/src/switch.rs"]
 mod switch;
 
+mod cluster;
 mod corelib;
 mod cstring;
 mod exec_hooks;
 mod keep;
 mod libc_calls;
 mod maps;
-mod moved;
-mod notice;
 mod settings;
 mod slot;
 mod sockinfo;
+mod tell;
 
 type AddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen) -> c_int;
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
@@ -200,7 +200,7 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
 }
 
 /// A getsockname: the kernel's answer, but for a socket this process's bind moved when a
-/// child is a Node cluster worker ([`moved`]; docs/ARCHITECTURE.md "What a program sees").
+/// child is a Node cluster worker ([`cluster`]; docs/ARCHITECTURE.md "What a program sees").
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to getsockname(2); `real` is libc's.
@@ -213,7 +213,7 @@ unsafe fn shim_getsockname(real: NameFn, fd: c_int, addr: *mut c_void, len: *mut
     if rc == 0 && !addr.is_null() && !len.is_null() && unsafe { *len } >= 4 {
         // SAFETY: at least 4 bytes at `addr`, the program's buffer the kernel just filled.
         let head = unsafe { core::slice::from_raw_parts_mut(addr.cast::<u8>(), 4) };
-        if let Some(asked) = sockaddr::head(head).and_then(|(_, got)| moved::shown(fd, got)) {
+        if let Some(asked) = sockaddr::head(head).and_then(|(_, got)| cluster::shown(fd, got)) {
             sockaddr::set_port(head, asked);
         }
     }

@@ -9,7 +9,7 @@
 //! asked for. Every other process sees the port it really has, so servers that print
 //! their address print where they serve.
 //!
-//! The record ([`moved::Moved`]) is the process's one table: the shim's remaps write it,
+//! The record ([`Moved`], common/src/moved.rs) is the process's one table: the shim's remaps write it,
 //! and the hooks' logic's through [`styxy_preload_moved`].
 
 use core::ffi::c_int;
