@@ -208,6 +208,13 @@ pub fn cmdline(pid: u32) -> Option<String> {
 /// from this network namespace's `/proc/net/tcp` and `tcp6` (`local_address`, `st` 0A
 /// = LISTEN, `uid`). Empty when nothing listens there.
 pub fn tcp_listener_uids(addr: std::net::SocketAddr) -> Vec<u32> {
+    // the kernel hands these tables out a page per read and resumes by position: a line
+    // can be skipped when sockets come and go in between (a busy machine's TIME_WAITs), so
+    // "nothing listens" is read again before it is believed
+    (0..3).map(|_| listener_uids_once(addr)).find(|uids| !uids.is_empty()).unwrap_or_default()
+}
+
+fn listener_uids_once(addr: std::net::SocketAddr) -> Vec<u32> {
     let mut uids = Vec::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(table) = std::fs::read_to_string(file) else { continue };
