@@ -10,10 +10,13 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    // the shim's crate root, its modules, and the client files it includes
+    // the shim's crate root, its modules, and the common files it includes (each named
+    // once, by its `#[path = "…"]` in shim/lib.rs)
     println!("cargo:rerun-if-changed=shim");
-    println!("cargo:rerun-if-changed=../common/src/mapview.rs");
-    println!("cargo:rerun-if-changed=../common/src/hookproto.rs");
+    let root = std::fs::read_to_string("shim/lib.rs").expect("shim/lib.rs");
+    for included in root.lines().filter_map(|l| l.trim().strip_prefix("#[path = \"")?.strip_suffix("\"]")) {
+        println!("cargo:rerun-if-changed=shim/{included}");
+    }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("TARGET");

@@ -323,6 +323,24 @@ fn the_notice_reaches_a_log_a_shell_redirect_made_under_exec_and_env() {
     w.kill(a);
 }
 
+#[test]
+fn the_notice_reaches_a_shells_log_where_kcmp_is_refused() {
+    // Docker's default seccomp profile refuses kcmp(2): fds 1 and 2 are then compared
+    // through /proc/self/fdinfo
+    let mut w = World::new();
+    let (a, _) = http_server(&mut w, "A", 8000);
+    let dir = site(&w, "B");
+    let nokcmp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nokcmp.py");
+    let shell = format!("python3 {} python3 -m http.server 8000 > k.log 2>&1", nokcmp.display());
+    let pid = w.spawn(exec(&w, "B", &dir, &["sh", "-c", &shell]), "B");
+    let b_port = wait_for(20, "B listening", || tree_ports(pid).into_iter().next());
+    assert_ne!(b_port, 8000);
+    let log = wait_for(10, "the notice in k.log", || std::fs::read_to_string(dir.join("k.log")).ok().filter(|l| l.contains("is taken")));
+    assert!(log.contains(&format!(" got {b_port}")), "{log}");
+    w.kill(pid);
+    w.kill(a);
+}
+
 /// Whether anything in this test's network namespace listens on TCP `port` (the kernel's view).
 fn listened(port: u16) -> bool {
     ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"].iter().any(|f| {
