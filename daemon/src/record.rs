@@ -1,7 +1,6 @@
 //! What happens to the allocations, each with every step that goes with it: a grant is
 //! mirrored in Styxy, journaled (on disk before its answer leaves, or withdrawn), saved
-//! and counted; a confirmation, a withdrawal, a release, a sweep and a description are
-//! saved.
+//! and counted; a confirmation, a withdrawal, a release and a sweep are saved.
 //! The HTTP API (`server.rs`) and the shim's socket (`hook.rs`) change the state through
 //! these, so that neither can leave a step out.
 
@@ -102,11 +101,5 @@ impl Shared {
             self.persist();
         }
         cleared
-    }
-
-    /// Names the new allocation at `port` after the process that asked, and saves it.
-    pub fn describe(&self, port: u16, comm: &str, project_path: Option<String>) {
-        self.state.lock().describe(port, comm, project_path);
-        self.persist();
     }
 }

@@ -450,16 +450,6 @@ impl State {
         self.allocs.get(&port).is_some_and(|a| a.session.as_deref() == Some(session) && a.owners.iter().any(|o| o.pid == pid))
     }
 
-    /// Names a new allocation after the process that asked: its name and directory
-    /// (read after the grant, off the answer's path).
-    pub(crate) fn describe(&mut self, port: u16, comm: &str, project_path: Option<String>) {
-        if let Some(a) = self.allocs.get_mut(&port) {
-            a.service_name = styxy_preload_common::api::service_name(comm, port);
-            a.comm = Some(comm.to_string());
-            a.project_path = project_path;
-        }
-    }
-
     /// The grant `claim` asks for, made in the state (and the port map). The daemon
     /// grants through `Shared::grant` (`record.rs`), which journals, saves and counts it.
     pub(crate) fn allocate(&mut self, claim: &Claim, now_ms: u64) -> Result<Grant, AllocError> {
