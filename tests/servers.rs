@@ -545,3 +545,33 @@ time.sleep(600)";
     assert!(!pids.contains(&u64::from(second)), "the failed bind's pid owns {b_port}: {a:#}");
     w.kill(pid);
 }
+
+/// A server that binds, forks, and leaves the serving to its child (a daemonizing
+/// server, a pre-fork master): the child's `listen()` confirms the port its parent kept,
+/// so the child is an owner of the allocation, and it stands once the parent is gone.
+#[test]
+fn a_forked_child_that_listens_owns_the_port_its_parent_kept() {
+    let mut w = World::new();
+    let server = "import os, socket, sys, time\n\
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 3050))\n\
+if os.fork():\n    \
+os._exit(0)\n\
+s.listen(); print('child', os.getpid(), s.getsockname()[1], flush=True)\n\
+time.sleep(600)";
+    let dir = site(&w, "A");
+    w.spawn(exec(&w, "A", &dir, &["python3", "-c", server]), "A");
+    let out = wait_for(20, "the child listening", || w.output_of("A").lines().find(|l| l.starts_with("child")).map(str::to_string));
+    let (child, port): (u32, u16) = match out.split_whitespace().collect::<Vec<_>>()[..] {
+        [_, pid, port] => (pid.parse().unwrap(), port.parse().unwrap()),
+        _ => panic!("{out}"),
+    };
+    assert_eq!(port, 3050);
+    let owners = |w: &World| {
+        let (_, v) = w.json("GET", "/allocations", None);
+        let all = v["allocations"].as_array().cloned().unwrap_or_default();
+        let mine = all.into_iter().find(|a| a["port"] == 3050);
+        mine.and_then(|a| a["pids"].as_array().map(|p| p.iter().filter_map(|p| p.as_u64()).collect::<Vec<_>>()))
+    };
+    wait_for(10, "the child among the owners", || owners(&w).filter(|p| p.contains(&u64::from(child))).map(|_| ()));
+    assert!(listening_ports(child).contains(&3050), "the child serves 3050");
+}

@@ -53,6 +53,11 @@ fn core_loaded() -> bool {
     ok
 }
 
+/// The core is loaded already (a call of this process went its way): it decides the rest.
+pub(crate) fn core_present() -> bool {
+    CORE.load(Ordering::Acquire) == YES
+}
+
 /// The core's function in `slot`, loading the core first if need be; `None` when it
 /// cannot be loaded.
 pub(crate) fn core_fn<F: Copy>(slot: &Slot<F>) -> Option<F> {

@@ -88,6 +88,16 @@ pub(crate) fn kept_here(port: u16) -> bool {
     KEPT.iter().any(|k| k.load(Ordering::Relaxed) == key)
 }
 
+/// An ancestor of this process (before a `fork`) kept `port` through [`keep`]: this
+/// process's `listen()` confirms it, becoming an owner that outlives its parent.
+pub(crate) fn kept_before(port: u16) -> bool {
+    let mine = kept_key(port);
+    KEPT.iter().any(|k| {
+        let k = k.load(Ordering::Relaxed);
+        k != 0 && k != mine && k & 0xffff == u64::from(port)
+    })
+}
+
 /// A coordinated bind in one round trip on the daemon's `hook.sock`
 /// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants the port asked for,
 /// or another one (a remap: this process may move), this binds it, reports the result

@@ -27,8 +27,8 @@
 
 use core::ffi::{c_int, c_void};
 
-use corelib::{core_fn, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
-use keep::{keep, kept_here};
+use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
+use keep::{keep, kept_before, kept_here};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, port_map, COORDINATED_PORT, ON_CONFLICT_PORT, UNTOUCHED_PORT};
 use settings::{enabled, in_session, isolate, own_rules, session_tag};
@@ -140,7 +140,8 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
     };
     let port = inet.port;
     let saved = errno();
-    match port_class(port) {
+    let class = port_class(port);
+    match class {
         Some(UNTOUCHED_PORT) => return plain(),
         // bound as asked; only EADDRINUSE (or a port that may be shared) needs asking
         Some(ON_CONFLICT_PORT) if !shares_port(fd) => {
@@ -151,7 +152,7 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
         }
         _ => {}
     }
-    if port_class(port) == Some(COORDINATED_PORT) {
+    if class == Some(COORDINATED_PORT) {
         // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
         // SAFETY: the program's call, `inet` read from its address, libc's function.
         if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real) } {
@@ -169,8 +170,11 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
     }
 }
 
-/// A listen: as asked when its port is one nobody coordinates or this process kept,
-/// else the hooks' logic confirms (or observes) it.
+/// A listen: as asked, but for a socket the hooks' logic must look at — one the kernel
+/// binds at this very listen (observed), one this process's ancestor kept (this process
+/// confirms it, becoming an owner), or any socket but a kept one once the hooks' logic is
+/// loaded (its grants are confirmed at listen). A port-0 or uncoordinated bind's listen
+/// reads no map: one `getsockname`.
 ///
 /// # Safety
 /// `fd` and `backlog` are the program's call to listen(2); `real` is libc's listen.
@@ -186,11 +190,13 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
     // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
     let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
     let port = if named { ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| a.port) } else { None };
-    // a bound port nobody coordinates: nothing to confirm or observe
-    let plain_port =
-        matches!(port, Some(p) if p != 0 && (matches!(port_class(p), Some(UNTOUCHED_PORT | ON_CONFLICT_PORT)) || kept_here(p)));
+    let look = match port {
+        None => false,
+        Some(0) => true,
+        Some(p) => kept_before(p) || (core_present() && !kept_here(p)),
+    };
     set_errno(saved);
-    if port.is_some() && !plain_port {
+    if look {
         if let Some(hook) = core_fn(&CORE_LISTEN) {
             // SAFETY: the program's call and libc's function, as the core's listen takes them.
             return unsafe { hook(fd, backlog, real) };

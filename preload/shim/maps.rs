@@ -1,14 +1,15 @@
-//! The daemon's two maps, mapped read-only once they exist and are ours alone:
-//! `policy.map`, a class per port (common/src/policymap.rs), and `ports.map`, who holds
-//! which port (common/src/portmap.rs, read through [`crate::mapview`]).
+//! The daemon's two maps, read once they exist and are ours alone: `policy.map`, a class
+//! per port (common/src/policymap.rs, read with `pread`: no page fault), and `ports.map`,
+//! who holds which port (common/src/portmap.rs, mapped, read through [`crate::mapview`]).
 
-use core::ffi::{c_int, c_void, CStr};
+use core::ffi::{c_int, CStr};
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    close, errno, getdents64, getuid, mmap, munmap, open, read, set_errno, statx, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MAP_SHARED,
-    O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT, S_IFREG,
+    close, errno, getdents64, getuid, mmap, munmap, open, pread, read, set_errno, statx, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW,
+    MAP_SHARED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT,
+    S_IFREG,
 };
 use crate::mapview;
 use crate::settings::{env, own_rules};
@@ -23,42 +24,34 @@ pub(crate) const UNTOUCHED_PORT: u8 = 0;
 pub(crate) const COORDINATED_PORT: u8 = 1;
 pub(crate) const ON_CONFLICT_PORT: u8 = 2;
 
-static POLICY: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
 static PORTS: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
 
 /// The class of `port` in the daemon's policy map, `None` when there is no map this
-/// process may trust (or it sets its own rules). Mapped once; a missing map is looked
-/// for again next time (the daemon may start later).
+/// process may trust (or it sets its own rules). Read with `pread` each time, never
+/// mapped: a cold process's first touch of a mapped page costs ~10 us (a page fault),
+/// opening and reading the file ~3 us, and a bind asks this once.
 pub(crate) fn port_class(port: u16) -> Option<u8> {
     if own_rules() {
         return None;
     }
-    let mut map = POLICY.load(Ordering::Acquire);
-    if map.is_null() {
-        map = map_policy()?;
-    }
-    // SAFETY: `map` is a mapping of POLICY_SIZE bytes (`map_file`), never unmapped once
-    // published; POLICY_HEADER + port < POLICY_SIZE.
-    Some(unsafe { *map.add(POLICY_HEADER + port as usize) })
-}
-
-fn map_policy() -> Option<*mut u8> {
     let saved = errno();
     let mut path = [0u8; 4096];
-    let mapped = match runtime_file(&mut path, b"/policy.map\0") {
+    let class = match runtime_file(&mut path, b"/policy.map\0") {
         0 => None,
-        n => map_file(&path, n, POLICY_SIZE, POLICY_MAGIC),
+        n => with_file(&path, n, POLICY_SIZE, |fd| {
+            let (mut magic, mut class) = ([0u8; 4], 0u8);
+            // SAFETY: pread writes at most 4 bytes into `magic`, 1 into `class`; `fd` is
+            // open (`with_file`).
+            let read = unsafe {
+                pread(fd, magic.as_mut_ptr().cast(), 4, 0) == 4
+                    && pread(fd, (&mut class as *mut u8).cast(), 1, (POLICY_HEADER + usize::from(port)) as i64) == 1
+            };
+            (read && u32::from_ne_bytes(magic) == POLICY_MAGIC).then_some(class)
+        })
+        .flatten(),
     };
     set_errno(saved);
-    let map = mapped?;
-    match POLICY.compare_exchange(core::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => Some(map),
-        Err(winner) => {
-            // SAFETY: our own mapping of POLICY_SIZE bytes, which nobody else has seen.
-            unsafe { munmap(map.cast(), POLICY_SIZE) };
-            Some(winner)
-        }
-    }
+    class
 }
 
 /// A file beside the daemon's socket (`name` as `b"/policy.map\0"`): the directory of `STYXY_URL`'s `unix:` path,
@@ -166,11 +159,16 @@ fn kind_of(dirfd: c_int, path: &[u8]) -> Option<(u16, bool)> {
 }
 
 /// `uid` is this user's: ours, and not the overflow uid, which stands for every user this
-/// user namespace does not map (inside `unshare -U`, ours too).
+/// user namespace does not map (inside `unshare -U`, ours too). The overflow uid is read
+/// (an ~11 us `/proc` read) only when ours is the kernel's default one, 65534: a system
+/// that sets `kernel.overflowuid` to the uid of a real user is not told apart.
 pub(crate) fn own_uid(uid: u32) -> bool {
     // SAFETY: getuid cannot fail.
-    uid == unsafe { getuid() } && uid != overflow_uid()
+    uid == unsafe { getuid() } && (uid != DEFAULT_OVERFLOW_UID || uid != overflow_uid())
 }
+
+/// `kernel.overflowuid` unless a system sets another.
+const DEFAULT_OVERFLOW_UID: u32 = 65534;
 
 /// `/proc/sys/kernel/overflowuid` (65534 when it cannot be read), read once.
 fn overflow_uid() -> u32 {
@@ -200,9 +198,10 @@ fn overflow_uid() -> u32 {
     uid
 }
 
-/// Maps `size` bytes of the file at `path[..n]` if it is ours alone (checked on the opened
-/// file: a file swapped in by someone else is not ours) and its first word is `magic`.
-fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mut u8> {
+/// Calls `f` with the file at `path[..n]` open read-only if it is ours alone (checked on
+/// the opened file: a file swapped in by someone else is not ours) and at least `size`
+/// bytes long; `None` when it is not.
+fn with_file<T>(path: &[u8], n: usize, size: usize, f: impl FnOnce(c_int) -> T) -> Option<T> {
     if path.get(n) != Some(&0) {
         return None;
     }
@@ -212,17 +211,23 @@ fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mut u8> {
     if fd < 0 {
         return None;
     }
-    let trusted = ours(fd, c"", AT_EMPTY_PATH, S_IFREG, size as u64);
-    // SAFETY: a new read-only mapping of our own fd, placed by the kernel (it replaces
-    // nothing); the mapping outlives the fd.
-    let map = if trusted { unsafe { mmap(core::ptr::null_mut(), size, PROT_READ, MAP_SHARED, fd, 0) } } else { usize::MAX as *mut c_void };
+    let got = ours(fd, c"", AT_EMPTY_PATH, S_IFREG, size as u64).then(|| f(fd));
     // SAFETY: our own fd, opened above.
     unsafe { close(fd) };
+    got
+}
+
+/// Maps `size` bytes of the file at `path[..n]` if it is ours alone ([`with_file`]) and
+/// its first word is `magic`.
+fn map_file(path: &[u8], n: usize, size: usize, magic: u32) -> Option<*mut u8> {
+    // SAFETY: a new read-only mapping of our own open fd, placed by the kernel (it replaces
+    // nothing); the mapping outlives the fd.
+    let map = with_file(path, n, size, |fd| unsafe { mmap(core::ptr::null_mut(), size, PROT_READ, MAP_SHARED, fd, 0) })?;
     if map as usize == usize::MAX {
         return None;
     }
-    // SAFETY: `map` holds `size` bytes of a file at least that long (`ours`), page-aligned;
-    // `size` is more than a word.
+    // SAFETY: `map` holds `size` bytes of a file at least that long (`with_file`),
+    // page-aligned; `size` is more than a word.
     if unsafe { core::ptr::read_unaligned(map.cast::<u32>()) } != magic {
         // SAFETY: our own mapping of `size` bytes, which nobody else has seen.
         unsafe { munmap(map, size) };
