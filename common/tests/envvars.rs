@@ -60,8 +60,8 @@ fn literals(tokens: TokenStream, out: &mut Vec<String>) {
     for t in tokens {
         match t {
             TokenTree::Group(g) => {
-                let is_doc = g.delimiter() == Delimiter::Bracket
-                    && matches!(g.stream().into_iter().next(), Some(TokenTree::Ident(i)) if i == "doc");
+                let is_doc =
+                    g.delimiter() == Delimiter::Bracket && matches!(g.stream().into_iter().next(), Some(TokenTree::Ident(i)) if i == "doc");
                 if !is_doc {
                     literals(g.stream(), out);
                 }
