@@ -222,7 +222,7 @@ pub struct DaemonRunArgs {
     pub http: Option<std::net::SocketAddr>,
     /// Exit after this many idle seconds while holding no allocation and no session's
     /// shell or exec runs (0: never)
-    #[arg(long, default_value_t = 600, value_name = "SECS", env = "STYXY_PRELOAD_IDLE_EXIT")]
+    #[arg(long, default_value_t = 600, value_name = "SECS", env = styxy_preload_common::envvars::IDLE_EXIT)]
     pub idle_exit: u64,
     /// Front this Styxy: every grant becomes an allocation there, e.g. http://127.0.0.1:9876.
     /// Default: STYXY_URL when it is an http URL, else STYXY_DAEMON_HOST:STYXY_DAEMON_PORT

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use styxy_preload_common::discovery;
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::paths;
+use styxy_preload_common::{discovery, envvars};
 
 /// Quick probes: a local coordinator answers `/status` in well under a millisecond.
 pub const PROBE: Timeouts = Timeouts { connect: Duration::from_millis(200), total: Duration::from_secs(1), max_body: 1 << 20 };
@@ -36,11 +36,6 @@ pub fn settle_log() {
 pub fn ensure() -> Result<Endpoint, String> {
     start_daemon(&[])
 }
-
-/// The write end of a pipe `start_daemon` hands the daemon it starts (the fd number in
-/// this variable): a daemon that cannot start writes why there before it exits, and the
-/// pipe's end-of-file tells that it has exited.
-pub const START_FD_ENV: &str = "STYXY_PRELOAD_START_FD";
 
 /// The runtime directory can hold the daemon's socket, lock and port map: ours, private,
 /// and writable by us.
@@ -82,8 +77,8 @@ pub fn start_daemon(extra: &[String]) -> Result<Endpoint, String> {
     let wfd = report_w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("daemon").arg("run").args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-    cmd.env("STYXY_PRELOAD_DISABLE", "1").env_remove("LD_PRELOAD").env(styxy_preload_daemon::activation::LAUNCH_ENV, "on-demand");
-    cmd.env(START_FD_ENV, wfd.to_string());
+    cmd.env(envvars::DISABLE, "1").env_remove("LD_PRELOAD").env(envvars::DAEMON_LAUNCH, "on-demand");
+    cmd.env(envvars::START_FD, wfd.to_string());
     // SAFETY: fcntl, setsid, fork and _exit are async-signal-safe. The daemon keeps the
     // pipe's write end across exec; it gets its own session, and the intermediate
     // process exits at once, so the daemon is adopted by init and never lingers as a
@@ -166,10 +161,8 @@ fn readable(f: &std::fs::File, ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
-/// The daemon's network namespace (its `GET /status`), for [`procinfo::NETNS_ENV`]: a
+/// The daemon's network namespace (its `GET /status`), for [`envvars::NETNS`]: a
 /// session's process in another namespace is left alone.
-///
-/// [`procinfo::NETNS_ENV`]: styxy_preload_common::procinfo::NETNS_ENV
 pub fn netns(ep: &Endpoint) -> Option<u64> {
     let r = http::call(ep, "GET", "/status", None, PROBE).ok().filter(|r| r.status == 200)?;
     r.json::<serde_json::Value>().ok()?.get("netns")?.as_u64()

@@ -12,7 +12,7 @@ fn candidates() -> Vec<PathBuf> {
         c.push(dir.join(LIB));
         c.push(dir.join("../lib/styxy-preload").join(LIB));
     }
-    if let Some(p) = std::env::var_os("STYXY_PRELOAD_LIB").filter(|p| !p.is_empty()) {
+    if let Some(p) = std::env::var_os(styxy_preload_common::envvars::LIB).filter(|p| !p.is_empty()) {
         c.push(PathBuf::from(p));
     }
     if let Some(home) = std::env::var_os("HOME") {
@@ -54,11 +54,7 @@ pub fn preload_value(lib: &Path) -> String {
     std::iter::once(lib.to_string_lossy().as_ref()).chain(rest).collect::<Vec<_>>().join(":")
 }
 
-/// Set by `exec` and `env`: this program, which the library runs static and Go programs
-/// under (`styxy-preload supervise`); unset, they run as they are.
-pub const CLI_ENV: &str = "STYXY_PRELOAD_CLI";
-
-/// This program's absolute path, for [`CLI_ENV`].
+/// This program's absolute path, for `envvars::CLI`.
 pub fn cli() -> Option<String> {
     let exe = std::env::current_exe().ok()?;
     Some(exe.canonicalize().unwrap_or(exe).to_str()?.to_string())

@@ -18,7 +18,7 @@ fn main() {
     // (`status` reports the user's own setting, kept before.)
     cmd::keep_users_disable();
     if std::env::var_os("LD_PRELOAD").is_some_and(|v| v.to_string_lossy().contains("libstyxy_preload")) {
-        std::env::set_var("STYXY_PRELOAD_DISABLE", "1");
+        std::env::set_var(styxy_preload_common::envvars::DISABLE, "1");
     }
     let cli = cli::Cli::parse();
     if quiet_on_closed_pipe(&cli.command) {

@@ -191,6 +191,16 @@ fn status_names_each_problem_with_its_fix() {
         c
     });
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // STYXY_PRELOAD_DISABLE read as the library reads it: " 0 " leaves the hooks on
+    for (value, disabled) in [(" 0 ", false), ("1", true)] {
+        let out = run({
+            let mut c = w.cli();
+            c.arg("status").env("STYXY_PRELOAD_DISABLE", value);
+            c
+        });
+        let s = text(&out.stdout);
+        assert_eq!(s.contains("but STYXY_PRELOAD_DISABLE is set"), disabled, "{value:?}: {s}");
+    }
     // a binary without its library beside it
     let lonely = w.path("bin/styxy-preload");
     std::fs::create_dir_all(lonely.parent().unwrap()).unwrap();

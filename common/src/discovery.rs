@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use crate::envvars;
 use crate::http::{self, Endpoint, Timeouts};
 use crate::paths;
 
@@ -16,7 +17,7 @@ pub fn answers(ep: &Endpoint, t: Timeouts) -> bool {
 
 /// Styxy's token: `STYXY_TOKEN`, else `~/.styxy/auth.token` (trimmed).
 pub fn styxy_token() -> Option<String> {
-    if let Ok(t) = std::env::var("STYXY_TOKEN") {
+    if let Ok(t) = std::env::var(envvars::TOKEN) {
         if !t.trim().is_empty() {
             return Some(t.trim().to_string());
         }
@@ -33,12 +34,12 @@ pub fn read_token(path: &std::path::Path) -> Option<String> {
 
 /// Where Styxy is expected: `STYXY_DAEMON_HOST:STYXY_DAEMON_PORT`, default 127.0.0.1:9876.
 pub fn styxy_endpoint() -> Endpoint {
-    let host = std::env::var("STYXY_DAEMON_HOST").ok().filter(|h| !h.is_empty());
+    let host = std::env::var(envvars::DAEMON_HOST).ok().filter(|h| !h.is_empty());
     let ip: IpAddr = match host.as_deref() {
         None | Some("localhost") => IpAddr::from([127, 0, 0, 1]),
         Some(h) => h.parse().unwrap_or(IpAddr::from([127, 0, 0, 1])),
     };
-    let port = std::env::var("STYXY_DAEMON_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(STYXY_DEFAULT_PORT);
+    let port = std::env::var(envvars::DAEMON_PORT).ok().and_then(|p| p.parse().ok()).unwrap_or(STYXY_DEFAULT_PORT);
     Endpoint::Tcp { addr: SocketAddr::new(ip, port), token: styxy_token() }
 }
 
@@ -64,7 +65,7 @@ pub fn upstream() -> Result<(Endpoint, bool), String> {
 
 /// `STYXY_URL`, parsed; `Ok(None)` when unset.
 fn env_url() -> Result<Option<Endpoint>, String> {
-    match std::env::var("STYXY_URL").ok().filter(|u| !u.trim().is_empty()) {
+    match std::env::var(envvars::URL).ok().filter(|u| !u.trim().is_empty()) {
         None => Ok(None),
         Some(url) => Endpoint::parse(url.trim()).map(Some).map_err(|e| format!("STYXY_URL={e}")),
     }

@@ -114,8 +114,8 @@ pub struct Log {
 
 impl Log {
     pub fn of(var: paths::Vars) -> Log {
-        let named = var("STYXY_PRELOAD_LOG").is_some_and(|v| !v.is_empty());
-        let max = var("STYXY_PRELOAD_LOG_MAX").and_then(|v| v.to_str()?.parse().ok()).filter(|v| *v > 0);
+        let named = var(crate::envvars::LOG).is_some_and(|v| !v.is_empty());
+        let max = var(crate::envvars::LOG_MAX).and_then(|v| v.to_str()?.parse().ok()).filter(|v| *v > 0);
         Log { path: paths::event_log_path_in(var), max: max.unwrap_or(16 << 20), private_dir: !named }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod discovery;
+pub mod envvars;
 pub mod eventlog;
 pub mod hookproto;
 pub mod http;

@@ -16,8 +16,6 @@
 
 use core::ffi::{c_char, c_int, c_void};
 
-/// The variable `exec` and `env` set to `<dev>:<ino>` of the regular file their stderr is.
-pub const STDERR_FILE_ENV: &str = "STYXY_PRELOAD_STDERR";
 /// Writes of at most this many bytes to a pipe are atomic.
 const PIPE_BUF: usize = 4096;
 
@@ -62,7 +60,7 @@ const SYS_KCMP: i64 = 312;
 const SYS_KCMP: i64 = 272;
 
 /// Writes `line` (with its newline) to fd 2 under the rule above; `stderr_file` is the
-/// process's [`STDERR_FILE_ENV`].
+/// process's `STYXY_PRELOAD_STDERR`.
 pub fn write_line(line: &[u8], stderr_file: Option<&[u8]>) {
     let mut st = [0u8; 256];
     // SAFETY: statx of fd 2 itself (AT_EMPTY_PATH) writes a `struct statx` (256 bytes) into `st`.
@@ -135,7 +133,7 @@ fn sockopt(name: c_int) -> Option<c_int> {
 }
 
 /// The regular file at fd 2 (its `statx` in `st`) is the one `exec` was started with:
-/// `want`, its [`STDERR_FILE_ENV`], is `<dev>:<ino>`, `dev` as glibc's `makedev` makes it.
+/// `want`, its `STYXY_PRELOAD_STDERR`, is `<dev>:<ino>`, `dev` as glibc's `makedev` makes it.
 fn execs_file(st: &[u8; 256], want: &[u8]) -> bool {
     let bytes = |at: usize| st.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_ne_bytes);
     let (ino, dev_words) = (bytes(32), bytes(136));

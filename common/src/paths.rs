@@ -162,7 +162,7 @@ pub fn event_log_path() -> PathBuf {
 /// [`event_log_path`] for an environment given by `var`: the daemon logs a bind the
 /// shim asked about where that process would have.
 pub fn event_log_path_in(var: Vars) -> PathBuf {
-    var("STYXY_PRELOAD_LOG").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| state_dir_in(var).join("events.jsonl"))
+    var(crate::envvars::LOG).filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| state_dir_in(var).join("events.jsonl"))
 }
 
 /// Creates `dir` (and parents) with mode 0700 and checks that it is a real directory

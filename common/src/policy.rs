@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use crate::envvars;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceType {
     pub name: String,
@@ -172,7 +174,7 @@ impl Policy {
         }
         if let Some(r) = self.rules.iter().find(|r| (r.lo..=r.hi).contains(&port)) {
             return match &r.service_type {
-                None => Decision::Untouched("STYXY_PRELOAD_PORTS"),
+                None => Decision::Untouched(envvars::PORTS),
                 Some(ty) => self.typed(ty),
             };
         }
@@ -299,15 +301,15 @@ impl Policy {
                 p.ephemeral_low = lo;
             }
         }
-        if let Some(port) = var("STYXY_DAEMON_PORT").and_then(|s| s.parse().ok()) {
+        if let Some(port) = var(envvars::DAEMON_PORT).and_then(|s| s.parse().ok()) {
             p.coordinator_ports.push(port);
         }
         // the coordinator's own types (its GET /config), as `exec` hands them down
-        if let Some(cfg) = var("STYXY_PRELOAD_TYPES").and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+        if let Some(cfg) = var(envvars::TYPES).and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
             p.apply_config(&cfg);
         }
         let mut err = None;
-        if let Some(spec) = var("STYXY_PRELOAD_PORTS") {
+        if let Some(spec) = var(envvars::PORTS) {
             if let Err(e) = p.add_rules(&spec) {
                 err = Some(e);
             }

@@ -174,10 +174,6 @@ pub fn all_pids() -> Vec<u32> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
-/// The variable `exec` and `env` set to the daemon's network namespace ([`netns`]): a
-/// process in another one is left alone by the hooks.
-pub const NETNS_ENV: &str = "STYXY_PRELOAD_NETNS";
-
 /// `pid`'s network namespace: the inode of `/proc/<pid>/ns/net`.
 pub fn netns(pid: impl Display) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;

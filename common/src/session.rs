@@ -3,8 +3,6 @@
 
 use crate::api::valid_instance_id;
 
-pub const ENV: &str = "STYXY_PRELOAD_SESSION";
-
 /// The session of this process, if any. A value outside Styxy's instance-id rules is
 /// made to fit (other characters become `_`) rather than sent as is.
 pub fn from_env() -> Option<String> {
@@ -13,7 +11,7 @@ pub fn from_env() -> Option<String> {
 
 /// [`from_env`] for an environment given by `var`.
 pub fn from_vars(var: crate::paths::Vars) -> Option<String> {
-    let raw = var(ENV).filter(|s| !s.is_empty())?;
+    let raw = var(crate::envvars::SESSION).filter(|s| !s.is_empty())?;
     Some(sanitize(&raw.to_string_lossy()))
 }
 

@@ -12,13 +12,11 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use styxy_preload_common::envvars::DAEMON_LAUNCH;
 use styxy_preload_common::sock::sockopt;
 
 /// The first fd of the `sd_listen_fds` protocol.
 const LISTEN_FDS_START: RawFd = 3;
-
-/// Set by the CLI when it starts the daemon itself (`exec`, `env`, `port`, `daemon start`).
-pub const LAUNCH_ENV: &str = "STYXY_PRELOAD_DAEMON_LAUNCH";
 
 /// How this daemon runs; `GET /status` reports it as `run_mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,10 +49,10 @@ pub fn run_mode() -> RunMode {
 /// Reads (and removes) the activation variables; the inherited listening socket, if
 /// any, with `CLOEXEC` set. Call before any thread starts: it changes the environment.
 pub fn take() -> Result<Option<UnixListener>, String> {
-    let launch = std::env::var(LAUNCH_ENV).ok();
+    let launch = std::env::var(DAEMON_LAUNCH).ok();
     let listen_pid = std::env::var("LISTEN_PID").ok();
     let listen_fds = std::env::var("LISTEN_FDS").ok();
-    for v in [LAUNCH_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+    for v in [DAEMON_LAUNCH, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(v);
     }
     let inherited = inherited(listen_pid.as_deref(), listen_fds.as_deref())?;

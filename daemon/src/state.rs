@@ -587,7 +587,7 @@ impl State {
     /// type, and only of an owner the server checked is the caller, its parent or child.
     fn callers_policy(&self, claim: &Claim) -> Option<Policy> {
         let pid = claim.owner.as_ref()?.pid;
-        let spec = procinfo::environ(pid).into_iter().find(|(k, _)| k == "STYXY_PRELOAD_PORTS")?.1.into_string().ok()?;
+        let spec = procinfo::environ(pid).into_iter().find(|(k, _)| k == styxy_preload_common::envvars::PORTS)?.1.into_string().ok()?;
         let mut p = self.policy.clone();
         p.rules.clear();
         let _ = p.add_rules(&spec); // the rules up to a bad entry, as the process itself reads them

@@ -12,7 +12,7 @@ use styxy_preload_common::paths::{self, Vars};
 use styxy_preload_common::policy::Policy;
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::procinfo;
-use styxy_preload_common::{session, switch};
+use styxy_preload_common::{envvars, session, switch};
 
 use crate::call::Caller;
 
@@ -42,7 +42,7 @@ pub struct Process {
     /// Where its events go (`STYXY_PRELOAD_LOG`, `STYXY_PRELOAD_LOG_MAX`, the state directory).
     pub log: Log,
     /// `<dev>:<ino>` of the regular file `exec` was started with as stderr
-    /// (`report::STDERR_FILE_ENV`): the one file the notice may be written to.
+    /// (`envvars::STDERR`): the one file the notice may be written to.
     pub stderr_file: Option<String>,
     pub cwd: Option<String>,
     /// Under `exec`'s seccomp supervisor, which answers this process's bind, listen
@@ -116,10 +116,10 @@ impl Process {
         let text = |name: &str| var(name).and_then(|v| v.into_string().ok());
         let is = |name: &str, values: &[&str]| text(name).is_some_and(|v| values.contains(&v.trim().to_ascii_lowercase().as_str()));
         let off = |name: &str| var(name).is_some_and(|v| switch::is_off(v.as_encoded_bytes()));
-        let mode = if is("STYXY_DISABLE_REASSIGN", &["1", "true", "yes"]) {
+        let mode = if is(envvars::DISABLE_REASSIGN, &["1", "true", "yes"]) {
             Mode::Observe
         } else {
-            match text("STYXY_PRELOAD_MODE").unwrap_or_default().trim() {
+            match text(envvars::MODE).unwrap_or_default().trim() {
                 "on-conflict" => Mode::OnConflict,
                 "observe" => Mode::Observe,
                 "fallback" => Mode::Fallback,
@@ -128,19 +128,19 @@ impl Process {
         };
         let session = session::from_vars(var);
         let comm = procinfo::comm(procinfo::SELF).unwrap_or_else(|| "?".into());
-        let named = text("STYXY_URL").and_then(|u| u.trim().strip_prefix("unix:").map(|p| PathBuf::from(p.trim_start_matches("//"))));
+        let named = text(envvars::URL).and_then(|u| u.trim().strip_prefix("unix:").map(|p| PathBuf::from(p.trim_start_matches("//"))));
         let sock = named.filter(|p| p.is_absolute()).unwrap_or_else(|| paths::runtime_dir_in(var).join("daemon.sock"));
-        let supervised_by = text(SUPERVISED_ENV).and_then(|v| v.parse::<u32>().ok());
+        let supervised_by = text(envvars::SUPERVISED).and_then(|v| v.parse::<u32>().ok());
         Process {
             mode,
             tag: session.as_deref().map(session::tag).unwrap_or(0),
             session,
-            notify: !off("STYXY_PRELOAD_NOTIFY"),
-            isolate: !off("STYXY_PRELOAD_ISOLATE"),
+            notify: !off(envvars::NOTIFY),
+            isolate: !off(envvars::ISOLATE),
             policy: Policy::from_vars(var).0,
             comm,
             log: Log::of(var),
-            stderr_file: text(crate::report::STDERR_FILE_ENV),
+            stderr_file: text(envvars::STDERR),
             cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().chars().take(1000).collect()),
             supervised: supervised_by.is_some_and(|n| seccomp_filters() >= n),
             portmap_path: sock.with_file_name("ports.map"),
@@ -186,11 +186,6 @@ impl Drop for Process {
         }
     }
 }
-
-/// Set by `exec --seccomp` in the environment it hands down: how many seccomp filters
-/// a process under its filter has at least. The variable alone could have leaked into
-/// a process outside the supervised tree, or the filter could have been refused.
-pub const SUPERVISED_ENV: &str = "STYXY_PRELOAD_SUPERVISED";
 
 /// The seccomp filters on this process (`Seccomp_filters`, Linux 5.9+; before, 1 for
 /// any filter).

@@ -44,13 +44,8 @@ pub fn event(p: &Process, who: &Caller, o: Outcome) {
     sys::set_errno(errno);
 }
 
-/// Set by `exec` when its own stderr is a regular file (`cmd 2>log`): `<dev>:<ino>` of
-/// that file. A regular file at fd 2 is written to only when it is this one: otherwise the
-/// program closed fd 2 and reopened one of its own data files there.
-pub use styxy_preload_common::notice::STDERR_FILE_ENV;
-
 /// `<dev>:<ino>` of this process's stderr when it is a regular file: what `exec` (its
-/// tree's) and `env` (its shell's, `cmd 2>log`) hand down as [`STDERR_FILE_ENV`].
+/// tree's) and `env` (its shell's, `cmd 2>log`) hand down as `envvars::STDERR`.
 pub fn stderr_file() -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata("/proc/self/fd/2").ok().filter(|m| m.file_type().is_file())?;

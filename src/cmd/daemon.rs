@@ -4,10 +4,10 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
-use styxy_preload_common::discovery;
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::paths;
 use styxy_preload_common::procinfo::ProcId;
+use styxy_preload_common::{discovery, envvars};
 use styxy_preload_daemon::{upstream, Options, RunError};
 
 use crate::cli::{DaemonCommand, DaemonRunArgs};
@@ -89,13 +89,13 @@ pub fn run(cmd: DaemonCommand) -> Result<i32, String> {
     }
 }
 
-/// The pipe `coordinator::start_daemon` waits on (`START_FD_ENV`), taken out of the
+/// The pipe `coordinator::start_daemon` waits on (`envvars::START_FD`), taken out of the
 /// environment and made close-on-exec; only a pipe is taken, never another fd the
 /// variable happens to name.
 fn start_report() -> Option<std::fs::File> {
-    let v = std::env::var_os(coordinator::START_FD_ENV)?;
+    let v = std::env::var_os(envvars::START_FD)?;
     // before any thread exists
-    std::env::remove_var(coordinator::START_FD_ENV);
+    std::env::remove_var(envvars::START_FD);
     let fd: i32 = v.to_str()?.parse().ok().filter(|fd| *fd > 2)?;
     // SAFETY: fstat into a zeroed stat; fcntl on the same fd.
     unsafe {

@@ -1,8 +1,9 @@
 //! `styxy-preload env`: the exports that make every process of a shell coordinated,
 //! for agents that set `LD_PRELOAD` globally.
 
-use styxy_preload_common::{procinfo, session};
-use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
+use styxy_preload_common::envvars::{self, CLI, NETNS, SESSION, STDERR, URL};
+use styxy_preload_common::session;
+use styxy_preload_core::report::stderr_file;
 
 use crate::cli::{EnvArgs, Shell};
 use crate::{coordinator, libpath};
@@ -19,18 +20,18 @@ pub fn run(a: EnvArgs) -> Result<i32, String> {
     // SAFETY: getppid cannot fail.
     coordinator::anchor(&endpoint, &session, unsafe { libc::getppid() } as u32);
     let preload = libpath::preload_value(&lib);
-    let mut vars = vec![("LD_PRELOAD", preload), ("STYXY_URL", endpoint.to_string()), (session::ENV, session)];
+    let mut vars = vec![("LD_PRELOAD", preload), (URL, endpoint.to_string()), (SESSION, session)];
     if let Some(ns) = coordinator::netns(&endpoint) {
-        vars.push((procinfo::NETNS_ENV, ns.to_string()));
+        vars.push((NETNS, ns.to_string()));
     }
     // the shell's own `2>log` (this command inherits it): the notice may go there, into no
     // other regular file
     if let Some(id) = stderr_file() {
-        vars.push((STDERR_FILE_ENV, id));
+        vars.push((STDERR, id));
     }
     // static and Go programs: the library runs them under `styxy-preload supervise`
     if let Some(cli) = libpath::cli() {
-        vars.push((libpath::CLI_ENV, cli));
+        vars.push((CLI, cli));
     }
     for (k, v) in vars {
         match a.shell {
@@ -39,8 +40,8 @@ pub fn run(a: EnvArgs) -> Result<i32, String> {
         }
     }
     match a.shell {
-        Shell::Bash | Shell::Zsh => println!("unset STYXY_PRELOAD_DISABLE"),
-        Shell::Fish => println!("set -e STYXY_PRELOAD_DISABLE"),
+        Shell::Bash | Shell::Zsh => println!("unset {}", envvars::DISABLE),
+        Shell::Fish => println!("set -e {}", envvars::DISABLE),
     }
     Ok(0)
 }

@@ -16,10 +16,10 @@ use styxy_preload_common::api::{AllocateReply, AllocateRequest};
 use styxy_preload_common::eventlog::{self, Action};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::policy::Policy;
-use styxy_preload_common::{discovery, paths, procinfo, session};
+use styxy_preload_common::{discovery, envvars, paths, session};
 
-use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
-use styxy_preload_core::report::{stderr_file, STDERR_FILE_ENV};
+use styxy_preload_core::process::seccomp_filters;
+use styxy_preload_core::report::stderr_file;
 
 use crate::cli::ExecArgs;
 use crate::{coordinator, elf, libpath, seccomp, tools};
@@ -48,9 +48,9 @@ pub fn run(a: ExecArgs) -> Result<i32, String> {
     let started_ms = eventlog::now_ms();
     let signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let mut cmd = Command::new(&program);
-    cmd.args(args).envs(&env).env_remove("STYXY_PRELOAD_DISABLE");
+    cmd.args(args).envs(&env).env_remove(envvars::DISABLE);
     if a.no_seccomp {
-        cmd.env_remove(libpath::CLI_ENV);
+        cmd.env_remove(envvars::CLI);
     }
     // connect is trapped only where it can be virtualised: with the daemon's port map
     let connect = endpoint.is_some();
@@ -104,39 +104,39 @@ fn coordinator_of(a: &ExecArgs) -> Result<Option<Endpoint>, String> {
 fn environment(a: &ExecArgs, lib: &std::path::Path, session: &str, endpoint: Option<&Endpoint>, seccomp: bool) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("LD_PRELOAD".into(), libpath::preload_value(lib));
-    env.insert(session::ENV.into(), session.to_string());
+    env.insert(envvars::SESSION.into(), session.to_string());
     if let Some(ep) = endpoint {
-        env.insert("STYXY_URL".into(), ep.to_string());
+        env.insert(envvars::URL.into(), ep.to_string());
         if let Some(types) = coordinator_types(ep) {
-            env.insert("STYXY_PRELOAD_TYPES".into(), types);
+            env.insert(envvars::TYPES.into(), types);
         }
         if let Some(ns) = coordinator::netns(ep) {
-            env.insert(procinfo::NETNS_ENV.into(), ns.to_string());
+            env.insert(envvars::NETNS.into(), ns.to_string());
         }
     }
     match a.mode {
         Some(m) => {
-            env.insert("STYXY_PRELOAD_MODE".into(), m.as_env().into());
+            env.insert(envvars::MODE.into(), m.as_env().into());
         }
         // a tool that falls back by itself, or a Node program whose project finds its
         // port with get-port & co.: let its own fallback happen, so it reports the truth
         None if tools::falls_back(&a.cmd) || std::env::current_dir().is_ok_and(|cwd| tools::finds_ports_itself(&a.cmd, &cwd)) => {
-            env.insert("STYXY_PRELOAD_MODE".into(), "fallback".into());
+            env.insert(envvars::MODE.into(), "fallback".into());
         }
         None => {}
     }
     if a.no_isolate {
-        env.insert("STYXY_PRELOAD_ISOLATE".into(), "0".into());
+        env.insert(envvars::ISOLATE.into(), "0".into());
     }
     if let Some(id) = stderr_file() {
-        env.insert(STDERR_FILE_ENV.into(), id);
+        env.insert(envvars::STDERR.into(), id);
     }
     // static and Go programs deeper in the tree: the library runs them under `supervise`
     if let Some(cli) = libpath::cli().filter(|_| !a.no_seccomp) {
-        env.insert(libpath::CLI_ENV.into(), cli);
+        env.insert(envvars::CLI.into(), cli);
     }
     if seccomp {
-        env.insert(SUPERVISED_ENV.into(), (seccomp_filters() + 1).to_string());
+        env.insert(envvars::SUPERVISED.into(), (seccomp_filters() + 1).to_string());
     }
     env
 }

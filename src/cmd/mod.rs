@@ -46,7 +46,7 @@ pub fn session_arg(name: Option<String>) -> Result<Option<String>, String> {
         None => match styxy_preload_common::session::from_env() {
             Some(n) if n == RESERVED_SESSION => Err(format!(
                 "{}={n}: the session name '{n}' {reserved}: unset it or choose another name",
-                styxy_preload_common::session::ENV
+                styxy_preload_common::envvars::SESSION
             )),
             s => Ok(s),
         },

@@ -3,7 +3,7 @@
 
 use styxy_preload_common::api::AllocationsReply;
 use styxy_preload_common::http::{self, Timeouts};
-use styxy_preload_common::{procinfo, session};
+use styxy_preload_common::{envvars, procinfo};
 
 use crate::coordinator;
 use styxy_preload_common::text::cell;
@@ -51,7 +51,8 @@ struct Listener {
 fn uncoordinated(allocated: &[u16]) -> Vec<Listener> {
     let mut out: Vec<Listener> = Vec::new();
     for pid in procinfo::all_pids() {
-        let Some(s) = procinfo::environ(pid).into_iter().find(|(k, _)| k == session::ENV).and_then(|(_, v)| v.into_string().ok()) else {
+        let Some(s) = procinfo::environ(pid).into_iter().find(|(k, _)| k == envvars::SESSION).and_then(|(_, v)| v.into_string().ok())
+        else {
             continue;
         };
         for port in procinfo::listening_ports(pid) {

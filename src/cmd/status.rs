@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use styxy_preload_common::http::{self, Endpoint};
-use styxy_preload_common::{paths, policy::Policy, session};
+use styxy_preload_common::{envvars, paths, policy::Policy, session, switch};
 
 use crate::coordinator::{self, PROBE};
 use crate::{libpath, seccomp};
@@ -16,11 +16,12 @@ static USERS_DISABLE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock:
 
 /// Keeps the user's `STYXY_PRELOAD_DISABLE`; called by `main` before it changes it.
 pub fn keep_users_disable() {
-    let _ = USERS_DISABLE.set(std::env::var("STYXY_PRELOAD_DISABLE").ok());
+    let _ = USERS_DISABLE.set(std::env::var(envvars::DISABLE).ok());
 }
 
 fn users_disable() -> bool {
-    USERS_DISABLE.get().cloned().unwrap_or_else(|| std::env::var("STYXY_PRELOAD_DISABLE").ok()).is_some_and(|v| !v.is_empty() && v != "0")
+    let users = USERS_DISABLE.get().cloned().unwrap_or_else(|| std::env::var(envvars::DISABLE).ok());
+    switch::disables(users.as_deref().map(str::as_bytes))
 }
 
 pub fn run() -> Result<i32, String> {
@@ -52,13 +53,13 @@ pub fn run() -> Result<i32, String> {
             }
         }
     }
-    let mode = std::env::var("STYXY_PRELOAD_MODE").unwrap_or_else(|_| "coordinate".into());
+    let mode = std::env::var(envvars::MODE).unwrap_or_else(|_| "coordinate".into());
     if !["coordinate", "on-conflict", "observe", "fallback"].contains(&mode.as_str()) {
         bad(format!("STYXY_PRELOAD_MODE={mode} is not a mode"), "use coordinate, on-conflict, observe or fallback".into());
     } else {
         println!("✓ mode: {mode}{}", if users_disable() { " (but STYXY_PRELOAD_DISABLE is set: the hooks do nothing)" } else { "" });
     }
-    if let Err(e) = policy.add_rules(&std::env::var("STYXY_PRELOAD_PORTS").unwrap_or_default()) {
+    if let Err(e) = policy.add_rules(&std::env::var(envvars::PORTS).unwrap_or_default()) {
         bad(format!("STYXY_PRELOAD_PORTS: {e}"), "fix the rule, e.g. STYXY_PRELOAD_PORTS=\"7000-7099=ui,9000=off\"".into());
     }
     match session::from_env() {

@@ -23,8 +23,8 @@ use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SI
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::low_level::siginfo::Cause;
-use styxy_preload_common::session;
-use styxy_preload_core::process::{seccomp_filters, SUPERVISED_ENV};
+use styxy_preload_common::envvars;
+use styxy_preload_core::process::seccomp_filters;
 
 use crate::cli::SuperviseArgs;
 use crate::seccomp;
@@ -79,7 +79,7 @@ fn plain(program: &std::ffi::OsStr, argv: &[OsString], name: &str) -> i32 {
     use std::os::unix::ffi::OsStrExt;
     let c = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).unwrap_or_default();
     let env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| k != "STYXY_PRELOAD_DISABLE" && k != crate::libpath::CLI_ENV)
+        .filter(|(k, _)| k != envvars::DISABLE && k != envvars::CLI)
         .map(|(k, v)| c(&[k.as_os_str(), v.as_os_str()].join(std::ffi::OsStr::new("="))))
         .collect();
     let args: Vec<CString> = argv.iter().map(|a| c(a)).collect();
@@ -191,17 +191,17 @@ fn supervisor(program: &std::ffi::OsStr, argv: &[OsString], name: &str, report: 
     }
     let mut report = std::fs::File::from(report);
     let mut cmd = Command::new(program);
-    cmd.arg0(&argv[0]).args(&argv[1..]).env_remove("STYXY_PRELOAD_DISABLE");
+    cmd.arg0(&argv[0]).args(&argv[1..]).env_remove(envvars::DISABLE);
     let mut extra = std::collections::BTreeMap::new();
-    extra.insert(SUPERVISED_ENV.to_string(), (seccomp_filters() + 1).to_string());
+    extra.insert(envvars::SUPERVISED.to_string(), (seccomp_filters() + 1).to_string());
     cmd.envs(&extra);
     // connect is trapped only where the session's connects are routed
-    let connect = std::env::var_os(session::ENV).is_some_and(|s| !s.is_empty());
+    let connect = std::env::var_os(envvars::SESSION).is_some_and(|s| !s.is_empty());
     let prepared = match seccomp::prepare(&mut cmd, &extra, connect) {
         Ok(p) => Some(p),
         Err(e) => {
             eprintln!("styxy-preload: {name} is not coordinated: {e}");
-            cmd.env_remove(SUPERVISED_ENV).env_remove(crate::libpath::CLI_ENV);
+            cmd.env_remove(envvars::SUPERVISED).env_remove(envvars::CLI);
             None
         }
     };
