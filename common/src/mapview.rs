@@ -102,28 +102,10 @@ impl<'a> View<'a> {
         unsafe { &*(self.base.add(BEAT_OFF).cast::<AtomicU64>()) }
     }
 
-    /// The daemon beat within [`BEAT_STALE_MS`] of `now` (`CLOCK_MONOTONIC` ms): it is
-    /// alive, however busy, and worth waiting for.
-    pub fn alive(self, now: u64) -> bool {
-        self.liveness(now) == Liveness::Alive
-    }
-
     /// The daemon's pid ([`PID_OFF`]), 0 when not written.
     pub fn daemon_pid(self) -> &'a AtomicU32 {
         // SAFETY: in bounds and 4-aligned.
         unsafe { &*(self.base.add(PID_OFF).cast::<AtomicU32>()) }
-    }
-
-    /// What the beat says of the daemon at `now` (`CLOCK_MONOTONIC` ms).
-    pub fn liveness(self, now: u64) -> Liveness {
-        if !self.valid() {
-            return Liveness::Gone;
-        }
-        liveness(now, self.beat().load(Ordering::Acquire), self.daemon_pid().load(Ordering::Acquire))
-    }
-
-    pub fn valid(self) -> bool {
-        self.magic().load(Ordering::Acquire) == MAGIC
     }
 
     pub fn held_word(self, port: u16) -> &'a AtomicU32 {
@@ -136,21 +118,69 @@ impl<'a> View<'a> {
         // SAFETY: table < 2, i < SLOTS: in bounds, 8-aligned.
         unsafe { &*(self.base.add(off).cast::<AtomicU64>()) }
     }
+}
+
+impl Words for View<'_> {
+    fn u32_at(&self, off: usize) -> u32 {
+        if off + 4 > SIZE {
+            return 0;
+        }
+        // SAFETY: in bounds (checked) of the mapping of SIZE bytes (`new`'s contract);
+        // every offset the readers ask is 4-aligned, and the mapping page-aligned.
+        unsafe { &*(self.base.add(off).cast::<AtomicU32>()) }.load(Ordering::Acquire)
+    }
+
+    fn u64_at(&self, off: usize) -> u64 {
+        if off + 8 > SIZE {
+            return 0;
+        }
+        // SAFETY: as `u32_at`; the offsets asked are 8-aligned.
+        unsafe { &*(self.base.add(off).cast::<AtomicU64>()) }.load(Ordering::Acquire)
+    }
+}
+
+/// The port map's words, wherever they are read from: a mapping ([`View`]), or the file
+/// itself (the shim's first looks, which a page fault would cost more than a `pread`).
+/// Every reading of the map is written once, here, over these two loads; a word that
+/// cannot be read is 0 (no magic: no map).
+pub trait Words {
+    /// The `u32` at byte `off` (4-aligned), loaded whole with acquire ordering.
+    fn u32_at(&self, off: usize) -> u32;
+    /// The `u64` at byte `off` (8-aligned), loaded whole with acquire ordering.
+    fn u64_at(&self, off: usize) -> u64;
+
+    fn valid(&self) -> bool {
+        self.u32_at(0) == MAGIC
+    }
+
+    /// The daemon beat within [`BEAT_STALE_MS`] of `now` (`CLOCK_MONOTONIC` ms): it is
+    /// alive, however busy, and worth waiting for.
+    fn alive(&self, now: u64) -> bool {
+        self.liveness(now) == Liveness::Alive
+    }
+
+    /// What the beat says of the daemon at `now` (`CLOCK_MONOTONIC` ms).
+    fn liveness(&self, now: u64) -> Liveness {
+        if !self.valid() {
+            return Liveness::Gone;
+        }
+        liveness(now, self.u64_at(BEAT_OFF), self.u32_at(PID_OFF))
+    }
 
     /// The tag of the session that holds `port`, 0 if none does.
-    pub fn held(self, port: u16) -> u32 {
+    fn held(&self, port: u16) -> u32 {
         if !self.valid() {
             return 0;
         }
-        self.held_word(port).load(Ordering::Acquire)
+        self.u32_at(HELD_OFF + port as usize * 4)
     }
 
     /// Looks `requested` of session `tag` up in `table`: the entry's actual port (None
     /// when absent or deleted) and the number of slots read.
-    pub fn probe(self, table: u32, tag: u32, requested: u16) -> (Option<u16>, usize) {
+    fn probe(&self, table: u32, tag: u32, requested: u16) -> (Option<u16>, usize) {
         let mut i = slot(tag, requested);
         for n in 1..=SLOTS {
-            let w = self.remap_word(table, i).load(Ordering::Acquire);
+            let w = self.u64_at(REMAP_OFF + (table as usize & 1) * SLOTS * 8 + i * 8);
             if w == 0 {
                 return (None, n);
             }
@@ -164,16 +194,16 @@ impl<'a> View<'a> {
     }
 
     /// The actual port session `tag` got for `requested`, if it holds one.
-    pub fn lookup(self, tag: u32, requested: u16) -> Option<u16> {
+    fn lookup(&self, tag: u32, requested: u16) -> Option<u16> {
         let mut found = None;
         for _ in 0..RETRIES {
             if !self.valid() {
                 return None;
             }
-            let g = self.generation().load(Ordering::Acquire);
+            let g = self.u32_at(4);
             found = self.probe(g, tag, requested).0;
             // the probe's loads are acquires: this load cannot move before them
-            if self.generation().load(Ordering::Acquire) == g {
+            if self.u32_at(4) == g {
                 return found;
             }
         }

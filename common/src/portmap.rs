@@ -48,7 +48,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 pub use crate::mapview::SIZE;
-use crate::mapview::{deleted, is, next, pack, prev, slot, Liveness, View, MAGIC, SLOTS};
+use crate::mapview::{deleted, is, next, pack, prev, slot, Liveness, View, Words, MAGIC, SLOTS};
 
 /// Tombstones that trigger a rebuild: at most 1/16 of the table, so the load (live +
 /// deleted) stays under 1/4 with the daemon's 4096 allocations and lookups stay short.

@@ -12,7 +12,7 @@ use crate::libc_calls::{
     SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK,
     O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
-use crate::maps::{own_uid, port_map, runtime_file};
+use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::settings::{env, own_rules};
 use crate::sockinfo::{shares_port, stream, Inet};
 use crate::tell::notice;
@@ -33,11 +33,11 @@ const SLICE_MS: c_int = 100;
 fn worth_waiting(started: u64) -> bool {
     let now = monotonic_ms();
     let waited = now.saturating_sub(started);
-    let Some(view) = port_map() else {
+    let Some(liveness) = with_port_map(|m| m.liveness(now)) else {
         return waited < HOOK_ANSWER_MS;
     };
     waited < mapview::PATIENCE_MS
-        && match view.liveness(now) {
+        && match liveness {
             mapview::Liveness::Alive => true,
             // a beat late on a machine that starves the daemon of CPU: alive while its
             // process runs or waits to, not when it is stopped or gone
@@ -253,7 +253,7 @@ fn told_moved(fd: c_int, asked: u16, got: u16) {
 fn hook_socket(started: u64) -> Result<c_int, Heard> {
     // struct sockaddr_un: the family, then the path (108 bytes)
     let mut sun = [0u8; 110];
-    let mut path = [0u8; 4096];
+    let mut path = [0u8; RUNTIME_PATH_MAX];
     let n = runtime_file(&mut path, b"/hook.sock\0");
     if n == 0 || n >= 108 {
         return Err(Heard::Nothing);

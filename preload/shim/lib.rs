@@ -30,7 +30,7 @@ use core::ffi::{c_int, c_void};
 use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
 use keep::{keep, kept_before, kept_here};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
-use maps::{port_class, port_map, COORDINATED_PORT, ON_CONFLICT_PORT, UNTOUCHED_PORT};
+use maps::{port_class, with_port_map, COORDINATED_PORT, ON_CONFLICT_PORT, UNTOUCHED_PORT};
 use settings::{enabled, in_session, isolate, own_rules, session_tag};
 use slot::Slot;
 use sockinfo::{shares_port, stream, Inet};
@@ -284,13 +284,12 @@ fn port_route(port: u16) -> Option<PortRoute> {
         return None;
     }
     let tag = session_tag()?;
-    let Some(view) = port_map() else {
+    let Some((actual, holder)) = with_port_map(|m| (m.lookup(tag, port), m.held(port))) else {
         return Some(PortRoute::AsAsked); // no daemon yet: nothing to follow
     };
-    if let Some(actual) = view.lookup(tag, port).filter(|a| *a != port) {
+    if let Some(actual) = actual.filter(|a| *a != port) {
         return Some(PortRoute::To(actual));
     }
-    let holder = view.held(port);
     if holder != 0 && holder != tag && isolate() && port_class(port).is_some_and(|c| c != UNTOUCHED_PORT) {
         return Some(PortRoute::Refused);
     }

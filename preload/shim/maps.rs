@@ -11,7 +11,7 @@ use crate::libc_calls::{
     MAP_SHARED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT,
     S_IFREG,
 };
-use crate::mapview;
+use crate::mapview::{self, Words};
 use crate::settings::{env, own_rules};
 
 /// The daemon's policy map (common/src/policymap.rs): magic, header, a class per port.
@@ -24,35 +24,107 @@ pub(crate) const UNTOUCHED_PORT: u8 = 0;
 pub(crate) const COORDINATED_PORT: u8 = 1;
 pub(crate) const ON_CONFLICT_PORT: u8 = 2;
 
-static PORTS: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+/// One of the daemon's maps as this process reads it: from the file (`pread`) for its first
+/// [`READS_BEFORE_MAPPING`] looks — a cold process's first touch of a mapped page is a
+/// page fault, ~10 us in a VM, and opening and reading the file costs ~3 us — then mapped
+/// once, for a warm process's looks to cost no syscall.
+struct MapFile {
+    /// Its name beside the daemon's socket, as `b"/policy.map\0"`.
+    name: &'static [u8],
+    size: usize,
+    magic: u32,
+    /// Null, or the mapping, published once and never unmapped.
+    map: AtomicPtr<u8>,
+    reads: AtomicU32,
+}
+
+const READS_BEFORE_MAPPING: u32 = 8;
+
+static POLICY: MapFile = MapFile {
+    name: b"/policy.map\0",
+    size: POLICY_SIZE,
+    magic: POLICY_MAGIC,
+    map: AtomicPtr::new(core::ptr::null_mut()),
+    reads: AtomicU32::new(0),
+};
+static PORTS: MapFile = MapFile {
+    name: b"/ports.map\0",
+    size: mapview::SIZE,
+    magic: mapview::MAGIC,
+    map: AtomicPtr::new(core::ptr::null_mut()),
+    reads: AtomicU32::new(0),
+};
+
+/// How a look at a map reads it this time.
+enum Look {
+    /// Its mapping, of `size` bytes, page-aligned, never unmapped once published.
+    Mapped(*const u8),
+    /// Its file, open (ours alone, at least `size` bytes) for the look's length.
+    File(c_int),
+}
+
+impl MapFile {
+    /// `f` over this map, read the way this look reads it ([`Look`]); `None` when there is
+    /// no map this process may trust. errno is left as it was.
+    fn look<T>(&self, f: impl FnOnce(Look) -> Option<T>) -> Option<T> {
+        let map = self.map.load(Ordering::Acquire);
+        if !map.is_null() {
+            return f(Look::Mapped(map));
+        }
+        let saved = errno();
+        let mut path = [0u8; RUNTIME_PATH_MAX];
+        let n = runtime_file(&mut path, self.name);
+        let got = if n == 0 {
+            None
+        } else if self.reads.fetch_add(1, Ordering::Relaxed) < READS_BEFORE_MAPPING {
+            with_file(&path, n, self.size, |fd| f(Look::File(fd))).flatten()
+        } else {
+            self.map_once(&path, n).and_then(|map| f(Look::Mapped(map)))
+        };
+        set_errno(saved);
+        got
+    }
+
+    /// Maps the file at `path[..n]` ([`map_file`]) and publishes the mapping (a racing
+    /// thread's is kept, ours undone).
+    fn map_once(&self, path: &[u8], n: usize) -> Option<*mut u8> {
+        let map = map_file(path, n, self.size, self.magic)?;
+        match self.map.compare_exchange(core::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Some(map),
+            Err(winner) => {
+                // SAFETY: our own mapping of `size` bytes, which nobody else has seen.
+                unsafe { munmap(map.cast(), self.size) };
+                Some(winner)
+            }
+        }
+    }
+}
 
 /// The class of `port` in the daemon's policy map, `None` when there is no map this
-/// process may trust (or it sets its own rules). Read with `pread` each time, never
-/// mapped: a cold process's first touch of a mapped page costs ~10 us (a page fault),
-/// opening and reading the file ~3 us, and a bind asks this once.
+/// process may trust (or it sets its own rules).
 pub(crate) fn port_class(port: u16) -> Option<u8> {
     if own_rules() {
         return None;
     }
-    let saved = errno();
-    let mut path = [0u8; 4096];
-    let class = match runtime_file(&mut path, b"/policy.map\0") {
-        0 => None,
-        n => with_file(&path, n, POLICY_SIZE, |fd| {
+    let at = POLICY_HEADER + usize::from(port);
+    POLICY.look(|look| match look {
+        // SAFETY: a mapping of POLICY_SIZE bytes ([`Look`]); `at` < POLICY_SIZE.
+        Look::Mapped(map) => Some(unsafe { *map.add(at) }),
+        Look::File(fd) => {
             let (mut magic, mut class) = ([0u8; 4], 0u8);
             // SAFETY: pread writes at most 4 bytes into `magic`, 1 into `class`; `fd` is
-            // open (`with_file`).
-            let read = unsafe {
-                pread(fd, magic.as_mut_ptr().cast(), 4, 0) == 4
-                    && pread(fd, (&mut class as *mut u8).cast(), 1, (POLICY_HEADER + usize::from(port)) as i64) == 1
-            };
+            // open ([`Look`]).
+            let read =
+                unsafe { pread(fd, magic.as_mut_ptr().cast(), 4, 0) == 4 && pread(fd, (&mut class as *mut u8).cast(), 1, at as i64) == 1 };
             (read && u32::from_ne_bytes(magic) == POLICY_MAGIC).then_some(class)
-        })
-        .flatten(),
-    };
-    set_errno(saved);
-    class
+        }
+    })
 }
+
+/// The longest path of a file beside the daemon's socket: that socket's own path fits a
+/// `sockaddr_un` (108 bytes), or there is no daemon. Small, as every buffer of a hook: a
+/// cold process's first touch of a deeper stack page is a page fault (~2-10 us in a VM).
+pub(crate) const RUNTIME_PATH_MAX: usize = 256;
 
 /// A file beside the daemon's socket (`name` as `b"/policy.map\0"`): the directory of `STYXY_URL`'s `unix:` path,
 /// else `$XDG_RUNTIME_DIR/styxy-preload`, else the private `/tmp` fallback ([`tmp_fallback`],
@@ -259,32 +331,48 @@ fn stat(dirfd: c_int, path: &CStr, flags: c_int) -> Option<(u32, u16, u64)> {
     })
 }
 
-/// The daemon's port map, mapped once it exists and is ours alone.
-pub(crate) fn port_map() -> Option<mapview::View<'static>> {
-    let mut map = PORTS.load(Ordering::Acquire);
-    if map.is_null() {
-        map = map_ports()?;
-    }
-    // SAFETY: a mapping of mapview::SIZE bytes (`map_file`), page-aligned, never unmapped
-    // once published.
-    Some(unsafe { mapview::View::new(map) })
+/// `f` over the daemon's port map ([`MapFile`]); `None` when there is no map this process
+/// may trust.
+pub(crate) fn with_port_map<T>(f: impl FnOnce(&dyn Words) -> T) -> Option<T> {
+    PORTS.look(|look| match look {
+        // SAFETY: a mapping of mapview::SIZE bytes, page-aligned, never unmapped ([`Look`]).
+        Look::Mapped(map) => Some(f(&unsafe { mapview::View::new(map) })),
+        Look::File(fd) => FileWords::new(fd).filter(|w| w.valid()).map(|w| f(&w)),
+    })
 }
 
-fn map_ports() -> Option<*mut u8> {
-    let saved = errno();
-    let mut path = [0u8; 4096];
-    let mapped = match runtime_file(&mut path, b"/ports.map\0") {
-        0 => None,
-        n => map_file(&path, n, mapview::SIZE, mapview::MAGIC),
-    };
-    set_errno(saved);
-    let map = mapped?;
-    match PORTS.compare_exchange(core::ptr::null_mut(), map, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => Some(map),
-        Err(winner) => {
-            // SAFETY: our own mapping of mapview::SIZE bytes, which nobody else has seen.
-            unsafe { munmap(map.cast(), mapview::SIZE) };
-            Some(winner)
+/// The port map's words read from its open file, its header read once.
+struct FileWords {
+    fd: c_int,
+    header: [u8; mapview::HEADER],
+}
+
+impl FileWords {
+    fn new(fd: c_int) -> Option<FileWords> {
+        let mut header = [0u8; mapview::HEADER];
+        // SAFETY: pread writes at most `header.len()` bytes into `header`.
+        let n = unsafe { pread(fd, header.as_mut_ptr().cast(), header.len(), 0) };
+        (n == header.len() as isize).then_some(FileWords { fd, header })
+    }
+
+    fn read<const N: usize>(&self, off: usize) -> [u8; N] {
+        let mut b = [0u8; N];
+        if let Some(h) = self.header.get(off..off + N) {
+            b.copy_from_slice(h);
+        // SAFETY: pread writes at most N bytes into `b`; `fd` is open while `self` lives.
+        } else if unsafe { pread(self.fd, b.as_mut_ptr().cast(), N, off as i64) } != N as isize {
+            b = [0u8; N];
         }
+        b
+    }
+}
+
+impl Words for FileWords {
+    fn u32_at(&self, off: usize) -> u32 {
+        u32::from_ne_bytes(self.read(off))
+    }
+
+    fn u64_at(&self, off: usize) -> u64 {
+        u64::from_ne_bytes(self.read(off))
     }
 }
