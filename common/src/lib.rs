@@ -1,6 +1,6 @@
 //! What the CLI, the preload library (its hooks' logic, and the `no_std` shim through
-//! the files it includes: `hookproto`, `mapview`, `sockaddr`) and the built-in daemon
-//! share: Styxy's API types ([`api`]), the port → type [`policy`], [`paths`], HTTP over
+//! the files it includes: `decide`, `hookproto`, `mapview`, `sockaddr`) and the built-in
+//! daemon share: what happens to a hooked call ([`decide`], pure), Styxy's API types ([`api`]), the port → type [`policy`], [`paths`], HTTP over
 //! a Unix socket or TCP ([`http`]), the event log ([`eventlog`]), the shared port and
 //! policy maps ([`portmap`], [`policymap`]). Not pure: it does file I/O, `mmap` and HTTP.
 //!
@@ -8,6 +8,7 @@
 //! preload library runs this code inside foreign processes.
 
 pub mod api;
+pub mod decide;
 pub mod discovery;
 pub mod envvars;
 pub mod eventlog;

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use crate::decide::Class;
 use crate::envvars;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,18 @@ pub enum Decision<'a> {
     OnConflict(&'a str),
     /// A single-instance type: never remapped, a second instance fails as usual.
     Single(&'a str),
+}
+
+impl Class {
+    /// The class of a policy's decision.
+    pub fn of(d: &Decision) -> Class {
+        match d {
+            Decision::Untouched(_) => Class::Untouched,
+            Decision::Coordinated(_) => Class::Coordinated,
+            Decision::OnConflict(_) => Class::OnConflict,
+            Decision::Single(_) => Class::Single,
+        }
+    }
 }
 
 impl<'a> Decision<'a> {

@@ -9,26 +9,22 @@
 
 use std::path::Path;
 
-use crate::policy::{Decision, Policy};
+use crate::decide::Class;
+use crate::policy::Policy;
 
 pub const MAGIC: u32 = 0x5350_5031; // "SPP1"
 pub const HEADER: usize = 64;
 pub const SIZE: usize = HEADER + 65536;
 
-/// A port's class, as the shim reads it.
-pub const UNTOUCHED: u8 = 0;
-pub const COORDINATED: u8 = 1;
-pub const ON_CONFLICT: u8 = 2;
-pub const SINGLE: u8 = 3;
+/// A port's class, as the shim reads it ([`Class::byte`]).
+pub const UNTOUCHED: u8 = Class::Untouched.byte();
+pub const COORDINATED: u8 = Class::Coordinated.byte();
+pub const ON_CONFLICT: u8 = Class::OnConflict.byte();
+pub const SINGLE: u8 = Class::Single.byte();
 
-/// The class of `port` under `policy`.
+/// The class of `port` under `policy`, as the map stores it.
 pub fn class(policy: &Policy, port: u16) -> u8 {
-    match policy.decide(port) {
-        Decision::Untouched(_) => UNTOUCHED,
-        Decision::Coordinated(_) => COORDINATED,
-        Decision::OnConflict(_) => ON_CONFLICT,
-        Decision::Single(_) => SINGLE,
-    }
+    Class::of(&policy.decide(port)).byte()
 }
 
 /// Publishes `policy` at `path` (mode 0600, atomically). Rules a process sets for itself

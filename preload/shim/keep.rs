@@ -13,8 +13,8 @@ use crate::libc_calls::{
     O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
-use crate::settings::{env, own_rules};
-use crate::sockinfo::{shares_port, stream, Inet};
+use crate::settings::env;
+use crate::sockinfo::Inet;
 use crate::tell::notice;
 use crate::{hookproto, mapview, AddrFn, REAL_CONNECT};
 
@@ -101,18 +101,16 @@ pub(crate) fn kept_before(port: u16) -> bool {
 /// A coordinated bind in one round trip on the daemon's `hook.sock`
 /// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants the port asked for,
 /// or another one (a remap: this process may move), this binds it, reports the result
-/// (the daemon logs it) and tells the person of a move. `None` when the hooks' logic must
-/// decide: rules of the process's own, a shared port, no daemon, a declined ask, or a
-/// failed bind (the hooks' logic binds again and says why).
+/// (the daemon logs it) and tells the person of a move. Called for a stream socket that
+/// does not share its port, whose plan is to ask first ([`crate::decide::plan`]). `None`
+/// when the hooks' logic must decide: no daemon, a declined ask, or a failed bind (the
+/// hooks' logic binds again and says why).
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to bind, `inet` read from its address,
 /// `real` libc's bind.
 pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: AddrFn) -> Option<c_int> {
     let port = inet.port;
-    if own_rules() || shares_port(fd) || !stream(fd) {
-        return None;
-    }
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, addr, len) };
     if kept_here(port) {

@@ -28,13 +28,18 @@
 use core::ffi::{c_int, c_void};
 
 use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
+use decide::{Class, Facts, Listening, Mode, Plan, Route, Seen};
 use keep::{keep, kept_before, kept_here};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
-use maps::{port_class, with_port_map, COORDINATED_PORT, ON_CONFLICT_PORT, UNTOUCHED_PORT};
+use maps::{port_class, with_port_map};
 use settings::{enabled, in_session, isolate, own_rules, session_tag};
 use slot::Slot;
 use sockinfo::{shares_port, stream, Inet};
 
+/// What happens to a call: the one decision, shared with the hooks' logic and the daemon.
+#[allow(dead_code)]
+#[path = "../../common/src/decide.rs"]
+mod decide;
 /// The port map's reader, shared with the client crate (one reader for both).
 #[allow(dead_code)]
 #[path = "../../common/src/mapview.rs"]
@@ -125,9 +130,10 @@ hook!(REAL_LISTEN => fn listen(fd: c_int, backlog: c_int) -> c_int = shim_listen
 hook!(REAL_GETSOCKNAME => fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int = shim_getsockname);
 hook!(REAL_CONNECT => fn connect(fd: c_int, addr: *const c_void, len: SockLen) -> c_int = shim_connect);
 
-/// A bind: as asked for a port nobody coordinates (or one that binds, when only
-/// `EADDRINUSE` needs asking), kept in one round trip with the daemon ([`keep`]), else
-/// the hooks' logic decides.
+/// A bind, as [`decide::plan`] says for its port's class in the policy map: as asked
+/// (and only an `EADDRINUSE` goes further), or kept in one round trip with the daemon
+/// ([`keep`]); the rest — rules of the process's own, no map, a shared port, a failed or
+/// declined ask — the hooks' logic decides.
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to bind(2); `real` is libc's bind.
@@ -138,28 +144,34 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
     let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && enabled()) else {
         return plain();
     };
-    let port = inet.port;
     let saved = errno();
-    let class = port_class(port);
-    match class {
-        Some(UNTOUCHED_PORT) => return plain(),
-        // bound as asked; only EADDRINUSE (or a port that may be shared) needs asking
-        Some(ON_CONFLICT_PORT) if !shares_port(fd) => {
-            let rc = plain();
-            if rc == 0 || errno() != EADDRINUSE {
-                return rc;
+    if let Some(class) = port_class(inet.port).and_then(Class::of_byte) {
+        let mut facts = Facts::default();
+        let plan = decide::plan(class, Mode::Coordinate, || {
+            facts = Facts { stream: stream(fd), shares_port: shares_port(fd), moved_from: None };
+            facts
+        });
+        set_errno(saved);
+        match plan {
+            Plan::AsAsked(_) => return plain(),
+            Plan::TryFirst { .. } => {
+                let rc = plain();
+                // bound, or failed as the kernel says: only a stream's EADDRINUSE goes further
+                if rc == 0 || errno() != EADDRINUSE || !facts.stream {
+                    return rc;
+                }
             }
-        }
-        _ => {}
-    }
-    if class == Some(COORDINATED_PORT) {
-        // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
-        // SAFETY: the program's call, `inet` read from its address, libc's function.
-        if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real) } {
-            if rc == 0 {
-                set_errno(saved);
-            }
-            return rc;
+            // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
+            // SAFETY: the program's call, `inet` read from its address, libc's function.
+            Plan::AskFirst { .. } if !facts.shares_port => match unsafe { keep(fd, addr, len, &inet, real) } {
+                Some(0) => {
+                    set_errno(saved);
+                    return 0;
+                }
+                Some(rc) => return rc,
+                None => {}
+            },
+            Plan::AskFirst { .. } | Plan::Observe => {}
         }
     }
     set_errno(saved);
@@ -190,11 +202,8 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
     // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
     let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
     let port = if named { ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| a.port) } else { None };
-    let look = match port {
-        None => false,
-        Some(0) => true,
-        Some(p) => kept_before(p) || (core_present() && !kept_here(p)),
-    };
+    let p = port.unwrap_or(0);
+    let look = decide::listen_looks(Listening { port, kept_here: kept_here(p), kept_before: kept_before(p), logic_loaded: core_present() });
     set_errno(saved);
     if look {
         if let Some(hook) = core_fn(&CORE_LISTEN) {
@@ -238,16 +247,15 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
     let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && in_session() && a.is_loopback() && enabled()) else {
         return plain();
     };
-    match port_route(inet.port) {
-        Some(PortRoute::AsAsked) => plain(),
-        Some(PortRoute::To(actual)) if stream(fd) && (len as usize) <= 128 => {
+    match port_route(fd, inet.port) {
+        Some(Route::To(actual)) if (len as usize) <= 128 => {
             // the caller's address with the session's actual port
             let copy = inet.with_port(actual);
             // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
         // refused: the hooks' logic refuses it too, and says so (an event, one stderr line)
-        Some(PortRoute::Refused) if stream(fd) => match core_fn(&CORE_CONNECT) {
+        Some(Route::Refused) => match core_fn(&CORE_CONNECT) {
             // SAFETY: the program's call and libc's function, as the core's connect takes them.
             Some(hook) => unsafe { hook(fd, addr, len, real) },
             None => {
@@ -267,31 +275,17 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
     }
 }
 
-/// Where a session's loopback connect goes (docs/ARCHITECTURE.md "A call's way").
-enum PortRoute {
-    AsAsked,
-    /// The session remapped this port: connect here instead.
-    To(u16),
-    /// Another session's server: as if nothing listened (isolation).
-    Refused,
-}
-
-/// The shim's own answer for a loopback connect in a session, from the port map and the
-/// policy map; `None` when the hooks' logic must decide (the process has rules of its
-/// own, or the session id needs more than the map's tag).
-fn port_route(port: u16) -> Option<PortRoute> {
+/// The shim's own answer for a loopback connect of `fd` in a session ([`decide::route`]
+/// over the port map and the policy map); `None` when the hooks' logic must decide (the
+/// process has rules of its own, or the session id needs more than the map's tag).
+fn port_route(fd: c_int, port: u16) -> Option<Route> {
     if own_rules() {
         return None;
     }
     let tag = session_tag()?;
-    let Some((actual, holder)) = with_port_map(|m| (m.lookup(tag, port), m.held(port))) else {
-        return Some(PortRoute::AsAsked); // no daemon yet: nothing to follow
+    let Some((remapped, holder)) = with_port_map(|m| (m.lookup(tag, port), m.held(port))) else {
+        return Some(Route::AsAsked); // no daemon yet: nothing to follow
     };
-    if let Some(actual) = actual.filter(|a| *a != port) {
-        return Some(PortRoute::To(actual));
-    }
-    if holder != 0 && holder != tag && isolate() && port_class(port).is_some_and(|c| c != UNTOUCHED_PORT) {
-        return Some(PortRoute::Refused);
-    }
-    Some(PortRoute::AsAsked)
+    let class = || port_class(port).and_then(Class::of_byte);
+    Some(decide::route(port, Seen { tag, remapped, holder }, isolate(), class, || stream(fd)))
 }

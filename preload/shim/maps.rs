@@ -19,11 +19,6 @@ const POLICY_MAGIC: u32 = 0x5350_5031;
 const POLICY_HEADER: usize = 64;
 const POLICY_SIZE: usize = POLICY_HEADER + 65536;
 
-/// A port's class in the policy map (as common/src/policymap.rs writes them).
-pub(crate) const UNTOUCHED_PORT: u8 = 0;
-pub(crate) const COORDINATED_PORT: u8 = 1;
-pub(crate) const ON_CONFLICT_PORT: u8 = 2;
-
 /// One of the daemon's maps as this process reads it: from the file (`pread`) for its first
 /// [`READS_BEFORE_MAPPING`] looks — a cold process's first touch of a mapped page is a
 /// page fault, ~10 us in a VM, and opening and reading the file costs ~3 us — then mapped

@@ -4,13 +4,14 @@
 //! reads of the shared port map, no round trip.
 
 use libc::{c_int, SOCK_STREAM};
-use styxy_preload_common::policy::Decision;
+use styxy_preload_common::decide::{self, Class, Seen};
 
 use crate::call::Route;
 use crate::process::Process;
 use crate::sys::Addr;
 
-/// Where a connect to `orig` goes; `sock_type` is asked only when the port matters.
+/// Where a connect to `orig` goes (common's `decide::route`, the one decision);
+/// `sock_type` is asked only when the port matters.
 pub fn route(p: &Process, orig: &Addr, sock_type: &mut dyn FnMut() -> Option<c_int>) -> Route {
     if p.tag == 0 || !orig.is_loopback() {
         return Route::AsAsked;
@@ -18,23 +19,13 @@ pub fn route(p: &Process, orig: &Addr, sock_type: &mut dyn FnMut() -> Option<c_i
     let Some(map) = p.portmap() else {
         return Route::AsAsked;
     };
-    if let Some(actual) = map.lookup(p.tag, orig.port).filter(|a| *a != orig.port) {
-        if sock_type() == Some(SOCK_STREAM) {
-            return Route::To(orig.with_port(actual));
-        }
-        return Route::AsAsked;
+    let seen = Seen { tag: p.tag, remapped: map.lookup(p.tag, orig.port), holder: map.held(orig.port) };
+    let class = || Some(Class::of(&p.policy.decide(orig.port)));
+    match decide::route(orig.port, seen, p.isolate, class, || sock_type() == Some(SOCK_STREAM)) {
+        decide::Route::AsAsked => Route::AsAsked,
+        decide::Route::To(actual) => Route::To(orig.with_port(actual)),
+        decide::Route::Refused => Route::Refused,
     }
-    if p.isolate {
-        let holder = map.held(orig.port);
-        if holder != 0
-            && holder != p.tag
-            && !matches!(p.policy.decide(orig.port), Decision::Untouched(_))
-            && sock_type() == Some(SOCK_STREAM)
-        {
-            return Route::Refused;
-        }
-    }
-    Route::AsAsked
 }
 
 #[cfg(test)]

@@ -16,19 +16,7 @@ use styxy_preload_common::{envvars, session, switch};
 
 use crate::call::Caller;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Ask before every coordinated bind (default).
-    Coordinate,
-    /// Bind as asked; ask only after `EADDRINUSE`.
-    OnConflict,
-    /// Never change a port; log what would have been coordinated.
-    Observe,
-    /// For tools that move to the next port by themselves (Jupyter, Vite, http-server):
-    /// a port another session holds is refused (`EADDRINUSE`), so the tool falls back and
-    /// prints the URL it really serves; the session's connects to the first port follow.
-    Fallback,
-}
+pub use styxy_preload_common::decide::Mode;
 
 pub struct Process {
     pub mode: Mode,

@@ -1,18 +1,18 @@
-//! `bind()`: docs/ARCHITECTURE.md "A call's way". [`plan`] decides from the policy, the
-//! mode and the socket what the bind needs; [`decide`] carries that out over two seams —
-//! the caller's [`Socket`] and a [`Coordinator`] — in small named steps: bind as asked
+//! `bind()`: docs/ARCHITECTURE.md "A call's way". [`plan`] (common's `decide`, the one
+//! decision) says from the policy, the mode and the socket what the bind needs;
+//! [`decide`] carries that out over two seams — the caller's [`Socket`] and a
+//! [`Coordinator`] — in small named steps: bind as asked
 //! first, ask first (a fallback's dry run), allocate and bind with bounded retries when
 //! an uncoordinated process took the granted port, and say what happened. Every way a
 //! bind ends has a [`Reason`]; on any failure the original address is bound exactly as
 //! the program asked.
 
 mod ask;
-mod plan;
 mod reason;
 
 pub use ask::{Coordinator, Daemon};
-pub use plan::{plan, Bypass, Facts, Plan};
 pub use reason::{AskError, Reason};
+pub use styxy_preload_common::decide::{plan, Bypass, Class, Facts, Plan};
 
 use std::time::Instant;
 
@@ -37,24 +37,23 @@ pub fn untouched(p: &Process, orig: &Addr) -> bool {
 /// Decides and carries out a `bind()` of `orig` on `sock` for `who`.
 pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
     let decision = p.policy.decide(orig.port);
-    if decision.service_type().is_none() || !sock.reachable() {
+    let Some(ty) = decision.service_type().filter(|_| sock.reachable()) else {
         return Verdict::AsAsked;
-    }
+    };
     let facts = Facts {
         stream: sock.sock_type() == Some(SOCK_STREAM),
         shares_port: sock.shares_port(),
         moved_from: (p.mode == Mode::Fallback).then(|| p.memory.origin(who.pid)).flatten(),
     };
-    let plan = plan(&decision, p.mode, &facts);
-    let b = |ty| Bind { p, who, orig, ty, started: Instant::now(), backend: coord.backend() };
-    match plan {
+    let b = Bind { p, who, orig, ty, started: Instant::now(), backend: coord.backend() };
+    match plan(Class::of(&decision), p.mode, || facts) {
         Plan::AsAsked(_) => Verdict::AsAsked,
-        Plan::Observe(ty) => {
-            b(ty).event(orig.port, Action::Observed, Some(Reason::ObserveMode), 0);
+        Plan::Observe => {
+            b.event(orig.port, Action::Observed, Some(Reason::ObserveMode), 0);
             Verdict::AsAsked
         }
-        Plan::TryFirst { ty, single, fallback } => try_first(&b(ty), single, fallback, facts.stream, sock, coord),
-        Plan::AskFirst { ty, fallback } => ask_first(&b(ty), fallback, facts.moved_from, sock, coord),
+        Plan::TryFirst { single, fallback } => try_first(&b, single, fallback, facts.stream, sock, coord),
+        Plan::AskFirst { fallback } => ask_first(&b, fallback, facts.moved_from, sock, coord),
     }
 }
 
