@@ -58,6 +58,15 @@ pub fn start_time(pid: u32) -> Option<u64> {
     with_stat(pid, |s| stat_field(s, 19)?.parse().ok())
 }
 
+/// `pid`'s command name and start time, from one read of `/proc/<pid>/stat` (the name is
+/// the one [`comm`] reads, between the line's first `(` and its last `)`).
+pub fn comm_and_start(pid: u32) -> Option<(String, u64)> {
+    with_stat(pid, |s| {
+        let name = s.get(s.find('(')? + 1..s.rfind(')')?)?;
+        Some((name.trim_end().to_string(), stat_field(s, 19)?.parse().ok()?))
+    })
+}
+
 /// True if `pid` runs and is the process that started at `start` (0: unknown, any).
 pub fn alive(pid: u32, start: u64) -> bool {
     match start_time(pid) {
@@ -273,6 +282,7 @@ mod tests {
         assert!(!descends_from(pp, me));
         assert_eq!(cwd(me).map(std::path::PathBuf::from), std::env::current_dir().ok());
         assert!(comm(me).is_some_and(|c| !c.is_empty() && c.len() <= 15));
+        assert_eq!(comm_and_start(me), comm(me).zip(start_time(me)));
         assert!(netns(me).is_some() && netns(me) == netns(SELF));
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ino = std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&l))).unwrap();
@@ -299,6 +309,22 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!id.alive());
+    }
+
+    #[test]
+    fn a_name_with_parentheses_and_spaces_is_read_whole_from_stat() {
+        let dir = std::env::temp_dir().join(format!("styxy-procinfo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("a) (b c ");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        let mut child = std::process::Command::new(&exe).arg("5").spawn().unwrap();
+        let got = comm_and_start(child.id());
+        let want = comm(child.id()).zip(start_time(child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(got.as_ref().map(|(c, _)| c.as_str()), Some("a) (b c"));
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -10,22 +10,34 @@
 //! The peer is known from the kernel (`SO_PEERCRED`): only our uid, and the owner pid
 //! is the peer itself. The daemon writes the bind's event once the shim reports the
 //! bind's result (`DONE`), in the log the process would have written.
+//!
+//! One thread of its own serves every connection (`Loop`): an `epoll` set over the
+//! listening socket and the connections waiting for their next message, each with its
+//! deadline, so that a silent client holds up no other and an exchange costs no task, no
+//! wake-up of the runtime's thread and the fewest system calls. A grant that waits for
+//! Styxy finishes on the runtime, and comes back to the loop through an `eventfd`; the
+//! bind's event is written on a blocking thread (the client names the file).
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{self, Answer, Ask, ASK_LEN, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED};
 use styxy_preload_common::policy::Decision;
 use styxy_preload_common::procinfo;
-use tokio::io::unix::AsyncFd;
+use tokio::runtime::Handle;
 
-use crate::state::{Claim, Owner};
+use crate::state::{Claim, Grant, Owner};
 use crate::{now_ms, Backoff, Shared};
 
 /// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
@@ -47,48 +59,355 @@ pub fn listen(path: &Path) -> io::Result<OwnedFd> {
 /// then asks over HTTP, which has its own limit).
 const MAX_CONNS: usize = 512;
 
-/// Accepts shim connections for the daemon's life; each one its own task.
-pub async fn serve(shared: Arc<Shared>, listener: OwnedFd, uid: u32) {
-    let Some(listener) = watch(listener) else { return };
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
-    let mut backoff = Backoff::default();
-    loop {
-        let Ok(mut ready) = listener.readable().await else { return };
-        // SAFETY: accept4 on our listening socket; the result is a new fd we own.
-        let fd = unsafe {
-            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-        };
+/// The hook server's thread, and what stops it.
+pub struct Server {
+    wake: Arc<Wake>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves `listener` (peers of `uid` only) on a thread of its own, until [`stop`]ped.
+    /// Call it on the runtime: a grant that waits for Styxy finishes there.
+    ///
+    /// [`stop`]: Server::stop
+    pub fn start(sh: Arc<Shared>, listener: OwnedFd, uid: u32) -> io::Result<Server> {
+        let mut lp = Loop::new(sh, Handle::current())?;
+        lp.listen(listener, uid)?;
+        let wake = lp.wake.clone();
+        let thread = std::thread::Builder::new().name("hook".into()).spawn(move || lp.run())?;
+        Ok(Server { wake, thread })
+    }
+
+    /// Stops the thread; the exchanges in flight end as at their deadline.
+    pub fn stop(self) {
+        self.wake.stop.store(true, Ordering::Release);
+        self.wake.ring();
+        let _ = self.thread.join();
+    }
+}
+
+/// How other threads reach the loop: an `eventfd` in its set, the grants that finished on
+/// the runtime (Styxy consulted), and the order to stop.
+struct Wake {
+    fd: OwnedFd,
+    granted: Mutex<Vec<(u64, Option<Grant>)>>,
+    stop: AtomicBool,
+}
+
+impl Wake {
+    fn new() -> io::Result<Wake> {
+        // SAFETY: eventfd with flags; the result is a new fd we own, or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by eventfd and is owned by nobody else.
+        Ok(Wake { fd: unsafe { OwnedFd::from_raw_fd(fd) }, granted: Mutex::new(Vec::new()), stop: AtomicBool::new(false) })
+    }
+
+    fn ring(&self) {
+        let one = 1u64;
+        // SAFETY: an 8-byte write from a local, to our eventfd.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut n = 0u64;
+        // SAFETY: an 8-byte read into a local, from our non-blocking eventfd.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+}
+
+/// `epoll` tokens: the listening socket, the [`Wake`] `eventfd`; a connection's is its id.
+const LISTENER: u64 = 0;
+const WAKE: u64 = 1;
+
+/// The hook server: every connection's exchange, one thread, one `epoll` set.
+struct Loop {
+    sh: Arc<Shared>,
+    rt: Handle,
+    epoll: OwnedFd,
+    wake: Arc<Wake>,
+    /// The listening socket and the uid it serves (none in the unit tests).
+    listener: Option<(OwnedFd, u32)>,
+    backoff: Backoff,
+    /// Accepting waits until then after an accept that failed for want of resources.
+    paused: Option<Instant>,
+    conns: HashMap<u64, Conn>,
+    /// Each connection's deadline, in the order they were accepted (which is time
+    /// order); those of connections already closed are skipped.
+    deadlines: VecDeque<(Instant, u64)>,
+    next_id: u64,
+}
+
+struct Conn {
+    fd: OwnedFd,
+    pid: u32,
+    started: Instant,
+    /// In the `epoll` set (once it had to wait for a message).
+    watched: bool,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Accepted: `KEEP` next.
+    Keep,
+    /// The grant waits for Styxy's word, on the runtime.
+    Granting(Asked),
+    /// Answered: `DONE` next. Counted in `hook_pending` until its end.
+    Done(KeptBind, Pending),
+}
+
+impl Loop {
+    fn new(sh: Arc<Shared>, rt: Handle) -> io::Result<Loop> {
+        // SAFETY: epoll_create1 with a flag; the result is a new fd we own, or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by epoll_create1 and is owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wake = Arc::new(Wake::new()?);
+        ctl(&epoll, libc::EPOLL_CTL_ADD, wake.fd.as_raw_fd(), WAKE)?;
+        let (conns, deadlines) = (HashMap::new(), VecDeque::new());
+        Ok(Loop { sh, rt, epoll, wake, listener: None, backoff: Backoff::default(), paused: None, conns, deadlines, next_id: 2 })
+    }
+
+    fn listen(&mut self, listener: OwnedFd, uid: u32) -> io::Result<()> {
+        ctl(&self.epoll, libc::EPOLL_CTL_ADD, listener.as_raw_fd(), LISTENER)?;
+        self.listener = Some((listener, uid));
+        Ok(())
+    }
+
+    fn run(mut self) {
+        while !self.wake.stop.load(Ordering::Acquire) {
+            self.turn();
+        }
+    }
+
+    /// Waits for what is ready (at most until the next deadline) and serves it.
+    fn turn(&mut self) {
+        const MAX_EVENTS: usize = 64;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        // SAFETY: epoll_wait into a buffer of MAX_EVENTS events, on our epoll fd.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), MAX_EVENTS as i32, self.timeout_ms()) };
+        for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+            match ev.u64 {
+                LISTENER => self.accept(),
+                WAKE => self.finished(),
+                id => self.readable(id),
+            }
+        }
+        self.expire(Instant::now());
+    }
+
+    /// Milliseconds until the next deadline or the end of a pause (-1: none), rounded up.
+    fn timeout_ms(&self) -> i32 {
+        let next = self.deadlines.front().map(|(at, _)| *at).into_iter().chain(self.paused).min();
+        next.map_or(-1, |at| {
+            let left = at.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
+            i32::try_from(left).unwrap_or(i32::MAX)
+        })
+    }
+
+    /// Accepts one connection (the listener stays ready while more wait).
+    fn accept(&mut self) {
+        let Some((listener, uid)) = self.listener.as_ref().map(|(l, u)| (l.as_raw_fd(), *u)) else { return };
+        // SAFETY: accept4 on our listening socket; the result is a new fd we own, or -1.
+        let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) };
         if fd < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                ready.clear_ready();
-            } else {
-                drop(ready);
-                backoff.after(&e, "hook.sock").await;
+            if e.kind() != io::ErrorKind::WouldBlock {
+                if let Some(wait) = self.backoff.next(&e, "hook.sock") {
+                    self.pause(listener, wait);
+                }
             }
-            continue;
+            return;
         }
-        backoff.reset();
+        self.backoff.reset();
         // SAFETY: fd was just returned by accept4 and is owned by nobody else.
         let conn = unsafe { OwnedFd::from_raw_fd(fd) };
         match peer(&conn) {
-            Some((pid, peer_uid)) if peer_uid == uid => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-                let sh = shared.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(EXCHANGE, exchange(sh, conn, pid)).await;
-                    drop(slot);
+            Some((pid, peer_uid)) if peer_uid == uid && self.conns.len() < MAX_CONNS => self.adopt(conn, pid),
+            _ => {} // another user's process, or one too many: closed unanswered
+        }
+    }
+
+    /// Stops accepting for `wait` (`Backoff`): the failed connection stays queued, and
+    /// the listener ready.
+    fn pause(&mut self, listener: RawFd, wait: Duration) {
+        let _ = ctl(&self.epoll, libc::EPOLL_CTL_DEL, listener, LISTENER);
+        self.paused = Some(Instant::now() + wait);
+    }
+
+    /// A new connection from `pid`: its exchange starts (the `KEEP` is usually there).
+    fn adopt(&mut self, fd: OwnedFd, pid: u32) {
+        let (id, started) = (self.next_id, Instant::now());
+        self.next_id += 1;
+        self.conns.insert(id, Conn { fd, pid, started, watched: false, stage: Stage::Keep });
+        self.deadlines.push_back((started + EXCHANGE, id));
+        self.readable(id);
+    }
+
+    /// Connection `id` has a message, or has closed.
+    fn readable(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if matches!(c.stage, Stage::Granting(_)) {
+            // it spoke or left before its answer: the exchange is over (the grant, once
+            // made, finds it gone and is withdrawn)
+            self.conns.remove(&id);
+            return;
+        }
+        let mut buf = [0u8; DONE_MAX + 1];
+        match recv(&c.fd, &mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.watch(id),
+            heard => match std::mem::replace(&mut c.stage, Stage::Keep) {
+                Stage::Keep => self.keep(id, heard.ok().and_then(|n| buf.get(..n))),
+                Stage::Done(bind, pending) => {
+                    let started = c.started;
+                    self.done(bind, pending, started, heard.as_ref().map(|n| &buf[..*n]).map_err(|_| ()));
+                    self.conns.remove(&id); // closed once its grant is confirmed or withdrawn
+                }
+                Stage::Granting(_) => {}
+            },
+        }
+    }
+
+    /// Connection `id` waits for its next message in the `epoll` set.
+    fn watch(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if !c.watched {
+            c.watched = ctl(&self.epoll, libc::EPOLL_CTL_ADD, c.fd.as_raw_fd(), id).is_ok();
+            if !c.watched {
+                self.conns.remove(&id);
+            }
+        }
+    }
+
+    /// The `KEEP` of connection `id` (anything else ends it): declined, or granted now,
+    /// or once Styxy has had its word.
+    fn keep(&mut self, id: u64, msg: Option<&[u8]>) {
+        let Some(c) = self.conns.get(&id) else { return };
+        let Some(ask) = msg.and_then(Ask::decode).filter(|a| a.kind == KEEP) else {
+            self.conns.remove(&id);
+            return;
+        };
+        let Some((asked, claim)) = claim(&self.sh, c.pid, &ask) else {
+            self.granted(id, None, None);
+            return;
+        };
+        let sh = self.sh.clone();
+        let mut grant: Pin<Box<dyn Future<Output = Option<Grant>> + Send>> = Box::pin(async move { sh.grant(&claim).await.ok() });
+        let polled = {
+            let _rt = self.rt.enter(); // a grant that asks Styxy sets a timer
+            grant.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        };
+        match polled {
+            Poll::Ready(g) => self.granted(id, Some(asked), g),
+            Poll::Pending => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.stage = Stage::Granting(asked);
+                }
+                let wake = self.wake.clone();
+                self.rt.spawn(async move {
+                    let g = grant.await;
+                    wake.granted.lock().push((id, g));
+                    wake.ring();
                 });
             }
-            _ => {} // another user's process: closed unanswered
+        }
+    }
+
+    /// The grants Styxy had its word on.
+    fn finished(&mut self) {
+        self.wake.clear();
+        let granted = std::mem::take(&mut *self.wake.granted.lock());
+        for (id, g) in granted {
+            let asked = self.conns.get_mut(&id).and_then(|c| match std::mem::replace(&mut c.stage, Stage::Keep) {
+                Stage::Granting(asked) => Some(asked),
+                _ => None,
+            });
+            self.granted(id, asked, g);
+        }
+    }
+
+    /// Answers connection `id`: `g` granted to `asked`, or `DECLINED`. A new grant whose
+    /// client is gone or out of time is withdrawn.
+    fn granted(&mut self, id: u64, asked: Option<Asked>, g: Option<Grant>) {
+        let now = Instant::now();
+        let live = self.conns.get(&id).filter(|c| now < c.started + EXCHANGE).map(|c| c.fd.as_raw_fd());
+        match (live, asked, g) {
+            (Some(fd), Some(asked), Some(g)) => {
+                let bind = kept(&self.sh, asked, g);
+                let status = if bind.port == bind.asked.port { GRANTED } else { MOVED };
+                send(fd, &Answer { status, port: bind.port, existing: bind.existing }.encode());
+                let pending = Pending::new(self.sh.clone());
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.stage = Stage::Done(bind, pending);
+                }
+                self.watch(id);
+                return;
+            }
+            (Some(fd), ..) => send(fd, &Answer { status: DECLINED, port: 0, existing: false }.encode()),
+            (None, _, Some(g)) if !g.existing => self.sh.withdraw(g.port),
+            (None, ..) => {}
+        }
+        self.conns.remove(&id);
+    }
+
+    /// The end of an answered exchange: what `DONE` said (`Err`: nothing could be read).
+    fn done(&self, bind: KeptBind, pending: Pending, started: Instant, heard: Result<&[u8], ()>) {
+        let port = bind.port;
+        let message = heard.ok().filter(|m| m.len() >= ASK_LEN);
+        let reported =
+            message.and_then(|m| Some((Ask::decode(&m[..ASK_LEN])?, &m[ASK_LEN..]))).filter(|(a, _)| a.kind == DONE && a.port == port);
+        match reported {
+            Some((done, vars)) if done.errno == 0 => {
+                // bound: confirmed, and the binder an owner, as a listen would
+                if let Some(owner) = bind.asked.owner.clone().or_else(|| Owner::of(bind.asked.pid)) {
+                    self.sh.confirm(port, owner);
+                }
+                let vars = log_vars(vars);
+                self.rt.spawn_blocking(move || {
+                    log_event(&bind, vars, started);
+                    drop(pending);
+                });
+            }
+            // no word: the grant stands while its owner's socket holds the port
+            _ if bind.existing || heard.is_err() => {}
+            // the bind failed, or the client closed without a word (it gave up): a new grant
+            // is withdrawn (the hooks' logic takes it from here)
+            _ => self.sh.withdraw(port),
+        }
+    }
+
+    /// Closes the connections whose time is up: unanswered, or with their grant standing
+    /// (no word in time). One waiting for Styxy ends when Styxy's word comes.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(_, id)) = self.deadlines.front().filter(|(at, _)| *at <= now) {
+            self.deadlines.pop_front();
+            if self.conns.get(&id).is_some_and(|c| !matches!(c.stage, Stage::Granting(_))) {
+                self.conns.remove(&id);
+            }
+        }
+        if self.paused.is_some_and(|until| until <= now) {
+            self.paused = None;
+            if let Some((l, _)) = &self.listener {
+                let _ = ctl(&self.epoll, libc::EPOLL_CTL_ADD, l.as_raw_fd(), LISTENER);
+            }
         }
     }
 }
 
-/// `fd` in the runtime's reactor.
-fn watch(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
-    // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
-    unsafe { AsyncFd::register(fd) }.ok()
+/// Adds `fd` to (or removes it from) the `epoll` set, readable, with `token`.
+fn ctl(epoll: &OwnedFd, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+    // SAFETY: epoll_ctl on our epoll fd with a valid event struct.
+    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The peer's pid and uid, from the kernel.
@@ -101,108 +420,65 @@ fn peer(fd: &OwnedFd) -> Option<(u32, u32)> {
     (rc == 0).then(|| (u32::try_from(cred.pid).unwrap_or(0), cred.uid))
 }
 
-async fn recv(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        let mut ready = fd.readable().await?;
-        match ready.try_io(|s| {
-            // SAFETY: recv into a buffer of its length, on a socket we own.
-            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            Ok(r) => return r,
-            Err(_would_block) => continue,
-        }
-    }
+/// One message, never waiting.
+fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv into a buffer of its length, on a socket we own.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-fn send(fd: &AsyncFd<OwnedFd>, msg: &[u8]) {
+fn send(fd: RawFd, msg: &[u8]) {
     // SAFETY: send of a buffer of its length; never waits, never raises SIGPIPE.
-    unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-}
-
-/// `KEEP`, the answer, then `DONE`. A malformed or unexpected message ends the exchange.
-/// Who asked is read from `/proc` before the answer, while the process waits for it (a
-/// short-lived one is gone soon after): its name and directory, which never wait on the
-/// process; its log comes with `DONE`. What touches the client's files (the log it names)
-/// runs on a blocking thread: a client's path never holds up this thread, which answers
-/// every hook and every HTTP request. A new grant whose `DONE` says the bind failed, or
-/// whose client closed without one, is withdrawn.
-async fn exchange(sh: Arc<Shared>, conn: OwnedFd, pid: u32) {
-    let Some(fd) = watch(conn) else { return };
-    let mut buf = [0u8; ASK_LEN + 1];
-    let started = Instant::now();
-    let Ok(n) = recv(&fd, &mut buf).await else { return };
-    let Some(ask) = Ask::decode(&buf[..n]).filter(|a| a.kind == KEEP) else { return };
-    let Some(grant) = keep(&sh, pid, &ask).await else {
-        send(&fd, &Answer { status: DECLINED, port: 0, existing: false }.encode());
-        return;
-    };
-    let _pending = Pending::new(&sh.hook_pending);
-    let (port, family, existing) = (grant.port, ask.family, grant.existing);
-    let status = if port == ask.port { GRANTED } else { MOVED };
-    send(&fd, &Answer { status, port, existing }.encode());
-    let mut done = vec![0u8; DONE_MAX + 1];
-    let heard = recv(&fd, &mut done).await;
-    let message = heard.as_ref().ok().and_then(|n| done.get(..*n)).filter(|m| m.len() >= ASK_LEN);
-    let reported =
-        message.and_then(|m| Some((Ask::decode(&m[..ASK_LEN])?, &m[ASK_LEN..]))).filter(|(a, _)| a.kind == DONE && a.port == port);
-    match reported {
-        Some((done, vars)) if done.errno == 0 => {
-            // bound: confirmed, and the binder an owner, as a listen would
-            if let Some(owner) = Owner::of(grant.pid) {
-                sh.confirm(port, owner);
-            }
-            let vars = log_vars(vars);
-            let _ = tokio::task::spawn_blocking(move || log_event(&grant, vars, port, family, started)).await;
-        }
-        // no word in time: the grant stands while its owner's socket holds the port
-        _ if existing || heard.is_err() => {}
-        // the bind failed, or the client closed without a word (it gave up): a new grant
-        // is withdrawn (the hooks' logic takes it from here)
-        _ => sh.withdraw(port),
-    }
+    unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
 }
 
 /// Counts an exchange between its grant and its end (logged, withdrawn, or given up).
-struct Pending<'a>(&'a AtomicUsize);
+struct Pending(Arc<Shared>);
 
-impl<'a> Pending<'a> {
-    fn new(n: &'a AtomicUsize) -> Pending<'a> {
-        n.fetch_add(1, Ordering::AcqRel);
-        Pending(n)
+impl Pending {
+    fn new(sh: Arc<Shared>) -> Pending {
+        sh.hook_pending.fetch_add(1, Ordering::AcqRel);
+        Pending(sh)
     }
 }
 
-impl Drop for Pending<'_> {
+impl Drop for Pending {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.hook_pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// What the daemon granted, for the event.
-struct KeptBind {
+/// Who asked for which port, known before the grant.
+struct Asked {
     pid: u32,
-    /// The port granted: the one asked, or another (a remap).
-    port: u16,
+    /// The process (its start time read with its name), when it still ran.
+    owner: Option<Owner>,
     /// The port asked for.
-    asked: u16,
-    /// Who holds the port asked for, when another was granted (the remap's reason).
-    holder: String,
-    existing: bool,
-    /// The process had bound this port before (a dual-stack twin, a probe).
-    again: bool,
+    port: u16,
+    family: u8,
     service_type: String,
     session: Option<String>,
     comm: String,
 }
 
-/// Grants `ask.port` to `pid`, or another port when the ask [`MAY_MOVE`], as the hooks'
-/// logic would for a coordinated port, Styxy consulted when it answers.
-async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
+/// What the daemon granted, for the event.
+struct KeptBind {
+    asked: Asked,
+    /// The port granted: the one asked, or another (a remap).
+    port: u16,
+    /// Who holds the port asked for, when another was granted (the remap's reason).
+    holder: String,
+    existing: bool,
+    /// The process had bound this port before (a dual-stack twin, a probe).
+    again: bool,
+}
+
+/// The claim of `pid`'s `KEEP`, as the hooks' logic would make it for a coordinated port
+/// (named as they would name it, and so is Styxy's mirror of it); `None` (declined) for
+/// another port or a malformed session. Who asks is read while it waits for the answer
+/// (neither read waits on the process; a short-lived one is gone soon after): its name
+/// and start time in one read, and its directory.
+fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<(Asked, Claim)> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
     let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty() && *s != "default");
     if session.is_some_and(|s| !valid_instance_id(s)) {
@@ -212,10 +488,11 @@ async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
         Decision::Coordinated(ty) => ty.to_string(),
         _ => return None,
     };
-    // who asks, read while it waits for the answer (neither read waits on the process):
-    // the grant is named as the hooks' logic would name it, and so is Styxy's mirror of it
-    let comm = procinfo::comm(pid).unwrap_or_else(|| "?".into());
-    let asked = AllocateRequest {
+    let (comm, owner) = match procinfo::comm_and_start(pid) {
+        Some((comm, start)) => (comm, Some(Owner { pid, start })),
+        None => ("?".to_string(), None),
+    };
+    let req = AllocateRequest {
         service_name: Some(service_name(&comm, ask.port)),
         instance_id: session.map(str::to_string),
         project_path: procinfo::cwd(pid),
@@ -223,43 +500,44 @@ async fn keep(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<KeptBind> {
         bind: true,
         ..AllocateRequest::for_port(&ty, ask.port)
     };
-    let claim = Claim { exactly: ask.flags & MAY_MOVE == 0, ..Claim::new(asked, Some(Owner::pid(pid))) };
-    // mirrored in Styxy when it answers (which may choose another port); a grant that
-    // cannot be journaled is not made (and said): the hooks' logic hears why over HTTP
-    let g = sh.grant(&claim).await.ok()?;
+    let claim_owner = owner.clone().unwrap_or_else(|| Owner::pid(pid));
+    let claim = Claim { exactly: ask.flags & MAY_MOVE == 0, ..Claim::new(req, Some(claim_owner)) };
+    let session = session.map(str::to_string);
+    Some((Asked { pid, owner, port: ask.port, family: ask.family, service_type: ty, session, comm }, claim))
+}
+
+/// The grant `g` made for `asked`.
+fn kept(sh: &Shared, asked: Asked, g: Grant) -> KeptBind {
     // the process had bound this grant before (a twin, a probe): one start
-    let again = g.existing && session.is_some_and(|s| sh.state.lock().owned_by(g.port, s, pid));
-    Some(KeptBind {
-        pid,
+    let again = g.existing && asked.session.as_deref().is_some_and(|s| sh.state.lock().owned_by(g.port, s, asked.pid));
+    KeptBind {
         port: g.port,
-        asked: ask.port,
         holder: g.holder.as_ref().map(styxy_preload_common::api::Holder::describe).unwrap_or_default(),
         existing: g.existing,
         again,
-        service_type: ty,
-        session: session.map(str::to_string),
-        comm,
-    })
+        asked,
+    }
 }
 
 /// The event the process would have logged (a blocking thread's work: the client names
 /// the file).
-fn log_event(g: &KeptBind, vars: Option<Vec<(&'static str, std::ffi::OsString)>>, port: u16, family: u8, started: Instant) {
+fn log_event(g: &KeptBind, vars: Option<Vec<(&'static str, std::ffi::OsString)>>, started: Instant) {
+    let (asked, port) = (&g.asked, g.port);
     let (action, reason) = match () {
         _ if g.again => (Action::Observed, Some(eventlog::bound_again(port))),
-        _ if port != g.asked => (Action::Remapped, Some(eventlog::taken(g.asked, &g.holder))),
+        _ if port != asked.port => (Action::Remapped, Some(eventlog::taken(asked.port, &g.holder))),
         _ => (Action::Kept, None),
     };
     let ev = Event {
         ts: eventlog::now_ms(),
-        session: g.session.clone(),
-        pid: g.pid,
-        comm: g.comm.clone(),
+        session: asked.session.clone(),
+        pid: asked.pid,
+        comm: asked.comm.clone(),
         call: "bind".into(),
-        requested_port: g.asked,
+        requested_port: asked.port,
         port,
-        family: if family == 6 { "ipv6" } else { "ipv4" }.into(),
-        service_type: Some(g.service_type.clone()),
+        family: if asked.family == 6 { "ipv6" } else { "ipv4" }.into(),
+        service_type: Some(asked.service_type.clone()),
         action,
         reason,
         latency_us: started.elapsed().as_micros() as u64,
@@ -268,7 +546,7 @@ fn log_event(g: &KeptBind, vars: Option<Vec<(&'static str, std::ffi::OsString)>>
     };
     let log = match vars {
         Some(vars) => Log::of(&|k| vars.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone())),
-        None => log_of(g.pid),
+        None => log_of(asked.pid),
     };
     let _ = log.append(&ev);
 }
@@ -304,12 +582,14 @@ mod tests {
 
     const EADDRINUSE: i32 = 98;
 
-    /// A scratch directory, a daemon's state with its journal there, and a process
-    /// whose environment puts its event log there too.
+    /// A scratch directory, a daemon's state with its journal there, a process whose
+    /// environment puts its event log there too, and a runtime for what the hook server
+    /// hands off (the events' blocking threads).
     struct Fixture {
         dir: PathBuf,
         sh: Arc<Shared>,
         binder: Child,
+        rt: tokio::runtime::Runtime,
     }
 
     impl Fixture {
@@ -324,7 +604,8 @@ mod tests {
             let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
             let sh = Shared::for_tests(os, journal(&dir));
             let binder = Command::new("sleep").arg("30").env_clear().env("STYXY_PRELOAD_LOG", dir.join("events.jsonl")).spawn().unwrap();
-            Fixture { dir, sh, binder }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            Fixture { dir, sh, binder, rt }
         }
 
         fn events(&self) -> String {
@@ -335,15 +616,35 @@ mod tests {
             std::fs::read_to_string(self.dir.join("daemon-journal.jsonl")).unwrap_or_default()
         }
 
-        /// One exchange: the daemon's side runs here, the shim's (`shim`, given its end
-        /// of the connection) on a thread; what the shim saw comes back.
-        async fn exchange<T: Send + 'static>(&self, shim: impl FnOnce(Socket) -> T + Send + 'static) -> T {
+        /// A hook server with no listener: the test hands it its connections.
+        fn server(&self) -> Loop {
+            Loop::new(self.sh.clone(), self.rt.handle().clone()).unwrap()
+        }
+
+        /// A connection from the binder, adopted by `lp`; the shim's end comes back.
+        fn connect(&self, lp: &mut Loop) -> Socket {
             let (daemon_end, shim_end) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
             daemon_end.set_nonblocking(true).unwrap();
             shim_end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            lp.adopt(daemon_end.into(), self.binder.id());
+            shim_end
+        }
+
+        /// One exchange: the daemon's side runs here, the shim's (`shim`, given its end
+        /// of the connection) on a thread; what the shim saw comes back once the
+        /// exchange and its event are done (`/flush`'s wait).
+        fn exchange<T: Send + 'static>(&self, shim: impl FnOnce(Socket) -> T + Send + 'static) -> T {
+            let mut lp = self.server();
+            let shim_end = self.connect(&mut lp);
             let peer = std::thread::spawn(move || shim(shim_end));
-            let served = tokio::time::timeout(Duration::from_secs(5), exchange(self.sh.clone(), daemon_end.into(), self.binder.id()));
-            assert!(served.await.is_ok(), "the exchange ends");
+            let until = Instant::now() + Duration::from_secs(5);
+            while !lp.conns.is_empty() && Instant::now() < until {
+                lp.turn();
+            }
+            assert!(lp.conns.is_empty(), "the exchange ends");
+            while self.sh.hook_pending.load(Ordering::Acquire) > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             peer.join().unwrap()
         }
     }
@@ -385,20 +686,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_kept_bind_is_journaled_before_its_answer_then_confirmed_and_logged() {
+    #[test]
+    fn a_kept_bind_is_journaled_before_its_answer_then_confirmed_and_logged() {
         let f = Fixture::new("kept");
         let journal = f.dir.join("daemon-journal.jsonl");
-        let (got, journaled) = f
-            .exchange(move |s| {
-                send(&s, &ask(KEEP, 3000, 0, b"s1"));
-                let a = answer(&s);
-                // the answer is out: its grant must be on disk already
-                let journaled = std::fs::read_to_string(&journal).unwrap_or_default();
-                send(&s, &ask(DONE, 3000, 0, b"s1"));
-                (a, journaled)
-            })
-            .await;
+        let (got, journaled) = f.exchange(move |s| {
+            send(&s, &ask(KEEP, 3000, 0, b"s1"));
+            let a = answer(&s);
+            // the answer is out: its grant must be on disk already
+            let journaled = std::fs::read_to_string(&journal).unwrap_or_default();
+            send(&s, &ask(DONE, 3000, 0, b"s1"));
+            (a, journaled)
+        });
         assert_eq!(got, Some(Answer { status: GRANTED, port: 3000, existing: false }));
         assert!(journaled.contains("\"port\":3000"), "journaled before the answer: {journaled:?}");
         let st = f.sh.state.lock();
@@ -413,23 +712,23 @@ mod tests {
         assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
     }
 
-    #[tokio::test]
-    async fn a_failed_bind_withdraws_its_grant_and_logs_nothing() {
+    #[test]
+    fn a_failed_bind_withdraws_its_grant_and_logs_nothing() {
         let f = Fixture::new("withdrawn");
-        let got = f.exchange(keep_then_done(3000, b"s1", EADDRINUSE)).await;
+        let got = f.exchange(keep_then_done(3000, b"s1", EADDRINUSE));
         assert_eq!(got.map(|a| a.status), Some(GRANTED));
         assert!(f.sh.state.lock().is_empty(), "withdrawn");
         assert_eq!(f.events(), "");
         assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
     }
 
-    #[tokio::test]
-    async fn another_sessions_port_and_an_uncoordinated_one_are_declined_changing_nothing() {
+    #[test]
+    fn another_sessions_port_and_an_uncoordinated_one_are_declined_changing_nothing() {
         let f = Fixture::new("declined");
-        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).await.map(|a| a.status), Some(GRANTED));
+        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).map(|a| a.status), Some(GRANTED));
         let declined = Some(Answer { status: DECLINED, port: 0, existing: false });
-        assert_eq!(f.exchange(keep_then_done(3000, b"b", 0)).await, declined, "a's port: b's would be a remap");
-        assert_eq!(f.exchange(keep_then_done(22, b"b", 0)).await, declined, "not a coordinated port");
+        assert_eq!(f.exchange(keep_then_done(3000, b"b", 0)), declined, "a's port: b's would be a remap");
+        assert_eq!(f.exchange(keep_then_done(22, b"b", 0)), declined, "not a coordinated port");
         let st = f.sh.state.lock();
         assert_eq!(st.len(), 1);
         assert_eq!(st.allocation(3000).and_then(|a| a.session.as_deref()), Some("a"));
@@ -437,10 +736,10 @@ mod tests {
         assert_eq!(f.journal().lines().count(), 1, "one grant, one line");
     }
 
-    #[tokio::test]
-    async fn a_shim_that_may_move_gets_another_port_and_the_remap_is_logged() {
+    #[test]
+    fn a_shim_that_may_move_gets_another_port_and_the_remap_is_logged() {
         let f = Fixture::new("moved");
-        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).await.map(|a| a.status), Some(GRANTED));
+        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).map(|a| a.status), Some(GRANTED));
         let may_move = |session: &'static [u8], errno: i32| {
             move |s: Socket| {
                 let ask_move = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: MAY_MOVE, session };
@@ -452,7 +751,7 @@ mod tests {
                 a
             }
         };
-        let got = f.exchange(may_move(b"b", 0)).await.expect("an answer");
+        let got = f.exchange(may_move(b"b", 0)).expect("an answer");
         assert_eq!((got.status, got.existing), (MOVED, false));
         assert_ne!(got.port, 3000);
         let b = f.sh.state.lock().allocation(got.port).map(|a| (a.session.clone(), a.requested_port, a.confirmed));
@@ -461,31 +760,29 @@ mod tests {
         let remap = events.lines().find(|l| l.contains("\"action\":\"remapped\"")).unwrap_or_else(|| panic!("{events}"));
         assert!(remap.contains("\"requested_port\":3000") && remap.contains("port 3000 is taken by sleep"), "{remap}");
         // withdrawn when the bind of the other port fails
-        let got = f.exchange(may_move(b"c", EADDRINUSE)).await.expect("an answer");
+        let got = f.exchange(may_move(b"c", EADDRINUSE)).expect("an answer");
         assert_eq!(got.status, MOVED);
         assert!(f.sh.state.lock().allocation(got.port).is_none(), "withdrawn");
     }
 
-    #[tokio::test]
-    async fn a_binder_gone_before_done_is_logged_where_its_done_says() {
+    #[test]
+    fn a_binder_gone_before_done_is_logged_where_its_done_says() {
         let mut f = Fixture::new("gone");
         let elsewhere = f.dir.join("elsewhere.jsonl");
         let log_var = format!("STYXY_PRELOAD_LOG={}\0", elsewhere.display());
         // the binder's name is read while it waits for the answer; it exits right after
         let pid = f.binder.id();
         let _ = f.binder.kill();
-        let got = f
-            .exchange(move |s| {
-                send(&s, &ask(KEEP, 3000, 0, b"s1"));
-                let a = answer(&s);
-                let _ = std::process::Command::new("true").status(); // time for the exit to land
-                let mut done = ask(DONE, 3000, 0, b"s1").to_vec();
-                done.extend_from_slice(log_var.as_bytes());
-                done.extend_from_slice(b"PATH=/bin\0");
-                send(&s, &done);
-                a
-            })
-            .await;
+        let got = f.exchange(move |s| {
+            send(&s, &ask(KEEP, 3000, 0, b"s1"));
+            let a = answer(&s);
+            let _ = std::process::Command::new("true").status(); // time for the exit to land
+            let mut done = ask(DONE, 3000, 0, b"s1").to_vec();
+            done.extend_from_slice(log_var.as_bytes());
+            done.extend_from_slice(b"PATH=/bin\0");
+            send(&s, &done);
+            a
+        });
         assert_eq!(got.map(|a| a.status), Some(GRANTED));
         let _ = f.binder.wait();
         assert!(!std::path::Path::new(&format!("/proc/{pid}/environ")).exists() || procinfo::environ(pid).is_empty());
@@ -494,8 +791,8 @@ mod tests {
         assert_eq!(f.events(), "", "not where /proc would have said");
     }
 
-    #[tokio::test]
-    async fn garbage_or_an_early_close_ends_the_exchange() {
+    #[test]
+    fn garbage_or_an_early_close_ends_the_exchange() {
         let f = Fixture::new("garbage");
         let mut bad = ask(KEEP, 3000, 0, b"s1");
         bad[0] ^= 1; // another layout
@@ -503,7 +800,7 @@ mod tests {
             send(&s, &bad);
             answer(&s)
         });
-        assert_eq!(got.await, None, "closed unanswered");
+        assert_eq!(got, None, "closed unanswered");
         assert!(f.sh.state.lock().is_empty());
         // granted, then the shim is gone before DONE (it gave up): the grant is withdrawn,
         // and nothing is logged
@@ -511,7 +808,7 @@ mod tests {
             send(&s, &ask(KEEP, 3000, 0, b"s1"));
             answer(&s)
         });
-        assert_eq!(got.await.map(|a| a.status), Some(GRANTED));
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
         assert!(f.sh.state.lock().allocation(3000).is_none(), "withdrawn");
         // a DONE for another port is no DONE: withdrawn too
         let got = f.exchange(|s| {
@@ -520,17 +817,61 @@ mod tests {
             send(&s, &ask(DONE, 4000, 0, b"s2"));
             a
         });
-        assert_eq!(got.await.map(|a| a.status), Some(GRANTED));
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
         assert!(f.sh.state.lock().is_empty());
         assert_eq!(f.events(), "");
         assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
     }
 
-    #[tokio::test]
-    async fn a_grant_that_cannot_be_journaled_is_declined() {
+    #[test]
+    fn a_silent_client_holds_up_no_other_and_is_closed_at_its_deadline() {
+        let f = Fixture::new("silent");
+        let mut lp = f.server();
+        let silent = f.connect(&mut lp);
+        let talking = f.connect(&mut lp);
+        let peer = std::thread::spawn(move || keep_then_done(3000, b"s1", 0)(talking));
+        let until = Instant::now() + Duration::from_secs(5);
+        while lp.conns.len() > 1 && Instant::now() < until {
+            lp.turn();
+        }
+        assert_eq!(peer.join().unwrap().map(|a| a.status), Some(GRANTED), "served while the other is silent");
+        assert!(f.sh.state.lock().allocation(3000).is_some_and(|a| a.confirmed));
+        assert_eq!(lp.conns.len(), 1, "the silent one still waits for its KEEP");
+        while !lp.conns.is_empty() && Instant::now() < until {
+            lp.turn();
+        }
+        assert_eq!(answer(&silent), None, "closed unanswered at its deadline");
+    }
+
+    #[test]
+    fn the_server_answers_its_own_users_processes_and_stops() {
+        let f = Fixture::new("server");
+        let path = f.dir.join("hook.sock");
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let server = {
+            let _rt = f.rt.enter();
+            Server::start(f.sh.clone(), listen(&path).unwrap(), uid).unwrap()
+        };
+        let s = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.connect(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+        // the peer is this process, as the kernel says: its grant, then its failed bind
+        send(&s, &ask(KEEP, 3000, 0, b"s1"));
+        assert_eq!(answer(&s), Some(Answer { status: GRANTED, port: 3000, existing: false }));
+        let owners = f.sh.state.lock().allocation(3000).map(|a| a.owners.iter().map(|o| o.pid).collect::<Vec<_>>());
+        assert_eq!(owners, Some(vec![std::process::id()]));
+        send(&s, &ask(DONE, 3000, EADDRINUSE, b"s1"));
+        assert_eq!(answer(&s), None, "closed once the grant is withdrawn");
+        assert!(f.sh.state.lock().is_empty());
+        server.stop();
+    }
+
+    #[test]
+    fn a_grant_that_cannot_be_journaled_is_declined() {
         // the journal's path is a directory: no line can be written
         let f = Fixture::with_journal("unjournaled", |dir| dir.to_path_buf());
-        let got = f.exchange(keep_then_done(3000, b"s1", 0)).await;
+        let got = f.exchange(keep_then_done(3000, b"s1", 0));
         assert_eq!(got.map(|a| a.status), Some(DECLINED));
         assert!(f.sh.state.lock().is_empty(), "withdrawn");
     }

@@ -112,6 +112,21 @@ mod tests {
     }
 
     #[test]
+    fn after_a_rotation_grants_go_to_the_new_journal_and_both_replay_until_retired() {
+        let dir = scratch("rotate");
+        let j = Journal::open(dir.join("journal.jsonl"));
+        j.append(&grant(3000, "before")).unwrap();
+        j.rotate();
+        j.append(&grant(3001, "after")).unwrap();
+        let lines = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default().lines().count();
+        assert_eq!((lines("journal.old"), lines("journal.jsonl")), (1, 1));
+        assert_eq!(j.replay().iter().map(|a| a.port).collect::<Vec<_>>(), [3000, 3001]);
+        j.retire();
+        assert_eq!(j.replay().iter().map(|a| a.port).collect::<Vec<_>>(), [3001]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_journal_that_is_not_a_regular_file_is_refused_not_waited_on() {
         let dir = scratch("fifo");
         let path = dir.join("journal.jsonl");

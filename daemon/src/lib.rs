@@ -368,12 +368,13 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     tokio::spawn(accept_unix(unix, app.clone(), uid));
     // the shim's socket, beside the HTTP one (which may be socket-activated elsewhere)
     let hook_path = dir.unwrap_or_else(paths::runtime_dir).join(styxy_preload_common::hookproto::SOCKET);
-    match hook::listen(&hook_path) {
-        Ok(fd) => {
-            tokio::spawn(hook::serve(shared.clone(), fd, uid));
+    let hook = match hook::listen(&hook_path).and_then(|fd| hook::Server::start(shared.clone(), fd, uid)) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            log!("no shim socket at {} ({e}): first binds load the hooks' logic", hook_path.display());
+            None
         }
-        Err(e) => log!("no shim socket at {} ({e}): first binds load the hooks' logic", hook_path.display()),
-    }
+    };
     if let Some(addr) = opts.http {
         let tcp = tcp_listener(addr).map_err(|e| RunError::Io(format!("cannot bind {addr}: {e}")))?;
         log!("serving TCP on {addr} (bearer token in {})", paths::token_path().display());
@@ -407,6 +408,9 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     if let Some(b) = &beat {
         b.stop();
     }
+    if let Some(h) = hook {
+        h.stop();
+    }
     let _ = std::fs::remove_file(&hook_path);
     Ok(())
 }
@@ -434,8 +438,15 @@ impl Backoff {
     const MOST: Duration = Duration::from_secs(1);
 
     pub(crate) async fn after(&mut self, e: &io::Error, server: &str) {
+        if let Some(wait) = self.next(e, server) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// How long to wait after `e` before accepting again (`None`: at once).
+    pub(crate) fn next(&mut self, e: &io::Error, server: &str) -> Option<Duration> {
         if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) {
-            return; // that connection's trouble, not ours
+            return None; // that connection's trouble, not ours
         }
         let wait = match self.wait {
             None => {
@@ -445,7 +456,7 @@ impl Backoff {
             Some(w) => (w * 2).min(Self::MOST),
         };
         self.wait = Some(wait);
-        tokio::time::sleep(wait).await;
+        Some(wait)
     }
 
     pub(crate) fn reset(&mut self) {
