@@ -239,6 +239,26 @@ fn a_coordinated_bind_kept_or_moved_is_one_round_trip_without_loading_the_core()
     assert_eq!((a["instance_id"].as_str(), a["requested_port"].as_u64()), (Some("slow"), Some(4031)), "{a:#}");
 }
 
+/// A port outside every range is bound as asked first; found taken (by a server nobody
+/// coordinates), the shim asks for another port of its type in the same one round trip.
+#[test]
+fn an_on_conflict_port_found_taken_moves_in_one_round_trip_without_the_core() {
+    let mut w = World::new();
+    w.start_daemon();
+    let _holder = std::net::TcpListener::bind("0.0.0.0:12001").unwrap();
+    let (pid, port) = serve(&mut w, Some("late"), 12001, "moved");
+    assert_ne!(port, 12001);
+    assert!(!core_loaded(pid), "an EADDRINUSE needs no library load");
+    assert_eq!(http_get("127.0.0.1", port, "/").as_deref(), Some("moved"));
+    let e = wait_for(10, "the remap event", || w.events().into_iter().find(|e| e.pid == pid));
+    assert_eq!((e.action, e.port, e.requested_port), (Action::Remapped, port, 12001));
+    assert!(e.reason.as_deref().is_some_and(|r| r.starts_with("port 12001 is taken")), "{e:?}");
+    // the session's connects to 12001 follow it
+    let (_, all) = w.json("GET", "/allocations", None);
+    let a = all["allocations"].as_array().unwrap().iter().find(|a| a["port"] == port).cloned().unwrap();
+    assert_eq!((a["instance_id"].as_str(), a["requested_port"].as_u64()), (Some("late"), Some(12001)), "{a:#}");
+}
+
 #[test]
 fn the_shims_own_answers_return_exactly_what_libc_returns() {
     let w = World::new();

@@ -247,7 +247,9 @@ mod tests {
         const B: u32 = 9;
         let seen = |remapped, holder| Seen { tag: A, remapped, holder };
         use Class::{Coordinated, OnConflict, Untouched};
-        let cases: &[(&str, Seen, bool, Option<Class>, bool, Route)] = &[
+        // name, what the map says, isolation, the port's class, a stream socket, the route
+        type Case = (&'static str, Seen, bool, Option<Class>, bool, Route);
+        let cases: &[Case] = &[
             ("the session's remap is followed", seen(Some(3001), B), true, Some(Coordinated), true, Route::To(3001)),
             ("… by a stream socket only", seen(Some(3001), B), true, Some(Coordinated), false, Route::AsAsked),
             ("a remap to the same port is no remap", seen(Some(3000), 0), true, Some(Coordinated), true, Route::AsAsked),

@@ -8,8 +8,10 @@
 //! have this port?), the daemon answers an [`Answer`]: `GRANTED` (this very port),
 //! `MOVED` (another port, when the ask says it [`MAY_MOVE`]) or `DECLINED`; the shim
 //! binds and sends an [`Ask`] of kind `DONE` with the result, which the daemon logs (or,
-//! on a failure, withdraws the grant). A fallback, an error and every retry are the hooks'
-//! logic's (the shim hears `DECLINED`, or fails its bind, and loads it).
+//! on a failure, withdraws the grant). A port bound as asked first that turned out taken
+//! is asked about the same way ([`TAKEN`]). A fallback, an error and every retry after a
+//! failed grant are the hooks' logic's (the shim hears `DECLINED`, or fails its bind, and
+//! loads it).
 
 /// File name of the socket in the daemon's runtime directory.
 pub const SOCKET: &str = "hook.sock";
@@ -34,6 +36,9 @@ pub const DONE_MAX: usize = ASK_LEN + 4096;
 /// `Ask::flags`: the shim binds another port when this one is not this process's to have,
 /// and tells the person (a remap).
 pub const MAY_MOVE: u8 = 1;
+/// `Ask::flags`, with [`MAY_MOVE`]: the port failed with `EADDRINUSE` when bound as asked
+/// (an on-conflict port, `decide::Plan::TryFirst`): another port of its type, never this one.
+pub const TAKEN: u8 = 2;
 
 /// This very port.
 pub const GRANTED: u8 = 1;

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest};
+use styxy_preload_common::decide::{self, Class, Facts, Mode, Plan};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
-use styxy_preload_common::hookproto::{self, Answer, Ask, ASK_LEN, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED};
-use styxy_preload_common::policy::Decision;
+use styxy_preload_common::hookproto::{self, Answer, Ask, ASK_LEN, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, TAKEN};
 use styxy_preload_common::procinfo;
 use tokio::runtime::Handle;
 
@@ -481,13 +481,25 @@ struct KeptBind {
 fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<(Asked, Claim)> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
     let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty() && *s != "default");
+    let taken = ask.flags & TAKEN != 0;
+    if taken && ask.flags & MAY_MOVE == 0 {
+        return None;
+    }
     if session.is_some_and(|s| !valid_instance_id(s)) {
         return None;
     }
-    let ty = match sh.state.lock().policy().decide(ask.port) {
-        Decision::Coordinated(ty) => ty.to_string(),
-        _ => return None,
-    };
+    let ty = {
+        let state = sh.state.lock();
+        let decision = state.policy().decide(ask.port);
+        // a KEEP is the shim's ask-first bind of a stream socket that does not share its
+        // port, or (TAKEN) its bind-first that met EADDRINUSE: granted only where the one
+        // decision says so
+        let facts = || Facts { stream: true, ..Facts::default() };
+        match (decide::plan(Class::of(&decision), Mode::Coordinate, facts), taken) {
+            (Plan::AskFirst { .. }, false) | (Plan::TryFirst { single: false, .. }, true) => decision.service_type().map(str::to_string),
+            _ => None,
+        }
+    }?;
     let (comm, owner) = match procinfo::comm_and_start(pid) {
         Some((comm, start)) => (comm, Some(Owner { pid, start })),
         None => ("?".to_string(), None),
@@ -498,6 +510,7 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<(Asked, Claim)> {
         project_path: procinfo::cwd(pid),
         comm: Some(comm.clone()),
         bind: true,
+        exclude: if taken { vec![ask.port] } else { vec![] },
         ..AllocateRequest::for_port(&ty, ask.port)
     };
     let claim_owner = owner.clone().unwrap_or_else(|| Owner::pid(pid));
@@ -763,6 +776,33 @@ mod tests {
         let got = f.exchange(may_move(b"c", EADDRINUSE)).expect("an answer");
         assert_eq!(got.status, MOVED);
         assert!(f.sh.state.lock().allocation(got.port).is_none(), "withdrawn");
+    }
+
+    #[test]
+    fn a_port_found_taken_moves_only_where_the_decision_binds_first() {
+        let f = Fixture::new("taken");
+        let taken = |port: u16, flags: u8| {
+            move |s: Socket| {
+                send(&s, &Ask { kind: KEEP, port, family: 4, errno: 0, flags, session: b"t" }.encode().unwrap());
+                let a = answer(&s);
+                if let Some(a) = a.filter(|a| a.status != DECLINED) {
+                    send(&s, &ask(DONE, a.port, 0, b"t"));
+                }
+                a
+            }
+        };
+        // 12001 is outside every range (on-conflict): another port of its fallback type
+        let got = f.exchange(taken(12001, MAY_MOVE | TAKEN)).expect("an answer");
+        assert_eq!(got.status, MOVED);
+        assert_ne!(got.port, 12001);
+        let a = f.sh.state.lock().allocation(got.port).map(|a| (a.session.clone(), a.requested_port));
+        assert_eq!(a, Some((Some("t".to_string()), Some(12001))));
+        let declined = Some(Answer { status: DECLINED, port: 0, existing: false });
+        assert_eq!(f.exchange(taken(12002, TAKEN)), declined, "taken without may-move: nothing to grant");
+        assert_eq!(f.exchange(taken(3000, MAY_MOVE | TAKEN)), declined, "a coordinated port is asked about first");
+        assert_eq!(f.exchange(taken(11430, MAY_MOVE | TAKEN)), declined, "a single-instance type is never moved");
+        assert_eq!(f.exchange(taken(12003, MAY_MOVE)), declined, "an on-conflict port is bound first");
+        assert_eq!(f.sh.state.lock().len(), 1);
     }
 
     #[test]

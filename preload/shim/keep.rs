@@ -102,18 +102,20 @@ pub(crate) fn kept_before(port: u16) -> bool {
 /// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants the port asked for,
 /// or another one (a remap: this process may move), this binds it, reports the result
 /// (the daemon logs it) and tells the person of a move. Called for a stream socket that
-/// does not share its port, whose plan is to ask first ([`crate::decide::plan`]). `None`
+/// does not share its port, whose plan is to ask first ([`crate::decide::plan`]), `flags`
+/// [`hookproto::MAY_MOVE`]; or whose bind as asked failed with `EADDRINUSE`, `flags` also
+/// [`hookproto::TAKEN`]. `None`
 /// when the hooks' logic must decide: no daemon, a declined ask, or a failed bind (the
 /// hooks' logic binds again and says why).
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to bind, `inet` read from its address,
 /// `real` libc's bind.
-pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: AddrFn) -> Option<c_int> {
+pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: AddrFn, flags: u8) -> Option<c_int> {
     let port = inet.port;
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, addr, len) };
-    if kept_here(port) {
+    if flags & hookproto::TAKEN == 0 && kept_here(port) {
         // this process owns the port's allocation already (a probe then the real bind, a
         // restart, a twin): a kernel call alone; a failure goes to the hooks' logic, which
         // says why
@@ -123,7 +125,7 @@ pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &I
     // SAFETY: copied into the ask here.
     let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
     let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
-    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, flags: hookproto::MAY_MOVE, session };
+    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, flags, session };
     let saved = errno();
     let (conn, granted) = match ask_daemon(&ask) {
         Ok(answer) => answer,

@@ -154,23 +154,27 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
         set_errno(saved);
         match plan {
             Plan::AsAsked(_) => return plain(),
-            Plan::TryFirst { .. } => {
+            Plan::TryFirst { single, .. } => {
                 let rc = plain();
                 // bound, or failed as the kernel says: only a stream's EADDRINUSE goes further
                 if rc == 0 || errno() != EADDRINUSE || !facts.stream {
                     return rc;
                 }
+                // another port of its type in one round trip (a single-instance type's
+                // EADDRINUSE stands, and the hooks' logic says why)
+                let taken = hookproto::MAY_MOVE | hookproto::TAKEN;
+                // SAFETY: the program's call, `inet` read from its address, libc's function.
+                if let Some(rc) = (!single).then(|| unsafe { keep(fd, addr, len, &inet, real, taken) }).flatten() {
+                    return kept(rc, saved);
+                }
             }
             // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
-            // SAFETY: the program's call, `inet` read from its address, libc's function.
-            Plan::AskFirst { .. } if !facts.shares_port => match unsafe { keep(fd, addr, len, &inet, real) } {
-                Some(0) => {
-                    set_errno(saved);
-                    return 0;
+            Plan::AskFirst { .. } if !facts.shares_port => {
+                // SAFETY: the program's call, `inet` read from its address, libc's function.
+                if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real, hookproto::MAY_MOVE) } {
+                    return kept(rc, saved);
                 }
-                Some(rc) => return rc,
-                None => {}
-            },
+            }
             Plan::AskFirst { .. } | Plan::Observe => {}
         }
     }
@@ -180,6 +184,14 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
         Some(hook) => unsafe { hook(fd, addr, len, real) },
         None => plain(),
     }
+}
+
+/// A bind [`keep`] carried out: its result, with errno as at entry (`saved`) when it is 0.
+fn kept(rc: c_int, saved: c_int) -> c_int {
+    if rc == 0 {
+        set_errno(saved);
+    }
+    rc
 }
 
 /// A listen: as asked, but for a socket the hooks' logic must look at — one the kernel
