@@ -574,4 +574,6 @@ time.sleep(600)";
     };
     wait_for(10, "the child among the owners", || owners(&w).filter(|p| p.contains(&u64::from(child))).map(|_| ()));
     assert!(listening_ports(child).contains(&3050), "the child serves 3050");
+    let maps = std::fs::read_to_string(format!("/proc/{child}/maps")).unwrap();
+    assert!(!maps.contains("libstyxy_preload_core"), "the child confirmed on hook.sock, without the hooks' logic");
 }

@@ -5,7 +5,7 @@
 //! decides on its own (docs/ARCHITECTURE.md "A call's way").
 //!
 //! Here: [`plan`] for a `bind()` ([`Class`] × [`Mode`] × [`Facts`] → [`Plan`]), [`route`]
-//! for a session's loopback `connect()` ([`Route`]), and [`listen_looks`] for a `listen()`.
+//! for a session's loopback `connect()` ([`Route`]), and [`listen_way`] for a `listen()`.
 
 /// What the policy says of a port, as the policy map stores it (one byte per port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,15 +168,28 @@ pub struct Listening {
     pub logic_loaded: bool,
 }
 
-/// Whether a `listen()` needs the hooks' logic: a socket the kernel binds at this very
-/// listen (observed), a port an ancestor kept (this process confirms it and becomes an
-/// owner), or any socket but a kept one once the logic is loaded (its grants are
-/// confirmed at listen). Otherwise the listen is the kernel's alone.
-pub fn listen_looks(l: Listening) -> bool {
+/// How a `listen()` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenWay {
+    /// The kernel's alone: nothing to confirm or observe.
+    AsAsked,
+    /// Listened, then confirmed with the daemon: an ancestor kept the port before a
+    /// `fork`, and this process becomes an owner of its allocation.
+    Confirm,
+    /// The hooks' logic: a socket the kernel binds at this very listen (observed), or any
+    /// socket but a kept one once the logic is loaded (its grants are confirmed at listen).
+    Logic,
+}
+
+/// How a `listen()` on a socket [`Listening`] says of goes.
+pub fn listen_way(l: Listening) -> ListenWay {
     match l.port {
-        None => false,
-        Some(0) => true,
-        Some(_) => l.kept_before || (l.logic_loaded && !l.kept_here),
+        None => ListenWay::AsAsked,
+        Some(0) => ListenWay::Logic,
+        Some(_) if l.kept_here => ListenWay::AsAsked,
+        Some(_) if l.logic_loaded => ListenWay::Logic,
+        Some(_) if l.kept_before => ListenWay::Confirm,
+        Some(_) => ListenWay::AsAsked,
     }
 }
 
@@ -273,14 +286,16 @@ mod tests {
     }
 
     #[test]
-    fn every_listen_look() {
-        let l = |port, kept_here, kept_before, logic_loaded| listen_looks(Listening { port, kept_here, kept_before, logic_loaded });
-        assert!(!l(None, false, false, true), "not an inet socket");
-        assert!(l(Some(0), false, false, false), "bound by the kernel at this listen: observed");
-        assert!(!l(Some(3000), false, false, false), "nothing to confirm: no map read");
-        assert!(!l(Some(3000), true, false, false), "kept here: the daemon knows");
-        assert!(l(Some(3000), false, true, false), "an ancestor kept it: confirmed");
-        assert!(l(Some(3000), false, false, true), "the logic's own grant: confirmed");
-        assert!(!l(Some(3000), true, false, true), "kept here, logic loaded: nothing");
+    fn every_listen_way() {
+        use ListenWay::{AsAsked, Confirm, Logic};
+        let l = |port, kept_here, kept_before, logic_loaded| listen_way(Listening { port, kept_here, kept_before, logic_loaded });
+        assert_eq!(l(None, false, false, true), AsAsked, "not an inet socket");
+        assert_eq!(l(Some(0), false, false, false), Logic, "bound by the kernel at this listen: observed");
+        assert_eq!(l(Some(3000), false, false, false), AsAsked, "nothing to confirm: no map read");
+        assert_eq!(l(Some(3000), true, false, false), AsAsked, "kept here: the daemon knows");
+        assert_eq!(l(Some(3000), true, true, true), AsAsked, "kept here after the parent: the daemon knows");
+        assert_eq!(l(Some(3000), false, true, false), Confirm, "an ancestor kept it: confirmed");
+        assert_eq!(l(Some(3000), false, true, true), Logic, "the logic loaded confirms it itself");
+        assert_eq!(l(Some(3000), false, false, true), Logic, "the logic's own grant: confirmed");
     }
 }

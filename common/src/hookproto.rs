@@ -28,6 +28,10 @@ pub const KEEP: u8 = 1;
 /// variables of [`LOG_VARS`] the process has, each `KEY=VALUE` and a NUL: where the
 /// daemon writes the bind's event (the process may be gone before `/proc` could tell).
 pub const DONE: u8 = 2;
+/// This process listens on a port an ancestor kept before a `fork`: it becomes an owner
+/// of the port's allocation (the daemon confirms it; nothing is answered). One message,
+/// then the shim closes the connection.
+pub const CONFIRM: u8 = 3;
 /// The environment that names a process's event log (`eventlog::Log::of`).
 pub const LOG_VARS: [&str; 4] = ["STYXY_PRELOAD_LOG", "STYXY_PRELOAD_LOG_MAX", "XDG_STATE_HOME", "HOME"];
 /// The longest `DONE`: the ask and its variables.
@@ -95,7 +99,7 @@ impl Ask<'_> {
             return None;
         }
         let len = usize::from(b[12]);
-        if len > SESSION_MAX || !matches!(b[4], KEEP | DONE) || !matches!(b[5], 4 | 6) {
+        if len > SESSION_MAX || !matches!(b[4], KEEP | DONE | CONFIRM) || !matches!(b[5], 4 | 6) {
             return None;
         }
         Some(Ask {
@@ -146,6 +150,10 @@ mod tests {
         let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, flags: MAY_MOVE, session: b"agent-1" };
         let wire = a.encode().unwrap();
         assert_eq!(Ask::decode(&wire), Some(a));
+        for kind in [DONE, CONFIRM] {
+            let b = Ask { kind, flags: 0, ..a };
+            assert_eq!(Ask::decode(&b.encode().unwrap()), Some(b), "kind {kind}");
+        }
         assert_eq!(Ask::decode(&wire[..ASK_LEN - 1]), None, "short");
         let mut bad = wire;
         bad[0] ^= 1;

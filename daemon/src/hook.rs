@@ -33,7 +33,9 @@ use parking_lot::Mutex;
 use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest};
 use styxy_preload_common::decide::{self, Class, Facts, Mode, Plan};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
-use styxy_preload_common::hookproto::{self, Answer, Ask, ASK_LEN, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, TAKEN};
+use styxy_preload_common::hookproto::{
+    self, Answer, Ask, ASK_LEN, CONFIRM, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, TAKEN,
+};
 use styxy_preload_common::procinfo;
 use tokio::runtime::Handle;
 
@@ -288,10 +290,18 @@ impl Loop {
     /// or once Styxy has had its word.
     fn keep(&mut self, id: u64, msg: Option<&[u8]>) {
         let Some(c) = self.conns.get(&id) else { return };
-        let Some(ask) = msg.and_then(Ask::decode).filter(|a| a.kind == KEEP) else {
+        let Some(ask) = msg.and_then(Ask::decode).filter(|a| a.kind == KEEP || a.kind == CONFIRM) else {
             self.conns.remove(&id);
             return;
         };
+        if ask.kind == CONFIRM {
+            // a forked child listens on what its parent kept: it becomes an owner
+            if let Some(owner) = Owner::of(c.pid) {
+                self.sh.confirm(ask.port, owner);
+            }
+            self.conns.remove(&id);
+            return;
+        }
         let Some((asked, claim)) = claim(&self.sh, c.pid, &ask) else {
             self.granted(id, None, None);
             return;

@@ -98,6 +98,25 @@ pub(crate) fn kept_before(port: u16) -> bool {
     })
 }
 
+/// Tells the daemon this process listens on `port`, which an ancestor kept before a
+/// `fork` (`hookproto::CONFIRM`): it becomes an owner of the allocation, which then
+/// outlives the parent. One message, no answer awaited; errno as it was.
+pub(crate) fn confirm(port: u16) {
+    let saved = errno();
+    // SAFETY: copied into the message here.
+    let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
+    let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
+    let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, family: 4, errno: 0, flags: 0, session };
+    if let (Some(m), Ok(conn)) = (ask.encode(), hook_socket(monotonic_ms())) {
+        // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
+        unsafe {
+            send(conn, m.as_ptr().cast(), m.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
+            close(conn);
+        }
+    }
+    set_errno(saved);
+}
+
 /// A coordinated bind in one round trip on the daemon's `hook.sock`
 /// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants the port asked for,
 /// or another one (a remap: this process may move), this binds it, reports the result

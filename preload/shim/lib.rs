@@ -28,8 +28,8 @@
 use core::ffi::{c_int, c_void};
 
 use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
-use decide::{Class, Facts, Listening, Mode, Plan, Route, Seen};
-use keep::{keep, kept_before, kept_here};
+use decide::{Class, Facts, ListenWay, Listening, Mode, Plan, Route, Seen};
+use keep::{confirm, keep, kept_before, kept_here};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
 use settings::{enabled, in_session, isolate, own_rules, session_tag};
@@ -194,11 +194,10 @@ fn kept(rc: c_int, saved: c_int) -> c_int {
     rc
 }
 
-/// A listen: as asked, but for a socket the hooks' logic must look at — one the kernel
-/// binds at this very listen (observed), one this process's ancestor kept (this process
-/// confirms it, becoming an owner), or any socket but a kept one once the hooks' logic is
-/// loaded (its grants are confirmed at listen). A port-0 or uncoordinated bind's listen
-/// reads no map: one `getsockname`.
+/// A listen, as [`decide::listen_way`] says: as asked; or confirmed with the daemon
+/// afterwards, for a port a `fork`'s parent kept ([`confirm`]); or the hooks' logic's,
+/// for a socket the kernel binds at this listen (observed) or once it is loaded. A
+/// port-0 or uncoordinated bind's listen reads no map: one `getsockname`.
 ///
 /// # Safety
 /// `fd` and `backlog` are the program's call to listen(2); `real` is libc's listen.
@@ -215,15 +214,23 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
     let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
     let port = if named { ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| a.port) } else { None };
     let p = port.unwrap_or(0);
-    let look = decide::listen_looks(Listening { port, kept_here: kept_here(p), kept_before: kept_before(p), logic_loaded: core_present() });
+    let way = decide::listen_way(Listening { port, kept_here: kept_here(p), kept_before: kept_before(p), logic_loaded: core_present() });
     set_errno(saved);
-    if look {
-        if let Some(hook) = core_fn(&CORE_LISTEN) {
-            // SAFETY: the program's call and libc's function, as the core's listen takes them.
-            return unsafe { hook(fd, backlog, real) };
+    match way {
+        ListenWay::AsAsked => plain(),
+        ListenWay::Confirm => {
+            let rc = plain();
+            if rc == 0 {
+                confirm(p);
+            }
+            rc
         }
+        ListenWay::Logic => match core_fn(&CORE_LISTEN) {
+            // SAFETY: the program's call and libc's function, as the core's listen takes them.
+            Some(hook) => unsafe { hook(fd, backlog, real) },
+            None => plain(),
+        },
     }
-    plain()
 }
 
 /// A getsockname: the kernel's answer, but for a socket this process's bind moved when a
