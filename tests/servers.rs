@@ -270,11 +270,13 @@ fn a_refused_connect_is_an_event_and_one_stderr_line() {
     let client = "import urllib.request\n\
 for i in range(2):\n    \
 try: urllib.request.urlopen('http://127.0.0.1:3000/who', timeout=3); print('reached')\n    \
-except Exception as e: print('error', getattr(e, 'reason', e))";
+except Exception as e: print('error', getattr(e, 'reason', e))\n\
+print('core' if 'libstyxy_preload_core' in open('/proc/self/maps').read() else 'shim')";
     let mut c = w.cli();
     c.args(["exec", "--session", "B", "--", "python3", "-c", client]);
     let out = run(c);
     assert_eq!(text(&out.stdout).matches("Connection refused").count(), 2, "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("shim"), "refused by the library alone: {}", text(&out.stdout));
     let err = text(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| l.contains("refused")).collect();
     assert_eq!(lines.len(), 1, "{err}");

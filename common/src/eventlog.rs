@@ -86,6 +86,32 @@ pub fn taken(port: u16, holder: &str) -> String {
     format!("port {port} is taken{holder}")
 }
 
+/// Who serves a port another session holds, as a refused connect names it: "session A's
+/// server (python3, pid 4242)", or "another session's server" when it is not known.
+/// Said by the daemon (for the shim) and by the hooks' logic.
+pub fn server_of(session: Option<&str>, comm: Option<&str>, pid: Option<u32>) -> String {
+    let Some(session) = session else { return "another session's server".into() };
+    let comm = comm.unwrap_or("?");
+    match pid {
+        Some(pid) => format!("session {session}'s server ({comm}, pid {pid})"),
+        None => format!("session {session}'s server ({comm})"),
+    }
+}
+
+/// The reason of a refused connect's event: `port` is `server` ([`server_of`]).
+pub fn refused(port: u16, server: &str) -> String {
+    format!("port {port} is {server}")
+}
+
+/// The line a process's first refused connect tells the person (`session`: the caller's).
+pub fn refused_notice(port: u16, server: &str, session: &str) -> String {
+    format!(
+        "connect to port {port} refused: it is {server}; session {session} has no server on {port} — start yours in this \
+         session (then {port} leads to it), see every session's with `styxy-preload ports`, or run with `exec --no-isolate` \
+         to reach other sessions' servers"
+    )
+}
+
 const BOUND_AGAIN: &str = "bound again by this process (a twin or after a probe)";
 
 impl Event {

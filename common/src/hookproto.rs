@@ -32,6 +32,10 @@ pub const DONE: u8 = 2;
 /// of the port's allocation (the daemon confirms it; nothing is answered). One message,
 /// then the shim closes the connection.
 pub const CONFIRM: u8 = 3;
+/// This process's connect to `port` was refused (another session's server, isolation):
+/// after its [`ASK_LEN`] bytes, the [`LOG_VARS`] as in a `DONE`. The daemon writes the
+/// event and answers `TOLD`, with the line to tell the person.
+pub const REFUSED: u8 = 4;
 /// The environment that names a process's event log (`eventlog::Log::of`).
 pub const LOG_VARS: [&str; 4] = ["STYXY_PRELOAD_LOG", "STYXY_PRELOAD_LOG_MAX", "XDG_STATE_HOME", "HOME"];
 /// The longest `DONE`: the ask and its variables.
@@ -50,6 +54,10 @@ pub const GRANTED: u8 = 1;
 pub const DECLINED: u8 = 2;
 /// Another port (`Answer::port`): the one asked is another session's, or taken.
 pub const MOVED: u8 = 3;
+/// The answer to a `REFUSED`: after its [`ANSWER_LEN`] bytes, the line to tell the person
+/// (UTF-8, at most [`TOLD_MAX`] bytes in all).
+pub const TOLD: u8 = 4;
+pub const TOLD_MAX: usize = 1024;
 
 /// A request from the shim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +107,7 @@ impl Ask<'_> {
             return None;
         }
         let len = usize::from(b[12]);
-        if len > SESSION_MAX || !matches!(b[4], KEEP | DONE | CONFIRM) || !matches!(b[5], 4 | 6) {
+        if len > SESSION_MAX || !matches!(b[4], KEEP | DONE | CONFIRM | REFUSED) || !matches!(b[5], 4 | 6) {
             return None;
         }
         Some(Ask {
@@ -139,6 +147,16 @@ impl Answer {
         }
         Some(Answer { status: b[4], existing: b[5] != 0, port: u16::from_le_bytes([b[6], b[7]]) })
     }
+
+    /// A `TOLD` and the line after it (`port`: the refused one).
+    pub fn told(port: u16, line: &[u8]) -> ([u8; ANSWER_LEN], &[u8]) {
+        (Answer { status: TOLD, port, existing: false }.encode(), &line[..line.len().min(TOLD_MAX - ANSWER_LEN)])
+    }
+
+    /// The line of a `TOLD` message; `None` for anything else.
+    pub fn told_line(b: &[u8]) -> Option<&[u8]> {
+        (b.len() >= ANSWER_LEN && b.len() <= TOLD_MAX && b[0..4] == MAGIC.to_le_bytes() && b[4] == TOLD).then(|| &b[ANSWER_LEN..])
+    }
 }
 
 #[cfg(test)]
@@ -150,7 +168,10 @@ mod tests {
         let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, flags: MAY_MOVE, session: b"agent-1" };
         let wire = a.encode().unwrap();
         assert_eq!(Ask::decode(&wire), Some(a));
-        for kind in [DONE, CONFIRM] {
+        let (head, line) = Answer::told(3000, b"connect to port 3000 refused");
+        assert_eq!(Answer::told_line(&[&head[..], line].concat()), Some(&b"connect to port 3000 refused"[..]));
+        assert_eq!(Answer::told_line(&Answer { status: GRANTED, port: 1, existing: false }.encode()), None);
+        for kind in [DONE, CONFIRM, REFUSED] {
             let b = Ask { kind, flags: 0, ..a };
             assert_eq!(Ask::decode(&b.encode().unwrap()), Some(b), "kind {kind}");
         }

@@ -34,7 +34,7 @@ use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest
 use styxy_preload_common::decide::{self, Class, Facts, Mode, Plan};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{
-    self, Answer, Ask, ASK_LEN, CONFIRM, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, TAKEN,
+    self, Answer, Ask, ASK_LEN, CONFIRM, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, REFUSED, TAKEN,
 };
 use styxy_preload_common::procinfo;
 use tokio::runtime::Handle;
@@ -290,10 +290,21 @@ impl Loop {
     /// or once Styxy has had its word.
     fn keep(&mut self, id: u64, msg: Option<&[u8]>) {
         let Some(c) = self.conns.get(&id) else { return };
-        let Some(ask) = msg.and_then(Ask::decode).filter(|a| a.kind == KEEP || a.kind == CONFIRM) else {
+        // a REFUSED carries the log variables after the ask; the others are the ask alone
+        let (head, tail) = msg.filter(|m| m.len() >= ASK_LEN).map_or((None, &[][..]), |m| (Some(&m[..ASK_LEN]), &m[ASK_LEN..]));
+        let ask = head.and_then(Ask::decode).filter(|a| match a.kind {
+            KEEP | CONFIRM => tail.is_empty(),
+            REFUSED => true,
+            _ => false,
+        });
+        let Some(ask) = ask else {
             self.conns.remove(&id);
             return;
         };
+        if ask.kind == REFUSED {
+            self.refused(id, &ask, tail);
+            return;
+        }
         if ask.kind == CONFIRM {
             // a forked child listens on what its parent kept: it becomes an owner
             if let Some(owner) = Owner::of(c.pid) {
@@ -326,6 +337,48 @@ impl Loop {
                 });
             }
         }
+    }
+
+    /// A refused connect of connection `id`'s process (isolation): told who serves the
+    /// port, in the line it tells the person; the event written (on a blocking thread, as
+    /// a bind's), in the log its variables name.
+    fn refused(&mut self, id: u64, ask: &Ask<'_>, vars: &[u8]) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        let (server, service_type) = {
+            let state = self.sh.state.lock();
+            let server = match state.allocation(ask.port) {
+                Some(a) => eventlog::server_of(a.session.as_deref(), a.comm.as_deref(), a.owners.first().map(|o| o.pid)),
+                None => eventlog::server_of(None, None, None),
+            };
+            (server, state.policy().decide(ask.port).service_type().map(str::to_string))
+        };
+        let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty()).map(str::to_string);
+        let line = eventlog::refused_notice(ask.port, &server, session.as_deref().unwrap_or("?"));
+        let (head, line) = Answer::told(ask.port, line.as_bytes());
+        send(c.fd.as_raw_fd(), &[&head[..], line].concat());
+        let (pid, port, family, vars) = (c.pid, ask.port, ask.family, log_vars(vars));
+        let pending = Pending::new(self.sh.clone());
+        self.rt.spawn_blocking(move || {
+            let comm = procinfo::comm_and_start(pid).map(|(comm, _)| comm).unwrap_or_else(|| "?".into());
+            let ev = Event {
+                ts: eventlog::now_ms(),
+                session,
+                pid,
+                comm,
+                call: "connect".into(),
+                requested_port: port,
+                port,
+                family: if family == 6 { "ipv6" } else { "ipv4" }.into(),
+                service_type,
+                action: Action::Isolated,
+                reason: Some(eventlog::refused(port, &server)),
+                latency_us: 0,
+                backend: None,
+                retries: 0,
+            };
+            let _ = log_named(vars, pid).append(&ev);
+            drop(pending);
+        });
     }
 
     /// The grants Styxy had its word on.
@@ -567,11 +620,16 @@ fn log_event(g: &KeptBind, vars: Option<Vec<(&'static str, std::ffi::OsString)>>
         backend: Some("unix".into()),
         retries: 0,
     };
-    let log = match vars {
+    let _ = log_named(vars, asked.pid).append(&ev);
+}
+
+/// The event log the variables a message carried name, else the one of `pid`'s own
+/// environment ([`log_of`]).
+fn log_named(vars: Option<Vec<(&'static str, std::ffi::OsString)>>, pid: u32) -> Log {
+    match vars {
         Some(vars) => Log::of(&|k| vars.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone())),
-        None => log_of(asked.pid),
-    };
-    let _ = log.append(&ev);
+        None => log_of(pid),
+    }
 }
 
 /// The log variables a `DONE` carried; `None` when it carried none (a shim that does not

@@ -340,26 +340,10 @@ enum Heard {
     Nothing,
 }
 
-/// Sends `ask` and waits for the daemon's answer while it is [`worth_waiting`] for; a
-/// signal resumes the wait (never a second ask, which would find the port "taken" by
-/// this very grant).
+/// Sends `ask` and waits for the daemon's answer ([`sent_and_answered`]).
 fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
-    // SAFETY: `ask.len()` bytes of `ask` (any fd may be sent to: at worst an error).
-    if unsafe { send(conn, ask.as_ptr().cast(), ask.len(), MSG_DONTWAIT | MSG_NOSIGNAL) } != ask.len() as isize {
-        return Heard::Nothing;
-    }
-    loop {
-        let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
-        // SAFETY: one `PollFd`, `p`.
-        match unsafe { poll(&mut p, 1, SLICE_MS) } {
-            1 => break,
-            0 => {}
-            _ if errno() == EINTR => {}
-            _ => return Heard::Nothing,
-        }
-        if !worth_waiting(started) {
-            return Heard::Silent;
-        }
+    if let Err(heard) = sent_and_answered(conn, ask, started) {
+        return heard;
     }
     let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
@@ -368,4 +352,72 @@ fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
         Some(a) => Heard::Answer(a),
         None => Heard::Nothing,
     }
+}
+
+/// Sends `msg` on `conn` and waits until the daemon's answer is there, while it is
+/// [`worth_waiting`] for; a signal resumes the wait (never a second ask, which would find
+/// the port "taken" by this very grant).
+fn sent_and_answered(conn: c_int, msg: &[u8], started: u64) -> Result<(), Heard> {
+    // SAFETY: `msg.len()` bytes of `msg` (any fd may be sent to: at worst an error).
+    if unsafe { send(conn, msg.as_ptr().cast(), msg.len(), MSG_DONTWAIT | MSG_NOSIGNAL) } != msg.len() as isize {
+        return Err(Heard::Nothing);
+    }
+    loop {
+        let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
+        // SAFETY: one `PollFd`, `p`.
+        match unsafe { poll(&mut p, 1, SLICE_MS) } {
+            1 => return Ok(()),
+            0 => {}
+            _ if errno() == EINTR => {}
+            _ => return Err(Heard::Nothing),
+        }
+        if !worth_waiting(started) {
+            return Err(Heard::Silent);
+        }
+    }
+}
+
+/// Connects refused in this process (pid and port, as [`KEPT`]): each is told to the daemon
+/// once.
+static REFUSED: [core::sync::atomic::AtomicU64; 8] = [const { core::sync::atomic::AtomicU64::new(0) }; 8];
+/// The pid of this process once it told the person of a refusal (one line a process).
+static TOLD: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// A connect of this process to loopback `port` was refused (another session's server):
+/// the daemon is told, once per port — it writes the event and answers the line to tell,
+/// which the person is told once per process. Bounded as a bind's exchange; errno as it
+/// was.
+pub(crate) fn refused(port: u16, family: u16) {
+    let key = kept_key(port);
+    if REFUSED.iter().any(|k| k.load(Ordering::Relaxed) == key) {
+        return;
+    }
+    let slot = REFUSED.iter().find(|k| k.load(Ordering::Relaxed) == 0).or(REFUSED.get(usize::from(port) % REFUSED.len()));
+    if let Some(slot) = slot {
+        slot.store(key, Ordering::Relaxed);
+    }
+    let saved = errno();
+    // SAFETY: copied into the message here.
+    let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
+    let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
+    let family = if family == AF_INET6 { 6 } else { 4 };
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family, errno: 0, flags: 0, session }, &mut msg);
+    let started = monotonic_ms();
+    if let (Some(msg), Ok(conn)) = (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(started)) {
+        let mut buf = [0u8; hookproto::TOLD_MAX];
+        let got = sent_and_answered(conn, msg, started).ok().map(|()| {
+            // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+            unsafe { recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT) }
+        });
+        // SAFETY: our own connection, opened by `hook_socket`.
+        unsafe { close(conn) };
+        let line = got.and_then(|n| usize::try_from(n).ok()).and_then(|n| buf.get(..n)).and_then(hookproto::Answer::told_line);
+        // SAFETY: getpid cannot fail.
+        let me = unsafe { getpid() } as u32;
+        if let Some(line) = line.filter(|_| TOLD.swap(me, Ordering::Relaxed) != me) {
+            notice(&[line]);
+        }
+    }
+    set_errno(saved);
 }

@@ -29,7 +29,7 @@ use core::ffi::{c_int, c_void};
 
 use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
 use decide::{Class, Facts, ListenWay, Listening, Mode, Plan, Route, Seen};
-use keep::{confirm, keep, kept_before, kept_here};
+use keep::{confirm, keep, kept_before, kept_here, refused};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
 use settings::{enabled, in_session, isolate, own_rules, session_tag};
@@ -273,15 +273,12 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
             // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
-        // refused: the hooks' logic refuses it too, and says so (an event, one stderr line)
-        Some(Route::Refused) => match core_fn(&CORE_CONNECT) {
-            // SAFETY: the program's call and libc's function, as the core's connect takes them.
-            Some(hook) => unsafe { hook(fd, addr, len, real) },
-            None => {
-                set_errno(ECONNREFUSED);
-                -1
-            }
-        },
+        // as if nothing listened; the daemon logs it and the person is told once ([`refused`])
+        Some(Route::Refused) => {
+            refused(inet.port, inet.family);
+            set_errno(ECONNREFUSED);
+            -1
+        }
         Some(_) => plain(),
         // the hooks' logic changes only stream connects: a datagram one (a DNS query to
         // 127.0.0.53) never loads it

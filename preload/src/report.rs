@@ -76,7 +76,7 @@ pub fn refused(p: &Process, who: &Caller, addr: &Addr) {
     let errno = sys::errno();
     let started = std::time::Instant::now();
     let holder = holder(p, addr.port);
-    let reason = format!("port {} is {holder}", addr.port);
+    let reason = eventlog::refused(addr.port, &holder);
     let ty = match p.policy.decide(addr.port) {
         styxy_preload_common::policy::Decision::Untouched(_) => None,
         d => d.service_type(),
@@ -95,16 +95,7 @@ pub fn refused(p: &Process, who: &Caller, addr: &Addr) {
     };
     event(p, who, o);
     if p.memory.first_refusal_told(who.pid) {
-        let session = p.session.as_deref().unwrap_or("?");
-        notify(
-            p,
-            &format!(
-                "connect to port {port} refused: it is {holder}; session {session} has no server on {port} — start yours in this \
-                 session (then {port} leads to it), see every session's with `styxy-preload ports`, or run with `exec --no-isolate` \
-                 to reach other sessions' servers",
-                port = addr.port
-            ),
-        );
+        notify(p, &eventlog::refused_notice(addr.port, &holder, p.session.as_deref().unwrap_or("?")));
     }
     sys::set_errno(errno);
 }
@@ -119,11 +110,6 @@ fn holder(p: &Process, port: u16) -> String {
         .and_then(|r| r.json::<serde_json::Value>().ok())
         .map(|v| v["allocated_to"].clone())
         .filter(|a| a.is_object());
-    let Some(a) = known else { return "another session's server".into() };
-    let session = a["instance_id"].as_str().unwrap_or("?");
-    let comm = a["comm"].as_str().unwrap_or("?");
-    match a["process_id"].as_u64() {
-        Some(pid) => format!("session {session}'s server ({comm}, pid {pid})"),
-        None => format!("session {session}'s server ({comm})"),
-    }
+    let Some(a) = known else { return eventlog::server_of(None, None, None) };
+    eventlog::server_of(Some(a["instance_id"].as_str().unwrap_or("?")), a["comm"].as_str(), a["process_id"].as_u64().map(|p| p as u32))
 }
