@@ -33,6 +33,10 @@ fn reuseport_servers_of_two_sessions_never_share_a_port_but_one_sessions_workers
     let b = w.spawn(c, "b");
     let bp = wait_for(10, "B", || listening_ports(b).into_iter().next());
     assert_ne!(bp, port, "session B's server joined A's reuseport group");
+    for pid in a.iter().chain([&b]) {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(!maps.contains("libstyxy_preload_core"), "pid {pid}: a shared port is asked on hook.sock, without the core");
+    }
     for _ in 0..6 {
         assert_eq!(reach(&w, "rp-b", port), "B");
         assert_eq!(reach(&w, "rp-a", port), "A");

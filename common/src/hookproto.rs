@@ -47,6 +47,9 @@ pub const MAY_MOVE: u8 = 1;
 /// `Ask::flags`, with [`MAY_MOVE`]: the port failed with `EADDRINUSE` when bound as asked
 /// (an on-conflict port, `decide::Plan::TryFirst`): another port of its type, never this one.
 pub const TAKEN: u8 = 2;
+/// `Ask::flags`: the socket sets `SO_REUSEPORT` (it may share its port: one session's
+/// workers do, two sessions' never), so a port outside every range is asked about first.
+pub const SHARES_PORT: u8 = 4;
 
 /// This very port.
 pub const GRANTED: u8 = 1;

@@ -34,7 +34,7 @@ use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest
 use styxy_preload_common::decide::{self, Class, Facts, Mode, Plan};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{
-    self, Answer, Ask, ASK_LEN, CONFIRM, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, REFUSED, TAKEN,
+    self, Answer, Ask, ASK_LEN, CONFIRM, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, REFUSED, SHARES_PORT, TAKEN,
 };
 use styxy_preload_common::procinfo;
 use tokio::runtime::Handle;
@@ -554,10 +554,10 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<(Asked, Claim)> {
     let ty = {
         let state = sh.state.lock();
         let decision = state.policy().decide(ask.port);
-        // a KEEP is the shim's ask-first bind of a stream socket that does not share its
-        // port, or (TAKEN) its bind-first that met EADDRINUSE: granted only where the one
-        // decision says so
-        let facts = || Facts { stream: true, ..Facts::default() };
+        // a KEEP is the shim's ask-first bind of a stream socket (SHARES_PORT: one that may
+        // share its port), or (TAKEN) its bind-first that met EADDRINUSE: granted only where
+        // the one decision says so
+        let facts = || Facts { stream: true, shares_port: ask.flags & SHARES_PORT != 0, moved_from: None };
         match (decide::plan(Class::of(&decision), Mode::Coordinate, facts), taken) {
             (Plan::AskFirst { .. }, false) | (Plan::TryFirst { single: false, .. }, true) => decision.service_type().map(str::to_string),
             _ => None,
@@ -870,7 +870,9 @@ mod tests {
         assert_eq!(f.exchange(taken(3000, MAY_MOVE | TAKEN)), declined, "a coordinated port is asked about first");
         assert_eq!(f.exchange(taken(11430, MAY_MOVE | TAKEN)), declined, "a single-instance type is never moved");
         assert_eq!(f.exchange(taken(12003, MAY_MOVE)), declined, "an on-conflict port is bound first");
-        assert_eq!(f.sh.state.lock().len(), 1);
+        let shared = f.exchange(taken(12004, MAY_MOVE | SHARES_PORT)).map(|a| (a.status, a.port));
+        assert_eq!(shared, Some((GRANTED, 12004)), "… unless it may be shared: then asked first");
+        assert_eq!(f.sh.state.lock().len(), 2);
     }
 
     #[test]

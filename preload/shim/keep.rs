@@ -120,10 +120,10 @@ pub(crate) fn confirm(port: u16) {
 /// A coordinated bind in one round trip on the daemon's `hook.sock`
 /// (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"): the daemon grants the port asked for,
 /// or another one (a remap: this process may move), this binds it, reports the result
-/// (the daemon logs it) and tells the person of a move. Called for a stream socket that
-/// does not share its port, whose plan is to ask first ([`crate::decide::plan`]), `flags`
-/// [`hookproto::MAY_MOVE`]; or whose bind as asked failed with `EADDRINUSE`, `flags` also
-/// [`hookproto::TAKEN`]. `None`
+/// (the daemon logs it) and tells the person of a move. Called for a stream socket whose
+/// plan is to ask first ([`crate::decide::plan`]), `flags` [`hookproto::MAY_MOVE`] (and
+/// [`hookproto::SHARES_PORT`] when it sets `SO_REUSEPORT`); or whose bind as asked failed
+/// with `EADDRINUSE`, `flags` also [`hookproto::TAKEN`]. `None`
 /// when the hooks' logic must decide: no daemon, a declined ask, or a failed bind (the
 /// hooks' logic binds again and says why).
 ///

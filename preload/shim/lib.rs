@@ -169,13 +169,14 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
                 }
             }
             // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
-            Plan::AskFirst { .. } if !facts.shares_port => {
+            Plan::AskFirst { .. } => {
+                let shares = if facts.shares_port { hookproto::SHARES_PORT } else { 0 };
                 // SAFETY: the program's call, `inet` read from its address, libc's function.
-                if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real, hookproto::MAY_MOVE) } {
+                if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real, hookproto::MAY_MOVE | shares) } {
                     return kept(rc, saved);
                 }
             }
-            Plan::AskFirst { .. } | Plan::Observe => {}
+            Plan::Observe => {}
         }
     }
     set_errno(saved);
