@@ -259,6 +259,44 @@ fn an_on_conflict_port_found_taken_moves_in_one_round_trip_without_the_core() {
     assert_eq!((a["instance_id"].as_str(), a["requested_port"].as_u64()), (Some("late"), Some(12001)), "{a:#}");
 }
 
+/// Fallback mode (a tool that moves on by itself, as `exec` runs Vite or Jupyter): a port
+/// another session holds is the tool's `EADDRINUSE`, the next one it tries is its own,
+/// and the session's connects to the first follow it — all on `hook.sock`, without the
+/// hooks' logic.
+#[test]
+fn a_tool_that_moves_on_by_itself_is_told_in_one_round_trip_without_the_core() {
+    let mut w = World::new();
+    w.start_daemon();
+    let (holder, _) = serve(&mut w, Some("first"), 4040, "first");
+    let tool = "import os, socket, time\n\
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+for port in range(4040, 4050):\n    \
+try: s.bind(('127.0.0.1', port)); break\n    \
+except OSError as e: print('taken', port, e.errno, flush=True)\n\
+s.listen()\n\
+c = socket.create_connection(('127.0.0.1', 4040), 2); c.close()\n\
+core = 'core' if 'libstyxy_preload_core' in open('/proc/self/maps').read() else 'shim'\n\
+print('serving', s.getsockname()[1], core, flush=True); time.sleep(30)";
+    let mut c = w.preloaded(Some("second"), "python3");
+    c.env("STYXY_PRELOAD_MODE", "fallback").args(["-c", tool]);
+    let pid = w.spawn(c, "tool");
+    let out = wait_for(10, "the tool serving", || w.output_of("tool").lines().find(|l| l.starts_with("serving")).map(str::to_string));
+    assert_eq!(out, "serving 4041 shim", "{}", w.output_of("tool"));
+    assert!(w.output_of("tool").contains("taken 4040 98"), "the tool's own EADDRINUSE: {}", w.output_of("tool"));
+    let mine: Vec<_> = wait_for(10, "both events", || {
+        let ev: Vec<_> = w.events().into_iter().filter(|e| e.pid == pid).collect();
+        (ev.len() >= 2).then_some(ev)
+    });
+    let said: Vec<_> = mine.iter().map(|e| (e.action, e.requested_port, e.port, e.reason.clone().unwrap_or_default())).collect();
+    assert_eq!(said[0], (Action::Observed, 4040, 4040, "port 4040 is taken; left to python3's own fallback".into()), "{said:#?}");
+    assert_eq!(said[1], (Action::Kept, 4041, 4041, "python3 moved from 4040 by itself".into()), "{said:#?}");
+    // the session's connects to 4040 lead to the tool, the first session's to its own server
+    let (_, all) = w.json("GET", "/allocations", None);
+    let a = all["allocations"].as_array().unwrap().iter().find(|a| a["port"] == 4041).cloned().unwrap();
+    assert_eq!((a["instance_id"].as_str(), a["requested_port"].as_u64()), (Some("second"), Some(4040)), "{a:#}");
+    assert!(listening_ports(holder).contains(&4040));
+}
+
 #[test]
 fn the_shims_own_answers_return_exactly_what_libc_returns() {
     let w = World::new();
@@ -310,10 +348,10 @@ fn a_rule_giving_a_privileged_port_a_type_coordinates_its_bind() {
 fn a_datagram_connect_never_loads_the_core_even_with_rules_of_its_own() {
     let mut w = World::new();
     w.start_daemon();
-    // fallback mode is a rule of the process's own: loopback stream connects go to the
+    // rules of the process's own (STYXY_PRELOAD_PORTS): loopback stream connects go to the
     // hooks' logic; a DNS-like datagram connect to 127.0.0.53:53 must not load it
     let mut c = w.preloaded(Some("udp"), "python3");
-    c.env("STYXY_PRELOAD_MODE", "fallback").arg("-c").arg(
+    c.env("STYXY_PRELOAD_PORTS", "4033=dev").arg("-c").arg(
         "import socket, time\nu=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('127.0.0.53', 53))\nprint('udp', flush=True)\ntime.sleep(30)",
     );
     let pid = w.spawn(c, "udp");
@@ -321,7 +359,7 @@ fn a_datagram_connect_never_loads_the_core_even_with_rules_of_its_own() {
     assert!(!core_loaded(pid), "a datagram connect loaded the core");
     // a stream connect of the same process does go to the hooks' logic
     let mut c = w.preloaded(Some("udp"), "python3");
-    c.env("STYXY_PRELOAD_MODE", "fallback").arg("-c").arg(
+    c.env("STYXY_PRELOAD_PORTS", "4033=dev").arg("-c").arg(
         "import socket, time\nt=socket.socket()\ntry: t.connect(('127.0.0.1', 4033))\nexcept OSError: pass\nprint('tcp', flush=True); time.sleep(30)",
     );
     let tcp = w.spawn(c, "tcp");

@@ -86,6 +86,16 @@ pub fn taken(port: u16, holder: &str) -> String {
     format!("port {port} is taken{holder}")
 }
 
+/// Fallback mode: `port` is not the process's to have, and `comm` moves on by itself.
+pub fn left_to_own_fallback(port: u16, comm: &str) -> String {
+    format!("port {port} is taken; left to {comm}'s own fallback")
+}
+
+/// Fallback mode: `comm` settled on its port after `from`, the one it first wanted.
+pub fn moved_by_itself(comm: &str, from: u16) -> String {
+    format!("{comm} moved from {from} by itself")
+}
+
 /// Who serves a port another session holds, as a refused connect names it: "session A's
 /// server (python3, pid 4242)", or "another session's server" when it is not known.
 /// Said by the daemon (for the shim) and by the hooks' logic.

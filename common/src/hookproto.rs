@@ -50,6 +50,13 @@ pub const TAKEN: u8 = 2;
 /// `Ask::flags`: the socket sets `SO_REUSEPORT` (it may share its port: one session's
 /// workers do, two sessions' never), so a port outside every range is asked about first.
 pub const SHARES_PORT: u8 = 4;
+/// `Ask::flags`: the process is in fallback mode (a tool that moves on by itself): a port
+/// it may not have as it is answers [`BUSY`], never another port. Such a `KEEP` carries
+/// the [`LOG_VARS`] after its [`ASK_LEN`] bytes, as a `DONE`: the daemon logs the
+/// `BUSY` itself.
+pub const FALLBACK: u8 = 8;
+/// `Ask::flags`: the process is in on-conflict mode (bound as asked first, every port).
+pub const ON_CONFLICT_MODE: u8 = 16;
 
 /// This very port.
 pub const GRANTED: u8 = 1;
@@ -57,6 +64,9 @@ pub const GRANTED: u8 = 1;
 pub const DECLINED: u8 = 2;
 /// Another port (`Answer::port`): the one asked is another session's, or taken.
 pub const MOVED: u8 = 3;
+/// Not this process's to have as it is (fallback mode): the tool gets `EADDRINUSE` and
+/// moves on by itself.
+pub const BUSY: u8 = 5;
 /// The answer to a `REFUSED`: after its [`ANSWER_LEN`] bytes, the line to tell the person
 /// (UTF-8, at most [`TOLD_MAX`] bytes in all).
 pub const TOLD: u8 = 4;
@@ -71,8 +81,11 @@ pub struct Ask<'a> {
     pub family: u8,
     /// `DONE`: 0 when the bind succeeded, else its errno.
     pub errno: i32,
-    /// `KEEP`: [`MAY_MOVE`] or 0.
+    /// `KEEP`: [`MAY_MOVE`], [`TAKEN`], [`SHARES_PORT`], [`FALLBACK`], [`ON_CONFLICT_MODE`].
     pub flags: u8,
+    /// `KEEP` in fallback mode: the port the tool first wanted, before it moved on by
+    /// itself (its session's connects to that port follow it); 0 for none.
+    pub origin: u16,
     /// `STYXY_PRELOAD_SESSION`, empty for none.
     pub session: &'a [u8],
 }
@@ -100,6 +113,7 @@ impl Ask<'_> {
         b[8..12].copy_from_slice(&self.errno.to_le_bytes());
         b[12] = self.session.len() as u8;
         b[13] = self.flags;
+        b[14..16].copy_from_slice(&self.origin.to_le_bytes());
         b[16..16 + self.session.len()].copy_from_slice(self.session);
         Some(b)
     }
@@ -119,6 +133,7 @@ impl Ask<'_> {
             port: u16::from_le_bytes([b[6], b[7]]),
             errno: i32::from_le_bytes([b[8], b[9], b[10], b[11]]),
             flags: b[13],
+            origin: u16::from_le_bytes([b[14], b[15]]),
             session: &b[16..16 + len],
         })
     }
@@ -145,7 +160,7 @@ impl Answer {
     }
 
     pub fn decode(b: &[u8]) -> Option<Answer> {
-        if b.len() != ANSWER_LEN || b[0..4] != MAGIC.to_le_bytes() || !matches!(b[4], GRANTED | DECLINED | MOVED) {
+        if b.len() != ANSWER_LEN || b[0..4] != MAGIC.to_le_bytes() || !matches!(b[4], GRANTED | DECLINED | MOVED | BUSY) {
             return None;
         }
         Some(Answer { status: b[4], existing: b[5] != 0, port: u16::from_le_bytes([b[6], b[7]]) })
@@ -168,7 +183,7 @@ mod tests {
 
     #[test]
     fn an_ask_survives_the_wire_and_garbage_does_not_pass() {
-        let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, flags: MAY_MOVE, session: b"agent-1" };
+        let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, flags: MAY_MOVE, origin: 2999, session: b"agent-1" };
         let wire = a.encode().unwrap();
         assert_eq!(Ask::decode(&wire), Some(a));
         let (head, line) = Answer::told(3000, b"connect to port 3000 refused");

@@ -34,12 +34,14 @@ use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest
 use styxy_preload_common::decide::{self, Class, Facts, Mode, Plan};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{
-    self, Answer, Ask, ASK_LEN, CONFIRM, DECLINED, DONE, DONE_MAX, GRANTED, KEEP, MAY_MOVE, MOVED, REFUSED, SHARES_PORT, TAKEN,
+    self, Answer, Ask, ASK_LEN, BUSY, CONFIRM, DECLINED, DONE, DONE_MAX, FALLBACK, GRANTED, KEEP, MAY_MOVE, MOVED, ON_CONFLICT_MODE,
+    REFUSED, SHARES_PORT, TAKEN,
 };
 use styxy_preload_common::procinfo;
 use tokio::runtime::Handle;
 
-use crate::state::{Claim, Grant, Owner};
+use crate::record::Refusal;
+use crate::state::{AllocError, Claim, Grant, Owner};
 use crate::{now_ms, Backoff, Shared};
 
 /// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
@@ -92,7 +94,7 @@ impl Server {
 /// the runtime (Styxy consulted), and the order to stop.
 struct Wake {
     fd: OwnedFd,
-    granted: Mutex<Vec<(u64, Option<Grant>)>>,
+    granted: Mutex<Vec<(u64, Got)>>,
     stop: AtomicBool,
 }
 
@@ -140,6 +142,34 @@ struct Loop {
     /// order); those of connections already closed are skipped.
     deadlines: VecDeque<(Instant, u64)>,
     next_id: u64,
+    /// The events the shim's exchanges end with, written in the order they ended.
+    events: Events,
+}
+
+/// One thread that writes the events of the shim's exchanges, in the order they were
+/// handed over (a server's bind and its dual-stack twin's are logged in that order), off
+/// the hook server's thread: a client's log on a slow disk costs the log, not the binds.
+struct Events(std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>);
+
+impl Events {
+    fn start() -> io::Result<Events> {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new().name("hook-events".into()).spawn(move || {
+            while let Ok(write) = rx.recv() {
+                write();
+            }
+        })?;
+        Ok(Events(tx))
+    }
+
+    /// Writes with `write` after what was handed over before; `pending` counts it until
+    /// it is written (`POST /flush` waits for it).
+    fn write(&self, pending: Pending, write: impl FnOnce() + Send + 'static) {
+        let _ = self.0.send(Box::new(move || {
+            write();
+            drop(pending);
+        }));
+    }
 }
 
 struct Conn {
@@ -171,8 +201,8 @@ impl Loop {
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
         let wake = Arc::new(Wake::new()?);
         ctl(&epoll, libc::EPOLL_CTL_ADD, wake.fd.as_raw_fd(), WAKE)?;
-        let (conns, deadlines) = (HashMap::new(), VecDeque::new());
-        Ok(Loop { sh, rt, epoll, wake, listener: None, backoff: Backoff::default(), paused: None, conns, deadlines, next_id: 2 })
+        let (conns, deadlines, events) = (HashMap::new(), VecDeque::new(), Events::start()?);
+        Ok(Loop { sh, rt, epoll, wake, listener: None, backoff: Backoff::default(), paused: None, conns, deadlines, next_id: 2, events })
     }
 
     fn listen(&mut self, listener: OwnedFd, uid: u32) -> io::Result<()> {
@@ -293,7 +323,8 @@ impl Loop {
         // a REFUSED carries the log variables after the ask; the others are the ask alone
         let (head, tail) = msg.filter(|m| m.len() >= ASK_LEN).map_or((None, &[][..]), |m| (Some(&m[..ASK_LEN]), &m[ASK_LEN..]));
         let ask = head.and_then(Ask::decode).filter(|a| match a.kind {
-            KEEP | CONFIRM => tail.is_empty(),
+            KEEP => tail.is_empty() || a.flags & FALLBACK != 0,
+            CONFIRM => tail.is_empty(),
             REFUSED => true,
             _ => false,
         });
@@ -313,12 +344,24 @@ impl Loop {
             self.conns.remove(&id);
             return;
         }
-        let Some((asked, claim)) = claim(&self.sh, c.pid, &ask) else {
-            self.granted(id, None, None);
+        let Some((asked, claim)) = claim(&self.sh, c.pid, &ask, tail) else {
+            self.granted(id, None, Got::Declined);
             return;
         };
-        let sh = self.sh.clone();
-        let mut grant: Pin<Box<dyn Future<Output = Option<Grant>> + Send>> = Box::pin(async move { sh.grant(&claim).await.ok() });
+        if asked.fallback && ask.flags & TAKEN != 0 {
+            // taken at the OS level: a tool that moves on by itself does
+            self.granted(id, Some(asked), Got::Busy);
+            return;
+        }
+        let (sh, fallback) = (self.sh.clone(), asked.fallback);
+        let mut grant: Pin<Box<dyn Future<Output = Got> + Send>> = Box::pin(async move {
+            match sh.grant(&claim).await {
+                Ok(g) => Got::Grant(g),
+                // fallback mode: not this port as it is, and no other
+                Err(Refusal::State(AllocError::NotExactly)) if fallback => Got::Busy,
+                Err(_) => Got::Declined,
+            }
+        });
         let polled = {
             let _rt = self.rt.enter(); // a grant that asks Styxy sets a timer
             grant.as_mut().poll(&mut Context::from_waker(Waker::noop()))
@@ -357,8 +400,7 @@ impl Loop {
         let (head, line) = Answer::told(ask.port, line.as_bytes());
         send(c.fd.as_raw_fd(), &[&head[..], line].concat());
         let (pid, port, family, vars) = (c.pid, ask.port, ask.family, log_vars(vars));
-        let pending = Pending::new(self.sh.clone());
-        self.rt.spawn_blocking(move || {
+        self.events.write(Pending::new(self.sh.clone()), move || {
             let comm = procinfo::comm_and_start(pid).map(|(comm, _)| comm).unwrap_or_else(|| "?".into());
             let ev = Event {
                 ts: eventlog::now_ms(),
@@ -377,7 +419,6 @@ impl Loop {
                 retries: 0,
             };
             let _ = log_named(vars, pid).append(&ev);
-            drop(pending);
         });
     }
 
@@ -394,13 +435,17 @@ impl Loop {
         }
     }
 
-    /// Answers connection `id`: `g` granted to `asked`, or `DECLINED`. A new grant whose
-    /// client is gone or out of time is withdrawn.
-    fn granted(&mut self, id: u64, asked: Option<Asked>, g: Option<Grant>) {
+    /// Answers connection `id`: what `asked` got — a grant, `BUSY` (logged here), or
+    /// `DECLINED`. A new grant whose client is gone or out of time is withdrawn.
+    fn granted(&mut self, id: u64, asked: Option<Asked>, got: Got) {
         let now = Instant::now();
         let live = self.conns.get(&id).filter(|c| now < c.started + EXCHANGE).map(|c| c.fd.as_raw_fd());
-        match (live, asked, g) {
-            (Some(fd), Some(asked), Some(g)) => {
+        match (live, asked, got) {
+            (Some(fd), Some(asked), Got::Busy) => {
+                send(fd, &Answer { status: BUSY, port: asked.port, existing: false }.encode());
+                self.events.write(Pending::new(self.sh.clone()), move || log_busy(&asked));
+            }
+            (Some(fd), Some(asked), Got::Grant(g)) => {
                 let bind = kept(&self.sh, asked, g);
                 let status = if bind.port == bind.asked.port { GRANTED } else { MOVED };
                 send(fd, &Answer { status, port: bind.port, existing: bind.existing }.encode());
@@ -412,7 +457,7 @@ impl Loop {
                 return;
             }
             (Some(fd), ..) => send(fd, &Answer { status: DECLINED, port: 0, existing: false }.encode()),
-            (None, _, Some(g)) if !g.existing => self.sh.withdraw(g.port),
+            (None, _, Got::Grant(g)) if !g.existing => self.sh.withdraw(g.port),
             (None, ..) => {}
         }
         self.conns.remove(&id);
@@ -431,10 +476,7 @@ impl Loop {
                     self.sh.confirm(port, owner);
                 }
                 let vars = log_vars(vars);
-                self.rt.spawn_blocking(move || {
-                    log_event(&bind, vars, started);
-                    drop(pending);
-                });
+                self.events.write(pending, move || log_event(&bind, vars, started));
             }
             // no word: the grant stands while its owner's socket holds the port
             _ if bind.existing || heard.is_err() => {}
@@ -522,6 +564,20 @@ struct Asked {
     service_type: String,
     session: Option<String>,
     comm: String,
+    /// Fallback mode: the port the tool first wanted.
+    origin: Option<u16>,
+    /// Fallback mode: this port or `BUSY`.
+    fallback: bool,
+    /// The log variables the `KEEP` carried (fallback mode).
+    vars: LogVars,
+}
+
+/// What a `KEEP`'s claim got.
+enum Got {
+    Grant(Grant),
+    /// Fallback mode: not this port as it is (the tool moves on by itself).
+    Busy,
+    Declined,
 }
 
 /// What the daemon granted, for the event.
@@ -541,11 +597,17 @@ struct KeptBind {
 /// another port or a malformed session. Who asks is read while it waits for the answer
 /// (neither read waits on the process; a short-lived one is gone soon after): its name
 /// and start time in one read, and its directory.
-fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<(Asked, Claim)> {
+fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Claim)> {
     sh.last_activity.store(now_ms(), Ordering::Relaxed);
     let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty() && *s != "default");
     let taken = ask.flags & TAKEN != 0;
-    if taken && ask.flags & MAY_MOVE == 0 {
+    let mode = match ask.flags {
+        f if f & FALLBACK != 0 => Mode::Fallback,
+        f if f & ON_CONFLICT_MODE != 0 => Mode::OnConflict,
+        _ => Mode::Coordinate,
+    };
+    let origin = (ask.origin != 0 && mode == Mode::Fallback).then_some(ask.origin);
+    if taken && ask.flags & MAY_MOVE == 0 && mode != Mode::Fallback {
         return None;
     }
     if session.is_some_and(|s| !valid_instance_id(s)) {
@@ -557,8 +619,8 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<(Asked, Claim)> {
         // a KEEP is the shim's ask-first bind of a stream socket (SHARES_PORT: one that may
         // share its port), or (TAKEN) its bind-first that met EADDRINUSE: granted only where
         // the one decision says so
-        let facts = || Facts { stream: true, shares_port: ask.flags & SHARES_PORT != 0, moved_from: None };
-        match (decide::plan(Class::of(&decision), Mode::Coordinate, facts), taken) {
+        let facts = || Facts { stream: true, shares_port: ask.flags & SHARES_PORT != 0, moved_from: origin };
+        match (decide::plan(Class::of(&decision), mode, facts), taken) {
             (Plan::AskFirst { .. }, false) | (Plan::TryFirst { single: false, .. }, true) => decision.service_type().map(str::to_string),
             _ => None,
         }
@@ -574,12 +636,15 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>) -> Option<(Asked, Claim)> {
         comm: Some(comm.clone()),
         bind: true,
         exclude: if taken { vec![ask.port] } else { vec![] },
+        // a tool that moved on by itself: its session's connects to the first port follow
+        requested_port: Some(origin.unwrap_or(ask.port)),
         ..AllocateRequest::for_port(&ty, ask.port)
     };
     let claim_owner = owner.clone().unwrap_or_else(|| Owner::pid(pid));
     let claim = Claim { exactly: ask.flags & MAY_MOVE == 0, ..Claim::new(req, Some(claim_owner)) };
     let session = session.map(str::to_string);
-    Some((Asked { pid, owner, port: ask.port, family: ask.family, service_type: ty, session, comm }, claim))
+    let (fallback, vars) = (mode == Mode::Fallback, log_vars(vars));
+    Some((Asked { pid, owner, port: ask.port, family: ask.family, service_type: ty, session, comm, origin, fallback, vars }, claim))
 }
 
 /// The grant `g` made for `asked`.
@@ -597,12 +662,12 @@ fn kept(sh: &Shared, asked: Asked, g: Grant) -> KeptBind {
 
 /// The event the process would have logged (a blocking thread's work: the client names
 /// the file).
-fn log_event(g: &KeptBind, vars: Option<Vec<(&'static str, std::ffi::OsString)>>, started: Instant) {
+fn log_event(g: &KeptBind, vars: LogVars, started: Instant) {
     let (asked, port) = (&g.asked, g.port);
     let (action, reason) = match () {
         _ if g.again => (Action::Observed, Some(eventlog::bound_again(port))),
         _ if port != asked.port => (Action::Remapped, Some(eventlog::taken(asked.port, &g.holder))),
-        _ => (Action::Kept, None),
+        _ => (Action::Kept, asked.origin.filter(|from| *from != port).map(|from| eventlog::moved_by_itself(&asked.comm, from))),
     };
     let ev = Event {
         ts: eventlog::now_ms(),
@@ -625,16 +690,40 @@ fn log_event(g: &KeptBind, vars: Option<Vec<(&'static str, std::ffi::OsString)>>
 
 /// The event log the variables a message carried name, else the one of `pid`'s own
 /// environment ([`log_of`]).
-fn log_named(vars: Option<Vec<(&'static str, std::ffi::OsString)>>, pid: u32) -> Log {
+fn log_named(vars: LogVars, pid: u32) -> Log {
     match vars {
         Some(vars) => Log::of(&|k| vars.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone())),
         None => log_of(pid),
     }
 }
 
+/// Fallback mode: the port `asked` was not its to have, and the tool moves on by itself.
+fn log_busy(asked: &Asked) {
+    let ev = Event {
+        ts: eventlog::now_ms(),
+        session: asked.session.clone(),
+        pid: asked.pid,
+        comm: asked.comm.clone(),
+        call: "bind".into(),
+        requested_port: asked.port,
+        port: asked.port,
+        family: if asked.family == 6 { "ipv6" } else { "ipv4" }.into(),
+        service_type: Some(asked.service_type.clone()),
+        action: Action::Observed,
+        reason: Some(eventlog::left_to_own_fallback(asked.port, &asked.comm)),
+        latency_us: 0,
+        backend: Some("unix".into()),
+        retries: 0,
+    };
+    let _ = log_named(asked.vars.clone(), asked.pid).append(&ev);
+}
+
+/// The log variables a message carried (`hookproto::LOG_VARS`).
+type LogVars = Option<Vec<(&'static str, std::ffi::OsString)>>;
+
 /// The log variables a `DONE` carried; `None` when it carried none (a shim that does not
 /// send them: its environment is read from `/proc` instead).
-fn log_vars(tail: &[u8]) -> Option<Vec<(&'static str, std::ffi::OsString)>> {
+fn log_vars(tail: &[u8]) -> LogVars {
     use std::os::unix::ffi::OsStrExt;
     let vars: Vec<_> = hookproto::done_vars(tail).map(|(k, v)| (k, std::ffi::OsStr::from_bytes(v).to_owned())).collect();
     (!tail.is_empty()).then_some(vars)
@@ -739,7 +828,7 @@ mod tests {
     }
 
     fn ask(kind: u8, port: u16, errno: i32, session: &[u8]) -> [u8; ASK_LEN] {
-        Ask { kind, port, family: 4, errno, flags: 0, session }.encode().unwrap()
+        Ask { kind, port, family: 4, errno, flags: 0, origin: 0, session }.encode().unwrap()
     }
 
     fn send(s: &Socket, msg: &[u8]) {
@@ -823,7 +912,7 @@ mod tests {
         assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).map(|a| a.status), Some(GRANTED));
         let may_move = |session: &'static [u8], errno: i32| {
             move |s: Socket| {
-                let ask_move = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: MAY_MOVE, session };
+                let ask_move = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: MAY_MOVE, origin: 0, session };
                 send(&s, &ask_move.encode().unwrap());
                 let a = answer(&s);
                 if let Some(a) = a {
@@ -851,7 +940,7 @@ mod tests {
         let f = Fixture::new("taken");
         let taken = |port: u16, flags: u8| {
             move |s: Socket| {
-                send(&s, &Ask { kind: KEEP, port, family: 4, errno: 0, flags, session: b"t" }.encode().unwrap());
+                send(&s, &Ask { kind: KEEP, port, family: 4, errno: 0, flags, origin: 0, session: b"t" }.encode().unwrap());
                 let a = answer(&s);
                 if let Some(a) = a.filter(|a| a.status != DECLINED) {
                     send(&s, &ask(DONE, a.port, 0, b"t"));

@@ -9,8 +9,8 @@ use crate::corelib::{core_fn, CORE_UNANSWERED};
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
     close, errno, fcntl, getpid, getsockopt, monotonic_ms, open, poll, prctl, read, recv, send, set_errno, setsockopt, socket, PollFd,
-    SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK,
-    O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
+    SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EADDRINUSE, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC,
+    O_NONBLOCK, O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::settings::env;
@@ -106,7 +106,7 @@ pub(crate) fn confirm(port: u16) {
     // SAFETY: copied into the message here.
     let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
     let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
-    let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, family: 4, errno: 0, flags: 0, session };
+    let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, family: 4, errno: 0, flags: 0, origin: 0, session };
     if let (Some(m), Ok(conn)) = (ask.encode(), hook_socket(monotonic_ms())) {
         // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
         unsafe {
@@ -123,14 +123,24 @@ pub(crate) fn confirm(port: u16) {
 /// (the daemon logs it) and tells the person of a move. Called for a stream socket whose
 /// plan is to ask first ([`crate::decide::plan`]), `flags` [`hookproto::MAY_MOVE`] (and
 /// [`hookproto::SHARES_PORT`] when it sets `SO_REUSEPORT`); or whose bind as asked failed
-/// with `EADDRINUSE`, `flags` also [`hookproto::TAKEN`]. `None`
-/// when the hooks' logic must decide: no daemon, a declined ask, or a failed bind (the
-/// hooks' logic binds again and says why).
+/// with `EADDRINUSE`, `flags` also [`hookproto::TAKEN`]. In fallback mode
+/// ([`hookproto::FALLBACK`], `origin` the port the tool first wanted) the port is this
+/// one or none: [`hookproto::BUSY`] is the tool's `EADDRINUSE`, and it moves on by
+/// itself. `None` when the hooks' logic must decide: no daemon, a declined ask, or a
+/// failed bind (the hooks' logic binds again and says why).
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to bind, `inet` read from its address,
 /// `real` libc's bind.
-pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: AddrFn, flags: u8) -> Option<c_int> {
+pub(crate) unsafe fn keep(
+    fd: c_int,
+    addr: *const c_void,
+    len: SockLen,
+    inet: &Inet,
+    real: AddrFn,
+    flags: u8,
+    origin: Option<u16>,
+) -> Option<c_int> {
     let port = inet.port;
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, addr, len) };
@@ -144,10 +154,16 @@ pub(crate) unsafe fn keep(fd: c_int, addr: *const c_void, len: SockLen, inet: &I
     // SAFETY: copied into the ask here.
     let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
     let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
-    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, flags, session };
+    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, flags, origin: origin.unwrap_or(0), session };
     let saved = errno();
     let (conn, granted) = match ask_daemon(&ask) {
         Ok(answer) => answer,
+        Err(Heard::Busy) => {
+            // not this tool's as it is: it moves on by itself (the daemon logged it)
+            remember_origin(origin.unwrap_or(port));
+            set_errno(EADDRINUSE);
+            return Some(-1);
+        }
         Err(heard) => {
             set_errno(saved);
             if !matches!(heard, Heard::Silent) {
@@ -221,13 +237,22 @@ fn done_message(ask: &hookproto::Ask, buf: &mut [u8; hookproto::DONE_MAX]) -> us
 fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, u16), Heard> {
     let started = monotonic_ms();
     let conn = hook_socket(started)?;
-    let heard = match ask.encode() {
-        Some(m) => exchange(conn, &m, started),
+    // in fallback mode the daemon may log a BUSY itself: the ask carries the log's variables
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = match ask.flags & hookproto::FALLBACK {
+        0 => ask.encode().map(|m| put_bytes(&mut msg, &m)).unwrap_or(0),
+        _ => done_message(ask, &mut msg),
+    };
+    let heard = match msg.get(..n).filter(|m| !m.is_empty()) {
+        Some(m) => exchange(conn, m, started),
         None => Heard::Nothing,
     };
     let granted = match heard {
         Heard::Answer(a) if a.status == hookproto::GRANTED && a.port == ask.port => Ok(a.port),
-        Heard::Answer(a) if a.status == hookproto::MOVED && a.port != 0 && a.port != ask.port => Ok(a.port),
+        Heard::Answer(a) if a.status == hookproto::MOVED && a.port != 0 && a.port != ask.port && ask.flags & hookproto::MAY_MOVE != 0 => {
+            Ok(a.port)
+        }
+        Heard::Answer(a) if a.status == hookproto::BUSY && ask.flags & hookproto::FALLBACK != 0 => Err(Heard::Busy),
         Heard::Silent => Err(Heard::Silent),
         _ => Err(Heard::Nothing),
     };
@@ -236,6 +261,31 @@ fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, u16), Heard> {
         unsafe { close(conn) };
     }
     granted.map(|port| (conn, port))
+}
+
+/// `m` copied to the start of `buf`; its length.
+fn put_bytes(buf: &mut [u8; hookproto::DONE_MAX], m: &[u8]) -> usize {
+    match buf.get_mut(..m.len()) {
+        Some(to) => {
+            to.copy_from_slice(m);
+            m.len()
+        }
+        None => 0,
+    }
+}
+
+/// Fallback mode: the port this process's tool first wanted, before it moved on by
+/// itself (pid and port, as [`KEPT`]).
+static ORIGIN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The port this process's tool first wanted, once it was told one was not its own.
+pub(crate) fn origin() -> Option<u16> {
+    let v = ORIGIN.load(Ordering::Relaxed);
+    (v != 0 && v >> 16 == kept_key(0) >> 16).then_some(v as u16)
+}
+
+fn remember_origin(port: u16) {
+    ORIGIN.store(kept_key(port), Ordering::Relaxed);
 }
 
 /// This process holds `port`'s allocation now: its `listen()` has nothing to confirm.
@@ -336,6 +386,8 @@ enum Heard {
     Answer(hookproto::Answer),
     /// No answer, and the daemon does not beat: it is stopped or hung ([`worth_waiting`]).
     Silent,
+    /// Fallback mode: not this process's as it is ([`hookproto::BUSY`]).
+    Busy,
     /// The exchange failed otherwise (no daemon, a closed or foreign socket).
     Nothing,
 }
@@ -402,7 +454,7 @@ pub(crate) fn refused(port: u16, family: u16) {
     let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
     let family = if family == AF_INET6 { 6 } else { 4 };
     let mut msg = [0u8; hookproto::DONE_MAX];
-    let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family, errno: 0, flags: 0, session }, &mut msg);
+    let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family, errno: 0, flags: 0, origin: 0, session }, &mut msg);
     let started = monotonic_ms();
     if let (Some(msg), Ok(conn)) = (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(started)) {
         let mut buf = [0u8; hookproto::TOLD_MAX];

@@ -29,10 +29,10 @@ use core::ffi::{c_int, c_void};
 
 use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
 use decide::{Class, Facts, ListenWay, Listening, Mode, Plan, Route, Seen};
-use keep::{confirm, keep, kept_before, kept_here, refused};
+use keep::{confirm, keep, kept_before, kept_here, origin, refused};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
-use settings::{enabled, in_session, isolate, own_rules, session_tag};
+use settings::{enabled, in_session, isolate, mode, own_rules, session_tag};
 use slot::Slot;
 use sockinfo::{shares_port, stream, Inet};
 
@@ -147,32 +147,43 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
     let saved = errno();
     if let Some(class) = port_class(inet.port).and_then(Class::of_byte) {
         let mut facts = Facts::default();
-        let plan = decide::plan(class, Mode::Coordinate, || {
-            facts = Facts { stream: stream(fd), shares_port: shares_port(fd), moved_from: None };
+        let mode = mode();
+        let plan = decide::plan(class, mode, || {
+            let moved_from = if mode == Mode::Fallback { origin() } else { None };
+            facts = Facts { stream: stream(fd), shares_port: shares_port(fd), moved_from };
             facts
         });
+        // what the daemon plans with: the mode, the socket's sharing
+        let mode_flag = match mode {
+            Mode::Fallback => hookproto::FALLBACK,
+            Mode::OnConflict => hookproto::ON_CONFLICT_MODE,
+            _ => 0,
+        };
+        let shares = if facts.shares_port { hookproto::SHARES_PORT } else { 0 };
         set_errno(saved);
         match plan {
             Plan::AsAsked(_) => return plain(),
-            Plan::TryFirst { single, .. } => {
+            Plan::TryFirst { single, fallback } => {
                 let rc = plain();
                 // bound, or failed as the kernel says: only a stream's EADDRINUSE goes further
                 if rc == 0 || errno() != EADDRINUSE || !facts.stream {
                     return rc;
                 }
-                // another port of its type in one round trip (a single-instance type's
-                // EADDRINUSE stands, and the hooks' logic says why)
-                let taken = hookproto::MAY_MOVE | hookproto::TAKEN;
+                // another port of its type in one round trip — or, for a tool that moves
+                // on by itself, its EADDRINUSE (a single-instance type's EADDRINUSE stands,
+                // and the hooks' logic says why)
+                let taken = hookproto::TAKEN | mode_flag | if fallback { 0 } else { hookproto::MAY_MOVE };
                 // SAFETY: the program's call, `inet` read from its address, libc's function.
-                if let Some(rc) = (!single).then(|| unsafe { keep(fd, addr, len, &inet, real, taken) }).flatten() {
+                if let Some(rc) = (!single).then(|| unsafe { keep(fd, addr, len, &inet, real, taken, None) }).flatten() {
                     return kept(rc, saved);
                 }
             }
-            // the daemon keeps this very port for us in one round trip, or the hooks' logic decides
-            Plan::AskFirst { .. } => {
-                let shares = if facts.shares_port { hookproto::SHARES_PORT } else { 0 };
+            // the daemon keeps this very port for us in one round trip (a tool that moves on
+            // by itself: this port or its EADDRINUSE), or the hooks' logic decides
+            Plan::AskFirst { fallback } => {
+                let flags = shares | mode_flag | if fallback { 0 } else { hookproto::MAY_MOVE };
                 // SAFETY: the program's call, `inet` read from its address, libc's function.
-                if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real, hookproto::MAY_MOVE | shares) } {
+                if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real, flags, facts.moved_from) } {
                     return kept(rc, saved);
                 }
             }

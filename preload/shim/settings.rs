@@ -5,6 +5,7 @@ use core::ffi::CStr;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::cstring::cstr;
+use crate::decide::Mode;
 use crate::libc_calls::{getenv, statx, AT_FDCWD, STATX_INO};
 use crate::{mapview, switch, NO, UNKNOWN, YES};
 
@@ -81,15 +82,15 @@ pub(crate) fn in_session() -> bool {
     env_flag(&IN_SESSION, c"STYXY_PRELOAD_SESSION", set)
 }
 
-/// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules, a mode) or may be under
-/// `exec`'s seccomp supervisor: the daemon's maps are not the whole story, the hooks'
-/// logic decides every call.
+/// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules) or may be under `exec`'s
+/// seccomp supervisor: the daemon's maps are not the whole story, the hooks' logic
+/// decides every call.
 pub(crate) fn own_rules() -> bool {
     match OWN_RULES.load(Ordering::Relaxed) {
         YES => true,
         NO => false,
         _ => {
-            let own = [c"STYXY_PRELOAD_PORTS", c"STYXY_PRELOAD_MODE", c"STYXY_DISABLE_REASSIGN", c"STYXY_PRELOAD_SUPERVISED"]
+            let own = [c"STYXY_PRELOAD_PORTS", c"STYXY_PRELOAD_SUPERVISED"]
                 .iter()
                 // SAFETY: each value is tested here and not kept.
                 .any(|n| set(unsafe { env(n) }));
@@ -114,4 +115,33 @@ pub(crate) fn session_tag() -> Option<u32> {
     let t = mapview::tag(unsafe { env(c"STYXY_PRELOAD_SESSION") }?);
     TAG.store(t, Ordering::Relaxed);
     Some(t)
+}
+
+/// The process's mode (`STYXY_PRELOAD_MODE`; `STYXY_DISABLE_REASSIGN` set to 1, true or
+/// yes means observe), read as the hooks' logic reads it (`process::Process::from_vars`),
+/// once.
+pub(crate) fn mode() -> Mode {
+    static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
+    const MODES: [Mode; 4] = [Mode::Coordinate, Mode::OnConflict, Mode::Observe, Mode::Fallback];
+    if let Some(m) = MODES.get(usize::from(MODE.load(Ordering::Relaxed)).wrapping_sub(1)) {
+        return *m;
+    }
+    // SAFETY: each value is read here and not kept.
+    let (reassign, named) = unsafe { (env(c"STYXY_DISABLE_REASSIGN"), env(c"STYXY_PRELOAD_MODE")) };
+    let off = reassign.map(trim).is_some_and(|v| [&b"1"[..], b"true", b"yes"].iter().any(|w| v.eq_ignore_ascii_case(w)));
+    let m = match named.map(trim) {
+        _ if off => Mode::Observe,
+        Some(b"on-conflict") => Mode::OnConflict,
+        Some(b"observe") => Mode::Observe,
+        Some(b"fallback") => Mode::Fallback,
+        _ => Mode::Coordinate,
+    };
+    let at = MODES.iter().position(|x| *x == m).unwrap_or(0);
+    MODE.store(at as u8 + 1, Ordering::Relaxed);
+    m
+}
+
+/// `v` without the whitespace around it.
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
 }

@@ -84,11 +84,11 @@ impl fmt::Display for Reason {
         match self {
             Reason::ObserveMode => write!(f, "observe mode"),
             Reason::SingleInstance(ty) => write!(f, "single-instance type {ty}: not remapped"),
-            Reason::LeftToOwnFallback { port, comm } => write!(f, "port {port} is taken; left to {comm}'s own fallback"),
+            Reason::LeftToOwnFallback { port, comm } => write!(f, "{}", eventlog::left_to_own_fallback(*port, comm)),
             Reason::Unasked(e) => write!(f, "{e}"),
             Reason::NoPortGranted => write!(f, "no port granted"),
             Reason::BoundAgain(port) => write!(f, "{}", eventlog::bound_again(*port)),
-            Reason::MovedByItself { comm, from } => write!(f, "{comm} moved from {from} by itself"),
+            Reason::MovedByItself { comm, from } => write!(f, "{}", eventlog::moved_by_itself(comm, *from)),
             Reason::Taken { port, holder } => write!(f, "{}", eventlog::taken(*port, holder)),
             Reason::SessionPortServed(port) => write!(f, "the session's port {port} is served already (by another of its processes)"),
             Reason::SessionPortInTimeWait(port) => {
