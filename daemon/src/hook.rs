@@ -44,6 +44,10 @@ use crate::record::Refusal;
 use crate::state::{AllocError, Claim, Grant, Owner};
 use crate::{now_ms, Backoff, Shared};
 
+/// Refusals are told (and logged) only while fewer events than this wait to be written:
+/// a client flooding `REFUSED` costs its own lines, not the daemon's memory.
+const MAX_PENDING_EVENTS: usize = 1024;
+
 /// One connection's whole exchange, `KEEP` to `DONE`: the shim binds in between.
 const EXCHANGE: Duration = Duration::from_secs(1);
 
@@ -337,8 +341,11 @@ impl Loop {
             return;
         }
         if ask.kind == CONFIRM {
-            // a forked child listens on what its parent kept: it becomes an owner
-            if let Some(owner) = Owner::of(c.pid) {
+            // a forked child listens on what its parent kept: it becomes an owner, of its
+            // own session's allocation only
+            let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty()).map(styxy_preload_common::session::sanitize);
+            let ours = self.sh.state.lock().allocation(ask.port).is_some_and(|a| a.session == session);
+            if let Some(owner) = Owner::of(c.pid).filter(|_| ours) {
                 self.sh.confirm(ask.port, owner);
             }
             self.conns.remove(&id);
@@ -383,24 +390,29 @@ impl Loop {
     }
 
     /// A refused connect of connection `id`'s process (isolation): told who serves the
-    /// port, in the line it tells the person; the event written (on a blocking thread, as
-    /// a bind's), in the log its variables name.
+    /// port, in the line it tells the person; the event written (on the events' thread),
+    /// in the log its variables name. Only a port another session holds is told and
+    /// logged (anything else closes unanswered), and not while a flood of events waits.
     fn refused(&mut self, id: u64, ask: &Ask<'_>, vars: &[u8]) {
         let Some(c) = self.conns.remove(&id) else { return };
-        let (server, service_type) = {
+        // the session's id as the hooks' logic names it (characters out of place as `_`)
+        let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty()).map(styxy_preload_common::session::sanitize);
+        let told = {
             let state = self.sh.state.lock();
-            let server = match state.allocation(ask.port) {
-                Some(a) => eventlog::server_of(a.session.as_deref(), a.comm.as_deref(), a.owners.first().map(|o| o.pid)),
-                None => eventlog::server_of(None, None, None),
-            };
-            (server, state.policy().decide(ask.port).service_type().map(str::to_string))
+            state.allocation(ask.port).filter(|a| a.session.is_some() && a.session != session).map(|a| {
+                let server = eventlog::server_of(a.session.as_deref(), a.comm.as_deref(), a.owners.first().map(|o| o.pid));
+                (server, state.policy().decide(ask.port).service_type().map(str::to_string))
+            })
         };
-        let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty()).map(str::to_string);
+        let Some((server, service_type)) = told.filter(|_| self.sh.hook_pending.load(Ordering::Acquire) < MAX_PENDING_EVENTS) else {
+            return;
+        };
         let line = eventlog::refused_notice(ask.port, &server, session.as_deref().unwrap_or("?"));
         let (head, line) = Answer::told(ask.port, line.as_bytes());
+        let pending = Pending::new(self.sh.clone()); // counted before the client can read on
         send(c.fd.as_raw_fd(), &[&head[..], line].concat());
         let (pid, port, family, vars) = (c.pid, ask.port, ask.family, log_vars(vars));
-        self.events.write(Pending::new(self.sh.clone()), move || {
+        self.events.write(pending, move || {
             let comm = procinfo::comm_and_start(pid).map(|(comm, _)| comm).unwrap_or_else(|| "?".into());
             let ev = Event {
                 ts: eventlog::now_ms(),
@@ -442,14 +454,15 @@ impl Loop {
         let live = self.conns.get(&id).filter(|c| now < c.started + EXCHANGE).map(|c| c.fd.as_raw_fd());
         match (live, asked, got) {
             (Some(fd), Some(asked), Got::Busy) => {
+                let pending = Pending::new(self.sh.clone()); // counted before the client can read on
                 send(fd, &Answer { status: BUSY, port: asked.port, existing: false }.encode());
-                self.events.write(Pending::new(self.sh.clone()), move || log_busy(&asked));
+                self.events.write(pending, move || log_busy(&asked));
             }
             (Some(fd), Some(asked), Got::Grant(g)) => {
                 let bind = kept(&self.sh, asked, g);
                 let status = if bind.port == bind.asked.port { GRANTED } else { MOVED };
+                let pending = Pending::new(self.sh.clone()); // counted before the client can read on
                 send(fd, &Answer { status, port: bind.port, existing: bind.existing }.encode());
-                let pending = Pending::new(self.sh.clone());
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.stage = Stage::Done(bind, pending);
                 }
@@ -962,6 +975,32 @@ mod tests {
         let shared = f.exchange(taken(12004, MAY_MOVE | SHARES_PORT)).map(|a| (a.status, a.port));
         assert_eq!(shared, Some((GRANTED, 12004)), "… unless it may be shared: then asked first");
         assert_eq!(f.sh.state.lock().len(), 2);
+    }
+
+    #[test]
+    fn a_refusal_is_told_and_logged_only_for_another_sessions_port() {
+        let f = Fixture::new("refused");
+        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).map(|a| a.status), Some(GRANTED));
+        let refuse = |port: u16, session: &'static [u8]| {
+            move |s: Socket| {
+                send(&s, &ask(REFUSED, port, 0, session));
+                let mut buf = [std::mem::MaybeUninit::new(0u8); hookproto::TOLD_MAX];
+                let n = s.recv(&mut buf).expect("an answer or the end");
+                // SAFETY: recv initialised the first n bytes (all were initialised anyway).
+                let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                Answer::told_line(&bytes).map(|l| String::from_utf8_lossy(l).into_owned())
+            }
+        };
+        // the session id as the hooks' logic names it
+        let line = f.exchange(refuse(3000, b"my session")).expect("told");
+        assert!(line.starts_with("connect to port 3000 refused: it is session a's server (sleep, pid "), "{line}");
+        assert!(line.contains("session my_session has no server on 3000"), "{line}");
+        assert_eq!(f.exchange(refuse(3000, b"a")), None, "the session's own server: nothing to tell");
+        assert_eq!(f.exchange(refuse(3999, b"b")), None, "nobody holds it: nothing to tell");
+        let events = f.events();
+        let isolated: Vec<&str> = events.lines().filter(|l| l.contains("\"action\":\"isolated\"")).collect();
+        assert_eq!(isolated.len(), 1, "{events}");
+        assert!(isolated[0].contains("\"session\":\"my_session\"") && isolated[0].contains("\"call\":\"connect\""), "{events}");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use core::ffi::c_int;
 
 use crate::cstring::{append, put};
-use crate::libc_calls::{close, errno, open, read, set_errno, O_CLOEXEC, O_DIRECTORY, O_NONBLOCK, O_RDONLY};
+use crate::libc_calls::{above_stdio, close, errno, open, read, set_errno, O_CLOEXEC, O_DIRECTORY, O_NONBLOCK, O_RDONLY};
 use crate::maps::each_entry;
 use crate::moved_table::Moved;
 
@@ -96,7 +96,7 @@ fn is_cluster_worker(pid: &[u8]) -> bool {
         return false;
     }
     // SAFETY: `path` is NUL-terminated (append); the fd is ours, closed below.
-    let fd = unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) };
+    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) });
     if fd < 0 {
         return false;
     }
@@ -129,7 +129,7 @@ fn is_cluster_worker(pid: &[u8]) -> bool {
 /// Reads the start of the file at `path` (NUL-terminated) into `buf`; the length read.
 fn read_file(path: &[u8], buf: &mut [u8]) -> Option<usize> {
     // SAFETY: `path` is NUL-terminated (its callers' append); the fd is ours, closed below.
-    let fd = unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) };
+    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) });
     if fd < 0 {
         return None;
     }

@@ -19,9 +19,9 @@ use core::ffi::{c_char, c_int, c_void};
 
 use crate::cstring::cstr;
 use crate::libc_calls::{
-    close, environ, errno, faccessat, getauxval, mmap, munmap, open, prctl, pread, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD,
-    AT_PHDR, AT_PHNUM, AT_SECURE, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC, O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE, PR_GET_SECCOMP,
-    SECCOMP_MODE_FILTER, X_OK,
+    above_stdio, close, environ, errno, faccessat, getauxval, mmap, munmap, open, prctl, pread, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN,
+    AT_FDCWD, AT_PHDR, AT_PHNUM, AT_SECURE, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC, O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE,
+    PR_GET_SECCOMP, SECCOMP_MODE_FILTER, X_OK,
 };
 use crate::slot::Slot;
 use crate::{missing, NO, YES};
@@ -317,7 +317,7 @@ unsafe fn found(file: *const c_char, buf: &mut [u8; PATH_MAX]) -> Option<*const 
             *slash = b'/';
         }
         // SAFETY: a NUL-terminated path in `buf`.
-        let fd = unsafe { open(buf.as_ptr().cast(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY) };
+        let fd = above_stdio(unsafe { open(buf.as_ptr().cast(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY) });
         if fd >= 0 {
             // SAFETY: our fd.
             unsafe { close(fd) };
@@ -384,7 +384,7 @@ const HEAD: usize = 4096;
 /// blocks (`O_NONBLOCK`: a FIFO planted there opens at once and reads nothing).
 fn unreachable(path: *const c_char) -> bool {
     // SAFETY: `path` is a C string (the caller's contract).
-    let fd = unsafe { open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY) };
+    let fd = above_stdio(unsafe { open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY) });
     if fd < 0 {
         return false;
     }

@@ -8,9 +8,9 @@ use crate::cluster;
 use crate::corelib::{core_fn, CORE_UNANSWERED};
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    close, errno, fcntl, getpid, getsockopt, monotonic_ms, open, poll, prctl, read, recv, send, set_errno, setsockopt, socket, PollFd,
-    SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EADDRINUSE, EAGAIN, EINTR, F_DUPFD_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC,
-    O_NONBLOCK, O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
+    above_stdio, close, errno, getpid, getsockopt, monotonic_ms, open, poll, prctl, read, recv, send, set_errno, setsockopt, socket,
+    PollFd, SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EADDRINUSE, EAGAIN, EINTR, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK,
+    O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::settings::env;
@@ -56,7 +56,7 @@ fn process_runs(pid: u32) -> bool {
     }
     let saved = errno();
     // SAFETY: `path` is NUL-terminated (append); the fd is ours, closed below.
-    let fd = unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) };
+    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) });
     let mut stat = [0u8; 512];
     let n = if fd < 0 {
         -1
@@ -349,15 +349,8 @@ fn hook_socket(started: u64) -> Result<c_int, Heard> {
 /// program started with stdio closed must not find our socket there).
 fn our_socket() -> Option<c_int> {
     // SAFETY: a new socket of ours (closed by our caller, or below).
-    let fd = unsafe { socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0) };
-    if !(0..=2).contains(&fd) {
-        return (fd >= 0).then_some(fd);
-    }
-    // SAFETY: a copy of our own socket on the lowest fd ≥ 3; the original is closed.
-    let high = unsafe { fcntl(fd, F_DUPFD_CLOEXEC, 3 as c_int) };
-    // SAFETY: our own socket, opened above.
-    unsafe { close(fd) };
-    (high >= 0).then_some(high)
+    let fd = above_stdio(unsafe { socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0) });
+    (fd >= 0).then_some(fd)
 }
 
 /// Connects `fd` to the `sockaddr_un` in `sun` (a path of `n` bytes): a full backlog is
@@ -394,7 +387,7 @@ enum Heard {
 
 /// Sends `ask` and waits for the daemon's answer ([`sent_and_answered`]).
 fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
-    if let Err(heard) = sent_and_answered(conn, ask, started) {
+    if let Err(heard) = sent_and_answered(conn, ask, started, u64::MAX) {
         return heard;
     }
     let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
@@ -407,9 +400,9 @@ fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
 }
 
 /// Sends `msg` on `conn` and waits until the daemon's answer is there, while it is
-/// [`worth_waiting`] for; a signal resumes the wait (never a second ask, which would find
+/// [`worth_waiting`] for (and at most `limit_ms` since `started`); a signal resumes the wait (never a second ask, which would find
 /// the port "taken" by this very grant).
-fn sent_and_answered(conn: c_int, msg: &[u8], started: u64) -> Result<(), Heard> {
+fn sent_and_answered(conn: c_int, msg: &[u8], started: u64, limit_ms: u64) -> Result<(), Heard> {
     // SAFETY: `msg.len()` bytes of `msg` (any fd may be sent to: at worst an error).
     if unsafe { send(conn, msg.as_ptr().cast(), msg.len(), MSG_DONTWAIT | MSG_NOSIGNAL) } != msg.len() as isize {
         return Err(Heard::Nothing);
@@ -423,7 +416,7 @@ fn sent_and_answered(conn: c_int, msg: &[u8], started: u64) -> Result<(), Heard>
             _ if errno() == EINTR => {}
             _ => return Err(Heard::Nothing),
         }
-        if !worth_waiting(started) {
+        if !worth_waiting(started) || monotonic_ms().saturating_sub(started) >= limit_ms {
             return Err(Heard::Silent);
         }
     }
@@ -437,39 +430,53 @@ static TOLD: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(
 
 /// A connect of this process to loopback `port` was refused (another session's server):
 /// the daemon is told, once per port — it writes the event and answers the line to tell,
-/// which the person is told once per process. Bounded as a bind's exchange; errno as it
-/// was.
-pub(crate) fn refused(port: u16, family: u16) {
+/// which the person is told once per process. Waits at most [`HOOK_ANSWER_MS`]; errno as
+/// it was. `false` when the daemon could not be asked at all (no daemon, a session id
+/// too long for the message): the hooks' logic refuses it then, and says so.
+pub(crate) fn refused(port: u16, family: u16) -> bool {
     let key = kept_key(port);
     if REFUSED.iter().any(|k| k.load(Ordering::Relaxed) == key) {
-        return;
-    }
-    let slot = REFUSED.iter().find(|k| k.load(Ordering::Relaxed) == 0).or(REFUSED.get(usize::from(port) % REFUSED.len()));
-    if let Some(slot) = slot {
-        slot.store(key, Ordering::Relaxed);
+        return true;
     }
     let saved = errno();
     // SAFETY: copied into the message here.
-    let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
-    let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
+    let session = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
     let family = if family == AF_INET6 { 6 } else { 4 };
     let mut msg = [0u8; hookproto::DONE_MAX];
     let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family, errno: 0, flags: 0, origin: 0, session }, &mut msg);
     let started = monotonic_ms();
-    if let (Some(msg), Ok(conn)) = (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(started)) {
-        let mut buf = [0u8; hookproto::TOLD_MAX];
-        let got = sent_and_answered(conn, msg, started).ok().map(|()| {
-            // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-            unsafe { recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT) }
-        });
-        // SAFETY: our own connection, opened by `hook_socket`.
-        unsafe { close(conn) };
-        let line = got.and_then(|n| usize::try_from(n).ok()).and_then(|n| buf.get(..n)).and_then(hookproto::Answer::told_line);
+    let conn = match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(started)) {
+        (Some(msg), Ok(conn)) => Some((msg, conn)),
+        (_, Ok(conn)) => {
+            // SAFETY: our own connection, opened by `hook_socket`.
+            unsafe { close(conn) };
+            None
+        }
+        (_, Err(_)) => None,
+    };
+    let Some((msg, conn)) = conn else {
+        set_errno(saved);
+        return false;
+    };
+    let mut buf = [0u8; hookproto::TOLD_MAX];
+    let got = sent_and_answered(conn, msg, started, HOOK_ANSWER_MS).ok().map(|()| {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+        unsafe { recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT) }
+    });
+    // SAFETY: our own connection, opened by `hook_socket`.
+    unsafe { close(conn) };
+    let line = got.and_then(|n| usize::try_from(n).ok()).and_then(|n| buf.get(..n)).and_then(hookproto::Answer::told_line);
+    if let Some(line) = line {
+        let slot = REFUSED.iter().find(|k| k.load(Ordering::Relaxed) == 0).or(REFUSED.get(usize::from(port) % REFUSED.len()));
+        if let Some(slot) = slot {
+            slot.store(key, Ordering::Relaxed);
+        }
         // SAFETY: getpid cannot fail.
         let me = unsafe { getpid() } as u32;
-        if let Some(line) = line.filter(|_| TOLD.swap(me, Ordering::Relaxed) != me) {
+        if TOLD.swap(me, Ordering::Relaxed) != me {
             notice(&[line]);
         }
     }
     set_errno(saved);
+    true
 }

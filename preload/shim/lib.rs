@@ -285,12 +285,16 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
             // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
-        // as if nothing listened; the daemon logs it and the person is told once ([`refused`])
-        Some(Route::Refused) => {
-            refused(inet.port, inet.family);
-            set_errno(ECONNREFUSED);
-            -1
-        }
+        // as if nothing listened; the daemon logs it and the person is told once ([`refused`]),
+        // or the hooks' logic does when the daemon cannot be asked
+        Some(Route::Refused) => match if refused(inet.port, inet.family) { None } else { core_fn(&CORE_CONNECT) } {
+            // SAFETY: the program's call and libc's function, as the core's connect takes them.
+            Some(hook) => unsafe { hook(fd, addr, len, real) },
+            None => {
+                set_errno(ECONNREFUSED);
+                -1
+            }
+        },
         Some(_) => plain(),
         // the hooks' logic changes only stream connects: a datagram one (a DNS query to
         // 127.0.0.53) never loads it

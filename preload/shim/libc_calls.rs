@@ -149,3 +149,18 @@ pub(crate) fn set_errno(e: c_int) {
     // SAFETY: as in `errno`.
     unsafe { *__errno_location() = e }
 }
+
+/// `fd` (a new fd of ours, or -1) moved above stdio: a program started with fds 0–2 closed
+/// must not find our file or socket there, nor write its output into it. A copy on the
+/// lowest fd ≥ 3, close-on-exec, and the original closed; -1 when that fails.
+pub(crate) fn above_stdio(fd: c_int) -> c_int {
+    if !(0..=2).contains(&fd) {
+        return fd;
+    }
+    // SAFETY: a copy of our own fd; the original, ours, is closed.
+    unsafe {
+        let high = fcntl(fd, F_DUPFD_CLOEXEC, 3 as c_int);
+        close(fd);
+        high
+    }
+}

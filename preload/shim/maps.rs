@@ -7,9 +7,9 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    close, errno, getdents64, getuid, mmap, munmap, open, pread, read, set_errno, statx, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW,
-    MAP_SHARED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT,
-    S_IFREG,
+    above_stdio, close, errno, getdents64, getuid, mmap, munmap, open, pread, read, set_errno, statx, AT_EMPTY_PATH, AT_FDCWD,
+    AT_SYMLINK_NOFOLLOW, MAP_SHARED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE,
+    S_IFDIR, S_IFMT, S_IFREG,
 };
 use crate::mapview::{self, Words};
 use crate::settings::{env, own_rules};
@@ -177,7 +177,7 @@ fn tmp_fallback(buf: &mut [u8]) -> usize {
 /// alone, copied into `best` (with its NUL); its length, 0 when there is none.
 fn own_sibling(prefix: &[u8], best: &mut [u8; 64]) -> usize {
     // SAFETY: a NUL-terminated path; the fd is ours (closed below), never waited on.
-    let dir = unsafe { open(c"/tmp".as_ptr(), O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_CLOEXEC) };
+    let dir = above_stdio(unsafe { open(c"/tmp".as_ptr(), O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_CLOEXEC) });
     if dir < 0 {
         return 0;
     }
@@ -274,7 +274,7 @@ fn with_file<T>(path: &[u8], n: usize, size: usize, f: impl FnOnce(c_int) -> T) 
     }
     // SAFETY: `path` is NUL-terminated (checked above); the fd is ours (closed below).
     // never waits: a FIFO someone planted there opens at once, and is then refused
-    let fd = unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_NOCTTY | O_CLOEXEC) };
+    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_NOCTTY | O_CLOEXEC) });
     if fd < 0 {
         return None;
     }
@@ -336,29 +336,43 @@ pub(crate) fn with_port_map<T>(f: impl FnOnce(&dyn Words) -> T) -> Option<T> {
     })
 }
 
-/// The port map's words read from its open file, its header read once.
+/// The port map's words read from its open file: its magic once (it never changes), every
+/// other word when asked — the generation too, so a lookup that overlaps a rebuild is
+/// retried as over a mapping. A word is read until two reads agree: a `pread` copies
+/// bytes, and a word the daemon writes meanwhile could come out torn.
 struct FileWords {
     fd: c_int,
-    header: [u8; mapview::HEADER],
+    magic: [u8; 4],
 }
 
 impl FileWords {
     fn new(fd: c_int) -> Option<FileWords> {
-        let mut header = [0u8; mapview::HEADER];
-        // SAFETY: pread writes at most `header.len()` bytes into `header`.
-        let n = unsafe { pread(fd, header.as_mut_ptr().cast(), header.len(), 0) };
-        (n == header.len() as isize).then_some(FileWords { fd, header })
+        let magic = Self::pread_at::<4>(fd, 0)?;
+        Some(FileWords { fd, magic })
     }
 
-    fn read<const N: usize>(&self, off: usize) -> [u8; N] {
+    fn pread_at<const N: usize>(fd: c_int, off: usize) -> Option<[u8; N]> {
         let mut b = [0u8; N];
-        if let Some(h) = self.header.get(off..off + N) {
-            b.copy_from_slice(h);
-        // SAFETY: pread writes at most N bytes into `b`; `fd` is open while `self` lives.
-        } else if unsafe { pread(self.fd, b.as_mut_ptr().cast(), N, off as i64) } != N as isize {
-            b = [0u8; N];
+        // SAFETY: pread writes at most N bytes into `b`; `fd` is open (the caller's).
+        (unsafe { pread(fd, b.as_mut_ptr().cast(), N, off as i64) } == N as isize).then_some(b)
+    }
+
+    /// The word at `off`, two reads agreeing (at most 4 reads); zeros when it cannot be read.
+    fn read<const N: usize>(&self, off: usize) -> [u8; N] {
+        if off == 0 && N == 4 {
+            let mut b = [0u8; N];
+            b.copy_from_slice(self.magic.get(..N).unwrap_or(&[0; N]));
+            return b;
         }
-        b
+        let mut last = Self::pread_at::<N>(self.fd, off);
+        for _ in 0..3 {
+            let again = Self::pread_at::<N>(self.fd, off);
+            if again == last {
+                return again.unwrap_or([0u8; N]);
+            }
+            last = again;
+        }
+        [0u8; N]
     }
 }
 
