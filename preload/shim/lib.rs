@@ -3,9 +3,11 @@
 //! It is `no_std` and links nothing but libc, so loading it costs what any preload
 //! library costs (a Rust `std` library would pull in `libgcc_s` and cost every process
 //! an extra ~16%). It does no work at load time. Each hook filters with a few
-//! comparisons (address family, port, loopback, session) and otherwise calls the real
-//! function; only an interesting call loads `libstyxy_preload_core.so` (once, with
-//! `dlopen`) and hands it the call together with the real function.
+//! comparisons (address family, port, loopback, session), decides with the one decision
+//! (`decide`, common/src/decide.rs) and asks the daemon on `hook.sock` ([`keep`]) what it
+//! must; only what that cannot answer (rules of the process's own, observe mode, no
+//! daemon, a failed grant) loads `libstyxy_preload_core.so` (once, with `dlopen`) and
+//! hands it the call together with the real function.
 //!
 //! Built by `build.rs` with `-C panic=abort` (Cargo cannot set panic per package);
 //! nothing here can panic: no indexing, no unwrap.
