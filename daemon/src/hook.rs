@@ -682,22 +682,7 @@ fn log_event(g: &KeptBind, vars: LogVars, started: Instant) {
         _ if port != asked.port => (Action::Remapped, Some(eventlog::taken(asked.port, &g.holder))),
         _ => (Action::Kept, asked.origin.filter(|from| *from != port).map(|from| eventlog::moved_by_itself(&asked.comm, from))),
     };
-    let ev = Event {
-        ts: eventlog::now_ms(),
-        session: asked.session.clone(),
-        pid: asked.pid,
-        comm: asked.comm.clone(),
-        call: "bind".into(),
-        requested_port: asked.port,
-        port,
-        family: if asked.family == 6 { "ipv6" } else { "ipv4" }.into(),
-        service_type: Some(asked.service_type.clone()),
-        action,
-        reason,
-        latency_us: started.elapsed().as_micros() as u64,
-        backend: Some("unix".into()),
-        retries: 0,
-    };
+    let ev = bind_event(asked, port, action, reason, started.elapsed().as_micros() as u64);
     let _ = log_named(vars, asked.pid).append(&ev);
 }
 
@@ -712,23 +697,28 @@ fn log_named(vars: LogVars, pid: u32) -> Log {
 
 /// Fallback mode: the port `asked` was not its to have, and the tool moves on by itself.
 fn log_busy(asked: &Asked) {
-    let ev = Event {
+    let why = eventlog::left_to_own_fallback(asked.port, &asked.comm);
+    let _ = log_named(asked.vars.clone(), asked.pid).append(&bind_event(asked, asked.port, Action::Observed, Some(why), 0));
+}
+
+/// The event of the bind `asked` made (of `port`, the one asked or another).
+fn bind_event(asked: &Asked, port: u16, action: Action, reason: Option<String>, latency_us: u64) -> Event {
+    Event {
         ts: eventlog::now_ms(),
         session: asked.session.clone(),
         pid: asked.pid,
         comm: asked.comm.clone(),
         call: "bind".into(),
         requested_port: asked.port,
-        port: asked.port,
+        port,
         family: if asked.family == 6 { "ipv6" } else { "ipv4" }.into(),
         service_type: Some(asked.service_type.clone()),
-        action: Action::Observed,
-        reason: Some(eventlog::left_to_own_fallback(asked.port, &asked.comm)),
-        latency_us: 0,
+        action,
+        reason,
+        latency_us,
         backend: Some("unix".into()),
         retries: 0,
-    };
-    let _ = log_named(asked.vars.clone(), asked.pid).append(&ev);
+    }
 }
 
 /// The log variables a message carried (`hookproto::LOG_VARS`).

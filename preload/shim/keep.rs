@@ -81,21 +81,21 @@ fn kept_key(port: u16) -> u64 {
     (u64::from(unsafe { getpid() } as u32) << 16) | u64::from(port)
 }
 
-/// The daemon granted `port` to this process through [`keep`]: it owns the allocation
-/// already, its `listen()` has nothing to confirm.
-pub(crate) fn kept_here(port: u16) -> bool {
-    let key = kept_key(port);
-    KEPT.iter().any(|k| k.load(Ordering::Relaxed) == key)
+/// Whether `port` was kept through [`keep`] by this process (it owns the allocation
+/// already: its `listen()` has nothing to confirm) and by an ancestor before a `fork` (this
+/// process's `listen()` confirms it, becoming an owner that outlives its parent).
+pub(crate) fn kept_by(port: u16) -> (bool, bool) {
+    let mine = kept_key(port);
+    let (mut here, mut before) = (false, false);
+    for k in KEPT.iter().map(|k| k.load(Ordering::Relaxed)) {
+        here |= k == mine;
+        before |= k != 0 && k != mine && k & 0xffff == u64::from(port);
+    }
+    (here, before)
 }
 
-/// An ancestor of this process (before a `fork`) kept `port` through [`keep`]: this
-/// process's `listen()` confirms it, becoming an owner that outlives its parent.
-pub(crate) fn kept_before(port: u16) -> bool {
-    let mine = kept_key(port);
-    KEPT.iter().any(|k| {
-        let k = k.load(Ordering::Relaxed);
-        k != 0 && k != mine && k & 0xffff == u64::from(port)
-    })
+fn kept_here(port: u16) -> bool {
+    kept_by(port).0
 }
 
 /// Tells the daemon this process listens on `port`, which an ancestor kept before a

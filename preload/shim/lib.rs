@@ -31,7 +31,7 @@ use core::ffi::{c_int, c_void};
 
 use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
 use decide::{Class, Facts, ListenWay, Listening, Mode, Plan, Route, Seen};
-use keep::{confirm, keep, kept_before, kept_here, origin, refused};
+use keep::{confirm, keep, kept_by, origin, refused};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
 use settings::{enabled, in_session, isolate, mode, own_rules, session_tag};
@@ -228,7 +228,8 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
     let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
     let port = if named { ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| a.port) } else { None };
     let p = port.unwrap_or(0);
-    let way = decide::listen_way(Listening { port, kept_here: kept_here(p), kept_before: kept_before(p), logic_loaded: core_present() });
+    let (kept_here, kept_before) = kept_by(p);
+    let way = decide::listen_way(Listening { port, kept_here, kept_before, logic_loaded: core_present() });
     set_errno(saved);
     match way {
         ListenWay::AsAsked => plain(),
