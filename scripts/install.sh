@@ -45,7 +45,6 @@ built=${from:-$target/release}
 files=(
   "bin/styxy-preload=$built/styxy-preload"
   "lib/styxy-preload/libstyxy_preload.so=$built/libstyxy_preload.so"
-  "lib/styxy-preload/libstyxy_preload_core.so=$built/libstyxy_preload_core.so"
   "share/bash-completion/completions/styxy-preload=packaging/completions/styxy-preload.bash"
   "share/zsh/site-functions/_styxy-preload=packaging/completions/_styxy-preload"
   "share/fish/vendor_completions.d/styxy-preload.fish=packaging/completions/styxy-preload.fish"
@@ -82,8 +81,7 @@ fi
 stale() {
   local pair a
   for pair in "styxy-preload:src common/src daemon/src preload/src" \
-    "libstyxy_preload.so:preload/shim preload/build.rs" \
-    "libstyxy_preload_core.so:preload/src common/src"; do
+    "libstyxy_preload.so:preload/shim preload/build.rs common/src"; do
     a=$built/${pair%%:*}
     [ -f "$a" ] || return 0
     # shellcheck disable=SC2086 # a list of paths

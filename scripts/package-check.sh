@@ -31,7 +31,7 @@ deb=$(tail -n 1 "$W/deb.out")
 [ -f "$deb" ] || fail "cargo deb printed no package path"
 echo "package-check: built $deb in $(($(date +%s) - start)) s"
 contents=$(dpkg-deb -c "$deb")
-for want in ./usr/bin/styxy-preload ./usr/lib/styxy-preload/libstyxy_preload.so ./usr/lib/styxy-preload/libstyxy_preload_core.so \
+for want in ./usr/bin/styxy-preload ./usr/lib/styxy-preload/libstyxy_preload.so \
   ./usr/share/man/man1/styxy-preload.1.gz ./usr/share/bash-completion/completions/styxy-preload \
   ./usr/share/zsh/vendor-completions/_styxy-preload ./usr/share/fish/vendor_completions.d/styxy-preload.fish \
   ./usr/lib/systemd/user/styxy-preload.socket ./usr/lib/systemd/user/styxy-preload.service ./usr/share/doc/styxy-preload/README.md; do

@@ -1,10 +1,9 @@
-//! Finding `libstyxy_preload.so` (and the core beside it): next to this executable,
-//! then `$STYXY_PRELOAD_LIB`, then the install locations.
+//! Finding `libstyxy_preload.so`: next to this executable, then `$STYXY_PRELOAD_LIB`,
+//! then the install locations.
 
 use std::path::{Path, PathBuf};
 
 pub const LIB: &str = "libstyxy_preload.so";
-pub const CORE: &str = "libstyxy_preload_core.so";
 
 fn candidates() -> Vec<PathBuf> {
     let mut c = Vec::new();
@@ -22,21 +21,12 @@ fn candidates() -> Vec<PathBuf> {
     c
 }
 
-/// The library's absolute path, with its core beside it; or what is wrong and how to fix it.
+/// The library's absolute path; or what is wrong and how to fix it.
 pub fn find() -> Result<PathBuf, String> {
     let tried = candidates();
     for p in &tried {
         if p.is_file() {
-            let p = p.canonicalize().unwrap_or_else(|_| p.clone());
-            let core = p.with_file_name(CORE);
-            if !core.is_file() {
-                return Err(format!(
-                    "{} is there but {} is missing beside it; reinstall both (scripts/install.sh) or rebuild (cargo build --release --workspace)",
-                    p.display(),
-                    core.display()
-                ));
-            }
-            return Ok(p);
+            return Ok(p.canonicalize().unwrap_or_else(|_| p.clone()));
         }
     }
     let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();

@@ -329,7 +329,7 @@ fn tmp_fallbacks_another_user_made_first_are_never_used_and_stop_nothing() {
     let mut plant = bare("sh", &[]);
     plant.args(["-c", &format!("mkfifo -m 666 {0}/policy.map {0}/ports.map", run_dir.display())]);
     assert!(run(as_uid(plant, att)).status.success());
-    let script = "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 3005)); s.listen()\nc = socket.create_connection(('127.0.0.1', 3005), 2)\ncore = 'core' if 'libstyxy_preload_core' in open('/proc/self/maps').read() else 'shim'\nprint('served', s.getsockname()[1], core, flush=True)";
+    let script = "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 3005)); s.listen()\nc = socket.create_connection(('127.0.0.1', 3005), 2)\ncore = 'core' if any('libstyxy' in l and 'libstyxy_preload.so' not in l for l in open('/proc/self/maps')) else 'shim'\nprint('served', s.getsockname()[1], core, flush=True)";
     let mut c = bare("python3", &[("LD_PRELOAD", lib().display().to_string()), ("STYXY_PRELOAD_SESSION", "v13b".into())]);
     c.args(["-c", script]).current_dir("/");
     let started = Instant::now();

@@ -187,14 +187,16 @@ fn the_shims_socket_answers_only_its_own_layout_and_keeps_serving() {
     use styxy_preload_common::hookproto::{Answer, Ask, ASK_LEN, DECLINED, DONE, GRANTED, KEEP};
     let w = World::new();
     w.start_daemon();
-    let keep =
-        |port: u16, session: &'static [u8]| Ask { kind: KEEP, port, family: 4, errno: 0, flags: 0, origin: 0, session }.encode().unwrap();
+    let keep = |port: u16, session: &'static [u8]| {
+        Ask { kind: KEEP, port, family: 4, errno: 0, flags: 0, origin: 0, session, note: 0, comm: b"" }.encode().unwrap()
+    };
     let good = keep(4090, b"raw");
     let mut wrong_version = good;
     wrong_version[0] ^= 0xff;
     let mut long_session = good;
     long_session[12] = 200;
-    let done_first = Ask { kind: DONE, port: 4090, family: 4, errno: 0, flags: 0, origin: 0, session: b"raw" }.encode().unwrap();
+    let done_first =
+        Ask { kind: DONE, port: 4090, family: 4, errno: 0, flags: 0, origin: 0, session: b"raw", note: 0, comm: b"" }.encode().unwrap();
     for bad in [&b""[..], b"GET / HTTP/1.1\r\n\r\n", &good[..ASK_LEN - 1], &wrong_version, &long_session, &done_first, &[0xffu8; 4096]] {
         assert_eq!(hook_ask(&w, bad), None, "{bad:?} was answered");
     }

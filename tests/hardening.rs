@@ -98,7 +98,7 @@ fn the_notice_never_blocks_and_lands_only_where_a_person_reads() {
 }
 
 #[test]
-fn a_core_that_failed_to_load_at_the_fd_limit_is_loaded_later() {
+fn a_bind_at_the_fd_limit_goes_as_asked_and_the_next_is_coordinated() {
     let mut w = World::new();
     w.start_daemon();
     let mut c = w.preloaded(Some("emfile"), fixture("binder"));
@@ -108,7 +108,7 @@ fn a_core_that_failed_to_load_at_the_fd_limit_is_loaded_later() {
         let l = rows(w.output_of("emfile").as_bytes());
         (l.len() == 2).then_some(l)
     });
-    // at the limit: passed through as asked (nothing could be loaded)
+    // at the limit: passed through as asked (no socket to ask the daemon on)
     assert_eq!(rows[0], Row::of("tight", 0, 0, 3096));
     // once fds are available again: coordinated (3096 is held by the first socket: moved)
     assert_eq!((rows[1].case.as_str(), rows[1].outcome()), ("relaxed", (Some(0), Some(0))), "{rows:?}");

@@ -78,7 +78,6 @@ fn install_sh_into_a_prefix_works_from_anywhere_and_uninstalls_cleanly() {
     for f in [
         "bin/styxy-preload",
         "lib/styxy-preload/libstyxy_preload.so",
-        "lib/styxy-preload/libstyxy_preload_core.so",
         "share/man/man1/styxy-preload.1",
         "share/bash-completion/completions/styxy-preload",
         "share/zsh/site-functions/_styxy-preload",

@@ -119,12 +119,14 @@ fn without_a_daemon_behaviour_is_plain() {
     let script = "import socket,time\ns=socket.socket()\nt=time.perf_counter()\ntry:\n  s.bind(('0.0.0.0',8050)); r='bound'\nexcept OSError as e: r='errno %d' % e.errno\nprint(r, round((time.perf_counter()-t)*1000))";
     let mut c = w.preloaded(Some("nodaemon"), "python3");
     c.args(["-c", script]);
-    let out = text(&run(c).stdout);
-    let f: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(f[..2], ["errno", "98"], "{out}");
+    let out = run(c);
+    let f: Vec<String> = text(&out.stdout).split_whitespace().map(str::to_string).collect();
+    assert_eq!(f[..2], ["errno", "98"], "{f:?}");
     assert!(f[2].parse::<u64>().unwrap() < 300, "bind took {} ms", f[2]);
-    let ev = w.events();
-    assert!(ev.iter().any(|e| e.action == Action::Passthrough && e.reason.as_deref() == Some("no coordinator")), "{ev:?}");
+    // no daemon ever ran here: no spool to log it in, the person is told
+    assert!(w.events().is_empty());
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("styxy-preload: no coordinator (unix:").count(), 1, "{err}");
 }
 
 #[test]
@@ -144,7 +146,8 @@ fn a_frozen_daemon_costs_a_bind_at_most_the_timeout() {
     let f: Vec<&str> = s.split_whitespace().collect();
     assert_eq!(f.first(), Some(&"8060"), "{s} {}", text(&out.stderr));
     assert!(f[1].parse::<u64>().unwrap() <= 1000, "a bind took {} ms with the daemon frozen", f[1]);
-    assert!(w.events().iter().any(|e| e.reason.as_deref() == Some("coordinator timeout")));
+    // spooled while the daemon was frozen, and logged once it runs again
+    wait_for(10, "the timeout's event", || w.events().into_iter().find(|e| e.reason.as_deref() == Some("coordinator timeout")));
 }
 
 #[test]
@@ -191,9 +194,9 @@ fn errno_is_untouched_stdio_may_be_closed_and_close_range_is_survived() {
     assert_eq!(http_get("127.0.0.1", port, "/").as_deref(), Some("closed"));
 }
 
-/// Whether the hooks' logic (the std core) was loaded into `pid`.
+/// Whether something of ours besides the shim is mapped into `pid`.
 fn core_loaded(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().contains("libstyxy_preload_core")
+    !ours_beside_the_shim(pid).is_empty()
 }
 
 #[test]
@@ -275,7 +278,7 @@ try: s.bind(('127.0.0.1', port)); break\n    \
 except OSError as e: print('taken', port, e.errno, flush=True)\n\
 s.listen()\n\
 c = socket.create_connection(('127.0.0.1', 4040), 2); c.close()\n\
-core = 'core' if 'libstyxy_preload_core' in open('/proc/self/maps').read() else 'shim'\n\
+core = 'core' if any('libstyxy' in l and 'libstyxy_preload.so' not in l for l in open('/proc/self/maps')) else 'shim'\n\
 print('serving', s.getsockname()[1], core, flush=True); time.sleep(30)";
     let mut c = w.preloaded(Some("second"), "python3");
     c.env("STYXY_PRELOAD_MODE", "fallback").args(["-c", tool]);
@@ -345,26 +348,78 @@ fn a_rule_giving_a_privileged_port_a_type_coordinates_its_bind() {
 }
 
 #[test]
-fn a_datagram_connect_never_loads_the_core_even_with_rules_of_its_own() {
+fn rules_of_a_process_own_coordinate_its_binds_and_its_connects() {
     let mut w = World::new();
     w.start_daemon();
-    // rules of the process's own (STYXY_PRELOAD_PORTS): loopback stream connects go to the
-    // hooks' logic; a DNS-like datagram connect to 127.0.0.53:53 must not load it
-    let mut c = w.preloaded(Some("udp"), "python3");
-    c.env("STYXY_PRELOAD_PORTS", "4033=dev").arg("-c").arg(
-        "import socket, time\nu=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('127.0.0.53', 53))\nprint('udp', flush=True)\ntime.sleep(30)",
+    // 4033 is nobody's type; a rule of the process's own makes it a dev port
+    let ruled = |w: &World, session: &str, script: &str| {
+        let mut c = w.preloaded(Some(session), "python3");
+        c.env("STYXY_PRELOAD_PORTS", "4033=dev").arg("-c").arg(script);
+        c
+    };
+    let server = "import socket, time\ns=socket.socket(); s.bind(('127.0.0.1', 4033)); s.listen()\nprint(s.getsockname()[1], flush=True); time.sleep(30)";
+    let port = |w: &World, name: &str| wait_for(10, name, || w.output_of(name).trim().parse::<u16>().ok());
+    let a = w.spawn(ruled(&w, "a", server), "a");
+    let pa = port(&w, "a");
+    let b = w.spawn(ruled(&w, "b", server), "b");
+    let pb = port(&w, "b");
+    assert_eq!(pa, 4033, "the first is kept");
+    assert!((3000..3100).contains(&pb), "the second is moved to a dev port: {pb}");
+    assert_eq!(ours_beside_the_shim(b), Vec::<String>::new(), "the shim is the whole library");
+    // each session's connects follow its own server; a third's is refused; a datagram
+    // connect (a DNS query) is left alone
+    let client = "import socket\ntry:\n  c=socket.create_connection(('127.0.0.1', 4033), 2); print('to', c.getpeername()[1])\nexcept OSError as e: print('errno', e.errno)\nu=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('127.0.0.53', 53)); print('udp')";
+    for (session, want) in [("a", format!("to {pa}")), ("b", format!("to {pb}")), ("c", "errno 111".to_string())] {
+        let out = text(&run(ruled(&w, session, client)).stdout);
+        assert_eq!(out.lines().collect::<Vec<_>>(), [want.as_str(), "udp"], "session {session}");
+    }
+    let ev = w.events();
+    let bound: Vec<_> =
+        ev.iter().filter(|e| e.requested_port == 4033 && e.call == "bind").map(|e| (e.action, e.port, e.service_type.as_deref())).collect();
+    assert_eq!(bound, [(Action::Kept, 4033, Some("dev")), (Action::Remapped, pb, Some("dev"))], "{ev:#?}");
+    w.kill(a);
+    w.kill(b);
+}
+
+#[test]
+fn what_the_shim_does_alone_the_daemon_logs() {
+    let mut w = World::new();
+    w.start_daemon();
+    let py = |w: &World, session: &str, script: &str| {
+        let mut c = w.preloaded(Some(session), "python3");
+        c.arg("-c").arg(script);
+        text(&run(c).stdout).trim().to_string()
+    };
+    let event = |w: &World, what: &str, f: &dyn Fn(&styxy_preload_common::eventlog::Event) -> bool| {
+        wait_for(10, what, || w.events().into_iter().find(|e| f(e)))
+    };
+    // a single-instance type (ollama's 11434): a second instance's EADDRINUSE stands
+    serve(&mut w, Some("a"), 11434, "ollama");
+    let bind = |port: u16| {
+        format!("import socket\ns=socket.socket()\ntry: s.bind(('127.0.0.1', {port})); print(s.getsockname()[1])\nexcept OSError as e: print('errno', e.errno)")
+    };
+    assert_eq!(py(&w, "b", &bind(11434)), "errno 98");
+    let e = event(&w, "the single instance's event", &|e| e.session.as_deref() == Some("b"));
+    assert_eq!(
+        (e.action, e.port, e.service_type.as_deref(), e.reason.as_deref(), e.comm.as_str()),
+        (Action::Passthrough, 11434, Some("ai"), Some("single-instance type ai: not remapped"), "python3")
     );
-    let pid = w.spawn(c, "udp");
-    wait_for(10, "the datagram connect", || w.output_of("udp").contains("udp").then_some(()));
-    assert!(!core_loaded(pid), "a datagram connect loaded the core");
-    // a stream connect of the same process does go to the hooks' logic
-    let mut c = w.preloaded(Some("udp"), "python3");
-    c.env("STYXY_PRELOAD_PORTS", "4033=dev").arg("-c").arg(
-        "import socket, time\nt=socket.socket()\ntry: t.connect(('127.0.0.1', 4033))\nexcept OSError: pass\nprint('tcp', flush=True); time.sleep(30)",
+    // observe mode: bound as asked, what would have been coordinated logged
+    let mut c = w.preloaded(Some("c"), "python3");
+    c.env("STYXY_PRELOAD_MODE", "observe").arg("-c").arg(bind(3000));
+    assert_eq!(text(&run(c).stdout).trim(), "3000");
+    let e = event(&w, "the observed bind", &|e| e.session.as_deref() == Some("c"));
+    assert_eq!(
+        (e.action, e.call.as_str(), e.port, e.service_type.as_deref(), e.reason.as_deref()),
+        (Action::Observed, "bind", 3000, Some("dev"), Some("observe mode"))
     );
-    let tcp = w.spawn(c, "tcp");
-    wait_for(10, "the stream connect", || w.output_of("tcp").contains("tcp").then_some(()));
-    assert!(core_loaded(tcp), "a stream connect with rules of its own is the hooks' logic's");
+    // a listen of an unbound socket: the port the kernel chose
+    let chosen: u16 = py(&w, "d", "import socket\ns=socket.socket(); s.listen(); print(s.getsockname()[1])").parse().unwrap();
+    let e = event(&w, "the kernel's choice", &|e| e.session.as_deref() == Some("d"));
+    assert_eq!(
+        (e.action, e.call.as_str(), e.requested_port, e.port, e.reason.as_deref()),
+        (Action::Observed, "listen", 0, chosen, Some("port chosen by the kernel"))
+    );
 }
 
 #[test]

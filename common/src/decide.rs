@@ -1,11 +1,12 @@
 //! What happens to a hooked call, decided from facts alone: pure, no I/O, `no_std` (the
-//! shim includes this file). Every carrier — the shim in each process, the hooks' logic
-//! (`bind::decide` in the core, which the seccomp supervisor runs too) and the daemon's
-//! check of a shim's `KEEP` — asks these functions and carries the answer out; none
+//! shim includes this file). Every carrier — the shim in each process, the seccomp
+//! supervisor (`bind::decide` in the supervisor's crate) and the daemon's check of a
+//! shim's `KEEP` — asks these functions and carries the answer out; none
 //! decides on its own (docs/ARCHITECTURE.md "A call's way").
 //!
 //! Here: [`plan`] for a `bind()` ([`Class`] × [`Mode`] × [`Facts`] → [`Plan`]), [`route`]
-//! for a session's loopback `connect()` ([`Route`]), and [`listen_way`] for a `listen()`.
+//! for a session's loopback `connect()` ([`Route`]), [`listen_way`] for a `listen()`, and
+//! [`rule_class`] for a port a rule of the process's own covers.
 
 /// What the policy says of a port, as the policy map stores it (one byte per port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +166,40 @@ pub struct Listening {
     pub port: Option<u16>,
     pub kept_here: bool,
     pub kept_before: bool,
-    pub logic_loaded: bool,
+}
+
+/// The class a rule of the process's own (`STYXY_PRELOAD_PORTS`, `spec` as the
+/// environment holds it) gives `port`: [`Class::Untouched`] for `off` or `none`,
+/// [`Class::Coordinated`] for a type (the daemon decides with the same rules, and may say
+/// otherwise: a single-instance type, an unknown one); `None` when no rule covers it.
+/// Read as `Policy::add_rules` reads them: the first rule that covers the port, up to the
+/// first malformed entry.
+pub fn rule_class(spec: &[u8], port: u16) -> Option<Class> {
+    for item in spec.split(|c| *c == b',' || c.is_ascii_whitespace()).filter(|s| !s.is_empty()) {
+        let eq = item.iter().position(|c| *c == b'=')?;
+        let (ports, ty) = (&item[..eq], item[eq + 1..].trim_ascii());
+        let (lo, hi) = match ports.iter().position(|c| *c == b'-') {
+            Some(dash) => (rule_port(&ports[..dash])?, rule_port(&ports[dash + 1..])?),
+            None => (rule_port(ports)?, rule_port(ports)?),
+        };
+        if lo > hi {
+            return None;
+        }
+        if (lo..=hi).contains(&port) {
+            return Some(if ty == b"off" || ty == b"none" { Class::Untouched } else { Class::Coordinated });
+        }
+    }
+    None
+}
+
+/// A rule's port: 1-65535 in decimal, spaces around it allowed.
+fn rule_port(s: &[u8]) -> Option<u16> {
+    let s = s.trim_ascii();
+    if s.is_empty() || s.len() > 5 {
+        return None;
+    }
+    let n = s.iter().try_fold(0u32, |n, d| d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0')))?;
+    u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
 /// How a `listen()` goes.
@@ -176,18 +210,17 @@ pub enum ListenWay {
     /// Listened, then confirmed with the daemon: an ancestor kept the port before a
     /// `fork`, and this process becomes an owner of its allocation.
     Confirm,
-    /// The hooks' logic: a socket the kernel binds at this very listen (observed), or any
-    /// socket but a kept one once the logic is loaded (its grants are confirmed at listen).
-    Logic,
+    /// Listened, then the port the kernel chose is told (observed): the socket was
+    /// unbound, and the kernel binds it at this very listen.
+    Observe,
 }
 
 /// How a `listen()` on a socket [`Listening`] says of goes.
 pub fn listen_way(l: Listening) -> ListenWay {
     match l.port {
         None => ListenWay::AsAsked,
-        Some(0) => ListenWay::Logic,
+        Some(0) => ListenWay::Observe,
         Some(_) if l.kept_here => ListenWay::AsAsked,
-        Some(_) if l.logic_loaded => ListenWay::Logic,
         Some(_) if l.kept_before => ListenWay::Confirm,
         Some(_) => ListenWay::AsAsked,
     }
@@ -287,15 +320,13 @@ mod tests {
 
     #[test]
     fn every_listen_way() {
-        use ListenWay::{AsAsked, Confirm, Logic};
-        let l = |port, kept_here, kept_before, logic_loaded| listen_way(Listening { port, kept_here, kept_before, logic_loaded });
-        assert_eq!(l(None, false, false, true), AsAsked, "not an inet socket");
-        assert_eq!(l(Some(0), false, false, false), Logic, "bound by the kernel at this listen: observed");
-        assert_eq!(l(Some(3000), false, false, false), AsAsked, "nothing to confirm: no map read");
-        assert_eq!(l(Some(3000), true, false, false), AsAsked, "kept here: the daemon knows");
-        assert_eq!(l(Some(3000), true, true, true), AsAsked, "kept here after the parent: the daemon knows");
-        assert_eq!(l(Some(3000), false, true, false), Confirm, "an ancestor kept it: confirmed");
-        assert_eq!(l(Some(3000), false, true, true), Logic, "the logic loaded confirms it itself");
-        assert_eq!(l(Some(3000), false, false, true), Logic, "the logic's own grant: confirmed");
+        use ListenWay::{AsAsked, Confirm, Observe};
+        let l = |port, kept_here, kept_before| listen_way(Listening { port, kept_here, kept_before });
+        assert_eq!(l(None, false, false), AsAsked, "not an inet socket");
+        assert_eq!(l(Some(0), false, false), Observe, "bound by the kernel at this listen: observed");
+        assert_eq!(l(Some(3000), false, false), AsAsked, "nothing to confirm: no map read");
+        assert_eq!(l(Some(3000), true, false), AsAsked, "kept here: the daemon knows");
+        assert_eq!(l(Some(3000), true, true), AsAsked, "kept here after the parent: the daemon knows");
+        assert_eq!(l(Some(3000), false, true), Confirm, "an ancestor kept it: confirmed");
     }
 }

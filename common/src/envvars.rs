@@ -93,6 +93,4 @@ contract! {
     /// Set by the CLI when it starts the daemon itself (`exec`, `env`, `port`, `daemon start`).
     DAEMON_LAUNCH = "STYXY_PRELOAD_DAEMON_LAUNCH", [Daemon],
         "how the daemon was started, its run_mode (set by the CLI)";
-    CORE = "STYXY_PRELOAD_CORE", [Library],
-        "the hooks' core library, instead of the one beside the preload library";
 }

@@ -7,19 +7,28 @@
 //! One connection carries one bind: the shim sends an [`Ask`] (`KEEP`: may this process
 //! have this port?), the daemon answers an [`Answer`]: `GRANTED` (this very port),
 //! `MOVED` (another port, when the ask says it [`MAY_MOVE`]) or `DECLINED`; the shim
-//! binds and sends an [`Ask`] of kind `DONE` with the result, which the daemon logs (or,
-//! on a failure, withdraws the grant). A port bound as asked first that turned out taken
-//! is asked about the same way ([`TAKEN`]). A fallback, an error and every retry after a
-//! failed grant are the hooks' logic's (the shim hears `DECLINED`, or fails its bind, and
-//! loads it).
+//! binds and sends an [`Ask`] of kind `DONE` with the result, which the daemon logs (and,
+//! on a failure, withdraws the grant; the shim asks again). A port bound as asked first
+//! that turned out taken is asked about the same way ([`TAKEN`]). What the shim does
+//! alone (observe mode, a single-instance type's `EADDRINUSE`, a port the kernel chose at
+//! `listen`) it tells in a [`NOTE`]; what it did while the daemon could not be asked it
+//! appends to the daemon's spool ([`SPOOL`], [`spooled`]), which the daemon logs when it
+//! runs again. The daemon writes every event.
 
 /// File name of the socket in the daemon's runtime directory.
 pub const SOCKET: &str = "hook.sock";
-/// "SPH2": the layout's version; another version is declined.
-pub const MAGIC: u32 = 0x3248_5053;
+/// File name of the spool in the daemon's runtime directory: what the shim did while the
+/// daemon could not be asked, [`spool_record`]s the daemon logs when it runs again.
+pub const SPOOL: &str = "hook.spool";
+/// The spool's size past which the shim appends nothing more (a daemon gone for good).
+pub const SPOOL_MAX: u64 = 1 << 20;
+/// "SPH3": the layout's version; another version is declined.
+pub const MAGIC: u32 = 0x3348_5053;
 /// The longest session id the shim sends (the daemon's limit is 100).
 pub const SESSION_MAX: usize = 100;
-pub const ASK_LEN: usize = 128;
+pub const ASK_LEN: usize = 136;
+/// The longest process name (`comm`, without its NUL) a [`NOTE`] carries.
+pub const COMM_MAX: usize = 15;
 pub const ANSWER_LEN: usize = 8;
 
 /// May this process bind exactly this port (granted, as a bind in progress)?
@@ -36,6 +45,32 @@ pub const CONFIRM: u8 = 3;
 /// after its [`ASK_LEN`] bytes, the [`LOG_VARS`] as in a `DONE`. The daemon writes the
 /// event and answers `TOLD`, with the line to tell the person.
 pub const REFUSED: u8 = 4;
+/// What this process did alone, for the daemon to log (`Ask::note`: [`NOTE_OBSERVED`] …),
+/// after its [`ASK_LEN`] bytes the [`LOG_VARS`] as in a `DONE`. Nothing is answered.
+pub const NOTE: u8 = 5;
+/// `Ask::note`: observe mode: bound as asked, and what would have been coordinated logged.
+pub const NOTE_OBSERVED: u8 = 1;
+/// `Ask::note`: a single-instance type's port was taken: the program gets `EADDRINUSE`.
+pub const NOTE_SINGLE: u8 = 2;
+/// `Ask::note`: a `listen()` of an unbound socket: the kernel chose `port`.
+pub const NOTE_KERNEL_CHOSE: u8 = 3;
+/// `Ask::note` (spooled): the daemon did not answer in time; bound as asked.
+pub const NOTE_UNANSWERED: u8 = 4;
+/// `Ask::note` (spooled): no daemon answered on `hook.sock`; bound as asked.
+pub const NOTE_NO_COORDINATOR: u8 = 5;
+/// Why a bind could not ask, as its event and the one line on stderr say it (the shim and
+/// `reason::AskError` word it from these): then where it looked, then [`PASS_THROUGH`].
+pub const NO_COORDINATOR: &str = "no coordinator";
+pub const TIMEOUT: &str = "coordinator timeout";
+/// The other-user line: `OTHER_USER[0]`, the daemon's uid, `OTHER_USER[1]`, ours, `OTHER_USER[2]`.
+pub const OTHER_USER: [&str; 3] = [
+    "the session's daemon belongs to uid ",
+    " and this process runs as uid ",
+    ": run the command under `styxy-preload exec --seccomp` to coordinate it",
+];
+pub const PASS_THROUGH: &str = ": ports pass through uncoordinated";
+/// The fix said after [`PASS_THROUGH`] when no daemon answers.
+pub const START_IT: &str = "; start it with `styxy-preload daemon start`, or run the tool under `styxy-preload exec`";
 /// The environment that names a process's event log (`eventlog::Log::of`).
 pub const LOG_VARS: [&str; 4] = ["STYXY_PRELOAD_LOG", "STYXY_PRELOAD_LOG_MAX", "XDG_STATE_HOME", "HOME"];
 /// The longest `DONE`: the ask and its variables.
@@ -57,10 +92,15 @@ pub const SHARES_PORT: u8 = 4;
 pub const FALLBACK: u8 = 8;
 /// `Ask::flags`: the process is in on-conflict mode (bound as asked first, every port).
 pub const ON_CONFLICT_MODE: u8 = 16;
+/// `Ask::flags`: a `STYXY_PRELOAD_PORTS` rule of the process's own covers the port: the
+/// daemon decides with the rules of the process's environment.
+pub const OWN_RULES: u8 = 32;
 
 /// This very port.
 pub const GRANTED: u8 = 1;
-/// Not in the shim's way: the hooks' logic decides (type, upstream, fallback, …).
+/// Not this process's to coordinate (another class, a refusal the daemon logged): the
+/// bind goes as asked. After a refusal, the line to tell the person follows, as in a
+/// `TOLD` ([`Answer::with_line`]).
 pub const DECLINED: u8 = 2;
 /// Another port (`Answer::port`): the one asked is another session's, or taken.
 pub const MOVED: u8 = 3;
@@ -88,6 +128,10 @@ pub struct Ask<'a> {
     pub origin: u16,
     /// `STYXY_PRELOAD_SESSION`, empty for none.
     pub session: &'a [u8],
+    /// `NOTE`: what the process did ([`NOTE_OBSERVED`] …); 0 otherwise.
+    pub note: u8,
+    /// `NOTE`: the process's name (at most [`COMM_MAX`] bytes; empty for others).
+    pub comm: &'a [u8],
 }
 
 /// The daemon's answer to a `KEEP`: the port to bind (`GRANTED`, `MOVED`), or none.
@@ -106,6 +150,7 @@ impl Ask<'_> {
         if self.session.len() > SESSION_MAX {
             return None;
         }
+        let comm = self.comm.get(..self.comm.len().min(COMM_MAX)).unwrap_or_default();
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4] = self.kind;
         b[5] = self.family;
@@ -115,6 +160,9 @@ impl Ask<'_> {
         b[13] = self.flags;
         b[14..16].copy_from_slice(&self.origin.to_le_bytes());
         b[16..16 + self.session.len()].copy_from_slice(self.session);
+        b[116] = self.note;
+        b[117] = comm.len() as u8;
+        b[118..118 + comm.len()].copy_from_slice(comm);
         Some(b)
     }
 
@@ -123,8 +171,8 @@ impl Ask<'_> {
         if b.len() != ASK_LEN || b[0..4] != MAGIC.to_le_bytes() {
             return None;
         }
-        let len = usize::from(b[12]);
-        if len > SESSION_MAX || !matches!(b[4], KEEP | DONE | CONFIRM | REFUSED) || !matches!(b[5], 4 | 6) {
+        let (len, comm) = (usize::from(b[12]), usize::from(b[117]));
+        if len > SESSION_MAX || comm > COMM_MAX || !matches!(b[4], KEEP | DONE | CONFIRM | REFUSED | NOTE) || !matches!(b[5], 4 | 6) {
             return None;
         }
         Some(Ask {
@@ -135,6 +183,8 @@ impl Ask<'_> {
             flags: b[13],
             origin: u16::from_le_bytes([b[14], b[15]]),
             session: &b[16..16 + len],
+            note: b[116],
+            comm: &b[118..118 + comm],
         })
     }
 }
@@ -146,6 +196,32 @@ pub fn done_vars(tail: &[u8]) -> impl Iterator<Item = (&'static str, &[u8])> + '
         let eq = kv.iter().position(|c| *c == b'=')?;
         let key = LOG_VARS.iter().find(|k| k.as_bytes() == &kv[..eq])?;
         Some((*key, &kv[eq + 1..]))
+    })
+}
+
+/// A spool record into `buf`: its length (`u16`), the pid, the wall-clock time (ms since
+/// the epoch) and `msg` (a `NOTE` and its variables); its length, 0 when it does not fit.
+pub fn spool_record(pid: u32, ts_ms: u64, msg: &[u8], buf: &mut [u8]) -> usize {
+    let n = 14 + msg.len();
+    let (Ok(len), Some(to)) = (u16::try_from(n), buf.get_mut(..n)) else { return 0 };
+    to[0..2].copy_from_slice(&len.to_le_bytes());
+    to[2..6].copy_from_slice(&pid.to_le_bytes());
+    to[6..14].copy_from_slice(&ts_ms.to_le_bytes());
+    to[14..].copy_from_slice(msg);
+    n
+}
+
+/// The records of a spool: pid, time and message each; a torn or garbled tail ends them.
+pub fn spooled(data: &[u8]) -> impl Iterator<Item = (u32, u64, &[u8])> + '_ {
+    let mut rest = data;
+    core::iter::from_fn(move || {
+        let n = usize::from(u16::from_le_bytes([*rest.first()?, *rest.get(1)?]));
+        let rec = rest.get(..n).filter(|_| n >= 14)?;
+        rest = &rest[n..];
+        let pid = u32::from_le_bytes([rec[2], rec[3], rec[4], rec[5]]);
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&rec[6..14]);
+        Some((pid, u64::from_le_bytes(ts), &rec[14..]))
     })
 }
 
@@ -168,12 +244,22 @@ impl Answer {
 
     /// A `TOLD` and the line after it (`port`: the refused one).
     pub fn told(port: u16, line: &[u8]) -> ([u8; ANSWER_LEN], &[u8]) {
-        (Answer { status: TOLD, port, existing: false }.encode(), &line[..line.len().min(TOLD_MAX - ANSWER_LEN)])
+        Answer { status: TOLD, port, existing: false }.with_line(line)
+    }
+
+    /// This answer and the line after it, cut to fit [`TOLD_MAX`].
+    pub fn with_line(self, line: &[u8]) -> ([u8; ANSWER_LEN], &[u8]) {
+        (self.encode(), &line[..line.len().min(TOLD_MAX - ANSWER_LEN)])
     }
 
     /// The line of a `TOLD` message; `None` for anything else.
     pub fn told_line(b: &[u8]) -> Option<&[u8]> {
-        (b.len() >= ANSWER_LEN && b.len() <= TOLD_MAX && b[0..4] == MAGIC.to_le_bytes() && b[4] == TOLD).then(|| &b[ANSWER_LEN..])
+        Answer::line_of(b, TOLD)
+    }
+
+    /// The line after an answer of `status` (`TOLD`, or a `DECLINED` that says why).
+    pub fn line_of(b: &[u8], status: u8) -> Option<&[u8]> {
+        (b.len() >= ANSWER_LEN && b.len() <= TOLD_MAX && b[0..4] == MAGIC.to_le_bytes() && b[4] == status).then(|| &b[ANSWER_LEN..])
     }
 }
 
@@ -183,14 +269,14 @@ mod tests {
 
     #[test]
     fn an_ask_survives_the_wire_and_garbage_does_not_pass() {
-        let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, flags: MAY_MOVE, origin: 2999, session: b"agent-1" };
+        let a = Ask { kind: KEEP, port: 3000, family: 6, errno: 0, flags: MAY_MOVE, origin: 2999, session: b"agent-1", note: 0, comm: b"" };
         let wire = a.encode().unwrap();
         assert_eq!(Ask::decode(&wire), Some(a));
         let (head, line) = Answer::told(3000, b"connect to port 3000 refused");
         assert_eq!(Answer::told_line(&[&head[..], line].concat()), Some(&b"connect to port 3000 refused"[..]));
         assert_eq!(Answer::told_line(&Answer { status: GRANTED, port: 1, existing: false }.encode()), None);
-        for kind in [DONE, CONFIRM, REFUSED] {
-            let b = Ask { kind, flags: 0, ..a };
+        for kind in [DONE, CONFIRM, REFUSED, NOTE] {
+            let b = Ask { kind, flags: 0, note: kind, comm: b"python3", ..a };
             assert_eq!(Ask::decode(&b.encode().unwrap()), Some(b), "kind {kind}");
         }
         assert_eq!(Ask::decode(&wire[..ASK_LEN - 1]), None, "short");
@@ -204,6 +290,8 @@ mod tests {
         bad[4] = 9;
         assert_eq!(Ask::decode(&bad), None, "unknown kind");
         assert_eq!(Ask { session: &[b'x'; 101], ..a }.encode(), None);
+        let long = Ask { comm: b"a-very-long-process-name", ..a }.encode().unwrap();
+        assert_eq!(Ask::decode(&long).map(|a| a.comm), Some(&b"a-very-long-pro"[..]), "a name is cut as the kernel cuts it");
         let d = Ask { kind: DONE, errno: 98, ..a };
         assert_eq!(Ask::decode(&d.encode().unwrap()), Some(d));
     }
@@ -213,6 +301,21 @@ mod tests {
         let tail = b"HOME=/home/a\0PATH=/bin\0STYXY_PRELOAD_LOG=/tmp/x=y\0junk\0\0XDG_STATE_HOME=\0";
         let got: Vec<_> = done_vars(tail).collect();
         assert_eq!(got, [("HOME", &b"/home/a"[..]), ("STYXY_PRELOAD_LOG", b"/tmp/x=y"), ("XDG_STATE_HOME", b"")]);
+    }
+
+    #[test]
+    fn spool_records_survive_and_a_torn_tail_ends_them() {
+        let mut spool = Vec::new();
+        for (pid, msg) in [(7u32, &b"first"[..]), (8, b"second")] {
+            let mut buf = [0u8; 64];
+            let n = spool_record(pid, 1_700_000_000_000 + u64::from(pid), msg, &mut buf);
+            spool.extend_from_slice(&buf[..n]);
+        }
+        let whole: Vec<_> = spooled(&spool).collect();
+        assert_eq!(whole, [(7, 1_700_000_000_007, &b"first"[..]), (8, 1_700_000_000_008, b"second")]);
+        assert_eq!(spooled(&spool[..spool.len() - 1]).count(), 1, "a torn record is not read");
+        assert_eq!(spooled(&[0, 0, 1]).count(), 0, "a garbled length ends it");
+        assert_eq!(spool_record(1, 1, &[0; 100], &mut [0u8; 50]), 0, "too long for the buffer");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod policymap;
 pub mod portmap;
 pub mod procinfo;
+pub mod reason;
 pub mod session;
 pub mod sock;
 pub mod sockaddr;

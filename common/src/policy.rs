@@ -393,6 +393,22 @@ mod tests {
     }
 
     #[test]
+    fn the_shims_reading_of_rules_is_the_policys() {
+        use crate::decide::rule_class;
+        let specs =
+            ["7000-7099=ui,12345=api,3000=off", " 80 = dev ", "3000=dev,3000=off", "5000=ui,bad,6000=dev", "9-8=dev,6000=dev", "0=dev"];
+        for spec in specs {
+            let mut p = Policy::default();
+            let _ = p.add_rules(spec);
+            for port in [80, 3000, 5000, 6000, 7000, 7050, 7099, 7100, 12345] {
+                let covered = p.rules.iter().find(|r| (r.lo..=r.hi).contains(&port));
+                let want = covered.map(|r| if r.service_type.is_some() { Class::Coordinated } else { Class::Untouched });
+                assert_eq!(rule_class(spec.as_bytes(), port), want, "{spec:?} port {port}");
+            }
+        }
+    }
+
+    #[test]
     fn rules_override_and_reject_unknown_types() {
         let mut p = Policy::default();
         p.add_rules("12345=api, 7000-7099=ui 3000=off").unwrap();

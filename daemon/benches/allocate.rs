@@ -93,7 +93,7 @@ fn keep_and_withdraw(path: &std::path::Path, port: u16, session: &[u8]) -> Durat
         }
         let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
         assert_eq!(libc::connect(fd, (&sun as *const libc::sockaddr_un).cast(), len), 0, "connect {}", path.display());
-        let ask = Ask { kind: KEEP, port, family: 4, errno: 0, flags: 0, origin: 0, session };
+        let ask = Ask { kind: KEEP, port, family: 4, errno: 0, flags: 0, origin: 0, session, note: 0, comm: b"" };
         let t = Instant::now();
         let wire = ask.encode().expect("a short session");
         assert_eq!(libc::send(fd, wire.as_ptr().cast(), wire.len(), 0), wire.len() as isize);

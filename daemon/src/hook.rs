@@ -3,13 +3,14 @@
 //! `styxy_preload_common::hookproto`. It answers one question — which port may this
 //! process bind for the one it asked for? — so that a process's coordinated bind, kept or
 //! remapped, costs one round trip and no library load; when Styxy answers, the grant
-//! waits for its word on this side of the exchange (`Shared::grant`). The rest (a port no
-//! type claims, fallback mode, a retry after a failed bind) is `DECLINED` or left to the
-//! hooks' logic, which goes the HTTP way.
+//! waits for its word on this side of the exchange (`Shared::grant`). A port that is not
+//! the process's to coordinate is `DECLINED` (bound as asked); what the shim did alone
+//! comes as a `NOTE`, and what it did while this daemon could not be asked waits in the
+//! spool ([`drain_spool`]).
 //!
 //! The peer is known from the kernel (`SO_PEERCRED`): only our uid, and the owner pid
-//! is the peer itself. The daemon writes the bind's event once the shim reports the
-//! bind's result (`DONE`), in the log the process would have written.
+//! is the peer itself. The daemon writes every hooked call's event — a bind's once the
+//! shim reports its result (`DONE`) — in the log the process names.
 //!
 //! One thread of its own serves every connection (`Loop`): an `epoll` set over the
 //! listening socket and the connections waiting for their next message, each with its
@@ -34,10 +35,11 @@ use styxy_preload_common::api::{service_name, valid_instance_id, AllocateRequest
 use styxy_preload_common::decide::{self, Class, Facts, Mode, Plan};
 use styxy_preload_common::eventlog::{self, Action, Event, Log};
 use styxy_preload_common::hookproto::{
-    self, Answer, Ask, ASK_LEN, BUSY, CONFIRM, DECLINED, DONE, DONE_MAX, FALLBACK, GRANTED, KEEP, MAY_MOVE, MOVED, ON_CONFLICT_MODE,
-    REFUSED, SHARES_PORT, TAKEN,
+    self, Answer, Ask, ASK_LEN, BUSY, CONFIRM, DECLINED, DONE, DONE_MAX, FALLBACK, GRANTED, KEEP, MAY_MOVE, MOVED, NOTE, ON_CONFLICT_MODE,
+    OWN_RULES, REFUSED, SHARES_PORT, TAKEN,
 };
 use styxy_preload_common::procinfo;
+use styxy_preload_common::reason::{AskError, Reason};
 use tokio::runtime::Handle;
 
 use crate::record::Refusal;
@@ -63,9 +65,11 @@ pub fn listen(path: &Path) -> io::Result<OwnedFd> {
     Ok(s.into())
 }
 
-/// Open shim connections at once; past it a connection is closed unanswered (the shim
-/// then asks over HTTP, which has its own limit).
+/// Open shim connections at once; past it the next waits in the backlog until a place
+/// frees (a silent connection's deadline).
 const MAX_CONNS: usize = 512;
+/// How long a full server leaves its backlog alone before it looks for a free place.
+const FULL_PAUSE: Duration = Duration::from_millis(10);
 
 /// The hook server's thread, and what stops it.
 pub struct Server {
@@ -249,6 +253,12 @@ impl Loop {
     /// Accepts one connection (the listener stays ready while more wait).
     fn accept(&mut self) {
         let Some((listener, uid)) = self.listener.as_ref().map(|(l, u)| (l.as_raw_fd(), *u)) else { return };
+        if self.conns.len() >= MAX_CONNS {
+            // full: the next connection waits in the backlog (its shim waits while this
+            // daemon beats) until a silent one's deadline frees a place
+            self.pause(listener, FULL_PAUSE);
+            return;
+        }
         // SAFETY: accept4 on our listening socket; the result is a new fd we own, or -1.
         let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) };
         if fd < 0 {
@@ -264,8 +274,8 @@ impl Loop {
         // SAFETY: fd was just returned by accept4 and is owned by nobody else.
         let conn = unsafe { OwnedFd::from_raw_fd(fd) };
         match peer(&conn) {
-            Some((pid, peer_uid)) if peer_uid == uid && self.conns.len() < MAX_CONNS => self.adopt(conn, pid),
-            _ => {} // another user's process, or one too many: closed unanswered
+            Some((pid, peer_uid)) if peer_uid == uid => self.adopt(conn, pid),
+            _ => {} // another user's process: closed unanswered
         }
     }
 
@@ -324,12 +334,12 @@ impl Loop {
     /// or once Styxy has had its word.
     fn keep(&mut self, id: u64, msg: Option<&[u8]>) {
         let Some(c) = self.conns.get(&id) else { return };
-        // a REFUSED carries the log variables after the ask; the others are the ask alone
+        // a REFUSED or a NOTE carries the log variables after the ask; the others are the ask alone
         let (head, tail) = msg.filter(|m| m.len() >= ASK_LEN).map_or((None, &[][..]), |m| (Some(&m[..ASK_LEN]), &m[ASK_LEN..]));
         let ask = head.and_then(Ask::decode).filter(|a| match a.kind {
             KEEP => tail.is_empty() || a.flags & FALLBACK != 0,
             CONFIRM => tail.is_empty(),
-            REFUSED => true,
+            REFUSED | NOTE => true,
             _ => false,
         });
         let Some(ask) = ask else {
@@ -338,6 +348,10 @@ impl Loop {
         };
         if ask.kind == REFUSED {
             self.refused(id, &ask, tail);
+            return;
+        }
+        if ask.kind == NOTE {
+            self.noted(id, &ask, tail);
             return;
         }
         if ask.kind == CONFIRM {
@@ -352,7 +366,7 @@ impl Loop {
             return;
         }
         let Some((asked, claim)) = claim(&self.sh, c.pid, &ask, tail) else {
-            self.granted(id, None, Got::Declined);
+            self.granted(id, None, Got::Declined(None));
             return;
         };
         if asked.fallback && ask.flags & TAKEN != 0 {
@@ -366,7 +380,8 @@ impl Loop {
                 Ok(g) => Got::Grant(g),
                 // fallback mode: not this port as it is, and no other
                 Err(Refusal::State(AllocError::NotExactly)) if fallback => Got::Busy,
-                Err(_) => Got::Declined,
+                Err(Refusal::State(AllocError::NotExactly)) => Got::Declined(None),
+                Err(r) => Got::Declined(Some(crate::server::refusal(&sh, &r))),
             }
         });
         let polled = {
@@ -434,6 +449,21 @@ impl Loop {
         });
     }
 
+    /// What connection `id`'s process did alone (`NOTE`): its event written (on the
+    /// events' thread), in the log its variables name; nothing is answered, and nothing is
+    /// written while a flood of events waits.
+    fn noted(&mut self, id: u64, ask: &Ask<'_>, vars: &[u8]) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        if self.sh.hook_pending.load(Ordering::Acquire) >= MAX_PENDING_EVENTS {
+            return;
+        }
+        let Some(ev) = note_event(&self.sh, c.pid, ask, eventlog::now_ms()) else { return };
+        let (pending, pid, vars) = (Pending::new(self.sh.clone()), c.pid, log_vars(vars));
+        self.events.write(pending, move || {
+            let _ = log_named(vars, pid).append(&ev);
+        });
+    }
+
     /// The grants Styxy had its word on.
     fn finished(&mut self) {
         self.wake.clear();
@@ -469,6 +499,19 @@ impl Loop {
                 self.watch(id);
                 return;
             }
+            (Some(fd), Some(asked), Got::Declined(Some((status, message)))) => {
+                // refused (a full range, a quota, Styxy): as asked, and the person and the
+                // event are told why
+                let why = Reason::Unasked(AskError::Refused { status, message });
+                let line = format!("{why}{}", hookproto::PASS_THROUGH);
+                let pending = Pending::new(self.sh.clone()); // counted before the client can read on
+                let (head, line) = Answer { status: DECLINED, port: 0, existing: false }.with_line(line.as_bytes());
+                send(fd, &[&head[..], line].concat());
+                self.events.write(pending, move || {
+                    let ev = bind_event(&asked, asked.port, Action::Passthrough, Some(why.to_string()), 0);
+                    let _ = log_named(asked.vars.clone(), asked.pid).append(&ev);
+                });
+            }
             (Some(fd), ..) => send(fd, &Answer { status: DECLINED, port: 0, existing: false }.encode()),
             (None, _, Got::Grant(g)) if !g.existing => self.sh.withdraw(g.port),
             (None, ..) => {}
@@ -491,10 +534,18 @@ impl Loop {
                 let vars = log_vars(vars);
                 self.events.write(pending, move || log_event(&bind, vars, started));
             }
+            Some((done, vars)) => {
+                // the bind failed: a new grant is withdrawn (the shim asks again, or binds
+                // as asked), and the event says why
+                if !bind.existing {
+                    self.sh.withdraw(port);
+                }
+                let (errno, vars) = (done.errno, log_vars(vars));
+                self.events.write(pending, move || log_failed(&bind, errno, vars, started));
+            }
             // no word: the grant stands while its owner's socket holds the port
             _ if bind.existing || heard.is_err() => {}
-            // the bind failed, or the client closed without a word (it gave up): a new grant
-            // is withdrawn (the hooks' logic takes it from here)
+            // the client closed without a word (it gave up): a new grant is withdrawn
             _ => self.sh.withdraw(port),
         }
     }
@@ -590,7 +641,9 @@ enum Got {
     Grant(Grant),
     /// Fallback mode: not this port as it is (the tool moves on by itself).
     Busy,
-    Declined,
+    /// Not this process's to coordinate (`None`), or refused: the status and message the
+    /// API would answer.
+    Declined(Option<(u16, String)>),
 }
 
 /// What the daemon granted, for the event.
@@ -628,7 +681,8 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Cl
     }
     let ty = {
         let state = sh.state.lock();
-        let decision = state.policy().decide(ask.port);
+        let own = (ask.flags & OWN_RULES != 0).then(|| state.policy_of(pid)).flatten();
+        let decision = own.as_ref().unwrap_or(state.policy()).decide(ask.port);
         // a KEEP is the shim's ask-first bind of a stream socket (SHARES_PORT: one that may
         // share its port), or (TAKEN) its bind-first that met EADDRINUSE: granted only where
         // the one decision says so
@@ -693,6 +747,88 @@ fn log_named(vars: LogVars, pid: u32) -> Log {
         Some(vars) => Log::of(&|k| vars.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone())),
         None => log_of(pid),
     }
+}
+
+/// The bind of the port granted to `asked` failed with `errno`: the session serves it
+/// already, someone uncoordinated took it, or the kernel refuses the address itself.
+fn log_failed(g: &KeptBind, errno: i32, vars: LogVars, started: Instant) {
+    let (action, port, why) = match errno {
+        libc::EADDRINUSE if g.existing && listening(g.port) => (Action::Error, g.port, Reason::SessionPortServed(g.port)),
+        libc::EADDRINUSE if g.existing => (Action::Error, g.port, Reason::SessionPortInTimeWait(g.port)),
+        libc::EADDRINUSE => (Action::Error, g.asked.port, Reason::GrantedPortTaken { port: g.port, errno }),
+        _ => (Action::Passthrough, g.asked.port, Reason::KernelRefuses(errno)),
+    };
+    let ev = bind_event(&g.asked, port, action, Some(why.to_string()), started.elapsed().as_micros() as u64);
+    let _ = log_named(vars, g.asked.pid).append(&ev);
+}
+
+/// Whether a socket listens on `port`, as the kernel lists them (`/proc/net/tcp*`).
+fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
+            let mut cols = l.split_whitespace();
+            let local = cols.nth(1).unwrap_or_default();
+            local.ends_with(&want) && cols.nth(1) == Some("0A")
+        })
+    })
+}
+
+/// The event of what process `pid` did alone, as its `NOTE` says (at `ts`, ms since the
+/// epoch); `None` for a note this daemon does not know.
+fn note_event(sh: &Shared, pid: u32, ask: &Ask<'_>, ts: u64) -> Option<Event> {
+    use hookproto::{NOTE_KERNEL_CHOSE, NOTE_NO_COORDINATOR, NOTE_OBSERVED, NOTE_SINGLE, NOTE_UNANSWERED};
+    let ty = || {
+        let state = sh.state.lock();
+        let own = (ask.flags & OWN_RULES != 0).then(|| state.policy_of(pid)).flatten();
+        own.as_ref().unwrap_or(state.policy()).decide(ask.port).service_type().map(str::to_string)
+    };
+    let (call, requested, service_type, action, why) = match ask.note {
+        NOTE_OBSERVED => ("bind", ask.port, ty(), Action::Observed, Reason::ObserveMode),
+        NOTE_SINGLE => ("bind", ask.port, ty(), Action::Passthrough, Reason::SingleInstance(ty().unwrap_or_default())),
+        NOTE_KERNEL_CHOSE => ("listen", 0, None, Action::Observed, Reason::KernelChose),
+        NOTE_UNANSWERED => ("bind", ask.port, ty(), Action::Passthrough, Reason::Unasked(AskError::Timeout)),
+        NOTE_NO_COORDINATOR => ("bind", ask.port, ty(), Action::Passthrough, Reason::Unasked(AskError::NoCoordinator)),
+        _ => return None,
+    };
+    let comm = match std::str::from_utf8(ask.comm) {
+        Ok(c) if !c.is_empty() => c.to_string(),
+        _ => procinfo::comm_and_start(pid).map(|(comm, _)| comm).unwrap_or_else(|| "?".into()),
+    };
+    Some(Event {
+        ts,
+        session: std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty()).map(styxy_preload_common::session::sanitize),
+        pid,
+        comm,
+        call: call.into(),
+        requested_port: requested,
+        port: ask.port,
+        family: if ask.family == 6 { "ipv6" } else { "ipv4" }.into(),
+        service_type,
+        action,
+        reason: Some(why.to_string()),
+        latency_us: 0,
+        backend: matches!(ask.note, NOTE_UNANSWERED | NOTE_NO_COORDINATOR).then(|| "unix".into()),
+        retries: 0,
+    })
+}
+
+/// Logs what the shims spooled while this daemon could not be asked (`hookproto::SPOOL`
+/// in `dir`): each record's event in the log its variables name, then the spool is gone.
+/// Taken aside first, so that a record a shim appends meanwhile waits for the next drain.
+pub fn drain_spool(sh: &Shared, dir: &Path) {
+    let (spool, taken) = (dir.join(hookproto::SPOOL), dir.join(format!("{}.draining", hookproto::SPOOL)));
+    if std::fs::rename(&spool, &taken).is_err() && !taken.exists() {
+        return;
+    }
+    let data = styxy_preload_common::paths::read_regular(&taken, 2 * hookproto::SPOOL_MAX).unwrap_or_default();
+    for (pid, ts, msg) in hookproto::spooled(&data) {
+        let Some(ask) = msg.get(..ASK_LEN).and_then(Ask::decode).filter(|a| a.kind == NOTE) else { continue };
+        if let Some(ev) = note_event(sh, pid, &ask, ts) {
+            let _ = log_named(log_vars(&msg[ASK_LEN..]), pid).append(&ev);
+        }
+    }
+    let _ = std::fs::remove_file(&taken);
 }
 
 /// Fallback mode: the port `asked` was not its to have, and the tool moves on by itself.
@@ -831,7 +967,7 @@ mod tests {
     }
 
     fn ask(kind: u8, port: u16, errno: i32, session: &[u8]) -> [u8; ASK_LEN] {
-        Ask { kind, port, family: 4, errno, flags: 0, origin: 0, session }.encode().unwrap()
+        Ask { kind, port, family: 4, errno, flags: 0, origin: 0, session, note: 0, comm: b"" }.encode().unwrap()
     }
 
     fn send(s: &Socket, msg: &[u8]) {
@@ -840,11 +976,18 @@ mod tests {
 
     /// The daemon's answer; `None` when it closed the connection unanswered.
     fn answer(s: &Socket) -> Option<Answer> {
-        let mut buf = [std::mem::MaybeUninit::new(0u8); ANSWER_LEN + 1];
+        answer_and_line(s).map(|(a, _)| a)
+    }
+
+    /// The daemon's answer and the line after it (a `DECLINED` that says why).
+    fn answer_and_line(s: &Socket) -> Option<(Answer, String)> {
+        let mut buf = [std::mem::MaybeUninit::new(0u8); hookproto::TOLD_MAX];
         let n = s.recv(&mut buf).expect("an answer or the end, within the read timeout");
         // SAFETY: recv initialised the first n bytes (all of them were initialised anyway).
         let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-        (n > 0).then(|| Answer::decode(&bytes).expect("an answer in the layout"))
+        let head = bytes.get(..ANSWER_LEN.min(n)).unwrap_or_default();
+        (n > 0)
+            .then(|| (Answer::decode(head).expect("an answer in the layout"), String::from_utf8_lossy(&bytes[head.len()..]).into_owned()))
     }
 
     /// KEEP, the answer, then DONE with `errno`.
@@ -886,12 +1029,14 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_bind_withdraws_its_grant_and_logs_nothing() {
+    fn a_failed_bind_withdraws_its_grant_and_says_why() {
         let f = Fixture::new("withdrawn");
         let got = f.exchange(keep_then_done(3000, b"s1", EADDRINUSE));
         assert_eq!(got.map(|a| a.status), Some(GRANTED));
         assert!(f.sh.state.lock().is_empty(), "withdrawn");
-        assert_eq!(f.events(), "");
+        let ev = eventlog::parse_lines(f.events().as_bytes());
+        let why = ev.iter().map(|e| (e.action, e.port, e.reason.as_deref())).collect::<Vec<_>>();
+        assert_eq!(why, [(Action::Error, 3000, Some("bind to granted port 3000 failed: Address already in use (os error 98)"))]);
         assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
     }
 
@@ -915,7 +1060,7 @@ mod tests {
         assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).map(|a| a.status), Some(GRANTED));
         let may_move = |session: &'static [u8], errno: i32| {
             move |s: Socket| {
-                let ask_move = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: MAY_MOVE, origin: 0, session };
+                let ask_move = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: MAY_MOVE, origin: 0, session, note: 0, comm: b"" };
                 send(&s, &ask_move.encode().unwrap());
                 let a = answer(&s);
                 if let Some(a) = a {
@@ -943,7 +1088,10 @@ mod tests {
         let f = Fixture::new("taken");
         let taken = |port: u16, flags: u8| {
             move |s: Socket| {
-                send(&s, &Ask { kind: KEEP, port, family: 4, errno: 0, flags, origin: 0, session: b"t" }.encode().unwrap());
+                send(
+                    &s,
+                    &Ask { kind: KEEP, port, family: 4, errno: 0, flags, origin: 0, session: b"t", note: 0, comm: b"" }.encode().unwrap(),
+                );
                 let a = answer(&s);
                 if let Some(a) = a.filter(|a| a.status != DECLINED) {
                     send(&s, &ask(DONE, a.port, 0, b"t"));
@@ -1099,8 +1247,15 @@ mod tests {
     fn a_grant_that_cannot_be_journaled_is_declined() {
         // the journal's path is a directory: no line can be written
         let f = Fixture::with_journal("unjournaled", |dir| dir.to_path_buf());
-        let got = f.exchange(keep_then_done(3000, b"s1", 0));
-        assert_eq!(got.map(|a| a.status), Some(DECLINED));
+        let got = f.exchange(|s| {
+            send(&s, &ask(KEEP, 3000, 0, b"s1"));
+            answer_and_line(&s)
+        });
+        let (a, line) = got.expect("answered");
+        assert_eq!(a.status, DECLINED);
+        assert!(line.starts_with("coordinator answered 503: ") && line.ends_with(hookproto::PASS_THROUGH), "says why: {line}");
         assert!(f.sh.state.lock().is_empty(), "withdrawn");
+        let ev = eventlog::parse_lines(f.events().as_bytes());
+        assert_eq!(ev.iter().map(|e| (e.action, e.port)).collect::<Vec<_>>(), [(Action::Passthrough, 3000)], "logged");
     }
 }

@@ -367,11 +367,14 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     let uid = unsafe { libc::getuid() };
     tokio::spawn(accept_unix(unix, app.clone(), uid));
     // the shim's socket, beside the HTTP one (which may be socket-activated elsewhere)
-    let hook_path = dir.unwrap_or_else(paths::runtime_dir).join(styxy_preload_common::hookproto::SOCKET);
+    let hook_dir = dir.unwrap_or_else(paths::runtime_dir);
+    let hook_path = hook_dir.join(styxy_preload_common::hookproto::SOCKET);
+    // what the shims did while no daemon answered, logged before they can ask again
+    hook::drain_spool(&shared, &hook_dir);
     let hook = match hook::listen(&hook_path).and_then(|fd| hook::Server::start(shared.clone(), fd, uid)) {
         Ok(server) => Some(server),
         Err(e) => {
-            log!("no shim socket at {} ({e}): first binds load the hooks' logic", hook_path.display());
+            log!("no shim socket at {} ({e}): hooked binds go as asked", hook_path.display());
             None
         }
     };
@@ -390,9 +393,10 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
             _ = term.recv() => { log!("SIGTERM"); break; }
             _ = tokio::signal::ctrl_c() => { log!("SIGINT"); break; }
             _ = tick.tick() => {
-                let sh = shared.clone();
+                let (sh, spool_dir) = (shared.clone(), hook_dir.clone());
                 let held = tokio::task::spawn_blocking(move || {
                     sh.sweep();
+                    hook::drain_spool(&sh, &spool_dir);
                     sh.state.lock().len()
                 }).await.unwrap_or(1);
                 if let Some(idle) = opts.idle_exit {

@@ -254,27 +254,44 @@ fn grant_reply(claim: &Claim, g: Grant) -> AllocateReply {
 
 /// The answer to a refusal: a 400 saying why (Styxy's exhausted-range shape for one).
 fn refused(sh: &Shared, e: AllocError) -> ApiResult {
+    let message = refusal_message(sh, &e);
     match e {
-        AllocError::UnknownType(t) => {
-            let st = sh.state.lock();
-            let names: Vec<&str> = st.types().iter().map(|t| t.name.as_str()).collect();
-            Err(ApiError::bad(format!("unknown service type '{t}'; known types: {}", names.join(", "))))
-        }
-        // only the shim's KEEP asks for exactly its port (hook.rs)
-        AllocError::NotExactly => Err(ApiError::bad("the preferred port cannot be granted".to_string())),
-        AllocError::NotOfType { port, ty } => {
-            Err(ApiError::bad(format!("port {port} is not a {ty} port: a privileged, ephemeral or reserved port, or another type's")))
-        }
-        AllocError::Quota { who, limit } => Err(ApiError::bad(format!("{who} hold {limit} ports, the most allowed: release some first"))),
         AllocError::Exhausted { ty, range, allocated } => {
             let reply = AllocateReply {
                 success: Some(false),
-                error: Some(format!("No available ports in range {}-{} for service type {ty}", range.0, range.1)),
+                error: Some(message),
                 context: Some(ExhaustedContext { allocated_ports: allocated, port_range: [range.0, range.1], service_type: ty }),
                 ..Default::default()
             };
             Ok((StatusCode::BAD_REQUEST, Json(reply)).into_response())
         }
+        _ => Err(ApiError::bad(message)),
+    }
+}
+
+/// A refusal as the API words it: its status and message (a hooked bind's event says the
+/// same, `hook.rs`).
+pub(crate) fn refusal(sh: &Shared, r: &Refusal) -> (u16, String) {
+    match r {
+        Refusal::State(e) => (400, refusal_message(sh, e)),
+        Refusal::Unjournaled(why) => (503, why.clone()),
+    }
+}
+
+fn refusal_message(sh: &Shared, e: &AllocError) -> String {
+    match e {
+        AllocError::UnknownType(t) => {
+            let st = sh.state.lock();
+            let names: Vec<&str> = st.types().iter().map(|t| t.name.as_str()).collect();
+            format!("unknown service type '{t}'; known types: {}", names.join(", "))
+        }
+        // only the shim's KEEP asks for exactly its port (hook.rs)
+        AllocError::NotExactly => "the preferred port cannot be granted".to_string(),
+        AllocError::NotOfType { port, ty } => {
+            format!("port {port} is not a {ty} port: a privileged, ephemeral or reserved port, or another type's")
+        }
+        AllocError::Quota { who, limit } => format!("{who} hold {limit} ports, the most allowed: release some first"),
+        AllocError::Exhausted { ty, range, .. } => format!("No available ports in range {}-{} for service type {ty}", range.0, range.1),
     }
 }
 

@@ -586,7 +586,12 @@ impl State {
     /// are coordinated"). Read only for a port the daemon's own policy does not give the
     /// type, and only of an owner the server checked is the caller, its parent or child.
     fn callers_policy(&self, claim: &Claim) -> Option<Policy> {
-        let pid = claim.owner.as_ref()?.pid;
+        self.policy_of(claim.owner.as_ref()?.pid)
+    }
+
+    /// The policy as process `pid` sees it: with the `STYXY_PRELOAD_PORTS` rules of its
+    /// environment; `None` when it has none (or cannot be read).
+    pub(crate) fn policy_of(&self, pid: u32) -> Option<Policy> {
         let spec = procinfo::environ(pid).into_iter().find(|(k, _)| k == styxy_preload_common::envvars::PORTS)?.1.into_string().ok()?;
         let mut p = self.policy.clone();
         p.rules.clear();

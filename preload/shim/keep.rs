@@ -1,16 +1,19 @@
 //! A coordinated bind, kept or moved, in one round trip on the daemon's `hook.sock`
-//! (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"), and the ports this process kept.
+//! (docs/ARCHITECTURE.md "Hook ↔ daemon protocol"), the ports this process kept, and
+//! what it tells the daemon: a refused connect, what it did alone ([`note`]), and — when
+//! the daemon cannot be asked — the spool and the one line on stderr.
 
 use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::Ordering;
 
 use crate::cluster;
-use crate::corelib::{core_fn, CORE_UNANSWERED};
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    above_stdio, close, errno, getpid, getsockopt, monotonic_ms, open, poll, prctl, read, recv, send, set_errno, setsockopt, socket,
-    PollFd, SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, EADDRINUSE, EAGAIN, EINTR, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK,
-    O_RDONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
+    above_stdio, close, errno, getpid, getsockopt, getuid, monotonic_ms, open, poll, prctl, read, realtime_ms, recv, send, set_errno,
+    setsockopt, socket, statx, write, PollFd, SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES,
+    EADDRINUSE, EAGAIN, ECONNREFUSED, EINTR, ENOENT, ENOTDIR, MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_CREAT, O_NOFOLLOW,
+    O_NONBLOCK, O_RDONLY, O_WRONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
+    STATX_MODE_UID_SIZE, S_IFMT, S_IFREG,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::settings::env;
@@ -25,6 +28,10 @@ const HOOK_ANSWER_MS: u64 = 200;
 /// One wait on the daemon (a connect to a full backlog, an answer) before its beat is
 /// looked at again.
 const SLICE_MS: c_int = 100;
+
+/// Granted ports found taken at OS level (someone uncoordinated bound one between the
+/// daemon's check and this bind), each asked again, before the bind goes as asked.
+const MAX_RETRIES: u32 = 3;
 
 /// Whether a bind goes on waiting for the daemon, `started` (monotonic ms) after it
 /// began: while the daemon beats in the port map (alive, however busy the machine) and
@@ -104,9 +111,8 @@ fn kept_here(port: u16) -> bool {
 pub(crate) fn confirm(port: u16) {
     let saved = errno();
     // SAFETY: copied into the message here.
-    let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
-    let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
-    let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, family: 4, errno: 0, flags: 0, origin: 0, session };
+    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
+    let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, session, ..NO_ASK };
     if let (Some(m), Ok(conn)) = (ask.encode(), hook_socket(monotonic_ms())) {
         // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
         unsafe {
@@ -126,8 +132,9 @@ pub(crate) fn confirm(port: u16) {
 /// with `EADDRINUSE`, `flags` also [`hookproto::TAKEN`]. In fallback mode
 /// ([`hookproto::FALLBACK`], `origin` the port the tool first wanted) the port is this
 /// one or none: [`hookproto::BUSY`] is the tool's `EADDRINUSE`, and it moves on by
-/// itself. `None` when the hooks' logic must decide: no daemon, a declined ask, or a
-/// failed bind (the hooks' logic binds again and says why).
+/// itself. A granted port someone uncoordinated took is asked again, [`MAX_RETRIES`]
+/// times. `None`: the bind goes as asked — declined, or the daemon could not be asked
+/// ([`unasked`]), or the kernel refuses the address itself.
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to bind, `inet` read from its address,
@@ -142,66 +149,223 @@ pub(crate) unsafe fn keep(
     origin: Option<u16>,
 ) -> Option<c_int> {
     let port = inet.port;
-    // SAFETY: the program's own call, to libc's function (this function's contract).
-    let plain = || unsafe { real(fd, addr, len) };
     if flags & hookproto::TAKEN == 0 && kept_here(port) {
         // this process owns the port's allocation already (a probe then the real bind, a
-        // restart, a twin): a kernel call alone; a failure goes to the hooks' logic, which
-        // says why
-        return (plain() == 0).then_some(0);
+        // restart, a twin): a kernel call alone
+        return None;
     }
-    let family = if inet.family == AF_INET6 { 6 } else { 4 };
     // SAFETY: copied into the ask here.
-    let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
-    let session = s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s);
-    let ask = hookproto::Ask { kind: hookproto::KEEP, port, family, errno: 0, flags, origin: origin.unwrap_or(0), session };
+    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
+    let ask = hookproto::Ask {
+        kind: hookproto::KEEP,
+        port,
+        family: family_byte(inet.family),
+        flags,
+        origin: origin.unwrap_or(0),
+        session,
+        ..NO_ASK
+    };
     let saved = errno();
-    let (conn, granted) = match ask_daemon(&ask) {
-        Ok(answer) => answer,
-        Err(Heard::Busy) => {
-            // not this tool's as it is: it moves on by itself (the daemon logged it)
-            remember_origin(origin.unwrap_or(port));
-            set_errno(EADDRINUSE);
-            return Some(-1);
-        }
-        Err(heard) => {
-            set_errno(saved);
-            if !matches!(heard, Heard::Silent) {
+    for _ in 0..=MAX_RETRIES {
+        let (conn, granted) = match ask_daemon(&ask) {
+            Ok(answer) => answer,
+            Err(Heard::Busy) => {
+                // not this tool's as it is: it moves on by itself (the daemon logged it)
+                remember_origin(origin.unwrap_or(port));
+                set_errno(EADDRINUSE);
+                return Some(-1);
+            }
+            Err(heard) => {
+                unasked(heard, &ask);
+                set_errno(saved);
                 return None;
             }
-            // a stopped or hung daemon: bound as asked, and said (the hooks' logic logs it
-            // without asking again)
-            return Some(match core_fn(&CORE_UNANSWERED) {
-                // SAFETY: the program's call and libc's function, as the core takes them.
-                Some(hook) => unsafe { hook(fd, addr, len, real) },
-                None => plain(),
-            });
+        };
+        let rc = if granted.port == port {
+            // SAFETY: the program's own call, to libc's function (this function's contract).
+            unsafe { real(fd, addr, len) }
+        } else {
+            let moved = inet.with_port(granted.port);
+            // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `moved`: the program's
+            // address with the granted port.
+            unsafe { real(fd, moved.as_ptr().cast(), len) }
+        };
+        let err = if rc == 0 { 0 } else { errno() };
+        let mut done = [0u8; hookproto::DONE_MAX];
+        let n = done_message(&hookproto::Ask { kind: hookproto::DONE, port: granted.port, errno: err, ..ask }, &mut done);
+        // SAFETY: `n` (≤ DONE_MAX) bytes of `done`, on our own connection, closed here.
+        unsafe {
+            send(conn, done.as_ptr().cast(), n, MSG_DONTWAIT | MSG_NOSIGNAL);
+            close(conn);
         }
-    };
-    let rc = if granted == port {
-        plain()
+        set_errno(saved);
+        match err {
+            0 => {
+                remember_kept(granted.port);
+                if granted.port != port {
+                    told_moved(fd, port, granted.port);
+                }
+                return Some(0);
+            }
+            // the session serves this port already: a second bind fails as it would
+            // without us (get-port, tests expecting EADDRINUSE); the daemon said why
+            EADDRINUSE if granted.existing => {
+                set_errno(EADDRINUSE);
+                return Some(-1);
+            }
+            // someone uncoordinated took the grant: asked again (the daemon logged it)
+            EADDRINUSE => {}
+            // the kernel refuses the address itself: the program's own bind fails the same way
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// An ask with nothing in it, for `..NO_ASK`.
+const NO_ASK: hookproto::Ask<'static> =
+    hookproto::Ask { kind: 0, port: 0, family: 4, errno: 0, flags: 0, origin: 0, session: &[], note: 0, comm: &[] };
+
+/// The session as an ask carries it: one byte too long for [`hookproto::SESSION_MAX`] when
+/// it is longer, so that the ask is not sent (a cut session would be another's).
+fn session_bytes(s: &[u8]) -> &[u8] {
+    s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s)
+}
+
+/// 4 or 6, as an ask names an address family.
+fn family_byte(family: u16) -> u8 {
+    if family == AF_INET6 {
+        6
     } else {
-        let moved = inet.with_port(granted);
-        // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `moved`: the program's
-        // address with the granted port.
-        unsafe { real(fd, moved.as_ptr().cast(), len) }
+        4
+    }
+}
+
+/// The daemon could not be asked about `ask`'s bind, which goes as asked: said once a
+/// process on stderr, and logged through the spool when no daemon answers (a stopped one,
+/// none at all). Another user's daemon is only said: its spool is not ours.
+fn unasked(heard: Heard, ask: &hookproto::Ask) {
+    let why: &[u8] = match heard {
+        Heard::Silent => hookproto::TIMEOUT.as_bytes(),
+        Heard::Absent => hookproto::NO_COORDINATOR.as_bytes(),
+        Heard::Foreign(owner) => return warn_other_user(owner),
+        _ => return,
     };
-    let err = if rc == 0 { 0 } else { errno() };
-    let mut done = [0u8; hookproto::DONE_MAX];
-    let n = done_message(&hookproto::Ask { kind: hookproto::DONE, port: granted, errno: err, ..ask }, &mut done);
-    // SAFETY: `n` (≤ DONE_MAX) bytes of `done`, on our own connection.
-    unsafe { send(conn, done.as_ptr().cast(), n, MSG_DONTWAIT | MSG_NOSIGNAL) };
-    // SAFETY: our own connection, opened by `hook_socket`.
-    unsafe { close(conn) };
+    let note = if matches!(heard, Heard::Silent) { hookproto::NOTE_UNANSWERED } else { hookproto::NOTE_NO_COORDINATOR };
+    spool(&hookproto::Ask { kind: hookproto::NOTE, note, ..*ask });
+    if first_warning() {
+        let mut path = [0u8; RUNTIME_PATH_MAX];
+        let n = runtime_file(&mut path, b"/hook.sock\0");
+        let path = path.get(..n).unwrap_or(&[]);
+        let (through, fix) = (hookproto::PASS_THROUGH.as_bytes(), hookproto::START_IT.as_bytes());
+        notice(&[why, b" (unix:", path, b")", through, fix]);
+    }
+}
+
+/// The pid of this process once it said the daemon could not be asked (one line a process).
+static WARNED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// This process has not said yet that the daemon could not be asked (and now has).
+fn first_warning() -> bool {
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { getpid() } as u32;
+    WARNED.swap(me, Ordering::Relaxed) != me
+}
+
+/// The daemon is uid `owner`'s (a server run with runuser, su or sudo in a session): said
+/// once, with how to coordinate it all the same.
+fn warn_other_user(owner: u32) {
+    if !first_warning() {
+        return;
+    }
+    let (mut o, mut m) = ([0u8; 12], [0u8; 12]);
+    // SAFETY: getuid cannot fail.
+    let (on, mn) = (decimal(&mut o, 0, owner), decimal(&mut m, 0, unsafe { getuid() }));
+    let [a, b, c] = hookproto::OTHER_USER;
+    let (o, m) = (o.get(..on).unwrap_or(&[]), m.get(..mn).unwrap_or(&[]));
+    notice(&[a.as_bytes(), o, b.as_bytes(), m, c.as_bytes(), hookproto::PASS_THROUGH.as_bytes()]);
+}
+
+/// Tells the daemon what this process did alone (`note`, [`hookproto::NOTE`]) for `port`
+/// (`flags`: [`hookproto::OWN_RULES`] when a rule of its own covers it): one message, no
+/// answer awaited, spooled when the daemon cannot be asked; errno as it was.
+pub(crate) fn note(note: u8, port: u16, family: u16, flags: u8) {
+    let saved = errno();
+    // SAFETY: copied into the message here.
+    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
+    let mut comm = [0u8; 17];
+    let ask = hookproto::Ask { kind: hookproto::NOTE, port, family: family_byte(family), flags, session, note, ..NO_ASK };
+    let ask = hookproto::Ask { comm: own_comm(&mut comm), ..ask };
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = done_message(&ask, &mut msg);
+    match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(monotonic_ms())) {
+        (Some(m), Ok(conn)) => {
+            // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
+            unsafe {
+                send(conn, m.as_ptr().cast(), m.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
+                close(conn);
+            }
+        }
+        (_, Ok(conn)) => {
+            // SAFETY: our own connection, opened by `hook_socket`.
+            unsafe { close(conn) };
+        }
+        (Some(_), Err(Heard::Absent | Heard::Silent)) => spool(&ask),
+        _ => {}
+    }
     set_errno(saved);
-    if rc != 0 {
-        return None; // the hooks' logic binds again and says why it fails
+}
+
+/// This process's name (`PR_GET_NAME`), in `buf`.
+fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `buf`.
+    unsafe { prctl(PR_GET_NAME, buf.as_mut_ptr()) };
+    buf.split(|c| *c == 0).next().unwrap_or(&[])
+}
+
+/// Appends `ask` (a `NOTE`), with this process's name, pid, the time and its log
+/// variables, to the daemon's spool ([`hookproto::SPOOL`]), which the daemon logs when
+/// it runs again: only a regular file of ours, below [`hookproto::SPOOL_MAX`], in one
+/// `write` that never waits. Nothing when the daemon's directory is not there.
+fn spool(ask: &hookproto::Ask) {
+    let mut comm = [0u8; 17];
+    let ask = hookproto::Ask { comm: if ask.comm.is_empty() { own_comm(&mut comm) } else { ask.comm }, ..*ask };
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = done_message(&ask, &mut msg);
+    let mut rec = [0u8; hookproto::DONE_MAX + 16];
+    // SAFETY: getpid cannot fail.
+    let n = hookproto::spool_record(unsafe { getpid() } as u32, realtime_ms(), msg.get(..n).unwrap_or(&[]), &mut rec);
+    let mut path = [0u8; RUNTIME_PATH_MAX];
+    if n == 0 || runtime_file(&mut path, b"/hook.spool\0") == 0 {
+        return;
     }
-    remember_kept(granted);
-    if granted != port {
-        told_moved(fd, port, granted);
+    let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+    // SAFETY: `path` is NUL-terminated (runtime_file); the fd is ours, closed below.
+    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), flags, 0o600) });
+    if fd < 0 {
+        return;
     }
-    Some(0)
+    let mut st = [0u8; 256];
+    // SAFETY: statx of our own fd (AT_EMPTY_PATH) writes a `struct statx` (256 bytes) into `st`.
+    let fits =
+        unsafe { statx(fd, c"".as_ptr(), crate::libc_calls::AT_EMPTY_PATH, STATX_MODE_UID_SIZE, st.as_mut_ptr()) } == 0 && spool_fits(&st);
+    if fits {
+        // SAFETY: `n` bytes of `rec`, to our own fd.
+        unsafe { write(fd, rec.as_ptr().cast(), n) };
+    }
+    // SAFETY: our own fd, opened above.
+    unsafe { close(fd) };
+}
+
+/// A `struct statx` of a regular file of ours below [`hookproto::SPOOL_MAX`].
+fn spool_fits(st: &[u8; 256]) -> bool {
+    let (uid, mode, size) = (u32_at(st, 20), u32_at(st, 28) as u16, u64::from(u32_at(st, 40)) | u64::from(u32_at(st, 44)) << 32);
+    mode & S_IFMT == S_IFREG && own_uid(uid) && size < hookproto::SPOOL_MAX
+}
+
+/// The native-endian `u32` at `at` in `st`.
+fn u32_at(st: &[u8; 256], at: usize) -> u32 {
+    st.get(at..at + 4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_ne_bytes)
 }
 
 /// The `DONE` for `ask` into `buf`: the ask, then the variables of this process's
@@ -232,9 +396,9 @@ fn done_message(ask: &hookproto::Ask, buf: &mut [u8; hookproto::DONE_MAX]) -> us
     n
 }
 
-/// Asks the daemon: the open connection and the port to bind (the one asked, or another
-/// when the daemon moved it), or what was heard instead.
-fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, u16), Heard> {
+/// Asks the daemon: the open connection and its grant (the port asked, or another when
+/// the daemon moved it), or what was heard instead.
+fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, hookproto::Answer), Heard> {
     let started = monotonic_ms();
     let conn = hook_socket(started)?;
     // in fallback mode the daemon may log a BUSY itself: the ask carries the log's variables
@@ -248,9 +412,9 @@ fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, u16), Heard> {
         None => Heard::Nothing,
     };
     let granted = match heard {
-        Heard::Answer(a) if a.status == hookproto::GRANTED && a.port == ask.port => Ok(a.port),
+        Heard::Answer(a) if a.status == hookproto::GRANTED && a.port == ask.port => Ok(a),
         Heard::Answer(a) if a.status == hookproto::MOVED && a.port != 0 && a.port != ask.port && ask.flags & hookproto::MAY_MOVE != 0 => {
-            Ok(a.port)
+            Ok(a)
         }
         Heard::Answer(a) if a.status == hookproto::BUSY && ask.flags & hookproto::FALLBACK != 0 => Err(Heard::Busy),
         Heard::Silent => Err(Heard::Silent),
@@ -260,7 +424,7 @@ fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, u16), Heard> {
         // SAFETY: our own connection, opened by `hook_socket`.
         unsafe { close(conn) };
     }
-    granted.map(|port| (conn, port))
+    granted.map(|a| (conn, a))
 }
 
 /// `m` copied to the start of `buf`; its length.
@@ -318,7 +482,8 @@ fn told_moved(fd: c_int, asked: u16, got: u16) {
 }
 
 /// A connection to the daemon's `hook.sock`, when it answers and runs as our uid, on an
-/// fd ≥ 3; `Err(Silent)` when its backlog stays full while it does not beat (stopped).
+/// fd ≥ 3; `Err(Silent)` when its backlog stays full while it does not beat (stopped),
+/// `Err(Absent)` when nothing listens there, `Err(Foreign)` when it is another user's.
 fn hook_socket(started: u64) -> Result<c_int, Heard> {
     // struct sockaddr_un: the family, then the path (108 bytes)
     let mut sun = [0u8; 110];
@@ -334,13 +499,16 @@ fn hook_socket(started: u64) -> Result<c_int, Heard> {
     let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };
     let mut cl: SockLen = core::mem::size_of::<UCred>() as SockLen;
     // SAFETY: getsockopt writes at most `cl` bytes into `cred`.
-    let ours = connected.is_ok()
-        && unsafe { getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) } == 0
-        && own_uid(cred.uid);
-    if !ours {
+    let peer = connected.is_ok() && unsafe { getsockopt(fd, SOL_SOCKET, SO_PEERCRED, (&mut cred as *mut UCred).cast(), &mut cl) } == 0;
+    if !peer || !own_uid(cred.uid) {
         // SAFETY: our own socket, opened by `our_socket`.
         unsafe { close(fd) };
-        return Err(connected.err().unwrap_or(Heard::Nothing));
+        return Err(match connected {
+            Err(Heard::Foreign(_)) => Heard::Foreign(owner_of(&path)),
+            Err(heard) => heard,
+            Ok(()) if peer => Heard::Foreign(cred.uid),
+            Ok(()) => Heard::Nothing,
+        });
     }
     Ok(fd)
 }
@@ -369,7 +537,31 @@ fn connect_bounded(fd: c_int, sun: &[u8; 110], n: usize, started: u64) -> Result
         match errno() {
             EAGAIN | EINTR if worth_waiting(started) => {}
             EAGAIN | EINTR => return Err(Heard::Silent),
+            ENOENT | ECONNREFUSED | ENOTDIR => return Err(Heard::Absent),
+            EACCES => return Err(Heard::Foreign(u32::MAX)),
             _ => return Err(Heard::Nothing),
+        }
+    }
+}
+
+/// The owner of the socket at `path` (NUL-terminated), or of the nearest directory above
+/// it we may look at: whose daemon it is.
+fn owner_of(path: &[u8; RUNTIME_PATH_MAX]) -> u32 {
+    let mut p = *path;
+    loop {
+        let mut st = [0u8; 256];
+        // SAFETY: `p` is NUL-terminated; statx writes a `struct statx` (256 bytes) into `st`.
+        if unsafe { statx(AT_FDCWD, p.as_ptr().cast(), AT_SYMLINK_NOFOLLOW, STATX_MODE_UID_SIZE, st.as_mut_ptr()) } == 0 {
+            return u32_at(&st, 20);
+        }
+        // cut at the last '/' (never the root's)
+        match p.iter().position(|c| *c == 0).and_then(|end| p.get(..end)).and_then(|b| b.iter().rposition(|c| *c == b'/')) {
+            Some(slash) if slash > 0 => {
+                if let Some(c) = p.get_mut(slash) {
+                    *c = 0;
+                }
+            }
+            _ => return u32::MAX,
         }
     }
 }
@@ -379,6 +571,10 @@ enum Heard {
     Answer(hookproto::Answer),
     /// No answer, and the daemon does not beat: it is stopped or hung ([`worth_waiting`]).
     Silent,
+    /// Nothing listens on `hook.sock`: no daemon.
+    Absent,
+    /// The daemon is another user's (its uid; `u32::MAX` when it cannot be told).
+    Foreign(u32),
     /// Fallback mode: not this process's as it is ([`hookproto::BUSY`]).
     Busy,
     /// The exchange failed otherwise (no daemon, a closed or foreign socket).
@@ -390,10 +586,18 @@ fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
     if let Err(heard) = sent_and_answered(conn, ask, started, u64::MAX) {
         return heard;
     }
-    let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
+    let mut buf = [0u8; hookproto::TOLD_MAX];
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT) };
-    match usize::try_from(n).ok().and_then(|n| buf.get(..n)).and_then(hookproto::Answer::decode) {
+    let msg = usize::try_from(n).ok().and_then(|n| buf.get(..n)).unwrap_or_default();
+    if let Some(line) = hookproto::Answer::line_of(msg, hookproto::DECLINED).filter(|l| !l.is_empty()) {
+        // refused, and why: said once a process, as a daemon that cannot be asked is
+        if first_warning() {
+            notice(&[line]);
+        }
+        return Heard::Nothing;
+    }
+    match hookproto::Answer::decode(msg) {
         Some(a) => Heard::Answer(a),
         None => Heard::Nothing,
     }
@@ -441,9 +645,8 @@ pub(crate) fn refused(port: u16, family: u16) -> bool {
     let saved = errno();
     // SAFETY: copied into the message here.
     let session = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
-    let family = if family == AF_INET6 { 6 } else { 4 };
     let mut msg = [0u8; hookproto::DONE_MAX];
-    let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family, errno: 0, flags: 0, origin: 0, session }, &mut msg);
+    let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family: family_byte(family), session, ..NO_ASK }, &mut msg);
     let started = monotonic_ms();
     let conn = match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(started)) {
         (Some(msg), Ok(conn)) => Some((msg, conn)),

@@ -5,9 +5,8 @@
 //! an extra ~16%). It does no work at load time. Each hook filters with a few
 //! comparisons (address family, port, loopback, session), decides with the one decision
 //! (`decide`, common/src/decide.rs) and asks the daemon on `hook.sock` ([`keep`]) what it
-//! must; only what that cannot answer (rules of the process's own, observe mode, no
-//! daemon, a failed grant) loads `libstyxy_preload_core.so` (once, with `dlopen`) and
-//! hands it the call together with the real function.
+//! must. It is the whole library: nothing of ours is ever loaded beside it, and the daemon
+//! writes every event (what the shim did alone it tells in a note, [`keep::note`]).
 //!
 //! Built by `build.rs` with `-C panic=abort` (Cargo cannot set panic per package);
 //! nothing here can panic: no indexing, no unwrap.
@@ -20,8 +19,8 @@
 //!
 //! Here: the four exports and what each decides. Beside: [`sockinfo`] (the program's
 //! address and socket), [`settings`] (the environment's switches), [`maps`] (the daemon's
-//! policy and port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`),
-//! [`corelib`] (loading the hooks' logic), [`exec_hooks`] (static and Go programs started
+//! policy and port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`,
+//! and what the daemon is told), [`exec_hooks`] (static and Go programs started
 //! under the seccomp supervisor), [`slot`], [`libc_calls`] (libc), [`cstring`] (C strings).
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -29,16 +28,15 @@
 
 use core::ffi::{c_int, c_void};
 
-use corelib::{core_fn, core_present, CORE_BIND, CORE_CONNECT, CORE_LISTEN};
 use decide::{Class, Facts, ListenWay, Listening, Mode, Plan, Route, Seen};
-use keep::{confirm, keep, kept_by, origin, refused};
+use keep::{confirm, keep, kept_by, note, origin, refused};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
-use settings::{enabled, in_session, isolate, mode, own_rules, session_tag};
+use settings::{enabled, in_session, isolate, mode, rule_class, session_tag, supervised};
 use slot::Slot;
 use sockinfo::{shares_port, stream, Inet};
 
-/// What happens to a call: the one decision, shared with the hooks' logic and the daemon.
+/// What happens to a call: the one decision, shared with the supervisor and the daemon.
 #[allow(dead_code)]
 #[path = "../../common/src/decide.rs"]
 mod decide;
@@ -65,7 +63,6 @@ mod sockaddr;
 mod switch;
 
 mod cluster;
-mod corelib;
 mod cstring;
 mod exec_hooks;
 mod keep;
@@ -79,8 +76,6 @@ mod tell;
 type AddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen) -> c_int;
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type NameFn = unsafe extern "C" fn(c_int, *mut c_void, *mut SockLen) -> c_int;
-type CoreAddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen, AddrFn) -> c_int;
-type CoreListenFn = unsafe extern "C" fn(c_int, c_int, ListenFn) -> c_int;
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -97,7 +92,7 @@ static REAL_CONNECT: Slot<AddrFn> = unsafe { Slot::new(c"connect") };
 // SAFETY: libc's `int getsockname(int, struct sockaddr *, socklen_t *)`.
 static REAL_GETSOCKNAME: Slot<NameFn> = unsafe { Slot::new(c"getsockname") };
 
-/// A cached answer (an environment switch, whether the core is loaded).
+/// A cached answer (an environment switch).
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
 const NO: u8 = 2;
@@ -132,10 +127,10 @@ hook!(REAL_LISTEN => fn listen(fd: c_int, backlog: c_int) -> c_int = shim_listen
 hook!(REAL_GETSOCKNAME => fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int = shim_getsockname);
 hook!(REAL_CONNECT => fn connect(fd: c_int, addr: *const c_void, len: SockLen) -> c_int = shim_connect);
 
-/// A bind, as [`decide::plan`] says for its port's class in the policy map: as asked
-/// (and only an `EADDRINUSE` goes further), or kept in one round trip with the daemon
-/// ([`keep`]); the rest — rules of the process's own, no map, a shared port, a failed or
-/// declined ask — the hooks' logic decides.
+/// A bind, as [`decide::plan`] says for its port's class (a rule of the process's own,
+/// else the policy map): as asked (and only an `EADDRINUSE` goes further), or kept in one
+/// round trip with the daemon ([`keep`]); what the daemon cannot be asked about goes as
+/// asked, and what the shim did alone is told ([`note`]).
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to bind(2); `real` is libc's bind.
@@ -143,60 +138,86 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, addr, len) };
     // SAFETY: the program's address, read during its call.
-    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && enabled()) else {
+    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && enabled() && !supervised()) else {
         return plain();
     };
     let saved = errno();
-    if let Some(class) = port_class(inet.port).and_then(Class::of_byte) {
-        let mut facts = Facts::default();
-        let mode = mode();
-        let plan = decide::plan(class, mode, || {
-            let moved_from = if mode == Mode::Fallback { origin() } else { None };
-            facts = Facts { stream: stream(fd), shares_port: shares_port(fd), moved_from };
-            facts
-        });
-        // what the daemon plans with: the mode, the socket's sharing
-        let mode_flag = match mode {
-            Mode::Fallback => hookproto::FALLBACK,
-            Mode::OnConflict => hookproto::ON_CONFLICT_MODE,
-            _ => 0,
-        };
-        let shares = if facts.shares_port { hookproto::SHARES_PORT } else { 0 };
-        set_errno(saved);
-        match plan {
-            Plan::AsAsked(_) => return plain(),
-            Plan::TryFirst { single, fallback } => {
-                let rc = plain();
-                // bound, or failed as the kernel says: only a stream's EADDRINUSE goes further
-                if rc == 0 || errno() != EADDRINUSE || !facts.stream {
-                    return rc;
-                }
-                // another port of its type in one round trip — or, for a tool that moves
-                // on by itself, its EADDRINUSE (a single-instance type's EADDRINUSE stands,
-                // and the hooks' logic says why)
-                let taken = hookproto::TAKEN | mode_flag | if fallback { 0 } else { hookproto::MAY_MOVE };
-                // SAFETY: the program's call, `inet` read from its address, libc's function.
-                if let Some(rc) = (!single).then(|| unsafe { keep(fd, addr, len, &inet, real, taken, None) }).flatten() {
-                    return kept(rc, saved);
-                }
+    let Some((class, own)) = class_of(inet.port) else {
+        return plain();
+    };
+    let mut facts = Facts::default();
+    let mode = mode();
+    let plan = decide::plan(class, mode, || {
+        let moved_from = if mode == Mode::Fallback { origin() } else { None };
+        facts = Facts { stream: stream(fd), shares_port: shares_port(fd), moved_from };
+        facts
+    });
+    // what the daemon plans with: the mode, the socket's sharing, the process's own rules
+    let mode_flag = match mode {
+        Mode::Fallback => hookproto::FALLBACK,
+        Mode::OnConflict => hookproto::ON_CONFLICT_MODE,
+        _ => 0,
+    };
+    let shares = if facts.shares_port { hookproto::SHARES_PORT } else { 0 };
+    let own = if own { hookproto::OWN_RULES } else { 0 };
+    set_errno(saved);
+    let kept = match plan {
+        Plan::AsAsked(_) => None,
+        Plan::Observe => {
+            let rc = plain();
+            let err = errno();
+            note(hookproto::NOTE_OBSERVED, inet.port, inet.family, own);
+            set_errno(err);
+            return rc;
+        }
+        Plan::TryFirst { single, fallback } => {
+            let rc = plain();
+            // bound, or failed as the kernel says: only a stream's EADDRINUSE goes further
+            if rc == 0 || errno() != EADDRINUSE || !facts.stream {
+                return rc;
             }
-            // the daemon keeps this very port for us in one round trip (a tool that moves on
-            // by itself: this port or its EADDRINUSE), or the hooks' logic decides
-            Plan::AskFirst { fallback } => {
-                let flags = shares | mode_flag | if fallback { 0 } else { hookproto::MAY_MOVE };
-                // SAFETY: the program's call, `inet` read from its address, libc's function.
-                if let Some(rc) = unsafe { keep(fd, addr, len, &inet, real, flags, facts.moved_from) } {
-                    return kept(rc, saved);
-                }
+            if single {
+                // a single-instance type's EADDRINUSE stands, and the daemon logs why
+                note(hookproto::NOTE_SINGLE, inet.port, inet.family, own);
+                set_errno(EADDRINUSE);
+                return rc;
             }
-            Plan::Observe => {}
+            // another port of its type in one round trip — or, for a tool that moves on
+            // by itself, its EADDRINUSE
+            let taken = hookproto::TAKEN | mode_flag | own | if fallback { 0 } else { hookproto::MAY_MOVE };
+            // SAFETY: the program's call, `inet` read from its address, libc's function.
+            unsafe { keep(fd, addr, len, &inet, real, taken, None) }
+        }
+        // the daemon keeps this very port for us in one round trip (a tool that moves on
+        // by itself: this port or its EADDRINUSE)
+        Plan::AskFirst { fallback } => {
+            let flags = shares | mode_flag | own | if fallback { 0 } else { hookproto::MAY_MOVE };
+            // SAFETY: the program's call, `inet` read from its address, libc's function.
+            unsafe { keep(fd, addr, len, &inet, real, flags, facts.moved_from) }
+        }
+    };
+    match kept {
+        Some(rc) => self::kept(rc, saved),
+        None => {
+            set_errno(saved);
+            plain()
         }
     }
-    set_errno(saved);
-    match core_fn(&CORE_BIND) {
-        // SAFETY: the program's call and libc's function, as the core's bind takes them.
-        Some(hook) => unsafe { hook(fd, addr, len, real) },
-        None => plain(),
+}
+
+/// The class of `port` and whether a rule of the process's own gave it: the rule's
+/// ([`rule_class`]), else the policy map's. Without a map this process may read (no
+/// daemon ever ran here, or it is another user's) an unprivileged port below the
+/// ephemeral range is asked about, so that the person hears why it is not coordinated;
+/// `None` for a byte the map should not hold.
+fn class_of(port: u16) -> Option<(Class, bool)> {
+    if let Some(class) = rule_class(port) {
+        return Some((class, true));
+    }
+    match port_class(port) {
+        Some(byte) => Class::of_byte(byte).map(|c| (c, false)),
+        None if (1024..32768).contains(&port) => Some((Class::Coordinated, false)),
+        None => Some((Class::Untouched, false)),
     }
 }
 
@@ -209,42 +230,52 @@ fn kept(rc: c_int, saved: c_int) -> c_int {
 }
 
 /// A listen, as [`decide::listen_way`] says: as asked; or confirmed with the daemon
-/// afterwards, for a port a `fork`'s parent kept ([`confirm`]); or the hooks' logic's,
-/// for a socket the kernel binds at this listen (observed) or once it is loaded. A
-/// port-0 or uncoordinated bind's listen reads no map: one `getsockname`.
+/// afterwards, for a port a `fork`'s parent kept ([`confirm`]); or, for a socket the
+/// kernel binds at this very listen, the port it chose told ([`note`]). A port-0 or
+/// uncoordinated bind's listen reads no map: one `getsockname`.
 ///
 /// # Safety
 /// `fd` and `backlog` are the program's call to listen(2); `real` is libc's listen.
 unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, backlog) };
-    if !enabled() {
+    if !enabled() || supervised() {
         return plain();
     }
     let saved = errno();
+    let port = local_port(fd).map(|(_, port)| port);
+    let p = port.unwrap_or(0);
+    let (kept_here, kept_before) = kept_by(p);
+    let way = decide::listen_way(Listening { port, kept_here, kept_before });
+    set_errno(saved);
+    let rc = plain();
+    if rc != 0 {
+        return rc;
+    }
+    match way {
+        ListenWay::AsAsked => {}
+        ListenWay::Confirm => confirm(p),
+        ListenWay::Observe => {
+            if let Some((family, chosen)) = local_port(fd).filter(|(_, port)| *port != 0) {
+                note(hookproto::NOTE_KERNEL_CHOSE, chosen, family, 0);
+            }
+        }
+    }
+    set_errno(saved);
+    rc
+}
+
+/// The family and port `fd` is bound to (`getsockname`); `None` for a socket that is not
+/// an inet one.
+fn local_port(fd: c_int) -> Option<(u16, u16)> {
     let mut ss = [0u8; 128];
     let mut sl: SockLen = 128;
     // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
     let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
-    let port = if named { ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| a.port) } else { None };
-    let p = port.unwrap_or(0);
-    let (kept_here, kept_before) = kept_by(p);
-    let way = decide::listen_way(Listening { port, kept_here, kept_before, logic_loaded: core_present() });
-    set_errno(saved);
-    match way {
-        ListenWay::AsAsked => plain(),
-        ListenWay::Confirm => {
-            let rc = plain();
-            if rc == 0 {
-                confirm(p);
-            }
-            rc
-        }
-        ListenWay::Logic => match core_fn(&CORE_LISTEN) {
-            // SAFETY: the program's call and libc's function, as the core's listen takes them.
-            Some(hook) => unsafe { hook(fd, backlog, real) },
-            None => plain(),
-        },
+    if named {
+        ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| (a.family, a.port))
+    } else {
+        None
     }
 }
 
@@ -270,7 +301,7 @@ unsafe fn shim_getsockname(real: NameFn, fd: c_int, addr: *mut c_void, len: *mut
 }
 
 /// A connect: as asked, unless it is a session's loopback connect, which follows the
-/// port map ([`route`]) or the hooks' logic.
+/// port map ([`decide::route`]).
 ///
 /// # Safety
 /// `fd`, `addr` and `len` are the program's call to connect(2); `real` is libc's connect.
@@ -278,7 +309,9 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
     // SAFETY: the program's own call, to libc's function (this function's contract).
     let plain = || unsafe { real(fd, addr, len) };
     // SAFETY: the program's address, read during its call.
-    let Some(inet) = unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && in_session() && a.is_loopback() && enabled()) else {
+    let Some(inet) =
+        unsafe { Inet::of_call(addr, len) }.filter(|a| a.port != 0 && in_session() && a.is_loopback() && enabled() && !supervised())
+    else {
         return plain();
     };
     match port_route(fd, inet.port) {
@@ -288,39 +321,23 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
             // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `copy`, a sockaddr like the program's.
             unsafe { real(fd, copy.as_ptr().cast(), len) }
         }
-        // as if nothing listened; the daemon logs it and the person is told once ([`refused`]),
-        // or the hooks' logic does when the daemon cannot be asked
-        Some(Route::Refused) => match if refused(inet.port, inet.family) { None } else { core_fn(&CORE_CONNECT) } {
-            // SAFETY: the program's call and libc's function, as the core's connect takes them.
-            Some(hook) => unsafe { hook(fd, addr, len, real) },
-            None => {
-                set_errno(ECONNREFUSED);
-                -1
-            }
-        },
-        Some(_) => plain(),
-        // the hooks' logic changes only stream connects: a datagram one (a DNS query to
-        // 127.0.0.53) never loads it
-        None if !stream(fd) => plain(),
-        None => match core_fn(&CORE_CONNECT) {
-            // SAFETY: the program's call and libc's function, as the core's connect takes them.
-            Some(hook) => unsafe { hook(fd, addr, len, real) },
-            None => plain(),
-        },
+        // as if nothing listened; the daemon logs it and the person is told once ([`refused`])
+        Some(Route::Refused) => {
+            refused(inet.port, inet.family);
+            set_errno(ECONNREFUSED);
+            -1
+        }
+        _ => plain(),
     }
 }
 
-/// The shim's own answer for a loopback connect of `fd` in a session ([`decide::route`]
-/// over the port map and the policy map); `None` when the hooks' logic must decide (the
-/// process has rules of its own, or the session id needs more than the map's tag).
+/// Where a loopback connect of `fd` in a session goes ([`decide::route`] over the port
+/// map, the process's own rules and the policy map); `None` outside any session.
 fn port_route(fd: c_int, port: u16) -> Option<Route> {
-    if own_rules() {
-        return None;
-    }
     let tag = session_tag()?;
     let Some((remapped, holder)) = with_port_map(|m| (m.lookup(tag, port), m.held(port))) else {
         return Some(Route::AsAsked); // no daemon yet: nothing to follow
     };
-    let class = || port_class(port).and_then(Class::of_byte);
+    let class = || rule_class(port).or_else(|| port_class(port).and_then(Class::of_byte));
     Some(decide::route(port, Seen { tag, remapped, holder }, isolate(), class, || stream(fd)))
 }

@@ -5,14 +5,6 @@ use core::ffi::{c_char, c_int, c_void};
 pub(crate) type SockLen = u32;
 
 #[repr(C)]
-pub(crate) struct DlInfo {
-    pub(crate) fname: *const c_char,
-    pub(crate) fbase: *mut c_void,
-    pub(crate) sname: *const c_char,
-    pub(crate) saddr: *mut c_void,
-}
-
-#[repr(C)]
 pub(crate) struct PollFd {
     pub(crate) fd: c_int,
     pub(crate) events: i16,
@@ -51,14 +43,11 @@ extern "C" {
     pub(crate) fn send(fd: c_int, buf: *const c_void, n: usize, flags: c_int) -> isize;
     pub(crate) fn recv(fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize;
     pub(crate) fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    pub(crate) fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void;
-    pub(crate) fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
     pub(crate) fn getenv(name: *const c_char) -> *const c_char;
     fn __errno_location() -> *mut c_int;
     pub(crate) fn abort() -> !;
     pub(crate) fn getpid() -> c_int;
     pub(crate) fn process_vm_readv(pid: c_int, local: *const IoVec, nl: usize, remote: *const IoVec, nr: usize, flags: usize) -> isize;
-    pub(crate) fn dlerror() -> *const c_char;
     pub(crate) fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut SockLen) -> c_int;
     pub(crate) fn open(path: *const c_char, flags: c_int, ...) -> c_int;
     pub(crate) fn close(fd: c_int) -> c_int;
@@ -70,6 +59,7 @@ extern "C" {
     pub(crate) fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     fn clock_gettime(clock: c_int, ts: *mut TimeSpec) -> c_int;
     pub(crate) fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
+    pub(crate) fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
     pub(crate) fn getdents64(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     pub(crate) static environ: crate::exec_hooks::Argv;
     pub(crate) fn pread(fd: c_int, buf: *mut c_void, n: usize, off: i64) -> isize;
@@ -79,8 +69,6 @@ extern "C" {
 }
 
 pub(crate) const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
-pub(crate) const RTLD_NOW: c_int = 2;
-pub(crate) const RTLD_NODELETE: c_int = 0x1000;
 pub(crate) use crate::sockaddr::AF_INET6;
 pub(crate) const ENOSYS: c_int = 38;
 pub(crate) const EPERM: c_int = 1;
@@ -113,17 +101,33 @@ pub(crate) const MSG_DONTWAIT: c_int = 0x40;
 pub(crate) const MSG_NOSIGNAL: c_int = 0x4000;
 pub(crate) const SOCK_STREAM: c_int = 1;
 pub(crate) const ECONNREFUSED: c_int = 111;
+pub(crate) const ENOENT: c_int = 2;
+pub(crate) const EACCES: c_int = 13;
+pub(crate) const ENOTDIR: c_int = 20;
+pub(crate) const O_WRONLY: c_int = 1;
+pub(crate) const O_CREAT: c_int = 0o100;
+pub(crate) const O_APPEND: c_int = 0o2000;
 pub(crate) const EINTR: c_int = 4;
 pub(crate) const EAGAIN: c_int = 11;
 pub(crate) const SO_SNDTIMEO: c_int = 21;
 pub(crate) const F_DUPFD_CLOEXEC: c_int = 1030;
 const CLOCK_MONOTONIC: c_int = 1;
+const CLOCK_REALTIME: c_int = 0;
 
 /// `CLOCK_MONOTONIC` in milliseconds (the daemon's beat's clock); errno untouched.
 pub(crate) fn monotonic_ms() -> u64 {
+    clock_ms(CLOCK_MONOTONIC)
+}
+
+/// The wall clock, in ms since the epoch (an event's time).
+pub(crate) fn realtime_ms() -> u64 {
+    clock_ms(CLOCK_REALTIME)
+}
+
+fn clock_ms(clock: c_int) -> u64 {
     let mut ts = TimeSpec { sec: 0, nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into `ts`; with a valid clock it cannot fail.
-    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    unsafe { clock_gettime(clock, &mut ts) };
     (ts.sec as u64).wrapping_mul(1000).wrapping_add(ts.nsec as u64 / 1_000_000)
 }
 pub(crate) const AT_PHDR: u64 = 3;

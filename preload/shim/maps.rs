@@ -12,7 +12,7 @@ use crate::libc_calls::{
     S_IFDIR, S_IFMT, S_IFREG,
 };
 use crate::mapview::{self, Words};
-use crate::settings::{env, own_rules};
+use crate::settings::env;
 
 /// The daemon's policy map (common/src/policymap.rs): magic, header, a class per port.
 const POLICY_MAGIC: u32 = 0x5350_5031;
@@ -96,11 +96,8 @@ impl MapFile {
 }
 
 /// The class of `port` in the daemon's policy map, `None` when there is no map this
-/// process may trust (or it sets its own rules).
+/// process may trust.
 pub(crate) fn port_class(port: u16) -> Option<u8> {
-    if own_rules() {
-        return None;
-    }
     let at = POLICY_HEADER + usize::from(port);
     POLICY.look(|look| match look {
         // SAFETY: a mapping of POLICY_SIZE bytes ([`Look`]); `at` < POLICY_SIZE.

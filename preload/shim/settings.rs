@@ -1,11 +1,11 @@
 //! The environment's switches, each read once per process and cached: disabled, the
-//! session, isolation, rules of the process's own.
+//! session, isolation, the mode, the supervisor, rules of the process's own.
 
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::cstring::cstr;
-use crate::decide::Mode;
+use crate::decide::{self, Class, Mode};
 use crate::libc_calls::{getenv, statx, AT_FDCWD, STATX_INO};
 use crate::{mapview, switch, NO, UNKNOWN, YES};
 
@@ -15,6 +15,7 @@ static IN_SESSION: AtomicU8 = AtomicU8::new(UNKNOWN);
 static TAG: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 static ISOLATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 static OWN_RULES: AtomicU8 = AtomicU8::new(UNKNOWN);
+static SUPERVISED: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 /// The value of `name` in the environment (without its NUL), `None` when unset.
 ///
@@ -82,22 +83,20 @@ pub(crate) fn in_session() -> bool {
     env_flag(&IN_SESSION, c"STYXY_PRELOAD_SESSION", set)
 }
 
-/// The process sets its own policy (`STYXY_PRELOAD_PORTS` rules) or may be under `exec`'s
-/// seccomp supervisor: the daemon's maps are not the whole story, the hooks' logic
-/// decides every call.
-pub(crate) fn own_rules() -> bool {
-    match OWN_RULES.load(Ordering::Relaxed) {
-        YES => true,
-        NO => false,
-        _ => {
-            let own = [c"STYXY_PRELOAD_PORTS", c"STYXY_PRELOAD_SUPERVISED"]
-                .iter()
-                // SAFETY: each value is tested here and not kept.
-                .any(|n| set(unsafe { env(n) }));
-            OWN_RULES.store(if own { YES } else { NO }, Ordering::Relaxed);
-            own
-        }
+/// The process runs under `exec`'s seccomp supervisor (`STYXY_PRELOAD_SUPERVISED`), which
+/// decides its calls itself: the shim leaves every one alone.
+pub(crate) fn supervised() -> bool {
+    env_flag(&SUPERVISED, c"STYXY_PRELOAD_SUPERVISED", set)
+}
+
+/// The class a rule of the process's own (`STYXY_PRELOAD_PORTS`) gives `port`
+/// ([`decide::rule_class`]); `None` when no rule covers it (or there are none).
+pub(crate) fn rule_class(port: u16) -> Option<Class> {
+    if !env_flag(&OWN_RULES, c"STYXY_PRELOAD_PORTS", set) {
+        return None;
     }
+    // SAFETY: parsed here and not kept.
+    decide::rule_class(unsafe { env(c"STYXY_PRELOAD_PORTS") }?, port)
 }
 
 /// `STYXY_PRELOAD_ISOLATE` not turned off ([`switch::is_off`]).
@@ -118,7 +117,7 @@ pub(crate) fn session_tag() -> Option<u32> {
 }
 
 /// The process's mode (`STYXY_PRELOAD_MODE`; `STYXY_DISABLE_REASSIGN` set to 1, true or
-/// yes means observe), read as the hooks' logic reads it (`process::Process::from_vars`),
+/// yes means observe), read as the supervisor reads it (`process::Process::from_vars`),
 /// once.
 pub(crate) fn mode() -> Mode {
     static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);

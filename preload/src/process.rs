@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
-use once_cell::race::OnceBox;
 use styxy_preload_common::eventlog::Log;
 use styxy_preload_common::http::Endpoint;
 use styxy_preload_common::paths::{self, Vars};
@@ -180,13 +179,6 @@ impl Drop for Process {
 pub fn seccomp_filters() -> u32 {
     let field = |name: &str| procinfo::status_field(procinfo::SELF, name).and_then(|v| v.parse::<u32>().ok());
     field("Seccomp_filters").unwrap_or_else(|| u32::from(field("Seccomp") == Some(2)))
-}
-
-static PROCESS: OnceBox<Process> = OnceBox::new();
-
-/// This process's settings, read from its environment on first use.
-pub fn get() -> &'static Process {
-    PROCESS.get_or_init(|| Box::new(Process::from_vars(&|k| std::env::var_os(k))))
 }
 
 pub fn pid() -> u32 {

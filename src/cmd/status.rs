@@ -31,7 +31,7 @@ pub fn run() -> Result<i32, String> {
         broken += 1;
     };
     match libpath::find() {
-        Ok(lib) => match loadable(&lib).and_then(|_| loadable(&lib.with_file_name(libpath::CORE))) {
+        Ok(lib) => match loadable(&lib) {
             Ok(()) => println!("✓ library: {} (loads)", lib.display()),
             Err(e) => {
                 bad(format!("library {} does not load: {e}", lib.display()), "rebuild with `cargo build --release --workspace`".into())

@@ -16,31 +16,24 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_styxy-preload"))
 }
 
-/// `cargo build --workspace` leaves the core library beside the binary; `cargo test`
-/// builds it only as a dependency, in `deps/`. Put the freshest one where a build puts
-/// it (copy, then rename: atomic for concurrent test processes).
-fn ensure_core_beside_binary() {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let dst = bin().with_file_name("libstyxy_preload_core.so");
-        let src = bin().with_file_name("deps").join("libstyxy_preload_core.so");
-        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        if let Some(s) = mtime(&src) {
-            if mtime(&dst).is_none_or(|d| d < s) {
-                let tmp = dst.with_extension(format!("so.tmp.{}", std::process::id()));
-                std::fs::copy(&src, &tmp).unwrap();
-                std::fs::rename(&tmp, &dst).unwrap();
-            }
-        }
-    });
+/// What process `pid` maps of ours besides `libstyxy_preload.so` (which must be the whole
+/// library): empty, or the paths that should not be there.
+pub fn ours_beside_the_shim(pid: u32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let mut extra: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.contains("libstyxy") && !p.ends_with("/libstyxy_preload.so"))
+        .map(str::to_string)
+        .collect();
+    extra.dedup();
+    extra
 }
 
-/// `libstyxy_preload.so`, beside the binary (the core next to it).
+/// `libstyxy_preload.so`, beside the binary (the build script puts it there).
 pub fn lib() -> PathBuf {
-    ensure_core_beside_binary();
     let p = bin().with_file_name("libstyxy_preload.so");
     assert!(p.is_file(), "{} missing: build with cargo build --workspace", p.display());
-    assert!(p.with_file_name("libstyxy_preload_core.so").is_file(), "core library missing beside {}", p.display());
     p
 }
 

@@ -4,7 +4,7 @@
 use styxy_preload_common::api::{AllocateReply, AllocateRequest};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 
-use super::reason::AskError;
+use styxy_preload_common::reason::AskError;
 
 /// Whoever grants ports to a bind.
 pub trait Coordinator {

@@ -8,11 +8,10 @@
 //! the program asked.
 
 mod ask;
-mod reason;
 
 pub use ask::{Coordinator, Daemon};
-pub use reason::{AskError, Reason};
 pub use styxy_preload_common::decide::{plan, Bypass, Class, Facts, Plan};
+pub use styxy_preload_common::reason::{AskError, Reason};
 
 use std::time::Instant;
 
@@ -233,7 +232,7 @@ pub fn unanswered(p: &Process, who: &Caller, orig: &Addr) {
 /// coordination never stops silently.
 fn warn_once(p: &Process, who: &Caller, coord: &dyn Coordinator, e: &AskError) {
     if p.memory.first_warning(who.pid) {
-        report::notify(p, &format!("{e} ({}): ports pass through uncoordinated{}", coord.name(), e.fix()));
+        report::notify(p, &format!("{e} ({}){}{}", coord.name(), styxy_preload_common::hookproto::PASS_THROUGH, e.fix()));
     }
 }
 

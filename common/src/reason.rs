@@ -1,9 +1,13 @@
-//! Why a bind ended as it did: the event log's `reason`, one variant per case.
+//! Why a bind ended as it did: the event log's `reason`, one variant per case, each
+//! worded here once for every writer (the daemon for the shim's binds, the seccomp
+//! supervisor for its own).
 
 use std::fmt;
 
-use libc::c_int;
-use styxy_preload_common::eventlog;
+use crate::{eventlog, hookproto};
+
+#[allow(non_camel_case_types)]
+type c_int = i32;
 
 /// The reason an event gives for a bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +33,8 @@ pub enum Reason {
     /// A bind of a port the session already holds failed: an earlier server's socket
     /// lingers in TIME_WAIT (it bound without `SO_REUSEADDR`), as without the library.
     SessionPortInTimeWait(u16),
+    /// Observed at `listen()`: the kernel chose the port of an unbound socket.
+    KernelChose,
     /// The kernel refuses the address itself (a link-local one without its scope, one
     /// this host does not have): the program's own bind fails the same way.
     KernelRefuses(c_int),
@@ -55,9 +61,7 @@ impl AskError {
     /// Said to a person with the fix, when coordination stops for the process.
     pub fn fix(&self) -> &'static str {
         match self {
-            AskError::NoCoordinator | AskError::Timeout => {
-                "; start it with `styxy-preload daemon start`, or run the tool under `styxy-preload exec`"
-            }
+            AskError::NoCoordinator | AskError::Timeout => hookproto::START_IT,
             _ => "",
         }
     }
@@ -66,12 +70,12 @@ impl AskError {
 impl fmt::Display for AskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AskError::NoCoordinator => write!(f, "no coordinator"),
-            AskError::OtherUser { owner, me } => write!(
-                f,
-                "the session's daemon belongs to uid {owner} and this process runs as uid {me}: run the command under `styxy-preload exec --seccomp` to coordinate it"
-            ),
-            AskError::Timeout => write!(f, "coordinator timeout"),
+            AskError::NoCoordinator => write!(f, "{}", hookproto::NO_COORDINATOR),
+            AskError::OtherUser { owner, me } => {
+                let [a, b, c] = hookproto::OTHER_USER;
+                write!(f, "{a}{owner}{b}{me}{c}")
+            }
+            AskError::Timeout => write!(f, "{}", hookproto::TIMEOUT),
             AskError::Refused { status, message } => write!(f, "coordinator answered {status}: {message}"),
             AskError::Garbled(e) => write!(f, "{e}"),
         }
@@ -83,6 +87,7 @@ impl fmt::Display for Reason {
         let os = |e: &c_int| std::io::Error::from_raw_os_error(*e);
         match self {
             Reason::ObserveMode => write!(f, "observe mode"),
+            Reason::KernelChose => write!(f, "port chosen by the kernel"),
             Reason::SingleInstance(ty) => write!(f, "single-instance type {ty}: not remapped"),
             Reason::LeftToOwnFallback { port, comm } => write!(f, "{}", eventlog::left_to_own_fallback(*port, comm)),
             Reason::Unasked(e) => write!(f, "{e}"),
