@@ -2,7 +2,7 @@
 # Installs styxy-preload into a prefix, or removes it from there.
 #   scripts/install.sh [--prefix DIR] [--no-build | --from DIR]    default prefix: ~/.local (/usr/local as root)
 #   scripts/install.sh --uninstall [--prefix DIR]
-# Puts bin/styxy-preload, lib/styxy-preload/libstyxy_preload{,_core}.so (where the CLI looks:
+# Puts bin/styxy-preload, lib/styxy-preload/libstyxy_preload.so (where the CLI looks:
 # <prefix>/bin/../lib/styxy-preload), the man pages, bash/zsh/fish completions, the systemd
 # user units and the README under the prefix. Builds the release first when it is missing
 # or older than its sources (CARGO_TARGET_DIR is honoured); --from DIR takes the binary and
