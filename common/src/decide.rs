@@ -61,7 +61,19 @@ pub enum Mode {
     Fallback,
 }
 
-/// What the carrier knows of the socket and the process before the bind.
+/// What the carrier can tell of the socket and the process before the bind, each fact
+/// asked only when the decision needs it (each may cost the carrier a system call: an
+/// uncoordinated bind asks `shares_port` alone).
+pub trait SocketFacts {
+    /// A TCP stream socket (only those are coordinated).
+    fn stream(&mut self) -> bool;
+    /// `SO_REUSEPORT` is set: the program means to share the port.
+    fn shares_port(&mut self) -> bool;
+    /// Fallback mode, after the tool moved on by itself: the port it first wanted.
+    fn moved_from(&mut self) -> Option<u16>;
+}
+
+/// Facts known already (the daemon's check of a `KEEP`, the supervisor, tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Facts {
     /// A TCP stream socket (only those are coordinated).
@@ -90,6 +102,18 @@ pub enum Plan {
     AskFirst { fallback: bool },
 }
 
+impl SocketFacts for Facts {
+    fn stream(&mut self) -> bool {
+        self.stream
+    }
+    fn shares_port(&mut self) -> bool {
+        self.shares_port
+    }
+    fn moved_from(&mut self) -> Option<u16> {
+        self.moved_from
+    }
+}
+
 /// Why a bind goes as asked without a word (every such reason is a variant).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bypass {
@@ -99,24 +123,23 @@ pub enum Bypass {
     NotStream,
 }
 
-/// The plan for a bind of a port of `class` in `mode`; `facts` is asked only when the
-/// class is not [`Class::Untouched`] (it costs the carrier syscalls).
-pub fn plan(class: Class, mode: Mode, facts: impl FnOnce() -> Facts) -> Plan {
+/// The plan for a bind of a port of `class` in `mode`; of `facts`, only what the plan
+/// turns on is asked (nothing for an untouched port; `SO_TYPE` not before a bind first).
+pub fn plan(class: Class, mode: Mode, facts: &mut impl SocketFacts) -> Plan {
     let single = match class {
         Class::Untouched => return Plan::AsAsked(Bypass::Untouched),
         Class::Single => true,
         Class::Coordinated | Class::OnConflict => false,
     };
-    let facts = facts();
     // a socket that may share its port never fails with EADDRINUSE: two sessions would
     // silently share one reuseport group unless it is asked about first
-    let ask = !single && (class == Class::Coordinated || facts.shares_port || facts.moved_from.is_some());
+    let ask = mode != Mode::Observe && !single && (class == Class::Coordinated || facts.shares_port() || facts.moved_from().is_some());
     match mode {
-        Mode::Coordinate | Mode::Fallback if ask => match facts.stream {
+        Mode::Coordinate | Mode::Fallback if ask => match facts.stream() {
             true => Plan::AskFirst { fallback: mode == Mode::Fallback },
             false => Plan::AsAsked(Bypass::NotStream),
         },
-        Mode::Observe if facts.stream => Plan::Observe,
+        Mode::Observe if facts.stream() => Plan::Observe,
         Mode::Observe => Plan::AsAsked(Bypass::NotStream),
         _ => Plan::TryFirst { single, fallback: mode == Mode::Fallback },
     }
@@ -270,13 +293,43 @@ mod tests {
             (Single, Observe, STREAM, Plan::Observe),
         ];
         for (class, mode, facts, want) in table {
-            assert_eq!(plan(*class, *mode, || *facts), *want, "{class:?} {mode:?} {facts:?}");
+            assert_eq!(plan(*class, *mode, &mut facts.clone()), *want, "{class:?} {mode:?} {facts:?}");
+        }
+    }
+
+    /// Facts that count what was asked.
+    #[derive(Default)]
+    struct Asked(Vec<&'static str>);
+
+    impl SocketFacts for Asked {
+        fn stream(&mut self) -> bool {
+            self.0.push("stream");
+            true
+        }
+        fn shares_port(&mut self) -> bool {
+            self.0.push("shares_port");
+            false
+        }
+        fn moved_from(&mut self) -> Option<u16> {
+            self.0.push("moved_from");
+            None
         }
     }
 
     #[test]
-    fn an_untouched_port_asks_no_fact() {
-        assert_eq!(plan(Class::Untouched, Mode::Coordinate, || panic!("asked")), Plan::AsAsked(Bypass::Untouched));
+    fn only_the_facts_a_plan_turns_on_are_asked() {
+        let asked = |class, mode| {
+            let mut a = Asked::default();
+            let p = plan(class, mode, &mut a);
+            (p, a.0)
+        };
+        assert_eq!(asked(Class::Untouched, Mode::Coordinate), (Plan::AsAsked(Bypass::Untouched), vec![]));
+        // an uncoordinated bind: whether it shares its port, not its type (a bind first)
+        let try_first = Plan::TryFirst { single: false, fallback: false };
+        assert_eq!(asked(Class::OnConflict, Mode::Coordinate), (try_first, vec!["shares_port", "moved_from"]));
+        assert_eq!(asked(Class::Coordinated, Mode::Coordinate), (Plan::AskFirst { fallback: false }, vec!["stream"]));
+        assert_eq!(asked(Class::Single, Mode::Coordinate), (Plan::TryFirst { single: true, fallback: false }, vec![]));
+        assert_eq!(asked(Class::Coordinated, Mode::Observe), (Plan::Observe, vec!["stream"]));
     }
 
     #[test]

@@ -77,8 +77,8 @@ fn main() {
 }
 
 /// One exchange on `hook.sock`, as the shim makes it for a bind that then fails: `KEEP`,
-/// the grant, `DONE` with `EADDRINUSE` (the daemon withdraws the grant), then the
-/// daemon's close. The time from `KEEP` to the answer.
+/// the grant, `DONE` with `EADDRINUSE` (the daemon withdraws the grant and logs why),
+/// then the daemon's close. The time from `KEEP` to the answer.
 fn keep_and_withdraw(path: &std::path::Path, port: u16, session: &[u8]) -> Duration {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: plain socket calls on an fd this function owns and closes; every buffer is

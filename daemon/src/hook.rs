@@ -686,8 +686,8 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Cl
         // a KEEP is the shim's ask-first bind of a stream socket (SHARES_PORT: one that may
         // share its port), or (TAKEN) its bind-first that met EADDRINUSE: granted only where
         // the one decision says so
-        let facts = || Facts { stream: true, shares_port: ask.flags & SHARES_PORT != 0, moved_from: origin };
-        match (decide::plan(Class::of(&decision), mode, facts), taken) {
+        let mut facts = Facts { stream: true, shares_port: ask.flags & SHARES_PORT != 0, moved_from: origin };
+        match (decide::plan(Class::of(&decision), mode, &mut facts), taken) {
             (Plan::AskFirst { .. }, false) | (Plan::TryFirst { single: false, .. }, true) => decision.service_type().map(str::to_string),
             _ => None,
         }

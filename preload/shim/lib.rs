@@ -28,13 +28,13 @@
 
 use core::ffi::{c_int, c_void};
 
-use decide::{Class, Facts, ListenWay, Listening, Mode, Plan, Route, Seen};
+use decide::{Class, ListenWay, Listening, Mode, Plan, Route, Seen, SocketFacts};
 use keep::{confirm, keep, kept_by, note, origin, refused};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
 use settings::{enabled, in_session, isolate, mode, rule_class, session_tag, supervised};
 use slot::Slot;
-use sockinfo::{shares_port, stream, Inet};
+use sockinfo::{stream, Facts, Inet};
 
 /// What happens to a call: the one decision, shared with the supervisor and the daemon.
 #[allow(dead_code)]
@@ -145,20 +145,16 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
     let Some((class, own)) = class_of(inet.port) else {
         return plain();
     };
-    let mut facts = Facts::default();
     let mode = mode();
-    let plan = decide::plan(class, mode, || {
-        let moved_from = if mode == Mode::Fallback { origin() } else { None };
-        facts = Facts { stream: stream(fd), shares_port: shares_port(fd), moved_from };
-        facts
-    });
+    let mut facts = Facts::of(fd, if mode == Mode::Fallback { origin() } else { None });
+    let plan = decide::plan(class, mode, &mut facts);
     // what the daemon plans with: the mode, the socket's sharing, the process's own rules
     let mode_flag = match mode {
         Mode::Fallback => hookproto::FALLBACK,
         Mode::OnConflict => hookproto::ON_CONFLICT_MODE,
         _ => 0,
     };
-    let shares = if facts.shares_port { hookproto::SHARES_PORT } else { 0 };
+    let shares = |facts: &mut Facts| if facts.shares_port() { hookproto::SHARES_PORT } else { 0 };
     let own = if own { hookproto::OWN_RULES } else { 0 };
     set_errno(saved);
     let kept = match plan {
@@ -173,7 +169,7 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
         Plan::TryFirst { single, fallback } => {
             let rc = plain();
             // bound, or failed as the kernel says: only a stream's EADDRINUSE goes further
-            if rc == 0 || errno() != EADDRINUSE || !facts.stream {
+            if rc == 0 || errno() != EADDRINUSE || !facts.stream() {
                 return rc;
             }
             if single {
@@ -191,9 +187,10 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
         // the daemon keeps this very port for us in one round trip (a tool that moves on
         // by itself: this port or its EADDRINUSE)
         Plan::AskFirst { fallback } => {
-            let flags = shares | mode_flag | own | if fallback { 0 } else { hookproto::MAY_MOVE };
+            let flags = shares(&mut facts) | mode_flag | own | if fallback { 0 } else { hookproto::MAY_MOVE };
+            set_errno(saved);
             // SAFETY: the program's call, `inet` read from its address, libc's function.
-            unsafe { keep(fd, addr, len, &inet, real, flags, facts.moved_from) }
+            unsafe { keep(fd, addr, len, &inet, real, flags, facts.moved_from()) }
         }
     };
     match kept {

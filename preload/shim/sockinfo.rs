@@ -1,6 +1,7 @@
 //! What the shim reads of the program's socket and address: the sockaddr (only where
 //! the kernel would read it without a fault), the socket's type, `SO_REUSEPORT`.
 
+use crate::decide::SocketFacts;
 use core::ffi::{c_int, c_void};
 
 use crate::libc_calls::{
@@ -102,4 +103,33 @@ pub(crate) fn stream(fd: c_int) -> bool {
     let ok = unsafe { getsockopt(fd, SOL_SOCKET, SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) } == 0 && ty == SOCK_STREAM;
     set_errno(saved);
     ok
+}
+
+/// The program's socket as the one decision asks about it ([`SocketFacts`]): each fact read
+/// once, and only when the decision turns on it (an uncoordinated bind reads `SO_REUSEPORT`
+/// alone, and `SO_TYPE` only after its `EADDRINUSE`).
+pub(crate) struct Facts {
+    fd: c_int,
+    moved_from: Option<u16>,
+    stream: Option<bool>,
+    shares_port: Option<bool>,
+}
+
+impl Facts {
+    /// `fd`'s facts; `moved_from`: fallback mode's first port of the tool, when it moved on.
+    pub(crate) fn of(fd: c_int, moved_from: Option<u16>) -> Facts {
+        Facts { fd, moved_from, stream: None, shares_port: None }
+    }
+}
+
+impl SocketFacts for Facts {
+    fn stream(&mut self) -> bool {
+        *self.stream.get_or_insert_with(|| stream(self.fd))
+    }
+    fn shares_port(&mut self) -> bool {
+        *self.shares_port.get_or_insert_with(|| shares_port(self.fd))
+    }
+    fn moved_from(&mut self) -> Option<u16> {
+        self.moved_from
+    }
 }

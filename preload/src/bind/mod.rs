@@ -45,7 +45,7 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket, coo
         moved_from: (p.mode == Mode::Fallback).then(|| p.memory.origin(who.pid)).flatten(),
     };
     let b = Bind { p, who, orig, ty, started: Instant::now(), backend: coord.backend() };
-    match plan(Class::of(&decision), p.mode, || facts) {
+    match plan(Class::of(&decision), p.mode, &mut { facts }) {
         Plan::AsAsked(_) => Verdict::AsAsked,
         Plan::Observe => {
             b.event(orig.port, Action::Observed, Some(Reason::ObserveMode), 0);
