@@ -10,6 +10,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::Path;
 
 use common::*;
+use styxy_preload_common::eventlog::Action;
 
 /// `systemd-socket-activate -l <the world's socket> styxy-preload daemon run`: listens at
 /// once, starts the daemon (in its own place: same pid) on the first connection.
@@ -103,9 +104,15 @@ fn an_activated_daemon_coordinates_sessions_exits_when_idle_and_is_activated_aga
 
     // the manager listens again (systemd keeps its socket; systemd-socket-activate is
     // one-shot, so start it again): the next bind starts a daemon, which grants the port
+    // — a bind of a process the library is preloaded into (`env`), not `exec`'s
     let again = activator(&mut w, "activate2");
-    let (s3, p3) = server(&mut w, "s3", port);
+    let mut c = w.preloaded(Some("s3"), "python3");
+    c.args(["-m", "http.server", &port.to_string()]);
+    let s3 = w.spawn(c, "s3");
+    let p3 = wait_for(20, "the preloaded server listening", || listening_ports(s3).into_iter().next());
     assert_eq!(p3, port);
+    let kept = wait_for(10, "its event", || w.events().into_iter().find(|e| e.pid == s3));
+    assert_eq!(kept.action, Action::Kept, "{kept:?}");
     let (_, st) = w.json("GET", "/status", None);
     assert_eq!(st["pid"], again, "{st}");
     assert_eq!(st["run_mode"], "socket-activated", "{st}");

@@ -12,8 +12,8 @@ use crate::libc_calls::{
     above_stdio, close, errno, getpid, getsockopt, getuid, monotonic_ms, open, poll, prctl, read, realtime_ms, recv, send, set_errno,
     setsockopt, socket, statx, write, PollFd, SockLen, TimeVal, UCred, AF_INET6, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES,
     EADDRINUSE, EAGAIN, ECONNREFUSED, EINTR, ENOENT, ENOTDIR, MSG_DONTWAIT, MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_CREAT, O_NOFOLLOW,
-    O_NONBLOCK, O_RDONLY, O_WRONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_SEQPACKET, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
-    STATX_MODE_UID_SIZE, S_IFMT, S_IFREG,
+    O_NONBLOCK, O_RDONLY, O_WRONLY, POLLIN, PR_GET_NAME, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_SEQPACKET, SOCK_STREAM, SOL_SOCKET, SO_PEERCRED,
+    SO_SNDTIMEO, STATX_MODE_UID_SIZE, S_IFMT, S_IFREG,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::settings::env;
@@ -481,19 +481,88 @@ fn told_moved(fd: c_int, asked: u16, got: u16) {
     notice(&[b"port ", a, b" is taken; ", comm, b" (pid ", p, b") got ", g]);
 }
 
+/// How long a bind waits for a socket-activated daemon to start (its `hook.sock` to
+/// appear) after this process's connection started it: [`HOOK_ANSWER_MS`], and up to
+/// this while a daemon beats in the port map; and the slice it looks again after.
+const ACTIVATION_MS: u64 = 1000;
+const ACTIVATION_SLICE_MS: c_int = 5;
+
+/// The pid of this process once a daemon it woke brought no `hook.sock` in time (one
+/// that runs without it): not woken, nor waited for, again.
+static WOKEN_IN_VAIN: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// A connection to the daemon's `hook.sock` ([`hook_socket_once`]). When nothing listens
+/// there but a manager (systemd) holds the daemon's HTTP socket, a connection to that one
+/// starts the daemon (socket activation, as the daemon exits when idle): its `hook.sock`
+/// is waited for ([`ACTIVATION_MS`]; not again by a process it failed).
+fn hook_socket(started: u64) -> Result<c_int, Heard> {
+    let first = hook_socket_once(started);
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { getpid() } as u32;
+    if !matches!(first, Err(Heard::Absent)) || WOKEN_IN_VAIN.load(Ordering::Relaxed) == me || !wake_daemon() {
+        return first;
+    }
+    loop {
+        let mut none = PollFd { fd: -1, events: 0, revents: 0 };
+        // SAFETY: one ignored `PollFd` (fd -1): a bounded sleep.
+        unsafe { poll(&mut none, 1, ACTIVATION_SLICE_MS) };
+        let now = monotonic_ms();
+        let waited = now.saturating_sub(started);
+        let beats = || with_port_map(|m| m.alive(now)) == Some(true);
+        match hook_socket_once(started) {
+            Err(Heard::Absent) if waited < HOOK_ANSWER_MS || (waited < ACTIVATION_MS && beats()) => {}
+            Err(Heard::Absent) => {
+                WOKEN_IN_VAIN.store(me, Ordering::Relaxed);
+                return Err(Heard::Absent);
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Connects to the daemon's HTTP socket (`STYXY_URL`'s `unix:` path, else `daemon.sock` in
+/// the runtime directory) and hangs up, without a word: a socket-activated daemon starts.
+/// `true` when something listens there.
+fn wake_daemon() -> bool {
+    // SAFETY: copied into `path` here.
+    let url = unsafe { env(c"STYXY_URL") }.and_then(|u| u.strip_prefix(b"unix:")).filter(|p| p.starts_with(b"/"));
+    let mut path = [0u8; RUNTIME_PATH_MAX];
+    let n = match url {
+        Some(p) => put(&mut path, 0, p),
+        None => runtime_file(&mut path, b"/daemon.sock\0"),
+    };
+    let Some(sun) = unix_addr(&path, n) else { return false };
+    // SAFETY: a new socket of ours, closed below.
+    let fd = above_stdio(unsafe { socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0) });
+    let Some(connect) = REAL_CONNECT.next().filter(|_| fd >= 0) else { return false };
+    // SAFETY: libc's connect with a `sockaddr_un` of `2 + n + 1` bytes in `sun`; then our
+    // own socket is closed.
+    unsafe {
+        let listens = connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0 || errno() == EAGAIN;
+        close(fd);
+        listens
+    }
+}
+
+/// The `sockaddr_un` for the `n`-byte path in `path` (the family, then the path and its
+/// NUL); `None` when it does not fit.
+fn unix_addr(path: &[u8; RUNTIME_PATH_MAX], n: usize) -> Option<[u8; 110]> {
+    if n == 0 || n >= 108 {
+        return None;
+    }
+    let mut sun = [0u8; 110];
+    sun.get_mut(..2)?.copy_from_slice(&(AF_UNIX as u16).to_ne_bytes());
+    sun.get_mut(2..2 + n)?.copy_from_slice(path.get(..n)?);
+    Some(sun)
+}
+
 /// A connection to the daemon's `hook.sock`, when it answers and runs as our uid, on an
 /// fd ≥ 3; `Err(Silent)` when its backlog stays full while it does not beat (stopped),
 /// `Err(Absent)` when nothing listens there, `Err(Foreign)` when it is another user's.
-fn hook_socket(started: u64) -> Result<c_int, Heard> {
-    // struct sockaddr_un: the family, then the path (108 bytes)
-    let mut sun = [0u8; 110];
+fn hook_socket_once(started: u64) -> Result<c_int, Heard> {
     let mut path = [0u8; RUNTIME_PATH_MAX];
     let n = runtime_file(&mut path, b"/hook.sock\0");
-    if n == 0 || n >= 108 {
-        return Err(Heard::Nothing);
-    }
-    sun.get_mut(..2).ok_or(Heard::Nothing)?.copy_from_slice(&(AF_UNIX as u16).to_ne_bytes());
-    sun.get_mut(2..2 + n).ok_or(Heard::Nothing)?.copy_from_slice(path.get(..n).ok_or(Heard::Nothing)?);
+    let sun = unix_addr(&path, n).ok_or(Heard::Nothing)?;
     let fd = our_socket().ok_or(Heard::Nothing)?;
     let connected = connect_bounded(fd, &sun, n, started);
     let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };

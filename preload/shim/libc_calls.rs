@@ -100,6 +100,7 @@ pub(crate) const POLLIN: i16 = 1;
 pub(crate) const MSG_DONTWAIT: c_int = 0x40;
 pub(crate) const MSG_NOSIGNAL: c_int = 0x4000;
 pub(crate) const SOCK_STREAM: c_int = 1;
+pub(crate) const SOCK_NONBLOCK: c_int = 0o4000;
 pub(crate) const ECONNREFUSED: c_int = 111;
 pub(crate) const ENOENT: c_int = 2;
 pub(crate) const EACCES: c_int = 13;

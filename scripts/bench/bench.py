@@ -145,6 +145,14 @@ try:
             f"{ratio:.3f}× the empty lib, {med['ours'] / med['none']:.2f}× none", "≤ 1.02× empty lib" if prog == "/bin/true" else "—",
             ratio <= 1.02 if prog == "/bin/true" else "—")
 
+    # 1a. what a process maps of ours once the library has decided a coordinated bind
+    probe = ("import os, socket\ns = socket.socket(); s.bind(('127.0.0.1', 8067)); s.listen()\n"
+             "ours = {l.split()[5] for l in open('/proc/self/maps') if len(l.split()) > 5 and 'libstyxy' in l.split()[5]}\n"
+             "print(sum(os.path.getsize(p) for p in ours), len(ours))")
+    size, files = (int(x) for x in subprocess.run(["python3", "-c", probe], env=env("bench-maps"), capture_output=True, text=True, check=True).stdout.split())
+    row("what a process maps of ours after a coordinated bind (the files' sizes)", f"{size / 1000:.0f} kB in {files} file{'s' if files != 1 else ''}",
+        "—", "—", "≤ 64 kB", size <= 64000)
+
     # 1b. starting programs: the library's look at each program an execve starts, and a Go
     # program started under the seccomp supervisor in its place
     print("exec cost…", file=sys.stderr)
