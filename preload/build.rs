@@ -1,10 +1,10 @@
 //! Builds the always-loaded interposer `libstyxy_preload.so` from `shim/` (the crate root
-//! `shim/lib.rs` and its modules beside it) and puts it next to the core library in the
-//! profile's output directory.
+//! `shim/lib.rs` and its modules beside it) and puts it in the profile's output directory,
+//! beside the CLI.
 //!
 //! It is a separate `rustc` call because the shim is `no_std` and needs
-//! `-C panic=abort`, which Cargo only sets per profile, while the core must unwind
-//! (its hooks catch panics so that none crosses into the host program).
+//! `-C panic=abort`, which Cargo only sets per profile, while the CLI (and the seccomp
+//! supervisor in it) unwinds.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,7 +24,8 @@ fn main() {
     let so = out.join("libstyxy_preload.so");
     let mut cmd = Command::new(rustc);
     cmd.args(["--crate-name", "styxy_preload", "--crate-type", "cdylib", "--edition", "2021"])
-        .args(["-C", "panic=abort", "-C", "opt-level=3", "-C", "debuginfo=0", "-C", "strip=debuginfo"])
+        .args(["-C", "panic=abort", "-C", "opt-level=3", "-C", "debuginfo=0", "-C", "strip=symbols"])
+        // (its unwind tables stay: a thread cancelled in a wait inside a hook unwinds through it)
         // one unit: split in several, a copy of a `core` function no unit calls any more
         // can stay behind, and its panic path pulls in `rust_eh_personality`, a symbol
         // nothing defines (the library would not load)
