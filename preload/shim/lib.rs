@@ -6,7 +6,7 @@
 //! comparisons (address family, port, loopback, session), decides with the one decision
 //! (`decide`, common/src/decide.rs) and asks the daemon on `hook.sock` ([`keep`]) what it
 //! must. It is the whole library: nothing of ours is ever loaded beside it, and the daemon
-//! writes every event (what the shim did alone it tells in a note, [`keep::note`]).
+//! writes every event (what the shim did alone it tells in a note, [`said::note`]).
 //!
 //! Built by `build.rs` with `-C panic=abort` (Cargo cannot set panic per package);
 //! nothing here can panic: no indexing, no unwrap.
@@ -19,8 +19,9 @@
 //!
 //! Here: the four exports and what each decides. Beside: [`sockinfo`] (the program's
 //! address and socket), [`settings`] (the environment's switches), [`maps`] (the daemon's
-//! policy and port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`,
-//! and what the daemon is told), [`exec_hooks`] (static and Go programs started
+//! policy and port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`),
+//! [`daemon`] (reaching the daemon there), [`said`] (what else it is told, the spool and
+//! the line when it cannot be asked), [`exec_hooks`] (static and Go programs started
 //! under the seccomp supervisor), [`slot`], [`libc_calls`] (libc), [`cstring`] (C strings).
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -29,9 +30,10 @@
 use core::ffi::{c_int, c_void};
 
 use decide::{Class, ListenWay, Listening, Mode, Plan, Route, Seen, SocketFacts};
-use keep::{confirm, keep, kept_by, note, origin, refused};
+use keep::{keep, kept_by, origin};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
+use said::{confirm, note, refused};
 use settings::{enabled, in_session, isolate, mode, rule_class, session_tag, supervised};
 use slot::Slot;
 use sockinfo::{stream, Facts, Inet};
@@ -64,10 +66,12 @@ mod switch;
 
 mod cluster;
 mod cstring;
+mod daemon;
 mod exec_hooks;
 mod keep;
 mod libc_calls;
 mod maps;
+mod said;
 mod settings;
 mod slot;
 mod sockinfo;

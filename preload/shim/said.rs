@@ -1,0 +1,216 @@
+//! What the daemon is told besides a bind — a confirmation, a refused connect, what this
+//! process did alone ([`note`]) — and, when it cannot be asked, the spool (which it logs
+//! when it runs again) and the one line on stderr.
+
+use core::sync::atomic::Ordering;
+
+use crate::cstring::decimal;
+use crate::daemon::{hook_socket, sent_and_answered, u32_at, Heard, HOOK_ANSWER_MS};
+use crate::hookproto;
+use crate::keep::{done_message, family_byte, kept_key, session_bytes, NO_ASK};
+use crate::libc_calls::{
+    above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, send, set_errno, statx, write, MSG_DONTWAIT,
+    MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_CREAT, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, S_IFMT, S_IFREG,
+};
+use crate::maps::{own_uid, runtime_file, RUNTIME_PATH_MAX};
+use crate::settings::env;
+use crate::tell::notice;
+
+/// Tells the daemon this process listens on `port`, which an ancestor kept before a
+/// `fork` (`hookproto::CONFIRM`): it becomes an owner of the allocation, which then
+/// outlives the parent. One message, no answer awaited; errno as it was.
+pub(crate) fn confirm(port: u16) {
+    let saved = errno();
+    // SAFETY: copied into the message here.
+    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
+    let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, session, ..NO_ASK };
+    if let (Some(m), Ok(conn)) = (ask.encode(), hook_socket(monotonic_ms())) {
+        // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
+        unsafe {
+            send(conn, m.as_ptr().cast(), m.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
+            close(conn);
+        }
+    }
+    set_errno(saved);
+}
+
+/// The daemon could not be asked about `ask`'s bind, which goes as asked: said once a
+/// process on stderr, and logged through the spool when no daemon answers (a stopped one,
+/// none at all). Another user's daemon is only said: its spool is not ours.
+pub(crate) fn unasked(heard: Heard, ask: &hookproto::Ask) {
+    let why: &[u8] = match heard {
+        Heard::Silent => hookproto::TIMEOUT.as_bytes(),
+        Heard::Absent => hookproto::NO_COORDINATOR.as_bytes(),
+        Heard::Foreign(owner) => return warn_other_user(owner),
+        _ => return,
+    };
+    let note = if matches!(heard, Heard::Silent) { hookproto::NOTE_UNANSWERED } else { hookproto::NOTE_NO_COORDINATOR };
+    spool(&hookproto::Ask { kind: hookproto::NOTE, note, ..*ask });
+    if first_warning() {
+        let mut path = [0u8; RUNTIME_PATH_MAX];
+        let n = runtime_file(&mut path, b"/hook.sock\0");
+        let path = path.get(..n).unwrap_or(&[]);
+        let (through, fix) = (hookproto::PASS_THROUGH.as_bytes(), hookproto::START_IT.as_bytes());
+        notice(&[why, b" (unix:", path, b")", through, fix]);
+    }
+}
+
+/// The pid of this process once it said the daemon could not be asked (one line a process).
+static WARNED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// This process has not said yet that the daemon could not be asked (and now has).
+pub(crate) fn first_warning() -> bool {
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { getpid() } as u32;
+    WARNED.swap(me, Ordering::Relaxed) != me
+}
+
+/// The daemon is uid `owner`'s (a server run with runuser, su or sudo in a session): said
+/// once, with how to coordinate it all the same.
+fn warn_other_user(owner: u32) {
+    if !first_warning() {
+        return;
+    }
+    let (mut o, mut m) = ([0u8; 12], [0u8; 12]);
+    // SAFETY: getuid cannot fail.
+    let (on, mn) = (decimal(&mut o, 0, owner), decimal(&mut m, 0, unsafe { getuid() }));
+    let [a, b, c] = hookproto::OTHER_USER;
+    let (o, m) = (o.get(..on).unwrap_or(&[]), m.get(..mn).unwrap_or(&[]));
+    notice(&[a.as_bytes(), o, b.as_bytes(), m, c.as_bytes(), hookproto::PASS_THROUGH.as_bytes()]);
+}
+
+/// Tells the daemon what this process did alone (`note`, [`hookproto::NOTE`]) for `port`
+/// (`flags`: [`hookproto::OWN_RULES`] when a rule of its own covers it): one message, no
+/// answer awaited, spooled when the daemon cannot be asked; errno as it was.
+pub(crate) fn note(note: u8, port: u16, family: u16, flags: u8) {
+    let saved = errno();
+    // SAFETY: copied into the message here.
+    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
+    let mut comm = [0u8; 17];
+    let ask = hookproto::Ask { kind: hookproto::NOTE, port, family: family_byte(family), flags, session, note, ..NO_ASK };
+    let ask = hookproto::Ask { comm: own_comm(&mut comm), ..ask };
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = done_message(&ask, &mut msg);
+    match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(monotonic_ms())) {
+        (Some(m), Ok(conn)) => {
+            // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
+            unsafe {
+                send(conn, m.as_ptr().cast(), m.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
+                close(conn);
+            }
+        }
+        (_, Ok(conn)) => {
+            // SAFETY: our own connection, opened by `hook_socket`.
+            unsafe { close(conn) };
+        }
+        (Some(_), Err(Heard::Absent | Heard::Silent)) => spool(&ask),
+        _ => {}
+    }
+    set_errno(saved);
+}
+
+/// This process's name (`PR_GET_NAME`), in `buf`.
+fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `buf`.
+    unsafe { prctl(PR_GET_NAME, buf.as_mut_ptr()) };
+    buf.split(|c| *c == 0).next().unwrap_or(&[])
+}
+
+/// Appends `ask` (a `NOTE`), with this process's name, pid, the time and its log
+/// variables, to the daemon's spool ([`hookproto::SPOOL`]), which the daemon logs when
+/// it runs again: only a regular file of ours, below [`hookproto::SPOOL_MAX`], in one
+/// `write` that never waits. Nothing when the daemon's directory is not there.
+fn spool(ask: &hookproto::Ask) {
+    let mut comm = [0u8; 17];
+    let ask = hookproto::Ask { comm: if ask.comm.is_empty() { own_comm(&mut comm) } else { ask.comm }, ..*ask };
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = done_message(&ask, &mut msg);
+    let mut rec = [0u8; hookproto::DONE_MAX + 16];
+    // SAFETY: getpid cannot fail.
+    let n = hookproto::spool_record(unsafe { getpid() } as u32, realtime_ms(), msg.get(..n).unwrap_or(&[]), &mut rec);
+    let mut path = [0u8; RUNTIME_PATH_MAX];
+    if n == 0 || runtime_file(&mut path, b"/hook.spool\0") == 0 {
+        return;
+    }
+    let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+    // SAFETY: `path` is NUL-terminated (runtime_file); the fd is ours, closed below.
+    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), flags, 0o600) });
+    if fd < 0 {
+        return;
+    }
+    let mut st = [0u8; 256];
+    // SAFETY: statx of our own fd (AT_EMPTY_PATH) writes a `struct statx` (256 bytes) into `st`.
+    let fits =
+        unsafe { statx(fd, c"".as_ptr(), crate::libc_calls::AT_EMPTY_PATH, STATX_MODE_UID_SIZE, st.as_mut_ptr()) } == 0 && spool_fits(&st);
+    if fits {
+        // SAFETY: `n` bytes of `rec`, to our own fd.
+        unsafe { write(fd, rec.as_ptr().cast(), n) };
+    }
+    // SAFETY: our own fd, opened above.
+    unsafe { close(fd) };
+}
+
+/// A `struct statx` of a regular file of ours below [`hookproto::SPOOL_MAX`].
+fn spool_fits(st: &[u8; 256]) -> bool {
+    let (uid, mode, size) = (u32_at(st, 20), u32_at(st, 28) as u16, u64::from(u32_at(st, 40)) | u64::from(u32_at(st, 44)) << 32);
+    mode & S_IFMT == S_IFREG && own_uid(uid) && size < hookproto::SPOOL_MAX
+}
+
+/// Connects refused in this process (pid and port, as [`KEPT`]): each is told to the daemon
+/// once.
+static REFUSED: [core::sync::atomic::AtomicU64; 8] = [const { core::sync::atomic::AtomicU64::new(0) }; 8];
+
+/// The pid of this process once it told the person of a refusal (one line a process).
+static TOLD: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// A connect of this process to loopback `port` was refused (another session's server):
+/// the daemon is told, once per port — it writes the event and answers the line to tell,
+/// which the person is told once per process. Waits at most [`HOOK_ANSWER_MS`]; errno as
+/// it was. `false` when the daemon could not be asked at all (no daemon, a session id
+/// too long for the message): the hooks' logic refuses it then, and says so.
+pub(crate) fn refused(port: u16, family: u16) -> bool {
+    let key = kept_key(port);
+    if REFUSED.iter().any(|k| k.load(Ordering::Relaxed) == key) {
+        return true;
+    }
+    let saved = errno();
+    // SAFETY: copied into the message here.
+    let session = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family: family_byte(family), session, ..NO_ASK }, &mut msg);
+    let started = monotonic_ms();
+    let conn = match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(started)) {
+        (Some(msg), Ok(conn)) => Some((msg, conn)),
+        (_, Ok(conn)) => {
+            // SAFETY: our own connection, opened by `hook_socket`.
+            unsafe { close(conn) };
+            None
+        }
+        (_, Err(_)) => None,
+    };
+    let Some((msg, conn)) = conn else {
+        set_errno(saved);
+        return false;
+    };
+    let mut buf = [0u8; hookproto::TOLD_MAX];
+    let got = sent_and_answered(conn, msg, started, HOOK_ANSWER_MS).ok().map(|()| {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+        unsafe { recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT) }
+    });
+    // SAFETY: our own connection, opened by `hook_socket`.
+    unsafe { close(conn) };
+    let line = got.and_then(|n| usize::try_from(n).ok()).and_then(|n| buf.get(..n)).and_then(hookproto::Answer::told_line);
+    if let Some(line) = line {
+        let slot = REFUSED.iter().find(|k| k.load(Ordering::Relaxed) == 0).or(REFUSED.get(usize::from(port) % REFUSED.len()));
+        if let Some(slot) = slot {
+            slot.store(key, Ordering::Relaxed);
+        }
+        // SAFETY: getpid cannot fail.
+        let me = unsafe { getpid() } as u32;
+        if TOLD.swap(me, Ordering::Relaxed) != me {
+            notice(&[line]);
+        }
+    }
+    set_errno(saved);
+    true
+}
