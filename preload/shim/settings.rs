@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::cstring::cstr;
 use crate::decide::{self, Class, Mode};
-use crate::libc_calls::{getenv, statx, AT_FDCWD, STATX_INO};
+use crate::libc_calls::{above_stdio, close, getenv, open, read, statx, AT_FDCWD, O_CLOEXEC, O_NONBLOCK, O_RDONLY, STATX_INO};
 use crate::{mapview, switch, NO, UNKNOWN, YES};
 
 static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);
@@ -83,10 +83,42 @@ pub(crate) fn in_session() -> bool {
     env_flag(&IN_SESSION, c"STYXY_PRELOAD_SESSION", set)
 }
 
-/// The process runs under `exec`'s seccomp supervisor (`STYXY_PRELOAD_SUPERVISED`), which
-/// decides its calls itself: the shim leaves every one alone.
+/// The process runs under `exec`'s seccomp supervisor, which decides its calls itself:
+/// the shim leaves every one alone. `STYXY_PRELOAD_SUPERVISED` says how many seccomp
+/// filters a supervised process has at least, and this one must have as many: the
+/// variable alone may have leaked into a process outside the supervised tree, or the
+/// filter been refused, and such a process is the shim's.
 pub(crate) fn supervised() -> bool {
-    env_flag(&SUPERVISED, c"STYXY_PRELOAD_SUPERVISED", set)
+    env_flag(&SUPERVISED, c"STYXY_PRELOAD_SUPERVISED", |v| v.and_then(number).is_some_and(|n| n > 0 && seccomp_filters() >= n))
+}
+
+/// This process's seccomp filters: `Seccomp_filters` in `/proc/self/status` (Linux 5.9+;
+/// before, 1 for `Seccomp: 2`, filter mode); 0 when it cannot be read.
+fn seccomp_filters() -> u64 {
+    let mut status = [0u8; 4096];
+    // SAFETY: a NUL-terminated path; the fd is ours, closed below.
+    let fd = above_stdio(unsafe { open(c"/proc/self/status".as_ptr(), O_RDONLY | O_NONBLOCK | O_CLOEXEC) });
+    if fd < 0 {
+        return 0;
+    }
+    let mut n = 0;
+    while let Some(rest) = status.get_mut(n..).filter(|r| !r.is_empty()) {
+        // SAFETY: read writes at most `rest.len()` bytes into `rest`, part of `status`.
+        let got = unsafe { read(fd, rest.as_mut_ptr().cast(), rest.len()) };
+        match usize::try_from(got) {
+            Ok(0) | Err(_) => break,
+            Ok(got) => n += got,
+        }
+    }
+    // SAFETY: our own fd, opened above.
+    unsafe { close(fd) };
+    let text = status.get(..n).unwrap_or_default();
+    let field = |name: &[u8]| {
+        let at = text.windows(name.len()).position(|w| w == name)? + name.len();
+        let value = text.get(at..)?.split(|c| *c == b'\n').next()?.trim_ascii();
+        number(value)
+    };
+    field(b"\nSeccomp_filters:").unwrap_or_else(|| u64::from(field(b"\nSeccomp:") == Some(2)))
 }
 
 /// The class a rule of the process's own (`STYXY_PRELOAD_PORTS`) gives `port`
