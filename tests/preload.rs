@@ -430,7 +430,8 @@ fn a_supervised_variable_without_the_filter_leaves_no_bind_uncoordinated() {
     w.start_daemon();
     serve(&mut w, Some("a"), 3010, "holder");
     let mut c = w.preloaded(Some("b"), "python3");
-    c.env("STYXY_PRELOAD_SUPERVISED", "1").args(["-c", "import socket\ns=socket.socket(); s.bind(('127.0.0.1', 3010)); print(s.getsockname()[1])"]);
+    c.env("STYXY_PRELOAD_SUPERVISED", "1")
+        .args(["-c", "import socket\ns=socket.socket(); s.bind(('127.0.0.1', 3010)); print(s.getsockname()[1])"]);
     let out = run(c);
     let port: u16 = text(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("{}", text(&out.stderr)));
     assert_ne!(port, 3010, "another session's port: moved, as without the variable");
