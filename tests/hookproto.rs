@@ -24,6 +24,8 @@ enum Reply {
     After(Duration, [u8; ANSWER_LEN]),
     /// Never answers.
     Silent,
+    /// Closes the connection unanswered (a daemon of another version).
+    Close,
 }
 
 fn answer(status: u8, port: u16) -> [u8; ANSWER_LEN] {
@@ -71,6 +73,7 @@ impl FakeDaemon {
             let _ = asked_tx.send(ask.port);
             match reply {
                 Reply::Silent => std::thread::sleep(Duration::from_secs(5)),
+                Reply::Close => drop(conn),
                 Reply::After(delay, bytes) => {
                     std::thread::sleep(delay);
                     // SAFETY: send of a buffer of its length on our own connection.
@@ -161,7 +164,7 @@ fn a_grant_of_the_very_port_is_bound_and_reported_done() {
 
 #[test]
 fn a_refusal_a_lie_or_garbage_is_never_bound_on_the_daemons_word() {
-    // each leaves the bind to the hooks' logic, which finds no daemon.sock here: as asked
+    // each leaves the bind as asked
     let garbage = [0xffu8; ANSWER_LEN];
     for (name, reply) in [("declined", answer(DECLINED, 0)), ("another port", answer(GRANTED, 3005)), ("garbage", garbage)] {
         let w = World::new();
@@ -173,6 +176,15 @@ fn a_refusal_a_lie_or_garbage_is_never_bound_on_the_daemons_word() {
         let after = d.done.recv_timeout(Duration::from_secs(5));
         assert_eq!(after, Err(mpsc::RecvTimeoutError::Disconnected), "{name}: no DONE for a bind the daemon did not grant");
     }
+}
+
+#[test]
+fn a_daemon_of_another_version_is_passed_by_and_said_once() {
+    let w = World::new();
+    let _d = FakeDaemon::start(&w, Reply::Close, true);
+    let (port, err) = bind_3000(&w);
+    assert_eq!(port, 3000, "as asked: {err}");
+    assert_eq!(err.matches("closed the ask unanswered (a daemon of another version?").count(), 1, "{err}");
 }
 
 #[test]

@@ -199,15 +199,20 @@ pub fn done_vars(tail: &[u8]) -> impl Iterator<Item = (&'static str, &[u8])> + '
     })
 }
 
-/// A spool record into `buf`: its length (`u16`), the pid, the wall-clock time (ms since
-/// the epoch) and `msg` (a `NOTE` and its variables); its length, 0 when it does not fit.
-pub fn spool_record(pid: u32, ts_ms: u64, msg: &[u8], buf: &mut [u8]) -> usize {
-    let n = 14 + msg.len();
-    let (Ok(len), Some(to)) = (u16::try_from(n), buf.get_mut(..n)) else { return 0 };
-    to[0..2].copy_from_slice(&len.to_le_bytes());
-    to[2..6].copy_from_slice(&pid.to_le_bytes());
-    to[6..14].copy_from_slice(&ts_ms.to_le_bytes());
-    to[14..].copy_from_slice(msg);
+/// The bytes of a spool record before its message: its length (`u16`), the pid, the
+/// wall-clock time (ms since the epoch).
+pub const SPOOL_HEAD: usize = 14;
+
+/// Completes the spool record in `buf`, whose message (`msg_len` bytes: a `NOTE` and its
+/// variables) is in place after [`SPOOL_HEAD`] bytes: the head written before it. The
+/// record's length, 0 when it does not fit.
+pub fn spool_record(pid: u32, ts_ms: u64, msg_len: usize, buf: &mut [u8]) -> usize {
+    let n = SPOOL_HEAD + msg_len;
+    let fits = n <= buf.len();
+    let (Ok(len), Some(head)) = (u16::try_from(n), buf.get_mut(..SPOOL_HEAD).filter(|_| fits)) else { return 0 };
+    head[0..2].copy_from_slice(&len.to_le_bytes());
+    head[2..6].copy_from_slice(&pid.to_le_bytes());
+    head[6..14].copy_from_slice(&ts_ms.to_le_bytes());
     n
 }
 
@@ -216,12 +221,12 @@ pub fn spooled(data: &[u8]) -> impl Iterator<Item = (u32, u64, &[u8])> + '_ {
     let mut rest = data;
     core::iter::from_fn(move || {
         let n = usize::from(u16::from_le_bytes([*rest.first()?, *rest.get(1)?]));
-        let rec = rest.get(..n).filter(|_| n >= 14)?;
+        let rec = rest.get(..n).filter(|_| n >= SPOOL_HEAD)?;
         rest = &rest[n..];
         let pid = u32::from_le_bytes([rec[2], rec[3], rec[4], rec[5]]);
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&rec[6..14]);
-        Some((pid, u64::from_le_bytes(ts), &rec[14..]))
+        Some((pid, u64::from_le_bytes(ts), &rec[SPOOL_HEAD..]))
     })
 }
 
@@ -308,14 +313,15 @@ mod tests {
         let mut spool = Vec::new();
         for (pid, msg) in [(7u32, &b"first"[..]), (8, b"second")] {
             let mut buf = [0u8; 64];
-            let n = spool_record(pid, 1_700_000_000_000 + u64::from(pid), msg, &mut buf);
+            buf[SPOOL_HEAD..SPOOL_HEAD + msg.len()].copy_from_slice(msg);
+            let n = spool_record(pid, 1_700_000_000_000 + u64::from(pid), msg.len(), &mut buf);
             spool.extend_from_slice(&buf[..n]);
         }
         let whole: Vec<_> = spooled(&spool).collect();
         assert_eq!(whole, [(7, 1_700_000_000_007, &b"first"[..]), (8, 1_700_000_000_008, b"second")]);
         assert_eq!(spooled(&spool[..spool.len() - 1]).count(), 1, "a torn record is not read");
         assert_eq!(spooled(&[0, 0, 1]).count(), 0, "a garbled length ends it");
-        assert_eq!(spool_record(1, 1, &[0; 100], &mut [0u8; 50]), 0, "too long for the buffer");
+        assert_eq!(spool_record(1, 1, 100, &mut [0u8; 50]), 0, "too long for the buffer");
     }
 
     #[test]

@@ -815,20 +815,41 @@ fn note_event(sh: &Shared, pid: u32, ask: &Ask<'_>, ts: u64) -> Option<Event> {
 
 /// Logs what the shims spooled while this daemon could not be asked (`hookproto::SPOOL`
 /// in `dir`): each record's event in the log its variables name, then the spool is gone.
-/// Taken aside first, so that a record a shim appends meanwhile waits for the next drain.
+/// Taken aside first, so that a record a shim appends meanwhile waits for the next drain;
+/// what a drain cut short left aside is logged first.
 pub fn drain_spool(sh: &Shared, dir: &Path) {
     let (spool, taken) = (dir.join(hookproto::SPOOL), dir.join(format!("{}.draining", hookproto::SPOOL)));
-    if std::fs::rename(&spool, &taken).is_err() && !taken.exists() {
-        return;
+    if taken.exists() {
+        log_spool(sh, &taken);
     }
-    let data = styxy_preload_common::paths::read_regular(&taken, 2 * hookproto::SPOOL_MAX).unwrap_or_default();
-    for (pid, ts, msg) in hookproto::spooled(&data) {
-        let Some(ask) = msg.get(..ASK_LEN).and_then(Ask::decode).filter(|a| a.kind == NOTE) else { continue };
-        if let Some(ev) = note_event(sh, pid, &ask, ts) {
-            let _ = log_named(log_vars(&msg[ASK_LEN..]), pid).append(&ev);
+    if std::fs::rename(&spool, &taken).is_ok() {
+        log_spool(sh, &taken);
+    }
+}
+
+/// Logs the spool at `path`, then removes it: only a regular file of ours alone, of one
+/// link, read up to twice the shims' limit (a torn or garbled record ends it).
+fn log_spool(sh: &Shared, path: &Path) {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut data = Vec::new();
+    let read = styxy_preload_common::paths::open_regular(std::fs::OpenOptions::new().read(true), path).and_then(|f| {
+        let meta = f.metadata()?;
+        styxy_preload_common::paths::owned_by_us(&meta, path)?;
+        if meta.nlink() != 1 {
+            return Err(io::Error::other("linked elsewhere"));
+        }
+        f.take(2 * hookproto::SPOOL_MAX).read_to_end(&mut data)
+    });
+    if read.is_ok() {
+        for (pid, ts, msg) in hookproto::spooled(&data) {
+            let Some(ask) = msg.get(..ASK_LEN).and_then(Ask::decode).filter(|a| a.kind == NOTE) else { continue };
+            if let Some(ev) = note_event(sh, pid, &ask, ts) {
+                let _ = log_named(log_vars(&msg[ASK_LEN..]), pid).append(&ev);
+            }
         }
     }
-    let _ = std::fs::remove_file(&taken);
+    let _ = std::fs::remove_file(path);
 }
 
 /// Fallback mode: the port `asked` was not its to have, and the tool moves on by itself.
@@ -1241,6 +1262,46 @@ mod tests {
         assert_eq!(answer(&s), None, "closed once the grant is withdrawn");
         assert!(f.sh.state.lock().is_empty());
         server.stop();
+    }
+
+    #[test]
+    fn a_spool_of_ours_is_logged_once_and_a_linked_one_never() {
+        let f = Fixture::new("spool");
+        let record = |port: u16| {
+            let ask = Ask {
+                kind: NOTE,
+                port,
+                family: 4,
+                errno: 0,
+                flags: 0,
+                origin: 0,
+                session: b"s1",
+                note: hookproto::NOTE_NO_COORDINATOR,
+                comm: b"vite",
+            };
+            let vars = format!("STYXY_PRELOAD_LOG={}\0", f.dir.join("events.jsonl").display());
+            let mut buf = vec![0u8; hookproto::SPOOL_HEAD];
+            buf.extend_from_slice(&ask.encode().unwrap());
+            buf.extend_from_slice(vars.as_bytes());
+            let n = hookproto::spool_record(4242, 1_700_000_000_000, buf.len() - hookproto::SPOOL_HEAD, &mut buf);
+            buf.truncate(n);
+            buf
+        };
+        let spool = f.dir.join(hookproto::SPOOL);
+        std::fs::write(&spool, [record(3000), record(3001)].concat()).unwrap();
+        drain_spool(&f.sh, &f.dir);
+        drain_spool(&f.sh, &f.dir);
+        let ev = eventlog::parse_lines(f.events().as_bytes());
+        let got: Vec<_> = ev.iter().map(|e| (e.port, e.action, e.reason.as_deref(), e.comm.as_str(), e.ts)).collect();
+        let want = |port| (port, Action::Passthrough, Some("no coordinator"), "vite", 1_700_000_000_000);
+        assert_eq!(got, [want(3000), want(3001)], "logged once each, as the shim saw it");
+        assert!(!spool.exists() && !f.dir.join("hook.spool.draining").exists(), "gone once logged");
+        // a spool that is a link to another file of ours is not read (and not followed)
+        let other = f.dir.join("other");
+        std::fs::write(&other, record(3002)).unwrap();
+        std::fs::hard_link(&other, &spool).unwrap();
+        drain_spool(&f.sh, &f.dir);
+        assert_eq!(eventlog::parse_lines(f.events().as_bytes()).len(), 2, "a linked spool is not logged");
     }
 
     #[test]

@@ -93,10 +93,12 @@ static WOKEN_IN_VAIN: core::sync::atomic::AtomicU32 = core::sync::atomic::Atomic
 /// starts the daemon (socket activation, as the daemon exits when idle): its `hook.sock`
 /// is waited for ([`ACTIVATION_MS`]; not again by a process it failed).
 pub(crate) fn hook_socket(started: u64) -> Result<c_int, Heard> {
-    let first = hook_socket_once(started);
+    let first = hook_socket_once(started, u64::MAX);
     // SAFETY: getpid cannot fail.
     let me = unsafe { getpid() } as u32;
-    if !matches!(first, Err(Heard::Absent)) || WOKEN_IN_VAIN.load(Ordering::Relaxed) == me || !wake_daemon() {
+    // a daemon that beats runs without `hook.sock` (it could not make one): no wake brings it
+    let beats = |now: u64| with_port_map(|m| m.alive(now)) == Some(true);
+    if !matches!(first, Err(Heard::Absent)) || WOKEN_IN_VAIN.load(Ordering::Relaxed) == me || beats(started) || !wake_daemon() {
         return first;
     }
     loop {
@@ -105,9 +107,8 @@ pub(crate) fn hook_socket(started: u64) -> Result<c_int, Heard> {
         unsafe { poll(&mut none, 1, ACTIVATION_SLICE_MS) };
         let now = monotonic_ms();
         let waited = now.saturating_sub(started);
-        let beats = || with_port_map(|m| m.alive(now)) == Some(true);
-        match hook_socket_once(started) {
-            Err(Heard::Absent) if waited < HOOK_ANSWER_MS || (waited < ACTIVATION_MS && beats()) => {}
+        match hook_socket_once(started, u64::MAX) {
+            Err(Heard::Absent) if waited < HOOK_ANSWER_MS || (waited < ACTIVATION_MS && beats(now)) => {}
             Err(Heard::Absent) => {
                 WOKEN_IN_VAIN.store(me, Ordering::Relaxed);
                 return Err(Heard::Absent);
@@ -115,6 +116,13 @@ pub(crate) fn hook_socket(started: u64) -> Result<c_int, Heard> {
             r => return r,
         }
     }
+}
+
+/// A connection to the daemon's `hook.sock` for a message that only informs it (a note, a
+/// confirmation, a refused connect): never a wake, and a full backlog waited for at most
+/// [`HOOK_ANSWER_MS`] — nothing the program waits for hangs on a log line.
+pub(crate) fn hook_socket_brief(started: u64) -> Result<c_int, Heard> {
+    hook_socket_once(started, HOOK_ANSWER_MS)
 }
 
 /// Connects to the daemon's HTTP socket (`STYXY_URL`'s `unix:` path, else `daemon.sock` in
@@ -156,12 +164,12 @@ fn unix_addr(path: &[u8; RUNTIME_PATH_MAX], n: usize) -> Option<[u8; 110]> {
 /// A connection to the daemon's `hook.sock`, when it answers and runs as our uid, on an
 /// fd ≥ 3; `Err(Silent)` when its backlog stays full while it does not beat (stopped),
 /// `Err(Absent)` when nothing listens there, `Err(Foreign)` when it is another user's.
-fn hook_socket_once(started: u64) -> Result<c_int, Heard> {
+fn hook_socket_once(started: u64, limit_ms: u64) -> Result<c_int, Heard> {
     let mut path = [0u8; RUNTIME_PATH_MAX];
     let n = runtime_file(&mut path, b"/hook.sock\0");
     let sun = unix_addr(&path, n).ok_or(Heard::Nothing)?;
     let fd = our_socket().ok_or(Heard::Nothing)?;
-    let connected = connect_bounded(fd, &sun, n, started);
+    let connected = connect_bounded(fd, &sun, n, started, limit_ms);
     let mut cred = UCred { pid: 0, uid: u32::MAX, gid: 0 };
     let mut cl: SockLen = core::mem::size_of::<UCred>() as SockLen;
     // SAFETY: getsockopt writes at most `cl` bytes into `cred`.
@@ -189,7 +197,7 @@ fn our_socket() -> Option<c_int> {
 
 /// Connects `fd` to the `sockaddr_un` in `sun` (a path of `n` bytes): a full backlog is
 /// waited for in slices (`SO_SNDTIMEO`) while the daemon beats, a signal resumes it.
-fn connect_bounded(fd: c_int, sun: &[u8; 110], n: usize, started: u64) -> Result<(), Heard> {
+fn connect_bounded(fd: c_int, sun: &[u8; 110], n: usize, started: u64, limit_ms: u64) -> Result<(), Heard> {
     let connect = REAL_CONNECT.next().ok_or(Heard::Nothing)?;
     let slice = TimeVal { sec: 0, usec: i64::from(SLICE_MS) * 1000 };
     // SAFETY: a `struct timeval` read by the kernel from `slice`.
@@ -201,7 +209,7 @@ fn connect_bounded(fd: c_int, sun: &[u8; 110], n: usize, started: u64) -> Result
             return Ok(());
         }
         match errno() {
-            EAGAIN | EINTR if worth_waiting(started) => {}
+            EAGAIN | EINTR if worth_waiting(started) && monotonic_ms().saturating_sub(started) < limit_ms => {}
             EAGAIN | EINTR => return Err(Heard::Silent),
             ENOENT | ECONNREFUSED | ENOTDIR => return Err(Heard::Absent),
             EACCES => return Err(Heard::Foreign(u32::MAX)),
@@ -241,6 +249,8 @@ pub(crate) enum Heard {
     Absent,
     /// The daemon is another user's (its uid; `u32::MAX` when it cannot be told).
     Foreign(u32),
+    /// It closed the ask unanswered: a daemon of another version of the layout.
+    Closed,
     /// Fallback mode: not this process's as it is ([`hookproto::BUSY`]).
     Busy,
     /// The exchange failed otherwise (no daemon, a closed or foreign socket).
@@ -255,6 +265,9 @@ pub(crate) fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
     let mut buf = [0u8; hookproto::TOLD_MAX];
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { recv(conn, buf.as_mut_ptr().cast(), buf.len(), MSG_DONTWAIT) };
+    if n == 0 {
+        return Heard::Closed;
+    }
     let msg = usize::try_from(n).ok().and_then(|n| buf.get(..n)).unwrap_or_default();
     if let Some(line) = hookproto::Answer::line_of(msg, hookproto::DECLINED).filter(|l| !l.is_empty()) {
         // refused, and why: said once a process, as a daemon that cannot be asked is

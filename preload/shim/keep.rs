@@ -115,13 +115,7 @@ pub(crate) unsafe fn keep(
             unsafe { real(fd, moved.as_ptr().cast(), len) }
         };
         let err = if rc == 0 { 0 } else { errno() };
-        let mut done = [0u8; hookproto::DONE_MAX];
-        let n = done_message(&hookproto::Ask { kind: hookproto::DONE, port: granted.port, errno: err, ..ask }, &mut done);
-        // SAFETY: `n` (≤ DONE_MAX) bytes of `done`, on our own connection, closed here.
-        unsafe {
-            send(conn, done.as_ptr().cast(), n, MSG_DONTWAIT | MSG_NOSIGNAL);
-            close(conn);
-        }
+        done(conn, &hookproto::Ask { kind: hookproto::DONE, port: granted.port, errno: err, ..ask });
         set_errno(saved);
         match err {
             0 => {
@@ -165,10 +159,23 @@ pub(crate) fn family_byte(family: u16) -> u8 {
     }
 }
 
+/// Sends the `DONE` `ask` on `conn` without waiting, and closes it. Its message's buffer
+/// lives in this frame alone: a hook's stack stays small (a thread may have 16 kB).
+#[inline(never)]
+fn done(conn: c_int, ask: &hookproto::Ask) {
+    let mut msg = [0u8; hookproto::DONE_MAX];
+    let n = done_message(ask, &mut msg);
+    // SAFETY: `n` (≤ DONE_MAX) bytes of `msg`, on our own connection, closed here.
+    unsafe {
+        send(conn, msg.as_ptr().cast(), n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        close(conn);
+    }
+}
+
 /// The `DONE` for `ask` into `buf`: the ask, then the variables of this process's
 /// environment that name its event log (`hookproto::LOG_VARS`, as many as fit): the
 /// daemon writes the bind's event there. Its length (0 sends nothing).
-pub(crate) fn done_message(ask: &hookproto::Ask, buf: &mut [u8; hookproto::DONE_MAX]) -> usize {
+pub(crate) fn done_message(ask: &hookproto::Ask, buf: &mut [u8]) -> usize {
     let (Some(head), Some(to)) = (ask.encode(), buf.get_mut(..hookproto::ASK_LEN)) else { return 0 };
     to.copy_from_slice(&head);
     let mut n = hookproto::ASK_LEN;
@@ -195,6 +202,7 @@ pub(crate) fn done_message(ask: &hookproto::Ask, buf: &mut [u8; hookproto::DONE_
 
 /// Asks the daemon: the open connection and its grant (the port asked, or another when
 /// the daemon moved it), or what was heard instead.
+#[inline(never)]
 fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, hookproto::Answer), Heard> {
     let started = monotonic_ms();
     let conn = hook_socket(started)?;
@@ -215,6 +223,7 @@ fn ask_daemon(ask: &hookproto::Ask) -> Result<(c_int, hookproto::Answer), Heard>
         }
         Heard::Answer(a) if a.status == hookproto::BUSY && ask.flags & hookproto::FALLBACK != 0 => Err(Heard::Busy),
         Heard::Silent => Err(Heard::Silent),
+        Heard::Closed => Err(Heard::Closed),
         _ => Err(Heard::Nothing),
     };
     if granted.is_err() {

@@ -87,6 +87,7 @@ pub(crate) const AT_SYMLINK_NOFOLLOW: c_int = 0x100;
 pub(crate) const O_DIRECTORY: c_int = 0o200000;
 pub(crate) const STATX_INO: u32 = 0x100;
 pub(crate) const STATX_MODE_UID_SIZE: u32 = 0x2 | 0x8 | 0x200;
+pub(crate) const STATX_NLINK: u32 = 0x4;
 pub(crate) const S_IFMT: u16 = 0o170000;
 pub(crate) const S_IFREG: u16 = 0o100000;
 pub(crate) const S_IFDIR: u16 = 0o040000;

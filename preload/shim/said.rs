@@ -5,12 +5,13 @@
 use core::sync::atomic::Ordering;
 
 use crate::cstring::decimal;
-use crate::daemon::{hook_socket, sent_and_answered, u32_at, Heard, HOOK_ANSWER_MS};
+use crate::daemon::{hook_socket_brief, sent_and_answered, u32_at, Heard, HOOK_ANSWER_MS};
 use crate::hookproto;
 use crate::keep::{done_message, family_byte, kept_key, session_bytes, NO_ASK};
 use crate::libc_calls::{
     above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, send, set_errno, statx, write, MSG_DONTWAIT,
-    MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_CREAT, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, S_IFMT, S_IFREG,
+    MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK,
+    S_IFMT, S_IFREG,
 };
 use crate::maps::{own_uid, runtime_file, RUNTIME_PATH_MAX};
 use crate::settings::env;
@@ -24,7 +25,7 @@ pub(crate) fn confirm(port: u16) {
     // SAFETY: copied into the message here.
     let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
     let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, session, ..NO_ASK };
-    if let (Some(m), Ok(conn)) = (ask.encode(), hook_socket(monotonic_ms())) {
+    if let (Some(m), Ok(conn)) = (ask.encode(), hook_socket_brief(monotonic_ms())) {
         // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
         unsafe {
             send(conn, m.as_ptr().cast(), m.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -42,6 +43,7 @@ pub(crate) fn unasked(heard: Heard, ask: &hookproto::Ask) {
         Heard::Silent => hookproto::TIMEOUT.as_bytes(),
         Heard::Absent => hookproto::NO_COORDINATOR.as_bytes(),
         Heard::Foreign(owner) => return warn_other_user(owner),
+        Heard::Closed => return warn_closed(),
         _ => return,
     };
     let note = if matches!(heard, Heard::Silent) { hookproto::NOTE_UNANSWERED } else { hookproto::NOTE_NO_COORDINATOR };
@@ -52,6 +54,19 @@ pub(crate) fn unasked(heard: Heard, ask: &hookproto::Ask) {
         let path = path.get(..n).unwrap_or(&[]);
         let (through, fix) = (hookproto::PASS_THROUGH.as_bytes(), hookproto::START_IT.as_bytes());
         notice(&[why, b" (unix:", path, b")", through, fix]);
+    }
+}
+
+/// The daemon closed the ask unanswered (a daemon of another version, still running after
+/// an upgrade): said once, with how to start this version's.
+fn warn_closed() {
+    if first_warning() {
+        let mut path = [0u8; RUNTIME_PATH_MAX];
+        let n = runtime_file(&mut path, b"/hook.sock\0");
+        let path = path.get(..n).unwrap_or(&[]);
+        let fix =
+            b" closed the ask unanswered (a daemon of another version? `styxy-preload daemon stop`, and the next command starts this one)";
+        notice(&[b"the daemon at unix:", path, fix, hookproto::PASS_THROUGH.as_bytes()]);
     }
 }
 
@@ -91,7 +106,7 @@ pub(crate) fn note(note: u8, port: u16, family: u16, flags: u8) {
     let ask = hookproto::Ask { comm: own_comm(&mut comm), ..ask };
     let mut msg = [0u8; hookproto::DONE_MAX];
     let n = done_message(&ask, &mut msg);
-    match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(monotonic_ms())) {
+    match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket_brief(monotonic_ms())) {
         (Some(m), Ok(conn)) => {
             // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
             unsafe {
@@ -120,19 +135,20 @@ fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
 /// variables, to the daemon's spool ([`hookproto::SPOOL`]), which the daemon logs when
 /// it runs again: only a regular file of ours, below [`hookproto::SPOOL_MAX`], in one
 /// `write` that never waits. Nothing when the daemon's directory is not there.
+#[inline(never)]
 fn spool(ask: &hookproto::Ask) {
     let mut comm = [0u8; 17];
     let ask = hookproto::Ask { comm: if ask.comm.is_empty() { own_comm(&mut comm) } else { ask.comm }, ..*ask };
-    let mut msg = [0u8; hookproto::DONE_MAX];
-    let n = done_message(&ask, &mut msg);
-    let mut rec = [0u8; hookproto::DONE_MAX + 16];
+    // the record built in place: its head, then the message
+    let mut rec = [0u8; hookproto::SPOOL_HEAD + hookproto::DONE_MAX];
+    let n = rec.get_mut(hookproto::SPOOL_HEAD..).map_or(0, |msg| done_message(&ask, msg));
     // SAFETY: getpid cannot fail.
-    let n = hookproto::spool_record(unsafe { getpid() } as u32, realtime_ms(), msg.get(..n).unwrap_or(&[]), &mut rec);
+    let n = if n == 0 { 0 } else { hookproto::spool_record(unsafe { getpid() } as u32, realtime_ms(), n, &mut rec) };
     let mut path = [0u8; RUNTIME_PATH_MAX];
     if n == 0 || runtime_file(&mut path, b"/hook.spool\0") == 0 {
         return;
     }
-    let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+    let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | O_CLOEXEC;
     // SAFETY: `path` is NUL-terminated (runtime_file); the fd is ours, closed below.
     let fd = above_stdio(unsafe { open(path.as_ptr().cast(), flags, 0o600) });
     if fd < 0 {
@@ -140,8 +156,9 @@ fn spool(ask: &hookproto::Ask) {
     }
     let mut st = [0u8; 256];
     // SAFETY: statx of our own fd (AT_EMPTY_PATH) writes a `struct statx` (256 bytes) into `st`.
-    let fits =
-        unsafe { statx(fd, c"".as_ptr(), crate::libc_calls::AT_EMPTY_PATH, STATX_MODE_UID_SIZE, st.as_mut_ptr()) } == 0 && spool_fits(&st);
+    let fits = unsafe { statx(fd, c"".as_ptr(), crate::libc_calls::AT_EMPTY_PATH, STATX_MODE_UID_SIZE | STATX_NLINK, st.as_mut_ptr()) }
+        == 0
+        && spool_fits(&st);
     if fits {
         // SAFETY: `n` bytes of `rec`, to our own fd.
         unsafe { write(fd, rec.as_ptr().cast(), n) };
@@ -150,10 +167,12 @@ fn spool(ask: &hookproto::Ask) {
     unsafe { close(fd) };
 }
 
-/// A `struct statx` of a regular file of ours below [`hookproto::SPOOL_MAX`].
+/// A `struct statx` of a regular file of ours, of one link (not another file of ours
+/// linked there), below [`hookproto::SPOOL_MAX`].
 fn spool_fits(st: &[u8; 256]) -> bool {
-    let (uid, mode, size) = (u32_at(st, 20), u32_at(st, 28) as u16, u64::from(u32_at(st, 40)) | u64::from(u32_at(st, 44)) << 32);
-    mode & S_IFMT == S_IFREG && own_uid(uid) && size < hookproto::SPOOL_MAX
+    let (nlink, uid, mode) = (u32_at(st, 16), u32_at(st, 20), u32_at(st, 28) as u16);
+    let size = u64::from(u32_at(st, 40)) | u64::from(u32_at(st, 44)) << 32;
+    mode & S_IFMT == S_IFREG && nlink == 1 && own_uid(uid) && size < hookproto::SPOOL_MAX
 }
 
 /// Connects refused in this process (pid and port, as [`KEPT`]): each is told to the daemon
@@ -179,7 +198,7 @@ pub(crate) fn refused(port: u16, family: u16) -> bool {
     let mut msg = [0u8; hookproto::DONE_MAX];
     let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family: family_byte(family), session, ..NO_ASK }, &mut msg);
     let started = monotonic_ms();
-    let conn = match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket(started)) {
+    let conn = match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket_brief(started)) {
         (Some(msg), Ok(conn)) => Some((msg, conn)),
         (_, Ok(conn)) => {
             // SAFETY: our own connection, opened by `hook_socket`.

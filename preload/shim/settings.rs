@@ -6,7 +6,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::cstring::cstr;
 use crate::decide::{self, Class, Mode};
-use crate::libc_calls::{above_stdio, close, getenv, open, read, statx, AT_FDCWD, O_CLOEXEC, O_NONBLOCK, O_RDONLY, STATX_INO};
+use crate::libc_calls::{
+    above_stdio, close, errno, getenv, open, read, set_errno, statx, AT_FDCWD, O_CLOEXEC, O_NONBLOCK, O_RDONLY, STATX_INO,
+};
 use crate::{mapview, switch, NO, UNKNOWN, YES};
 
 static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);
@@ -33,14 +35,18 @@ fn set(v: Option<&[u8]>) -> bool {
     v.is_some_and(|v| !v.is_empty())
 }
 
+/// `name`'s value passed `test`, once a process (cached); errno as it was (a test may
+/// look at files: `statx`, `/proc/self/status`).
 fn env_flag(cache: &AtomicU8, name: &CStr, test: fn(Option<&[u8]>) -> bool) -> bool {
     match cache.load(Ordering::Relaxed) {
         YES => true,
         NO => false,
         _ => {
+            let saved = errno();
             // SAFETY: the value is tested here and not kept.
             let yes = test(unsafe { env(name) });
             cache.store(if yes { YES } else { NO }, Ordering::Relaxed);
+            set_errno(saved);
             yes
         }
     }
@@ -93,7 +99,8 @@ pub(crate) fn supervised() -> bool {
 }
 
 /// This process's seccomp filters: `Seccomp_filters` in `/proc/self/status` (Linux 5.9+;
-/// before, 1 for `Seccomp: 2`, filter mode); 0 when it cannot be read.
+/// before, where only `Seccomp: 2` says a filter is on, as many as asked: the count cannot
+/// be told, and the variable is trusted); 0 when it cannot be read.
 fn seccomp_filters() -> u64 {
     let mut status = [0u8; 4096];
     // SAFETY: a NUL-terminated path; the fd is ours, closed below.
@@ -118,7 +125,7 @@ fn seccomp_filters() -> u64 {
         let value = text.get(at..)?.split(|c| *c == b'\n').next()?.trim_ascii();
         number(value)
     };
-    field(b"\nSeccomp_filters:").unwrap_or_else(|| u64::from(field(b"\nSeccomp:") == Some(2)))
+    field(b"\nSeccomp_filters:").unwrap_or_else(|| if field(b"\nSeccomp:") == Some(2) { u64::MAX } else { 0 })
 }
 
 /// The class a rule of the process's own (`STYXY_PRELOAD_PORTS`) gives `port`
