@@ -201,6 +201,18 @@ pub fn status_field(pid: impl Display, name: &str) -> Option<String> {
     status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string())
 }
 
+/// Whether a TCP socket listens on `port` in this network namespace (`/proc/net/tcp` and
+/// `tcp6`, `st` 0A). Read only on an error path.
+pub fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1).is_some_and(|local| local.ends_with(&want)) && f.get(3) == Some(&"0A")
+        })
+    })
+}
+
 /// `pid`'s command line, its arguments joined by spaces.
 pub fn cmdline(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;

@@ -82,6 +82,18 @@ impl fmt::Display for AskError {
     }
 }
 
+impl Reason {
+    /// Why a bind of `port`, which the session holds already, failed with `EADDRINUSE`:
+    /// one of its processes serves it, or an earlier server's socket lingers.
+    pub fn session_port_in_use(port: u16) -> Reason {
+        if crate::procinfo::listening(port) {
+            Reason::SessionPortServed(port)
+        } else {
+            Reason::SessionPortInTimeWait(port)
+        }
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let os = |e: &c_int| std::io::Error::from_raw_os_error(*e);

@@ -680,15 +680,13 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Cl
         return None;
     }
     let ty = {
-        let state = sh.state.lock();
-        let own = (ask.flags & OWN_RULES != 0).then(|| state.policy_of(pid)).flatten();
-        let decision = own.as_ref().unwrap_or(state.policy()).decide(ask.port);
+        let (class, ty) = decided(sh, pid, ask);
         // a KEEP is the shim's ask-first bind of a stream socket (SHARES_PORT: one that may
         // share its port), or (TAKEN) its bind-first that met EADDRINUSE: granted only where
         // the one decision says so
         let mut facts = Facts { stream: true, shares_port: ask.flags & SHARES_PORT != 0, moved_from: origin };
-        match (decide::plan(Class::of(&decision), mode, &mut facts), taken) {
-            (Plan::AskFirst { .. }, false) | (Plan::TryFirst { single: false, .. }, true) => decision.service_type().map(str::to_string),
+        match (decide::plan(class, mode, &mut facts), taken) {
+            (Plan::AskFirst { .. }, false) | (Plan::TryFirst { single: false, .. }, true) => ty,
             _ => None,
         }
     }?;
@@ -712,6 +710,15 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Cl
     let session = session.map(str::to_string);
     let (fallback, vars) = (mode == Mode::Fallback, log_vars(vars));
     Some((Asked { pid, owner, port: ask.port, family: ask.family, service_type: ty, session, comm, origin, fallback, vars }, claim))
+}
+
+/// What the policy says of `ask`'s port for process `pid`: its class and service type, with
+/// the rules of the process's own environment when the ask says it has some (`OWN_RULES`).
+fn decided(sh: &Shared, pid: u32, ask: &Ask<'_>) -> (Class, Option<String>) {
+    let state = sh.state.lock();
+    let own = (ask.flags & OWN_RULES != 0).then(|| state.policy_of(pid)).flatten();
+    let decision = own.as_ref().unwrap_or(state.policy()).decide(ask.port);
+    (Class::of(&decision), decision.service_type().map(str::to_string))
 }
 
 /// The grant `g` made for `asked`.
@@ -753,8 +760,7 @@ fn log_named(vars: LogVars, pid: u32) -> Log {
 /// already, someone uncoordinated took it, or the kernel refuses the address itself.
 fn log_failed(g: &KeptBind, errno: i32, vars: LogVars, started: Instant) {
     let (action, port, why) = match errno {
-        libc::EADDRINUSE if g.existing && listening(g.port) => (Action::Error, g.port, Reason::SessionPortServed(g.port)),
-        libc::EADDRINUSE if g.existing => (Action::Error, g.port, Reason::SessionPortInTimeWait(g.port)),
+        libc::EADDRINUSE if g.existing => (Action::Error, g.port, Reason::session_port_in_use(g.port)),
         libc::EADDRINUSE => (Action::Error, g.asked.port, Reason::GrantedPortTaken { port: g.port, errno }),
         _ => (Action::Passthrough, g.asked.port, Reason::KernelRefuses(errno)),
     };
@@ -762,33 +768,18 @@ fn log_failed(g: &KeptBind, errno: i32, vars: LogVars, started: Instant) {
     let _ = log_named(vars, g.asked.pid).append(&ev);
 }
 
-/// Whether a socket listens on `port`, as the kernel lists them (`/proc/net/tcp*`).
-fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
-            let mut cols = l.split_whitespace();
-            let local = cols.nth(1).unwrap_or_default();
-            local.ends_with(&want) && cols.nth(1) == Some("0A")
-        })
-    })
-}
-
 /// The event of what process `pid` did alone, as its `NOTE` says (at `ts`, ms since the
 /// epoch); `None` for a note this daemon does not know.
 fn note_event(sh: &Shared, pid: u32, ask: &Ask<'_>, ts: u64) -> Option<Event> {
     use hookproto::{NOTE_KERNEL_CHOSE, NOTE_NO_COORDINATOR, NOTE_OBSERVED, NOTE_SINGLE, NOTE_UNANSWERED};
-    let ty = || {
-        let state = sh.state.lock();
-        let own = (ask.flags & OWN_RULES != 0).then(|| state.policy_of(pid)).flatten();
-        own.as_ref().unwrap_or(state.policy()).decide(ask.port).service_type().map(str::to_string)
-    };
-    let (call, requested, service_type, action, why) = match ask.note {
-        NOTE_OBSERVED => ("bind", ask.port, ty(), Action::Observed, Reason::ObserveMode),
-        NOTE_SINGLE => ("bind", ask.port, ty(), Action::Passthrough, Reason::SingleInstance(ty().unwrap_or_default())),
-        NOTE_KERNEL_CHOSE => ("listen", 0, None, Action::Observed, Reason::KernelChose),
-        NOTE_UNANSWERED => ("bind", ask.port, ty(), Action::Passthrough, Reason::Unasked(AskError::Timeout)),
-        NOTE_NO_COORDINATOR => ("bind", ask.port, ty(), Action::Passthrough, Reason::Unasked(AskError::NoCoordinator)),
+    // a bind's type; a listen's port is the kernel's choice, of no type
+    let service_type = if ask.note == NOTE_KERNEL_CHOSE { None } else { decided(sh, pid, ask).1 };
+    let (call, requested, action, why) = match ask.note {
+        NOTE_OBSERVED => ("bind", ask.port, Action::Observed, Reason::ObserveMode),
+        NOTE_SINGLE => ("bind", ask.port, Action::Passthrough, Reason::SingleInstance(service_type.clone().unwrap_or_default())),
+        NOTE_KERNEL_CHOSE => ("listen", 0, Action::Observed, Reason::KernelChose),
+        NOTE_UNANSWERED => ("bind", ask.port, Action::Passthrough, Reason::Unasked(AskError::Timeout)),
+        NOTE_NO_COORDINATOR => ("bind", ask.port, Action::Passthrough, Reason::Unasked(AskError::NoCoordinator)),
         _ => return None,
     };
     let comm = match std::str::from_utf8(ask.comm) {

@@ -125,6 +125,18 @@ pub(crate) fn hook_socket_brief(started: u64) -> Result<c_int, Heard> {
     hook_socket_once(started, HOOK_ANSWER_MS)
 }
 
+/// Sends `msg` to the daemon on a connection of its own ([`hook_socket_brief`]), waits for
+/// no answer, and closes it; what was heard when the daemon could not be reached.
+pub(crate) fn tell(msg: &[u8]) -> Result<(), Heard> {
+    let conn = hook_socket_brief(monotonic_ms())?;
+    // SAFETY: `msg.len()` bytes of `msg`, on our own connection, closed here.
+    unsafe {
+        send(conn, msg.as_ptr().cast(), msg.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
+        close(conn);
+    }
+    Ok(())
+}
+
 /// Connects to the daemon's HTTP socket (`STYXY_URL`'s `unix:` path, else `daemon.sock` in
 /// the runtime directory) and hangs up, without a word: a socket-activated daemon starts.
 /// `true` when something listens there.

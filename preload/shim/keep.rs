@@ -79,7 +79,7 @@ pub(crate) unsafe fn keep(
         return None;
     }
     // SAFETY: copied into the ask here.
-    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
+    let session = unsafe { session() };
     let ask = hookproto::Ask {
         kind: hookproto::KEEP,
         port,
@@ -144,9 +144,15 @@ pub(crate) unsafe fn keep(
 pub(crate) const NO_ASK: hookproto::Ask<'static> =
     hookproto::Ask { kind: 0, port: 0, family: 4, errno: 0, flags: 0, origin: 0, session: &[], note: 0, comm: &[] };
 
-/// The session as an ask carries it: one byte too long for [`hookproto::SESSION_MAX`] when
-/// it is longer, so that the ask is not sent (a cut session would be another's).
-pub(crate) fn session_bytes(s: &[u8]) -> &[u8] {
+/// `STYXY_PRELOAD_SESSION` as an ask carries it (empty for none): one byte too long for
+/// [`hookproto::SESSION_MAX`] when it is longer, so that the ask is not sent (a cut session
+/// would be another's).
+///
+/// # Safety
+/// As [`env`]: the bytes are copied into a message before the hook returns.
+pub(crate) unsafe fn session<'a>() -> &'a [u8] {
+    // SAFETY: this function's contract.
+    let s = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
     s.get(..hookproto::SESSION_MAX + 1).unwrap_or(s)
 }
 

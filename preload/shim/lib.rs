@@ -165,9 +165,7 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
         Plan::AsAsked(_) => None,
         Plan::Observe => {
             let rc = plain();
-            let err = errno();
             note(hookproto::NOTE_OBSERVED, inet.port, inet.family, own);
-            set_errno(err);
             return rc;
         }
         Plan::TryFirst { single, fallback } => {
@@ -179,7 +177,6 @@ unsafe fn shim_bind(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLen) 
             if single {
                 // a single-instance type's EADDRINUSE stands, and the daemon logs why
                 note(hookproto::NOTE_SINGLE, inet.port, inet.family, own);
-                set_errno(EADDRINUSE);
                 return rc;
             }
             // another port of its type in one round trip — or, for a tool that moves on

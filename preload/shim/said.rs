@@ -5,16 +5,15 @@
 use core::sync::atomic::Ordering;
 
 use crate::cstring::decimal;
-use crate::daemon::{hook_socket_brief, sent_and_answered, u32_at, Heard, HOOK_ANSWER_MS};
+use crate::daemon::{hook_socket_brief, sent_and_answered, tell, u32_at, Heard, HOOK_ANSWER_MS};
 use crate::hookproto;
-use crate::keep::{done_message, family_byte, kept_key, session_bytes, NO_ASK};
+use crate::keep::{done_message, family_byte, kept_key, session, NO_ASK};
 use crate::libc_calls::{
-    above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, send, set_errno, statx, write, MSG_DONTWAIT,
-    MSG_NOSIGNAL, O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK,
-    S_IFMT, S_IFREG,
+    above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, set_errno, statx, write, MSG_DONTWAIT,
+    O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK, S_IFMT,
+    S_IFREG,
 };
 use crate::maps::{own_uid, runtime_file, RUNTIME_PATH_MAX};
-use crate::settings::env;
 use crate::tell::notice;
 
 /// Tells the daemon this process listens on `port`, which an ancestor kept before a
@@ -23,14 +22,9 @@ use crate::tell::notice;
 pub(crate) fn confirm(port: u16) {
     let saved = errno();
     // SAFETY: copied into the message here.
-    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
-    let ask = hookproto::Ask { kind: hookproto::CONFIRM, port, session, ..NO_ASK };
-    if let (Some(m), Ok(conn)) = (ask.encode(), hook_socket_brief(monotonic_ms())) {
-        // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
-        unsafe {
-            send(conn, m.as_ptr().cast(), m.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
-            close(conn);
-        }
+    let session = unsafe { session() };
+    if let Some(m) = (hookproto::Ask { kind: hookproto::CONFIRM, port, session, ..NO_ASK }).encode() {
+        let _ = tell(&m);
     }
     set_errno(saved);
 }
@@ -50,10 +44,8 @@ pub(crate) fn unasked(heard: Heard, ask: &hookproto::Ask) {
     spool(&hookproto::Ask { kind: hookproto::NOTE, note, ..*ask });
     if first_warning() {
         let mut path = [0u8; RUNTIME_PATH_MAX];
-        let n = runtime_file(&mut path, b"/hook.sock\0");
-        let path = path.get(..n).unwrap_or(&[]);
         let (through, fix) = (hookproto::PASS_THROUGH.as_bytes(), hookproto::START_IT.as_bytes());
-        notice(&[why, b" (unix:", path, b")", through, fix]);
+        notice(&[why, b" (unix:", hook_sock(&mut path), b")", through, fix]);
     }
 }
 
@@ -62,12 +54,17 @@ pub(crate) fn unasked(heard: Heard, ask: &hookproto::Ask) {
 fn warn_closed() {
     if first_warning() {
         let mut path = [0u8; RUNTIME_PATH_MAX];
-        let n = runtime_file(&mut path, b"/hook.sock\0");
-        let path = path.get(..n).unwrap_or(&[]);
+        let path = hook_sock(&mut path);
         let fix =
             b" closed the ask unanswered (a daemon of another version? `styxy-preload daemon stop`, and the next command starts this one)";
         notice(&[b"the daemon at unix:", path, fix, hookproto::PASS_THROUGH.as_bytes()]);
     }
+}
+
+/// The path of `hook.sock` (written into `buf`), as a line names it.
+fn hook_sock(buf: &mut [u8; RUNTIME_PATH_MAX]) -> &[u8] {
+    let n = runtime_file(buf, b"/hook.sock\0");
+    buf.get(..n).unwrap_or(&[])
 }
 
 /// The pid of this process once it said the daemon could not be asked (one line a process).
@@ -100,26 +97,14 @@ fn warn_other_user(owner: u32) {
 pub(crate) fn note(note: u8, port: u16, family: u16, flags: u8) {
     let saved = errno();
     // SAFETY: copied into the message here.
-    let session = session_bytes(unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default());
+    let session = unsafe { session() };
     let mut comm = [0u8; 17];
     let ask = hookproto::Ask { kind: hookproto::NOTE, port, family: family_byte(family), flags, session, note, ..NO_ASK };
     let ask = hookproto::Ask { comm: own_comm(&mut comm), ..ask };
     let mut msg = [0u8; hookproto::DONE_MAX];
     let n = done_message(&ask, &mut msg);
-    match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket_brief(monotonic_ms())) {
-        (Some(m), Ok(conn)) => {
-            // SAFETY: `m.len()` bytes of `m`, on our own connection, closed here.
-            unsafe {
-                send(conn, m.as_ptr().cast(), m.len(), MSG_DONTWAIT | MSG_NOSIGNAL);
-                close(conn);
-            }
-        }
-        (_, Ok(conn)) => {
-            // SAFETY: our own connection, opened by `hook_socket`.
-            unsafe { close(conn) };
-        }
-        (Some(_), Err(Heard::Absent | Heard::Silent)) => spool(&ask),
-        _ => {}
+    if let Some(Err(Heard::Absent | Heard::Silent)) = msg.get(..n).filter(|m| !m.is_empty()).map(tell) {
+        spool(&ask);
     }
     set_errno(saved);
 }
@@ -194,7 +179,7 @@ pub(crate) fn refused(port: u16, family: u16) -> bool {
     }
     let saved = errno();
     // SAFETY: copied into the message here.
-    let session = unsafe { env(c"STYXY_PRELOAD_SESSION") }.unwrap_or_default();
+    let session = unsafe { session() };
     let mut msg = [0u8; hookproto::DONE_MAX];
     let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family: family_byte(family), session, ..NO_ASK }, &mut msg);
     let started = monotonic_ms();

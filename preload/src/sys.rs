@@ -127,14 +127,3 @@ pub fn local_addr(fd: c_int) -> Option<Addr> {
         Addr::read((&storage as *const sockaddr_storage).cast(), len)
     }
 }
-
-/// Whether a TCP socket listens on `port` (the kernel's tables, IPv4 and IPv6). Read only
-/// on an error path.
-pub fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X} ");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
-            l.split_whitespace().nth(3) == Some("0A") && l.split_whitespace().nth(1).is_some_and(|a| format!("{a} ").ends_with(&want))
-        })
-    })
-}

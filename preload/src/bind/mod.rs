@@ -23,7 +23,7 @@ use styxy_preload_common::policy::Decision;
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::{Mode, Process};
 use crate::report::{self, Outcome};
-use crate::sys::{self, Addr};
+use crate::sys::Addr;
 
 /// Granted ports that turned out taken at OS level before we give up and bind as asked.
 const MAX_RETRIES: u32 = 3;
@@ -174,7 +174,7 @@ fn allocate_and_bind(
             // the session already holds this mapping: a second bind of the same port
             // fails as it would without us (get-port, tests expecting EADDRINUSE)
             Err(EADDRINUSE) if reply.existing == Some(true) => {
-                b.event(port, Action::Error, Some(in_use_reason(port)), retries);
+                b.event(port, Action::Error, Some(Reason::session_port_in_use(port)), retries);
                 return Verdict::Done(Err(EADDRINUSE));
             }
             Err(EADDRINUSE) => {
@@ -208,14 +208,6 @@ fn bound(b: &Bind, port: u16, reply: &AllocateReply, moved_from: Option<u16>, re
     };
     b.event(port, action, reason, retries);
     Verdict::Done(Ok(()))
-}
-
-/// Why a bind of the session's own port failed.
-fn in_use_reason(port: u16) -> Reason {
-    match sys::listening(port) {
-        true => Reason::SessionPortServed(port),
-        false => Reason::SessionPortInTimeWait(port),
-    }
 }
 
 /// The daemon did not answer the shim in time (docs/ARCHITECTURE.md "Hook ↔ daemon

@@ -408,7 +408,7 @@ fn a_failed_bind_of_the_sessions_port_says_why() {
     // end-to-end tests')
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    assert_eq!(in_use_reason(port), Reason::SessionPortServed(port));
+    assert_eq!(Reason::session_port_in_use(port), Reason::SessionPortServed(port));
     let why = Reason::SessionPortInTimeWait(port).to_string();
     assert!(why.contains("TIME_WAIT") && why.contains("SO_REUSEADDR"), "{why}");
 }
