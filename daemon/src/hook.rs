@@ -152,6 +152,8 @@ struct Loop {
     next_id: u64,
     /// The events the shim's exchanges end with, written in the order they ended.
     events: Events,
+    /// A grant was answered this turn: its `DONE` follows within microseconds.
+    done_due: bool,
 }
 
 /// One thread that writes the events of the shim's exchanges, in the order they were
@@ -210,7 +212,20 @@ impl Loop {
         let wake = Arc::new(Wake::new()?);
         ctl(&epoll, libc::EPOLL_CTL_ADD, wake.fd.as_raw_fd(), WAKE)?;
         let (conns, deadlines, events) = (HashMap::new(), VecDeque::new(), Events::start()?);
-        Ok(Loop { sh, rt, epoll, wake, listener: None, backoff: Backoff::default(), paused: None, conns, deadlines, next_id: 2, events })
+        Ok(Loop {
+            sh,
+            rt,
+            epoll,
+            wake,
+            listener: None,
+            backoff: Backoff::default(),
+            paused: None,
+            conns,
+            deadlines,
+            next_id: 2,
+            events,
+            done_due: false,
+        })
     }
 
     fn listen(&mut self, listener: OwnedFd, uid: u32) -> io::Result<()> {
@@ -220,6 +235,7 @@ impl Loop {
     }
 
     fn run(mut self) {
+        self.sh.owe_wakes();
         while !self.wake.stop.load(Ordering::Acquire) {
             self.turn();
         }
@@ -229,8 +245,7 @@ impl Loop {
     fn turn(&mut self) {
         const MAX_EVENTS: usize = 64;
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
-        // SAFETY: epoll_wait into a buffer of MAX_EVENTS events, on our epoll fd.
-        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), MAX_EVENTS as i32, self.timeout_ms()) };
+        let n = self.wait(&mut events);
         for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
             match ev.u64 {
                 LISTENER => self.accept(),
@@ -239,6 +254,26 @@ impl Loop {
             }
         }
         self.expire(Instant::now());
+        self.sh.pay_wakes(); // every answer of this turn is sent
+    }
+
+    /// Waits for what is ready (`epoll_wait` into `events`): after a grant, first awake
+    /// for up to [`DONE_SPIN`] (yielding to any other thread that wants this CPU).
+    fn wait(&mut self, events: &mut [libc::epoll_event]) -> i32 {
+        let (epoll, max) = (self.epoll.as_raw_fd(), i32::try_from(events.len()).unwrap_or(i32::MAX));
+        if std::mem::take(&mut self.done_due) {
+            let until = Instant::now() + DONE_SPIN;
+            loop {
+                // SAFETY: epoll_wait into `events` (at most `max` of them), on our epoll fd, not waiting.
+                let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), max, 0) };
+                if n != 0 || Instant::now() >= until {
+                    return n;
+                }
+                std::thread::yield_now();
+            }
+        }
+        // SAFETY: as above, waiting at most until the next deadline.
+        unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), max, self.timeout_ms()) }
     }
 
     /// Milliseconds until the next deadline or the end of a pause (-1: none), rounded up.
@@ -493,10 +528,15 @@ impl Loop {
                 let status = if bind.port == bind.asked.port { GRANTED } else { MOVED };
                 let pending = Pending::new(self.sh.clone()); // counted before the client can read on
                 send(fd, &Answer { status, port: bind.port, existing: bind.existing }.encode());
+                let bind = match bind.asked.later && !bind.existing {
+                    true => KeptBind { asked: Asked { owner: self.sh.owner_read(bind.port, bind.asked.pid), ..bind.asked }, ..bind },
+                    false => bind,
+                };
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.stage = Stage::Done(bind, pending);
                 }
                 self.watch(id);
+                self.done_due = true;
                 return;
             }
             (Some(fd), Some(asked), Got::Declined(Some((status, message)))) => {
@@ -589,6 +629,11 @@ fn peer(fd: &OwnedFd) -> Option<(u32, u32)> {
     (rc == 0).then(|| (u32::try_from(cred.pid).unwrap_or(0), cred.uid))
 }
 
+/// How long the hook server stays awake for a `DONE` after its grant: the shim binds and
+/// says so within microseconds, and a `DONE` that finds the server asleep costs the shim
+/// the wake-up of an idle CPU (tens of microseconds on a virtual machine).
+const DONE_SPIN: Duration = Duration::from_micros(100);
+
 /// One message, never waiting.
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: recv into a buffer of its length, on a socket we own.
@@ -622,6 +667,8 @@ struct Asked {
     pid: u32,
     /// The process (its start time read with its name), when it still ran.
     owner: Option<Owner>,
+    /// Who asks is read once the answer is sent ([`Shared::owner_read`]).
+    later: bool,
     /// The port asked for.
     port: u16,
     family: u8,
@@ -690,14 +737,18 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Cl
             _ => None,
         }
     }?;
-    let (comm, owner) = match procinfo::comm_and_start(pid) {
+    // with no Styxy to show it to, who asks is read once the answer is sent (the shim
+    // binds meanwhile): its name comes with the ask
+    let later = !ask.comm.is_empty() && sh.upstream.get().is_none_or(|up| !up.usable());
+    let (comm, owner) = match procinfo::comm_and_start(pid).filter(|_| !later) {
         Some((comm, start)) => (comm, Some(Owner { pid, start })),
+        None if later => (String::from_utf8_lossy(ask.comm).into_owned(), None),
         None => ("?".to_string(), None),
     };
     let req = AllocateRequest {
         service_name: Some(service_name(&comm, ask.port)),
         instance_id: session.map(str::to_string),
-        project_path: procinfo::cwd(pid),
+        project_path: if later { None } else { procinfo::cwd(pid) },
         comm: Some(comm.clone()),
         bind: true,
         exclude: if taken { vec![ask.port] } else { vec![] },
@@ -706,10 +757,10 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Cl
         ..AllocateRequest::for_port(&ty, ask.port)
     };
     let claim_owner = owner.clone().unwrap_or_else(|| Owner::pid(pid));
-    let claim = Claim { exactly: ask.flags & MAY_MOVE == 0, ..Claim::new(req, Some(claim_owner)) };
+    let claim = Claim { exactly: ask.flags & MAY_MOVE == 0, owner_later: later, ..Claim::new(req, Some(claim_owner)) };
     let session = session.map(str::to_string);
     let (fallback, vars) = (mode == Mode::Fallback, log_vars(vars));
-    Some((Asked { pid, owner, port: ask.port, family: ask.family, service_type: ty, session, comm, origin, fallback, vars }, claim))
+    Some((Asked { pid, owner, later, port: ask.port, family: ask.family, service_type: ty, session, comm, origin, fallback, vars }, claim))
 }
 
 /// What the policy says of `ask`'s port for process `pid`: its class and service type, with
@@ -1038,6 +1089,28 @@ mod tests {
         assert_eq!(events.lines().count(), 1, "{events}");
         assert!(events.contains("\"action\":\"kept\"") && events.contains("\"port\":3000"), "{events}");
         assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn who_asks_is_read_once_answered_when_the_ask_names_it() {
+        let f = Fixture::new("named");
+        let got = f.exchange(|s| {
+            let named =
+                Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: 0, origin: 0, session: b"s1", note: 0, comm: b"named-by-shim" };
+            send(&s, &named.encode().unwrap());
+            let a = answer(&s);
+            send(&s, &ask(DONE, 3000, 0, b"s1"));
+            a
+        });
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
+        let st = f.sh.state.lock();
+        let a = st.allocation(3000).expect("granted");
+        // the name the ask carried, and the start time and directory read after the answer
+        assert_eq!((a.comm.as_deref(), a.service_name.starts_with("named-by-shim")), (Some("named-by-shim"), true), "{a:?}");
+        let start = procinfo::start_time(f.binder.id()).expect("the binder runs");
+        assert_eq!(a.owners, [Owner { pid: f.binder.id(), start }]);
+        assert_eq!(a.project_path, procinfo::cwd(f.binder.id()));
+        assert!(a.project_path.is_some());
     }
 
     #[test]

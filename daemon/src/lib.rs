@@ -122,10 +122,42 @@ impl Shared {
     /// Only the first change after a save wakes the writer (a wake-up is a futex and a
     /// context switch per grant otherwise); later ones ride on the save it is preparing.
     pub fn persist(&self) {
-        if !self.dirty.swap(true, Ordering::AcqRel) {
+        if !self.dirty.swap(true, Ordering::AcqRel) && !owed_here() {
             let _ = self.persist_tx.lock().send(Persist::Save);
         }
     }
+
+    /// From here on, this thread's [`persist`](Shared::persist) owes the writer its wake-up
+    /// until [`pay_wakes`](Shared::pay_wakes): the hook server's thread answers first, and
+    /// only then wakes another thread (on a virtual machine, a wake-up of an idle CPU costs
+    /// its sender tens of microseconds, which a waiting shim would pay).
+    pub fn owe_wakes(&self) {
+        WAKE_OWED.with(|owed| owed.set(Some(false)));
+    }
+
+    /// Wakes the writer if this thread's changes since the last call owe it a wake-up.
+    pub fn pay_wakes(&self) {
+        if WAKE_OWED.with(|owed| owed.replace(Some(false))) == Some(true) {
+            let _ = self.persist_tx.lock().send(Persist::Save);
+        }
+    }
+}
+
+thread_local! {
+    /// On a thread that [owes wakes](Shared::owe_wakes): `Some(true)` once a change asked
+    /// for a save that was not sent yet.
+    static WAKE_OWED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// On a thread that owes wakes, the writer's wake-up is owed (true) instead of sent now.
+fn owed_here() -> bool {
+    WAKE_OWED.with(|owed| {
+        let owes = owed.get().is_some();
+        if owes {
+            owed.set(Some(true));
+        }
+        owes
+    })
 }
 
 #[derive(Debug)]

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::state::{AllocError, Allocation, Claim, Grant, Owner};
 use crate::{now_ms, Shared};
+use styxy_preload_common::procinfo;
 
 /// Why a grant was not made.
 #[derive(Debug)]
@@ -54,6 +55,16 @@ impl Shared {
         drop(st);
         log!("grant of port {port} withdrawn: cannot write the journal: {e}");
         Err(Refusal::Unjournaled(format!("port {port} not granted: the daemon cannot write its journal: {e}")))
+    }
+
+    /// Reads who owns the new grant at `port` (`pid`), recorded by pid only: its start time
+    /// and directory, read without the state's lock. The owner, when it still runs.
+    pub fn owner_read(&self, port: u16, pid: u32) -> Option<Owner> {
+        let owner = Owner::of(pid)?;
+        let project_path = procinfo::cwd(pid);
+        self.state.lock().owner_read(port, &owner, project_path);
+        self.persist();
+        Some(owner)
     }
 
     /// `owner` bound or listens on `port`: the grant is confirmed, and saved.

@@ -310,11 +310,14 @@ pub struct Claim {
     /// nothing changes (the shim's `KEEP`: one look at the port, not a dry run and then
     /// the grant).
     pub exactly: bool,
+    /// The owner is recorded by pid, and its start time (and the request's project path)
+    /// filled in after the answer ([`State::owner_read`]).
+    pub owner_later: bool,
 }
 
 impl Claim {
     pub fn new(req: AllocateRequest, owner: Option<Owner>) -> Claim {
-        Claim { req, owner, exactly: false }
+        Claim { req, owner, exactly: false, owner_later: false }
     }
 
     /// Its session: the instance id, but Styxy's `default` one, which is no session.
@@ -490,7 +493,7 @@ impl State {
             project_path: claim.req.project_path.clone(),
             requested_port: claim.requested(),
             comm: claim.req.comm.clone(),
-            owners: claim.owner.as_ref().and_then(Owner::resolved).into_iter().collect(),
+            owners: claim.owner.as_ref().and_then(|o| if claim.owner_later { Some(o.clone()) } else { o.resolved() }).into_iter().collect(),
             allocated_at_ms: now_ms,
             upstream,
             confirmed: !claim.req.bind,
@@ -756,6 +759,18 @@ impl State {
             self.remove(*p, now_ms);
         }
         ports.len()
+    }
+
+    /// The start time of the owner a grant at `port` recorded by pid only
+    /// ([`Claim::owner_later`]), and its project path when it had none.
+    pub(crate) fn owner_read(&mut self, port: u16, owner: &Owner, project_path: Option<String>) {
+        let Some(a) = self.allocs.get_mut(&port) else { return };
+        for o in a.owners.iter_mut().filter(|o| o.pid == owner.pid && o.start == 0) {
+            o.start = owner.start;
+        }
+        if a.project_path.is_none() {
+            a.project_path = project_path;
+        }
     }
 
     /// Adds `owner` to the allocation at `port` (a `listen()` confirmation).

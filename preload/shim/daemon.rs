@@ -7,10 +7,10 @@ use core::sync::atomic::Ordering;
 
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    above_stdio, close, errno, getpid, getsockopt, monotonic_ms, open, poll, read, recv, send, set_errno, setsockopt, socket, statx,
-    PollFd, SockLen, TimeVal, UCred, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, ECONNREFUSED, EINTR, ENOENT, ENOTDIR,
-    MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN, SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_SEQPACKET, SOCK_STREAM,
-    SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO, STATX_MODE_UID_SIZE,
+    above_stdio, close, errno, getpid, getsockopt, monotonic_ms, monotonic_us, open, poll, read, recv, sched_yield, send, set_errno,
+    setsockopt, socket, statx, PollFd, SockLen, TimeVal, UCred, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, ECONNREFUSED,
+    EINTR, ENOENT, ENOTDIR, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN, SOCK_CLOEXEC, SOCK_NONBLOCK,
+    SOCK_SEQPACKET, SOCK_STREAM, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO, STATX_MODE_UID_SIZE,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::said::first_warning;
@@ -269,6 +269,24 @@ pub(crate) enum Heard {
     Nothing,
 }
 
+/// Whether `conn` has something to read within [`SPIN_US`], looked at without sleeping
+/// (yielding to any other thread that wants this CPU, the daemon's among them).
+fn answered_soon(conn: c_int) -> bool {
+    let spun = monotonic_us();
+    loop {
+        let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
+        // SAFETY: one `PollFd`, `p`, not waited for.
+        if unsafe { poll(&mut p, 1, 0) } == 1 {
+            return true;
+        }
+        if monotonic_us().wrapping_sub(spun) >= SPIN_US {
+            return false;
+        }
+        // SAFETY: no arguments.
+        unsafe { sched_yield() };
+    }
+}
+
 /// Sends `ask` and waits for the daemon's answer ([`sent_and_answered`]).
 pub(crate) fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
     if let Err(heard) = sent_and_answered(conn, ask, started, u64::MAX) {
@@ -294,13 +312,23 @@ pub(crate) fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {
     }
 }
 
+/// How long a shim stays on its CPU for the daemon's answer before it sleeps in
+/// `poll`: the daemon answers within tens of microseconds, and an answer that finds the
+/// shim asleep waits for its idle CPU to wake (tens of microseconds more on a virtual
+/// machine, and the daemon pays for the wake-up too).
+const SPIN_US: u64 = 200;
+
 /// Sends `msg` on `conn` and waits until the daemon's answer is there, while it is
-/// [`worth_waiting`] for (and at most `limit_ms` since `started`); a signal resumes the wait (never a second ask, which would find
-/// the port "taken" by this very grant).
+/// [`worth_waiting`] for (and at most `limit_ms` since `started`): first on the CPU
+/// ([`answered_soon`]), then asleep. A signal resumes the wait (never a second ask, which
+/// would find the port "taken" by this very grant).
 pub(crate) fn sent_and_answered(conn: c_int, msg: &[u8], started: u64, limit_ms: u64) -> Result<(), Heard> {
     // SAFETY: `msg.len()` bytes of `msg` (any fd may be sent to: at worst an error).
     if unsafe { send(conn, msg.as_ptr().cast(), msg.len(), MSG_DONTWAIT | MSG_NOSIGNAL) } != msg.len() as isize {
         return Err(Heard::Nothing);
+    }
+    if answered_soon(conn) {
+        return Ok(());
     }
     loop {
         let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };

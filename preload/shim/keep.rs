@@ -11,7 +11,7 @@ use crate::daemon::{exchange, hook_socket, Heard};
 use crate::libc_calls::{
     close, errno, getpid, monotonic_ms, prctl, send, set_errno, SockLen, AF_INET6, EADDRINUSE, MSG_DONTWAIT, MSG_NOSIGNAL, PR_GET_NAME,
 };
-use crate::said::unasked;
+use crate::said::{own_comm, unasked};
 use crate::settings::env;
 use crate::sockinfo::Inet;
 use crate::tell::notice;
@@ -34,6 +34,9 @@ pub(crate) fn kept_key(port: u16) -> u64 {
 /// already: its `listen()` has nothing to confirm) and by an ancestor before a `fork` (this
 /// process's `listen()` confirms it, becoming an owner that outlives its parent).
 pub(crate) fn kept_by(port: u16) -> (bool, bool) {
+    if KEPT.iter().all(|k| k.load(Ordering::Relaxed) == 0) {
+        return (false, false); // nothing kept: no getpid
+    }
     let mine = kept_key(port);
     let (mut here, mut before) = (false, false);
     for k in KEPT.iter().map(|k| k.load(Ordering::Relaxed)) {
@@ -80,6 +83,8 @@ pub(crate) unsafe fn keep(
     }
     // SAFETY: copied into the ask here.
     let session = unsafe { session() };
+    // its name: the daemon answers before it reads the rest of who asks
+    let mut comm = [0u8; 17];
     let ask = hookproto::Ask {
         kind: hookproto::KEEP,
         port,
@@ -87,6 +92,7 @@ pub(crate) unsafe fn keep(
         flags,
         origin: origin.unwrap_or(0),
         session,
+        comm: own_comm(&mut comm),
         ..NO_ASK
     };
     let saved = errno();

@@ -47,6 +47,7 @@ extern "C" {
     fn __errno_location() -> *mut c_int;
     pub(crate) fn abort() -> !;
     pub(crate) fn getpid() -> c_int;
+    pub(crate) fn sched_yield() -> c_int;
     pub(crate) fn process_vm_readv(pid: c_int, local: *const IoVec, nl: usize, remote: *const IoVec, nr: usize, flags: usize) -> isize;
     pub(crate) fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut SockLen) -> c_int;
     pub(crate) fn open(path: *const c_char, flags: c_int, ...) -> c_int;
@@ -126,11 +127,20 @@ pub(crate) fn realtime_ms() -> u64 {
     clock_ms(CLOCK_REALTIME)
 }
 
+/// `CLOCK_MONOTONIC` in microseconds; errno untouched.
+pub(crate) fn monotonic_us() -> u64 {
+    clock_us(CLOCK_MONOTONIC)
+}
+
 fn clock_ms(clock: c_int) -> u64 {
+    clock_us(clock) / 1000
+}
+
+fn clock_us(clock: c_int) -> u64 {
     let mut ts = TimeSpec { sec: 0, nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into `ts`; with a valid clock it cannot fail.
     unsafe { clock_gettime(clock, &mut ts) };
-    (ts.sec as u64).wrapping_mul(1000).wrapping_add(ts.nsec as u64 / 1_000_000)
+    (ts.sec as u64).wrapping_mul(1_000_000).wrapping_add(ts.nsec as u64 / 1000)
 }
 pub(crate) const AT_PHDR: u64 = 3;
 pub(crate) const AT_PHNUM: u64 = 5;
