@@ -154,6 +154,8 @@ struct Loop {
     events: Events,
     /// A grant was answered this turn: its `DONE` follows within microseconds.
     done_due: bool,
+    /// When the wake-ups this thread owed were last paid ([`Shared::pay_wakes`]).
+    paid: Instant,
 }
 
 /// One thread that writes the events of the shim's exchanges, in the order they were
@@ -225,6 +227,7 @@ impl Loop {
             next_id: 2,
             events,
             done_due: false,
+            paid: Instant::now(),
         })
     }
 
@@ -254,7 +257,12 @@ impl Loop {
             }
         }
         self.expire(Instant::now());
-        self.sh.pay_wakes(); // every answer of this turn is sent
+        // the writer is woken once every answer of this turn is sent and no shim's DONE is
+        // due (under a steady load, at least every millisecond)
+        if !self.done_due || self.paid.elapsed() >= Duration::from_millis(1) {
+            self.sh.pay_wakes();
+            self.paid = Instant::now();
+        }
     }
 
     /// Waits for what is ready (`epoll_wait` into `events`): after a grant, first awake
@@ -528,10 +536,6 @@ impl Loop {
                 let status = if bind.port == bind.asked.port { GRANTED } else { MOVED };
                 let pending = Pending::new(self.sh.clone()); // counted before the client can read on
                 send(fd, &Answer { status, port: bind.port, existing: bind.existing }.encode());
-                let bind = match bind.asked.later && !bind.existing {
-                    true => KeptBind { asked: Asked { owner: self.sh.owner_read(bind.port, bind.asked.pid), ..bind.asked }, ..bind },
-                    false => bind,
-                };
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.stage = Stage::Done(bind, pending);
                 }
@@ -567,8 +571,13 @@ impl Loop {
             message.and_then(|m| Some((Ask::decode(&m[..ASK_LEN])?, &m[ASK_LEN..]))).filter(|(a, _)| a.kind == DONE && a.port == port);
         match reported {
             Some((done, vars)) if done.errno == 0 => {
-                // bound: confirmed, and the binder an owner, as a listen would
-                if let Some(owner) = bind.asked.owner.clone().or_else(|| Owner::of(bind.asked.pid)) {
+                // bound: confirmed, and the binder an owner, as a listen would (who it is read
+                // now, when the answer went before: the shim no longer waits on us)
+                let owner = match bind.asked.later && !bind.existing {
+                    true => self.sh.owner_read(port, bind.asked.pid),
+                    false => bind.asked.owner.clone().or_else(|| Owner::of(bind.asked.pid)),
+                };
+                if let Some(owner) = owner {
                     self.sh.confirm(port, owner);
                 }
                 let vars = log_vars(vars);
@@ -667,7 +676,7 @@ struct Asked {
     pid: u32,
     /// The process (its start time read with its name), when it still ran.
     owner: Option<Owner>,
-    /// Who asks is read once the answer is sent ([`Shared::owner_read`]).
+    /// Who asks is read once its `DONE` came ([`Shared::owner_read`]).
     later: bool,
     /// The port asked for.
     port: u16,
@@ -740,7 +749,7 @@ fn claim(sh: &Shared, pid: u32, ask: &Ask<'_>, vars: &[u8]) -> Option<(Asked, Cl
     // with no Styxy to show it to, who asks is read once the answer is sent (the shim
     // binds meanwhile): its name comes with the ask
     let later = !ask.comm.is_empty() && sh.upstream.get().is_none_or(|up| !up.usable());
-    let (comm, owner) = match procinfo::comm_and_start(pid).filter(|_| !later) {
+    let (comm, owner) = match (!later).then(|| procinfo::comm_and_start(pid)).flatten() {
         Some((comm, start)) => (comm, Some(Owner { pid, start })),
         None if later => (String::from_utf8_lossy(ask.comm).into_owned(), None),
         None => ("?".to_string(), None),
