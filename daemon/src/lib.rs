@@ -625,3 +625,40 @@ fn persist_loop(shared: &Shared, rx: mpsc::Receiver<Persist>) {
 pub fn log_path() -> PathBuf {
     paths::daemon_log_path()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon's shared state whose writer is the test: what it is asked comes out of `rx`.
+    fn with_writer() -> (Shared, mpsc::Receiver<Persist>, PathBuf) {
+        let (tx, rx) = mpsc::channel();
+        let journal = std::env::temp_dir().join(format!("styxy-owed-{}-{:?}.jsonl", std::process::id(), std::thread::current().id()));
+        (Shared::new(State::new(Policy::default(), None, 60_000), journal::Journal::open(journal.clone()), None, tx), rx, journal)
+    }
+
+    fn saves(rx: &mpsc::Receiver<Persist>) -> usize {
+        std::iter::from_fn(|| rx.try_recv().ok()).filter(|p| matches!(p, Persist::Save)).count()
+    }
+
+    #[test]
+    fn a_change_wakes_the_writer_at_once_or_when_the_thread_that_owes_it_pays() {
+        let (sh, rx, journal) = with_writer();
+        sh.persist();
+        assert_eq!(saves(&rx), 1, "a change wakes the writer at once");
+        sh.dirty.store(false, Ordering::Release); // the writer took it
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                sh.owe_wakes(); // the hook server's thread
+                sh.persist();
+                sh.persist();
+                assert_eq!(saves(&rx), 0, "owed while the answers go out");
+                sh.pay_wakes();
+                assert_eq!(saves(&rx), 1, "two changes, one wake-up, once paid");
+                sh.pay_wakes();
+                assert_eq!(saves(&rx), 0, "paid once");
+            });
+        });
+        let _ = std::fs::remove_file(journal);
+    }
+}
