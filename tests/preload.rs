@@ -18,6 +18,23 @@ fn serve(w: &mut World, session: Option<&str>, port: u16, name: &str) -> (u32, u
 }
 
 #[test]
+fn a_bind_on_a_thread_of_its_own_name_is_the_process_s() {
+    let mut w = World::new();
+    w.start_daemon();
+    let mut c = w.preloaded(Some("threads"), fixture("binder"));
+    c.args(["serve-thread", "4032"]).env("WHO", "named");
+    let pid = w.spawn(c, "named");
+    let port = wait_for(10, "the server listening", || listening_ports(pid).into_iter().next());
+    assert_eq!(port, 4032);
+    // the name the daemon records is the process's, not the binding thread's
+    let e = wait_for(10, "the kept event", || w.events().into_iter().find(|e| e.pid == pid));
+    assert_eq!((e.action, e.comm.as_str()), (Action::Kept, "binder"));
+    let (_, all) = w.json("GET", "/allocations", None);
+    let a = all["allocations"].as_array().unwrap().iter().find(|a| a["port"] == 4032).cloned().unwrap();
+    assert_eq!((a["comm"].as_str(), a["service_name"].as_str()), (Some("binder"), Some("binder-4032")));
+}
+
+#[test]
 fn five_python_servers_asking_for_8000_all_serve_on_distinct_ports() {
     let mut w = World::new();
     w.start_daemon();

@@ -27,7 +27,7 @@ pub const MAGIC: u32 = 0x3348_5053;
 /// The longest session id the shim sends (the daemon's limit is 100).
 pub const SESSION_MAX: usize = 100;
 pub const ASK_LEN: usize = 136;
-/// The longest process name (`comm`, without its NUL) a [`NOTE`] carries.
+/// The longest process name (`comm`, without its NUL) an ask carries.
 pub const COMM_MAX: usize = 15;
 pub const ANSWER_LEN: usize = 8;
 
@@ -130,7 +130,8 @@ pub struct Ask<'a> {
     pub session: &'a [u8],
     /// `NOTE`: what the process did ([`NOTE_OBSERVED`] …); 0 otherwise.
     pub note: u8,
-    /// `NOTE`: the process's name (at most [`COMM_MAX`] bytes; empty for others).
+    /// `KEEP`, `NOTE`: the process's name (at most [`COMM_MAX`] bytes; empty when the
+    /// shim does not know it: the daemon reads it from `/proc`).
     pub comm: &'a [u8],
 }
 

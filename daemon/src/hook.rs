@@ -154,8 +154,9 @@ struct Loop {
     events: Events,
     /// A grant was answered this turn: its `DONE` follows within microseconds.
     done_due: bool,
-    /// When the wake-ups this thread owed were last paid ([`Shared::pay_wakes`]).
-    paid: Instant,
+    /// Since when this thread's wake-ups wait for a turn with no `DONE` due
+    /// ([`Shared::pay_wakes`]).
+    owed_since: Option<Instant>,
 }
 
 /// One thread that writes the events of the shim's exchanges, in the order they were
@@ -227,7 +228,7 @@ impl Loop {
             next_id: 2,
             events,
             done_due: false,
-            paid: Instant::now(),
+            owed_since: None,
         })
     }
 
@@ -258,11 +259,12 @@ impl Loop {
         }
         self.expire(Instant::now());
         // the writer is woken once every answer of this turn is sent and no shim's DONE is
-        // due (under a steady load, at least every millisecond)
-        if !self.done_due || self.paid.elapsed() >= Duration::from_millis(1) {
-            self.sh.pay_wakes();
-            self.paid = Instant::now();
+        // due (under a steady load, a millisecond after it was first owed at the latest)
+        if self.done_due && self.owed_since.get_or_insert_with(Instant::now).elapsed() < Duration::from_millis(1) {
+            return;
         }
+        self.sh.pay_wakes();
+        self.owed_since = None;
     }
 
     /// Waits for what is ready (`epoll_wait` into `events`): after a grant, first awake
@@ -571,10 +573,9 @@ impl Loop {
             message.and_then(|m| Some((Ask::decode(&m[..ASK_LEN])?, &m[ASK_LEN..]))).filter(|(a, _)| a.kind == DONE && a.port == port);
         match reported {
             Some((done, vars)) if done.errno == 0 => {
-                // bound: confirmed, and the binder an owner, as a listen would (who it is read
-                // now, when the answer went before: the shim no longer waits on us)
+                // bound: confirmed, and the binder an owner, as a listen would
                 let owner = match bind.asked.later && !bind.existing {
-                    true => self.sh.owner_read(port, bind.asked.pid),
+                    true => owner_read(&self.sh, &bind),
                     false => bind.asked.owner.clone().or_else(|| Owner::of(bind.asked.pid)),
                 };
                 if let Some(owner) = owner {
@@ -593,7 +594,9 @@ impl Loop {
                 self.events.write(pending, move || log_failed(&bind, errno, vars, started));
             }
             // no word: the grant stands while its owner's socket holds the port
-            _ if bind.existing || heard.is_err() => {}
+            _ if bind.existing || heard.is_err() => {
+                owner_read(&self.sh, &bind);
+            }
             // the client closed without a word (it gave up): a new grant is withdrawn
             _ => self.sh.withdraw(port),
         }
@@ -605,7 +608,9 @@ impl Loop {
         while let Some(&(_, id)) = self.deadlines.front().filter(|(at, _)| *at <= now) {
             self.deadlines.pop_front();
             if self.conns.get(&id).is_some_and(|c| !matches!(c.stage, Stage::Granting(_))) {
-                self.conns.remove(&id);
+                if let Some(Conn { stage: Stage::Done(bind, _), .. }) = self.conns.remove(&id) {
+                    owner_read(&self.sh, &bind); // its grant stands without a word
+                }
             }
         }
         if self.paused.is_some_and(|until| until <= now) {
@@ -676,7 +681,7 @@ struct Asked {
     pid: u32,
     /// The process (its start time read with its name), when it still ran.
     owner: Option<Owner>,
-    /// Who asks is read once its `DONE` came ([`Shared::owner_read`]).
+    /// Who asks is read once its `DONE` came, or its exchange ended ([`owner_read`]).
     later: bool,
     /// The port asked for.
     port: u16,
@@ -712,6 +717,8 @@ struct KeptBind {
     existing: bool,
     /// The process had bound this port before (a dual-stack twin, a probe).
     again: bool,
+    /// The grant's lock id (the allocation its owner is read into).
+    lock: String,
 }
 
 /// The claim of `pid`'s `KEEP`, as the hooks' logic would make it for a coordinated port
@@ -781,6 +788,13 @@ fn decided(sh: &Shared, pid: u32, ask: &Ask<'_>) -> (Class, Option<String>) {
     (Class::of(&decision), decision.service_type().map(str::to_string))
 }
 
+/// Who owns `bind`'s new grant, read now when its answer went first ([`Asked::later`]):
+/// the shim no longer waits on us. `None` for a process gone (then no pid-only owner is
+/// left in the allocation) or a grant whose owner was read before.
+fn owner_read(sh: &Shared, bind: &KeptBind) -> Option<Owner> {
+    (bind.asked.later && !bind.existing).then(|| sh.owner_read(bind.port, &bind.lock, bind.asked.pid)).flatten()
+}
+
 /// The grant `g` made for `asked`.
 fn kept(sh: &Shared, asked: Asked, g: Grant) -> KeptBind {
     // the process had bound this grant before (a twin, a probe): one start
@@ -791,6 +805,7 @@ fn kept(sh: &Shared, asked: Asked, g: Grant) -> KeptBind {
         existing: g.existing,
         again,
         asked,
+        lock: g.lock_id,
     }
 }
 
@@ -1120,6 +1135,31 @@ mod tests {
         assert_eq!(a.owners, [Owner { pid: f.binder.id(), start }]);
         assert_eq!(a.project_path, procinfo::cwd(f.binder.id()));
         assert!(a.project_path.is_some());
+    }
+
+    #[test]
+    fn a_grant_whose_asker_is_gone_by_its_done_keeps_no_owner_known_by_pid_only() {
+        let mut f = Fixture::new("gone");
+        let pid = f.binder.id();
+        let got = f.exchange(move |s| {
+            let named = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: 0, origin: 0, session: b"s1", note: 0, comm: b"sleep" };
+            send(&s, &named.encode().unwrap());
+            let a = answer(&s);
+            // SAFETY: the fixture's own child, killed and reaped: its pid no longer runs
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+            }
+            send(&s, &ask(DONE, 3000, 0, b"s1"));
+            a
+        });
+        // reaped here: the fixture's end kills a child of its own, not whoever has the pid now
+        f.binder = Command::new("true").spawn().unwrap();
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
+        let st = f.sh.state.lock();
+        let a = st.allocation(3000).expect("the grant stands while a socket of the user's holds the port");
+        // a pid-only owner would pass for whoever reuses the pid
+        assert!(a.owners.is_empty(), "{a:?}");
     }
 
     #[test]

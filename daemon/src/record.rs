@@ -28,16 +28,18 @@ impl Shared {
         let started = Instant::now();
         let result = self.state.lock().allocate(claim, now_ms()).map_err(Refusal::State);
         let result = match result {
-            Ok(g) if !claim.req.dry_run && !g.existing => self.made(g).await,
+            Ok(g) if !claim.req.dry_run && !g.existing => self.made(g, !claim.owner_later).await,
             other => other,
         };
         self.metrics.observe_allocate(started.elapsed(), result.is_ok());
         result
     }
 
-    /// A new grant, made in the state: mirrored, journaled and saved.
-    async fn made(&self, mut g: Grant) -> Result<Grant, Refusal> {
-        if let Some(theirs) = crate::upstream::mirror_grant(self, g.port).await {
+    /// A new grant, made in the state: mirrored (`mirror`: unless who owns it is read only
+    /// later, when the upstream's worker mirrors it), journaled and saved.
+    async fn made(&self, mut g: Grant, mirror: bool) -> Result<Grant, Refusal> {
+        let theirs = if mirror { crate::upstream::mirror_grant(self, g.port).await } else { None };
+        if let Some(theirs) = theirs {
             g.port = theirs; // Styxy held ours for another client and chose this one
         }
         self.journaled(g.port)?;
@@ -57,14 +59,14 @@ impl Shared {
         Err(Refusal::Unjournaled(format!("port {port} not granted: the daemon cannot write its journal: {e}")))
     }
 
-    /// Reads who owns the new grant at `port` (`pid`), recorded by pid only: its start time
-    /// and directory, read without the state's lock. The owner, when it still runs.
-    pub fn owner_read(&self, port: u16, pid: u32) -> Option<Owner> {
-        let owner = Owner::of(pid)?;
-        let project_path = procinfo::cwd(pid);
-        self.state.lock().owner_read(port, &owner, project_path);
+    /// Reads who owns the new grant `lock` at `port` (`pid`), recorded by pid only: its start
+    /// time and directory, read without the state's lock. The owner, when it still runs.
+    pub fn owner_read(&self, port: u16, lock: &str, pid: u32) -> Option<Owner> {
+        let owner = Owner::of(pid);
+        let project_path = owner.as_ref().and_then(|_| procinfo::cwd(pid));
+        self.state.lock().owner_read(port, lock, pid, owner.as_ref(), project_path);
         self.persist();
-        Some(owner)
+        owner
     }
 
     /// `owner` bound or listens on `port`: the grant is confirmed, and saved.

@@ -761,12 +761,18 @@ impl State {
         ports.len()
     }
 
-    /// The start time of the owner a grant at `port` recorded by pid only
-    /// ([`Claim::owner_later`]), and its project path when it had none.
-    pub(crate) fn owner_read(&mut self, port: u16, owner: &Owner, project_path: Option<String>) {
-        let Some(a) = self.allocs.get_mut(&port) else { return };
-        for o in a.owners.iter_mut().filter(|o| o.pid == owner.pid && o.start == 0) {
-            o.start = owner.start;
+    /// Who owns the grant `lock` at `port`, recorded by `pid` only ([`Claim::owner_later`]):
+    /// its start time and project path; when it is gone (`None`), no pid-only owner stays
+    /// (a reused pid would pass for it), and the grant stands as one without a live owner.
+    pub(crate) fn owner_read(&mut self, port: u16, lock: &str, pid: u32, owner: Option<&Owner>, project_path: Option<String>) {
+        let Some(a) = self.allocs.get_mut(&port).filter(|a| a.lock_id == lock) else { return };
+        match owner {
+            Some(owner) => {
+                for o in a.owners.iter_mut().filter(|o| o.pid == pid && o.start == 0) {
+                    o.start = owner.start;
+                }
+            }
+            None => a.owners.retain(|o| o.pid != pid || o.start != 0),
         }
         if a.project_path.is_none() {
             a.project_path = project_path;

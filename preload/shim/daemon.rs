@@ -7,10 +7,10 @@ use core::sync::atomic::Ordering;
 
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    above_stdio, close, errno, getpid, getsockopt, monotonic_ms, monotonic_us, open, poll, read, recv, sched_yield, send, set_errno,
-    setsockopt, socket, statx, PollFd, SockLen, TimeVal, UCred, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, ECONNREFUSED,
-    EINTR, ENOENT, ENOTDIR, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN, SOCK_CLOEXEC, SOCK_NONBLOCK,
-    SOCK_SEQPACKET, SOCK_STREAM, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO, STATX_MODE_UID_SIZE,
+    above_stdio, close, errno, getpid, getsockopt, monotonic_ms, monotonic_us, open, poll, read, recv, sched_getscheduler, sched_yield,
+    send, set_errno, setsockopt, socket, statx, PollFd, SockLen, TimeVal, UCred, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN,
+    ECONNREFUSED, EINTR, ENOENT, ENOTDIR, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN, SCHED_RESET_ON_FORK,
+    SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_SEQPACKET, SOCK_STREAM, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO, STATX_MODE_UID_SIZE, YIELDING_POLICIES,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::said::first_warning;
@@ -272,8 +272,13 @@ pub(crate) enum Heard {
 /// Whether `conn` has something to read within [`SPIN_US`], looked at without sleeping
 /// (yielding to any other thread that wants this CPU, the daemon's among them).
 fn answered_soon(conn: c_int) -> bool {
+    // SAFETY: 0 is this thread; the answer is a policy or -1.
+    let policy = unsafe { sched_getscheduler(0) } & !SCHED_RESET_ON_FORK;
+    if !YIELDING_POLICIES.contains(&policy) {
+        return false; // a real-time thread would not let the daemon run on its CPU
+    }
     let spun = monotonic_us();
-    loop {
+    for _ in 0..SPIN_LOOKS {
         let mut p = PollFd { fd: conn, events: POLLIN, revents: 0 };
         // SAFETY: one `PollFd`, `p`, not waited for.
         if unsafe { poll(&mut p, 1, 0) } == 1 {
@@ -285,7 +290,11 @@ fn answered_soon(conn: c_int) -> bool {
         // SAFETY: no arguments.
         unsafe { sched_yield() };
     }
+    false
 }
+
+/// How many looks [`answered_soon`] takes at most (its bound if the clock stood still).
+const SPIN_LOOKS: u32 = 10_000;
 
 /// Sends `ask` and waits for the daemon's answer ([`sent_and_answered`]).
 pub(crate) fn exchange(conn: c_int, ask: &[u8], started: u64) -> Heard {

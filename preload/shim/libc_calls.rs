@@ -48,6 +48,8 @@ extern "C" {
     pub(crate) fn abort() -> !;
     pub(crate) fn getpid() -> c_int;
     pub(crate) fn sched_yield() -> c_int;
+    pub(crate) fn sched_getscheduler(pid: c_int) -> c_int;
+    pub(crate) fn syscall(n: core::ffi::c_long, ...) -> core::ffi::c_long;
     pub(crate) fn process_vm_readv(pid: c_int, local: *const IoVec, nl: usize, remote: *const IoVec, nr: usize, flags: usize) -> isize;
     pub(crate) fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut SockLen) -> c_int;
     pub(crate) fn open(path: *const c_char, flags: c_int, ...) -> c_int;
@@ -114,6 +116,19 @@ pub(crate) const EINTR: c_int = 4;
 pub(crate) const EAGAIN: c_int = 11;
 pub(crate) const SO_SNDTIMEO: c_int = 21;
 pub(crate) const F_DUPFD_CLOEXEC: c_int = 1030;
+/// `gettid`'s number (libc's `gettid()` needs glibc 2.30); `None` where it is not known here.
+pub(crate) const SYS_GETTID: Option<core::ffi::c_long> = if cfg!(target_arch = "x86_64") {
+    Some(186)
+} else if cfg!(target_arch = "aarch64") {
+    Some(178)
+} else {
+    None
+};
+/// The scheduling policies under which a thread yields to any other (`SCHED_OTHER`,
+/// `SCHED_BATCH`, `SCHED_IDLE`); a real-time one yields only to its peers.
+pub(crate) const YIELDING_POLICIES: [c_int; 3] = [0, 3, 5];
+/// `SCHED_RESET_ON_FORK`, or-ed into `sched_getscheduler`'s answer.
+pub(crate) const SCHED_RESET_ON_FORK: c_int = 0x4000_0000;
 const CLOCK_MONOTONIC: c_int = 1;
 const CLOCK_REALTIME: c_int = 0;
 

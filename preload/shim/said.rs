@@ -9,9 +9,9 @@ use crate::daemon::{hook_socket_brief, sent_and_answered, tell, u32_at, Heard, H
 use crate::hookproto;
 use crate::keep::{done_message, family_byte, kept_key, session, NO_ASK};
 use crate::libc_calls::{
-    above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, set_errno, statx, write, MSG_DONTWAIT,
-    O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK, S_IFMT,
-    S_IFREG,
+    above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, set_errno, statx, syscall, write,
+    MSG_DONTWAIT, O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK,
+    SYS_GETTID, S_IFMT, S_IFREG,
 };
 use crate::maps::{own_uid, runtime_file, RUNTIME_PATH_MAX};
 use crate::tell::notice;
@@ -109,8 +109,20 @@ pub(crate) fn note(note: u8, port: u16, family: u16, flags: u8) {
     set_errno(saved);
 }
 
-/// This process's name (`PR_GET_NAME`), in `buf`.
+/// This process's name, in `buf`: its main thread's (`PR_GET_NAME`); empty on another
+/// thread, whose own name that would be (the daemon then reads the process's in `/proc`).
 pub(crate) fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
+    // SAFETY: gettid and getpid take nothing and cannot fail.
+    let main = SYS_GETTID.is_some_and(|n| unsafe { syscall(n) } == core::ffi::c_long::from(unsafe { getpid() }));
+    if main {
+        thread_comm(buf)
+    } else {
+        &[]
+    }
+}
+
+/// The calling thread's name (`PR_GET_NAME`), in `buf`.
+fn thread_comm(buf: &mut [u8; 17]) -> &[u8] {
     // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `buf`.
     unsafe { prctl(PR_GET_NAME, buf.as_mut_ptr()) };
     buf.split(|c| *c == 0).next().unwrap_or(&[])
@@ -123,7 +135,8 @@ pub(crate) fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
 #[inline(never)]
 fn spool(ask: &hookproto::Ask) {
     let mut comm = [0u8; 17];
-    let ask = hookproto::Ask { comm: if ask.comm.is_empty() { own_comm(&mut comm) } else { ask.comm }, ..*ask };
+    // the spool is read when the process may be gone: a thread's name rather than none
+    let ask = hookproto::Ask { comm: if ask.comm.is_empty() { thread_comm(&mut comm) } else { ask.comm }, ..*ask };
     // the record built in place: its head, then the message
     let mut rec = [0u8; hookproto::SPOOL_HEAD + hookproto::DONE_MAX];
     let n = rec.get_mut(hookproto::SPOOL_HEAD..).map_or(0, |msg| done_message(&ask, msg));
