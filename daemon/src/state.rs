@@ -117,32 +117,51 @@ impl Allocation {
         }
     }
 
-    /// Whether the allocation stands (docs/ARCHITECTURE.md "The built-in daemon"). With
-    /// no live owner: while a socket of the user's own holds the port (a server that
-    /// outlived the process that asked for it: a daemon forked off). A grant for a bind:
-    /// while an owner's socket holds the port; unconfirmed and not yet bound, for
-    /// [`UNCONFIRMED_MS`]. Any other grant: while an owner lives. A quick look (choosing
-    /// a port to grant) takes a bind grant of a live owner as standing when it is
-    /// confirmed or its port is listened on: the sweep looks at its sockets.
+    /// Whether the allocation stands ([`Judged`]).
     fn live(&self, now_ms: u64, look: &Look) -> bool {
+        self.judged(now_ms, look) != Judged::Gone
+    }
+
+    /// How the allocation stands (docs/ARCHITECTURE.md "The built-in daemon"). With no
+    /// live owner: while a socket of the user's own holds the port (a server that outlived
+    /// the process that asked for it: a daemon forked off). A grant for a bind: while an
+    /// owner's socket holds the port ([`Judged::Unheld`] when none does); unconfirmed and
+    /// not yet bound, for [`UNCONFIRMED_MS`]. Any other grant: while an owner lives. A
+    /// quick look (choosing a port to grant) takes a bind grant of a live owner as standing
+    /// when it is confirmed or its port is listened on: the sweep looks at its sockets.
+    fn judged(&self, now_ms: u64, look: &Look) -> Judged {
+        let stands = |yes: bool| if yes { Judged::Stands } else { Judged::Gone };
         let alive: Vec<u32> = self.owners.iter().filter(|o| procinfo::alive(o.pid, o.start)).map(|o| o.pid).collect();
         let young = !self.confirmed && now_ms.saturating_sub(self.allocated_at_ms) <= UNCONFIRMED_MS;
         if alive.is_empty() {
-            return young || look.held_by_user(self.port);
+            return stands(young || look.held_by_user(self.port));
         }
         let quick = look.snapshot.is_none();
         // a quick look: a confirmed grant, or a port something listens on, stands until
         // the sweep looks closer
         if !self.bind || young || (quick && (self.confirmed || (look.os.in_use)(self.port))) {
-            return true;
+            return Judged::Stands;
         }
         match look.held_by(self.port, &alive) {
-            Some(held) => held,
+            Some(true) => Judged::Stands,
+            Some(false) => Judged::Unheld,
             // not to be told from here (another network namespace, no socket diagnostics):
             // as a bind was judged before, by its owners and the test bind
-            None => self.confirmed || (look.os.in_use)(self.port),
+            None => stands(self.confirmed || (look.os.in_use)(self.port)),
         }
     }
+}
+
+/// How an allocation stands when it is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    Stands,
+    /// A grant for a bind whose live owners hold no socket on its port: freed when the
+    /// sweep before found it so too ([`State::sweep_apply`]). A probe closed its socket
+    /// and the program binds the port again in a moment (get-port, then the server): its
+    /// shim binds what it kept without asking again, so the grant must still be there.
+    Unheld,
+    Gone,
 }
 
 /// What the daemon asks the OS about ports (fakes in tests).
@@ -256,6 +275,7 @@ pub struct SweepPlan {
 #[derive(Default)]
 pub struct Verdicts {
     dead: Vec<(u16, String)>,
+    unheld: Vec<(u16, String)>,
     confirmed: Vec<(u16, String)>,
 }
 
@@ -265,8 +285,11 @@ impl SweepPlan {
         let look = Look::close(self.os);
         let mut v = Verdicts::default();
         for a in self.allocs {
-            if !a.live(now_ms, &look) {
+            let judged = a.judged(now_ms, &look);
+            if judged == Judged::Gone {
                 v.dead.push((a.port, a.lock_id));
+            } else if judged == Judged::Unheld {
+                v.unheld.push((a.port, a.lock_id));
             } else if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS {
                 v.confirmed.push((a.port, a.lock_id));
             }
@@ -390,6 +413,8 @@ pub struct State {
     upstream_held: BTreeMap<u16, AllocationInfo>,
     /// Styxy locks of freed allocations, for the upstream worker to release.
     upstream_releases: Vec<String>,
+    /// Bind grants the last sweep found [`Judged::Unheld`] (port → lock id).
+    unheld: BTreeMap<u16, String>,
 }
 
 impl State {
@@ -403,6 +428,7 @@ impl State {
             os: Os::REAL,
             upstream_held: BTreeMap::new(),
             upstream_releases: Vec::new(),
+            unheld: BTreeMap::new(),
         }
     }
 
@@ -746,7 +772,12 @@ impl State {
                 }
             }
         }
-        let dead: Vec<u16> = v.dead.iter().filter(|d| same(self, d)).map(|d| d.0).collect();
+        // a live owner's grant found unheld twice in a row is freed; once, it waits
+        let unheld: BTreeMap<u16, String> = v.unheld.into_iter().filter(|u| same(self, u)).collect();
+        let twice = |(p, l): (&u16, &String)| self.unheld.get(p) == Some(l);
+        let mut dead: Vec<u16> = unheld.iter().filter(|u| twice(*u)).map(|(p, _)| *p).collect();
+        self.unheld = unheld.into_iter().filter(|(p, _)| !dead.contains(p)).collect();
+        dead.extend(v.dead.iter().filter(|d| same(self, d)).map(|d| d.0));
         for p in &dead {
             self.remove(*p, now_ms);
         }
@@ -1129,9 +1160,15 @@ mod tests {
         assert_eq!(s.allocate(&bind, 0).unwrap().port, 3000);
         assert_eq!(s.sweep(60_000), 0, "bound a minute before its listen(): it stands");
         assert!(s.allocs[&3000].confirmed);
-        // the socket is another process's (same inode number, not among our fds): freed
+        // the socket is another process's (same inode number, not among our fds): freed by
+        // the second sweep that finds it so (a probe closed, the server binds again between two)
         *FAKE.lock().unwrap() = (u64::MAX, me_uid);
-        assert_eq!(s.sweep(60_001), 1);
+        assert_eq!(s.sweep(60_001), 0, "unheld once: it waits a sweep");
+        *FAKE.lock().unwrap() = (socket_inode(&sock), me_uid);
+        assert_eq!(s.sweep(61_001), 0, "held again: it stands");
+        *FAKE.lock().unwrap() = (u64::MAX, me_uid);
+        assert_eq!(s.sweep(62_001), 0, "unheld once more: it waits again");
+        assert_eq!(s.sweep(63_001), 1, "unheld twice in a row: freed");
         // an owner gone: only a socket of the user's own keeps it (a server that outlived
         // the process that asked), never another user's
         let dead = Claim { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..bind.clone() };
