@@ -467,3 +467,16 @@ fn the_library_needs_libc_and_nothing_else() {
     let foreign: Vec<&str> = text.lines().filter(|l| l.contains(" GLOBAL ") && l.contains(" UND ") && !l.contains("@GLIBC_")).collect();
     assert!(foreign.is_empty(), "symbols from outside libc: {foreign:#?}");
 }
+
+#[test]
+fn the_library_s_relocated_data_is_on_one_page() {
+    // every process relocates and protects it at load: a second page costs each ~7 µs
+    let out = std::process::Command::new("readelf").arg("-lW").arg(lib()).output().expect("readelf (binutils)");
+    let text = text(&out.stdout);
+    let relro = text.lines().find(|l| l.trim_start().starts_with("GNU_RELRO")).unwrap_or_else(|| panic!("no GNU_RELRO:\n{text}"));
+    let hex = |f: &str| u64::from_str_radix(f.trim_start_matches("0x"), 16).unwrap();
+    let fields: Vec<&str> = relro.split_whitespace().collect();
+    let (vaddr, filesz) = (hex(fields[2]), hex(fields[4]));
+    assert!(filesz > 0);
+    assert_eq!(vaddr / 4096, (vaddr + filesz - 1) / 4096, "the relocated data straddles two pages: {relro}");
+}
