@@ -840,7 +840,10 @@ impl State {
         self.recent = snap.recent;
         self.upstream_releases = snap.upstream_releases;
         let look = Look::close(self.os());
-        for a in snap.allocations {
+        for mut a in snap.allocations {
+            // an owner known by pid alone (its grant's `DONE` never came before the stop)
+            // could be anyone by now: the grant stands as one without a live owner
+            a.owners.retain(|o| o.start != 0);
             if a.live(now_ms, &look) && !self.allocs.contains_key(&a.port) {
                 self.publish(&a);
                 self.allocs.insert(a.port, a);
@@ -1082,6 +1085,18 @@ mod tests {
     fn for_bind(mut c: Claim) -> Claim {
         c.req.bind = true;
         c
+    }
+
+    #[test]
+    fn an_owner_known_by_pid_alone_is_not_trusted_after_a_restart() {
+        let mut s = state();
+        let me = Owner::pid(std::process::id());
+        let later = Claim { owner: Some(me.clone()), owner_later: true, ..for_bind(req("b", 3000)) };
+        s.allocate(&later, 0).unwrap();
+        assert_eq!(s.allocs[&3000].owners, [me], "recorded by pid until its DONE");
+        let mut restarted = state();
+        assert_eq!(restarted.restore(s.snapshot(0), 100), (1, 0), "a young grant stands");
+        assert!(restarted.allocs[&3000].owners.is_empty(), "the pid could be anyone's by now");
     }
 
     #[test]
