@@ -10,8 +10,13 @@ use styxy_preload_common::eventlog::Action;
 
 /// Starts the C fixture serving `port` in `session` (WHO=name) and waits until it listens; returns (pid, actual port).
 fn serve(w: &mut World, session: Option<&str>, port: u16, name: &str) -> (u32, u16) {
+    serve_as(w, session, "serve", port, name)
+}
+
+/// [`serve`] with the fixture's command `how` (`serve`, `serve-thread`).
+fn serve_as(w: &mut World, session: Option<&str>, how: &str, port: u16, name: &str) -> (u32, u16) {
     let mut c = w.preloaded(session, fixture("binder"));
-    c.args(["serve", &port.to_string()]).env("WHO", name);
+    c.args([how, &port.to_string()]).env("WHO", name);
     let pid = w.spawn(c, name);
     let p = wait_for(10, &format!("{name} listening"), || listening_ports(pid).into_iter().next());
     (pid, p)
@@ -21,10 +26,7 @@ fn serve(w: &mut World, session: Option<&str>, port: u16, name: &str) -> (u32, u
 fn a_bind_on_a_thread_of_its_own_name_is_the_process_s() {
     let mut w = World::new();
     w.start_daemon();
-    let mut c = w.preloaded(Some("threads"), fixture("binder"));
-    c.args(["serve-thread", "4032"]).env("WHO", "named");
-    let pid = w.spawn(c, "named");
-    let port = wait_for(10, "the server listening", || listening_ports(pid).into_iter().next());
+    let (pid, port) = serve_as(&mut w, Some("threads"), "serve-thread", 4032, "named");
     assert_eq!(port, 4032);
     // the name the daemon records is the process's, not the binding thread's
     let e = wait_for(10, "the kept event", || w.events().into_iter().find(|e| e.pid == pid));

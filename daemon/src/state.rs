@@ -285,13 +285,13 @@ impl SweepPlan {
         let look = Look::close(self.os);
         let mut v = Verdicts::default();
         for a in self.allocs {
-            let judged = a.judged(now_ms, &look);
-            if judged == Judged::Gone {
-                v.dead.push((a.port, a.lock_id));
-            } else if judged == Judged::Unheld {
-                v.unheld.push((a.port, a.lock_id));
-            } else if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS {
-                v.confirmed.push((a.port, a.lock_id));
+            match a.judged(now_ms, &look) {
+                Judged::Gone => v.dead.push((a.port, a.lock_id)),
+                Judged::Unheld => v.unheld.push((a.port, a.lock_id)),
+                Judged::Stands if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS => {
+                    v.confirmed.push((a.port, a.lock_id))
+                }
+                Judged::Stands => {}
             }
         }
         v

@@ -8,10 +8,8 @@ use core::sync::atomic::Ordering;
 use crate::cluster;
 use crate::cstring::{decimal, put};
 use crate::daemon::{exchange, hook_socket, Heard};
-use crate::libc_calls::{
-    close, errno, getpid, monotonic_ms, prctl, send, set_errno, SockLen, AF_INET6, EADDRINUSE, MSG_DONTWAIT, MSG_NOSIGNAL, PR_GET_NAME,
-};
-use crate::said::{own_comm, unasked};
+use crate::libc_calls::{close, errno, getpid, monotonic_ms, send, set_errno, SockLen, AF_INET6, EADDRINUSE, MSG_DONTWAIT, MSG_NOSIGNAL};
+use crate::said::{own_comm, thread_comm, unasked};
 use crate::settings::env;
 use crate::sockinfo::Inet;
 use crate::tell::notice;
@@ -288,9 +286,7 @@ fn told_moved(fd: c_int, asked: u16, got: u16) {
         return;
     }
     let mut comm = [0u8; 17];
-    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `comm`.
-    unsafe { prctl(PR_GET_NAME, comm.as_mut_ptr()) };
-    let comm = comm.split(|c| *c == 0).next().unwrap_or(&[]);
+    let comm = thread_comm(&mut comm);
     let (mut a, mut g, mut p) = ([0u8; 8], [0u8; 8], [0u8; 12]);
     let (an, gn) = (decimal(&mut a, 0, u32::from(asked)), decimal(&mut g, 0, u32::from(got)));
     // SAFETY: getpid cannot fail.

@@ -122,7 +122,7 @@ pub(crate) fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
 }
 
 /// The calling thread's name (`PR_GET_NAME`), in `buf`.
-fn thread_comm(buf: &mut [u8; 17]) -> &[u8] {
+pub(crate) fn thread_comm(buf: &mut [u8; 17]) -> &[u8] {
     // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `buf`.
     unsafe { prctl(PR_GET_NAME, buf.as_mut_ptr()) };
     buf.split(|c| *c == 0).next().unwrap_or(&[])
