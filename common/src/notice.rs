@@ -3,7 +3,8 @@
 //! never with a wait. `no_std` and libc only: the shim includes this file.
 //!
 //! Where fd 2 is:
-//! - a terminal: written through a non-blocking description of our own;
+//! - a terminal: written through a non-blocking description of our own (another character
+//!   device, `/dev/null`: nothing);
 //! - a pipe: written when the line fits in it now (≤ `PIPE_BUF` bytes: all or nothing);
 //! - a Unix socket (Node's `child_process` gives children a socketpair): sent without a wait;
 //! - a regular file: only `exec`'s own `2>file` (`STYXY_PRELOAD_STDERR`, `<dev>:<ino>`) or
@@ -49,6 +50,7 @@ const O_CLOEXEC: c_int = 0o2000000;
 const F_DUPFD_CLOEXEC: c_int = 1030;
 const F_GETPIPE_SZ: c_int = 1032;
 const FIONREAD: u64 = 0x541b;
+const TCGETS: u64 = 0x5401;
 const SOL_SOCKET: c_int = 1;
 const SO_DOMAIN: c_int = 39;
 const AF_UNIX: c_int = 1;
@@ -69,7 +71,7 @@ pub fn write_line(line: &[u8], stderr_file: Option<&[u8]>) {
     }
     let kind = st.get(28..30).and_then(|b| <[u8; 2]>::try_from(b).ok()).map_or(0, u16::from_ne_bytes) & S_IFMT;
     match kind {
-        S_IFCHR => to_terminal(line),
+        S_IFCHR if is_terminal() => to_terminal(line),
         S_IFIFO if line.len() <= PIPE_BUF && pipe_room().is_some_and(|room| room >= line.len()) => {
             // SAFETY: `line.len()` bytes of `line` to fd 2: all at once or nothing (≤ PIPE_BUF).
             unsafe { write(2, line.as_ptr().cast(), line.len()) };
@@ -111,6 +113,14 @@ fn to_terminal(line: &[u8]) {
             close(fd);
         }
     }
+}
+
+/// Whether the character device at fd 2 is a terminal (`TCGETS`): `/dev/null` is not, and
+/// a line written there is lost for nothing (an open of `/proc/self/fd/2`, ~10 us cold).
+fn is_terminal() -> bool {
+    let mut termios = [0u8; 64]; // a `struct termios` is 60 bytes
+                                 // SAFETY: TCGETS writes one `struct termios` into `termios`, which is larger.
+    unsafe { ioctl(2, TCGETS, termios.as_mut_ptr()) == 0 }
 }
 
 /// Free bytes in the pipe at fd 2.
