@@ -261,6 +261,58 @@ fn a_coordinated_bind_kept_or_moved_is_one_round_trip_without_loading_the_core()
     assert_eq!((a["instance_id"].as_str(), a["requested_port"].as_u64()), (Some("slow"), Some(4031)), "{a:#}");
 }
 
+/// A counter of the daemon's `/metrics` (the first sample whose line starts with `name`).
+fn metric(w: &World, name: &str) -> u64 {
+    let body = text(&w.call("GET", "/metrics", None).body);
+    body.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+/// The lock id of the allocation at `port`, and its owners' pids.
+fn allocation_at(w: &World, port: u16) -> Option<(String, Vec<u64>)> {
+    let (_, all) = w.json("GET", "/allocations", None);
+    let a = all["allocations"].as_array()?.iter().find(|a| a["port"] == port)?.clone();
+    let pids = a["pids"].as_array().map(|p| p.iter().filter_map(|p| p.as_u64()).collect()).unwrap_or_default();
+    Some((a["lockId"].as_str()?.to_string(), pids))
+}
+
+/// Session stickiness: a server of the session started again (a reloader's) binds the
+/// session's port for the one it asks with no question on `hook.sock` — the port map says
+/// so — and the daemon, told in its mailbox, makes it an owner and logs the bind, a remap
+/// as the first one was.
+#[test]
+fn a_restarted_server_gets_its_session_s_port_with_no_question() {
+    let mut w = World::new();
+    w.start_daemon();
+    serve(&mut w, Some("a"), 4051, "holder");
+    for _ in 0..5 {
+        let (first, moved) = serve(&mut w, Some("b"), 4051, "first");
+        assert_ne!(moved, 4051);
+        let (lock, _) = allocation_at(&w, moved).expect("the remap's allocation");
+        let (asks, mailed) = (metric(&w, "styxy_hook_asks_total"), metric(&w, "styxy_hook_notes_total{via=\"mailbox\"}"));
+        w.kill(first);
+        let (second, again) = serve(&mut w, Some("b"), 4051, "second");
+        let e = wait_for(10, "the second bind's event", || w.events().into_iter().find(|e| e.pid == second));
+        let (lock_now, owners) = allocation_at(&w, moved).unwrap_or_default();
+        if lock_now != lock {
+            // a sweep freed the first one's grant before the second bound: it asked again
+            w.kill(second);
+            continue;
+        }
+        assert_eq!(again, moved);
+        assert_eq!(metric(&w, "styxy_hook_asks_total"), asks, "the second bind asked on hook.sock");
+        assert_eq!(metric(&w, "styxy_hook_notes_total{via=\"mailbox\"}"), mailed + 1);
+        assert_eq!(
+            (e.action, e.port, e.requested_port, e.session.as_deref(), e.comm.as_str()),
+            (Action::Remapped, moved, 4051, Some("b"), "binder")
+        );
+        let why = e.reason.unwrap_or_default();
+        assert!(why.starts_with("port 4051 is taken by binder (pid ") && why.ends_with(", session a)"), "{why}");
+        assert!(owners.contains(&u64::from(second)), "{owners:?}");
+        return;
+    }
+    panic!("a sweep came between the two binds five times");
+}
+
 /// A port outside every range is bound as asked first; found taken (by a server nobody
 /// coordinates), the shim asks for another port of its type in the same one round trip.
 #[test]

@@ -17,6 +17,11 @@
 
 /// File name of the socket in the daemon's runtime directory.
 pub const SOCKET: &str = "hook.sock";
+/// File name of the daemon's mailbox beside [`SOCKET`]: a `SOCK_DGRAM` socket its hook
+/// thread reads each turn and at least every `mapview::BEAT_EVERY_MS`, never waiting on
+/// it, so that a `NOTE` left there wakes nobody. Each datagram is one `NOTE` as on
+/// [`SOCKET`]; the sender is known from its credentials (`SO_PASSCRED`).
+pub const MAILBOX: &str = "notes.sock";
 /// File name of the spool in the daemon's runtime directory: what the shim did while the
 /// daemon could not be asked, [`spool_record`]s the daemon logs when it runs again.
 pub const SPOOL: &str = "hook.spool";
@@ -58,6 +63,13 @@ pub const NOTE_KERNEL_CHOSE: u8 = 3;
 pub const NOTE_UNANSWERED: u8 = 4;
 /// `Ask::note` (spooled): no daemon answered on `hook.sock`; bound as asked.
 pub const NOTE_NO_COORDINATOR: u8 = 5;
+/// `Ask::note`: the session's own port — the port map said this session holds `port` for
+/// the one asked (`Ask::origin`), the answer a `KEEP` would get again — bound with no
+/// round trip: the daemon makes the process an owner and logs the bind, kept or remapped.
+pub const NOTE_STUCK: u8 = 6;
+/// `Ask::note`: as [`NOTE_STUCK`], a port this process kept itself before (a dual-stack
+/// twin): logged as bound again.
+pub const NOTE_AGAIN: u8 = 7;
 /// Why a bind could not ask, as its event and the one line on stderr say it (the shim and
 /// `reason::AskError` word it from these): then where it looked, then [`PASS_THROUGH`].
 pub const NO_COORDINATOR: &str = "no coordinator";

@@ -65,6 +65,36 @@ pub fn listen(path: &Path) -> io::Result<OwnedFd> {
     Ok(s.into())
 }
 
+/// Creates the mailbox at `path` (`hookproto::MAILBOX`): a datagram socket (non-blocking,
+/// close-on-exec, mode 0600) whose senders' credentials come with each datagram. The
+/// hook thread reads it each turn, never waiting on it.
+pub fn mailbox(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
+    let _ = std::fs::remove_file(path);
+    s.bind(&socket2::SockAddr::unix(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    s.set_nonblocking(true)?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with an int option of its size, on our socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PASSCRED,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of_val(&on) as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s.into())
+}
+
+/// Notes read from the mailbox in one turn at most (the rest wait for the next one).
+const MAIL_PER_TURN: usize = 64;
+
 /// Open shim connections at once; past it the next waits in the backlog until a place
 /// frees (a silent connection's deadline).
 const MAX_CONNS: usize = 512;
@@ -82,10 +112,13 @@ impl Server {
     /// Call it on the runtime: a grant that waits for Styxy finishes there.
     ///
     /// [`stop`]: Server::stop
-    pub fn start(sh: Arc<Shared>, listener: OwnedFd, uid: u32) -> io::Result<Server> {
-        let mut lp = Loop::new(sh, Handle::current())?;
+    pub fn start(sh: Arc<Shared>, listener: OwnedFd, mailbox: Option<OwnedFd>, uid: u32) -> io::Result<Server> {
+        let mut lp = Loop::new(sh.clone(), Handle::current())?;
         lp.listen(listener, uid)?;
+        lp.mailbox = mailbox.map(|fd| (fd, uid));
         let wake = lp.wake.clone();
+        let ring = wake.clone();
+        let _ = sh.hook_ring.set(Box::new(move || ring.ring()));
         let thread = std::thread::Builder::new().name("hook".into()).spawn(move || lp.run())?;
         Ok(Server { wake, thread })
     }
@@ -142,6 +175,8 @@ struct Loop {
     wake: Arc<Wake>,
     /// The listening socket and the uid it serves (none in the unit tests).
     listener: Option<(OwnedFd, u32)>,
+    /// The mailbox ([`mailbox`]) and the uid whose notes it takes.
+    mailbox: Option<(OwnedFd, u32)>,
     backoff: Backoff,
     /// Accepting waits until then after an accept that failed for want of resources.
     paused: Option<Instant>,
@@ -221,6 +256,7 @@ impl Loop {
             epoll,
             wake,
             listener: None,
+            mailbox: None,
             backoff: Backoff::default(),
             paused: None,
             conns,
@@ -250,6 +286,7 @@ impl Loop {
         const MAX_EVENTS: usize = 64;
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
         let n = self.wait(&mut events);
+        self.read_mail();
         for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
             match ev.u64 {
                 LISTENER => self.accept(),
@@ -258,6 +295,7 @@ impl Loop {
             }
         }
         self.expire(Instant::now());
+        self.sh.hook_turns.fetch_add(1, Ordering::AcqRel);
         // the writer is woken once every answer of this turn is sent and no shim's DONE is
         // due (under a steady load, a millisecond after it was first owed at the latest)
         if self.done_due && self.owed_since.get_or_insert_with(Instant::now).elapsed() < Duration::from_millis(1) {
@@ -286,13 +324,29 @@ impl Loop {
         unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), max, self.timeout_ms()) }
     }
 
-    /// Milliseconds until the next deadline or the end of a pause (-1: none), rounded up.
+    /// Milliseconds until the next deadline or the end of a pause, rounded up, and at most
+    /// until the mailbox is read again (-1: none of them).
     fn timeout_ms(&self) -> i32 {
         let next = self.deadlines.front().map(|(at, _)| *at).into_iter().chain(self.paused).min();
-        next.map_or(-1, |at| {
-            let left = at.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
-            i32::try_from(left).unwrap_or(i32::MAX)
-        })
+        let left = next.map(|at| at.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000));
+        let mail = self.mailbox.as_ref().map(|_| u128::from(styxy_preload_common::mapview::BEAT_EVERY_MS));
+        left.into_iter().chain(mail).min().map_or(-1, |ms| i32::try_from(ms).unwrap_or(i32::MAX))
+    }
+
+    /// Reads what the mailbox holds ([`MAIL_PER_TURN`] notes at most): each a `NOTE` of a
+    /// process of our uid, as if it came on a connection.
+    fn read_mail(&mut self) {
+        let Some((fd, uid)) = self.mailbox.as_ref().map(|(fd, uid)| (fd.as_raw_fd(), *uid)) else { return };
+        let mut buf = [0u8; DONE_MAX + 1];
+        for _ in 0..MAIL_PER_TURN {
+            let Some((n, pid, from)) = recv_with_creds(fd, &mut buf) else { return };
+            let msg = &buf[..n];
+            let ask = msg.get(..ASK_LEN).and_then(Ask::decode).filter(|a| a.kind == NOTE && from == uid && pid != 0);
+            if let Some(ask) = ask {
+                self.sh.metrics.hook_notes[1].fetch_add(1, Ordering::Relaxed);
+                self.note_of(pid, &ask, &msg[ASK_LEN..]);
+            }
+        }
     }
 
     /// Accepts one connection (the listener stays ready while more wait).
@@ -410,6 +464,7 @@ impl Loop {
             self.conns.remove(&id);
             return;
         }
+        self.sh.metrics.hook_asks.fetch_add(1, Ordering::Relaxed);
         let Some((asked, claim)) = claim(&self.sh, c.pid, &ask, tail) else {
             self.granted(id, None, Got::Declined(None));
             return;
@@ -498,14 +553,59 @@ impl Loop {
     /// events' thread), in the log its variables name; nothing is answered, and nothing is
     /// written while a flood of events waits.
     fn noted(&mut self, id: u64, ask: &Ask<'_>, vars: &[u8]) {
-        let Some(c) = self.conns.remove(&id) else { return };
+        if let Some(c) = self.conns.remove(&id) {
+            self.sh.metrics.hook_notes[0].fetch_add(1, Ordering::Relaxed);
+            self.note_of(c.pid, ask, vars);
+        }
+    }
+
+    /// What process `pid` did alone (`NOTE`, on a connection or in the mailbox).
+    fn note_of(&mut self, pid: u32, ask: &Ask<'_>, vars: &[u8]) {
+        if matches!(ask.note, hookproto::NOTE_STUCK | hookproto::NOTE_AGAIN) {
+            self.stuck(pid, ask, vars);
+            return;
+        }
         if self.sh.hook_pending.load(Ordering::Acquire) >= MAX_PENDING_EVENTS {
             return;
         }
-        let Some(ev) = note_event(&self.sh, c.pid, ask, eventlog::now_ms()) else { return };
-        let (pending, pid, vars) = (Pending::new(self.sh.clone()), c.pid, log_vars(vars));
+        let Some(ev) = note_event(&self.sh, pid, ask, eventlog::now_ms()) else { return };
+        let (pending, vars) = (Pending::new(self.sh.clone()), log_vars(vars));
         self.events.write(pending, move || {
             let _ = log_named(vars, pid).append(&ev);
+        });
+    }
+
+    /// `pid` bound `ask.port` as its session's own for `ask.origin`, with no round trip
+    /// (`NOTE_STUCK`: the shim read the port map): the session's allocation there gets the
+    /// process as an owner — made again when a sweep freed it meanwhile and the process
+    /// still runs — and the bind's event is written, as after a `KEEP` answered so and its
+    /// `DONE`. `NOTE_AGAIN`: the process had kept that port itself (a dual-stack twin),
+    /// and the bind is logged as one made again.
+    fn stuck(&mut self, pid: u32, ask: &Ask<'_>, vars: &[u8]) {
+        let keep = Ask { kind: KEEP, port: ask.origin, flags: ask.flags & MAY_MOVE, note: 0, ..*ask };
+        let Some((asked, claim)) = claim(&self.sh, pid, &keep, &[]) else { return };
+        let again = ask.note == hookproto::NOTE_AGAIN;
+        let g = match again {
+            true => Grant { port: ask.port, lock_id: String::new(), existing: true, holder: None },
+            false => match self.sh.adopt(&claim, ask.port, || procinfo::alive(pid, 0)) {
+                Some(g) => g,
+                None => return,
+            },
+        };
+        let (sh, started) = (self.sh.clone(), Instant::now());
+        let mut bind = kept(&self.sh, asked, g);
+        bind.again |= again;
+        let vars = log_vars(vars);
+        self.events.write(Pending::new(self.sh.clone()), move || {
+            match Owner::of(pid) {
+                Some(owner) if bind.existing && !again => {
+                    sh.confirm(bind.port, owner);
+                }
+                _ => {
+                    owner_read(&sh, &bind); // a process gone leaves no owner known by pid only
+                }
+            }
+            log_event(&bind, vars, started);
         });
     }
 
@@ -647,6 +747,35 @@ fn peer(fd: &OwnedFd) -> Option<(u32, u32)> {
 /// says so within microseconds, and a `DONE` that finds the server asleep costs the shim
 /// the wake-up of an idle CPU (tens of microseconds on a virtual machine).
 const DONE_SPIN: Duration = Duration::from_micros(100);
+
+/// One datagram, never waiting, with its sender's pid and uid (`SCM_CREDENTIALS`): its
+/// length, the pid and the uid; `None` when there is none (or no credentials came).
+fn recv_with_creds(fd: RawFd, buf: &mut [u8]) -> Option<(usize, u32, u32)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut control = [0u64; 8]; // room for one `ucred` message, aligned
+                                 // SAFETY: a zeroed msghdr is valid; its buffers are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: recvmsg into the buffers `msg` names, all of their stated lengths.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    let n = usize::try_from(n).ok()?;
+    // SAFETY: the control messages the kernel wrote into `control`, walked with the CMSG
+    // helpers, which stay within `msg_controllen`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS {
+                let cred = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::ucred>());
+                return Some((n, u32::try_from(cred.pid).unwrap_or(0), cred.uid));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Some((n, 0, u32::MAX)) // no credentials: read, and dropped
+}
 
 /// One message, never waiting.
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -1218,6 +1347,59 @@ mod tests {
     }
 
     #[test]
+    fn a_bind_to_the_sessions_own_port_told_in_the_mailbox_makes_an_owner_and_is_logged() {
+        let f = Fixture::new("stuck");
+        let mut lp = f.server();
+        let path = f.dir.join(hookproto::MAILBOX);
+        // SAFETY: getuid cannot fail.
+        lp.mailbox = Some((mailbox(&path).unwrap(), unsafe { libc::getuid() }));
+        assert_eq!(f.exchange(keep_then_done(3000, b"a", 0)).map(|a| a.status), Some(GRANTED));
+        let moved = Ask { kind: KEEP, port: 3000, family: 4, errno: 0, flags: MAY_MOVE, origin: 0, session: b"b", note: 0, comm: b"" };
+        let got = f.exchange(move |s| {
+            send(&s, &moved.encode().unwrap());
+            let a = answer(&s).expect("an answer");
+            send(&s, &ask(DONE, a.port, 0, b"b"));
+            a
+        });
+        assert_eq!(got.status, MOVED);
+        // this process, told by its credentials, bound the session's port for 3000 alone
+        let log = format!("STYXY_PRELOAD_LOG={}\0", f.dir.join("events.jsonl").display());
+        let note = |port: u16, session: &'static [u8]| {
+            let stuck =
+                Ask { kind: NOTE, note: hookproto::NOTE_STUCK, port, origin: 3000, flags: MAY_MOVE, session, comm: b"again", ..moved };
+            let out = std::os::unix::net::UnixDatagram::unbound().unwrap();
+            out.send_to(&[&stuck.encode().unwrap()[..], log.as_bytes()].concat(), &path).unwrap();
+        };
+        let served = |lp: &mut Loop| {
+            lp.turn(); // the mailbox is read at least every beat
+            let until = Instant::now() + Duration::from_secs(5);
+            while f.sh.hook_pending.load(Ordering::Acquire) > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let me = std::process::id();
+        note(got.port, b"b");
+        served(&mut lp);
+        let owners =
+            |port| f.sh.state.lock().allocation(port).map(|a| (a.session.clone(), a.owners.iter().map(|o| o.pid).collect::<Vec<_>>()));
+        assert!(owners(got.port).is_some_and(|(s, pids)| s.as_deref() == Some("b") && pids.contains(&me)), "{:?}", owners(got.port));
+        let events = f.events();
+        let line = events.lines().find(|l| l.contains("\"comm\":\"again\"")).unwrap_or_else(|| panic!("{events}"));
+        assert!(line.contains("\"action\":\"remapped\"") && line.contains("port 3000 is taken by sleep"), "{line}");
+        // freed meanwhile (a sweep between two processes): made again, and journaled
+        f.sh.withdraw(got.port);
+        note(got.port, b"b");
+        served(&mut lp);
+        assert!(owners(got.port).is_some_and(|(s, _)| s.as_deref() == Some("b")), "made again");
+        assert_eq!(f.journal().lines().filter(|l| l.contains(&format!("\"port\":{}", got.port))).count(), 2, "{}", f.journal());
+        // another session's port is not taken over by a note
+        note(3000, b"b");
+        served(&mut lp);
+        assert_eq!(owners(3000).map(|(s, _)| s), Some(Some("a".to_string())));
+        assert_eq!(f.sh.metrics.hook_notes[1].load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
     fn a_port_found_taken_moves_only_where_the_decision_binds_first() {
         let f = Fixture::new("taken");
         let taken = |port: u16, flags: u8| {
@@ -1361,7 +1543,7 @@ mod tests {
         let uid = unsafe { libc::getuid() };
         let server = {
             let _rt = f.rt.enter();
-            Server::start(f.sh.clone(), listen(&path).unwrap(), uid).unwrap()
+            Server::start(f.sh.clone(), listen(&path).unwrap(), None, uid).unwrap()
         };
         let s = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

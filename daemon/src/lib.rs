@@ -96,6 +96,10 @@ pub struct Shared {
     pub anchors: Mutex<Vec<state::Owner>>,
     /// Shim binds granted whose result (and event) has not arrived yet (`/flush`).
     pub hook_pending: std::sync::atomic::AtomicUsize,
+    /// The hook server's turns, each of which reads its mailbox (`/flush`), and how it is
+    /// woken for one now.
+    pub hook_turns: AtomicU64,
+    pub hook_ring: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Grants since the last snapshot on disk.
     pub journal: journal::Journal,
     persist_tx: Mutex<mpsc::Sender<Persist>>,
@@ -344,6 +348,8 @@ impl Shared {
             anchors: Mutex::new(Vec::new()),
             journal,
             hook_pending: std::sync::atomic::AtomicUsize::new(0),
+            hook_turns: AtomicU64::new(0),
+            hook_ring: std::sync::OnceLock::new(),
             persist_tx: Mutex::new(persist_tx),
             dirty: std::sync::atomic::AtomicBool::new(false),
             write_lock: Mutex::new(()),
@@ -403,7 +409,10 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
     let hook_path = hook_dir.join(styxy_preload_common::hookproto::SOCKET);
     // what the shims did while no daemon answered, logged before they can ask again
     hook::drain_spool(&shared, &hook_dir);
-    let hook = match hook::listen(&hook_path).and_then(|fd| hook::Server::start(shared.clone(), fd, uid)) {
+    let mailbox = hook_dir.join(styxy_preload_common::hookproto::MAILBOX);
+    let mailbox =
+        hook::mailbox(&mailbox).map_err(|e| log!("no mailbox at {} ({e}): notes come on the shim socket", mailbox.display())).ok();
+    let hook = match hook::listen(&hook_path).and_then(|fd| hook::Server::start(shared.clone(), fd, mailbox, uid)) {
         Ok(server) => Some(server),
         Err(e) => {
             log!("no shim socket at {} ({e}): hooked binds go as asked", hook_path.display());

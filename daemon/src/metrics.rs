@@ -15,6 +15,10 @@ pub struct Metrics {
     failed: AtomicU64,
     buckets: [AtomicU64; 8],
     sum_us: AtomicU64,
+    /// `KEEP`s the hook server answered.
+    pub hook_asks: AtomicU64,
+    /// `NOTE`s it read: on a connection, and in its mailbox.
+    pub hook_notes: [AtomicU64; 2],
 }
 
 impl Metrics {
@@ -45,6 +49,14 @@ impl Metrics {
         let _ = writeln!(out, "styxy_allocate_duration_seconds_bucket{{le=\"+Inf\"}} {}", ok + failed);
         let _ = writeln!(out, "styxy_allocate_duration_seconds_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "styxy_allocate_duration_seconds_count {}", ok + failed);
+        let _ = writeln!(out, "# HELP styxy_hook_asks_total Questions on hook.sock (a bind's KEEP).");
+        let _ = writeln!(out, "# TYPE styxy_hook_asks_total counter");
+        let _ = writeln!(out, "styxy_hook_asks_total {}", self.hook_asks.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP styxy_hook_notes_total What the hooks told with no answer awaited, by how it came.");
+        let _ = writeln!(out, "# TYPE styxy_hook_notes_total counter");
+        for (via, n) in ["socket", "mailbox"].iter().zip(&self.hook_notes) {
+            let _ = writeln!(out, "styxy_hook_notes_total{{via=\"{via}\"}} {}", n.load(Ordering::Relaxed));
+        }
         let _ = writeln!(out, "# HELP styxy_ports_held Ports held now, by service type.");
         let _ = writeln!(out, "# TYPE styxy_ports_held gauge");
         for t in st.types() {

@@ -47,6 +47,19 @@ impl Shared {
         Ok(g)
     }
 
+    /// `port`, bound by the claim's process as its session's own with no round trip
+    /// ([`State::adopt`](crate::state::State::adopt)): the session's allocation, or one made
+    /// again while `runs` (journaled and saved; Styxy's mirror of it is the upstream
+    /// worker's).
+    pub fn adopt(&self, claim: &Claim, port: u16, runs: impl FnOnce() -> bool) -> Option<Grant> {
+        let g = self.state.lock().adopt(claim, port, now_ms(), runs)?;
+        if !g.existing {
+            self.journaled(port).ok()?;
+            self.persist();
+        }
+        Some(g)
+    }
+
     /// The new grant of `port` is in the journal; when it cannot be written, it is
     /// withdrawn.
     fn journaled(&self, port: u16) -> Result<(), Refusal> {

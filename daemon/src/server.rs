@@ -483,6 +483,14 @@ async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
 /// just before it is in the log it reads (docs/ARCHITECTURE.md "Hook ↔ daemon protocol").
 async fn flush(AxState(sh): AxState<Arc<Shared>>) -> Response {
     let until = std::time::Instant::now() + std::time::Duration::from_millis(250);
+    // the notes left in the mailbox before now are read in the second turn from now at the latest
+    let turns = sh.hook_turns.load(Ordering::Acquire);
+    if let Some(ring) = sh.hook_ring.get() {
+        ring();
+        while sh.hook_turns.load(Ordering::Acquire) < turns + 2 && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
     while sh.hook_pending.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }

@@ -499,10 +499,34 @@ impl State {
         if claim.exactly && claim.req.preferred_port != Some(port) {
             return Err(AllocError::NotExactly);
         }
-        let lock_id = uuid::Uuid::new_v4().to_string();
         if claim.req.dry_run {
-            return Ok(Grant { port, lock_id, existing: false, holder });
+            return Ok(Grant { port, lock_id: uuid::Uuid::new_v4().to_string(), existing: false, holder });
         }
+        Ok(self.insert(claim, &ty, port, holder, now_ms))
+    }
+
+    /// `port`, which the claim's process bound as its session's own for the port it asked
+    /// (the shim read the port map: docs/ARCHITECTURE.md "Session stickiness"): the
+    /// session's allocation there, or — freed meanwhile, and `runs` says the process still
+    /// does — one made again (else a grant of nothing, `existing` with no lock: the bind
+    /// is only logged). `None` when another session's allocation holds the port (that
+    /// session's next bind there fails and moves).
+    pub(crate) fn adopt(&mut self, claim: &Claim, port: u16, now_ms: u64, runs: impl FnOnce() -> bool) -> Option<Grant> {
+        let requested = claim.requested().unwrap_or(port);
+        let holder = (requested != port).then(|| self.holder_of(requested));
+        if let Some(a) = self.allocs.get(&port) {
+            return (a.session.as_deref() == claim.session()).then(|| Grant { port, lock_id: a.lock_id.clone(), existing: true, holder });
+        }
+        if !runs() {
+            return Some(Grant { port, lock_id: String::new(), existing: true, holder });
+        }
+        let ty = self.policy.service_type(&claim.req.service_type).cloned()?;
+        Some(self.insert(claim, &ty, port, holder, now_ms))
+    }
+
+    /// A new allocation of `port` for `claim`, in the state and the port map.
+    fn insert(&mut self, claim: &Claim, ty: &ServiceType, port: u16, holder: Option<Holder>, now_ms: u64) -> Grant {
+        let lock_id = uuid::Uuid::new_v4().to_string();
         // a type of our own is never Styxy's; the port Styxy's hook reserved for this very
         // command: its lock becomes ours
         let upstream = match self.upstream_held.remove(&port) {
@@ -527,7 +551,7 @@ impl State {
         };
         self.publish(&a);
         self.allocs.insert(port, a);
-        Ok(Grant { port, lock_id, existing: false, holder })
+        Grant { port, lock_id, existing: false, holder }
     }
 
     /// The session already holds this requested port, or holds the port itself (a tool

@@ -9,8 +9,9 @@ use crate::cluster;
 use crate::cstring::{decimal, put};
 use crate::daemon::{exchange, hook_socket, Heard};
 use crate::libc_calls::{close, errno, getpid, monotonic_ms, send, set_errno, SockLen, AF_INET6, EADDRINUSE, MSG_DONTWAIT, MSG_NOSIGNAL};
-use crate::said::{own_comm, thread_comm, unasked};
-use crate::settings::env;
+use crate::maps::with_port_map;
+use crate::said::{self, own_comm, thread_comm, unasked};
+use crate::settings::{env, session_tag};
 use crate::sockinfo::Inet;
 use crate::tell::notice;
 use crate::{hookproto, AddrFn};
@@ -94,6 +95,14 @@ pub(crate) unsafe fn keep(
         ..NO_ASK
     };
     let saved = errno();
+    if let Some(got) = stuck_to(port, flags) {
+        // SAFETY: the program's call, `inet` read from its address, libc's function.
+        if unsafe { bind_to(fd, addr, len, inet, real, got) } == 0 {
+            said::stuck(&ask, got);
+            return Some(bound(fd, port, got, saved));
+        }
+        set_errno(saved); // taken meanwhile, or refused: asked as any bind
+    }
     for _ in 0..=MAX_RETRIES {
         let (conn, granted) = match ask_daemon(&ask) {
             Ok(answer) => answer,
@@ -109,26 +118,13 @@ pub(crate) unsafe fn keep(
                 return None;
             }
         };
-        let rc = if granted.port == port {
-            // SAFETY: the program's own call, to libc's function (this function's contract).
-            unsafe { real(fd, addr, len) }
-        } else {
-            let moved = inet.with_port(granted.port);
-            // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `moved`: the program's
-            // address with the granted port.
-            unsafe { real(fd, moved.as_ptr().cast(), len) }
-        };
+        // SAFETY: the program's call, `inet` read from its address, libc's function.
+        let rc = unsafe { bind_to(fd, addr, len, inet, real, granted.port) };
         let err = if rc == 0 { 0 } else { errno() };
         done(conn, &hookproto::Ask { kind: hookproto::DONE, port: granted.port, errno: err, ..ask });
         set_errno(saved);
         match err {
-            0 => {
-                remember_kept(granted.port);
-                if granted.port != port {
-                    told_moved(fd, port, granted.port);
-                }
-                return Some(0);
-            }
+            0 => return Some(bound(fd, port, granted.port, saved)),
             // the session serves this port already: a second bind fails as it would
             // without us (get-port, tests expecting EADDRINUSE); the daemon said why
             EADDRINUSE if granted.existing => {
@@ -142,6 +138,45 @@ pub(crate) unsafe fn keep(
         }
     }
     None
+}
+
+/// The program's bind, of `port` (the one it asked, or another in a copy of its address).
+///
+/// # Safety
+/// As [`keep`]'s.
+unsafe fn bind_to(fd: c_int, addr: *const c_void, len: SockLen, inet: &Inet, real: AddrFn, port: u16) -> c_int {
+    if port == inet.port {
+        // SAFETY: the program's own call, to libc's function (this function's contract).
+        unsafe { real(fd, addr, len) }
+    } else {
+        let moved = inet.with_port(port);
+        // SAFETY: `len` (≤ 128, all of `inet.bytes`) bytes of `moved`: the program's
+        // address with the granted port.
+        unsafe { real(fd, moved.as_ptr().cast(), len) }
+    }
+}
+
+/// `fd` is bound to `got` for `asked`: kept by this process, the person told of a move;
+/// 0, with errno as at entry (`saved`).
+fn bound(fd: c_int, asked: u16, got: u16, saved: c_int) -> c_int {
+    remember_kept(got);
+    if got != asked {
+        told_moved(fd, asked, got);
+    }
+    set_errno(saved);
+    0
+}
+
+/// The session's own port for `port` (docs/ARCHITECTURE.md "Session stickiness"): the port
+/// map of a daemon that beats says this session holds a port for it — what a `KEEP` would
+/// be answered again (a server restarted, a second process of the session) — bound with
+/// no round trip. Only for a plain ask (no other flag than [`hookproto::MAY_MOVE`], which
+/// another port needs).
+fn stuck_to(port: u16, flags: u8) -> Option<u16> {
+    let tag = session_tag().filter(|_| flags & !hookproto::MAY_MOVE == 0)?;
+    let now = monotonic_ms();
+    let got = with_port_map(|m| m.alive(now).then(|| m.lookup(tag, port)).flatten().filter(|p| m.held(*p) == tag)).flatten()?;
+    (got == port || flags & hookproto::MAY_MOVE != 0).then_some(got)
 }
 
 /// An ask with nothing in it, for `..NO_ASK`.

@@ -5,9 +5,9 @@
 use core::sync::atomic::Ordering;
 
 use crate::cstring::decimal;
-use crate::daemon::{hook_socket_brief, sent_and_answered, tell, u32_at, Heard, HOOK_ANSWER_MS};
+use crate::daemon::{hook_socket_brief, mailed, sent_and_answered, tell, u32_at, Heard, HOOK_ANSWER_MS};
 use crate::hookproto;
-use crate::keep::{done_message, family_byte, kept_key, session, NO_ASK};
+use crate::keep::{done_message, family_byte, kept_by, kept_key, session, NO_ASK};
 use crate::libc_calls::{
     above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, set_errno, statx, syscall, write,
     MSG_DONTWAIT, O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK,
@@ -95,16 +95,31 @@ fn warn_other_user(owner: u32) {
 /// (`flags`: [`hookproto::OWN_RULES`] when a rule of its own covers it): one message, no
 /// answer awaited, spooled when the daemon cannot be asked; errno as it was.
 pub(crate) fn note(note: u8, port: u16, family: u16, flags: u8) {
-    let saved = errno();
     // SAFETY: copied into the message here.
     let session = unsafe { session() };
     let mut comm = [0u8; 17];
     let ask = hookproto::Ask { kind: hookproto::NOTE, port, family: family_byte(family), flags, session, note, ..NO_ASK };
-    let ask = hookproto::Ask { comm: own_comm(&mut comm), ..ask };
+    told(&hookproto::Ask { comm: own_comm(&mut comm), ..ask }, false);
+}
+
+/// Tells the daemon that `keep`'s bind (`ask`) landed on the session's own port `got`
+/// with no round trip ([`hookproto::NOTE_STUCK`]; [`hookproto::NOTE_AGAIN`] when this
+/// process kept it itself before): as [`note`].
+pub(crate) fn stuck(keep: &hookproto::Ask, got: u16) {
+    let note = if kept_by(got).0 { hookproto::NOTE_AGAIN } else { hookproto::NOTE_STUCK };
+    told(&hookproto::Ask { kind: hookproto::NOTE, note, port: got, origin: keep.port, ..*keep }, true);
+}
+
+/// Sends the `NOTE` `ask` with this process's log variables — first to the daemon's
+/// mailbox when `mail` (a bind the port map answered: the note's delay is the bind's) —
+/// no answer awaited, spooled when the daemon cannot be asked; errno as it was.
+fn told(ask: &hookproto::Ask, mail: bool) {
+    let saved = errno();
     let mut msg = [0u8; hookproto::DONE_MAX];
-    let n = done_message(&ask, &mut msg);
-    if let Some(Err(Heard::Absent | Heard::Silent)) = msg.get(..n).filter(|m| !m.is_empty()).map(tell) {
-        spool(&ask);
+    let n = done_message(ask, &mut msg);
+    let told = msg.get(..n).filter(|m| !m.is_empty()).map(|m| if mail && mailed(m) { Ok(()) } else { tell(m) });
+    if let Some(Err(Heard::Absent | Heard::Silent)) = told {
+        spool(ask);
     }
     set_errno(saved);
 }
