@@ -5,7 +5,11 @@
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-pub const MAGIC: u32 = 0x5350_4d32; // "SPM2"
+pub const MAGIC: u32 = 0x5350_4d33; // "SPM3"
+/// The high bit of a `held` word: some session maps this port, as the one it asked for,
+/// in the remap table. A word of 0 says at once that a connect to the port is nobody's
+/// business (no holder, no remap): one read, no lookup. Tags never carry it ([`tag`]).
+pub const MAPPED: u32 = 1 << 31;
 pub const PORTS: usize = 65536;
 /// Slots of each remap table: the daemon holds at most 4096 allocations, one entry each.
 pub const SLOTS: usize = 32768;
@@ -148,6 +152,12 @@ pub trait Words {
     fn u32_at(&self, off: usize) -> u32;
     /// The `u64` at byte `off` (8-aligned), loaded whole with acquire ordering.
     fn u64_at(&self, off: usize) -> u64;
+    /// As [`Words::u32_at`], for a word whose 0 is a snapshot however it was read (one
+    /// store at a time changes it, from or to 0 or by one bit): a reader that copies
+    /// bytes may take a 0 at its first look.
+    fn u32_or_zero_at(&self, off: usize) -> u32 {
+        self.u32_at(off)
+    }
 
     fn valid(&self) -> bool {
         self.u32_at(0) == MAGIC
@@ -169,10 +179,24 @@ pub trait Words {
 
     /// The tag of the session that holds `port`, 0 if none does.
     fn held(&self, port: u16) -> u32 {
+        self.seen(port) & !MAPPED
+    }
+
+    /// `port`'s `held` word whole: its holder's tag, and [`MAPPED`] when some session
+    /// maps it (0: neither, or no map).
+    fn seen(&self, port: u16) -> u32 {
         if !self.valid() {
             return 0;
         }
-        self.u32_at(HELD_OFF + port as usize * 4)
+        self.u32_or_zero_at(HELD_OFF + port as usize * 4)
+    }
+
+    /// What a process of session `tag` finds for `port`: the actual port the session got
+    /// for it (looked up only when some session maps it), and the tag of its holder.
+    fn found(&self, tag: u32, port: u16) -> (Option<u16>, u32) {
+        let seen = self.seen(port);
+        let remapped = if seen & MAPPED != 0 { self.lookup(tag, port) } else { None };
+        (remapped, seen & !MAPPED)
     }
 
     /// Looks `requested` of session `tag` up in `table`: the entry's actual port (None
@@ -220,9 +244,9 @@ pub fn liveness(now: u64, beat: u64, pid: u32) -> Liveness {
     }
 }
 
-/// The 32-bit tag of a session in the map (FNV-1a of its id as the client sends it —
-/// other characters than `[A-Za-z0-9_-]` each become one `_`, at most 100 —, never 0:
-/// 0 means "no session").
+/// The 31-bit tag of a session in the map (FNV-1a of its id as the client sends it —
+/// other characters than `[A-Za-z0-9_-]` each become one `_`, at most 100 —, without
+/// [`MAPPED`]'s bit, never 0: 0 means "no session").
 pub fn tag(session: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     let mut chars = 0;
@@ -238,10 +262,9 @@ pub fn tag(session: &[u8]) -> u32 {
         h ^= c as u32;
         h = h.wrapping_mul(0x0100_0193);
     }
-    if h == 0 {
-        1
-    } else {
-        h
+    match h & !MAPPED {
+        0 => 1,
+        t => t,
     }
 }
 

@@ -3,14 +3,16 @@
 //! `connect()` follow a remap and refuse another session's port with a few memory
 //! reads, no round trip — also in processes started before the remap.
 //!
-//! Layout (version 2, magic "SPM2", native endianness; 64 + 256 KiB + 512 KiB, the size
+//! Layout (version 3, magic "SPM3", native endianness; 64 + 256 KiB + 512 KiB, the size
 //! of version 1, so a mapping made by either version stays inside the file):
 //!
 //! - a 64-byte header: `magic: u32`, `generation: u32` (the active remap table is
 //!   `generation & 1`), `beat: u64` (the daemon's liveness, `CLOCK_MONOTONIC` ms: see
 //!   [`crate::mapview::BEAT_STALE_MS`]);
 //! - `held[65536]: u32`: the session tag holding each actual port, 0 for none or a
-//!   process outside any session;
+//!   process outside any session, with [`crate::mapview::MAPPED`] when some session's
+//!   remap entry has the port as the one it asked for (a connect to a port whose word is
+//!   0 reads nothing more);
 //! - two open-addressing tables `remap[2][32768]: u64` of `tag << 32 | requested << 16 |
 //!   actual` (0 = never used, actual 0 = deleted), linear probing.
 //!
@@ -48,7 +50,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 pub use crate::mapview::SIZE;
-use crate::mapview::{deleted, is, next, pack, prev, slot, Liveness, View, Words, MAGIC, SLOTS};
+use crate::mapview::{self, deleted, is, next, pack, prev, slot, Liveness, View, Words, MAGIC, MAPPED, SLOTS};
 
 /// Tombstones that trigger a rebuild: at most 1/16 of the table, so the load (live +
 /// deleted) stays under 1/4 with the daemon's 4096 allocations and lookups stay short.
@@ -59,6 +61,8 @@ pub struct PortMap {
     /// The writer's counts for the active table (meaningless in a read-only mapping).
     live: AtomicUsize,
     dead: AtomicUsize,
+    /// Live remap entries per requested port: [`MAPPED`] is set while there is one.
+    mapped: Vec<AtomicU32>,
 }
 
 // SAFETY: all access goes through atomics on a mapping that lives as long as the value.
@@ -114,7 +118,8 @@ impl PortMap {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(PortMap { base: p.cast(), live: AtomicUsize::new(0), dead: AtomicUsize::new(0) })
+        let mapped = (0..mapview::PORTS).map(|_| AtomicU32::new(0)).collect();
+        Ok(PortMap { base: p.cast(), live: AtomicUsize::new(0), dead: AtomicUsize::new(0), mapped })
     }
 
     fn view(&self) -> View<'_> {
@@ -167,6 +172,11 @@ impl PortMap {
         self.view().lookup(tag, requested)
     }
 
+    /// What a process of session `tag` finds for `port` ([`Words::found`]).
+    pub fn found(&self, tag: u32, port: u16) -> (Option<u16>, u32) {
+        self.view().found(tag, port)
+    }
+
     /// How many slots `lookup(tag, requested)` reads in the active table (1 when its
     /// home slot is free): what a `connect()` in a session pays.
     pub fn lookup_probes(&self, tag: u32, requested: u16) -> usize {
@@ -174,7 +184,19 @@ impl PortMap {
     }
 
     pub fn set_held(&self, port: u16, tag: u32) {
-        self.held_word(port).store(tag, Ordering::Release);
+        let w = self.held_word(port);
+        w.store(w.load(Ordering::Relaxed) & MAPPED | tag & !MAPPED, Ordering::Release);
+    }
+
+    /// One more (`+1`) or one less (`-1`) live remap entry for `requested`: [`MAPPED`]
+    /// in its `held` word while there is any.
+    fn count_mapped(&self, requested: u16, delta: i32) {
+        let c = &self.mapped[usize::from(requested)];
+        let n = c.load(Ordering::Relaxed).saturating_add_signed(delta);
+        c.store(n, Ordering::Relaxed);
+        let w = self.held_word(requested);
+        let flag = if n > 0 { MAPPED } else { 0 };
+        w.store(w.load(Ordering::Relaxed) & !MAPPED | flag, Ordering::Release);
     }
 
     /// Records (or replaces) `requested → actual` for session `tag`.
@@ -185,6 +207,10 @@ impl PortMap {
         for _ in 0..SLOTS {
             let w = self.remap_word(t, i).load(Ordering::Relaxed);
             if is(w, tag, requested) {
+                // marked before the entry is there: a reader never sees an entry unmarked
+                if deleted(w) && actual != 0 {
+                    self.count_mapped(requested, 1);
+                }
                 self.remap_word(t, i).store(pack(tag, requested, actual), Ordering::Release);
                 if deleted(w) && actual != 0 {
                     self.dead.fetch_sub(1, Ordering::Relaxed);
@@ -202,6 +228,9 @@ impl PortMap {
         }
         match free {
             Some((i, w)) => {
+                if actual != 0 {
+                    self.count_mapped(requested, 1);
+                }
                 self.remap_word(t, i).store(pack(tag, requested, actual), Ordering::Release);
                 if deleted(w) {
                     self.dead.fetch_sub(1, Ordering::Relaxed);
@@ -236,6 +265,7 @@ impl PortMap {
                     return;
                 }
                 self.remap_word(t, i).store(pack(tag, requested, 0), Ordering::Release);
+                self.count_mapped(requested, -1);
                 self.live.fetch_sub(1, Ordering::Relaxed);
                 self.dead.fetch_add(1, Ordering::Relaxed);
                 self.reclaim_before(t, next(i));
@@ -295,7 +325,8 @@ impl PortMap {
 
     pub fn clear(&self) {
         for p in 0..=u16::MAX {
-            self.set_held(p, 0);
+            self.mapped[usize::from(p)].store(0, Ordering::Relaxed);
+            self.held_word(p).store(0, Ordering::Release);
         }
         for t in 0..2 {
             for i in 0..SLOTS {
@@ -350,6 +381,35 @@ mod tests {
         let path = dir.join("ports.map");
         let w = PortMap::create(&path).unwrap();
         (dir, w)
+    }
+
+    #[test]
+    fn a_ports_word_says_at_once_whether_it_is_held_or_mapped() {
+        let dir = std::env::temp_dir().join(format!("styxy-portmap-word-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let w = PortMap::create(&dir.join("ports.map")).unwrap();
+        let seen = |p: u16| w.view().seen(p);
+        w.set_held(3007, 42);
+        w.insert(42, 3000, 3007);
+        w.insert(43, 3000, 3008);
+        assert_eq!((seen(3000), seen(3007), seen(3009)), (MAPPED, 42, 0));
+        assert_eq!(w.view().found(42, 3000), (Some(3007), 0));
+        // the holder comes and goes under the mark, and the mark goes with the last entry
+        w.set_held(3000, 9);
+        assert_eq!((seen(3000), w.held(3000)), (MAPPED | 9, 9));
+        w.remove(42, 3000);
+        w.insert(43, 3000, 3010); // replaced, not another entry
+        assert_eq!(seen(3000), MAPPED | 9);
+        w.remove(43, 3000);
+        w.remove(43, 3000); // gone already: no count below zero
+        assert_eq!(seen(3000), 9);
+        w.insert(42, 3000, 3007); // a tombstone made live again
+        assert_eq!(seen(3000), MAPPED | 9);
+        w.clear();
+        assert_eq!(seen(3000), 0);
+        assert!((0..100_000u32).all(|i| mapview::tag(i.to_string().as_bytes()) & MAPPED == 0), "a tag never carries the mark");
+        drop(w);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -175,7 +175,7 @@ fn bound(fd: c_int, asked: u16, got: u16, saved: c_int) -> c_int {
 fn stuck_to(port: u16, flags: u8) -> Option<u16> {
     let tag = session_tag().filter(|_| flags & !hookproto::MAY_MOVE == 0)?;
     let now = monotonic_ms();
-    let got = with_port_map(|m| m.alive(now).then(|| m.lookup(tag, port)).flatten().filter(|p| m.held(*p) == tag)).flatten()?;
+    let got = with_port_map(|m| m.alive(now).then(|| m.found(tag, port).0).flatten().filter(|p| m.held(*p) == tag)).flatten()?;
     (got == port || flags & hookproto::MAY_MOVE != 0).then_some(got)
 }
 

@@ -31,7 +31,7 @@ use core::ffi::{c_int, c_void};
 
 use decide::{Class, ListenWay, Listening, Mode, Plan, Route, Seen, SocketFacts};
 use keep::{keep, kept_by, origin};
-use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
+use libc_calls::{abort, errno, set_errno, syscall, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS, SYS_GETSOCKNAME};
 use maps::{port_class, with_port_map};
 use said::{confirm, note, refused};
 use settings::{enabled, in_session, isolate, mode, rule_class, session_tag, supervised};
@@ -268,8 +268,13 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
 fn local_port(fd: c_int) -> Option<(u16, u16)> {
     let mut ss = [0u8; 128];
     let mut sl: SockLen = 128;
-    // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
-    let named = REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, ss.as_mut_ptr().cast(), &mut sl) } == 0);
+    let (at, len) = (ss.as_mut_ptr().cast::<c_void>(), &mut sl as *mut SockLen);
+    let named = match SYS_GETSOCKNAME {
+        // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
+        Some(n) => (unsafe { syscall(n, core::ffi::c_long::from(fd), at, len) }) == 0,
+        // SAFETY: as above, through libc's function.
+        None => REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, at, len) } == 0),
+    };
     if named {
         ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| (a.family, a.port))
     } else {
@@ -333,7 +338,7 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
 /// map, the process's own rules and the policy map); `None` outside any session.
 fn port_route(fd: c_int, port: u16) -> Option<Route> {
     let tag = session_tag()?;
-    let Some((remapped, holder)) = with_port_map(|m| (m.lookup(tag, port), m.held(port))) else {
+    let Some((remapped, holder)) = with_port_map(|m| m.found(tag, port)) else {
         return Some(Route::AsAsked); // no daemon yet: nothing to follow
     };
     let class = || rule_class(port).or_else(|| port_class(port).and_then(Class::of_byte));

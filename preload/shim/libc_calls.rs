@@ -127,6 +127,16 @@ pub(crate) const SYS_GETTID: Option<core::ffi::c_long> = if cfg!(target_arch = "
 } else {
     None
 };
+/// `getsockname`'s number: the shim's own look at a socket's name goes to the kernel
+/// directly (libc's function by name is our own hook; found with `dlsym`, its first call
+/// costs a cold process ~1-2 us); `None` where it is not known here.
+pub(crate) const SYS_GETSOCKNAME: Option<core::ffi::c_long> = if cfg!(target_arch = "x86_64") {
+    Some(51)
+} else if cfg!(target_arch = "aarch64") {
+    Some(204)
+} else {
+    None
+};
 /// The scheduling policies under which a thread yields to any other (`SCHED_OTHER`,
 /// `SCHED_BATCH`, `SCHED_IDLE`); a real-time one yields only to its peers.
 pub(crate) const YIELDING_POLICIES: [c_int; 3] = [0, 3, 5];

@@ -381,4 +381,11 @@ impl Words for FileWords {
     fn u64_at(&self, off: usize) -> u64 {
         u64::from_ne_bytes(self.read(off))
     }
+
+    fn u32_or_zero_at(&self, off: usize) -> u32 {
+        match Self::pread_at::<4>(self.fd, off).map(u32::from_ne_bytes) {
+            Some(0) => 0,
+            _ => self.u32_at(off),
+        }
+    }
 }

@@ -19,7 +19,8 @@ pub fn route(p: &Process, orig: &Addr, sock_type: &mut dyn FnMut() -> Option<c_i
     let Some(map) = p.portmap() else {
         return Route::AsAsked;
     };
-    let seen = Seen { tag: p.tag, remapped: map.lookup(p.tag, orig.port), holder: map.held(orig.port) };
+    let (remapped, holder) = map.found(p.tag, orig.port);
+    let seen = Seen { tag: p.tag, remapped, holder };
     let class = || Some(Class::of(&p.policy.decide(orig.port)));
     match decide::route(orig.port, seen, p.isolate, class, || sock_type() == Some(SOCK_STREAM)) {
         decide::Route::AsAsked => Route::AsAsked,
