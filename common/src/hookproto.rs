@@ -18,7 +18,7 @@
 /// File name of the socket in the daemon's runtime directory.
 pub const SOCKET: &str = "hook.sock";
 /// File name of the daemon's mailbox beside [`SOCKET`]: a `SOCK_DGRAM` socket its hook
-/// thread reads each turn and at least every `mapview::BEAT_EVERY_MS`, never waiting on
+/// thread reads at least every `mapview::BEAT_EVERY_MS` (every 5 ms while busy), never waiting on
 /// it, so that a `NOTE` left there wakes nobody. Each datagram is one `NOTE` as on
 /// [`SOCKET`]; the sender is known from its credentials (`SO_PASSCRED`).
 pub const MAILBOX: &str = "notes.sock";

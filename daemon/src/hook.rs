@@ -67,7 +67,8 @@ pub fn listen(path: &Path) -> io::Result<OwnedFd> {
 
 /// Creates the mailbox at `path` (`hookproto::MAILBOX`): a datagram socket (non-blocking,
 /// close-on-exec, mode 0600) whose senders' credentials come with each datagram. The
-/// hook thread reads it each turn, never waiting on it.
+/// hook thread reads it when its wait times out, when it is rung, and every [`MAIL_EVERY`]
+/// while busy, never waiting on it.
 pub fn mailbox(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::PermissionsExt;
     let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
@@ -94,6 +95,8 @@ pub fn mailbox(path: &Path) -> io::Result<OwnedFd> {
 
 /// Notes read from the mailbox in one turn at most (the rest wait for the next one).
 const MAIL_PER_TURN: usize = 64;
+/// How often a busy loop reads the mailbox (an idle one: each time its wait times out).
+const MAIL_EVERY: Duration = Duration::from_millis(5);
 
 /// Open shim connections at once; past it the next waits in the backlog until a place
 /// frees (a silent connection's deadline).
@@ -177,6 +180,8 @@ struct Loop {
     listener: Option<(OwnedFd, u32)>,
     /// The mailbox ([`mailbox`]) and the uid whose notes it takes.
     mailbox: Option<(OwnedFd, u32)>,
+    /// When the mailbox was last read.
+    mail_read: Instant,
     backoff: Backoff,
     /// Accepting waits until then after an accept that failed for want of resources.
     paused: Option<Instant>,
@@ -257,6 +262,7 @@ impl Loop {
             wake,
             listener: None,
             mailbox: None,
+            mail_read: Instant::now(),
             backoff: Backoff::default(),
             paused: None,
             conns,
@@ -286,8 +292,15 @@ impl Loop {
         const MAX_EVENTS: usize = 64;
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
         let n = self.wait(&mut events);
-        self.read_mail();
-        for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+        let ready = events.iter().take(usize::try_from(n).unwrap_or(0));
+        // the mailbox: at a turn that timed out (at least every beat), that was rung
+        // (`/flush`), or every few milliseconds while exchanges keep the loop busy
+        let rung = ready.clone().any(|ev| ev.u64 == WAKE);
+        if n == 0 || rung || self.mail_read.elapsed() >= MAIL_EVERY {
+            self.mail_read = Instant::now();
+            self.read_mail();
+        }
+        for ev in ready {
             match ev.u64 {
                 LISTENER => self.accept(),
                 WAKE => self.finished(),
@@ -592,6 +605,9 @@ impl Loop {
                 None => return,
             },
         };
+        if self.sh.hook_pending.load(Ordering::Acquire) >= MAX_PENDING_EVENTS {
+            return; // a flood: the grant stands, its event and owner are not waited for
+        }
         let (sh, started) = (self.sh.clone(), Instant::now());
         let mut bind = kept(&self.sh, asked, g);
         bind.again |= again;

@@ -192,9 +192,10 @@ try:
     assert wait_listen(holder) == 8061
     m = 200 if S else 2000
     # kept: the first bind of the loop asks the daemon (the shim's socket), the process's
-    # later binds of the port it got are kernel calls; remapped: each asks on hook.sock
+    # later binds of the port it got are kernel calls; remapped: the later binds of the
+    # port asked find the session's port in the port map and tell the daemon's mailbox
     labels = {"kept": "kept (the first bind asks on hook.sock; the process's own port again is a kernel call)",
-              "remapped": "remapped (each bind asks the built-in daemon on hook.sock)"}
+              "remapped": "remapped (the first bind asks on hook.sock; the next ones find the session's port in the port map)"}
     for label, port, target in (("kept", 8060, 50), ("remapped", 8061, 40)):
         rs = [bindbench("bind", port, m, env(f"bench-{port}")) for _ in range(3)]
         r = (statistics.median(x[0] for x in rs), statistics.median(x[1] for x in rs))
@@ -228,8 +229,8 @@ try:
     for label, args, target in (("bind + listen of port 0 (the library decides nothing)", ["bind", "0"], 5),
                                 ("loopback connect in a session, unmapped port", ["connect", "12003"], 10),
                                 ("bind + listen of a free uncoordinated port (12055)", ["bind", "12055"], 10),
-                                ("first coordinated bind + listen, kept (8065)", ["bind", "8065"], 60),
-                                ("first coordinated bind + listen, remapped (8061 is held)", ["bind", "8061"], 60)):
+                                ("coordinated bind + listen, kept (8065; the session holds it: a restart)", ["bind", "8065"], 60),
+                                ("coordinated bind + listen, remapped (8061 is held; the session holds its port)", ["bind", "8061"], 60)):
         w_us, floor_us, wo_us = cold(args, f"bench-cold-{args[1]}")
         row(f"cold: {label}, median of {nr}", f"{w_us:.0f} µs", f"empty C lib {floor_us:.0f} µs, none {wo_us:.0f} µs",
             f"{w_us - floor_us:+.0f} µs above the empty lib", f"≤ +{target} µs", w_us - floor_us <= target)
