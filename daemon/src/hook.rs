@@ -991,15 +991,26 @@ fn log_failed(g: &KeptBind, errno: i32, vars: LogVars, started: Instant) {
 /// The event of what process `pid` did alone, as its `NOTE` says (at `ts`, ms since the
 /// epoch); `None` for a note this daemon does not know.
 fn note_event(sh: &Shared, pid: u32, ask: &Ask<'_>, ts: u64) -> Option<Event> {
-    use hookproto::{NOTE_KERNEL_CHOSE, NOTE_NO_COORDINATOR, NOTE_OBSERVED, NOTE_SINGLE, NOTE_UNANSWERED};
-    // a bind's type; a listen's port is the kernel's choice, of no type
-    let service_type = if ask.note == NOTE_KERNEL_CHOSE { None } else { decided(sh, pid, ask).1 };
+    use hookproto::{NOTE_AGAIN, NOTE_KERNEL_CHOSE, NOTE_NO_COORDINATOR, NOTE_OBSERVED, NOTE_SINGLE, NOTE_STUCK, NOTE_UNANSWERED};
+    // a bind's type; a listen's port is the kernel's choice, of no type; a bind to the
+    // session's own port, the type of the port it asked for
+    let service_type = match ask.note {
+        NOTE_KERNEL_CHOSE => None,
+        NOTE_STUCK | NOTE_AGAIN => decided(sh, pid, &Ask { port: ask.origin, ..*ask }).1,
+        _ => decided(sh, pid, ask).1,
+    };
     let (call, requested, action, why) = match ask.note {
-        NOTE_OBSERVED => ("bind", ask.port, Action::Observed, Reason::ObserveMode),
-        NOTE_SINGLE => ("bind", ask.port, Action::Passthrough, Reason::SingleInstance(service_type.clone().unwrap_or_default())),
-        NOTE_KERNEL_CHOSE => ("listen", 0, Action::Observed, Reason::KernelChose),
-        NOTE_UNANSWERED => ("bind", ask.port, Action::Passthrough, Reason::Unasked(AskError::Timeout)),
-        NOTE_NO_COORDINATOR => ("bind", ask.port, Action::Passthrough, Reason::Unasked(AskError::NoCoordinator)),
+        NOTE_OBSERVED => ("bind", ask.port, Action::Observed, Some(Reason::ObserveMode)),
+        NOTE_SINGLE => ("bind", ask.port, Action::Passthrough, Some(Reason::SingleInstance(service_type.clone().unwrap_or_default()))),
+        NOTE_KERNEL_CHOSE => ("listen", 0, Action::Observed, Some(Reason::KernelChose)),
+        NOTE_UNANSWERED => ("bind", ask.port, Action::Passthrough, Some(Reason::Unasked(AskError::Timeout))),
+        NOTE_NO_COORDINATOR => ("bind", ask.port, Action::Passthrough, Some(Reason::Unasked(AskError::NoCoordinator))),
+        // spooled: the daemon stopped between the port map's look and the note
+        NOTE_AGAIN => ("bind", ask.origin, Action::Observed, Some(Reason::BoundAgain(ask.port))),
+        NOTE_STUCK if ask.port != ask.origin => {
+            ("bind", ask.origin, Action::Remapped, Some(Reason::Taken { port: ask.origin, holder: String::new() }))
+        }
+        NOTE_STUCK => ("bind", ask.origin, Action::Kept, None),
         _ => return None,
     };
     let comm = match std::str::from_utf8(ask.comm) {
@@ -1017,7 +1028,7 @@ fn note_event(sh: &Shared, pid: u32, ask: &Ask<'_>, ts: u64) -> Option<Event> {
         family: if ask.family == 6 { "ipv6" } else { "ipv4" }.into(),
         service_type,
         action,
-        reason: Some(why.to_string()),
+        reason: why.map(|why| why.to_string()),
         latency_us: 0,
         backend: matches!(ask.note, NOTE_UNANSWERED | NOTE_NO_COORDINATOR).then(|| "unix".into()),
         retries: 0,
@@ -1413,6 +1424,20 @@ mod tests {
         served(&mut lp);
         assert_eq!(owners(3000).map(|(s, _)| s), Some(Some("a".to_string())));
         assert_eq!(f.sh.metrics.hook_notes[1].load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_spooled_bind_to_the_sessions_own_port_is_logged_as_the_note_says() {
+        let f = Fixture::new("stuck-spool");
+        let base = Ask { kind: NOTE, port: 0, family: 4, errno: 0, flags: MAY_MOVE, origin: 3000, session: b"s", note: 0, comm: b"srv" };
+        let logged = |port: u16, note: u8| {
+            let e = note_event(&f.sh, 1, &Ask { port, note, ..base }, 5).expect("an event");
+            (e.action, e.requested_port, e.port, e.reason, e.service_type)
+        };
+        let dev = Some("dev".to_string());
+        assert_eq!(logged(3007, hookproto::NOTE_STUCK), (Action::Remapped, 3000, 3007, Some("port 3000 is taken".into()), dev.clone()));
+        assert_eq!(logged(3000, hookproto::NOTE_STUCK), (Action::Kept, 3000, 3000, None, dev.clone()));
+        assert_eq!(logged(3007, hookproto::NOTE_AGAIN), (Action::Observed, 3000, 3007, Some(eventlog::bound_again(3007)), dev));
     }
 
     #[test]
