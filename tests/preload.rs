@@ -196,6 +196,11 @@ fn errno_is_untouched_stdio_may_be_closed_and_close_range_is_survived() {
     let f: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(f[..4], ["rc", "0", "errno", "0"], "{out}");
     assert_ne!(f[5], "4070");
+    // again in another process: the session's port from the port map, errno as well
+    let mut c = w.preloaded(Some("mine"), fixture("binder"));
+    c.args(["errno0", "4070"]);
+    let again = text(&run(c).stdout);
+    assert_eq!(again.split_whitespace().collect::<Vec<_>>(), f, "{again}");
     // close_range(3, ~0) between two binds: a fresh connection per request
     let mut c = w.preloaded(Some("mine"), fixture("binder"));
     c.args(["closerange", "4071", "4072"]);
