@@ -289,13 +289,16 @@ fn a_restarted_server_gets_its_session_s_port_with_no_question() {
     let mut w = World::new();
     w.start_daemon();
     serve(&mut w, Some("a"), 4051, "holder");
-    for _ in 0..5 {
-        let (first, moved) = serve(&mut w, Some("b"), 4051, "first");
+    for attempt in 0..5 {
+        // a session of its own each attempt: its first bind asks
+        let session = format!("b{attempt}");
+        let (first, moved) = serve(&mut w, Some(&session), 4051, "first");
         assert_ne!(moved, 4051);
-        let (lock, _) = allocation_at(&w, moved).expect("the remap's allocation");
+        let _ = w.call("POST", "/flush", None);
+        let Some((lock, _)) = allocation_at(&w, moved) else { continue }; // swept already
         let (asks, mailed) = (metric(&w, "styxy_hook_asks_total"), metric(&w, "styxy_hook_notes_total{via=\"mailbox\"}"));
         w.kill(first);
-        let (second, again) = serve(&mut w, Some("b"), 4051, "second");
+        let (second, again) = serve(&mut w, Some(&session), 4051, "second");
         let e = wait_for(10, "the second bind's event", || w.events().into_iter().find(|e| e.pid == second));
         let (lock_now, owners) = allocation_at(&w, moved).unwrap_or_default();
         if lock_now != lock {
@@ -308,7 +311,7 @@ fn a_restarted_server_gets_its_session_s_port_with_no_question() {
         assert_eq!(metric(&w, "styxy_hook_notes_total{via=\"mailbox\"}"), mailed + 1);
         assert_eq!(
             (e.action, e.port, e.requested_port, e.session.as_deref(), e.comm.as_str()),
-            (Action::Remapped, moved, 4051, Some("b"), "binder")
+            (Action::Remapped, moved, 4051, Some(session.as_str()), "binder")
         );
         let why = e.reason.unwrap_or_default();
         assert!(why.starts_with("port 4051 is taken by binder (pid ") && why.ends_with(", session a)"), "{why}");

@@ -61,8 +61,9 @@ pub struct PortMap {
     /// The writer's counts for the active table (meaningless in a read-only mapping).
     live: AtomicUsize,
     dead: AtomicUsize,
-    /// Live remap entries per requested port: [`MAPPED`] is set while there is one.
-    mapped: Vec<AtomicU32>,
+    /// The writer's live remap entries per requested port: [`MAPPED`] is set while there
+    /// is one (none in a read-only mapping).
+    mapped: Box<[AtomicU32]>,
 }
 
 // SAFETY: all access goes through atomics on a mapping that lives as long as the value.
@@ -118,7 +119,8 @@ impl PortMap {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let mapped = (0..mapview::PORTS).map(|_| AtomicU32::new(0)).collect();
+        let writer = prot & libc::PROT_WRITE != 0;
+        let mapped = (0..if writer { mapview::PORTS } else { 0 }).map(|_| AtomicU32::new(0)).collect();
         Ok(PortMap { base: p.cast(), live: AtomicUsize::new(0), dead: AtomicUsize::new(0), mapped })
     }
 
@@ -191,7 +193,7 @@ impl PortMap {
     /// One more (`+1`) or one less (`-1`) live remap entry for `requested`: [`MAPPED`]
     /// in its `held` word while there is any.
     fn count_mapped(&self, requested: u16, delta: i32) {
-        let c = &self.mapped[usize::from(requested)];
+        let Some(c) = self.mapped.get(usize::from(requested)) else { return };
         let n = c.load(Ordering::Relaxed).saturating_add_signed(delta);
         c.store(n, Ordering::Relaxed);
         let w = self.held_word(requested);
@@ -325,7 +327,9 @@ impl PortMap {
 
     pub fn clear(&self) {
         for p in 0..=u16::MAX {
-            self.mapped[usize::from(p)].store(0, Ordering::Relaxed);
+            if let Some(c) = self.mapped.get(usize::from(p)) {
+                c.store(0, Ordering::Relaxed);
+            }
             self.held_word(p).store(0, Ordering::Release);
         }
         for t in 0..2 {

@@ -297,8 +297,11 @@ impl Loop {
         // (`/flush`), or every few milliseconds while exchanges keep the loop busy
         let rung = ready.clone().any(|ev| ev.u64 == WAKE);
         if n == 0 || rung || self.mail_read.elapsed() >= MAIL_EVERY {
+            // what `/flush` asked before this read is answered by it
+            let asked = self.sh.mail_asked.load(Ordering::Acquire);
             self.mail_read = Instant::now();
             self.read_mail();
+            self.sh.mail_read.fetch_max(asked, Ordering::AcqRel);
         }
         for ev in ready {
             match ev.u64 {
@@ -308,7 +311,6 @@ impl Loop {
             }
         }
         self.expire(Instant::now());
-        self.sh.hook_turns.fetch_add(1, Ordering::AcqRel);
         // the writer is woken once every answer of this turn is sent and no shim's DONE is
         // due (under a steady load, a millisecond after it was first owed at the latest)
         if self.done_due && self.owed_since.get_or_insert_with(Instant::now).elapsed() < Duration::from_millis(1) {
@@ -605,24 +607,21 @@ impl Loop {
                 None => return,
             },
         };
-        if self.sh.hook_pending.load(Ordering::Acquire) >= MAX_PENDING_EVENTS {
-            return; // a flood: the grant stands, its event and owner are not waited for
-        }
-        let (sh, started) = (self.sh.clone(), Instant::now());
+        let started = Instant::now();
         let mut bind = kept(&self.sh, asked, g);
         bind.again |= again;
-        let vars = log_vars(vars);
-        self.events.write(Pending::new(self.sh.clone()), move || {
-            match Owner::of(pid) {
-                Some(owner) if bind.existing && !again => {
-                    sh.confirm(bind.port, owner);
-                }
-                _ => {
-                    owner_read(&sh, &bind); // a process gone leaves no owner known by pid only
-                }
+        if !again && !bind.lock.is_empty() {
+            // an owner now, as a DONE makes one (a process gone leaves none known by pid only)
+            let owner = owner_read(&self.sh, &bind).or_else(|| Owner::of(pid));
+            if let Some(owner) = owner {
+                self.sh.confirm_of(bind.port, &bind.lock, owner);
             }
-            log_event(&bind, vars, started);
-        });
+        }
+        if self.sh.hook_pending.load(Ordering::Acquire) >= MAX_PENDING_EVENTS {
+            return; // a flood: its events are not written
+        }
+        let vars = log_vars(vars);
+        self.events.write(Pending::new(self.sh.clone()), move || log_event(&bind, vars, started));
     }
 
     /// The grants Styxy had its word on.
@@ -775,22 +774,38 @@ fn recv_with_creds(fd: RawFd, buf: &mut [u8]) -> Option<(usize, u32, u32)> {
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&control);
-    // SAFETY: recvmsg into the buffers `msg` names, all of their stated lengths.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    // SAFETY: recvmsg into the buffers `msg` names, all of their stated lengths; fds sent
+    // along arrive close-on-exec (and are closed below).
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
     let n = usize::try_from(n).ok()?;
-    // SAFETY: the control messages the kernel wrote into `control`, walked with the CMSG
-    // helpers, which stay within `msg_controllen`.
+    let mut from = (0, u32::MAX); // no credentials: read, and dropped
+                                  // SAFETY: the control messages the kernel wrote into `control`, walked with the CMSG
+                                  // helpers, which stay within `msg_controllen`; an fd passed is ours to close.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS {
-                let cred = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::ucred>());
-                return Some((n, u32::try_from(cred.pid).unwrap_or(0), cred.uid));
+            let data = libc::CMSG_DATA(c);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) => {
+                    let cred = std::ptr::read_unaligned(data.cast::<libc::ucred>());
+                    from = (u32::try_from(cred.pid).unwrap_or(0), cred.uid);
+                }
+                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                    let len = ((*c).cmsg_len as usize).saturating_sub(data.offset_from(c.cast::<u8>()) as usize);
+                    for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                        libc::close(std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i)));
+                    }
+                }
+                _ => {}
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Some((n, 0, u32::MAX)) // no credentials: read, and dropped
+    // a datagram or its control data cut short is not a note of ours
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        from = (0, u32::MAX);
+    }
+    Some((n, from.0, from.1))
 }
 
 /// One message, never waiting.
@@ -1424,6 +1439,36 @@ mod tests {
         served(&mut lp);
         assert_eq!(owners(3000).map(|(s, _)| s), Some(Some("a".to_string())));
         assert_eq!(f.sh.metrics.hook_notes[1].load(Ordering::Relaxed), 3);
+        // an fd sent along is closed, never kept
+        let marked = f.dir.join("passed-fd");
+        let kept = || {
+            let links = std::fs::read_dir("/proc/self/fd").unwrap().filter_map(|e| std::fs::read_link(e.ok()?.path()).ok());
+            links.filter(|l| *l == marked).count()
+        };
+        let out = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        out.connect(&path).unwrap();
+        let passed = std::fs::File::create(&marked).unwrap();
+        let mut control = [0u64; 4];
+        let mut iov = libc::iovec { iov_base: b"x".as_ptr() as *mut libc::c_void, iov_len: 1 };
+        // SAFETY: a msghdr over `iov` and `control`, one SCM_RIGHTS message of one fd,
+        // built with the CMSG helpers within `control`.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), passed.as_raw_fd());
+            libc::sendmsg(out.as_raw_fd(), &msg, 0)
+        };
+        assert_eq!(sent, 1);
+        drop((out, passed));
+        served(&mut lp);
+        assert_eq!(kept(), 0, "the fd passed along was closed");
     }
 
     #[test]

@@ -96,9 +96,10 @@ pub struct Shared {
     pub anchors: Mutex<Vec<state::Owner>>,
     /// Shim binds granted whose result (and event) has not arrived yet (`/flush`).
     pub hook_pending: std::sync::atomic::AtomicUsize,
-    /// The hook server's turns, each of which reads its mailbox (`/flush`), and how it is
-    /// woken for one now.
-    pub hook_turns: AtomicU64,
+    /// `/flush`'s asks that the hook server read its mailbox (each a new number), the
+    /// last one it read it after, and how it is woken for that now.
+    pub mail_asked: AtomicU64,
+    pub mail_read: AtomicU64,
     pub hook_ring: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Grants since the last snapshot on disk.
     pub journal: journal::Journal,
@@ -348,7 +349,8 @@ impl Shared {
             anchors: Mutex::new(Vec::new()),
             journal,
             hook_pending: std::sync::atomic::AtomicUsize::new(0),
-            hook_turns: AtomicU64::new(0),
+            mail_asked: AtomicU64::new(0),
+            mail_read: AtomicU64::new(0),
             hook_ring: std::sync::OnceLock::new(),
             persist_tx: Mutex::new(persist_tx),
             dirty: std::sync::atomic::AtomicBool::new(false),
@@ -457,6 +459,7 @@ async fn serve(shared: Arc<Shared>, std_listener: std::os::unix::net::UnixListen
         h.stop();
     }
     let _ = std::fs::remove_file(&hook_path);
+    let _ = std::fs::remove_file(hook_dir.join(styxy_preload_common::hookproto::MAILBOX));
     Ok(())
 }
 

@@ -82,6 +82,12 @@ impl Shared {
         owner
     }
 
+    /// As [`Shared::confirm`], of the allocation `lock` alone (a sweep may have replaced it).
+    pub fn confirm_of(&self, port: u16, lock: &str, owner: Owner) -> bool {
+        let ours = self.state.lock().allocation(port).is_some_and(|a| a.lock_id == lock);
+        ours && self.confirm(port, owner)
+    }
+
     /// `owner` bound or listens on `port`: the grant is confirmed, and saved.
     pub fn confirm(&self, port: u16, owner: Owner) -> bool {
         let confirmed = self.state.lock().confirm(port, owner);

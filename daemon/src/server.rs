@@ -482,15 +482,16 @@ async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
 /// reader of the event log (`log`, `stats`, `exec`'s summary) asks first, so a bind made
 /// just before it is in the log it reads (docs/ARCHITECTURE.md "Hook ↔ daemon protocol").
 async fn flush(AxState(sh): AxState<Arc<Shared>>) -> Response {
-    let until = std::time::Instant::now() + std::time::Duration::from_millis(250);
-    // the notes left in the mailbox before now are read in the second turn from now at the latest
-    let turns = sh.hook_turns.load(Ordering::Acquire);
+    let wait = || std::time::Instant::now() + std::time::Duration::from_millis(250);
+    // the notes left in the mailbox before now: read at the hook server's next turn
     if let Some(ring) = sh.hook_ring.get() {
+        let (asked, until) = (sh.mail_asked.fetch_add(1, Ordering::AcqRel) + 1, wait());
         ring();
-        while sh.hook_turns.load(Ordering::Acquire) < turns + 2 && std::time::Instant::now() < until {
+        while sh.mail_read.load(Ordering::Acquire) < asked && std::time::Instant::now() < until {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
+    let until = wait();
     while sh.hook_pending.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }

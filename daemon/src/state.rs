@@ -507,20 +507,23 @@ impl State {
 
     /// `port`, which the claim's process bound as its session's own for the port it asked
     /// (the shim read the port map: docs/ARCHITECTURE.md "Session stickiness"): the
-    /// session's allocation there, or — freed meanwhile, and `runs` says the process still
-    /// does — one made again (else a grant of nothing, `existing` with no lock: the bind
-    /// is only logged). `None` when another session's allocation holds the port (that
-    /// session's next bind there fails and moves).
+    /// session's allocation there, or one made again when a sweep freed it meanwhile —
+    /// the session's last mapping of that port, within the state's limits, no port Styxy
+    /// reserved, and `runs` says the process still does. Else a grant of nothing
+    /// (`existing` with no lock: the bind is only logged). `None` when another session's
+    /// allocation holds the port (that session's next bind there fails and moves).
     pub(crate) fn adopt(&mut self, claim: &Claim, port: u16, now_ms: u64, runs: impl FnOnce() -> bool) -> Option<Grant> {
         let requested = claim.requested().unwrap_or(port);
         let holder = (requested != port).then(|| self.holder_of(requested));
         if let Some(a) = self.allocs.get(&port) {
             return (a.session.as_deref() == claim.session()).then(|| Grant { port, lock_id: a.lock_id.clone(), existing: true, holder });
         }
-        if !runs() {
-            return Some(Grant { port, lock_id: String::new(), existing: true, holder });
+        let nothing = Grant { port, lock_id: String::new(), existing: true, holder: holder.clone() };
+        let had = |r: &Recent| Some(r.session.as_str()) == claim.session() && r.requested == requested && r.port == port;
+        let Some(ty) = self.policy.service_type(&claim.req.service_type).cloned() else { return Some(nothing) };
+        if !self.recent.iter().any(had) || self.upstream_held.contains_key(&port) || self.check(claim, &ty).is_err() || !runs() {
+            return Some(nothing);
         }
-        let ty = self.policy.service_type(&claim.req.service_type).cloned()?;
         Some(self.insert(claim, &ty, port, holder, now_ms))
     }
 

@@ -112,7 +112,9 @@ pub(crate) fn stuck(keep: &hookproto::Ask, got: u16) {
 
 /// Sends the `NOTE` `ask` with this process's log variables — first to the daemon's
 /// mailbox when `mail` (a bind the port map answered: the note's delay is the bind's) —
-/// no answer awaited, spooled when the daemon cannot be asked; errno as it was.
+/// no answer awaited, spooled when the daemon cannot be asked; errno as it was. Its
+/// message's buffer lives in this frame alone (a thread may have 16 kB of stack).
+#[inline(never)]
 fn told(ask: &hookproto::Ask, mail: bool) {
     let saved = errno();
     let mut msg = [0u8; hookproto::DONE_MAX];
