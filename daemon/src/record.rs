@@ -84,8 +84,14 @@ impl Shared {
 
     /// As [`Shared::confirm`], of the allocation `lock` alone (a sweep may have replaced it).
     pub fn confirm_of(&self, port: u16, lock: &str, owner: Owner) -> bool {
-        let ours = self.state.lock().allocation(port).is_some_and(|a| a.lock_id == lock);
-        ours && self.confirm(port, owner)
+        let confirmed = {
+            let mut st = self.state.lock();
+            st.allocation(port).is_some_and(|a| a.lock_id == lock) && st.confirm(port, owner)
+        };
+        if confirmed {
+            self.persist();
+        }
+        confirmed
     }
 
     /// `owner` bound or listens on `port`: the grant is confirmed, and saved.

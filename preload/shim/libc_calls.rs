@@ -119,24 +119,23 @@ pub(crate) const EINTR: c_int = 4;
 pub(crate) const EAGAIN: c_int = 11;
 pub(crate) const SO_SNDTIMEO: c_int = 21;
 pub(crate) const F_DUPFD_CLOEXEC: c_int = 1030;
-/// `gettid`'s number (libc's `gettid()` needs glibc 2.30); `None` where it is not known here.
-pub(crate) const SYS_GETTID: Option<core::ffi::c_long> = if cfg!(target_arch = "x86_64") {
-    Some(186)
-} else if cfg!(target_arch = "aarch64") {
-    Some(178)
-} else {
-    None
-};
+/// A system call's number on this architecture (x86_64, aarch64); `None` where it is
+/// not known here.
+const fn syscall_number(x86_64: core::ffi::c_long, aarch64: core::ffi::c_long) -> Option<core::ffi::c_long> {
+    if cfg!(target_arch = "x86_64") {
+        Some(x86_64)
+    } else if cfg!(target_arch = "aarch64") {
+        Some(aarch64)
+    } else {
+        None
+    }
+}
+/// `gettid`'s number (libc's `gettid()` needs glibc 2.30).
+pub(crate) const SYS_GETTID: Option<core::ffi::c_long> = syscall_number(186, 178);
 /// `getsockname`'s number: the shim's own look at a socket's name goes to the kernel
 /// directly (libc's function by name is our own hook; found with `dlsym`, its first call
-/// costs a cold process ~1-2 us); `None` where it is not known here.
-pub(crate) const SYS_GETSOCKNAME: Option<core::ffi::c_long> = if cfg!(target_arch = "x86_64") {
-    Some(51)
-} else if cfg!(target_arch = "aarch64") {
-    Some(204)
-} else {
-    None
-};
+/// costs a cold process ~1-2 us).
+pub(crate) const SYS_GETSOCKNAME: Option<core::ffi::c_long> = syscall_number(51, 204);
 /// The scheduling policies under which a thread yields to any other (`SCHED_OTHER`,
 /// `SCHED_BATCH`, `SCHED_IDLE`); a real-time one yields only to its peers.
 pub(crate) const YIELDING_POLICIES: [c_int; 3] = [0, 3, 5];
