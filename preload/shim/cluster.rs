@@ -15,9 +15,10 @@
 use core::ffi::c_int;
 
 use crate::cstring::{append, put};
-use crate::libc_calls::{above_stdio, close, errno, open, read, set_errno, O_CLOEXEC, O_DIRECTORY, O_NONBLOCK, O_RDONLY};
+use crate::libc_calls::{above_stdio, errno, set_errno, O_CLOEXEC, O_DIRECTORY, O_NONBLOCK, O_RDONLY};
 use crate::maps::each_entry;
 use crate::moved_table::Moved;
+use crate::sys::{close, open, read};
 
 static MOVED: Moved = Moved::new();
 

@@ -7,17 +7,19 @@ use core::sync::atomic::Ordering;
 
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    above_stdio, close, errno, getpid, getsockopt, monotonic_ms, monotonic_us, open, poll, read, recv, sched_getscheduler, sched_yield,
-    send, sendto, set_errno, setsockopt, socket, statx, PollFd, SockLen, TimeVal, UCred, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES,
-    EAGAIN, ECONNREFUSED, EINTR, ENOENT, ENOTDIR, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN, SCHED_RESET_ON_FORK,
-    SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET, SOCK_STREAM, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO, STATX_MODE_UID_SIZE,
-    S_IFMT, S_IFSOCK, YIELDING_POLICIES,
+    above_stdio, errno, monotonic_ms, monotonic_us, set_errno, PollFd, SockLen, TimeVal, UCred, AF_UNIX, AT_FDCWD, AT_SYMLINK_NOFOLLOW,
+    EACCES, EAGAIN, ECONNREFUSED, EINTR, ENOENT, ENOTDIR, MSG_DONTWAIT, MSG_NOSIGNAL, O_CLOEXEC, O_NONBLOCK, O_RDONLY, POLLIN,
+    SCHED_RESET_ON_FORK, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET, SOCK_STREAM, SOL_SOCKET, SO_PEERCRED, SO_SNDTIMEO,
+    STATX_MODE_UID_SIZE, S_IFMT, S_IFSOCK, YIELDING_POLICIES,
 };
 use crate::maps::{own_uid, runtime_file, with_port_map, RUNTIME_PATH_MAX};
 use crate::said::first_warning;
 use crate::settings::env;
+use crate::sys::{
+    close, connect, getpid, getsockopt, open, poll, read, recv, sched_getscheduler, sched_yield, send, sendto, setsockopt, socket, statx,
+};
 use crate::tell::notice;
-use crate::{hookproto, mapview, REAL_CONNECT};
+use crate::{hookproto, mapview};
 
 /// How long a bind waits for the daemon when there is no port map to read its beat from:
 /// the hooks' own allocate budget (`Timeouts::HOOK`). Then the bind goes as asked.
@@ -95,8 +97,7 @@ static WOKEN_IN_VAIN: core::sync::atomic::AtomicU32 = core::sync::atomic::Atomic
 /// is waited for ([`ACTIVATION_MS`]; not again by a process it failed).
 pub(crate) fn hook_socket(started: u64) -> Result<c_int, Heard> {
     let first = hook_socket_once(started, u64::MAX);
-    // SAFETY: getpid cannot fail.
-    let me = unsafe { getpid() } as u32;
+    let me = getpid() as u32;
     // a daemon that beats runs without `hook.sock` (it could not make one): no wake brings it
     let beats = |now: u64| with_port_map(|m| m.alive(now)) == Some(true);
     if !matches!(first, Err(Heard::Absent)) || WOKEN_IN_VAIN.load(Ordering::Relaxed) == me || beats(started) || !wake_daemon() {
@@ -184,9 +185,10 @@ fn wake_daemon() -> bool {
     let Some(sun) = unix_addr(&path, n) else { return false };
     // SAFETY: a new socket of ours, closed below.
     let fd = above_stdio(unsafe { socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0) });
-    let Some(connect) = REAL_CONNECT.next().filter(|_| fd >= 0) else { return false };
-    // SAFETY: libc's connect with a `sockaddr_un` of `2 + n + 1` bytes in `sun`; then our
-    // own socket is closed.
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a `sockaddr_un` of `2 + n + 1` bytes in `sun`; then our own socket is closed.
     unsafe {
         let listens = connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) == 0 || errno() == EAGAIN;
         close(fd);
@@ -243,13 +245,11 @@ fn our_socket() -> Option<c_int> {
 /// Connects `fd` to the `sockaddr_un` in `sun` (a path of `n` bytes): a full backlog is
 /// waited for in slices (`SO_SNDTIMEO`) while the daemon beats, a signal resumes it.
 fn connect_bounded(fd: c_int, sun: &[u8; 110], n: usize, started: u64, limit_ms: u64) -> Result<(), Heard> {
-    let connect = REAL_CONNECT.next().ok_or(Heard::Nothing)?;
     let slice = TimeVal { sec: 0, usec: i64::from(SLICE_MS) * 1000 };
     // SAFETY: a `struct timeval` read by the kernel from `slice`.
     unsafe { setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, (&slice as *const TimeVal).cast(), core::mem::size_of::<TimeVal>() as SockLen) };
     loop {
-        // SAFETY: libc's connect with a `sockaddr_un` of `2 + n + 1` bytes (family, path,
-        // NUL) in `sun`.
+        // SAFETY: a `sockaddr_un` of `2 + n + 1` bytes (family, path, NUL) in `sun`.
         if unsafe { connect(fd, sun.as_ptr().cast(), (2 + n + 1) as SockLen) } == 0 {
             return Ok(());
         }
@@ -305,8 +305,7 @@ pub(crate) enum Heard {
 /// Whether `conn` has something to read within [`SPIN_US`], looked at without sleeping
 /// (yielding to any other thread that wants this CPU, the daemon's among them).
 fn answered_soon(conn: c_int) -> bool {
-    // SAFETY: 0 is this thread; the answer is a policy or -1.
-    let policy = unsafe { sched_getscheduler(0) } & !SCHED_RESET_ON_FORK;
+    let policy = sched_getscheduler(0) & !SCHED_RESET_ON_FORK;
     if !YIELDING_POLICIES.contains(&policy) {
         return false; // a real-time thread would not let the daemon run on its CPU
     }
@@ -320,8 +319,7 @@ fn answered_soon(conn: c_int) -> bool {
         if monotonic_us().wrapping_sub(spun) >= SPIN_US {
             return false;
         }
-        // SAFETY: no arguments.
-        unsafe { sched_yield() };
+        sched_yield();
     }
     false
 }

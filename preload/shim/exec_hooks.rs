@@ -19,11 +19,11 @@ use core::ffi::{c_char, c_int, c_void};
 
 use crate::cstring::cstr;
 use crate::libc_calls::{
-    above_stdio, close, environ, errno, faccessat, getauxval, mmap, munmap, open, prctl, pread, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN,
-    AT_FDCWD, AT_PHDR, AT_PHNUM, AT_SECURE, MAP_PRIVATE_ANONYMOUS, O_CLOEXEC, O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE,
-    PR_GET_SECCOMP, SECCOMP_MODE_FILTER, X_OK,
+    above_stdio, environ, errno, faccessat, getauxval, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD, AT_PHDR, AT_PHNUM, AT_SECURE,
+    MAP_PRIVATE_ANONYMOUS, O_CLOEXEC, O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE, PR_GET_SECCOMP, SECCOMP_MODE_FILTER, X_OK,
 };
 use crate::slot::Slot;
+use crate::sys::{close, mmap, munmap, open, prctl, pread};
 use crate::{missing, NO, YES};
 
 pub(crate) type Argv = *const *const c_char;
@@ -239,7 +239,7 @@ unsafe fn supervisor_for(path: *const c_char, envp: Argv) -> Option<*const c_cha
     }
     // a supervisor above answers this tree already (its variable alone could be a leftover)
     // SAFETY: prctl asking about this process.
-    if wants.supervised && unsafe { prctl(PR_GET_SECCOMP) } == SECCOMP_MODE_FILTER {
+    if wants.supervised && unsafe { prctl(PR_GET_SECCOMP, 0) } == SECCOMP_MODE_FILTER {
         return None;
     }
     // SAFETY: `path` is a C string.

@@ -8,11 +8,12 @@ use core::sync::atomic::Ordering;
 use crate::cluster;
 use crate::cstring::{decimal, put};
 use crate::daemon::{exchange, hook_socket, Heard};
-use crate::libc_calls::{close, errno, getpid, monotonic_ms, send, set_errno, SockLen, AF_INET6, EADDRINUSE, MSG_DONTWAIT, MSG_NOSIGNAL};
+use crate::libc_calls::{errno, monotonic_ms, set_errno, SockLen, AF_INET6, EADDRINUSE, MSG_DONTWAIT, MSG_NOSIGNAL};
 use crate::maps::with_port_map;
 use crate::said::{self, own_comm, thread_comm, unasked};
 use crate::settings::{env, session_tag};
 use crate::sockinfo::Inet;
+use crate::sys::{close, getpid, send};
 use crate::tell::notice;
 use crate::{hookproto, AddrFn};
 
@@ -25,8 +26,7 @@ const MAX_RETRIES: u32 = 3;
 static KEPT: [core::sync::atomic::AtomicU64; 4] = [const { core::sync::atomic::AtomicU64::new(0) }; 4];
 
 pub(crate) fn kept_key(port: u16) -> u64 {
-    // SAFETY: getpid cannot fail.
-    (u64::from(unsafe { getpid() } as u32) << 16) | u64::from(port)
+    (u64::from(getpid() as u32) << 16) | u64::from(port)
 }
 
 /// Whether `port` was kept through [`keep`] by this process (it owns the allocation
@@ -324,8 +324,7 @@ fn told_moved(fd: c_int, asked: u16, got: u16) {
     let comm = thread_comm(&mut comm);
     let (mut a, mut g, mut p) = ([0u8; 8], [0u8; 8], [0u8; 12]);
     let (an, gn) = (decimal(&mut a, 0, u32::from(asked)), decimal(&mut g, 0, u32::from(got)));
-    // SAFETY: getpid cannot fail.
-    let pn = decimal(&mut p, 0, unsafe { getpid() } as u32);
+    let pn = decimal(&mut p, 0, getpid() as u32);
     let (a, g, p) = (a.get(..an).unwrap_or(&[]), g.get(..gn).unwrap_or(&[]), p.get(..pn).unwrap_or(&[]));
     notice(&[b"port ", a, b" is taken; ", comm, b" (pid ", p, b") got ", g]);
 }

@@ -22,7 +22,8 @@
 //! policy and port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`),
 //! [`daemon`] (reaching the daemon there), [`said`] (what else it is told, the spool and
 //! the line when it cannot be asked), [`exec_hooks`] (static and Go programs started
-//! under the seccomp supervisor), [`slot`], [`libc_calls`] (libc), [`cstring`] (C strings).
+//! under the seccomp supervisor), [`slot`], [`sys`] (the kernel, called directly), [`libc_calls`] (libc), [`cstring`]
+//! (C strings).
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
@@ -31,7 +32,7 @@ use core::ffi::{c_int, c_void};
 
 use decide::{Class, ListenWay, Listening, Mode, Plan, Route, Seen, SocketFacts};
 use keep::{keep, kept_by, origin};
-use libc_calls::{abort, errno, set_errno, syscall, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS, SYS_GETSOCKNAME};
+use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
 use maps::{port_class, with_port_map};
 use said::{confirm, note, refused};
 use settings::{enabled, in_session, isolate, mode, rule_class, session_tag, supervised};
@@ -75,6 +76,7 @@ mod said;
 mod settings;
 mod slot;
 mod sockinfo;
+mod sys;
 mod tell;
 
 type AddrFn = unsafe extern "C" fn(c_int, *const c_void, SockLen) -> c_int;
@@ -268,14 +270,8 @@ unsafe fn shim_listen(real: ListenFn, fd: c_int, backlog: c_int) -> c_int {
 fn local_port(fd: c_int) -> Option<(u16, u16)> {
     let mut ss = [0u8; 128];
     let mut sl: SockLen = 128;
-    let (at, len) = (ss.as_mut_ptr().cast::<c_void>(), &mut sl as *mut SockLen);
-    let named = match SYS_GETSOCKNAME {
-        // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
-        Some(n) => (unsafe { syscall(n, core::ffi::c_long::from(fd), at, len) }) == 0,
-        // SAFETY: as above, through libc's function.
-        None => REAL_GETSOCKNAME.next().is_some_and(|name| unsafe { name(fd, at, len) } == 0),
-    };
-    if named {
+    // SAFETY: getsockname writes at most `sl` (128) bytes into `ss`, and their length into `sl`.
+    if unsafe { sys::getsockname(fd, ss.as_mut_ptr().cast::<c_void>(), &mut sl) } == 0 {
         ss.get(..(sl as usize).min(128)).and_then(Inet::parse).map(|a| (a.family, a.port))
     } else {
         None

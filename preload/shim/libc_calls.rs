@@ -1,4 +1,5 @@
-//! What the shim uses of libc: its declarations, the constants' Linux values, `errno`.
+//! What the shim uses of libc (`dlsym`, the environment, `errno`, the vDSO clock; its
+//! system calls are `sys`'s), the kernel's structures and the constants' Linux values.
 
 use core::ffi::{c_char, c_int, c_void};
 
@@ -38,37 +39,13 @@ pub(crate) struct TimeVal {
 
 #[link(name = "c")]
 extern "C" {
-    pub(crate) fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int;
-    pub(crate) fn poll(fds: *mut PollFd, n: u64, timeout: c_int) -> c_int;
-    pub(crate) fn send(fd: c_int, buf: *const c_void, n: usize, flags: c_int) -> isize;
-    pub(crate) fn sendto(fd: c_int, buf: *const c_void, n: usize, flags: c_int, to: *const c_void, len: SockLen) -> isize;
-    pub(crate) fn recv(fd: c_int, buf: *mut c_void, n: usize, flags: c_int) -> isize;
     pub(crate) fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
     pub(crate) fn getenv(name: *const c_char) -> *const c_char;
     fn __errno_location() -> *mut c_int;
     pub(crate) fn abort() -> !;
-    pub(crate) fn getpid() -> c_int;
-    pub(crate) fn sched_yield() -> c_int;
-    pub(crate) fn sched_getscheduler(pid: c_int) -> c_int;
-    pub(crate) fn syscall(n: core::ffi::c_long, ...) -> core::ffi::c_long;
-    pub(crate) fn process_vm_readv(pid: c_int, local: *const IoVec, nl: usize, remote: *const IoVec, nr: usize, flags: usize) -> isize;
-    pub(crate) fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut SockLen) -> c_int;
-    pub(crate) fn open(path: *const c_char, flags: c_int, ...) -> c_int;
-    pub(crate) fn close(fd: c_int) -> c_int;
-    pub(crate) fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void;
-    pub(crate) fn munmap(addr: *mut c_void, len: usize) -> c_int;
-    pub(crate) fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: u32, buf: *mut u8) -> c_int;
-    pub(crate) fn getuid() -> u32;
-    pub(crate) fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: SockLen) -> c_int;
-    pub(crate) fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     fn clock_gettime(clock: c_int, ts: *mut TimeSpec) -> c_int;
-    pub(crate) fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
-    pub(crate) fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
-    pub(crate) fn getdents64(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     pub(crate) static environ: crate::exec_hooks::Argv;
-    pub(crate) fn pread(fd: c_int, buf: *mut c_void, n: usize, off: i64) -> isize;
     pub(crate) fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int;
-    pub(crate) fn prctl(option: c_int, ...) -> c_int;
     pub(crate) fn getauxval(kind: u64) -> u64;
 }
 
@@ -119,23 +96,6 @@ pub(crate) const EINTR: c_int = 4;
 pub(crate) const EAGAIN: c_int = 11;
 pub(crate) const SO_SNDTIMEO: c_int = 21;
 pub(crate) const F_DUPFD_CLOEXEC: c_int = 1030;
-/// A system call's number on this architecture (x86_64, aarch64); `None` where it is
-/// not known here.
-const fn syscall_number(x86_64: core::ffi::c_long, aarch64: core::ffi::c_long) -> Option<core::ffi::c_long> {
-    if cfg!(target_arch = "x86_64") {
-        Some(x86_64)
-    } else if cfg!(target_arch = "aarch64") {
-        Some(aarch64)
-    } else {
-        None
-    }
-}
-/// `gettid`'s number (libc's `gettid()` needs glibc 2.30).
-pub(crate) const SYS_GETTID: Option<core::ffi::c_long> = syscall_number(186, 178);
-/// `getsockname`'s number: the shim's own look at a socket's name goes to the kernel
-/// directly (libc's function by name is our own hook; found with `dlsym`, its first call
-/// costs a cold process ~1-2 us).
-pub(crate) const SYS_GETSOCKNAME: Option<core::ffi::c_long> = syscall_number(51, 204);
 /// The scheduling policies under which a thread yields to any other (`SCHED_OTHER`,
 /// `SCHED_BATCH`, `SCHED_IDLE`); a real-time one yields only to its peers.
 pub(crate) const YIELDING_POLICIES: [c_int; 3] = [0, 3, 5];
@@ -202,8 +162,8 @@ pub(crate) fn above_stdio(fd: c_int) -> c_int {
     }
     // SAFETY: a copy of our own fd; the original, ours, is closed.
     unsafe {
-        let high = fcntl(fd, F_DUPFD_CLOEXEC, 3 as c_int);
-        close(fd);
+        let high = crate::sys::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        crate::sys::close(fd);
         high
     }
 }

@@ -7,12 +7,12 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
-    above_stdio, close, errno, getdents64, getuid, mmap, munmap, open, pread, read, set_errno, statx, AT_EMPTY_PATH, AT_FDCWD,
-    AT_SYMLINK_NOFOLLOW, MAP_SHARED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE,
-    S_IFDIR, S_IFMT, S_IFREG,
+    above_stdio, errno, set_errno, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MAP_SHARED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW,
+    O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT, S_IFREG,
 };
 use crate::mapview::{self, Words};
 use crate::settings::env;
+use crate::sys::{close, getdents64, getuid, mmap, munmap, open, pread, read, statx};
 
 /// The daemon's policy map (common/src/policymap.rs): magic, header, a class per port.
 const POLICY_MAGIC: u32 = 0x5350_5031;
@@ -148,8 +148,7 @@ pub(crate) fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
 /// NUL-terminated into `buf`; its length, 0 when there is none of ours (or our uid is the
 /// overflow uid: nothing is provably ours).
 fn tmp_fallback(buf: &mut [u8]) -> usize {
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { getuid() };
+    let uid = getuid();
     if !own_uid(uid) {
         return 0;
     }
@@ -227,8 +226,7 @@ fn kind_of(dirfd: c_int, path: &[u8]) -> Option<(u16, bool)> {
 /// (an ~11 us `/proc` read) only when ours is the kernel's default one, 65534: a system
 /// that sets `kernel.overflowuid` to the uid of a real user is not told apart.
 pub(crate) fn own_uid(uid: u32) -> bool {
-    // SAFETY: getuid cannot fail.
-    uid == unsafe { getuid() } && (uid != DEFAULT_OVERFLOW_UID || uid != overflow_uid())
+    uid == getuid() && (uid != DEFAULT_OVERFLOW_UID || uid != overflow_uid())
 }
 
 /// `kernel.overflowuid` unless a system sets another.

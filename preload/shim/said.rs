@@ -9,11 +9,11 @@ use crate::daemon::{hook_socket_brief, mailed, sent_and_answered, tell, u32_at, 
 use crate::hookproto;
 use crate::keep::{done_message, family_byte, kept_by, kept_key, session, NO_ASK};
 use crate::libc_calls::{
-    above_stdio, close, errno, getpid, getuid, monotonic_ms, open, prctl, realtime_ms, recv, set_errno, statx, syscall, write,
-    MSG_DONTWAIT, O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK,
-    SYS_GETTID, S_IFMT, S_IFREG,
+    above_stdio, errno, monotonic_ms, realtime_ms, set_errno, MSG_DONTWAIT, O_APPEND, O_CLOEXEC, O_CREAT, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK,
+    O_WRONLY, PR_GET_NAME, STATX_MODE_UID_SIZE, STATX_NLINK, S_IFMT, S_IFREG,
 };
 use crate::maps::{own_uid, runtime_file, RUNTIME_PATH_MAX};
+use crate::sys::{close, getpid, gettid, getuid, open, prctl, recv, statx, write};
 use crate::tell::notice;
 
 /// Tells the daemon this process listens on `port`, which an ancestor kept before a
@@ -72,8 +72,7 @@ static WARNED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::ne
 
 /// This process has not said yet that the daemon could not be asked (and now has).
 pub(crate) fn first_warning() -> bool {
-    // SAFETY: getpid cannot fail.
-    let me = unsafe { getpid() } as u32;
+    let me = getpid() as u32;
     WARNED.swap(me, Ordering::Relaxed) != me
 }
 
@@ -84,8 +83,7 @@ fn warn_other_user(owner: u32) {
         return;
     }
     let (mut o, mut m) = ([0u8; 12], [0u8; 12]);
-    // SAFETY: getuid cannot fail.
-    let (on, mn) = (decimal(&mut o, 0, owner), decimal(&mut m, 0, unsafe { getuid() }));
+    let (on, mn) = (decimal(&mut o, 0, owner), decimal(&mut m, 0, getuid()));
     let [a, b, c] = hookproto::OTHER_USER;
     let (o, m) = (o.get(..on).unwrap_or(&[]), m.get(..mn).unwrap_or(&[]));
     notice(&[a.as_bytes(), o, b.as_bytes(), m, c.as_bytes(), hookproto::PASS_THROUGH.as_bytes()]);
@@ -129,9 +127,7 @@ fn told(ask: &hookproto::Ask, mail: bool) {
 /// This process's name, in `buf`: its main thread's (`PR_GET_NAME`); empty on another
 /// thread, whose own name that would be (the daemon then reads the process's in `/proc`).
 pub(crate) fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
-    // SAFETY: gettid and getpid take nothing and cannot fail.
-    let main = SYS_GETTID.is_some_and(|n| unsafe { syscall(n) } == core::ffi::c_long::from(unsafe { getpid() }));
-    if main {
+    if gettid() == getpid() {
         thread_comm(buf)
     } else {
         &[]
@@ -141,7 +137,7 @@ pub(crate) fn own_comm(buf: &mut [u8; 17]) -> &[u8] {
 /// The calling thread's name (`PR_GET_NAME`), in `buf`.
 pub(crate) fn thread_comm(buf: &mut [u8; 17]) -> &[u8] {
     // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `buf`.
-    unsafe { prctl(PR_GET_NAME, buf.as_mut_ptr()) };
+    unsafe { prctl(PR_GET_NAME, buf.as_mut_ptr() as usize) };
     buf.split(|c| *c == 0).next().unwrap_or(&[])
 }
 
@@ -157,15 +153,15 @@ fn spool(ask: &hookproto::Ask) {
     // the record built in place: its head, then the message
     let mut rec = [0u8; hookproto::SPOOL_HEAD + hookproto::DONE_MAX];
     let n = rec.get_mut(hookproto::SPOOL_HEAD..).map_or(0, |msg| done_message(&ask, msg));
-    // SAFETY: getpid cannot fail.
-    let n = if n == 0 { 0 } else { hookproto::spool_record(unsafe { getpid() } as u32, realtime_ms(), n, &mut rec) };
+    let n = if n == 0 { 0 } else { hookproto::spool_record(getpid() as u32, realtime_ms(), n, &mut rec) };
     let mut path = [0u8; RUNTIME_PATH_MAX];
     if n == 0 || runtime_file(&mut path, b"/hook.spool\0") == 0 {
         return;
     }
     let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | O_CLOEXEC;
-    // SAFETY: `path` is NUL-terminated (runtime_file); the fd is ours, closed below.
-    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), flags, 0o600) });
+    // SAFETY: `path` is NUL-terminated (runtime_file); the fd is ours, closed below; the
+    // file it creates is 0600.
+    let fd = above_stdio(unsafe { open(path.as_ptr().cast(), flags) });
     if fd < 0 {
         return;
     }
@@ -239,8 +235,7 @@ pub(crate) fn refused(port: u16, family: u16) -> bool {
         if let Some(slot) = slot {
             slot.store(key, Ordering::Relaxed);
         }
-        // SAFETY: getpid cannot fail.
-        let me = unsafe { getpid() } as u32;
+        let me = getpid() as u32;
         if TOLD.swap(me, Ordering::Relaxed) != me {
             notice(&[line]);
         }

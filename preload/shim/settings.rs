@@ -6,9 +6,8 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::cstring::cstr;
 use crate::decide::{self, Class, Mode};
-use crate::libc_calls::{
-    above_stdio, close, errno, getenv, open, read, set_errno, statx, AT_FDCWD, O_CLOEXEC, O_NONBLOCK, O_RDONLY, STATX_INO,
-};
+use crate::libc_calls::{above_stdio, errno, getenv, set_errno, AT_FDCWD, O_CLOEXEC, O_NONBLOCK, O_RDONLY, STATX_INO};
+use crate::sys::{close, open, read, statx};
 use crate::{mapview, switch, NO, UNKNOWN, YES};
 
 static ENABLED: AtomicU8 = AtomicU8::new(UNKNOWN);

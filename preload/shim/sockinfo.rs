@@ -4,10 +4,9 @@
 use crate::decide::SocketFacts;
 use core::ffi::{c_int, c_void};
 
-use crate::libc_calls::{
-    errno, getpid, getsockopt, process_vm_readv, set_errno, IoVec, SockLen, ENOSYS, EPERM, SOCK_STREAM, SOL_SOCKET, SO_REUSEPORT, SO_TYPE,
-};
+use crate::libc_calls::{errno, set_errno, IoVec, SockLen, ENOSYS, EPERM, SOCK_STREAM, SOL_SOCKET, SO_REUSEPORT, SO_TYPE};
 use crate::sockaddr;
+use crate::sys::{getpid, getsockopt, process_vm_readv};
 
 /// Caller memory this close above our own stack frame is the caller's frames: mapped.
 const STACK_WINDOW: usize = 64 * 1024;
