@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::os::unix::ffi::OsStrExt;
 
 use common::*;
 use styxy_preload_common::eventlog::Action;
@@ -319,6 +320,41 @@ fn a_restarted_server_gets_its_session_s_port_with_no_question() {
         return;
     }
     panic!("a sweep came between the two binds five times");
+}
+
+/// A fresh process reads a port's class in the link of its block (one `readlink`); with
+/// the links gone, in the policy map's file.
+#[test]
+fn a_fresh_process_reads_a_ports_class_in_its_link_else_in_the_map() {
+    use styxy_preload_common::{policylink, policymap};
+    let mut w = World::new();
+    w.start_daemon();
+    let bind_once = |w: &mut World| {
+        let mut c = w.preloaded(Some("links"), fixture("binder"));
+        c.args(["errno0", "12050"]);
+        let out = run(c);
+        let _ = w.call("POST", "/flush", None);
+        text(&out.stdout)
+    };
+    let asks = |w: &World| metric(w, "styxy_hook_asks_total");
+    // outside every range: bound as asked, asked of nobody
+    let before = asks(&w);
+    assert_eq!(bind_once(&mut w).trim(), "rc 0 errno 0 port 12050");
+    assert_eq!(asks(&w), before, "an on-conflict port was asked about");
+    // its link made to say it is coordinated: the next fresh process asks
+    let links = w.path("run/styxy-preload/policy");
+    let link = links.join(policylink::link_of(12050).to_string());
+    let mut classes = [policymap::ON_CONFLICT; policylink::PORTS_PER_LINK as usize];
+    classes[usize::from(12050 % policylink::PORTS_PER_LINK)] = policymap::COORDINATED;
+    let target = std::ffi::OsStr::from_bytes(&policylink::encode(&classes)).to_owned();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert_eq!(bind_once(&mut w).trim(), "rc 0 errno 0 port 12050");
+    assert_eq!(asks(&w), before + 1, "the link was not read");
+    // the links gone: the map's file says on-conflict
+    std::fs::remove_dir_all(&links).unwrap();
+    assert_eq!(bind_once(&mut w).trim(), "rc 0 errno 0 port 12050");
+    assert_eq!(asks(&w), before + 1, "the map's file was not read");
 }
 
 /// A port outside every range is bound as asked first; found taken (by a server nobody

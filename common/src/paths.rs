@@ -138,6 +138,11 @@ pub fn policymap_path() -> PathBuf {
     runtime_dir().join("policy.map")
 }
 
+/// The policy map's classes as links, one per block of ports (`policylink`).
+pub fn policy_links_dir() -> PathBuf {
+    runtime_dir().join("policy")
+}
+
 pub fn token_path() -> PathBuf {
     runtime_dir().join("token")
 }

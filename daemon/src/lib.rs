@@ -192,7 +192,7 @@ fn ioe(what: &str, path: &std::path::Path) -> impl FnOnce(io::Error) -> RunError
 pub fn publish_policy(policy: &Policy) {
     let shared = Policy { rules: vec![], ..policy.clone() };
     let path = paths::policymap_path();
-    if let Err(e) = styxy_preload_common::policymap::write(&path, &shared) {
+    if let Err(e) = styxy_preload_common::policymap::write(&path, &paths::policy_links_dir(), &shared) {
         log!("cannot write {}: {e}; every bind loads the hooks' logic", path.display());
     }
 }

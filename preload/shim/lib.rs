@@ -47,6 +47,10 @@ mod decide;
 #[allow(dead_code)]
 #[path = "../../common/src/mapview.rs"]
 mod mapview;
+/// The policy map's classes as links, a fresh process's look (one codec for both ends).
+#[allow(dead_code)]
+#[path = "../../common/src/policylink.rs"]
+mod policylink;
 
 /// The fixed-layout exchange with the daemon for a coordinated bind (one layout for both ends).
 #[allow(dead_code)]

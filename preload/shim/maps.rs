@@ -1,6 +1,8 @@
-//! The daemon's two maps, read once they exist and are ours alone: `policy.map`, a class
-//! per port (common/src/policymap.rs, read with `pread`: no page fault), and `ports.map`,
-//! who holds which port (common/src/portmap.rs, mapped, read through [`crate::mapview`]).
+//! The daemon's two maps: `policy.map`, a class per port (common/src/policymap.rs), read
+//! in a fresh process through its links (common/src/policylink.rs: one `readlink`, no
+//! page fault), and `ports.map`, who holds which port (common/src/portmap.rs, read with
+//! `pread` in a fresh process), each once it exists and is ours alone, and mapped in a
+//! warm process (read through [`crate::mapview`]).
 
 use core::ffi::{c_int, CStr};
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
@@ -11,23 +13,25 @@ use crate::libc_calls::{
     O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT, S_IFREG,
 };
 use crate::mapview::{self, Words};
+use crate::policylink;
 use crate::settings::env;
-use crate::sys::{close, getdents64, getuid, mmap, munmap, open, pread, read, statx};
+use crate::sys::{close, getdents64, getuid, mmap, munmap, open, pread, read, readlink, statx};
 
 /// The daemon's policy map (common/src/policymap.rs): magic, header, a class per port.
 const POLICY_MAGIC: u32 = 0x5350_5031;
 const POLICY_HEADER: usize = 64;
 const POLICY_SIZE: usize = POLICY_HEADER + 65536;
 
-/// One of the daemon's maps as this process reads it: from the file (`pread`) for its first
-/// [`READS_BEFORE_MAPPING`] looks — a cold process's first touch of a mapped page is a
-/// page fault, ~10 us in a VM, and opening and reading the file costs ~3 us — then mapped
-/// once, for a warm process's looks to cost no syscall.
+/// One of the daemon's maps as this process reads it: its cold way ([`Cold`]) for its
+/// first [`READS_BEFORE_MAPPING`] looks — a cold process's first touch of a mapped page is
+/// a page fault, ~10 us in a VM — then mapped once, for a warm process's looks to cost no
+/// syscall.
 struct MapFile {
     /// Its name beside the daemon's socket, as `b"/policy.map\0"`.
     name: &'static [u8],
     size: usize,
     magic: u32,
+    cold: Cold,
     /// Null, or the mapping, published once and never unmapped.
     map: AtomicPtr<u8>,
     reads: AtomicU32,
@@ -35,10 +39,20 @@ struct MapFile {
 
 const READS_BEFORE_MAPPING: u32 = 8;
 
+/// How a map is read before it is mapped.
+#[derive(PartialEq, Eq)]
+enum Cold {
+    /// Its file, opened, checked and read with `pread` (~5 us).
+    File,
+    /// Its links, one `readlink` (~2.5 us; the policy's, [`linked_class`]).
+    Links,
+}
+
 static POLICY: MapFile = MapFile {
     name: b"/policy.map\0",
     size: POLICY_SIZE,
     magic: POLICY_MAGIC,
+    cold: Cold::Links,
     map: AtomicPtr::new(core::ptr::null_mut()),
     reads: AtomicU32::new(0),
 };
@@ -46,6 +60,7 @@ static PORTS: MapFile = MapFile {
     name: b"/ports.map\0",
     size: mapview::SIZE,
     magic: mapview::MAGIC,
+    cold: Cold::File,
     map: AtomicPtr::new(core::ptr::null_mut()),
     reads: AtomicU32::new(0),
 };
@@ -56,6 +71,8 @@ enum Look {
     Mapped(*const u8),
     /// Its file, open (ours alone, at least `size` bytes) for the look's length.
     File(c_int),
+    /// Its links, for the caller to read ([`Cold::Links`]).
+    Links,
 }
 
 impl MapFile {
@@ -67,14 +84,16 @@ impl MapFile {
             return f(Look::Mapped(map));
         }
         let saved = errno();
-        let mut path = [0u8; RUNTIME_PATH_MAX];
-        let n = runtime_file(&mut path, self.name);
-        let got = if n == 0 {
-            None
-        } else if self.reads.fetch_add(1, Ordering::Relaxed) < READS_BEFORE_MAPPING {
-            with_file(&path, n, self.size, |fd| f(Look::File(fd))).flatten()
+        let cold = self.reads.fetch_add(1, Ordering::Relaxed) < READS_BEFORE_MAPPING;
+        let got = if cold && self.cold == Cold::Links {
+            f(Look::Links)
         } else {
-            self.map_once(&path, n).and_then(|map| f(Look::Mapped(map)))
+            let mut path = [0u8; RUNTIME_PATH_MAX];
+            match runtime_file(&mut path, self.name) {
+                0 => None,
+                n if cold => with_file(&path, n, self.size, |fd| f(Look::File(fd))).flatten(),
+                n => self.map_once(&path, n).and_then(|map| f(Look::Mapped(map))),
+            }
         };
         set_errno(saved);
         got
@@ -95,22 +114,49 @@ impl MapFile {
     }
 }
 
-/// The class of `port` in the daemon's policy map, `None` when there is no map this
-/// process may trust.
+/// The class of `port` in the daemon's policy: its link's ([`linked_class`]) in a fresh
+/// process, the mapped map's in a warm one; `None` when there is none this process may
+/// read.
 pub(crate) fn port_class(port: u16) -> Option<u8> {
     let at = POLICY_HEADER + usize::from(port);
     POLICY.look(|look| match look {
         // SAFETY: a mapping of POLICY_SIZE bytes ([`Look`]); `at` < POLICY_SIZE.
         Look::Mapped(map) => Some(unsafe { *map.add(at) }),
-        Look::File(fd) => {
-            let (mut magic, mut class) = ([0u8; 4], 0u8);
-            // SAFETY: pread writes at most 4 bytes into `magic`, 1 into `class`; `fd` is
-            // open ([`Look`]).
-            let read =
-                unsafe { pread(fd, magic.as_mut_ptr().cast(), 4, 0) == 4 && pread(fd, (&mut class as *mut u8).cast(), 1, at as i64) == 1 };
-            (read && u32::from_ne_bytes(magic) == POLICY_MAGIC).then_some(class)
-        }
+        // a directory without the links (being written, a file system without links):
+        // the map's file
+        Look::Links => linked_class(port).or_else(|| {
+            let mut path = [0u8; RUNTIME_PATH_MAX];
+            let n = runtime_file(&mut path, POLICY.name);
+            with_file(&path, n, POLICY_SIZE, |fd| read_class(fd, at)).flatten()
+        }),
+        Look::File(fd) => read_class(fd, at),
     })
+}
+
+/// The class at `at` in the policy map's file, open as `fd`, when its magic is the map's.
+fn read_class(fd: c_int, at: usize) -> Option<u8> {
+    let (mut magic, mut class) = ([0u8; 4], 0u8);
+    // SAFETY: pread writes at most 4 bytes into `magic`, 1 into `class`; `fd` is open (the
+    // caller's).
+    let read = unsafe { pread(fd, magic.as_mut_ptr().cast(), 4, 0) == 4 && pread(fd, (&mut class as *mut u8).cast(), 1, at as i64) == 1 };
+    (read && u32::from_ne_bytes(magic) == POLICY_MAGIC).then_some(class)
+}
+
+/// `port`'s class as the link of its block says (`policy/<block>`, [`policylink`]): one
+/// `readlink`. Not checked for its owner: a link planted by someone who may write the
+/// daemon's directory can only make the bind go as asked, or be asked of the daemon,
+/// whose own uid is checked (docs/SECURITY.md).
+fn linked_class(port: u16) -> Option<u8> {
+    let mut path = [0u8; RUNTIME_PATH_MAX];
+    let n = runtime_file(&mut path, b"/policy/\0");
+    let n = decimal(&mut path, n, u32::from(policylink::link_of(port)));
+    if n == 0 {
+        return None;
+    }
+    let mut target = [0u8; 64];
+    // SAFETY: `path` is NUL-terminated (decimal); readlink writes at most 64 bytes into `target`.
+    let got = unsafe { readlink(path.as_ptr().cast(), target.as_mut_ptr(), target.len()) };
+    policylink::class(target.get(..usize::try_from(got).ok()?)?, port)
 }
 
 /// The longest path of a file beside the daemon's socket: that socket's own path fits a
@@ -328,6 +374,7 @@ pub(crate) fn with_port_map<T>(f: impl FnOnce(&dyn Words) -> T) -> Option<T> {
         // SAFETY: a mapping of mapview::SIZE bytes, page-aligned, never unmapped ([`Look`]).
         Look::Mapped(map) => Some(f(&unsafe { mapview::View::new(map) })),
         Look::File(fd) => FileWords::new(fd).filter(|w| w.valid()).map(|w| f(&w)),
+        Look::Links => None,
     })
 }
 

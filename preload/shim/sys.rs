@@ -54,6 +54,7 @@ const SCHED_YIELD: c_long = nr(24, 124);
 const SCHED_GETSCHEDULER: c_long = nr(145, 120);
 const PRCTL: c_long = nr(157, 167);
 const PROCESS_VM_READV: c_long = nr(310, 270);
+const READLINKAT: c_long = nr(267, 78);
 
 /// System call `n` with six arguments: the kernel's result (−errno on failure).
 ///
@@ -126,6 +127,15 @@ fn p<T>(v: *const T) -> usize {
 pub(crate) unsafe fn open(path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: the caller's contract.
     unsafe { call(OPENAT, [i(AT_FDCWD), p(path), i(flags), 0o600, 0, 0]) as c_int }
+}
+
+/// `readlink(2)` (as `readlinkat(AT_FDCWD, …)`): the target's length (not NUL-terminated).
+///
+/// # Safety
+/// `path` is NUL-terminated; `buf` holds `n` writable bytes.
+pub(crate) unsafe fn readlink(path: *const c_char, buf: *mut u8, n: usize) -> isize {
+    // SAFETY: the caller's contract.
+    unsafe { call(READLINKAT, [i(AT_FDCWD), p(path), p(buf), n, 0, 0]) }
 }
 
 /// `close(2)`.
