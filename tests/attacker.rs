@@ -84,8 +84,8 @@ fn fifos_planted_as_the_daemons_maps_never_hang_a_bind_or_a_connect() {
     mkfifo(&dir.join("policy.map"));
     mkfifo(&dir.join("ports.map"));
     // and where the link of port 3000's block goes
-    std::fs::create_dir(dir.join("policy")).unwrap();
-    mkfifo(&dir.join(format!("policy/{}", styxy_preload_common::policylink::link_of(3000))));
+    std::fs::create_dir(dir.join("blocks")).unwrap();
+    mkfifo(&dir.join(format!("blocks/{}", styxy_preload_common::blocklink::link_of(3000))));
     let script = "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 3000)); s.listen()\nc = socket.create_connection(('127.0.0.1', 3000), 2)\nprint('served', s.getsockname()[1], flush=True)";
     let mut c = w.preloaded(Some("fifo"), "python3");
     c.args(["-c", script]).env("STYXY_URL", format!("unix:{}/daemon.sock", dir.display()));

@@ -49,7 +49,8 @@ impl FakeDaemon {
         let run = w.path("run/styxy-preload");
         std::fs::create_dir_all(&run).unwrap();
         std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-        styxy_preload_common::policymap::write(&run.join("policy.map"), &run.join("policy"), &Policy::default()).unwrap();
+        styxy_preload_common::policymap::write(&run.join("policy.map"), &styxy_preload_common::policymap::classes(&Policy::default()))
+            .unwrap();
         let map = Arc::new(PortMap::create(&run.join("ports.map")).unwrap());
         let flag = Arc::new(AtomicBool::new(beating));
         let (f, m) = (flag.clone(), map.clone());

@@ -322,11 +322,13 @@ fn a_restarted_server_gets_its_session_s_port_with_no_question() {
     panic!("a sweep came between the two binds five times");
 }
 
-/// A fresh process reads a port's class in the link of its block (one `readlink`); with
-/// the links gone, in the policy map's file.
+/// A fresh process reads what the daemon says of a port's block in one `readlink` of the
+/// block's link: a bind its class, a session's connect whether anyone holds or asked for
+/// a port there (none: as asked, no look at the port map). With the links gone, it reads
+/// the maps' files.
 #[test]
-fn a_fresh_process_reads_a_ports_class_in_its_link_else_in_the_map() {
-    use styxy_preload_common::{policylink, policymap};
+fn a_fresh_process_reads_its_ports_block_in_one_link_else_in_the_maps() {
+    use styxy_preload_common::{blocklink, policymap};
     let mut w = World::new();
     w.start_daemon();
     let bind_once = |w: &mut World| {
@@ -337,24 +339,45 @@ fn a_fresh_process_reads_a_ports_class_in_its_link_else_in_the_map() {
         text(&out.stdout)
     };
     let asks = |w: &World| metric(w, "styxy_hook_asks_total");
+    let links = w.path("run/styxy-preload/blocks");
+    let set_link = |port: u16, classes: &[u8; blocklink::PORTS_PER_LINK as usize], used: bool| {
+        let link = links.join(blocklink::link_of(port).to_string());
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&blocklink::encode(classes, used)), &link).unwrap();
+    };
     // outside every range: bound as asked, asked of nobody
     let before = asks(&w);
     assert_eq!(bind_once(&mut w).trim(), "rc 0 errno 0 port 12050");
     assert_eq!(asks(&w), before, "an on-conflict port was asked about");
     // its link made to say it is coordinated: the next fresh process asks
-    let links = w.path("run/styxy-preload/policy");
-    let link = links.join(policylink::link_of(12050).to_string());
-    let mut classes = [policymap::ON_CONFLICT; policylink::PORTS_PER_LINK as usize];
-    classes[usize::from(12050 % policylink::PORTS_PER_LINK)] = policymap::COORDINATED;
-    let target = std::ffi::OsStr::from_bytes(&policylink::encode(&classes)).to_owned();
-    std::fs::remove_file(&link).unwrap();
-    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let mut classes = [policymap::ON_CONFLICT; blocklink::PORTS_PER_LINK as usize];
+    classes[usize::from(12050 % blocklink::PORTS_PER_LINK)] = policymap::COORDINATED;
+    set_link(12050, &classes, false);
     assert_eq!(bind_once(&mut w).trim(), "rc 0 errno 0 port 12050");
     assert_eq!(asks(&w), before + 1, "the link was not read");
-    // the links gone: the map's file says on-conflict
+    // a session's server remapped: its block's link says it is used, and the session's
+    // connect to the port it asked for follows the remap
+    serve(&mut w, Some("other"), 4060, "holder");
+    let (_, moved) = serve(&mut w, Some("links"), 4060, "moved");
+    assert_ne!(moved, 4060);
+    let connect = |w: &World| {
+        let mut c = w.preloaded(Some("links"), fixture("binder"));
+        c.args(["get", "4060"]);
+        text(&run(c).stdout)
+    };
+    assert_eq!(connect(&w).trim(), "body moved", "the session's connect did not follow its remap");
+    let target = std::fs::read_link(links.join(blocklink::link_of(4060).to_string())).unwrap();
+    assert!(!blocklink::vacant(target.as_os_str().as_bytes()), "{target:?}");
+    // the link made to say the block is vacant: the connect goes as asked (to the holder)
+    let said = blocklink::class(target.as_os_str().as_bytes(), 4060).unwrap();
+    set_link(4060, &[said; blocklink::PORTS_PER_LINK as usize], false);
+    assert_eq!(connect(&w).trim(), "body holder", "the link was not read");
+    // the links gone: the maps' files say on-conflict, and where the remap goes
     std::fs::remove_dir_all(&links).unwrap();
+    let before = asks(&w);
     assert_eq!(bind_once(&mut w).trim(), "rc 0 errno 0 port 12050");
-    assert_eq!(asks(&w), before + 1, "the map's file was not read");
+    assert_eq!(asks(&w), before, "the map's file was not read");
+    assert_eq!(connect(&w).trim(), "body moved", "the port map's file was not read");
 }
 
 /// A port outside every range is bound as asked first; found taken (by a server nobody

@@ -2,12 +2,14 @@
 //! the files it includes: `decide`, `hookproto`, `mapview`, `sockaddr`) and the built-in
 //! daemon share: what happens to a hooked call ([`decide`], pure), Styxy's API types ([`api`]), the port → type [`policy`], [`paths`], HTTP over
 //! a Unix socket or TCP ([`http`]), the event log ([`eventlog`]), the shared port and
-//! policy maps ([`portmap`], [`policymap`], [`policylink`]). Not pure: it does file I/O, `mmap` and HTTP.
+//! policy maps ([`portmap`], [`policymap`], and both as links: [`blocklink`], [`blocklinks`]). Not pure: it does file I/O, `mmap` and HTTP.
 //!
 //! Nothing here starts a thread, an async runtime or does work at load time: the
 //! preload library runs this code inside foreign processes.
 
 pub mod api;
+pub mod blocklink;
+pub mod blocklinks;
 pub mod decide;
 pub mod discovery;
 pub mod envvars;
@@ -19,7 +21,6 @@ pub mod moved;
 pub mod notice;
 pub mod paths;
 pub mod policy;
-pub mod policylink;
 pub mod policymap;
 pub mod portmap;
 pub mod procinfo;

@@ -138,9 +138,9 @@ pub fn policymap_path() -> PathBuf {
     runtime_dir().join("policy.map")
 }
 
-/// The policy map's classes as links, one per block of ports (`policylink`).
-pub fn policy_links_dir() -> PathBuf {
-    runtime_dir().join("policy")
+/// What the daemon says of each block of ports, as links (`blocklink`).
+pub fn block_links_dir() -> PathBuf {
+    runtime_dir().join("blocks")
 }
 
 pub fn token_path() -> PathBuf {

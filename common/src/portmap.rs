@@ -17,7 +17,9 @@
 //!   actual` (0 = never used, actual 0 = deleted), linear probing.
 //!
 //! One writer (the daemon, under its lock); readers in other processes load whole
-//! words, so they never see a torn entry.
+//! words, so they never see a torn entry. The writer tells its block links
+//! ([`crate::blocklinks`]) of every `held` word that becomes used or unused: a fresh
+//! process reads there whether a block has any.
 //!
 //! **Reclaiming deleted entries.** Deleted entries (tombstones) keep probe chains
 //! intact but lengthen every lookup that crosses them; never reclaimed, they filled the
@@ -49,6 +51,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use crate::blocklinks::BlockLinks;
 pub use crate::mapview::SIZE;
 use crate::mapview::{self, deleted, is, next, pack, prev, slot, Liveness, View, Words, MAGIC, MAPPED, SLOTS};
 
@@ -64,6 +67,8 @@ pub struct PortMap {
     /// The writer's live remap entries per requested port: [`MAPPED`] is set while there
     /// is one (none in a read-only mapping).
     mapped: Box<[AtomicU32]>,
+    /// The writer's block links, told of every word that becomes used or unused.
+    links: Option<BlockLinks>,
 }
 
 // SAFETY: all access goes through atomics on a mapping that lives as long as the value.
@@ -121,7 +126,18 @@ impl PortMap {
         }
         let writer = prot & libc::PROT_WRITE != 0;
         let mapped = (0..if writer { mapview::PORTS } else { 0 }).map(|_| AtomicU32::new(0)).collect();
-        Ok(PortMap { base: p.cast(), live: AtomicUsize::new(0), dead: AtomicUsize::new(0), mapped })
+        Ok(PortMap { base: p.cast(), live: AtomicUsize::new(0), dead: AtomicUsize::new(0), mapped, links: None })
+    }
+
+    /// The writer's map, with its block links (`blocks/` beside it), told of every word
+    /// from now on.
+    pub fn with_block_links(mut self, links: BlockLinks) -> PortMap {
+        self.links = Some(links);
+        self
+    }
+
+    pub fn block_links(&self) -> Option<&BlockLinks> {
+        self.links.as_ref()
     }
 
     fn view(&self) -> View<'_> {
@@ -186,8 +202,23 @@ impl PortMap {
     }
 
     pub fn set_held(&self, port: u16, tag: u32) {
+        let w = self.held_word(port).load(Ordering::Relaxed);
+        self.store_held(port, w & MAPPED | tag & !MAPPED);
+    }
+
+    /// Stores `port`'s word: its block's link says the block is used before its first
+    /// word is (a reader that finds the link vacant finds nothing here either), and is
+    /// told after a word is unused again.
+    fn store_held(&self, port: u16, new: u32) {
         let w = self.held_word(port);
-        w.store(w.load(Ordering::Relaxed) & MAPPED | tag & !MAPPED, Ordering::Release);
+        let old = w.load(Ordering::Relaxed);
+        if let Some(links) = self.links.as_ref().filter(|_| old == 0 && new != 0) {
+            links.use_port(port);
+        }
+        w.store(new, Ordering::Release);
+        if let Some(links) = self.links.as_ref().filter(|_| old != 0 && new == 0) {
+            links.unuse_port(port, monotonic_ms());
+        }
     }
 
     /// One more (`+1`) or one less (`-1`) live remap entry for `requested`: [`MAPPED`]
@@ -196,9 +227,8 @@ impl PortMap {
         let Some(c) = self.mapped.get(usize::from(requested)) else { return };
         let n = c.load(Ordering::Relaxed).saturating_add_signed(delta);
         c.store(n, Ordering::Relaxed);
-        let w = self.held_word(requested);
-        let flag = if n > 0 { MAPPED } else { 0 };
-        w.store(w.load(Ordering::Relaxed) & !MAPPED | flag, Ordering::Release);
+        let w = self.held_word(requested).load(Ordering::Relaxed);
+        self.store_held(requested, w & !MAPPED | if n > 0 { MAPPED } else { 0 });
     }
 
     /// Records (or replaces) `requested → actual` for session `tag`.
@@ -330,7 +360,7 @@ impl PortMap {
             if let Some(c) = self.mapped.get(usize::from(p)) {
                 c.store(0, Ordering::Relaxed);
             }
-            self.held_word(p).store(0, Ordering::Release);
+            self.store_held(p, 0);
         }
         for t in 0..2 {
             for i in 0..SLOTS {

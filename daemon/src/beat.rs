@@ -47,8 +47,12 @@ impl Beat {
 
     fn run(&self) {
         while !self.stop.load(Ordering::Relaxed) {
-            if monotonic_ms().saturating_sub(self.turned.load(Ordering::Relaxed)) <= HUNG_MS {
+            let now = monotonic_ms();
+            if now.saturating_sub(self.turned.load(Ordering::Relaxed)) <= HUNG_MS {
                 self.map.beat();
+            }
+            if let Some(links) = self.map.block_links() {
+                links.tidy(now);
             }
             std::thread::sleep(Duration::from_millis(mapview::BEAT_EVERY_MS));
         }

@@ -41,9 +41,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
+use styxy_preload_common::blocklinks::BlockLinks;
 use styxy_preload_common::mapview;
 use styxy_preload_common::paths;
 use styxy_preload_common::policy::Policy;
+use styxy_preload_common::policymap;
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::procinfo;
 use tokio::net::{TcpListener, UnixListener};
@@ -187,13 +189,18 @@ fn ioe(what: &str, path: &std::path::Path) -> impl FnOnce(io::Error) -> RunError
     move |e| RunError::Io(format!("{what}: {e}"))
 }
 
-/// Writes the policy map the shim reads (without this process's own `STYXY_PRELOAD_PORTS`
-/// rules, which are not every process's).
-pub fn publish_policy(policy: &Policy) {
-    let shared = Policy { rules: vec![], ..policy.clone() };
+/// Writes the policy map the shim reads, and the block links that say it too (without
+/// this process's own `STYXY_PRELOAD_PORTS` rules, which are not every process's).
+pub fn publish_policy(st: &State) {
+    let shared = Policy { rules: vec![], ..st.policy().clone() };
+    let classes = policymap::classes(&shared);
     let path = paths::policymap_path();
-    if let Err(e) = styxy_preload_common::policymap::write(&path, &paths::policy_links_dir(), &shared) {
-        log!("cannot write {}: {e}; every bind loads the hooks' logic", path.display());
+    if let Err(e) = policymap::write(&path, &classes) {
+        log!("cannot write {}: {e}; every bind asks the daemon", path.display());
+    }
+    let map = st.port_map();
+    if let Some(Err(e)) = map.as_deref().and_then(PortMap::block_links).map(|l| l.set_classes(&classes)) {
+        log!("cannot write the block links in {}: {e}; fresh processes read the maps' files", paths::block_links_dir().display());
     }
 }
 
@@ -319,7 +326,7 @@ fn initial_state(opts: &Options) -> (State, journal::Journal, Option<upstream::P
         log!("STYXY_PRELOAD_PORTS ignored in part: {e}");
     }
     let map = match PortMap::create(&paths::portmap_path()) {
-        Ok(m) => Some(Arc::new(m)),
+        Ok(m) => Some(Arc::new(m.with_block_links(BlockLinks::new(paths::block_links_dir())))),
         Err(e) => {
             log!("no shared port map ({e}): connect() will not follow remaps");
             None
@@ -331,7 +338,7 @@ fn initial_state(opts: &Options) -> (State, journal::Journal, Option<upstream::P
     if let Some(upstream::Probe::Config(cfg)) = &probe {
         st.apply_config(cfg);
     }
-    publish_policy(st.policy());
+    publish_policy(&st);
     load_state(&mut st, &journal);
     (st, journal, probe)
 }

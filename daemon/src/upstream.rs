@@ -447,7 +447,7 @@ impl Worker {
         let Ok(cfg) = r.json::<serde_json::Value>() else { return };
         let mut st = sh.state.lock();
         if st.apply_config(&cfg) {
-            crate::publish_policy(st.policy());
+            crate::publish_policy(&st);
         }
     }
 

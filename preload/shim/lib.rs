@@ -33,12 +33,17 @@ use core::ffi::{c_int, c_void};
 use decide::{Class, ListenWay, Listening, Mode, Plan, Route, Seen, SocketFacts};
 use keep::{keep, kept_by, origin};
 use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENOSYS};
-use maps::{port_class, with_port_map};
+use maps::{port_class, vacant_block, with_port_map};
 use said::{confirm, note, refused};
 use settings::{enabled, in_session, isolate, mode, rule_class, session_tag, supervised};
 use slot::Slot;
 use sockinfo::{stream, Facts, Inet};
 
+/// What the daemon says of a block of ports as a link, a fresh process's look (one codec
+/// for both ends).
+#[allow(dead_code)]
+#[path = "../../common/src/blocklink.rs"]
+mod blocklink;
 /// What happens to a call: the one decision, shared with the supervisor and the daemon.
 #[allow(dead_code)]
 #[path = "../../common/src/decide.rs"]
@@ -47,10 +52,6 @@ mod decide;
 #[allow(dead_code)]
 #[path = "../../common/src/mapview.rs"]
 mod mapview;
-/// The policy map's classes as links, a fresh process's look (one codec for both ends).
-#[allow(dead_code)]
-#[path = "../../common/src/policylink.rs"]
-mod policylink;
 
 /// The fixed-layout exchange with the daemon for a coordinated bind (one layout for both ends).
 #[allow(dead_code)]
@@ -338,6 +339,9 @@ unsafe fn shim_connect(real: AddrFn, fd: c_int, addr: *const c_void, len: SockLe
 /// map, the process's own rules and the policy map); `None` outside any session.
 fn port_route(fd: c_int, port: u16) -> Option<Route> {
     let tag = session_tag()?;
+    if vacant_block(port) {
+        return Some(Route::AsAsked); // nobody holds or asked for a port near it
+    }
     let Some((remapped, holder)) = with_port_map(|m| m.found(tag, port)) else {
         return Some(Route::AsAsked); // no daemon yet: nothing to follow
     };

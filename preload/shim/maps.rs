@@ -1,19 +1,20 @@
-//! The daemon's two maps: `policy.map`, a class per port (common/src/policymap.rs), read
-//! in a fresh process through its links (common/src/policylink.rs: one `readlink`, no
-//! page fault), and `ports.map`, who holds which port (common/src/portmap.rs, read with
-//! `pread` in a fresh process), each once it exists and is ours alone, and mapped in a
-//! warm process (read through [`crate::mapview`]).
+//! The daemon's two maps: `policy.map`, a class per port (common/src/policymap.rs), and
+//! `ports.map`, who holds which port (common/src/portmap.rs), each read once it exists
+//! and is ours alone, and mapped in a warm process (read through [`crate::mapview`]); and
+//! its block links (common/src/blocklink.rs), which a fresh process reads first: one
+//! `readlink` says a port's class, and whether anyone holds or asked for a port of its
+//! block (a session's connect to a port of a vacant block reads no map).
 
 use core::ffi::{c_int, CStr};
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
+use crate::blocklink;
 use crate::cstring::{append, decimal, put};
 use crate::libc_calls::{
     above_stdio, errno, set_errno, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MAP_SHARED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW,
     O_NONBLOCK, O_RDONLY, PROT_READ, STATX_MODE_UID_SIZE, S_IFDIR, S_IFMT, S_IFREG,
 };
 use crate::mapview::{self, Words};
-use crate::policylink;
 use crate::settings::env;
 use crate::sys::{close, getdents64, getuid, mmap, munmap, open, pread, read, readlink, statx};
 
@@ -44,7 +45,7 @@ const READS_BEFORE_MAPPING: u32 = 8;
 enum Cold {
     /// Its file, opened, checked and read with `pread` (~5 us).
     File,
-    /// Its links, one `readlink` (~2.5 us; the policy's, [`linked_class`]).
+    /// The block links, one `readlink` (~2.5 us; the policy's, [`linked_class`]).
     Links,
 }
 
@@ -142,21 +143,40 @@ fn read_class(fd: c_int, at: usize) -> Option<u8> {
     (read && u32::from_ne_bytes(magic) == POLICY_MAGIC).then_some(class)
 }
 
-/// `port`'s class as the link of its block says (`policy/<block>`, [`policylink`]): one
-/// `readlink`. Not checked for its owner: a link planted by someone who may write the
-/// daemon's directory can only make the bind go as asked, or be asked of the daemon,
-/// whose own uid is checked (docs/SECURITY.md).
+/// `port`'s class as the link of its block says ([`block_link`]).
 fn linked_class(port: u16) -> Option<u8> {
+    block_link(port, |target| blocklink::class(target, port)).flatten()
+}
+
+/// In a process that has not mapped the port map yet, no port of `port`'s block is held
+/// or asked for, as its link says ([`block_link`]): a connect there goes as asked without
+/// a look at the port map. `false` when the link says otherwise or cannot be read.
+pub(crate) fn vacant_block(port: u16) -> bool {
+    let cold = PORTS.map.load(Ordering::Acquire).is_null() && PORTS.reads.load(Ordering::Relaxed) < READS_BEFORE_MAPPING;
+    let vacant = cold && block_link(port, blocklink::vacant) == Some(true);
+    if vacant {
+        PORTS.reads.fetch_add(1, Ordering::Relaxed);
+    }
+    vacant
+}
+
+/// `f` over the target of the link of `port`'s block (`blocks/<block>`, common/src/blocklink.rs):
+/// one `readlink`. Not checked for its owner: a link planted by someone who may write the
+/// daemon's directory can only make a bind or a connect go as asked, or be asked of the
+/// daemon, whose own uid is checked (docs/SECURITY.md). errno is left as it was.
+fn block_link<T>(port: u16, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
     let mut path = [0u8; RUNTIME_PATH_MAX];
-    let n = runtime_file(&mut path, b"/policy/\0");
-    let n = decimal(&mut path, n, u32::from(policylink::link_of(port)));
+    let n = runtime_file(&mut path, b"/blocks/\0");
+    let n = decimal(&mut path, n, u32::from(blocklink::link_of(port)));
     if n == 0 {
         return None;
     }
+    let saved = errno();
     let mut target = [0u8; 64];
     // SAFETY: `path` is NUL-terminated (decimal); readlink writes at most 64 bytes into `target`.
     let got = unsafe { readlink(path.as_ptr().cast(), target.as_mut_ptr(), target.len()) };
-    policylink::class(target.get(..usize::try_from(got).ok()?)?, port)
+    set_errno(saved);
+    Some(f(target.get(..usize::try_from(got).ok()?)?))
 }
 
 /// The longest path of a file beside the daemon's socket: that socket's own path fits a
