@@ -27,7 +27,9 @@ fn main() {
         // optimised for size: a hook's time is its system calls, and every process maps
         // and loads the library (48 kB at `s`, 60 kB at 3, the same hooks' timings)
         .args(["-C", "panic=abort", "-C", "opt-level=s", "-C", "debuginfo=0", "-C", "strip=symbols"])
-        // (its unwind tables stay: a thread cancelled in a wait inside a hook unwinds through it)
+        // (its unwind tables stay: a thread cancelled in libc's connect, a cancellation
+        // point the connect hook calls, unwinds through the hook's frame; the shim's own
+        // waits are system calls made directly, which no cancellation interrupts)
         // one unit: split in several, a copy of a `core` function no unit calls any more
         // can stay behind, and its panic path pulls in `rust_eh_personality`, a symbol
         // nothing defines (the library would not load)

@@ -49,9 +49,13 @@ impl BlockLinks {
     }
 
     /// Publishes `classes` (a class per port): every link that says otherwise is written
-    /// (the directory made private first).
+    /// (the directory made private first). When the directory cannot be made private, the
+    /// links in it are removed ([`remove_links`]).
     pub fn set_classes(&self, classes: &[u8]) -> io::Result<()> {
-        crate::paths::ensure_private_dir(&self.dir)?;
+        if let Err(e) = crate::paths::ensure_private_dir(&self.dir) {
+            remove_links(&self.dir);
+            return Err(e);
+        }
         let mut b = self.blocks();
         b.classes = Some(classes.to_vec());
         let mut first_error = Ok(());
@@ -71,7 +75,8 @@ impl BlockLinks {
         b.used[i] += 1;
         if !b.said_used[i] {
             b.said_used[i] = true;
-            let _ = self.write(&b, n);
+            // not written (and so removed, or it could not be): said again at the next use
+            b.said_used[i] = self.write(&b, n).is_ok();
         }
     }
 
@@ -115,6 +120,13 @@ impl BlockLinks {
         }
         written
     }
+}
+
+/// Removes the links in `dir`, which nobody keeps (a daemon without a port map, or one
+/// that cannot write there): a fresh process then reads the maps' files, never a link
+/// that says what is no longer so.
+pub fn remove_links(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Makes `link` point to `target`: in place when there is none (a new link appears

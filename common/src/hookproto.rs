@@ -21,7 +21,9 @@ pub const SOCKET: &str = "hook.sock";
 /// thread reads at least every `mapview::BEAT_EVERY_MS` (every 5 ms while busy), never waiting on
 /// it, so that a `NOTE` left there wakes nobody. Each datagram is one `NOTE` as on
 /// [`SOCKET`]; the sender is known from its credentials (`SO_PASSCRED`).
-pub const MAILBOX: &str = "notes.sock";
+/// (Named so that it lists after `daemon.sock` in ext4's hash order on this project's
+/// images: a script that takes the first socket in the directory finds the API's.)
+pub const MAILBOX: &str = "mail.sock";
 /// File name of the spool in the daemon's runtime directory: what the shim did while the
 /// daemon could not be asked, [`spool_record`]s the daemon logs when it runs again.
 pub const SPOOL: &str = "hook.spool";

@@ -129,9 +129,12 @@ impl PortMap {
         Ok(PortMap { base: p.cast(), live: AtomicUsize::new(0), dead: AtomicUsize::new(0), mapped, links: None })
     }
 
-    /// The writer's map, with its block links (`blocks/` beside it), told of every word
-    /// from now on.
+    /// The writer's map, with its block links, told of the words in use now and of every
+    /// word from now on.
     pub fn with_block_links(mut self, links: BlockLinks) -> PortMap {
+        for port in (0..=u16::MAX).filter(|p| self.held_word(*p).load(Ordering::Relaxed) != 0) {
+            links.use_port(port);
+        }
         self.links = Some(links);
         self
     }
@@ -415,6 +418,47 @@ mod tests {
         let path = dir.join("ports.map");
         let w = PortMap::create(&path).unwrap();
         (dir, w)
+    }
+
+    #[test]
+    fn a_blocks_link_says_used_while_a_port_of_it_is_held_or_asked_for() {
+        use crate::blocklink;
+        use crate::blocklinks::VACANT_AFTER_MS;
+        use std::os::unix::ffi::OsStrExt;
+        let (dir, w) = temp_map("links");
+        let links = dir.join("blocks");
+        let _ = std::fs::remove_dir_all(&links);
+        let classes = crate::policymap::classes(&crate::policy::Policy::default());
+        let w = w.with_block_links(BlockLinks::new(links.clone()));
+        w.block_links().unwrap().set_classes(&classes).unwrap();
+        let vacant = |port: u16| {
+            let t = std::fs::read_link(links.join(blocklink::link_of(port).to_string())).unwrap();
+            blocklink::vacant(t.as_os_str().as_bytes())
+        };
+        assert!(vacant(3000) && vacant(4100));
+        // a session's remap of 3000 (one block) to 4100 (another): the actual port is held,
+        // the one asked for mapped, both blocks used
+        w.set_held(4100, 7);
+        w.insert(7, 3000, 4100);
+        assert!(!vacant(3000) && !vacant(4100));
+        // withdrawn: vacant a while after, not at once
+        w.remove(7, 3000);
+        w.set_held(4100, 0);
+        let links_of = w.block_links().unwrap();
+        links_of.tidy(monotonic_ms());
+        assert!(!vacant(3000) && !vacant(4100));
+        links_of.tidy(monotonic_ms() + VACANT_AFTER_MS);
+        assert!(vacant(3000) && vacant(4100));
+        // links attached to a map with a word in use: its block is said used at once
+        w.set_held(5173, 9);
+        drop(w);
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("ports.map")).unwrap();
+        let again = PortMap::map(&f, libc::PROT_READ | libc::PROT_WRITE).unwrap();
+        assert_eq!(again.held(5173), 9);
+        let again = again.with_block_links(BlockLinks::new(links.clone()));
+        again.block_links().unwrap().set_classes(&classes).unwrap();
+        assert!(!vacant(5173) && vacant(3000));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -143,10 +143,15 @@ pub fn listener(inherited: Option<UnixListener>, sock: &Path) -> Result<UnixList
     Ok(l)
 }
 
-/// Removes the socket at exit, unless the service manager owns it.
-pub fn release(sock: &Path) {
-    if run_mode() != RunMode::SocketActivated {
-        let _ = std::fs::remove_file(sock);
+/// Removes the socket when dropped (the daemon's exit, or a start that failed after
+/// binding it), unless the service manager owns it.
+pub struct Released<'a>(pub &'a Path);
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        if run_mode() != RunMode::SocketActivated {
+            let _ = std::fs::remove_file(self.0);
+        }
     }
 }
 

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
-use styxy_preload_common::blocklinks::BlockLinks;
+use styxy_preload_common::blocklinks::{self, BlockLinks};
 use styxy_preload_common::mapview;
 use styxy_preload_common::paths;
 use styxy_preload_common::policy::Policy;
@@ -196,7 +196,7 @@ pub fn publish_policy(st: &State) {
     let classes = policymap::classes(&shared);
     let path = paths::policymap_path();
     if let Err(e) = policymap::write(&path, &classes) {
-        log!("cannot write {}: {e}; every bind asks the daemon", path.display());
+        log!("cannot write {}: {e}; a warm process asks the daemon about every port 1024-32767", path.display());
     }
     let map = st.port_map();
     if let Some(Err(e)) = map.as_deref().and_then(PortMap::block_links).map(|l| l.set_classes(&classes)) {
@@ -296,6 +296,7 @@ pub fn run(opts: Options) -> Result<(), RunError> {
 
     let sock = paths::socket_path();
     let std_listener = activation::listener(inherited, &sock).map_err(RunError::Io)?;
+    let _released = activation::Released(&sock); // however this function returns
     let pid_path = paths::daemon_pid_path();
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
 
@@ -303,7 +304,6 @@ pub fn run(opts: Options) -> Result<(), RunError> {
     // thread saves a cross-thread wake-up (futex + eventfd) per connection.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| RunError::Io(e.to_string()))?;
     let result = rt.block_on(serve(shared.clone(), std_listener, opts));
-    activation::release(&sock);
     let _ = std::fs::remove_file(&pid_path);
     drop(rt);
     if let (Some(up), Some(h)) = (shared.upstream.get(), upstream_worker) {
@@ -329,6 +329,7 @@ fn initial_state(opts: &Options) -> (State, journal::Journal, Option<upstream::P
         Ok(m) => Some(Arc::new(m.with_block_links(BlockLinks::new(paths::block_links_dir())))),
         Err(e) => {
             log!("no shared port map ({e}): connect() will not follow remaps");
+            blocklinks::remove_links(&paths::block_links_dir());
             None
         }
     };

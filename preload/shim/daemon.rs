@@ -146,7 +146,7 @@ pub(crate) fn tell(msg: &[u8]) -> Result<(), Heard> {
 /// not ours, or full (the kernel queues few datagrams): then [`tell`].
 pub(crate) fn mailed(msg: &[u8]) -> bool {
     let mut path = [0u8; RUNTIME_PATH_MAX];
-    let n = runtime_file(&mut path, b"/notes.sock\0");
+    let n = runtime_file(&mut path, b"/mail.sock\0");
     let Some(sun) = unix_addr(&path, n) else { return false };
     let mut st = [0u8; 256];
     // SAFETY: `path` is NUL-terminated (runtime_file); statx writes a `struct statx` (256

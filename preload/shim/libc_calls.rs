@@ -47,6 +47,8 @@ extern "C" {
     pub(crate) static environ: crate::exec_hooks::Argv;
     pub(crate) fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int;
     pub(crate) fn getauxval(kind: u64) -> u64;
+    /// Only where the kernel has no `statx` (`sys::statx`).
+    pub(crate) fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: u32, buf: *mut u8) -> c_int;
 }
 
 pub(crate) const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;

@@ -127,8 +127,10 @@ pub(crate) fn port_class(port: u16) -> Option<u8> {
         // the map's file
         Look::Links => linked_class(port).or_else(|| {
             let mut path = [0u8; RUNTIME_PATH_MAX];
-            let n = runtime_file(&mut path, POLICY.name);
-            with_file(&path, n, POLICY_SIZE, |fd| read_class(fd, at)).flatten()
+            match runtime_file(&mut path, POLICY.name) {
+                0 => None,
+                n => with_file(&path, n, POLICY_SIZE, |fd| read_class(fd, at)).flatten(),
+            }
         }),
         Look::File(fd) => read_class(fd, at),
     })
@@ -166,8 +168,10 @@ pub(crate) fn vacant_block(port: u16) -> bool {
 /// daemon, whose own uid is checked (docs/SECURITY.md). errno is left as it was.
 fn block_link<T>(port: u16, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
     let mut path = [0u8; RUNTIME_PATH_MAX];
-    let n = runtime_file(&mut path, b"/blocks/\0");
-    let n = decimal(&mut path, n, u32::from(blocklink::link_of(port)));
+    let n = match runtime_file(&mut path, b"/blocks/\0") {
+        0 => return None, // no runtime directory: nothing is ours to read
+        n => decimal(&mut path, n, u32::from(blocklink::link_of(port))),
+    };
     if n == 0 {
         return None;
     }

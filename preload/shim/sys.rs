@@ -15,10 +15,10 @@
 
 use core::ffi::{c_char, c_int, c_long, c_void};
 
-use crate::libc_calls::{set_errno, IoVec, PollFd, SockLen, TimeSpec, AT_FDCWD};
+use crate::libc_calls::{set_errno, IoVec, PollFd, SockLen, TimeSpec, AT_FDCWD, ENOSYS};
 
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")))]
-compile_error!("the shim's system calls are written for x86_64, aarch64 and riscv64 (sys.rs)");
+#[cfg(not(all(target_pointer_width = "64", any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))))]
+compile_error!("the shim's system calls are written for 64-bit x86_64, aarch64 and riscv64 (sys.rs)");
 
 /// A system call's number: x86_64's, or the generic table's (aarch64, riscv64).
 const fn nr(x86_64: c_long, generic: c_long) -> c_long {
@@ -101,7 +101,11 @@ unsafe fn raw(n: c_long, a: [usize; 6]) -> isize {
 /// As [`raw`].
 unsafe fn call(n: c_long, a: [usize; 6]) -> isize {
     // SAFETY: the caller's contract.
-    let r = unsafe { raw(n, a) };
+    call_result(unsafe { raw(n, a) })
+}
+
+/// The kernel's answer `r` as libc gives it: itself, or −1 with errno set.
+fn call_result(r: isize) -> isize {
     if (-4095..0).contains(&r) {
         set_errno(-r as c_int);
         -1
@@ -183,13 +187,18 @@ pub(crate) unsafe fn getdents64(fd: c_int, buf: *mut c_void, n: usize) -> isize 
     unsafe { call(GETDENTS64, [i(fd), p(buf), n, 0, 0, 0]) }
 }
 
-/// `statx(2)`.
+/// `statx(2)`; where the kernel has none (before Linux 4.11), libc's, which answers it
+/// with `fstatat`.
 ///
 /// # Safety
 /// `path` is NUL-terminated; `buf` holds a `struct statx` (256 bytes).
 pub(crate) unsafe fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: u32, buf: *mut u8) -> c_int {
     // SAFETY: the caller's contract.
-    unsafe { call(STATX, [i(dirfd), p(path), i(flags), mask as usize, p(buf), 0]) as c_int }
+    match unsafe { raw(STATX, [i(dirfd), p(path), i(flags), mask as usize, p(buf), 0]) } {
+        // SAFETY: the caller's contract, to libc's function.
+        r if r == -(ENOSYS as isize) => unsafe { crate::libc_calls::statx(dirfd, path, flags, mask, buf) },
+        r => call_result(r) as c_int,
+    }
 }
 
 /// `mmap(2)`: the mapping, or `usize::MAX` as a pointer (`MAP_FAILED`).
