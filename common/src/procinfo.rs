@@ -109,9 +109,15 @@ pub fn children_by_scan(pid: u32) -> Vec<u32> {
     all_pids().into_iter().filter(|p| parent(*p) == Some(pid)).collect()
 }
 
-/// `pid`'s raw environment as it was started (`KEY=value` entries, NUL-separated).
+/// `pid`'s raw environment as it was started (`KEY=value` entries, NUL-separated). Read
+/// into room for a usual environment at once: `/proc` says no size, and `fs::read` would
+/// start at 32 bytes and double (eight reads for 2 kB).
 fn environ_raw(pid: u32) -> Option<Vec<u8>> {
-    std::fs::read(format!("/proc/{pid}/environ")).ok()
+    use std::io::Read;
+    let mut f = std::fs::File::open(format!("/proc/{pid}/environ")).ok()?;
+    let mut env = Vec::with_capacity(8192);
+    f.read_to_end(&mut env).ok()?;
+    Some(env)
 }
 
 /// Whether `pid`'s environment (as it was started) holds `key=value`.

@@ -36,9 +36,12 @@ fn main() {
             std::thread::spawn(move || {
                 let mut lat = Vec::new();
                 if hook {
-                    // a port of the api type no tool asks for by default, one per client
-                    let port = 8050 + i as u16;
+                    // ports of the api type no tool asks for by default, four per client: the
+                    // shim does not wait for a withdrawal, and the next ask may come first
+                    let mut k = 0;
                     while start.elapsed() < run_for {
+                        let port = 8050 + 4 * i as u16 + k % 4;
+                        k += 1;
                         lat.push(keep_and_withdraw(&hook_sock, port, format!("bench-{i}").as_bytes()));
                     }
                     return lat;
@@ -76,9 +79,15 @@ fn main() {
     );
 }
 
-/// One exchange on `hook.sock`, as the shim makes it for a bind that then fails: `KEEP`,
-/// the grant, `DONE` with `EADDRINUSE` (the daemon withdraws the grant and logs why),
-/// then the daemon's close. The time from `KEEP` to the answer.
+/// One exchange on `hook.sock`, as the shim makes it for a bind on a process's main
+/// thread (which names the process: the daemon reads no `/proc` before it answers) that
+/// then fails: `KEEP`,
+/// the grant (looked for without sleeping for up to [`SPIN`], as the shim does, then
+/// waited for), `DONE` with `EADDRINUSE` (the daemon withdraws the grant and logs why),
+/// sent without a wait, and the close. The time from `KEEP` to the answer.
+/// How long the shim looks for an answer without sleeping (preload/shim/daemon.rs).
+const SPIN: Duration = Duration::from_micros(200);
+
 fn keep_and_withdraw(path: &std::path::Path, port: u16, session: &[u8]) -> Duration {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: plain socket calls on an fd this function owns and closes; every buffer is
@@ -93,19 +102,25 @@ fn keep_and_withdraw(path: &std::path::Path, port: u16, session: &[u8]) -> Durat
         }
         let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
         assert_eq!(libc::connect(fd, (&sun as *const libc::sockaddr_un).cast(), len), 0, "connect {}", path.display());
-        let ask = Ask { kind: KEEP, port, family: 4, errno: 0, flags: 0, origin: 0, session, note: 0, comm: b"" };
+        let ask = Ask { kind: KEEP, port, family: 4, errno: 0, flags: 0, origin: 0, session, note: 0, comm: b"allocate" };
         let t = Instant::now();
         let wire = ask.encode().expect("a short session");
         assert_eq!(libc::send(fd, wire.as_ptr().cast(), wire.len(), 0), wire.len() as isize);
         let mut buf = [0u8; hookproto::ANSWER_LEN + 1];
+        let spun = Instant::now();
+        while spun.elapsed() < SPIN {
+            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            if libc::poll(&mut p, 1, 0) == 1 {
+                break;
+            }
+            libc::sched_yield();
+        }
         let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
         let took = t.elapsed();
         let answer = Answer::decode(&buf[..n.max(0) as usize]).expect("an answer");
         assert_eq!((answer.status, answer.port), (GRANTED, port), "port {port} not granted: is it free?");
         let done = Ask { kind: DONE, errno: libc::EADDRINUSE, ..ask }.encode().expect("a short session");
-        assert_eq!(libc::send(fd, done.as_ptr().cast(), done.len(), 0), done.len() as isize);
-        // the daemon closes once the grant is withdrawn
-        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+        assert_eq!(libc::send(fd, done.as_ptr().cast(), done.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL), done.len() as isize);
         libc::close(fd);
         took
     }
