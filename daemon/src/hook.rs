@@ -293,22 +293,23 @@ impl Loop {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
         let n = self.wait(&mut events);
         let ready = events.iter().take(usize::try_from(n).unwrap_or(0));
-        // the mailbox: at a turn that timed out (at least every beat), that was rung
-        // (`/flush`), or every few milliseconds while exchanges keep the loop busy
         let rung = ready.clone().any(|ev| ev.u64 == WAKE);
-        if n == 0 || rung || self.mail_read.elapsed() >= MAIL_EVERY {
-            // what `/flush` asked before this read is answered by it
-            let asked = self.sh.mail_asked.load(Ordering::Acquire);
-            self.mail_read = Instant::now();
-            self.read_mail();
-            self.sh.mail_read.fetch_max(asked, Ordering::AcqRel);
-        }
         for ev in ready {
             match ev.u64 {
                 LISTENER => self.accept(),
                 WAKE => self.finished(),
                 id => self.readable(id),
             }
+        }
+        // the mailbox: at a turn that timed out (at least every beat), that was rung
+        // (`/flush`), or every few milliseconds while exchanges keep the loop busy; after
+        // the connections, so that a process's `DONE`, sent before its note, is logged first
+        if n == 0 || rung || self.mail_read.elapsed() >= MAIL_EVERY {
+            // what `/flush` asked before this read is answered by it
+            let asked = self.sh.mail_asked.load(Ordering::Acquire);
+            self.mail_read = Instant::now();
+            self.read_mail();
+            self.sh.mail_read.fetch_max(asked, Ordering::AcqRel);
         }
         self.expire(Instant::now());
         // the writer is woken once every answer of this turn is sent and no shim's DONE is
