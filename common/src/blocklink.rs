@@ -15,6 +15,8 @@
 //! asked, or be asked of the daemon on `hook.sock`, whose owner is checked
 //! (docs/SECURITY.md).
 
+/// The links' directory beside the daemon's socket.
+pub const DIR: &str = "blocks";
 /// Ports per link.
 pub const PORTS_PER_LINK: u16 = 128;
 /// Links, for every port.

@@ -22,7 +22,8 @@ pub const SOCKET: &str = "hook.sock";
 /// it, so that a `NOTE` left there wakes nobody. Each datagram is one `NOTE` as on
 /// [`SOCKET`]; the sender is known from its credentials (`SO_PASSCRED`).
 /// (Named so that it lists after `daemon.sock` in ext4's hash order on this project's
-/// images: a script that takes the first socket in the directory finds the API's.)
+/// images: a script that takes the first socket in the directory finds the API's.) The
+/// shim and the daemon both name it by this constant.
 pub const MAILBOX: &str = "mail.sock";
 /// File name of the spool in the daemon's runtime directory: what the shim did while the
 /// daemon could not be asked, [`spool_record`]s the daemon logs when it runs again.

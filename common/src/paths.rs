@@ -140,7 +140,7 @@ pub fn policymap_path() -> PathBuf {
 
 /// What the daemon says of each block of ports, as links (`blocklink`).
 pub fn block_links_dir() -> PathBuf {
-    runtime_dir().join("blocks")
+    runtime_dir().join(crate::blocklink::DIR)
 }
 
 pub fn token_path() -> PathBuf {

@@ -146,7 +146,7 @@ pub(crate) fn tell(msg: &[u8]) -> Result<(), Heard> {
 /// not ours, or full (the kernel queues few datagrams): then [`tell`].
 pub(crate) fn mailed(msg: &[u8]) -> bool {
     let mut path = [0u8; RUNTIME_PATH_MAX];
-    let n = runtime_file(&mut path, b"/mail.sock\0");
+    let n = runtime_file(&mut path, hookproto::MAILBOX);
     let Some(sun) = unix_addr(&path, n) else { return false };
     let mut st = [0u8; 256];
     // SAFETY: `path` is NUL-terminated (runtime_file); statx writes a `struct statx` (256
@@ -180,7 +180,7 @@ fn wake_daemon() -> bool {
     let mut path = [0u8; RUNTIME_PATH_MAX];
     let n = match url {
         Some(p) => put(&mut path, 0, p),
-        None => runtime_file(&mut path, b"/daemon.sock\0"),
+        None => runtime_file(&mut path, "daemon.sock"),
     };
     let Some(sun) = unix_addr(&path, n) else { return false };
     // SAFETY: a new socket of ours, closed below.
@@ -213,7 +213,7 @@ fn unix_addr(path: &[u8; RUNTIME_PATH_MAX], n: usize) -> Option<[u8; 110]> {
 /// `Err(Absent)` when nothing listens there, `Err(Foreign)` when it is another user's.
 fn hook_socket_once(started: u64, limit_ms: u64) -> Result<c_int, Heard> {
     let mut path = [0u8; RUNTIME_PATH_MAX];
-    let n = runtime_file(&mut path, b"/hook.sock\0");
+    let n = runtime_file(&mut path, hookproto::SOCKET);
     let sun = unix_addr(&path, n).ok_or(Heard::Nothing)?;
     let fd = our_socket().ok_or(Heard::Nothing)?;
     let connected = connect_bounded(fd, &sun, n, started, limit_ms);

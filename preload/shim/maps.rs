@@ -28,8 +28,8 @@ const POLICY_SIZE: usize = POLICY_HEADER + 65536;
 /// a page fault, ~10 us in a VM — then mapped once, for a warm process's looks to cost no
 /// syscall.
 struct MapFile {
-    /// Its name beside the daemon's socket, as `b"/policy.map\0"`.
-    name: &'static [u8],
+    /// Its name beside the daemon's socket.
+    name: &'static str,
     size: usize,
     magic: u32,
     cold: Cold,
@@ -50,7 +50,7 @@ enum Cold {
 }
 
 static POLICY: MapFile = MapFile {
-    name: b"/policy.map\0",
+    name: "policy.map",
     size: POLICY_SIZE,
     magic: POLICY_MAGIC,
     cold: Cold::Links,
@@ -58,7 +58,7 @@ static POLICY: MapFile = MapFile {
     reads: AtomicU32::new(0),
 };
 static PORTS: MapFile = MapFile {
-    name: b"/ports.map\0",
+    name: "ports.map",
     size: mapview::SIZE,
     magic: mapview::MAGIC,
     cold: Cold::File,
@@ -168,10 +168,11 @@ pub(crate) fn vacant_block(port: u16) -> bool {
 /// daemon, whose own uid is checked (docs/SECURITY.md). errno is left as it was.
 fn block_link<T>(port: u16, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
     let mut path = [0u8; RUNTIME_PATH_MAX];
-    let n = match runtime_file(&mut path, b"/blocks/\0") {
+    let n = match runtime_file(&mut path, blocklink::DIR) {
         0 => return None, // no runtime directory: nothing is ours to read
-        n => decimal(&mut path, n, u32::from(blocklink::link_of(port))),
+        n => append(&mut path, n, b"/\0"),
     };
+    let n = if n == 0 { 0 } else { decimal(&mut path, n, u32::from(blocklink::link_of(port))) };
     if n == 0 {
         return None;
     }
@@ -188,10 +189,11 @@ fn block_link<T>(port: u16, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
 /// cold process's first touch of a deeper stack page is a page fault (~2-10 us in a VM).
 pub(crate) const RUNTIME_PATH_MAX: usize = 256;
 
-/// A file beside the daemon's socket (`name` as `b"/policy.map\0"`): the directory of `STYXY_URL`'s `unix:` path,
-/// else `$XDG_RUNTIME_DIR/styxy-preload`, else the private `/tmp` fallback ([`tmp_fallback`],
-/// as common/src/paths.rs). Its length, 0 when it does not fit or there is none.
-pub(crate) fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
+/// The file `name` beside the daemon's socket, NUL-terminated in `buf`: in the directory
+/// of `STYXY_URL`'s `unix:` path, else `$XDG_RUNTIME_DIR/styxy-preload`, else the private
+/// `/tmp` fallback ([`tmp_fallback`], as common/src/paths.rs). Its length, 0 when it does
+/// not fit or there is none.
+pub(crate) fn runtime_file(buf: &mut [u8], name: &str) -> usize {
     // SAFETY: both are copied into `buf` here.
     let (url, rt) = unsafe { (env(c"STYXY_URL"), env(c"XDG_RUNTIME_DIR")) };
     let n = if let Some(path) = url.and_then(|u| u.strip_prefix(b"unix:")).filter(|p| p.starts_with(b"/")) {
@@ -209,7 +211,10 @@ pub(crate) fn runtime_file(buf: &mut [u8], name: &[u8]) -> usize {
     if n == 0 {
         return 0;
     }
-    append(buf, n, name)
+    match append(buf, n, b"/\0") {
+        0 => 0,
+        n => put(buf, n, name.as_bytes()),
+    }
 }
 
 /// The `/tmp` fallback directory, as common/src/paths.rs `tmp_fallback` chooses it (which

@@ -63,7 +63,7 @@ fn warn_closed() {
 
 /// The path of `hook.sock` (written into `buf`), as a line names it.
 fn hook_sock(buf: &mut [u8; RUNTIME_PATH_MAX]) -> &[u8] {
-    let n = runtime_file(buf, b"/hook.sock\0");
+    let n = runtime_file(buf, hookproto::SOCKET);
     buf.get(..n).unwrap_or(&[])
 }
 
@@ -155,7 +155,7 @@ fn spool(ask: &hookproto::Ask) {
     let n = rec.get_mut(hookproto::SPOOL_HEAD..).map_or(0, |msg| done_message(&ask, msg));
     let n = if n == 0 { 0 } else { hookproto::spool_record(getpid() as u32, realtime_ms(), n, &mut rec) };
     let mut path = [0u8; RUNTIME_PATH_MAX];
-    if n == 0 || runtime_file(&mut path, b"/hook.spool\0") == 0 {
+    if n == 0 || runtime_file(&mut path, hookproto::SPOOL) == 0 {
         return;
     }
     let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | O_CLOEXEC;
