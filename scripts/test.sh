@@ -32,7 +32,8 @@ needs=(
   go:golang-go                                # the Go fixture of the seccomp tests
   systemd-socket-activate:systemd             # the socket-activation test
   caddy:caddy                                 # real servers run twice in two sessions:
-  redis-server:redis-server                   #   caddy's admin API, redis's twin binds
+  redis-server:redis-server                   #   caddy's admin API, redis's twin binds,
+  hugo:hugo                                   #   hugo's printed URL
 )
 missing() {
   local pair out=()
