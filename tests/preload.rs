@@ -380,6 +380,59 @@ fn a_fresh_process_reads_its_ports_block_in_one_link_else_in_the_maps() {
     assert_eq!(connect(&w).trim(), "body moved", "the port map's file was not read");
 }
 
+/// Another preload library beside ours sees each socket call as it would without ours in
+/// between: loaded after ours, as ours makes it (the session's remapped port); loaded
+/// before, as the program makes it. With ours alone, a fresh process looks none of them up
+/// in libc: the shim makes the system calls itself (and calls libc's `connect` by its
+/// other name). python3 has libraries between ours and libc, the C fixture none.
+#[test]
+fn another_preload_library_sees_the_calls_as_ours_makes_them_and_alone_ours_looks_nothing_up() {
+    let mut w = World::new();
+    w.start_daemon();
+    serve(&mut w, Some("other"), 4070, "holder");
+    let py = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 4070)); s.listen(); \
+              c = socket.socket(); c.connect(('127.0.0.1', 4070)); print(s.getsockname()[1], c.getpeername()[1])";
+    let python = |preload: String, debug: bool| {
+        let mut c = w.preloaded(Some("mine"), "python3");
+        c.args(["-c", py]).env("LD_PRELOAD", preload);
+        if debug {
+            c.env("LD_DEBUG", "symbols");
+        }
+        let out = run(c);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        let ports: Vec<u16> = stdout.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        assert!(
+            ports.len() == 2 && ports[0] != 4070 && ports[0] == ports[1],
+            "not remapped, or the connect did not follow: {stdout} {stderr}"
+        );
+        (ports[0], stderr)
+    };
+    let other = shared_fixture("after");
+    let (ours, other) = (lib().display().to_string(), other.display().to_string());
+    let (moved, seen) = python(format!("{ours}:{other}"), false);
+    for call in [format!("bind {moved}"), "listen".into(), format!("getsockname {moved}"), format!("connect {moved}")] {
+        assert!(seen.contains(&format!("other: {call}")), "after ours, {call} not seen: {seen}");
+    }
+    let (_, seen) = python(format!("{other}:{ours}"), false);
+    assert!(seen.contains("other: bind 4070") && seen.contains("other: connect 4070"), "before ours, the program's calls not seen: {seen}");
+    // alone: the loader's log names no lookup of these in libc after the program's own
+    // relocations (which find ours)
+    let looked_up = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("lookup in file=") && l.contains("libc.so"))
+            .filter(|l| ["bind", "listen", "getsockname", "connect"].iter().any(|f| l.contains(&format!("symbol={f};"))))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (_, log) = python(ours.clone(), true);
+    assert_eq!(looked_up(&log), Vec::<String>::new());
+    let mut c = w.preloaded(Some("mine"), fixture("binder"));
+    c.args(["errno0", "4070"]).env("LD_DEBUG", "symbols");
+    let out = run(c);
+    assert!(text(&out.stdout).starts_with("rc 0 errno 0 port "), "{}", text(&out.stdout));
+    assert_eq!(looked_up(&text(&out.stderr)), Vec::<String>::new());
+}
+
 /// A port outside every range is bound as asked first; found taken (by a server nobody
 /// coordinates), the shim asks for another port of its type in the same one round trip.
 #[test]

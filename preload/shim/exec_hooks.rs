@@ -18,8 +18,9 @@
 use core::ffi::{c_char, c_int, c_void};
 
 use crate::cstring::cstr;
+use crate::elf::{program_headers, u16_at, u32_at, u64_at, MAX_PHDRS, PHDR, PT_INTERP, PT_LOAD, PT_NOTE};
 use crate::libc_calls::{
-    above_stdio, environ, errno, faccessat, getauxval, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD, AT_PHDR, AT_PHNUM, AT_SECURE,
+    above_stdio, environ, errno, faccessat, getauxval, set_errno, AT_BASE, AT_EACCESS, AT_EXECFN, AT_FDCWD, AT_SECURE,
     MAP_PRIVATE_ANONYMOUS, O_CLOEXEC, O_NOCTTY, O_NONBLOCK, O_RDONLY, PROT_READ, PROT_WRITE, PR_GET_SECCOMP, SECCOMP_MODE_FILTER, X_OK,
 };
 use crate::slot::Slot;
@@ -402,26 +403,6 @@ fn unreachable(path: *const c_char) -> bool {
     verdict
 }
 
-fn u16_at(b: &[u8], o: usize) -> Option<usize> {
-    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?) as usize)
-}
-
-fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
-}
-
-const PT_LOAD: u32 = 1;
-const PT_INTERP: u32 = 3;
-const PT_PHDR: u32 = 6;
-const PT_NOTE: u32 = 4;
-const PHDR: usize = 56;
-/// At most this many program headers are read (real programs have about 15).
-const MAX_PHDRS: usize = 64;
-
 /// `YES` for a program to supervise, from the file's first bytes `head`; `more` reads
 /// what lies further (program headers or notes beyond `head`).
 pub(crate) fn classify(head: &[u8], more: &mut dyn FnMut(u64, &mut [u8]) -> usize) -> u8 {
@@ -522,18 +503,10 @@ static AT_LOAD: unsafe extern "C" fn(c_int, Argv, Argv) = at_load;
 /// Whether this process's program carries Go's build-id note, read from its program
 /// headers in memory (only notes inside a loaded segment are read).
 fn go_in_memory() -> bool {
-    // SAFETY: getauxval reads the auxiliary vector.
-    let (phdr, phnum) = unsafe { (getauxval(AT_PHDR), getauxval(AT_PHNUM)) };
-    if phdr == 0 || phnum == 0 || phnum > MAX_PHDRS as u64 {
-        return false;
-    }
-    // SAFETY: the kernel maps the program headers at AT_PHDR, AT_PHNUM entries of PHDR bytes.
-    let table = unsafe { core::slice::from_raw_parts(phdr as *const u8, phnum as usize * PHDR) };
-    let field = |ph: &[u8], o: usize| u64_at(ph, o).unwrap_or(0);
-    // the load bias: where PT_PHDR says the table is, against where it is
-    let Some(bias) = table.chunks_exact(PHDR).find(|ph| u32_at(ph, 0) == Some(PT_PHDR)).map(|ph| phdr.wrapping_sub(field(ph, 16))) else {
+    let Some((table, bias)) = program_headers() else {
         return false;
     };
+    let field = |ph: &[u8], o: usize| u64_at(ph, o).unwrap_or(0);
     let loaded = |from: u64, len: u64| {
         table.chunks_exact(PHDR).any(|ph| {
             u32_at(ph, 0) == Some(PT_LOAD)

@@ -73,9 +73,11 @@ mod switch;
 mod cluster;
 mod cstring;
 mod daemon;
+mod elf;
 mod exec_hooks;
 mod keep;
 mod libc_calls;
+mod linkmap;
 mod maps;
 mod said;
 mod settings;
@@ -94,14 +96,14 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
     unsafe { abort() }
 }
 
-// SAFETY: libc's `int bind(int, const struct sockaddr *, socklen_t)`.
-static REAL_BIND: Slot<AddrFn> = unsafe { Slot::new(c"bind") };
-// SAFETY: libc's `int listen(int, int)`.
-static REAL_LISTEN: Slot<ListenFn> = unsafe { Slot::new(c"listen") };
-// SAFETY: libc's `int connect(int, const struct sockaddr *, socklen_t)`.
-static REAL_CONNECT: Slot<AddrFn> = unsafe { Slot::new(c"connect") };
-// SAFETY: libc's `int getsockname(int, struct sockaddr *, socklen_t *)`.
-static REAL_GETSOCKNAME: Slot<NameFn> = unsafe { Slot::new(c"getsockname") };
+// SAFETY: libc's `int bind(int, const struct sockaddr *, socklen_t)`, the system call.
+static REAL_BIND: Slot<AddrFn> = unsafe { Slot::direct(c"bind", sys::bind) };
+// SAFETY: libc's `int listen(int, int)`, the system call.
+static REAL_LISTEN: Slot<ListenFn> = unsafe { Slot::direct(c"listen", sys::listen) };
+// SAFETY: libc's `int connect(int, const struct sockaddr *, socklen_t)`, also called `__connect`.
+static REAL_CONNECT: Slot<AddrFn> = unsafe { Slot::direct(c"connect", libc_calls::__connect) };
+// SAFETY: libc's `int getsockname(int, struct sockaddr *, socklen_t *)`, the system call.
+static REAL_GETSOCKNAME: Slot<NameFn> = unsafe { Slot::direct(c"getsockname", sys::getsockname) };
 
 /// A cached answer (an environment switch).
 const UNKNOWN: u8 = 0;

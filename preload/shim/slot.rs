@@ -1,6 +1,7 @@
-//! A function of another library (libc's `bind`, the core's `styxy_core_bind`…), looked up
-//! by name once and kept as its typed pointer: the one place where what `dlsym` answers
-//! becomes a function the shim calls.
+//! A function of libc (`bind`, `execve`…), found once and kept as its typed pointer: the
+//! one place where what `dlsym` answers becomes a function the shim calls. A slot may
+//! name the system call libc's function is ([`Slot::direct`]): then, when libc is next
+//! ([`crate::linkmap`]), the shim makes the call itself and never looks libc's up.
 
 use core::ffi::{c_void, CStr};
 use core::marker::PhantomData;
@@ -12,8 +13,11 @@ use crate::libc_calls::{dlsym, RTLD_NEXT};
 /// found (racing threads store the same pointer).
 pub struct Slot<F> {
     name: &'static CStr,
-    /// Null, or what `dlsym` answered for `name`: only [`Slot::resolve`] stores here.
+    /// Null, or what `dlsym` answers for `name` (or `direct`, which does the same): only
+    /// [`Slot::next`] and [`Slot::resolve`] store here.
     ptr: AtomicPtr<c_void>,
+    /// The system call libc's `name` is, made by the shim.
+    direct: Option<F>,
     f: PhantomData<F>,
 }
 
@@ -26,19 +30,38 @@ impl<F: Copy> Slot<F> {
     /// `name` is called as an `F`.
     pub const unsafe fn new(name: &'static CStr) -> Slot<F> {
         const { assert!(core::mem::size_of::<F>() == core::mem::size_of::<*mut c_void>()) };
-        Slot { name, ptr: AtomicPtr::new(core::ptr::null_mut()), f: PhantomData }
+        Slot { name, ptr: AtomicPtr::new(core::ptr::null_mut()), direct: None, f: PhantomData }
+    }
+
+    /// A slot for the C function `name`, whose libc definition does nothing but the system
+    /// call `direct` makes.
+    ///
+    /// # Safety
+    /// As [`Slot::new`]; and libc's `name` is `direct`'s system call and nothing else.
+    pub const unsafe fn direct(name: &'static CStr, direct: F) -> Slot<F> {
+        // SAFETY: the caller's contract.
+        Slot { direct: Some(direct), ..unsafe { Slot::new(name) } }
     }
 
     /// The function, once found.
     pub fn get(&self) -> Option<F> {
-        // SAFETY: only `resolve` stores in `ptr`, what `dlsym` answered for `name`.
+        // SAFETY: only `next` and `resolve` store in `ptr`: what `dlsym` answers for `name`,
+        // or `direct`, a function of type `F`.
         unsafe { Self::typed(self.ptr.load(Ordering::Acquire)) }
     }
 
-    /// The next definition of `name` after this library's (libc's), looked up once.
+    /// The next definition of `name` after this library's (libc's), found once: the
+    /// system call itself when the slot has one and libc is next, else `dlsym`'s answer.
     pub fn next(&self) -> Option<F> {
-        // SAFETY: `RTLD_NEXT` is a pseudo-handle `dlsym` always accepts.
-        self.get().or_else(|| unsafe { self.resolve(RTLD_NEXT) })
+        self.get().or_else(|| match self.direct.filter(|_| crate::linkmap::next_is_libc(self.name)) {
+            Some(f) => {
+                // SAFETY: `F` is a function pointer, as wide as a data pointer (`new`).
+                self.ptr.store(unsafe { core::mem::transmute_copy::<F, *mut c_void>(&f) }, Ordering::Release);
+                Some(f)
+            }
+            // SAFETY: `RTLD_NEXT` is a pseudo-handle `dlsym` always accepts.
+            None => unsafe { self.resolve(RTLD_NEXT) },
+        })
     }
 
     /// Looks `name` up in `handle` and keeps the answer (null when not found).

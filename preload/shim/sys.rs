@@ -43,6 +43,8 @@ const SOCKET: c_long = nr(41, 198);
 const CONNECT: c_long = nr(42, 203);
 const SENDTO: c_long = nr(44, 206);
 const RECVFROM: c_long = nr(45, 207);
+const BIND: c_long = nr(49, 200);
+const LISTEN: c_long = nr(50, 201);
 const GETSOCKNAME: c_long = nr(51, 204);
 const SETSOCKOPT: c_long = nr(54, 208);
 const GETSOCKOPT: c_long = nr(55, 209);
@@ -255,11 +257,27 @@ pub(crate) unsafe fn connect(fd: c_int, addr: *const c_void, len: SockLen) -> c_
     unsafe { call(CONNECT, [i(fd), p(addr), len as usize, 0, 0, 0]) as c_int }
 }
 
-/// `getsockname(2)` (never the program's: that is libc's, [`crate::getsockname`]).
+/// `bind(2)`: what libc's `bind` is (the program's call, when libc is next,
+/// [`crate::linkmap`]).
+///
+/// # Safety
+/// `addr` holds `len` readable bytes.
+pub(crate) unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: SockLen) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { call(BIND, [i(fd), p(addr), len as usize, 0, 0, 0]) as c_int }
+}
+
+/// `listen(2)`: what libc's `listen` is (as [`bind`]).
+pub(crate) extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: no memory is passed.
+    unsafe { call(LISTEN, [i(fd), i(backlog), 0, 0, 0, 0]) as c_int }
+}
+
+/// `getsockname(2)`: what libc's `getsockname` is (as [`bind`]).
 ///
 /// # Safety
 /// `addr` holds `*len` writable bytes.
-pub(crate) unsafe fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int {
+pub(crate) unsafe extern "C" fn getsockname(fd: c_int, addr: *mut c_void, len: *mut SockLen) -> c_int {
     // SAFETY: the caller's contract.
     unsafe { call(GETSOCKNAME, [i(fd), p(addr), p(len), 0, 0, 0]) as c_int }
 }

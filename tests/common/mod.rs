@@ -80,6 +80,11 @@ pub fn fixture(name: &str) -> PathBuf {
     build_fixture(name, name, &[])
 }
 
+/// The C fixture built as a shared library (`NAME.so`), to preload beside ours.
+pub fn shared_fixture(name: &str) -> PathBuf {
+    build_fixture(name, &format!("{name}.so"), &["-shared", "-fPIC"])
+}
+
 /// The C fixture, statically linked: `LD_PRELOAD` never reaches it.
 pub fn static_fixture(name: &str) -> PathBuf {
     build_fixture(name, &format!("{name}-static"), &["-static"])
