@@ -15,15 +15,16 @@
 //! block says why it holds (`// SAFETY:`), every `unsafe fn` what its caller must hold
 //! (`# Safety`), and `.ci/run` runs clippy on this crate with the lints below. A function
 //! that reads through a pointer the program passed is `unsafe`; what it read goes on as
-//! slices. A `dlsym` answer becomes a typed function in one place ([`slot::Slot`]).
+//! slices. A function of libc becomes a typed function in one place ([`slot::Slot`]).
 //!
 //! Here: the four exports and what each decides. Beside: [`sockinfo`] (the program's
 //! address and socket), [`settings`] (the environment's switches), [`maps`] (the daemon's
 //! policy and port maps), [`keep`] (a coordinated bind in one round trip on `hook.sock`),
 //! [`daemon`] (reaching the daemon there), [`said`] (what else it is told, the spool and
 //! the line when it cannot be asked), [`exec_hooks`] (static and Go programs started
-//! under the seccomp supervisor), [`slot`], [`sys`] (the kernel, called directly), [`libc_calls`] (libc), [`cstring`]
-//! (C strings).
+//! under the seccomp supervisor), [`slot`] (a function of libc, found once), [`linkmap`]
+//! (whether libc comes next, from the loader's list), [`elf`] (ELF's fields), [`sys`] (the
+//! kernel, called directly), [`libc_calls`] (libc), [`cstring`] (C strings).
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
