@@ -382,22 +382,21 @@ fn a_fresh_process_reads_its_ports_block_in_one_link_else_in_the_maps() {
 
 /// Another preload library beside ours sees each socket call as it would without ours in
 /// between: loaded after ours, as ours makes it (the session's remapped port); loaded
-/// before, as the program makes it. With ours alone, a fresh process looks none of them up
-/// in libc: the shim makes the system calls itself (and calls libc's `connect` by its
-/// other name). python3 has libraries between ours and libc, the C fixture none.
+/// before, as the program makes it. With libc right after ours (a C program), a fresh
+/// process looks none of them up in libc: the shim makes the system calls itself (and
+/// calls libc's `connect` by its other name); with the other library after ours, it asks
+/// the loader, which finds the other's.
 #[test]
 fn another_preload_library_sees_the_calls_as_ours_makes_them_and_alone_ours_looks_nothing_up() {
     let mut w = World::new();
     w.start_daemon();
     serve(&mut w, Some("other"), 4070, "holder");
+    let (ours, other) = (lib().display().to_string(), shared_fixture("after").display().to_string());
     let py = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 4070)); s.listen(); \
               c = socket.socket(); c.connect(('127.0.0.1', 4070)); print(s.getsockname()[1], c.getpeername()[1])";
-    let python = |preload: String, debug: bool| {
+    let python = |preload: String| {
         let mut c = w.preloaded(Some("mine"), "python3");
         c.args(["-c", py]).env("LD_PRELOAD", preload);
-        if debug {
-            c.env("LD_DEBUG", "symbols");
-        }
         let out = run(c);
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
         let ports: Vec<u16> = stdout.split_whitespace().filter_map(|p| p.parse().ok()).collect();
@@ -407,30 +406,55 @@ fn another_preload_library_sees_the_calls_as_ours_makes_them_and_alone_ours_look
         );
         (ports[0], stderr)
     };
-    let other = shared_fixture("after");
-    let (ours, other) = (lib().display().to_string(), other.display().to_string());
-    let (moved, seen) = python(format!("{ours}:{other}"), false);
+    let (moved, seen) = python(format!("{ours}:{other}"));
     for call in [format!("bind {moved}"), "listen".into(), format!("getsockname {moved}"), format!("connect {moved}")] {
         assert!(seen.contains(&format!("other: {call}")), "after ours, {call} not seen: {seen}");
     }
-    let (_, seen) = python(format!("{other}:{ours}"), false);
+    let (_, seen) = python(format!("{other}:{ours}"));
     assert!(seen.contains("other: bind 4070") && seen.contains("other: connect 4070"), "before ours, the program's calls not seen: {seen}");
-    // alone: the loader's log names no lookup of these in libc after the program's own
-    // relocations (which find ours)
-    let looked_up = |log: &str| {
-        log.lines()
-            .filter(|l| l.contains("lookup in file=") && l.contains("libc.so"))
-            .filter(|l| ["bind", "listen", "getsockname", "connect"].iter().any(|f| l.contains(&format!("symbol={f};"))))
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
+    // the C fixture (libc right after ours) binds and connects, the loader logging each
+    // lookup of the four names: (file, name) pairs
+    let lookups = |preload: String| {
+        let mut c = w.preloaded(Some("mine"), "sh");
+        let binder = fixture("binder").display().to_string();
+        c.args(["-c", &format!("\"{binder}\" errno0 4070 && \"{binder}\" get 4070")]).env("LD_PRELOAD", preload).env("LD_DEBUG", "symbols");
+        let out = run(c);
+        assert!(text(&out.stdout).starts_with("rc 0 errno 0 port "), "{}", text(&out.stdout));
+        let log = text(&out.stderr);
+        let mut found = BTreeSet::new();
+        for line in log.lines() {
+            let (Some(name), Some(file)) = (line.split("symbol=").nth(1), line.split("lookup in file=").nth(1)) else {
+                continue;
+            };
+            let name = name.split(';').next().unwrap_or_default();
+            if ["bind", "listen", "getsockname", "connect"].contains(&name) {
+                found.insert((file.split_whitespace().next().unwrap_or_default().to_owned(), name.to_owned()));
+            }
+        }
+        found
     };
-    let (_, log) = python(ours.clone(), true);
-    assert_eq!(looked_up(&log), Vec::<String>::new());
-    let mut c = w.preloaded(Some("mine"), fixture("binder"));
-    c.args(["errno0", "4070"]).env("LD_DEBUG", "symbols");
+    let alone = lookups(ours.clone());
+    // the program's own references find ours (the log is read), and nothing looks in libc
+    assert!(alone.contains(&(ours.clone(), "bind".to_owned())), "{alone:?}");
+    assert!(!alone.iter().any(|(file, _)| file.contains("libc.so")), "{alone:?}");
+    // another library after ours: the shim asks the loader, which looks there
+    let beside = lookups(format!("{ours}:{other}"));
+    assert!(beside.contains(&(other.clone(), "bind".to_owned())) && beside.contains(&(other, "connect".to_owned())), "{beside:?}");
+}
+
+/// Under an audit module (`LD_AUDIT`), which sees — and may change — what the loader finds
+/// for a library, the shim asks the loader for libc's `bind` instead of making the system
+/// call itself: the module sees the program's binding and the shim's.
+#[test]
+fn an_audit_module_sees_the_shim_find_libc_s_bind() {
+    let w = World::new();
+    w.start_daemon();
+    let mut c = w.preloaded(Some("audited"), fixture("binder"));
+    c.args(["errno0", "4071"]).env("LD_AUDIT", shared_fixture("audit"));
     let out = run(c);
     assert!(text(&out.stdout).starts_with("rc 0 errno 0 port "), "{}", text(&out.stdout));
-    assert_eq!(looked_up(&text(&out.stderr)), Vec::<String>::new());
+    let seen = text(&out.stderr);
+    assert_eq!(seen.matches("audit: bind").count(), 2, "{seen}");
 }
 
 /// A port outside every range is bound as asked first; found taken (by a server nobody

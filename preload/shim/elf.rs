@@ -28,7 +28,7 @@ pub(crate) const MAX_PHDRS: usize = 64;
 
 /// This process's program headers as the kernel mapped them (from the auxiliary vector),
 /// and the program's load bias: where `PT_PHDR` says the table is, against where it is.
-/// `None` without a `PT_PHDR` (as when the loader itself was run: `ld.so PROGRAM`).
+/// `None` without a `PT_PHDR`.
 pub(crate) fn program_headers() -> Option<(&'static [u8], u64)> {
     // SAFETY: getauxval reads the auxiliary vector.
     let (phdr, phnum) = unsafe { (getauxval(AT_PHDR), getauxval(AT_PHNUM)) };

@@ -37,7 +37,7 @@ use libc_calls::{abort, errno, set_errno, SockLen, EADDRINUSE, ECONNREFUSED, ENO
 use maps::{port_class, vacant_block, with_port_map};
 use said::{confirm, note, refused};
 use settings::{enabled, in_session, isolate, mode, rule_class, session_tag, supervised};
-use slot::Slot;
+use slot::{Direct, Slot};
 use sockinfo::{stream, Facts, Inet};
 
 /// What the daemon says of a block of ports as a link, a fresh process's look (one codec
@@ -98,13 +98,13 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 }
 
 // SAFETY: libc's `int bind(int, const struct sockaddr *, socklen_t)`, the system call.
-static REAL_BIND: Slot<AddrFn> = unsafe { Slot::direct(c"bind", sys::bind) };
+static REAL_BIND: Slot<AddrFn> = unsafe { Slot::direct(c"bind", Direct::Kernel(sys::bind)) };
 // SAFETY: libc's `int listen(int, int)`, the system call.
-static REAL_LISTEN: Slot<ListenFn> = unsafe { Slot::direct(c"listen", sys::listen) };
+static REAL_LISTEN: Slot<ListenFn> = unsafe { Slot::direct(c"listen", Direct::Kernel(sys::listen)) };
 // SAFETY: libc's `int connect(int, const struct sockaddr *, socklen_t)`, also called `__connect`.
-static REAL_CONNECT: Slot<AddrFn> = unsafe { Slot::direct(c"connect", libc_calls::__connect) };
+static REAL_CONNECT: Slot<AddrFn> = unsafe { Slot::direct(c"connect", Direct::Import(libc_calls::__connect)) };
 // SAFETY: libc's `int getsockname(int, struct sockaddr *, socklen_t *)`, the system call.
-static REAL_GETSOCKNAME: Slot<NameFn> = unsafe { Slot::direct(c"getsockname", sys::getsockname) };
+static REAL_GETSOCKNAME: Slot<NameFn> = unsafe { Slot::direct(c"getsockname", Direct::Kernel(sys::getsockname)) };
 
 /// A cached answer (an environment switch).
 const UNKNOWN: u8 = 0;

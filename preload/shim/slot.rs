@@ -1,13 +1,24 @@
 //! A function of libc (`bind`, `execve`…), found once and kept as its typed pointer: the
 //! one place where what `dlsym` answers becomes a function the shim calls. A slot may
-//! name the system call libc's function is ([`Slot::direct`]): then, when libc is next
-//! ([`crate::linkmap`]), the shim makes the call itself and never looks libc's up.
+//! name what it takes instead when libc comes next ([`crate::linkmap`]): the system call
+//! libc's function is, made by the shim, or libc's function under another name the
+//! library imports ([`Direct`]); then nothing is looked up.
 
 use core::ffi::{c_void, CStr};
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::libc_calls::{dlsym, RTLD_NEXT};
+
+/// What a slot takes, without a lookup, when libc comes next.
+#[derive(Clone, Copy)]
+pub enum Direct<F> {
+    /// The system call libc's function is (nothing else: no cancellation point).
+    Kernel(F),
+    /// libc's function under another name, which the library imports: the loader found
+    /// it from the program on, so it is libc's only when libc holds it.
+    Import(F),
+}
 
 /// The C function `name` in another library, as an `F`; kept for the process's life once
 /// found (racing threads store the same pointer).
@@ -16,8 +27,8 @@ pub struct Slot<F> {
     /// Null, or what `dlsym` answers for `name` (or `direct`, which does the same): only
     /// [`Slot::next`] and [`Slot::resolve`] store here.
     ptr: AtomicPtr<c_void>,
-    /// The system call libc's `name` is, made by the shim.
-    direct: Option<F>,
+    /// What to take when libc is next.
+    direct: Option<Direct<F>>,
     f: PhantomData<F>,
 }
 
@@ -33,12 +44,12 @@ impl<F: Copy> Slot<F> {
         Slot { name, ptr: AtomicPtr::new(core::ptr::null_mut()), direct: None, f: PhantomData }
     }
 
-    /// A slot for the C function `name`, whose libc definition does nothing but the system
-    /// call `direct` makes.
+    /// A slot for the C function `name`, which takes `direct` when libc is next.
     ///
     /// # Safety
-    /// As [`Slot::new`]; and libc's `name` is `direct`'s system call and nothing else.
-    pub const unsafe fn direct(name: &'static CStr, direct: F) -> Slot<F> {
+    /// As [`Slot::new`]; and `direct` does what libc's `name` does: its system call and
+    /// nothing else, or libc's `name` itself under another name.
+    pub const unsafe fn direct(name: &'static CStr, direct: Direct<F>) -> Slot<F> {
         // SAFETY: the caller's contract.
         Slot { direct: Some(direct), ..unsafe { Slot::new(name) } }
     }
@@ -50,18 +61,27 @@ impl<F: Copy> Slot<F> {
         unsafe { Self::typed(self.ptr.load(Ordering::Acquire)) }
     }
 
-    /// The next definition of `name` after this library's (libc's), found once: the
-    /// system call itself when the slot has one and libc is next, else `dlsym`'s answer.
+    /// The next definition of `name` after this library's (libc's), found once: `direct`
+    /// when libc is next, else `dlsym`'s answer.
     pub fn next(&self) -> Option<F> {
-        self.get().or_else(|| match self.direct.filter(|_| crate::linkmap::next_is_libc(self.name)) {
+        self.get().or_else(|| match self.without_lookup() {
             Some(f) => {
-                // SAFETY: `F` is a function pointer, as wide as a data pointer (`new`).
-                self.ptr.store(unsafe { core::mem::transmute_copy::<F, *mut c_void>(&f) }, Ordering::Release);
+                self.ptr.store(Self::untyped(f), Ordering::Release);
                 Some(f)
             }
             // SAFETY: `RTLD_NEXT` is a pseudo-handle `dlsym` always accepts.
             None => unsafe { self.resolve(RTLD_NEXT) },
         })
+    }
+
+    /// `direct`, when libc comes next (and holds it, for an import).
+    fn without_lookup(&self) -> Option<F> {
+        let direct = self.direct?;
+        let libc = crate::linkmap::libc_next()?;
+        match direct {
+            Direct::Kernel(f) => Some(f),
+            Direct::Import(f) => libc.holds(Self::untyped(f) as usize).then_some(f),
+        }
     }
 
     /// Looks `name` up in `handle` and keeps the answer (null when not found).
@@ -76,7 +96,14 @@ impl<F: Copy> Slot<F> {
         unsafe { Self::typed(p) }
     }
 
-    /// `p` as the function it points to, `None` for null: the only transmute of the shim.
+    /// `f`'s address.
+    fn untyped(f: F) -> *mut c_void {
+        // SAFETY: `F` is a function pointer, as wide as a data pointer (asserted in `new`).
+        unsafe { core::mem::transmute_copy::<F, *mut c_void>(&f) }
+    }
+
+    /// `p` as the function it points to, `None` for null: with [`Slot::untyped`], the only
+    /// transmutes of the shim.
     ///
     /// # Safety
     /// `p` is null or what `dlsym` answered for `name`.
