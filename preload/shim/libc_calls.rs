@@ -47,8 +47,8 @@ extern "C" {
     pub(crate) static environ: crate::exec_hooks::Argv;
     pub(crate) fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int;
     pub(crate) fn getauxval(kind: u64) -> u64;
-    /// libc's `connect` under its other name (a cancellation point, so not a plain
-    /// system call: [`crate::linkmap`]).
+    /// libc's `connect` under its other name: a cancellation point, so the shim calls
+    /// libc's rather than the system call ([`crate::slot::Direct::Import`]).
     pub(crate) fn __connect(fd: c_int, addr: *const c_void, len: SockLen) -> c_int;
     /// Only where the kernel has no `statx` (`sys::statx`).
     pub(crate) fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: u32, buf: *mut u8) -> c_int;
