@@ -442,6 +442,23 @@ fn another_preload_library_sees_the_calls_as_ours_makes_them_and_alone_ours_look
     assert!(beside.contains(&(other.clone(), "bind".to_owned())) && beside.contains(&(other, "connect".to_owned())), "{beside:?}");
 }
 
+/// A preload library after ours that is called `libc.so.6` but is not libc (it defines
+/// `bind` and passes it on) still gets the program's calls: the shim takes libc as next
+/// only where the loader found libc's own functions.
+#[test]
+fn a_preload_library_named_like_libc_after_ours_still_gets_the_calls() {
+    let w = World::new();
+    w.start_daemon();
+    let dir = w.path("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(shared_fixture("after"), dir.join("libc.so.6")).unwrap();
+    let mut c = w.preloaded(Some("named"), fixture("binder"));
+    c.args(["errno0", "4072"]).env("LD_PRELOAD", format!("{}:{}", lib().display(), dir.join("libc.so.6").display()));
+    let out = run(c);
+    assert!(text(&out.stdout).starts_with("rc 0 errno 0 port "), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("other: bind 4072"), "{}", text(&out.stderr));
+}
+
 /// Under an audit module (`LD_AUDIT`), which sees — and may change — what the loader finds
 /// for a library, the shim asks the loader for libc's `bind` instead of making the system
 /// call itself: the module sees the program's binding and the shim's.

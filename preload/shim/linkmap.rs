@@ -12,7 +12,8 @@
 //!   `la_symbind` sees, and may change, what `dlsym` answers), and `LD_AUDIT` is not set
 //!   (glibc 2.34 says 1 even with one);
 //! - this library is in the list (preloaded, not `dlopen`ed), found by its own dynamic
-//!   section, and the entry right after it is libc (`…/libc.so.6`).
+//!   section, and the entry right after it is libc: named `…/libc.so.6`, and where the
+//!   loader found this library's import `__connect`.
 //!
 //! The list is in the order `RTLD_NEXT` searches the objects loaded with the program;
 //! another preload library after this one, or a library of the program between the two,
@@ -22,7 +23,7 @@
 //! lies before libc never changes).
 
 use core::ffi::{c_char, c_int};
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::cstring::cstr;
 use crate::elf::{program_headers, u32_at, u64_at, PHDR, PT_DYNAMIC};
@@ -68,73 +69,67 @@ extern "C" {
     static _DYNAMIC: [u8; 0];
 }
 
-/// libc, right after this library in the loader's list.
-#[derive(Clone, Copy)]
-pub(crate) struct Libc {
-    /// Its load bias: where its first segment, its ELF header, is.
-    start: usize,
-    /// Its dynamic section, in its data, above its code.
-    dynamic: usize,
-}
-
-impl Libc {
-    /// Whether the code at `f` is libc's: between its start and its dynamic section (the
-    /// loader reserves libc's whole span, so no other object lies there).
-    pub(crate) fn holds(self, f: usize) -> bool {
-        self.start <= f && f < self.dynamic
-    }
-}
-
-/// The answer for this process: UNKNOWN, then YES (with libc's span below) or NO.
+/// The answer for this process: UNKNOWN, then YES or NO.
 static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
-static START: AtomicUsize = AtomicUsize::new(0);
-static DYNAMIC: AtomicUsize = AtomicUsize::new(0);
 
-/// libc, when it comes right after this library (module doc); `None` otherwise.
-pub(crate) fn libc_next() -> Option<Libc> {
-    match STATE.load(Ordering::Acquire) {
-        YES => Some(Libc { start: START.load(Ordering::Relaxed), dynamic: DYNAMIC.load(Ordering::Relaxed) }),
-        NO => None,
+/// Whether libc comes right after this library (module doc).
+pub(crate) fn libc_next() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        YES => true,
+        NO => false,
         _ => {
-            let found = find();
-            if let Some(libc) = found {
-                START.store(libc.start, Ordering::Relaxed);
-                DYNAMIC.store(libc.dynamic, Ordering::Relaxed);
-            }
-            STATE.store(if found.is_some() { YES } else { NO }, Ordering::Release);
-            found
+            let yes = find();
+            STATE.store(if yes { YES } else { NO }, Ordering::Relaxed);
+            yes
         }
     }
 }
 
 /// The walk: the loader's list from its head to this library's entry, and the next one.
-fn find() -> Option<Libc> {
+fn find() -> bool {
     // SAFETY: the value is tested here and not kept.
     if unsafe { env(c"LD_AUDIT") }.is_some_and(|v| !v.is_empty()) {
-        return None;
+        return false;
     }
     let ours = core::ptr::addr_of!(_DYNAMIC).cast::<Dyn>();
-    let list = loaders_list()?;
+    let Some(list) = loaders_list() else {
+        return false;
+    };
     // SAFETY: the loader's list: the entries of objects loaded with the program stay as
     // they are for the process's life, and the walk ends at libc or this library, before
     // anything `dlopen` adds.
     unsafe {
         if (*list).version != 1 {
-            return None;
+            return false;
         }
         let mut map = (*list).map;
         for _ in 0..MAX_WALK {
             if map.is_null() || is_libc(map) {
-                return None; // libc before this library, or this library not in the list
+                return false; // libc before this library, or this library not in the list
             }
             if (*map).ld == ours {
                 let next = (*map).next;
-                return (!next.is_null() && is_libc(next)).then(|| Libc { start: (*next).addr, dynamic: (*next).ld as usize });
+                return !next.is_null() && is_libc(next) && holds_connect(next);
             }
             map = (*map).next;
         }
     }
-    None
+    false
+}
+
+/// Whether the code the loader found for this library's import `__connect` lies in the
+/// object of entry `map`, between its start (its load bias, where its ELF header is) and
+/// its dynamic section, in its data above its code: libc's own, not another object's
+/// (one loaded before this library that defines it, or one called `libc.so.6` that is
+/// not). The loader reserves an object's whole span, so no other object lies there.
+///
+/// # Safety
+/// `map` is an entry of the loader's list.
+unsafe fn holds_connect(map: *const LinkMap) -> bool {
+    let f = crate::libc_calls::__connect as *const () as usize;
+    // SAFETY: the entry (this function's contract).
+    let (start, dynamic) = unsafe { ((*map).addr, (*map).ld as usize) };
+    start <= f && f < dynamic
 }
 
 /// Whether the list's entry `map` is libc's.

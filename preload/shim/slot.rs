@@ -15,8 +15,8 @@ use crate::libc_calls::{dlsym, RTLD_NEXT};
 pub enum Direct<F> {
     /// The system call libc's function is (nothing else: no cancellation point).
     Kernel(F),
-    /// libc's function under another name, which the library imports: the loader found
-    /// it from the program on, so it is libc's only when libc holds it.
+    /// libc's function under another name, which the library imports (libc is next only
+    /// where the loader found it: [`crate::linkmap`]).
     Import(F),
 }
 
@@ -74,13 +74,10 @@ impl<F: Copy> Slot<F> {
         })
     }
 
-    /// `direct`, when libc comes next (and holds it, for an import).
+    /// `direct`, when libc comes next.
     fn without_lookup(&self) -> Option<F> {
-        let direct = self.direct?;
-        let libc = crate::linkmap::libc_next()?;
-        match direct {
-            Direct::Kernel(f) => Some(f),
-            Direct::Import(f) => libc.holds(Self::untyped(f) as usize).then_some(f),
+        match self.direct? {
+            Direct::Kernel(f) | Direct::Import(f) => crate::linkmap::libc_next().then_some(f),
         }
     }
 
