@@ -81,8 +81,10 @@ pub(crate) fn u32_at(st: &[u8; 256], at: usize) -> u32 {
 }
 
 /// How long a bind waits for a socket-activated daemon to start (its `hook.sock` to
-/// appear) after this process's connection started it: [`HOOK_ANSWER_MS`], and up to
-/// this while a daemon beats in the port map; and the slice it looks again after.
+/// appear) after this process's connection started it — a start is ~40 ms on an idle
+/// machine, and its beat begins only with `hook.sock`, so a busy machine needs more than
+/// [`HOOK_ANSWER_MS`] and nothing tells sooner that it comes —; and the slice it looks
+/// again after.
 const ACTIVATION_MS: u64 = 1000;
 
 const ACTIVATION_SLICE_MS: c_int = 5;
@@ -99,8 +101,8 @@ pub(crate) fn hook_socket(started: u64) -> Result<c_int, Heard> {
     let first = hook_socket_once(started, u64::MAX);
     let me = getpid() as u32;
     // a daemon that beats runs without `hook.sock` (it could not make one): no wake brings it
-    let beats = |now: u64| with_port_map(|m| m.alive(now)) == Some(true);
-    if !matches!(first, Err(Heard::Absent)) || WOKEN_IN_VAIN.load(Ordering::Relaxed) == me || beats(started) || !wake_daemon() {
+    let beats = with_port_map(|m| m.alive(started)) == Some(true);
+    if !matches!(first, Err(Heard::Absent)) || WOKEN_IN_VAIN.load(Ordering::Relaxed) == me || beats || !wake_daemon() {
         return first;
     }
     loop {
@@ -110,7 +112,7 @@ pub(crate) fn hook_socket(started: u64) -> Result<c_int, Heard> {
         let now = monotonic_ms();
         let waited = now.saturating_sub(started);
         match hook_socket_once(started, u64::MAX) {
-            Err(Heard::Absent) if waited < HOOK_ANSWER_MS || (waited < ACTIVATION_MS && beats(now)) => {}
+            Err(Heard::Absent) if waited < ACTIVATION_MS => {}
             Err(Heard::Absent) => {
                 WOKEN_IN_VAIN.store(me, Ordering::Relaxed);
                 return Err(Heard::Absent);
