@@ -85,7 +85,7 @@ pub(crate) fn u32_at(st: &[u8; 256], at: usize) -> u32 {
 /// machine, and its beat begins only with `hook.sock`, so a busy machine needs more than
 /// [`HOOK_ANSWER_MS`] and nothing tells sooner that it comes —; and the slice it looks
 /// again after.
-const ACTIVATION_MS: u64 = 1000;
+const ACTIVATION_MS: u64 = 500;
 
 const ACTIVATION_SLICE_MS: c_int = 5;
 
