@@ -229,7 +229,9 @@ pub fn cmdline(pid: u32) -> Option<String> {
 /// The owners (uids) of the TCP sockets listening where a connection to `addr` would
 /// go: `addr` itself or the wildcard of its family (and `[::]` for IPv4, dual-stack),
 /// from this network namespace's `/proc/net/tcp` and `tcp6` (`local_address`, `st` 0A
-/// = LISTEN, `uid`). Empty when nothing listens there.
+/// = LISTEN, `uid`). Empty when nothing listens there. The daemon's fallback where the
+/// kernel's socket diagnostics cannot be asked (`portcheck::listener_uids`): each read
+/// walks every bucket of the kernel's connection table, ~1 ms on a machine with 24 GiB.
 pub fn tcp_listener_uids(addr: std::net::SocketAddr) -> Vec<u32> {
     // the kernel hands these tables out a page per read and resumes by position: a line
     // can be skipped when sockets come and go in between (a busy machine's TIME_WAITs), so

@@ -1169,7 +1169,7 @@ mod tests {
             let dir = std::env::temp_dir().join(format!("styxy-hook-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_, _| Some(vec![]) };
             let sh = Shared::for_tests(os, journal(&dir));
             let binder = Command::new("sleep").arg("30").env_clear().env("STYXY_PRELOAD_LOG", dir.join("events.jsonl")).spawn().unwrap();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -205,9 +205,9 @@ fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<Claim, ApiError> 
 /// for its tree), or a process of the session it allocates for: any other pid
 /// (`pid: 1`) would keep a port forever.
 fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiError> {
-    let own = peer.pid.is_some_and(|p| p == pid || procinfo::parent(p) == Some(pid) || procinfo::descends_from(pid, p));
-    let of_session = session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_common::envvars::SESSION, s));
-    if own || of_session {
+    let own = || peer.pid.is_some_and(|p| p == pid || procinfo::parent(p) == Some(pid) || procinfo::descends_from(pid, p));
+    let of_session = || session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_common::envvars::SESSION, s));
+    if own() || of_session() {
         return Ok(pid);
     }
     Err(ApiError::bad(format!(

@@ -12,7 +12,7 @@ use styxy_preload_common::policy::{self, Decision, Policy, ServiceType};
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::{procinfo, session};
 
-use crate::portcheck::{self, PortSocket};
+use crate::portcheck::{self, PortSocket, Which};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -136,7 +136,7 @@ impl Allocation {
         if alive.is_empty() {
             return stands(young || look.held_by_user(self.port));
         }
-        let quick = look.snapshot.is_none();
+        let quick = !look.close;
         // a quick look: a confirmed grant, or a port something listens on, stands until
         // the sweep looks closer
         if !self.bind || young || (quick && (self.confirmed || (look.os.in_use)(self.port))) {
@@ -171,8 +171,9 @@ pub struct Os {
     pub in_use: fn(u16) -> bool,
     /// Whether Styxy's own test-bind (127.0.0.1) would find the port taken.
     pub styxy_sees: fn(u16) -> bool,
-    /// The TCP sockets on a port, or all of them, in any state ([`portcheck::sockets`]).
-    pub sockets: fn(Option<u16>) -> Option<Vec<PortSocket>>,
+    /// The TCP sockets on a port, or all of them, listening or in any state
+    /// ([`portcheck::sockets`]).
+    pub sockets: fn(Option<u16>, Which) -> Option<Vec<PortSocket>>,
 }
 
 impl Os {
@@ -181,22 +182,28 @@ impl Os {
 }
 
 /// How closely allocations are looked at: a quick look asks about one port when it must;
-/// the sweep looks at every one against one snapshot of all sockets.
+/// the sweep looks at every one against snapshots of the sockets, each taken once when
+/// first needed. Either looks at the listening sockets first: they settle most grants (a
+/// server listens), and only the rest need every socket, which costs the kernel a walk of
+/// all its connections ([`Which`]).
 pub struct Look {
     os: Os,
-    /// The sweep's snapshot (`Some(None)`: the kernel could not be asked).
-    snapshot: Option<Option<Vec<PortSocket>>>,
+    /// The sweep's: the sockets are read once, not per port.
+    close: bool,
+    /// The sweep's snapshots (`None` in them: the kernel could not be asked).
+    listening: std::cell::OnceCell<Option<Vec<PortSocket>>>,
+    any: std::cell::OnceCell<Option<Vec<PortSocket>>>,
     /// Socket inodes of the processes looked at so far (a server holds several ports).
     inodes: std::cell::RefCell<std::collections::HashMap<u32, Vec<u64>>>,
 }
 
 impl Look {
     fn quick(os: Os) -> Look {
-        Look { os, snapshot: None, inodes: Default::default() }
+        Look { os, close: false, listening: Default::default(), any: Default::default(), inodes: Default::default() }
     }
 
     fn close(os: Os) -> Look {
-        Look { os, snapshot: Some((os.sockets)(None)), inodes: Default::default() }
+        Look { close: true, ..Look::quick(os) }
     }
 
     /// Whether one of `pid`'s sockets is among `sockets`.
@@ -206,18 +213,24 @@ impl Look {
         inodes.iter().any(|i| sockets.iter().any(|s| s.inode == *i))
     }
 
-    fn sockets_on(&self, port: u16) -> Option<Vec<PortSocket>> {
-        match &self.snapshot {
-            Some(all) => all.as_ref().map(|all| all.iter().filter(|s| s.port == port).copied().collect()),
-            None => (self.os.sockets)(Some(port)),
+    fn sockets_on(&self, port: u16, which: Which) -> Option<Vec<PortSocket>> {
+        if !self.close {
+            return (self.os.sockets)(Some(port), which);
         }
+        let snapshot = if which == Which::Listening { &self.listening } else { &self.any };
+        let all = snapshot.get_or_init(|| (self.os.sockets)(None, which)).as_ref()?;
+        Some(all.iter().filter(|s| s.port == port).copied().collect())
     }
 
     /// A socket of `pids` or of their descendants holds `port`. `None` when it cannot be
     /// told: no socket diagnostics, or a process in another network namespace than the
     /// daemon's, whose sockets the daemon does not see.
     fn held_by(&self, port: u16, pids: &[u32]) -> Option<bool> {
-        let sockets = self.sockets_on(port)?;
+        // an owner listening on it settles it at a glance
+        if self.sockets_on(port, Which::Listening).is_some_and(|l| pids.iter().any(|p| self.has_one_of(*p, &l))) {
+            return Some(true);
+        }
+        let sockets = self.sockets_on(port, Which::Any)?;
         if sockets.is_empty() && pids.iter().all(|p| same_netns(*p)) {
             return Some(false);
         }
@@ -237,8 +250,12 @@ impl Look {
     fn held_by_user(&self, port: u16) -> bool {
         // SAFETY: geteuid(2) cannot fail.
         let me = unsafe { libc::geteuid() };
-        match self.sockets_on(port) {
-            Some(sockets) => sockets.iter().any(|s| s.uid == me),
+        let mine = |sockets: &Vec<PortSocket>| sockets.iter().any(|s| s.uid == me);
+        if self.sockets_on(port, Which::Listening).as_ref().is_some_and(mine) {
+            return true;
+        }
+        match self.sockets_on(port, Which::Any) {
+            Some(sockets) => mine(&sockets),
             None => (self.os.in_use)(port),
         }
     }
@@ -280,7 +297,7 @@ pub struct Verdicts {
 }
 
 impl SweepPlan {
-    /// Looks at every allocation closely, against one snapshot of the sockets.
+    /// Looks at every allocation closely, against snapshots of the sockets ([`Look`]).
     pub fn judge(self, now_ms: u64) -> Verdicts {
         let look = Look::close(self.os);
         let mut v = Verdicts::default();
@@ -1090,7 +1107,7 @@ mod tests {
     fn state() -> State {
         let mut s = State::new(Policy::default(), None, 60_000);
         s.os.in_use = no_os;
-        s.os.sockets = |_| Some(vec![]);
+        s.os.sockets = |_, _| Some(vec![]);
         s
     }
 
@@ -1178,9 +1195,10 @@ mod tests {
     /// The one socket `fake_sockets` reports on any port: (inode, uid), 0 for none.
     static FAKE: std::sync::Mutex<(u64, u32)> = std::sync::Mutex::new((0, 0));
 
-    fn fake_sockets(port: Option<u16>) -> Option<Vec<PortSocket>> {
+    fn fake_sockets(port: Option<u16>, which: Which) -> Option<Vec<PortSocket>> {
         let (inode, uid) = *FAKE.lock().unwrap();
-        Some(if inode == 0 { vec![] } else { vec![PortSocket { port: port.unwrap_or(3000), inode, uid }] })
+        // a socket bound, never listening
+        Some(if inode == 0 || which == Which::Listening { vec![] } else { vec![PortSocket { port: port.unwrap_or(3000), inode, uid }] })
     }
 
     fn socket_inode(s: &socket2::Socket) -> u64 {
@@ -1226,6 +1244,39 @@ mod tests {
         s.allocate(&req("c", 3000), 0).unwrap();
         assert_eq!(s.sweep(60_000), 0);
         drop(sock);
+    }
+
+    /// What the fake below was asked for: listening sockets, every socket.
+    static ASKED: std::sync::Mutex<(u32, u32)> = std::sync::Mutex::new((0, 0));
+    static LISTENER: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+
+    /// A machine where [`LISTENER`] listens on ports 3000 and 3001; it counts what
+    /// it is asked for in [`ASKED`].
+    fn counting_sockets(port: Option<u16>, which: Which) -> Option<Vec<PortSocket>> {
+        let mut asked = ASKED.lock().unwrap();
+        match which {
+            Which::Listening => asked.0 += 1,
+            Which::Any => asked.1 += 1,
+        }
+        // SAFETY: geteuid(2) cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        let inode = *LISTENER.lock().unwrap();
+        Some(port.map_or(vec![3000, 3001], |p| vec![p]).into_iter().map(|port| PortSocket { port, inode, uid }).collect())
+    }
+
+    #[test]
+    fn a_server_s_grant_is_judged_from_the_listeners_without_walking_every_connection() {
+        let mut s = state();
+        s.os.sockets = counting_sockets;
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        *LISTENER.lock().unwrap() = socket_inode(&socket2::Socket::from(server.try_clone().unwrap()));
+        s.allocate(&for_bind(req("a", 3000)), 0).unwrap();
+        s.allocate(&for_bind(req("b", 3001)), 0).unwrap();
+        assert_eq!(s.sweep(60_000), 0, "both stand: their owner (this process) listens");
+        assert_eq!(*ASKED.lock().unwrap(), (1, 0), "one look at the listeners for both, none at every socket");
+        *LISTENER.lock().unwrap() = u64::MAX; // another process's socket now
+        assert_eq!(s.sweep(60_001), 0, "unheld once: it waits a sweep");
+        assert_eq!(*ASKED.lock().unwrap(), (2, 1), "every socket looked at once, for both");
     }
 
     #[test]
@@ -1300,7 +1351,7 @@ mod fuzz {
         fn never_grants_one_port_twice(ops in prop::collection::vec(op(), 1..80)) {
             let mut st = State::new(Policy::default(), None, 60_000);
             st.os.in_use = |_| false;
-            st.os.sockets = |_| Some(vec![]);
+            st.os.sockets = |_, _| Some(vec![]);
             let me = Owner::of(std::process::id());
             let types = ["dev", "api", "storybook", "ai"];
             let mut locks = Vec::new();

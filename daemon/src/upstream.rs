@@ -32,6 +32,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::portcheck;
 use parking_lot::Mutex;
 use serde::Serialize;
 use styxy_preload_common::api::{self, AllocateReply, AllocationsReply};
@@ -106,7 +107,8 @@ pub fn agent() -> String {
 }
 
 /// Whether `ep` may be told our token and believed: the user named it, or every socket
-/// listening where a connection to it goes is this user's (`/proc/net/tcp*`).
+/// listening where a connection to it goes is this user's ([`portcheck::listener_uids`];
+/// `/proc/net/tcp*` where the kernel's socket diagnostics cannot be asked).
 /// `Err(None)`: nothing listens there; `Err(Some(why))`: another user does.
 pub fn trusted(ep: &Endpoint, named: bool) -> Result<(), Option<String>> {
     let Endpoint::Tcp { addr, .. } = ep else { return Ok(()) };
@@ -115,7 +117,7 @@ pub fn trusted(ep: &Endpoint, named: bool) -> Result<(), Option<String>> {
     }
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
-    let uids = procinfo::tcp_listener_uids(*addr);
+    let uids = portcheck::listener_uids(*addr).unwrap_or_else(|| procinfo::tcp_listener_uids(*addr));
     match uids.iter().find(|u| **u != me) {
         _ if uids.is_empty() => Err(None),
         Some(other) => Err(Some(format!(
@@ -697,7 +699,7 @@ mod tests {
     use styxy_preload_common::policy::Policy;
 
     fn state_with(session: &str, port: u16) -> State {
-        let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+        let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_, _| Some(vec![]) };
         let mut st = State::new(Policy::default(), None, 60_000).with_os(os);
         let asked = AllocateRequest { instance_id: Some(session.into()), ..AllocateRequest::for_port("dev", port) };
         let req = Claim::new(asked, Owner::of(std::process::id()));
@@ -868,7 +870,7 @@ mod worker_tests {
             let dir = std::env::temp_dir().join(format!("styxy-upstream-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_| Some(vec![]) };
+            let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_, _| Some(vec![]) };
             let sh = Shared::for_tests(os, dir.join("daemon-journal.jsonl"));
             let mut cfg = Config::new(Endpoint::Tcp { addr, token: Some("secret".into()) });
             cfg.named = true;
