@@ -49,6 +49,39 @@ fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_por
 }
 
 #[test]
+fn a_static_server_restarted_in_its_session_serves_on_the_sessions_port_and_the_daemon_logs_each_start() {
+    let mut w = World::new();
+    let server = static_fixture("binder");
+    let a = exec(&mut w, "one", &[], &server, &["serve", "8000"], "one");
+    wait_for(20, "the first session's server", || tree_ports(a).into_iter().next());
+    let b = exec(&mut w, "two", &[], &server, &["serve", "8000"], "two");
+    let pb = wait_for(20, "the second session's server", || tree_ports(b).into_iter().next());
+    assert_ne!(pb, 8000, "{}", w.stderr_of("two"));
+    let first = descendants(b)[0];
+    w.kill(b);
+    // restarted at once: the session's port (from the port map while the grant stands, else
+    // granted again: the session asked for 8000 before)
+    let c = exec(&mut w, "two", &[], &server, &["serve", "8000"], "two-again");
+    let pc = wait_for(20, "the restarted server", || tree_ports(c).into_iter().next());
+    assert_eq!(pc, pb, "{}", w.stderr_of("two-again"));
+    assert_eq!(http_get("127.0.0.1", pc, "/").as_deref(), Some("two-again"));
+    let second = descendants(c)[0];
+    // the daemon wrote both starts, each with its own server's pid and name
+    let starts: Vec<_> = w
+        .events()
+        .into_iter()
+        .filter(|e| e.session.as_deref() == Some("two") && e.call == "bind")
+        .map(|e| (e.pid, e.comm, e.action, e.requested_port, e.port))
+        .collect();
+    let start = |pid| (pid, "binder-static".to_string(), Action::Remapped, 8000, pb);
+    assert_eq!(starts, [start(first), start(second)]);
+    // the allocation is the restarted server's
+    let (_, list) = w.json("GET", "/allocations", None);
+    let alloc = list["allocations"].as_array().unwrap().iter().find(|x| x["port"] == pb).cloned().unwrap_or_default();
+    assert!(alloc["pids"].as_array().is_some_and(|p| p.contains(&second.into())), "{list}");
+}
+
+#[test]
 fn two_go_servers_asking_for_8080_both_serve_and_each_reaches_its_own() {
     let mut w = World::new();
     let server = go_fixture("goserver");

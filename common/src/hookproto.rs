@@ -110,6 +110,13 @@ pub const ON_CONFLICT_MODE: u8 = 16;
 /// `Ask::flags`: a `STYXY_PRELOAD_PORTS` rule of the process's own covers the port: the
 /// daemon decides with the rules of the process's environment.
 pub const OWN_RULES: u8 = 32;
+/// `Ask::flags`, on a `KEEP`, `NOTE` or `CONFIRM`: asked or told for another process — a
+/// descendant of the asker, or a process of the ask's session — the seccomp supervisor's,
+/// for the program it traces. That process's pid ([`FOR_LEN`] bytes, little-endian)
+/// follows the ask's [`ASK_LEN`] bytes, before any variables; the daemon takes it for who
+/// asks (in the mailbox too), and the `DONE` on the connection for its bind.
+pub const FOR_CHILD: u8 = 64;
+pub const FOR_LEN: usize = 4;
 
 /// This very port.
 pub const GRANTED: u8 = 1;
@@ -215,6 +222,16 @@ pub fn done_vars(tail: &[u8]) -> impl Iterator<Item = (&'static str, &[u8])> + '
     })
 }
 
+/// A `KEEP`'s tail after its [`ASK_LEN`] bytes: the pid it is asked for when its flags
+/// say [`FOR_CHILD`] (`None` when the tail is too short for one), and the rest.
+pub fn asked_for(flags: u8, tail: &[u8]) -> Option<(Option<u32>, &[u8])> {
+    if flags & FOR_CHILD == 0 {
+        return Some((None, tail));
+    }
+    let (pid, rest) = tail.split_at_checked(FOR_LEN)?;
+    Some((Some(u32::from_le_bytes(<[u8; FOR_LEN]>::try_from(pid).ok()?)), rest))
+}
+
 /// The bytes of a spool record before its message: its length (`u16`), the pid, the
 /// wall-clock time (ms since the epoch).
 pub const SPOOL_HEAD: usize = 14;
@@ -315,6 +332,14 @@ mod tests {
         assert_eq!(Ask::decode(&long).map(|a| a.comm), Some(&b"a-very-long-pro"[..]), "a name is cut as the kernel cuts it");
         let d = Ask { kind: DONE, errno: 98, ..a };
         assert_eq!(Ask::decode(&d.encode().unwrap()), Some(d));
+    }
+
+    #[test]
+    fn a_keep_for_another_process_names_it_before_its_variables() {
+        let tail = [&4242u32.to_le_bytes()[..], b"HOME=/h\0"].concat();
+        assert_eq!(asked_for(FOR_CHILD | MAY_MOVE, &tail), Some((Some(4242), &b"HOME=/h\0"[..])));
+        assert_eq!(asked_for(MAY_MOVE, &tail), Some((None, &tail[..])), "its own");
+        assert_eq!(asked_for(FOR_CHILD, &[1, 2, 3]), None, "too short for a pid");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! spool ([`drain_spool`]).
 //!
 //! The peer is known from the kernel (`SO_PEERCRED`): only our uid, and the owner pid
-//! is the peer itself. The daemon writes every hooked call's event — a bind's once the
+//! is the peer itself — or, for a `KEEP` the seccomp supervisor makes for the program it
+//! traces (`FOR_CHILD`), the pid it names, when that is the peer's descendant or a process
+//! of the ask's session (the rule `POST /allocate` holds a named pid to). The daemon writes every hooked call's event — a bind's once the
 //! shim reports its result (`DONE`) — in the log the process names.
 //!
 //! One thread of its own serves every connection (`Loop`): an `epoll` set over the
@@ -358,9 +360,9 @@ impl Loop {
             let Some((n, pid, from)) = recv_with_creds(fd, &mut buf) else { return };
             let msg = &buf[..n];
             let ask = msg.get(..ASK_LEN).and_then(Ask::decode).filter(|a| a.kind == NOTE && from == uid && pid != 0);
-            if let Some(ask) = ask {
+            if let Some((ask, (pid, vars))) = ask.and_then(|a| Some((a, who_asks(pid, &a, &msg[ASK_LEN..])?))) {
                 self.sh.metrics.hook_notes[1].fetch_add(1, Ordering::Relaxed);
-                self.note_of(pid, &ask, &msg[ASK_LEN..]);
+                self.note_of(pid, &ask, vars);
             }
         }
     }
@@ -448,9 +450,19 @@ impl Loop {
     /// The `KEEP` of connection `id` (anything else ends it): declined, or granted now,
     /// or once Styxy has had its word.
     fn keep(&mut self, id: u64, msg: Option<&[u8]>) {
-        let Some(c) = self.conns.get(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id) else { return };
         // a REFUSED or a NOTE carries the log variables after the ask; the others are the ask alone
-        let (head, tail) = msg.filter(|m| m.len() >= ASK_LEN).map_or((None, &[][..]), |m| (Some(&m[..ASK_LEN]), &m[ASK_LEN..]));
+        let (head, mut tail) = msg.filter(|m| m.len() >= ASK_LEN).map_or((None, &[][..]), |m| (Some(&m[..ASK_LEN]), &m[ASK_LEN..]));
+        // a KEEP, NOTE or CONFIRM for another process: that process asks from here on
+        match head.and_then(Ask::decode).map(|a| who_asks(c.pid, &a, tail)) {
+            Some(Some((pid, rest))) => (c.pid, tail) = (pid, rest),
+            Some(None) => {
+                send(c.fd.as_raw_fd(), &Answer { status: DECLINED, port: 0, existing: false }.encode());
+                self.conns.remove(&id);
+                return;
+            }
+            None => {}
+        }
         let ask = head.and_then(Ask::decode).filter(|a| match a.kind {
             KEEP => tail.is_empty() || a.flags & FALLBACK != 0,
             CONFIRM => tail.is_empty(),
@@ -882,6 +894,23 @@ struct KeptBind {
     lock: String,
 }
 
+/// Who asks `ask` (its tail after [`ASK_LEN`] bytes) from process `peer`, and the rest of
+/// the tail: the peer; or, for a `KEEP`, `NOTE` or `CONFIRM` made for another process (`FOR_CHILD`:
+/// the seccomp supervisor's, for the program it traces), that process when the peer may
+/// name it (`server::may_name`). `None`: it may not, or the tail has no pid.
+fn who_asks<'t>(peer: u32, ask: &Ask<'_>, tail: &'t [u8]) -> Option<(u32, &'t [u8])> {
+    if !matches!(ask.kind, KEEP | NOTE | CONFIRM) {
+        return Some((peer, tail));
+    }
+    match hookproto::asked_for(ask.flags, tail)? {
+        (None, rest) => Some((peer, rest)),
+        (Some(pid), rest) => {
+            let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty());
+            crate::server::may_name(Some(peer), pid, session).then_some((pid, rest))
+        }
+    }
+}
+
 /// The claim of `pid`'s `KEEP`, as the hooks' logic would make it for a coordinated port
 /// (named as they would name it, and so is Styxy's mirror of it); `None` (declined) for
 /// another port or a malformed session. Who asks is read while it waits for the answer
@@ -1189,12 +1218,12 @@ mod tests {
             Loop::new(self.sh.clone(), self.rt.handle().clone()).unwrap()
         }
 
-        /// A connection from the binder, adopted by `lp`; the shim's end comes back.
-        fn connect(&self, lp: &mut Loop) -> Socket {
+        /// A connection from process `peer`, adopted by `lp`; the shim's end comes back.
+        fn connect(&self, lp: &mut Loop, peer: u32) -> Socket {
             let (daemon_end, shim_end) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
             daemon_end.set_nonblocking(true).unwrap();
             shim_end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            lp.adopt(daemon_end.into(), self.binder.id());
+            lp.adopt(daemon_end.into(), peer);
             shim_end
         }
 
@@ -1202,8 +1231,14 @@ mod tests {
         /// of the connection) on a thread; what the shim saw comes back once the
         /// exchange and its event are done (`/flush`'s wait).
         fn exchange<T: Send + 'static>(&self, shim: impl FnOnce(Socket) -> T + Send + 'static) -> T {
+            self.exchange_as(self.binder.id(), shim)
+        }
+
+        /// [`Fixture::exchange`] from process `peer` (the binder's parent, this test, is
+        /// a seccomp supervisor asking for it).
+        fn exchange_as<T: Send + 'static>(&self, peer: u32, shim: impl FnOnce(Socket) -> T + Send + 'static) -> T {
             let mut lp = self.server();
-            let shim_end = self.connect(&mut lp);
+            let shim_end = self.connect(&mut lp, peer);
             let peer = std::thread::spawn(move || shim(shim_end));
             let until = Instant::now() + Duration::from_secs(5);
             while !lp.conns.is_empty() && Instant::now() < until {
@@ -1285,6 +1320,52 @@ mod tests {
         assert_eq!(events.lines().count(), 1, "{events}");
         assert!(events.contains("\"action\":\"kept\"") && events.contains("\"port\":3000"), "{events}");
         assert_eq!(f.sh.hook_pending.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_supervisor_asks_for_a_descendant_of_its_own_and_no_other_process() {
+        let f = Fixture::new("for-child");
+        let (child, me) = (f.binder.id(), std::process::id());
+        let for_pid = |pid: u32, port: u16| {
+            let plain = ask(KEEP, port, 0, b"s1");
+            let keep = Ask { flags: MAY_MOVE | hookproto::FOR_CHILD, comm: b"binder", ..Ask::decode(&plain).unwrap() };
+            [&keep.encode().unwrap()[..], &pid.to_le_bytes()].concat()
+        };
+        let (got, done_vars) = (for_pid(child, 3000), f.dir.join("sup-events.jsonl"));
+        let got = f.exchange_as(me, move |s| {
+            send(&s, &got);
+            let a = answer(&s);
+            let done = [&ask(DONE, 3000, 0, b"s1")[..], format!("STYXY_PRELOAD_LOG={}\0", done_vars.display()).as_bytes()].concat();
+            send(&s, &done);
+            a
+        });
+        assert_eq!(got.map(|a| a.status), Some(GRANTED));
+        let owners = f.sh.state.lock().allocation(3000).map(|a| a.owners.iter().map(|o| o.pid).collect::<Vec<_>>());
+        assert_eq!(owners, Some(vec![child]), "the child's grant, not the asker's");
+        let events = std::fs::read_to_string(f.dir.join("sup-events.jsonl")).unwrap_or_default();
+        assert!(events.contains(&format!("\"pid\":{child}")) && events.contains("\"action\":\"kept\""), "{events}");
+        // a process that is neither its descendant nor of the session (an orphan, whose
+        // parent is gone): declined, nothing granted
+        let out = Command::new("sh").args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"]).output().unwrap();
+        let orphan: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let stranger = for_pid(orphan, 3001);
+        let refused = f.exchange_as(me, move |s| {
+            send(&s, &stranger);
+            answer(&s)
+        });
+        assert_eq!(refused.map(|a| a.status), Some(DECLINED));
+        // SAFETY: kill(2) of the orphan this test started.
+        unsafe { libc::kill(orphan as i32, libc::SIGKILL) };
+        assert!(f.sh.state.lock().allocation(3001).is_none());
+        // a FOR_CHILD ask too short for its pid: declined
+        let short =
+            [&Ask { flags: hookproto::FOR_CHILD, ..Ask::decode(&ask(KEEP, 3002, 0, b"s1")).unwrap() }.encode().unwrap()[..], &[1, 2]]
+                .concat();
+        let got = f.exchange_as(me, move |s| {
+            send(&s, &short);
+            answer(&s)
+        });
+        assert_eq!(got.map(|a| a.status), Some(DECLINED));
     }
 
     #[test]
@@ -1606,8 +1687,8 @@ mod tests {
     fn a_silent_client_holds_up_no_other_and_is_closed_at_its_deadline() {
         let f = Fixture::new("silent");
         let mut lp = f.server();
-        let silent = f.connect(&mut lp);
-        let talking = f.connect(&mut lp);
+        let silent = f.connect(&mut lp, f.binder.id());
+        let talking = f.connect(&mut lp, f.binder.id());
         let peer = std::thread::spawn(move || keep_then_done(3000, b"s1", 0)(talking));
         let until = Instant::now() + Duration::from_secs(5);
         while lp.conns.len() > 1 && Instant::now() < until {

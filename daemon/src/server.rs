@@ -205,15 +205,20 @@ fn parse_allocate(m: Map<String, Value>, peer: Peer) -> Result<Claim, ApiError> 
 /// for its tree), or a process of the session it allocates for: any other pid
 /// (`pid: 1`) would keep a port forever.
 fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiError> {
-    let own = || peer.pid.is_some_and(|p| p == pid || procinfo::parent(p) == Some(pid) || procinfo::descends_from(pid, p));
-    let of_session = || session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_common::envvars::SESSION, s));
-    if own() || of_session() {
+    if may_name(peer.pid, pid, session) {
         return Ok(pid);
     }
     Err(ApiError::bad(format!(
         "pid {pid} is neither the caller, its parent or child, nor a process of session {}",
         session.unwrap_or("(none)")
     )))
+}
+
+/// Whether process `peer` (`None`: a TCP client) may ask for `pid` ([`verified_pid`]'s
+/// rule, and `hook.sock`'s for a `KEEP` made for another process).
+pub(crate) fn may_name(peer: Option<u32>, pid: u32, session: Option<&str>) -> bool {
+    let own = || peer.is_some_and(|p| p == pid || procinfo::parent(p) == Some(pid) || procinfo::descends_from(pid, p));
+    own() || session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_common::envvars::SESSION, s))
 }
 
 async fn allocate(AxState(sh): AxState<Arc<Shared>>, Extension(peer): Extension<Peer>, body: Body) -> ApiResult {

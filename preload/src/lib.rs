@@ -4,7 +4,7 @@
 //! ever loaded into a foreign process — that is `libstyxy_preload.so` alone (`shim/`).
 //!
 //! The decisions run over two seams, the caller's [`Socket`] (the supervisor's copy of it)
-//! and a `bind::Coordinator` (the daemon over HTTP), and ask the one decision
+//! and a `bind::Coordinator` (the daemon, on `hook.sock` as the shim asks it), and ask the one decision
 //! (`styxy_preload_common::decide`) as the shim does.
 
 pub mod bind;

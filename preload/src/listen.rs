@@ -1,23 +1,18 @@
-//! `listen()`: confirms a coordinated port (the pid becomes an owner of its
-//! allocation) and observes listens on port 0 or unbound sockets. Never changes anything.
+//! `listen()`: makes it, then does what the one decision (`decide::listen_way`) says, as
+//! the library does: a port another process of the tree kept (and handed down) is
+//! confirmed (the pid becomes an owner of its allocation), a listen on port 0 or on an
+//! unbound socket is observed; anything else, a port this process kept included, needs no
+//! one's word. Never changes the call.
 
-use std::time::{Duration, Instant};
+use styxy_preload_common::decide::{self, ListenWay, Listening};
+use styxy_preload_common::hookproto;
 
-use serde_json::json;
-use styxy_preload_common::eventlog::Action;
-use styxy_preload_common::http::{self, Timeouts};
-use styxy_preload_common::policy::Decision;
-
+use crate::bind::{Coordinator, KeepAsk};
 use crate::call::{Caller, Socket, Verdict};
-use crate::process::{Mode, Process};
-use crate::report::{self, Outcome};
+use crate::process::Process;
 
-/// A listen confirmation's budget (a local daemon answers in well under 1 ms), past which
-/// it waits only for a daemon that beats.
-const CONFIRM: Timeouts = Timeouts { connect: Duration::from_millis(20), total: Duration::from_millis(50), max_body: 4096 };
-
-/// Makes the `listen()` on `sock`, then tells the daemon or the log about it.
-pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
+/// Makes the `listen()` on `sock`, then tells the daemon (`coord`), which logs it.
+pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
     if !sock.reachable() {
         return Verdict::AsAsked;
     }
@@ -26,32 +21,17 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
     if r.is_err() {
         return Verdict::Done(r);
     }
-    let started = Instant::now();
-    match before {
-        Some(a) if a.port == 0 => {
-            // the kernel picked a port at listen(): observe it
-            if let Some(now) = sock.local_addr() {
-                let outcome = Outcome {
-                    call: "listen",
-                    requested: 0,
-                    port: now.port,
-                    addr: &now,
-                    service_type: None,
-                    action: Action::Observed,
-                    reason: Some("port chosen by the kernel".into()),
-                    started,
-                    backend: None,
-                    retries: 0,
-                };
-                report::event(p, who, outcome);
-            }
-        }
-        Some(a) if p.mode != Mode::Observe && matches!(p.policy.decide(a.port), Decision::Coordinated(_)) => {
-            // the pid becomes an owner of this port's allocation, which it confirms; the
-            // bind before it may have used most of the hook's budget already
-            let body = json!({"pid": who.pid, "instance_id": p.session, "port": a.port, "project_path": who.cwd});
-            let _ = http::call_waiting(&p.endpoint, "POST", "/register-instance", Some(body.to_string().as_bytes()), CONFIRM);
-        }
+    let port = before.map(|a| a.port);
+    let (kept_here, kept_before) = port.map_or((false, false), |port| p.memory.kept_by(who.pid, port));
+    let way = decide::listen_way(Listening { port, kept_here, kept_before });
+    // the port it listens on: the one bound, or the kernel's choice at this listen
+    let Some(at) = (if way == ListenWay::Observe { sock.local_addr() } else { before }) else { return Verdict::Done(Ok(())) };
+    let family = if at.family == libc::AF_INET6 { 6 } else { 4 };
+    let session = p.session.as_deref().unwrap_or("");
+    let ask = KeepAsk { pid: who.pid, port: at.port, family, flags: 0, origin: None, session, comm: who.comm };
+    match way {
+        ListenWay::Confirm => coord.confirm(&ask),
+        ListenWay::Observe if at.port != 0 => coord.note(&ask, hookproto::NOTE_KERNEL_CHOSE, at.port),
         _ => {}
     }
     Verdict::Done(Ok(()))
@@ -59,11 +39,8 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket) -> Verdict {
 
 #[cfg(test)]
 mod tests {
-    //! Every way `decide` ends, over a fake socket and a fake daemon: a Unix socket where
-    //! the process's daemon would be, which keeps the one request it receives.
-
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixListener;
+    //! Every way `decide` ends, over a fake socket and a fake coordinator that keeps the
+    //! confirmations it is told.
 
     use libc::c_int;
 
@@ -104,28 +81,32 @@ mod tests {
         FakeSocket { reachable: true, before, after, result, listened: false }
     }
 
-    /// Serves one request on the world's daemon socket, answering `{}`; the request's bytes.
-    fn fake_daemon(w: &World) -> std::thread::JoinHandle<String> {
-        let listener = UnixListener::bind(w.runtime().join("daemon.sock")).unwrap();
-        std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            // the request ends with its JSON body's closing brace
-            while !got.ends_with(b"}") {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
-            String::from_utf8_lossy(&got).into_owned()
-        })
+    /// A coordinator that keeps the confirmations and notes it is told.
+    #[derive(Default)]
+    struct Confirms(Vec<(u32, u16, String)>, Vec<(u8, u16)>);
+
+    impl Coordinator for Confirms {
+        fn keep(&mut self, _: &KeepAsk) -> Result<crate::bind::Keep, crate::bind::AskError> {
+            unreachable!("a listen asks for no port")
+        }
+        fn done(&mut self, _: c_int) {}
+        fn confirm(&mut self, a: &KeepAsk) {
+            self.0.push((a.pid, a.port, a.session.to_string()));
+        }
+        fn note(&mut self, _: &KeepAsk, note: u8, got: u16) {
+            self.1.push((note, got));
+        }
+        fn name(&self) -> String {
+            "the fake".into()
+        }
     }
 
     fn listen(w: &World, sock: &mut FakeSocket) -> Verdict {
-        decide(&w.p, &Caller { pid: 4242, comm: "srv", cwd: Some("/w") }, sock)
+        listen_as(w, 4242, sock, &mut Confirms::default())
+    }
+
+    fn listen_as(w: &World, pid: u32, sock: &mut FakeSocket, coord: &mut Confirms) -> Verdict {
+        decide(&w.p, &Caller { pid, comm: "srv", cwd: Some("/w") }, sock, coord)
     }
 
     #[test]
@@ -144,34 +125,25 @@ mod tests {
     }
 
     #[test]
-    fn a_port_the_kernel_chose_at_listen_is_observed() {
+    fn a_port_the_kernel_chose_at_listen_is_told() {
         let w = World::new(&[]);
-        assert_eq!(listen(&w, &mut sock(Some(0), 43210, Ok(()))), Verdict::Done(Ok(())));
-        let ev = w.events();
-        assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!((ev[0].requested_port, ev[0].port, ev[0].action), (0, 43210, Action::Observed));
+        let mut coord = Confirms::default();
+        assert_eq!(listen_as(&w, 4242, &mut sock(Some(0), 43210, Ok(())), &mut coord), Verdict::Done(Ok(())));
+        assert_eq!((coord.0.len(), coord.1.as_slice()), (0, &[(hookproto::NOTE_KERNEL_CHOSE, 43210)][..]));
+        assert!(w.events().is_empty(), "the daemon logs it");
     }
 
     #[test]
-    fn a_coordinated_port_is_confirmed_with_the_daemon() {
+    fn a_port_another_process_of_the_tree_kept_is_confirmed_and_ones_own_is_not() {
         let w = World::new(&[]);
-        let daemon = fake_daemon(&w);
-        assert_eq!(listen(&w, &mut sock(Some(3000), 3000, Ok(()))), Verdict::Done(Ok(())));
-        let req = daemon.join().unwrap();
-        assert!(req.starts_with("POST /register-instance "), "{req}");
-        for field in [r#""pid":4242"#, r#""port":3000"#, r#""instance_id":"t""#] {
-            assert!(req.contains(field), "{field} in {req}");
-        }
-        assert!(w.events().is_empty(), "the bind logged it");
-    }
-
-    #[test]
-    fn nothing_is_confirmed_in_observe_mode_or_for_a_port_nobody_coordinates() {
-        for (vars, port) in [(&[("STYXY_PRELOAD_MODE", "observe")][..], 3000), (&[][..], 40000)] {
-            let w = World::new(vars);
-            // no daemon listens: a confirmation would fail, and nothing may wait on it
-            assert_eq!(listen(&w, &mut sock(Some(port), port, Ok(()))), Verdict::Done(Ok(())), "{vars:?} {port}");
-            assert!(w.events().is_empty());
-        }
+        w.p.memory.remember_kept(4242, 3000); // the parent kept 3000 before it forked
+        let mut coord = Confirms::default();
+        assert_eq!(listen_as(&w, 4242, &mut sock(Some(3000), 3000, Ok(())), &mut coord), Verdict::Done(Ok(())));
+        assert!(coord.0.is_empty(), "its own: the bind's grant already names it");
+        assert_eq!(listen_as(&w, 4343, &mut sock(Some(3000), 3000, Ok(())), &mut coord), Verdict::Done(Ok(())));
+        assert_eq!(coord.0, [(4343, 3000, "t".to_string())], "the child that listens on it becomes an owner");
+        assert_eq!(listen_as(&w, 4343, &mut sock(Some(3001), 3001, Ok(())), &mut coord), Verdict::Done(Ok(())));
+        assert_eq!(coord.0.len(), 1, "a port nobody kept here: nothing to confirm");
+        assert!(w.events().is_empty(), "the binds logged them");
     }
 }

@@ -11,7 +11,7 @@ use styxy_preload_common::paths::{self, Vars};
 use styxy_preload_common::policy::Policy;
 use styxy_preload_common::portmap::PortMap;
 use styxy_preload_common::procinfo;
-use styxy_preload_common::{envvars, session, switch};
+use styxy_preload_common::{decide, envvars, hookproto, session, switch};
 
 use crate::call::Caller;
 
@@ -40,6 +40,11 @@ pub struct Process {
     /// the runtime directory; an `http://` `STYXY_URL` (Styxy) is the daemon's upstream,
     /// never the hooks' (docs/ARCHITECTURE.md "One path").
     pub endpoint: Endpoint,
+    /// `STYXY_PRELOAD_PORTS`: rules of the process's own ([`Process::own_rule`]).
+    pub own_rules: Option<String>,
+    /// The variables that name its event log (`hookproto::LOG_VARS`), as it has them: the
+    /// daemon writes a kept bind's event there.
+    pub log_vars: Vec<(&'static str, String)>,
     /// The daemon's port map, beside its socket; opened on first use ([`Process::portmap`]).
     portmap_path: PathBuf,
     map: AtomicPtr<PortMap>,
@@ -54,6 +59,8 @@ pub struct Memory {
     origin: AtomicU64,
     /// pid << 32 | requested << 16 | granted: the last grant.
     last: AtomicU64,
+    /// pid << 16 | port: ports the supervised processes kept (a `KEEP` granted, bound).
+    kept: [AtomicU64; 16],
     /// The pid that said on stderr that it cannot ask the daemon.
     warned: AtomicU32,
     refused: AtomicU64,
@@ -70,6 +77,32 @@ impl Memory {
     pub fn origin(&self, pid: u32) -> Option<u16> {
         let v = self.origin.load(Ordering::Relaxed);
         (v >> 16 == u64::from(pid) && v != 0).then_some(v as u16)
+    }
+
+    /// `pid` bound `port`, which the daemon kept for it: its allocation is `pid`'s.
+    pub fn remember_kept(&self, pid: u32, port: u16) {
+        let key = u64::from(pid) << 16 | u64::from(port);
+        let slot = self.kept.iter().find(|k| k.load(Ordering::Relaxed) == 0).unwrap_or(&self.kept[usize::from(port) % 16]);
+        slot.store(key, Ordering::Relaxed);
+    }
+
+    /// Whether `pid` kept `port` before (a probe then the real bind, a restart, a twin):
+    /// binding it again needs no one's word, as in the library.
+    pub fn kept_here(&self, pid: u32, port: u16) -> bool {
+        self.kept_by(pid, port).0
+    }
+
+    /// Whether `port` was kept by `pid`, and by another process of the tree (one that
+    /// handed its socket down: its `listen()` makes `pid` an owner too), as the library
+    /// tells them (`decide::Listening`).
+    pub fn kept_by(&self, pid: u32, port: u16) -> (bool, bool) {
+        let mine = u64::from(pid) << 16 | u64::from(port);
+        let (mut here, mut before) = (false, false);
+        for k in self.kept.iter().map(|k| k.load(Ordering::Relaxed)) {
+            here |= k == mine;
+            before |= k != 0 && k != mine && k & 0xffff == u64::from(port);
+        }
+        (here, before)
     }
 
     /// Remembers this grant; true when (`requested` → `port`) was also the last one.
@@ -130,11 +163,18 @@ impl Process {
             stderr_file: text(envvars::STDERR),
             cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().chars().take(1000).collect()),
             supervised: supervised_by.is_some_and(|n| seccomp_filters() >= n),
+            own_rules: text(envvars::PORTS),
+            log_vars: hookproto::LOG_VARS.iter().filter_map(|k| Some((*k, text(k)?))).collect(),
             portmap_path: sock.with_file_name("ports.map"),
             endpoint: Endpoint::Unix(sock),
             map: AtomicPtr::new(std::ptr::null_mut()),
             memory: Memory::default(),
         }
+    }
+
+    /// A rule of the process's own covers `port` (then the daemon decides with its rules).
+    pub fn own_rule(&self, port: u16) -> bool {
+        self.own_rules.as_deref().is_some_and(|spec| decide::rule_class(spec.as_bytes(), port).is_some())
     }
 
     /// This process, as the caller of a hook.

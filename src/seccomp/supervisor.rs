@@ -120,7 +120,7 @@ fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &P
         let Ok(who) = sock.target().cloned() else {
             return Some(Answer::Continue);
         };
-        return Some(answer(listen::decide(p, &who.caller(), &mut sock)));
+        return Some(answer(listen::decide(p, &who.caller(), &mut sock, &mut bind::Hook::new(&p.endpoint, &p.log_vars))));
     }
     // bind or connect: the address is read once, here. Once a decision is made on it,
     // the call is made on our copy of the socket with our copy of the address: another
@@ -146,7 +146,7 @@ fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &P
             let Ok(who) = sock.target().cloned() else {
                 return Some(Answer::Continue);
             };
-            Some(match bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Daemon(&p.endpoint)) {
+            Some(match bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Hook::new(&p.endpoint, &p.log_vars)) {
                 Verdict::AsAsked => sock.bind_as_read(&raw),
                 Verdict::Done(r) => Answer::Return(r),
             })

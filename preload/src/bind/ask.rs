@@ -1,48 +1,284 @@
-//! The coordinator seam of `bind()`: [`Coordinator`] is asked for a port; [`Daemon`] asks
-//! the local daemon over its Unix socket (`POST /allocate`). Tests put a fake in its place.
+//! The coordinator seam of `bind()`: a [`Coordinator`] is asked whether the caller may
+//! bind a port (`KEEP`), told how the bind went (`DONE`), what the caller bound without
+//! asking (`NOTE`) and who listens on a port another process kept (`CONFIRM`); [`Hook`] speaks to the local daemon on its `hook.sock` (and mailbox),
+//! as the shim does, for the process the supervisor answers for.
+//! Tests put a fake in its place.
 
-use styxy_preload_common::api::{AllocateReply, AllocateRequest};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libc::c_int;
+use styxy_preload_common::hookproto::{self, Answer, Ask, ANSWER_LEN, ASK_LEN, DONE_MAX, FOR_CHILD, TOLD_MAX};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
-
 use styxy_preload_common::reason::AskError;
 
-/// Whoever grants ports to a bind.
+use crate::sys::errno;
+
+/// What a `KEEP` asks: a bind of `port` by process `pid`, as `flags` say
+/// (`hookproto::MAY_MOVE` …).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeepAsk<'a> {
+    pub pid: u32,
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub flags: u8,
+    /// Fallback mode: the port the tool first wanted, before it moved on by itself.
+    pub origin: Option<u16>,
+    pub session: &'a str,
+    pub comm: &'a str,
+}
+
+/// What the daemon answers a `KEEP`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Bind `port` (the one asked, or another: a remap); `existing`: the session held it
+    /// already. A `DONE` must follow.
+    Grant { port: u16, existing: bool },
+    /// Not this process's to coordinate, or refused (the daemon logged why, and says it
+    /// in the line for the person): as asked.
+    Declined(Option<String>),
+    /// Fallback mode: not this port as it is; the tool gets `EADDRINUSE` and moves on by
+    /// itself (the daemon logged it).
+    Busy,
+}
+
+/// Whoever grants ports to a bind, and logs it.
 pub trait Coordinator {
-    /// `POST /allocate`: the grant, or why there is none.
-    fn allocate(&mut self, req: &AllocateRequest) -> Result<AllocateReply, AskError>;
-    /// How the event log names the way it was asked (`unix`).
-    fn backend(&self) -> &'static str;
+    /// `KEEP`: may `ask`'s process bind its port, or which one instead?
+    fn keep(&mut self, ask: &KeepAsk) -> Result<Keep, AskError>;
+    /// `DONE`: the bind of the port just granted ended with `errno` (0: bound); the
+    /// coordinator logs it, and withdraws a new grant that failed.
+    fn done(&mut self, errno: c_int);
+    /// `CONFIRM`: `ask`'s process listens on `ask.port`, which another process of the tree
+    /// kept (and handed down): it becomes an owner. Nothing is awaited.
+    fn confirm(&mut self, ask: &KeepAsk);
+    /// `NOTE`: what `ask`'s process did without asking, for the coordinator to log
+    /// (`hookproto::NOTE_OBSERVED` …): with `NOTE_STUCK` or `NOTE_AGAIN`, it bound `got`,
+    /// the port the port map says its session holds for the one asked (the coordinator
+    /// makes it an owner). Nothing is awaited.
+    fn note(&mut self, ask: &KeepAsk, note: u8, got: u16);
     /// Where it is, for a person (`unix:/run/user/1000/styxy-preload/daemon.sock`).
     fn name(&self) -> String;
 }
 
-/// The local daemon at an endpoint.
-pub struct Daemon<'a>(pub &'a Endpoint);
+/// The local daemon's `hook.sock`, beside its API socket `api`; the variables that name
+/// the caller's event log go with a `DONE` (`hookproto::LOG_VARS`).
+pub struct Hook<'a> {
+    api: &'a Endpoint,
+    log_vars: &'a [(&'static str, String)],
+    /// The exchange a grant left open, for its `DONE`.
+    open: Option<(OwnedFd, [u8; ASK_LEN])>,
+}
 
-impl Coordinator for Daemon<'_> {
-    fn allocate(&mut self, req: &AllocateRequest) -> Result<AllocateReply, AskError> {
-        let garbled = |e: &dyn std::fmt::Display| AskError::Garbled(e.to_string());
-        let body = serde_json::to_vec(req).map_err(|e| garbled(&e))?;
-        let res = http::call_waiting(self.0, "POST", "/allocate", Some(&body), Timeouts::HOOK).map_err(|e| match e {
-            http::Error::Unreachable(_) => unreachable(self.0),
-            http::Error::Timeout => AskError::Timeout,
-            e => garbled(&e),
-        })?;
-        match res.status {
-            200 => res.json::<AllocateReply>().map_err(|e| garbled(&e)),
-            status => {
-                let message = res.json::<AllocateReply>().ok().and_then(|r| r.error).unwrap_or_else(|| "non-JSON error page".into());
-                Err(AskError::Refused { status, message })
+impl<'a> Hook<'a> {
+    pub fn new(api: &'a Endpoint, log_vars: &'a [(&'static str, String)]) -> Hook<'a> {
+        Hook { api, log_vars, open: None }
+    }
+
+    fn path(&self) -> Option<PathBuf> {
+        match self.api {
+            Endpoint::Unix(sock) => Some(sock.with_file_name(hookproto::SOCKET)),
+            Endpoint::Tcp { .. } => None,
+        }
+    }
+
+    /// `KEY=VALUE\0` for each log variable, as many as fit in `room` bytes.
+    fn vars(&self, room: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, v) in self.log_vars {
+            let entry = format!("{k}={v}\0");
+            if out.len() + entry.len() <= room {
+                out.extend_from_slice(entry.as_bytes());
+            }
+        }
+        out
+    }
+}
+
+/// How long an exchange may wait on the daemon: the hooks' budget.
+const ANSWER: Duration = Timeouts::HOOK.total;
+
+impl Coordinator for Hook<'_> {
+    fn keep(&mut self, ask: &KeepAsk) -> Result<Keep, AskError> {
+        self.open = None;
+        let session = ask.session.as_bytes();
+        let wire = Ask {
+            kind: hookproto::KEEP,
+            port: ask.port,
+            family: ask.family,
+            errno: 0,
+            flags: ask.flags | FOR_CHILD,
+            origin: ask.origin.unwrap_or(0),
+            session,
+            note: 0,
+            comm: ask.comm.as_bytes(),
+        };
+        let head = wire.encode().ok_or_else(|| AskError::Garbled("a session id longer than 100 bytes".into()))?;
+        let mut msg = [&head[..], &ask.pid.to_le_bytes()].concat();
+        if ask.flags & hookproto::FALLBACK != 0 {
+            // the daemon logs a BUSY itself: where, the variables say
+            let vars = self.vars(DONE_MAX - msg.len());
+            msg.extend_from_slice(&vars);
+        }
+        let conn = self.connect()?;
+        send(&conn, &msg).map_err(|_| AskError::Timeout)?;
+        let mut buf = [0u8; TOLD_MAX];
+        let n = recv(&conn, &mut buf).map_err(|e| if e == libc::EAGAIN { AskError::Timeout } else { AskError::NoCoordinator })?;
+        let answer =
+            buf.get(..n.min(ANSWER_LEN)).and_then(Answer::decode).ok_or_else(|| AskError::Garbled("closed without an answer".into()))?;
+        Ok(match answer.status {
+            hookproto::GRANTED | hookproto::MOVED if answer.port != 0 => {
+                let done = Ask { kind: hookproto::DONE, port: answer.port, ..wire };
+                self.open = done.encode().map(|d| (conn, d));
+                Keep::Grant { port: answer.port, existing: answer.existing }
+            }
+            hookproto::BUSY => Keep::Busy,
+            status => Keep::Declined(
+                Answer::line_of(&buf[..n], status).filter(|l| !l.is_empty()).map(|l| String::from_utf8_lossy(l).into_owned()),
+            ),
+        })
+    }
+
+    fn done(&mut self, errno: c_int) {
+        let Some((conn, mut head)) = self.open.take() else { return };
+        head[8..12].copy_from_slice(&errno.to_le_bytes());
+        let vars = self.vars(DONE_MAX - ASK_LEN);
+        let _ = send(&conn, &[&head[..], &vars].concat());
+    }
+
+    fn confirm(&mut self, ask: &KeepAsk) {
+        let wire = Ask {
+            kind: hookproto::CONFIRM,
+            port: ask.port,
+            family: ask.family,
+            errno: 0,
+            flags: FOR_CHILD,
+            origin: 0,
+            session: ask.session.as_bytes(),
+            note: 0,
+            comm: ask.comm.as_bytes(),
+        };
+        if let (Some(head), Ok(conn)) = (wire.encode(), self.connect()) {
+            let _ = send(&conn, &[&head[..], &ask.pid.to_le_bytes()].concat());
+        }
+    }
+
+    fn note(&mut self, ask: &KeepAsk, note: u8, got: u16) {
+        let wire = Ask {
+            kind: hookproto::NOTE,
+            port: got,
+            family: ask.family,
+            errno: 0,
+            flags: ask.flags & (hookproto::MAY_MOVE | hookproto::OWN_RULES) | FOR_CHILD,
+            origin: ask.port,
+            session: ask.session.as_bytes(),
+            note,
+            comm: ask.comm.as_bytes(),
+        };
+        let Some(head) = wire.encode() else { return };
+        let mut msg = [&head[..], &ask.pid.to_le_bytes()].concat();
+        msg.extend_from_slice(&self.vars(DONE_MAX - msg.len()));
+        // the mailbox wakes no one (the daemon reads it within its beat); else a connection
+        if !self.mail(&msg) {
+            if let Ok(conn) = self.connect() {
+                let _ = send(&conn, &msg);
             }
         }
     }
 
-    fn backend(&self) -> &'static str {
-        self.0.backend()
+    fn name(&self) -> String {
+        self.api.to_string()
+    }
+}
+
+impl Hook<'_> {
+    /// `msg` left in the daemon's mailbox (a socket of our uid beside `hook.sock`), never
+    /// waiting; false when it could not be.
+    fn mail(&self, msg: &[u8]) -> bool {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let Some(path) = self.path().map(|p| p.with_file_name(hookproto::MAILBOX)) else { return false };
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket() && m.uid() == me) {
+            return false;
+        }
+        let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return false };
+        sock.set_nonblocking(true).is_ok() && sock.send_to(msg, &path).is_ok_and(|n| n == msg.len())
     }
 
-    fn name(&self) -> String {
-        self.0.to_string()
+    /// A connection to `hook.sock`. A daemon that is not there yet (started a moment ago,
+    /// or socket-activated: `hook.sock` exists only while it runs) is woken and waited for
+    /// on its API socket, then asked once more.
+    fn connect(&self) -> Result<OwnedFd, AskError> {
+        let path = self.path().ok_or(AskError::NoCoordinator)?;
+        if let Ok(fd) = connect(&path) {
+            return Ok(fd);
+        }
+        match http::call_waiting(self.api, "GET", "/status", None, Timeouts::HOOK) {
+            Ok(_) => connect(&path).map_err(|_| AskError::NoCoordinator),
+            Err(http::Error::Timeout) => Err(AskError::Timeout),
+            Err(_) => Err(unreachable(self.api)),
+        }
+    }
+}
+
+/// A `SOCK_SEQPACKET` connection to `path` (close-on-exec), whose sends and receives wait
+/// at most [`ANSWER`].
+fn connect(path: &Path) -> Result<OwnedFd, c_int> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: all zeroes is a valid sockaddr_un.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sun.sun_path.len() {
+        return Err(libc::ENAMETOOLONG);
+    }
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, from) in sun.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: socket(2); the fd is owned below.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh fd of ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let tv = libc::timeval { tv_sec: 0, tv_usec: ANSWER.as_micros() as libc::suseconds_t };
+    for opt in [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO] {
+        // SAFETY: setsockopt with a value of the option's type and size.
+        unsafe { libc::setsockopt(raw, libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32) };
+    }
+    let len = (size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: a sockaddr_un of `len` bytes, NUL-terminated (zeroed beyond the path).
+    if unsafe { libc::connect(raw, (&sun as *const libc::sockaddr_un).cast(), len) } != 0 {
+        return Err(errno());
+    }
+    Ok(fd)
+}
+
+fn send(fd: &OwnedFd, msg: &[u8]) -> Result<(), c_int> {
+    // SAFETY: send of a buffer of its length on our own socket.
+    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL) };
+    if n == msg.len() as isize {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// One message, waiting at most [`ANSWER`] (`EAGAIN` when none came); 0 bytes when the
+/// daemon closed the connection.
+fn recv(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, c_int> {
+    loop {
+        // SAFETY: recv into a buffer of its length on our own socket.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(n),
+            Err(_) if errno() == libc::EINTR => continue,
+            Err(_) => return Err(errno()),
+        }
     }
 }
 

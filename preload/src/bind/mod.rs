@@ -1,23 +1,26 @@
 //! `bind()`: docs/ARCHITECTURE.md "A call's way". [`plan`] (common's `decide`, the one
 //! decision) says from the policy, the mode and the socket what the bind needs;
 //! [`decide`] carries that out over two seams — the caller's [`Socket`] and a
-//! [`Coordinator`] — in small named steps: bind as asked
-//! first, ask first (a fallback's dry run), allocate and bind with bounded retries when
-//! an uncoordinated process took the granted port, and say what happened. Every way a
-//! bind ends has a [`Reason`]; on any failure the original address is bound exactly as
-//! the program asked.
+//! [`Coordinator`] — as the shim does: bind as asked first, or ask first; a port the daemon
+//! keeps for the caller (`KEEP`, on `hook.sock`) is bound and the result told (`DONE`), and
+//! a granted port someone uncoordinated took is asked again, at most [`MAX_RETRIES`]
+//! times. A process binding again a port it kept asks no one, and the session's own port
+//! (the port map's answer) is bound first and told (`NOTE`). The daemon writes the events of what it was asked; this writes the rest (observe
+//! mode, a single-instance type's `EADDRINUSE`, a daemon that cannot be asked). Every way a
+//! bind ends has a [`Reason`]; on any failure the original address is bound exactly as the
+//! program asked.
 
 mod ask;
 
-pub use ask::{Coordinator, Daemon};
+pub use ask::{Coordinator, Hook, Keep, KeepAsk};
 pub use styxy_preload_common::decide::{plan, Bypass, Class, Facts, Plan};
 pub use styxy_preload_common::reason::{AskError, Reason};
 
 use std::time::Instant;
 
 use libc::{EADDRINUSE, SOCK_STREAM};
-use styxy_preload_common::api::{self, AllocateReply, AllocateRequest};
 use styxy_preload_common::eventlog::Action;
+use styxy_preload_common::hookproto;
 use styxy_preload_common::policy::Decision;
 
 use crate::call::{Caller, Socket, Verdict};
@@ -44,192 +47,158 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket, coo
         shares_port: sock.shares_port(),
         moved_from: (p.mode == Mode::Fallback).then(|| p.memory.origin(who.pid)).flatten(),
     };
-    let b = Bind { p, who, orig, ty, started: Instant::now(), backend: coord.backend() };
+    let b = Bind { p, who, orig, ty, started: Instant::now() };
+    // what the daemon plans with, as the shim says it: the mode, the process's own rules
+    let mode_flag = match p.mode {
+        Mode::Fallback => hookproto::FALLBACK,
+        Mode::OnConflict => hookproto::ON_CONFLICT_MODE,
+        _ => 0,
+    };
+    let own = if p.own_rule(orig.port) { hookproto::OWN_RULES } else { 0 };
+    let may_move = |fallback: bool| if fallback { 0 } else { hookproto::MAY_MOVE };
+    let family = if orig.family == libc::AF_INET6 { 6 } else { 4 };
+    let session = p.session.as_deref().unwrap_or("");
+    let ask = KeepAsk { pid: who.pid, port: orig.port, family, flags: own, origin: None, session, comm: who.comm };
     match plan(Class::of(&decision), p.mode, &mut { facts }) {
         Plan::AsAsked(_) => Verdict::AsAsked,
         Plan::Observe => {
-            b.event(orig.port, Action::Observed, Some(Reason::ObserveMode), 0);
+            coord.note(&ask, hookproto::NOTE_OBSERVED, orig.port);
             Verdict::AsAsked
         }
-        Plan::TryFirst { single, fallback } => try_first(&b, single, fallback, facts.stream, sock, coord),
-        Plan::AskFirst { fallback } => ask_first(&b, fallback, facts.moved_from, sock, coord),
+        Plan::TryFirst { single, fallback } => {
+            let r = sock.run(None);
+            if r != Err(EADDRINUSE) || !facts.stream {
+                return Verdict::Done(r);
+            }
+            if single {
+                // a single-instance type's EADDRINUSE stands, and the daemon logs why
+                coord.note(&ask, hookproto::NOTE_SINGLE, orig.port);
+                return Verdict::Done(Err(EADDRINUSE));
+            }
+            keep(&b, &KeepAsk { flags: hookproto::TAKEN | mode_flag | own | may_move(fallback), ..ask }, sock, coord)
+        }
+        Plan::AskFirst { fallback } => {
+            let shares = if facts.shares_port { hookproto::SHARES_PORT } else { 0 };
+            let flags = shares | mode_flag | own | may_move(fallback);
+            keep(&b, &KeepAsk { flags, origin: facts.moved_from, ..ask }, sock, coord)
+        }
     }
 }
 
-/// One bind being carried out: who asked, for what, and where its events go.
+/// One bind being carried out: who asked, and for what.
 struct Bind<'a> {
     p: &'a Process,
     who: &'a Caller<'a>,
     orig: &'a Addr,
     ty: &'a str,
     started: Instant,
-    backend: &'static str,
 }
 
 impl Bind<'_> {
-    fn event(&self, port: u16, action: Action, reason: Option<Reason>, retries: u32) {
+    /// The coordinator could not be asked: said once on stderr, logged (no daemon writes
+    /// it), bound as asked.
+    fn unasked(&self, e: AskError, coord: &dyn Coordinator) -> Verdict {
+        if self.p.memory.first_warning(self.who.pid) {
+            report::notify(self.p, &format!("{e} ({}){}{}", coord.name(), hookproto::PASS_THROUGH, e.fix()));
+        }
         let outcome = Outcome {
             call: "bind",
             requested: self.orig.port,
-            port,
+            port: self.orig.port,
             addr: self.orig,
             service_type: Some(self.ty).filter(|t| !t.is_empty()),
-            action,
-            reason: reason.map(|r| r.to_string()),
+            action: Action::Passthrough,
+            reason: Some(Reason::Unasked(e).to_string()),
             started: self.started,
-            backend: Some(self.backend),
-            retries,
+            backend: Some("unix"),
+            retries: 0,
         };
         report::event(self.p, self.who, outcome);
-    }
-
-    /// The request for this bind; `moved_from` is the port the tool first wanted.
-    fn request(&self, moved_from: Option<u16>, exclude: Vec<u16>) -> AllocateRequest {
-        AllocateRequest {
-            service_name: Some(api::service_name(self.who.comm, self.orig.port)),
-            instance_id: self.p.session.clone(),
-            project_path: self.who.cwd.map(str::to_string),
-            pid: Some(self.who.pid),
-            requested_port: Some(moved_from.unwrap_or(self.orig.port)),
-            comm: Some(self.who.comm.to_string()),
-            exclude,
-            bind: true,
-            ..AllocateRequest::for_port(self.ty, self.orig.port)
-        }
-    }
-
-    /// The coordinator could not be asked: said once on stderr, logged, bound as asked.
-    fn unasked(&self, e: AskError, coord: &dyn Coordinator, retries: u32) -> Verdict {
-        warn_once(self.p, self.who, coord, &e);
-        self.event(self.orig.port, Action::Passthrough, Some(Reason::Unasked(e)), retries);
         Verdict::AsAsked
     }
 }
 
-/// Bound as asked; only `EADDRINUSE` of a stream socket asks for another port.
-fn try_first(b: &Bind, single: bool, fallback: bool, stream: bool, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
-    let r = sock.run(None);
-    if r != Err(EADDRINUSE) || !stream {
-        return Verdict::Done(r);
-    }
-    if single {
-        b.event(b.orig.port, Action::Passthrough, Some(Reason::SingleInstance(b.ty.to_string())), 0);
-        return Verdict::Done(Err(EADDRINUSE));
-    }
-    let req = b.request(None, vec![b.orig.port]);
-    if let Some(v) = fallback.then(|| leave_to_the_tool(b, &req, None, coord)).flatten() {
+/// A coordinated bind in one exchange with the daemon (`ask.flags`: `hookproto::MAY_MOVE`
+/// …; `ask.origin`: the port a tool in fallback mode first wanted): the port it keeps for
+/// the caller, or another, is bound and the result told; a tool that moves on by itself is
+/// told `EADDRINUSE` (`BUSY`). A granted port someone uncoordinated took is asked again.
+fn keep(b: &Bind, ask: &KeepAsk, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
+    if let Some(v) = unasked_for(b, ask, sock, coord) {
         return v;
     }
-    allocate_and_bind(b, req, None, sock, coord)
-}
-
-/// Asked before the bind. A tool that falls back by itself (`fallback`) is first told,
-/// as the kernel would tell it, that a port another session holds is taken.
-fn ask_first(b: &Bind, fallback: bool, moved_from: Option<u16>, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
-    let req = b.request(moved_from, vec![]);
-    if let Some(v) = fallback.then(|| leave_to_the_tool(b, &req, moved_from, coord)).flatten() {
-        return v;
-    }
-    allocate_and_bind(b, req, moved_from, sock, coord)
-}
-
-/// Fallback mode: would `req` be granted this very port? If not, the tool is told what
-/// the kernel would tell it were the port bound (`EADDRINUSE`): it moves on by itself
-/// and says where it went. `None`: the port would be granted, go on.
-fn leave_to_the_tool(b: &Bind, req: &AllocateRequest, moved_from: Option<u16>, coord: &mut dyn Coordinator) -> Option<Verdict> {
-    match coord.allocate(&AllocateRequest { dry_run: true, ..req.clone() }).map(|r| r.port_and_lock().map(|(port, _)| port)) {
-        Ok(Some(port)) if port != b.orig.port => {
-            b.p.memory.remember_origin(b.who.pid, moved_from.unwrap_or(b.orig.port));
-            // a probe the tool answers itself: not a start
-            let why = Reason::LeftToOwnFallback { port: b.orig.port, comm: b.who.comm.to_string() };
-            b.event(b.orig.port, Action::Observed, Some(why), 0);
-            Some(Verdict::Done(Err(EADDRINUSE)))
-        }
-        Ok(_) => None,
-        Err(e) => Some(b.unasked(e, coord, 0)),
-    }
-}
-
-/// Asks for a port and binds it; a granted port someone uncoordinated took is excluded
-/// and asked again, at most [`MAX_RETRIES`] times.
-fn allocate_and_bind(
-    b: &Bind,
-    mut req: AllocateRequest,
-    moved_from: Option<u16>,
-    sock: &mut dyn Socket,
-    coord: &mut dyn Coordinator,
-) -> Verdict {
-    let mut last = (b.orig.port, EADDRINUSE);
-    for retries in 0..=MAX_RETRIES {
-        let reply = match coord.allocate(&req) {
-            Ok(r) => r,
-            Err(e) => return b.unasked(e, coord, retries),
-        };
-        let Some((port, _)) = reply.port_and_lock() else {
-            b.event(b.orig.port, Action::Passthrough, Some(Reason::NoPortGranted), retries);
-            return Verdict::AsAsked;
-        };
-        match sock.run(Some(&b.orig.with_port(port))) {
-            Ok(()) => return bound(b, port, &reply, moved_from, retries),
-            // the session already holds this mapping: a second bind of the same port
-            // fails as it would without us (get-port, tests expecting EADDRINUSE)
-            Err(EADDRINUSE) if reply.existing == Some(true) => {
-                b.event(port, Action::Error, Some(Reason::session_port_in_use(port)), retries);
+    let (pid, port) = (ask.pid, ask.port);
+    for _ in 0..=MAX_RETRIES {
+        let (got, existing) = match coord.keep(ask) {
+            Ok(Keep::Grant { port, existing }) => (port, existing),
+            Ok(Keep::Busy) => {
+                // not this tool's as it is: it moves on by itself, and its session's
+                // connects to the first port follow (the daemon logged it)
+                b.p.memory.remember_origin(pid, ask.origin.unwrap_or(port));
                 return Verdict::Done(Err(EADDRINUSE));
             }
-            Err(EADDRINUSE) => {
-                req.exclude.push(port);
-                last = (port, EADDRINUSE);
-            }
-            Err(e) => {
-                // the program's own bind fails the same way, not ours
-                b.event(b.orig.port, Action::Passthrough, Some(Reason::KernelRefuses(e)), retries);
+            Ok(Keep::Declined(line)) => {
+                if let Some(line) = line.filter(|_| b.p.memory.first_warning(pid)) {
+                    report::notify(b.p, &line);
+                }
                 return Verdict::AsAsked;
             }
+            Err(e) => return b.unasked(e, coord),
+        };
+        let r = sock.run((got != port).then(|| b.orig.with_port(got)).as_ref());
+        coord.done(r.err().unwrap_or(0));
+        match r {
+            Ok(()) => return bound(b, got),
+            // the session serves this port already: a second bind fails as it would
+            // without us (get-port, tests expecting EADDRINUSE); the daemon said why
+            Err(EADDRINUSE) if existing => return Verdict::Done(Err(EADDRINUSE)),
+            // someone uncoordinated took the grant: asked again (the daemon logged it)
+            Err(EADDRINUSE) => {}
+            // the kernel refuses the address itself: the program's own bind fails the same way
+            Err(_) => return Verdict::AsAsked,
         }
     }
-    let why = Reason::GrantedPortTaken { port: last.0, errno: last.1 };
-    b.event(b.orig.port, Action::Error, Some(why), MAX_RETRIES);
     Verdict::AsAsked
 }
 
-/// The granted `port` is bound: kept, remapped (one notice), or the same process binding
-/// the same port again (a twin, a probe then the real bind: one start, one line).
-fn bound(b: &Bind, port: u16, reply: &AllocateReply, moved_from: Option<u16>, retries: u32) -> Verdict {
-    let (pid, comm) = (b.who.pid, b.who.comm);
-    let again = b.p.memory.twin(pid, b.orig.port, port) && reply.existing == Some(true);
-    let (action, reason) = if again {
-        (Action::Observed, Some(Reason::BoundAgain(port)))
-    } else if port == b.orig.port {
-        (Action::Kept, moved_from.filter(|from| *from != port).map(|from| Reason::MovedByItself { comm: comm.to_string(), from }))
-    } else {
-        report::notify(b.p, &format!("port {} is taken; {comm} (pid {pid}) got {port}", b.orig.port));
-        (Action::Remapped, Some(Reason::Taken { port: b.orig.port, holder: holder_text(reply) }))
-    };
-    b.event(port, action, reason, retries);
-    Verdict::Done(Ok(()))
-}
-
-/// The daemon did not answer the shim in time (docs/ARCHITECTURE.md "Hook ↔ daemon
-/// protocol"): the bind goes as asked, said in the log and once on stderr, without
-/// asking a second time.
-pub fn unanswered(p: &Process, who: &Caller, orig: &Addr) {
-    let coord = Daemon(&p.endpoint);
-    let ty = p.policy.decide(orig.port).service_type().unwrap_or_default();
-    let b = Bind { p, who, orig, ty, started: Instant::now(), backend: coord.backend() };
-    b.unasked(AskError::Timeout, &coord, 0);
-}
-
-/// One line on stderr per process when the daemon cannot be asked, not one per bind:
-/// coordination never stops silently.
-fn warn_once(p: &Process, who: &Caller, coord: &dyn Coordinator, e: &AskError) {
-    if p.memory.first_warning(who.pid) {
-        report::notify(p, &format!("{e} ({}){}{}", coord.name(), styxy_preload_common::hookproto::PASS_THROUGH, e.fix()));
+/// A coordinated bind no one needs to be asked about: a port the process kept before
+/// (a probe then the real bind, a restart, a twin: a kernel call alone), or the session's
+/// own port ([`stuck_to`]), bound and told. `None`: it must ask.
+fn unasked_for(b: &Bind, ask: &KeepAsk, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Option<Verdict> {
+    let (pid, port) = (ask.pid, ask.port);
+    if ask.flags & hookproto::TAKEN == 0 && b.p.memory.kept_here(pid, port) {
+        return Some(Verdict::AsAsked);
     }
+    let got = stuck_to(b.p, port, ask.flags)?;
+    // taken meanwhile, or refused: asked as any bind
+    sock.run((got != port).then(|| b.orig.with_port(got)).as_ref()).ok()?;
+    let note = if b.p.memory.kept_here(pid, got) { hookproto::NOTE_AGAIN } else { hookproto::NOTE_STUCK };
+    coord.note(ask, note, got);
+    Some(bound(b, got))
 }
 
-fn holder_text(reply: &AllocateReply) -> String {
-    reply.holder.as_ref().map(api::Holder::describe).unwrap_or_default()
+/// The session's own port for `port` (docs/ARCHITECTURE.md "Session stickiness"), as the
+/// shim finds it: the port map of a daemon that beats says the session holds a port for
+/// it — what a `KEEP` would be answered again (a server restarted, a second process of
+/// the session) — bound with no round trip. Only for a plain ask (no other flag than
+/// `MAY_MOVE`, which another port needs).
+fn stuck_to(p: &Process, port: u16, flags: u8) -> Option<u16> {
+    if p.tag == 0 || flags & !hookproto::MAY_MOVE != 0 {
+        return None;
+    }
+    let map = p.portmap().filter(|m| m.alive())?;
+    let got = map.found(p.tag, port).0.filter(|g| map.held(*g) == p.tag)?;
+    (got == port || flags & hookproto::MAY_MOVE != 0).then_some(got)
+}
+
+/// The caller's socket is bound to `got`, its process's now; a move is told the person
+/// once (a twin, or a probe then the real bind, is one move).
+fn bound(b: &Bind, got: u16) -> Verdict {
+    let (pid, comm, asked) = (b.who.pid, b.who.comm, b.orig.port);
+    b.p.memory.remember_kept(pid, got);
+    if !b.p.memory.twin(pid, asked, got) && got != asked {
+        report::notify(b.p, &format!("port {asked} is taken; {comm} (pid {pid}) got {got}"));
+    }
+    Verdict::Done(Ok(()))
 }
 
 #[cfg(test)]
