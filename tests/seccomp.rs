@@ -117,7 +117,20 @@ fn a_blocking_connect_follows_the_remap_and_another_sessions_server_is_refused()
     };
     assert_eq!(get(&w, "mine"), "body mine", "a blocking connect to 8000 in my session reaches my server");
     assert_eq!(get(&w, "owner"), "body owner");
-    assert_eq!(get(&w, "third"), format!("connect-error {}", libc::ECONNREFUSED), "another session's server is not reachable");
+    // another session's server is not reachable: as if nothing listened, said once, logged
+    // by the daemon with the client's own pid
+    let mut c = w.cli();
+    c.args(["exec", "--session", "third", "--"]).arg(&server).args(["get", "8000"]);
+    let out = run(c);
+    assert_eq!(text(&out.stdout).trim(), format!("connect-error {}", libc::ECONNREFUSED));
+    let said: Vec<_> = text(&out.stderr).lines().filter(|l| l.contains("connect to port 8000 refused")).map(str::to_string).collect();
+    assert_eq!(said.len(), 1, "{}", text(&out.stderr));
+    assert!(said[0].contains("session owner's server") && said[0].contains("session third has no server on 8000"), "{}", said[0]);
+    let isolated: Vec<_> = w.events().into_iter().filter(|e| e.action == Action::Isolated).collect();
+    assert_eq!(isolated.len(), 1, "{isolated:?}");
+    let e = &isolated[0];
+    assert_eq!((e.session.as_deref(), e.call.as_str(), e.port, e.comm.as_str()), (Some("third"), "connect", 8000, "binder-static"));
+    assert!(e.reason.as_deref().is_some_and(|r| r.contains("session owner's server")), "{e:?}");
 }
 
 #[test]

@@ -110,7 +110,7 @@ pub const ON_CONFLICT_MODE: u8 = 16;
 /// `Ask::flags`: a `STYXY_PRELOAD_PORTS` rule of the process's own covers the port: the
 /// daemon decides with the rules of the process's environment.
 pub const OWN_RULES: u8 = 32;
-/// `Ask::flags`, on a `KEEP`, `NOTE` or `CONFIRM`: asked or told for another process — a
+/// `Ask::flags`, on a `KEEP`, `NOTE`, `CONFIRM` or `REFUSED`: asked or told for another process — a
 /// descendant of the asker, or a process of the ask's session — the seccomp supervisor's,
 /// for the program it traces. That process's pid ([`FOR_LEN`] bytes, little-endian)
 /// follows the ask's [`ASK_LEN`] bytes, before any variables; the daemon takes it for who

@@ -453,7 +453,7 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&id) else { return };
         // a REFUSED or a NOTE carries the log variables after the ask; the others are the ask alone
         let (head, mut tail) = msg.filter(|m| m.len() >= ASK_LEN).map_or((None, &[][..]), |m| (Some(&m[..ASK_LEN]), &m[ASK_LEN..]));
-        // a KEEP, NOTE or CONFIRM for another process: that process asks from here on
+        // an ask for another process (FOR_CHILD): that process asks from here on
         match head.and_then(Ask::decode).map(|a| who_asks(c.pid, &a, tail)) {
             Some(Some((pid, rest))) => (c.pid, tail) = (pid, rest),
             Some(None) => {
@@ -895,11 +895,11 @@ struct KeptBind {
 }
 
 /// Who asks `ask` (its tail after [`ASK_LEN`] bytes) from process `peer`, and the rest of
-/// the tail: the peer; or, for a `KEEP`, `NOTE` or `CONFIRM` made for another process (`FOR_CHILD`:
+/// the tail: the peer; or, for a `KEEP`, `NOTE`, `CONFIRM` or `REFUSED` made for another process (`FOR_CHILD`:
 /// the seccomp supervisor's, for the program it traces), that process when the peer may
 /// name it (`server::may_name`). `None`: it may not, or the tail has no pid.
 fn who_asks<'t>(peer: u32, ask: &Ask<'_>, tail: &'t [u8]) -> Option<(u32, &'t [u8])> {
-    if !matches!(ask.kind, KEEP | NOTE | CONFIRM) {
+    if !matches!(ask.kind, KEEP | NOTE | CONFIRM | REFUSED) {
         return Some((peer, tail));
     }
     match hookproto::asked_for(ask.flags, tail)? {

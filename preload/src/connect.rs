@@ -1,13 +1,15 @@
 //! `connect()` inside a session (docs/ARCHITECTURE.md "A call's way"): a loopback
 //! connect to a port this session remapped goes to the actual port; one to a
 //! coordinated port another session holds is refused, as if nothing listened. Two
-//! reads of the shared port map, no round trip.
+//! reads of the shared port map, no round trip; a refusal is told ([`refused`]).
 
 use libc::{c_int, SOCK_STREAM};
 use styxy_preload_common::decide::{self, Class, Seen};
 
-use crate::call::Route;
+use crate::bind::{Coordinator, KeepAsk};
+use crate::call::{Caller, Route};
 use crate::process::Process;
+use crate::report;
 use crate::sys::Addr;
 
 /// Where a connect to `orig` goes (common's `decide::route`, the one decision);
@@ -26,6 +28,21 @@ pub fn route(p: &Process, orig: &Addr, sock_type: &mut dyn FnMut() -> Option<c_i
         decide::Route::AsAsked => Route::AsAsked,
         decide::Route::To(actual) => Route::To(orig.with_port(actual)),
         decide::Route::Refused => Route::Refused,
+    }
+}
+
+/// `who`'s connect to `orig` was refused (another session's server): the daemon is told
+/// (`coord`: it logs it and says who serves the port), once per process and port in a row
+/// (not once per retry of a client polling it), and the person hears it once a process.
+pub fn refused(p: &Process, who: &Caller, orig: &Addr, coord: &mut dyn Coordinator) {
+    if !p.memory.first_refusal(who.pid, orig.port) {
+        return;
+    }
+    let family = if orig.family == libc::AF_INET6 { 6 } else { 4 };
+    let session = p.session.as_deref().unwrap_or("");
+    let ask = KeepAsk { pid: who.pid, port: orig.port, family, flags: 0, origin: None, session, comm: who.comm };
+    if let Some(line) = coord.refused(&ask).filter(|_| p.memory.first_refusal_told(who.pid)) {
+        report::notify(p, &line);
     }
 }
 

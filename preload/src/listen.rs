@@ -93,6 +93,9 @@ mod tests {
         fn confirm(&mut self, a: &KeepAsk) {
             self.0.push((a.pid, a.port, a.session.to_string()));
         }
+        fn refused(&mut self, _: &KeepAsk) -> Option<String> {
+            unreachable!("a listen connects nowhere")
+        }
         fn note(&mut self, _: &KeepAsk, note: u8, got: u16) {
             self.1.push((note, got));
         }

@@ -137,7 +137,12 @@ fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &P
     let connecting = nr == libc::SYS_connect;
     let route = |a: &Addr| connect::route(p, a, &mut || sock.sock_type());
     match step(connecting, Addr::from_bytes(raw.bytes()), route, |a| bind::untouched(p, a)) {
-        Step::Fail(e) => Some(Answer::Return(Err(e))),
+        Step::Fail(e) => {
+            if let (Some(orig), Ok(who)) = (Addr::from_bytes(raw.bytes()), sock.target().cloned()) {
+                connect::refused(p, &who.caller(), &orig, &mut bind::Hook::new(&p.endpoint, &p.log_vars));
+            }
+            Some(Answer::Return(Err(e)))
+        }
         Step::AsRead if connecting => sock.connect(listener, workers, raw),
         Step::AsRead => Some(sock.bind_as_read(&raw)),
         Step::ConnectTo(target) => sock.connect(listener, workers, Raw::of(&target)),

@@ -1,6 +1,7 @@
 //! The coordinator seam of `bind()`: a [`Coordinator`] is asked whether the caller may
 //! bind a port (`KEEP`), told how the bind went (`DONE`), what the caller bound without
-//! asking (`NOTE`) and who listens on a port another process kept (`CONFIRM`); [`Hook`] speaks to the local daemon on its `hook.sock` (and mailbox),
+//! asking (`NOTE`), who listens on a port another process kept (`CONFIRM`) and a connect
+//! refused (`REFUSED`); [`Hook`] speaks to the local daemon on its `hook.sock` (and mailbox),
 //! as the shim does, for the process the supervisor answers for.
 //! Tests put a fake in its place.
 
@@ -54,6 +55,9 @@ pub trait Coordinator {
     /// `CONFIRM`: `ask`'s process listens on `ask.port`, which another process of the tree
     /// kept (and handed down): it becomes an owner. Nothing is awaited.
     fn confirm(&mut self, ask: &KeepAsk);
+    /// `REFUSED`: `ask`'s process's loopback connect to `ask.port` was refused (another
+    /// session's server); the coordinator logs it and says the line to tell the person.
+    fn refused(&mut self, ask: &KeepAsk) -> Option<String>;
     /// `NOTE`: what `ask`'s process did without asking, for the coordinator to log
     /// (`hookproto::NOTE_OBSERVED` …): with `NOTE_STUCK` or `NOTE_AGAIN`, it bound `got`,
     /// the port the port map says its session holds for the one asked (the coordinator
@@ -163,6 +167,27 @@ impl Coordinator for Hook<'_> {
         if let (Some(head), Ok(conn)) = (wire.encode(), self.connect()) {
             let _ = send(&conn, &[&head[..], &ask.pid.to_le_bytes()].concat());
         }
+    }
+
+    fn refused(&mut self, ask: &KeepAsk) -> Option<String> {
+        let wire = Ask {
+            kind: hookproto::REFUSED,
+            port: ask.port,
+            family: ask.family,
+            errno: 0,
+            flags: FOR_CHILD,
+            origin: 0,
+            session: ask.session.as_bytes(),
+            note: 0,
+            comm: ask.comm.as_bytes(),
+        };
+        let mut msg = [&wire.encode()?[..], &ask.pid.to_le_bytes()].concat();
+        msg.extend_from_slice(&self.vars(DONE_MAX - msg.len()));
+        let conn = self.connect().ok()?;
+        send(&conn, &msg).ok()?;
+        let mut buf = [0u8; TOLD_MAX];
+        let n = recv(&conn, &mut buf).ok()?;
+        Answer::told_line(&buf[..n]).map(|l| String::from_utf8_lossy(l).into_owned())
     }
 
     fn note(&mut self, ask: &KeepAsk, note: u8, got: u16) {

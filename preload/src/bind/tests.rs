@@ -75,6 +75,9 @@ impl Coordinator for FakeCoordinator {
     fn confirm(&mut self, _: &KeepAsk) {
         unreachable!("a bind confirms nothing")
     }
+    fn refused(&mut self, _: &KeepAsk) -> Option<String> {
+        unreachable!("a bind connects nowhere")
+    }
     fn note(&mut self, _: &KeepAsk, note: u8, got: u16) {
         self.notes.push((note, got));
     }
