@@ -555,8 +555,10 @@ impl Loop {
         let pending = Pending::new(self.sh.clone()); // counted before the client can read on
         send(c.fd.as_raw_fd(), &[&head[..], line].concat());
         let (pid, port, family, vars) = (c.pid, ask.port, ask.family, log_vars(vars));
+        // its name as the ask says it (the client may be gone by the time this is written)
+        let named = std::str::from_utf8(ask.comm).ok().filter(|c| !c.is_empty()).map(str::to_string);
         self.events.write(pending, move || {
-            let comm = procinfo::comm_and_start(pid).map(|(comm, _)| comm).unwrap_or_else(|| "?".into());
+            let comm = named.or_else(|| procinfo::comm_and_start(pid).map(|(comm, _)| comm)).unwrap_or_else(|| "?".into());
             let ev = Event {
                 ts: eventlog::now_ms(),
                 session,
@@ -897,7 +899,8 @@ struct KeptBind {
 /// Who asks `ask` (its tail after [`ASK_LEN`] bytes) from process `peer`, and the rest of
 /// the tail: the peer; or, for a `KEEP`, `NOTE`, `CONFIRM` or `REFUSED` made for another process (`FOR_CHILD`:
 /// the seccomp supervisor's, for the program it traces), that process when the peer may
-/// name it (`server::may_name`). `None`: it may not, or the tail has no pid.
+/// name it (`server::may_name_below`; a process already gone, for a note that is only
+/// logged). `None`: it may not, or the tail has no pid.
 fn who_asks<'t>(peer: u32, ask: &Ask<'_>, tail: &'t [u8]) -> Option<(u32, &'t [u8])> {
     if !matches!(ask.kind, KEEP | NOTE | CONFIRM | REFUSED) {
         return Some((peer, tail));
@@ -906,7 +909,13 @@ fn who_asks<'t>(peer: u32, ask: &Ask<'_>, tail: &'t [u8]) -> Option<(u32, &'t [u
         (None, rest) => Some((peer, rest)),
         (Some(pid), rest) => {
             let session = std::str::from_utf8(ask.session).ok().filter(|s| !s.is_empty());
-            crate::server::may_name(Some(peer), pid, session).then_some((pid, rest))
+            // what a process did that only goes in the log (observe mode, a single-instance
+            // EADDRINUSE, the kernel's choice at listen) is logged for it even once it has
+            // exited (a server that gives up at once), when its ancestry cannot be read
+            let only_logged =
+                ask.kind == NOTE && matches!(ask.note, hookproto::NOTE_OBSERVED | hookproto::NOTE_SINGLE | hookproto::NOTE_KERNEL_CHOSE);
+            let gone = || procinfo::parent(pid).is_none();
+            (crate::server::may_name_below(Some(peer), pid, session) || only_logged && gone()).then_some((pid, rest))
         }
     }
 }
@@ -1357,6 +1366,24 @@ mod tests {
         // SAFETY: kill(2) of the orphan this test started.
         unsafe { libc::kill(orphan as i32, libc::SIGKILL) };
         assert!(f.sh.state.lock().allocation(3001).is_none());
+        // what a child that has exited did, only logged: logged with its pid; a bind it
+        // would own by now (NOTE_STUCK): not taken
+        let mut gone = Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let note = |kind_note: u8, port: u16| {
+            let plain = ask(NOTE, port, 0, b"s1");
+            let n = Ask { flags: hookproto::FOR_CHILD, note: kind_note, origin: port, comm: b"true", ..Ask::decode(&plain).unwrap() };
+            let vars = format!("STYXY_PRELOAD_LOG={}\0", f.dir.join("gone.jsonl").display());
+            [&n.encode().unwrap()[..], &gone_pid.to_le_bytes(), vars.as_bytes()].concat()
+        };
+        for msg in [note(hookproto::NOTE_SINGLE, 11434), note(hookproto::NOTE_STUCK, 3005)] {
+            f.exchange_as(me, move |s| send(&s, &msg));
+        }
+        let logged = std::fs::read_to_string(f.dir.join("gone.jsonl")).unwrap_or_default();
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+        assert!(logged.contains(&format!("\"pid\":{gone_pid}")) && logged.contains("single-instance"), "{logged}");
+        assert!(f.sh.state.lock().allocation(3005).is_none());
         // a FOR_CHILD ask too short for its pid: declined
         let short =
             [&Ask { flags: hookproto::FOR_CHILD, ..Ask::decode(&ask(KEEP, 3002, 0, b"s1")).unwrap() }.encode().unwrap()[..], &[1, 2]]

@@ -215,9 +215,17 @@ fn verified_pid(pid: u32, peer: Peer, session: Option<&str>) -> Result<u32, ApiE
 }
 
 /// Whether process `peer` (`None`: a TCP client) may ask for `pid` ([`verified_pid`]'s
-/// rule, and `hook.sock`'s for a `KEEP` made for another process).
+/// rule): [`may_name_below`], or its parent (`styxy-preload port` allocates for the
+/// shell that asked).
 pub(crate) fn may_name(peer: Option<u32>, pid: u32, session: Option<&str>) -> bool {
-    let own = || peer.is_some_and(|p| p == pid || procinfo::parent(p) == Some(pid) || procinfo::descends_from(pid, p));
+    peer.is_some_and(|p| procinfo::parent(p) == Some(pid)) || may_name_below(peer, pid, session)
+}
+
+/// Whether process `peer` may ask for `pid`: itself, one of its descendants, or a process
+/// whose environment carries `session` (`hook.sock`'s rule for an ask made for another
+/// process: the seccomp supervisor's, for the program it traces).
+pub(crate) fn may_name_below(peer: Option<u32>, pid: u32, session: Option<&str>) -> bool {
+    let own = || peer.is_some_and(|p| p == pid || procinfo::descends_from(pid, p));
     own() || session.is_some_and(|s| procinfo::env_is(pid, styxy_preload_common::envvars::SESSION, s))
 }
 

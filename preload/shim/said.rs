@@ -207,7 +207,11 @@ pub(crate) fn refused(port: u16, family: u16) -> bool {
     // SAFETY: copied into the message here.
     let session = unsafe { session() };
     let mut msg = [0u8; hookproto::DONE_MAX];
-    let n = done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family: family_byte(family), session, ..NO_ASK }, &mut msg);
+    // its name: the daemon writes the event once the answer is out, the client may be gone
+    let mut comm = [0u8; 17];
+    let comm = own_comm(&mut comm);
+    let n =
+        done_message(&hookproto::Ask { kind: hookproto::REFUSED, port, family: family_byte(family), session, comm, ..NO_ASK }, &mut msg);
     let started = monotonic_ms();
     let conn = match (msg.get(..n).filter(|m| !m.is_empty()), hook_socket_brief(started)) {
         (Some(msg), Ok(conn)) => Some((msg, conn)),

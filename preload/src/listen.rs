@@ -4,12 +4,17 @@
 //! unbound socket is observed; anything else, a port this process kept included, needs no
 //! one's word. Never changes the call.
 
+use std::time::Instant;
+
 use styxy_preload_common::decide::{self, ListenWay, Listening};
+use styxy_preload_common::eventlog::Action;
 use styxy_preload_common::hookproto;
+use styxy_preload_common::reason::Reason;
 
 use crate::bind::{Coordinator, KeepAsk};
 use crate::call::{Caller, Socket, Verdict};
 use crate::process::Process;
+use crate::report::{self, Outcome};
 
 /// Makes the `listen()` on `sock`, then tells the daemon (`coord`), which logs it.
 pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Verdict {
@@ -31,7 +36,22 @@ pub fn decide(p: &Process, who: &Caller, sock: &mut dyn Socket, coord: &mut dyn 
     let ask = KeepAsk { pid: who.pid, port: at.port, family, flags: 0, origin: None, session, comm: who.comm };
     match way {
         ListenWay::Confirm => coord.confirm(&ask),
-        ListenWay::Observe if at.port != 0 => coord.note(&ask, hookproto::NOTE_KERNEL_CHOSE, at.port),
+        ListenWay::Observe if at.port != 0 && !coord.note(&ask, hookproto::NOTE_KERNEL_CHOSE, at.port) => {
+            // no daemon to tell: logged here
+            let outcome = Outcome {
+                call: "listen",
+                requested: 0,
+                port: at.port,
+                addr: &at,
+                service_type: None,
+                action: Action::Observed,
+                reason: Some(Reason::KernelChose.to_string()),
+                started: Instant::now(),
+                backend: None,
+                retries: 0,
+            };
+            report::event(p, who, outcome);
+        }
         _ => {}
     }
     Verdict::Done(Ok(()))
@@ -96,8 +116,9 @@ mod tests {
         fn refused(&mut self, _: &KeepAsk) -> Option<String> {
             unreachable!("a listen connects nowhere")
         }
-        fn note(&mut self, _: &KeepAsk, note: u8, got: u16) {
+        fn note(&mut self, _: &KeepAsk, note: u8, got: u16) -> bool {
             self.1.push((note, got));
+            true
         }
         fn name(&self) -> String {
             "the fake".into()

@@ -120,7 +120,7 @@ fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &P
         let Ok(who) = sock.target().cloned() else {
             return Some(Answer::Continue);
         };
-        return Some(answer(listen::decide(p, &who.caller(), &mut sock, &mut bind::Hook::new(&p.endpoint, &p.log_vars))));
+        return Some(answer(listen::decide(p, &who.caller(), &mut sock, &mut bind::Hook::new(p))));
     }
     // bind or connect: the address is read once, here. Once a decision is made on it,
     // the call is made on our copy of the socket with our copy of the address: another
@@ -139,7 +139,7 @@ fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &P
     match step(connecting, Addr::from_bytes(raw.bytes()), route, |a| bind::untouched(p, a)) {
         Step::Fail(e) => {
             if let (Some(orig), Ok(who)) = (Addr::from_bytes(raw.bytes()), sock.target().cloned()) {
-                connect::refused(p, &who.caller(), &orig, &mut bind::Hook::new(&p.endpoint, &p.log_vars));
+                connect::refused(p, &who.caller(), &orig, &mut bind::Hook::new(p));
             }
             Some(Answer::Return(Err(e)))
         }
@@ -151,7 +151,7 @@ fn handle(listener: &Arc<OwnedFd>, workers: &Workers, req: &seccomp_notif, p: &P
             let Ok(who) = sock.target().cloned() else {
                 return Some(Answer::Continue);
             };
-            Some(match bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Hook::new(&p.endpoint, &p.log_vars)) {
+            Some(match bind::decide(p, &who.caller(), &orig, &mut sock, &mut bind::Hook::new(p)) {
                 Verdict::AsAsked => sock.bind_as_read(&raw),
                 Verdict::Done(r) => Answer::Return(r),
             })

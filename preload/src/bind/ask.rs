@@ -7,13 +7,15 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libc::c_int;
 use styxy_preload_common::hookproto::{self, Answer, Ask, ANSWER_LEN, ASK_LEN, DONE_MAX, FOR_CHILD, TOLD_MAX};
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
+use styxy_preload_common::mapview;
 use styxy_preload_common::reason::AskError;
 
+use crate::process::Process;
 use crate::sys::errno;
 
 /// What a `KEEP` asks: a bind of `port` by process `pid`, as `flags` say
@@ -61,84 +63,109 @@ pub trait Coordinator {
     /// `NOTE`: what `ask`'s process did without asking, for the coordinator to log
     /// (`hookproto::NOTE_OBSERVED` …): with `NOTE_STUCK` or `NOTE_AGAIN`, it bound `got`,
     /// the port the port map says its session holds for the one asked (the coordinator
-    /// makes it an owner). Nothing is awaited.
-    fn note(&mut self, ask: &KeepAsk, note: u8, got: u16);
+    /// makes it an owner). Nothing is awaited; false when it could not be told.
+    fn note(&mut self, ask: &KeepAsk, note: u8, got: u16) -> bool;
     /// Where it is, for a person (`unix:/run/user/1000/styxy-preload/daemon.sock`).
     fn name(&self) -> String;
 }
 
-/// The local daemon's `hook.sock`, beside its API socket `api`; the variables that name
-/// the caller's event log go with a `DONE` (`hookproto::LOG_VARS`).
+/// The local daemon's `hook.sock` (and its mailbox), beside the API socket of process
+/// `p`'s daemon; the variables that name the traced process's event log
+/// (`Process::log_vars`) go with what the daemon logs.
 pub struct Hook<'a> {
-    api: &'a Endpoint,
-    log_vars: &'a [(&'static str, String)],
+    p: &'a Process,
     /// The exchange a grant left open, for its `DONE`.
     open: Option<(OwnedFd, [u8; ASK_LEN])>,
 }
 
 impl<'a> Hook<'a> {
-    pub fn new(api: &'a Endpoint, log_vars: &'a [(&'static str, String)]) -> Hook<'a> {
-        Hook { api, log_vars, open: None }
+    pub fn new(p: &'a Process) -> Hook<'a> {
+        Hook { p, open: None }
     }
 
     fn path(&self) -> Option<PathBuf> {
-        match self.api {
+        match &self.p.endpoint {
             Endpoint::Unix(sock) => Some(sock.with_file_name(hookproto::SOCKET)),
             Endpoint::Tcp { .. } => None,
         }
     }
 
-    /// `KEY=VALUE\0` for each log variable, as many as fit in `room` bytes.
-    fn vars(&self, room: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (k, v) in self.log_vars {
+    /// `ask` as the message of `kind` for the traced process (`FOR_CHILD`, its pid after
+    /// the ask), with `with_vars` the variables that name its event log.
+    fn message(kind: u8, ask: &KeepAsk, note: u8, port: u16, with_vars: Option<&[(&'static str, String)]>) -> Option<Vec<u8>> {
+        let flags = match kind {
+            hookproto::KEEP => ask.flags,
+            hookproto::NOTE => ask.flags & (hookproto::MAY_MOVE | hookproto::OWN_RULES),
+            _ => 0,
+        };
+        let wire = Ask {
+            kind,
+            port,
+            family: ask.family,
+            errno: 0,
+            flags: flags | FOR_CHILD,
+            origin: if kind == hookproto::NOTE { ask.port } else { ask.origin.unwrap_or(0) },
+            session: ask.session.as_bytes(),
+            note,
+            comm: ask.comm.as_bytes(),
+        };
+        let mut msg = [&wire.encode()?[..], &ask.pid.to_le_bytes()].concat();
+        for (k, v) in with_vars.unwrap_or_default() {
             let entry = format!("{k}={v}\0");
-            if out.len() + entry.len() <= room {
-                out.extend_from_slice(entry.as_bytes());
+            if msg.len() + entry.len() <= DONE_MAX {
+                msg.extend_from_slice(entry.as_bytes());
             }
         }
-        out
+        Some(msg)
+    }
+
+    /// Whether to go on waiting for the daemon's answer, `started` ago: while it beats in
+    /// the port map (alive, however busy the machine), up to the hooks' patience, as the
+    /// shim waits; without a port map, the hooks' budget.
+    fn worth_waiting(&self, started: Instant) -> bool {
+        let waited = started.elapsed();
+        match self.p.portmap() {
+            Some(map) => waited < Duration::from_millis(mapview::PATIENCE_MS) && map.alive(),
+            None => waited < Timeouts::HOOK.total,
+        }
     }
 }
 
-/// How long an exchange may wait on the daemon: the hooks' budget.
-const ANSWER: Duration = Timeouts::HOOK.total;
+/// One wait on the daemon (a send, an answer) before its beat is looked at again.
+const SLICE: Duration = Duration::from_millis(100);
 
 impl Coordinator for Hook<'_> {
     fn keep(&mut self, ask: &KeepAsk) -> Result<Keep, AskError> {
         self.open = None;
-        let session = ask.session.as_bytes();
-        let wire = Ask {
-            kind: hookproto::KEEP,
-            port: ask.port,
-            family: ask.family,
-            errno: 0,
-            flags: ask.flags | FOR_CHILD,
-            origin: ask.origin.unwrap_or(0),
-            session,
-            note: 0,
-            comm: ask.comm.as_bytes(),
-        };
-        let head = wire.encode().ok_or_else(|| AskError::Garbled("a session id longer than 100 bytes".into()))?;
-        let mut msg = [&head[..], &ask.pid.to_le_bytes()].concat();
-        if ask.flags & hookproto::FALLBACK != 0 {
-            // the daemon logs a BUSY itself: where, the variables say
-            let vars = self.vars(DONE_MAX - msg.len());
-            msg.extend_from_slice(&vars);
-        }
-        let conn = self.connect()?;
+        let fallback = ask.flags & hookproto::FALLBACK != 0;
+        // in fallback mode the daemon logs a BUSY itself: where, the variables say
+        let vars = fallback.then_some(self.p.log_vars.as_slice());
+        let msg = Hook::message(hookproto::KEEP, ask, 0, ask.port, vars)
+            .ok_or_else(|| AskError::Garbled("a session id longer than 100 bytes".into()))?;
+        let started = Instant::now();
+        let conn = self.connect(true)?;
         send(&conn, &msg).map_err(|_| AskError::Timeout)?;
         let mut buf = [0u8; TOLD_MAX];
-        let n = recv(&conn, &mut buf).map_err(|e| if e == libc::EAGAIN { AskError::Timeout } else { AskError::NoCoordinator })?;
-        let answer =
-            buf.get(..n.min(ANSWER_LEN)).and_then(Answer::decode).ok_or_else(|| AskError::Garbled("closed without an answer".into()))?;
-        Ok(match answer.status {
-            hookproto::GRANTED | hookproto::MOVED if answer.port != 0 => {
-                let done = Ask { kind: hookproto::DONE, port: answer.port, ..wire };
-                self.open = done.encode().map(|d| (conn, d));
-                Keep::Grant { port: answer.port, existing: answer.existing }
+        let n = loop {
+            match recv(&conn, &mut buf) {
+                Ok(n) => break n,
+                Err(libc::EAGAIN) if self.worth_waiting(started) => continue,
+                Err(libc::EAGAIN) => return Err(AskError::Timeout),
+                Err(_) => return Err(AskError::NoCoordinator),
             }
-            hookproto::BUSY => Keep::Busy,
+        };
+        let closed = || {
+            AskError::Garbled(
+                "the daemon closed the exchange unanswered (an older daemon? `styxy-preload daemon stop`, then run again)".into(),
+            )
+        };
+        let answer = buf.get(..n.min(ANSWER_LEN)).and_then(Answer::decode).ok_or_else(closed)?;
+        let may_move = ask.flags & hookproto::MAY_MOVE != 0;
+        // only what the ask allows, as the shim takes it
+        Ok(match answer.status {
+            hookproto::GRANTED if answer.port == ask.port => self.granted(conn, ask, answer),
+            hookproto::MOVED if may_move && answer.port != 0 && answer.port != ask.port => self.granted(conn, ask, answer),
+            hookproto::BUSY if fallback => Keep::Busy,
             status => Keep::Declined(
                 Answer::line_of(&buf[..n], status).filter(|l| !l.is_empty()).map(|l| String::from_utf8_lossy(l).into_owned()),
             ),
@@ -148,77 +175,60 @@ impl Coordinator for Hook<'_> {
     fn done(&mut self, errno: c_int) {
         let Some((conn, mut head)) = self.open.take() else { return };
         head[8..12].copy_from_slice(&errno.to_le_bytes());
-        let vars = self.vars(DONE_MAX - ASK_LEN);
-        let _ = send(&conn, &[&head[..], &vars].concat());
+        let mut msg = head.to_vec();
+        for (k, v) in &self.p.log_vars {
+            let entry = format!("{k}={v}\0");
+            if msg.len() + entry.len() <= DONE_MAX {
+                msg.extend_from_slice(entry.as_bytes());
+            }
+        }
+        let _ = send(&conn, &msg);
     }
 
     fn confirm(&mut self, ask: &KeepAsk) {
-        let wire = Ask {
-            kind: hookproto::CONFIRM,
-            port: ask.port,
-            family: ask.family,
-            errno: 0,
-            flags: FOR_CHILD,
-            origin: 0,
-            session: ask.session.as_bytes(),
-            note: 0,
-            comm: ask.comm.as_bytes(),
-        };
-        if let (Some(head), Ok(conn)) = (wire.encode(), self.connect()) {
-            let _ = send(&conn, &[&head[..], &ask.pid.to_le_bytes()].concat());
+        if let (Some(msg), Ok(conn)) = (Hook::message(hookproto::CONFIRM, ask, 0, ask.port, None), self.connect(false)) {
+            let _ = send(&conn, &msg);
         }
     }
 
     fn refused(&mut self, ask: &KeepAsk) -> Option<String> {
-        let wire = Ask {
-            kind: hookproto::REFUSED,
-            port: ask.port,
-            family: ask.family,
-            errno: 0,
-            flags: FOR_CHILD,
-            origin: 0,
-            session: ask.session.as_bytes(),
-            note: 0,
-            comm: ask.comm.as_bytes(),
-        };
-        let mut msg = [&wire.encode()?[..], &ask.pid.to_le_bytes()].concat();
-        msg.extend_from_slice(&self.vars(DONE_MAX - msg.len()));
-        let conn = self.connect().ok()?;
+        let msg = Hook::message(hookproto::REFUSED, ask, 0, ask.port, Some(&self.p.log_vars))?;
+        let conn = self.connect(false).ok()?;
         send(&conn, &msg).ok()?;
         let mut buf = [0u8; TOLD_MAX];
         let n = recv(&conn, &mut buf).ok()?;
         Answer::told_line(&buf[..n]).map(|l| String::from_utf8_lossy(l).into_owned())
     }
 
-    fn note(&mut self, ask: &KeepAsk, note: u8, got: u16) {
-        let wire = Ask {
-            kind: hookproto::NOTE,
-            port: got,
-            family: ask.family,
-            errno: 0,
-            flags: ask.flags & (hookproto::MAY_MOVE | hookproto::OWN_RULES) | FOR_CHILD,
-            origin: ask.port,
-            session: ask.session.as_bytes(),
-            note,
-            comm: ask.comm.as_bytes(),
-        };
-        let Some(head) = wire.encode() else { return };
-        let mut msg = [&head[..], &ask.pid.to_le_bytes()].concat();
-        msg.extend_from_slice(&self.vars(DONE_MAX - msg.len()));
+    fn note(&mut self, ask: &KeepAsk, note: u8, got: u16) -> bool {
+        let Some(msg) = Hook::message(hookproto::NOTE, ask, note, got, Some(&self.p.log_vars)) else { return false };
         // the mailbox wakes no one (the daemon reads it within its beat); else a connection
-        if !self.mail(&msg) {
-            if let Ok(conn) = self.connect() {
-                let _ = send(&conn, &msg);
-            }
-        }
+        self.mail(&msg) || self.connect(false).is_ok_and(|conn| send(&conn, &msg).is_ok())
     }
 
     fn name(&self) -> String {
-        self.api.to_string()
+        self.p.endpoint.to_string()
     }
 }
 
 impl Hook<'_> {
+    /// The grant `answer` to `ask`: its `DONE` is sent on `conn` once the bind is made.
+    fn granted(&mut self, conn: OwnedFd, ask: &KeepAsk, answer: Answer) -> Keep {
+        let done = Ask {
+            kind: hookproto::DONE,
+            port: answer.port,
+            family: ask.family,
+            errno: 0,
+            flags: 0,
+            origin: 0,
+            session: ask.session.as_bytes(),
+            note: 0,
+            comm: ask.comm.as_bytes(),
+        };
+        self.open = done.encode().map(|d| (conn, d));
+        Keep::Grant { port: answer.port, existing: answer.existing }
+    }
+
     /// `msg` left in the daemon's mailbox (a socket of our uid beside `hook.sock`), never
     /// waiting; false when it could not be.
     fn mail(&self, msg: &[u8]) -> bool {
@@ -233,24 +243,27 @@ impl Hook<'_> {
         sock.set_nonblocking(true).is_ok() && sock.send_to(msg, &path).is_ok_and(|n| n == msg.len())
     }
 
-    /// A connection to `hook.sock`. A daemon that is not there yet (started a moment ago,
-    /// or socket-activated: `hook.sock` exists only while it runs) is woken and waited for
-    /// on its API socket, then asked once more.
-    fn connect(&self) -> Result<OwnedFd, AskError> {
+    /// A connection to `hook.sock`. For a `KEEP` (`wake`), a daemon that is not there yet
+    /// (started a moment ago, or socket-activated: `hook.sock` exists only while it runs)
+    /// is woken and waited for on its API socket, then asked once more; what is only told
+    /// never waits for one.
+    fn connect(&self, wake: bool) -> Result<OwnedFd, AskError> {
         let path = self.path().ok_or(AskError::NoCoordinator)?;
-        if let Ok(fd) = connect(&path) {
-            return Ok(fd);
+        match connect(&path) {
+            Ok(fd) => return Ok(fd),
+            Err(_) if !wake => return Err(AskError::NoCoordinator),
+            Err(_) => {}
         }
-        match http::call_waiting(self.api, "GET", "/status", None, Timeouts::HOOK) {
+        match http::call_waiting(&self.p.endpoint, "GET", "/status", None, Timeouts::HOOK) {
             Ok(_) => connect(&path).map_err(|_| AskError::NoCoordinator),
             Err(http::Error::Timeout) => Err(AskError::Timeout),
-            Err(_) => Err(unreachable(self.api)),
+            Err(_) => Err(unreachable(&self.p.endpoint)),
         }
     }
 }
 
 /// A `SOCK_SEQPACKET` connection to `path` (close-on-exec), whose sends and receives wait
-/// at most [`ANSWER`].
+/// at most [`SLICE`] at a time.
 fn connect(path: &Path) -> Result<OwnedFd, c_int> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
@@ -270,7 +283,7 @@ fn connect(path: &Path) -> Result<OwnedFd, c_int> {
     }
     // SAFETY: a fresh fd of ours.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let tv = libc::timeval { tv_sec: 0, tv_usec: ANSWER.as_micros() as libc::suseconds_t };
+    let tv = libc::timeval { tv_sec: 0, tv_usec: SLICE.as_micros() as libc::suseconds_t };
     for opt in [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO] {
         // SAFETY: setsockopt with a value of the option's type and size.
         unsafe { libc::setsockopt(raw, libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32) };
@@ -293,7 +306,7 @@ fn send(fd: &OwnedFd, msg: &[u8]) -> Result<(), c_int> {
     }
 }
 
-/// One message, waiting at most [`ANSWER`] (`EAGAIN` when none came); 0 bytes when the
+/// One message, waiting at most [`SLICE`] (`EAGAIN` when none came); 0 bytes when the
 /// daemon closed the connection.
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, c_int> {
     loop {

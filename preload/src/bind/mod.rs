@@ -62,7 +62,9 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket, coo
     match plan(Class::of(&decision), p.mode, &mut { facts }) {
         Plan::AsAsked(_) => Verdict::AsAsked,
         Plan::Observe => {
-            coord.note(&ask, hookproto::NOTE_OBSERVED, orig.port);
+            if !coord.note(&ask, hookproto::NOTE_OBSERVED, orig.port) {
+                b.event(Action::Observed, Reason::ObserveMode);
+            }
             Verdict::AsAsked
         }
         Plan::TryFirst { single, fallback } => {
@@ -72,7 +74,9 @@ pub fn decide(p: &Process, who: &Caller, orig: &Addr, sock: &mut dyn Socket, coo
             }
             if single {
                 // a single-instance type's EADDRINUSE stands, and the daemon logs why
-                coord.note(&ask, hookproto::NOTE_SINGLE, orig.port);
+                if !coord.note(&ask, hookproto::NOTE_SINGLE, orig.port) {
+                    b.event(Action::Passthrough, Reason::SingleInstance(ty.to_string()));
+                }
                 return Verdict::Done(Err(EADDRINUSE));
             }
             keep(&b, &KeepAsk { flags: hookproto::TAKEN | mode_flag | own | may_move(fallback), ..ask }, sock, coord)
@@ -95,25 +99,29 @@ struct Bind<'a> {
 }
 
 impl Bind<'_> {
-    /// The coordinator could not be asked: said once on stderr, logged (no daemon writes
-    /// it), bound as asked.
-    fn unasked(&self, e: AskError, coord: &dyn Coordinator) -> Verdict {
-        if self.p.memory.first_warning(self.who.pid) {
-            report::notify(self.p, &format!("{e} ({}){}{}", coord.name(), hookproto::PASS_THROUGH, e.fix()));
-        }
+    /// The bind's event, written here: what no daemon could be told.
+    fn event(&self, action: Action, reason: Reason) {
         let outcome = Outcome {
             call: "bind",
             requested: self.orig.port,
             port: self.orig.port,
             addr: self.orig,
             service_type: Some(self.ty).filter(|t| !t.is_empty()),
-            action: Action::Passthrough,
-            reason: Some(Reason::Unasked(e).to_string()),
+            action,
+            reason: Some(reason.to_string()),
             started: self.started,
             backend: Some("unix"),
             retries: 0,
         };
         report::event(self.p, self.who, outcome);
+    }
+
+    /// The coordinator could not be asked: said once on stderr, logged, bound as asked.
+    fn unasked(&self, e: AskError, coord: &dyn Coordinator) -> Verdict {
+        if self.p.memory.first_warning(self.who.pid) {
+            report::notify(self.p, &format!("{e} ({}){}{}", coord.name(), hookproto::PASS_THROUGH, e.fix()));
+        }
+        self.event(Action::Passthrough, Reason::Unasked(e));
         Verdict::AsAsked
     }
 }

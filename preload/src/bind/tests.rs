@@ -61,6 +61,8 @@ struct FakeCoordinator {
     asked: Vec<Asked>,
     dones: Vec<c_int>,
     notes: Vec<(u8, u16)>,
+    /// Whether a note reaches it (false: no daemon to tell).
+    told: bool,
 }
 
 impl Coordinator for FakeCoordinator {
@@ -78,8 +80,9 @@ impl Coordinator for FakeCoordinator {
     fn refused(&mut self, _: &KeepAsk) -> Option<String> {
         unreachable!("a bind connects nowhere")
     }
-    fn note(&mut self, _: &KeepAsk, note: u8, got: u16) {
+    fn note(&mut self, _: &KeepAsk, note: u8, got: u16) -> bool {
         self.notes.push((note, got));
+        self.told
     }
     fn name(&self) -> String {
         "the fake".into()
@@ -116,7 +119,7 @@ fn refusing(port: u16, errno: c_int) -> FakeSocket {
 }
 
 fn script(replies: impl IntoIterator<Item = Result<Keep, AskError>>) -> FakeCoordinator {
-    FakeCoordinator { replies: replies.into_iter().collect(), ..Default::default() }
+    FakeCoordinator { replies: replies.into_iter().collect(), told: true, ..Default::default() }
 }
 
 /// One case: the bind's port, the environment, the socket and the coordinator's answers;
@@ -373,6 +376,21 @@ fn the_sessions_own_port_in_a_beating_port_map_is_bound_without_asking_and_told(
     let other = Caller { pid: 4300, comm: "srv", cwd: None };
     assert_eq!(decide(&w.p, &other, &loopback(3000), &mut sock, &mut coord), Verdict::Done(Ok(())));
     assert_eq!((sock.bound.as_slice(), coord.asked.len()), (&[3001, 3002][..], 1));
+}
+
+#[test]
+fn what_no_daemon_could_be_told_is_logged_here() {
+    let w = World::new(&[("STYXY_PRELOAD_MODE", "observe")]);
+    let mut coord = FakeCoordinator { told: false, ..script([]) };
+    assert_eq!(bind_in(&w, 3000, &mut tcp(), &mut coord), Verdict::AsAsked);
+    let w2 = World::new(&[]);
+    let mut coord = FakeCoordinator { told: false, ..script([]) };
+    assert_eq!(bind_in(&w2, 11434, &mut refusing(11434, EADDRINUSE), &mut coord), Verdict::Done(Err(EADDRINUSE)));
+    let logged: Vec<_> = [w.events(), w2.events()].concat().into_iter().map(|e| (e.action, e.port, e.reason.unwrap_or_default())).collect();
+    assert_eq!(
+        logged,
+        [(Action::Observed, 3000, "observe mode".into()), (Action::Passthrough, 11434, "single-instance type ai: not remapped".into())]
+    );
 }
 
 #[test]
