@@ -1,6 +1,6 @@
 //! Why a bind ended as it did: the event log's `reason`, one variant per case, each
-//! worded here once for every writer (the daemon for the shim's binds, the seccomp
-//! supervisor for its own).
+//! worded here once for every writer (the daemon, and the seccomp supervisor for what no
+//! daemon could be asked or told).
 
 use std::fmt;
 
@@ -16,16 +16,10 @@ pub enum Reason {
     ObserveMode,
     /// A single-instance type's port is taken: the program gets `EADDRINUSE`.
     SingleInstance(String),
-    /// Fallback mode: another session holds the port, and the tool moves on by itself.
-    LeftToOwnFallback { port: u16, comm: String },
     /// The coordinator could not be asked.
     Unasked(AskError),
-    /// The coordinator answered without a port.
-    NoPortGranted,
     /// The same process bound the same port again (a twin, a probe then the real bind).
     BoundAgain(u16),
-    /// Fallback mode: the tool settled on this port after the one it first wanted.
-    MovedByItself { comm: String, from: u16 },
     /// Remapped: the port was taken, by `holder` (" by node (pid 4, session a)" or "").
     Taken { port: u16, holder: String },
     /// A bind of a port the session already holds failed: one of its processes serves it.
@@ -101,11 +95,8 @@ impl fmt::Display for Reason {
             Reason::ObserveMode => write!(f, "observe mode"),
             Reason::KernelChose => write!(f, "port chosen by the kernel"),
             Reason::SingleInstance(ty) => write!(f, "single-instance type {ty}: not remapped"),
-            Reason::LeftToOwnFallback { port, comm } => write!(f, "{}", eventlog::left_to_own_fallback(*port, comm)),
             Reason::Unasked(e) => write!(f, "{e}"),
-            Reason::NoPortGranted => write!(f, "no port granted"),
             Reason::BoundAgain(port) => write!(f, "{}", eventlog::bound_again(*port)),
-            Reason::MovedByItself { comm, from } => write!(f, "{}", eventlog::moved_by_itself(comm, *from)),
             Reason::Taken { port, holder } => write!(f, "{}", eventlog::taken(*port, holder)),
             Reason::SessionPortServed(port) => write!(f, "the session's port {port} is served already (by another of its processes)"),
             Reason::SessionPortInTimeWait(port) => {

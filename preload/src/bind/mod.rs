@@ -5,10 +5,11 @@
 //! keeps for the caller (`KEEP`, on `hook.sock`) is bound and the result told (`DONE`), and
 //! a granted port someone uncoordinated took is asked again, at most [`MAX_RETRIES`]
 //! times. A process binding again a port it kept asks no one, and the session's own port
-//! (the port map's answer) is bound first and told (`NOTE`). The daemon writes the events of what it was asked; this writes the rest (observe
-//! mode, a single-instance type's `EADDRINUSE`, a daemon that cannot be asked). Every way a
-//! bind ends has a [`Reason`]; on any failure the original address is bound exactly as the
-//! program asked.
+//! (the port map's answer) is bound first and told (`NOTE`). The daemon writes the events,
+//! of what it is asked and of what it is told (observe mode, a single-instance type's
+//! `EADDRINUSE`: a `NOTE`); this writes only what no daemon could be asked or told. Every
+//! way a bind ends has a [`Reason`]; on any failure the original address is bound exactly
+//! as the program asked.
 
 mod ask;
 
