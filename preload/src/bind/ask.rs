@@ -110,12 +110,7 @@ impl<'a> Hook<'a> {
             comm: ask.comm.as_bytes(),
         };
         let mut msg = [&wire.encode()?[..], &ask.pid.to_le_bytes()].concat();
-        for (k, v) in with_vars.unwrap_or_default() {
-            let entry = format!("{k}={v}\0");
-            if msg.len() + entry.len() <= DONE_MAX {
-                msg.extend_from_slice(entry.as_bytes());
-            }
-        }
+        append_vars(&mut msg, with_vars.unwrap_or_default());
         Some(msg)
     }
 
@@ -127,6 +122,17 @@ impl<'a> Hook<'a> {
         match self.p.portmap() {
             Some(map) => waited < Duration::from_millis(mapview::PATIENCE_MS) && map.alive(),
             None => waited < Timeouts::HOOK.total,
+        }
+    }
+}
+
+/// `KEY=VALUE` and a NUL for each of `vars` (the variables that name an event log), as
+/// many as fit in a message of at most `DONE_MAX` bytes.
+fn append_vars(msg: &mut Vec<u8>, vars: &[(&'static str, String)]) {
+    for (k, v) in vars {
+        let entry = format!("{k}={v}\0");
+        if msg.len() + entry.len() <= DONE_MAX {
+            msg.extend_from_slice(entry.as_bytes());
         }
     }
 }
@@ -176,12 +182,7 @@ impl Coordinator for Hook<'_> {
         let Some((conn, mut head)) = self.open.take() else { return };
         head[8..12].copy_from_slice(&errno.to_le_bytes());
         let mut msg = head.to_vec();
-        for (k, v) in &self.p.log_vars {
-            let entry = format!("{k}={v}\0");
-            if msg.len() + entry.len() <= DONE_MAX {
-                msg.extend_from_slice(entry.as_bytes());
-            }
-        }
+        append_vars(&mut msg, &self.p.log_vars);
         let _ = send(&conn, &msg);
     }
 
