@@ -124,7 +124,9 @@ impl Allocation {
 
     /// How the allocation stands (docs/ARCHITECTURE.md "The built-in daemon"). With no
     /// live owner: while a socket of the user's own holds the port (a server that outlived
-    /// the process that asked for it: a daemon forked off). A grant for a bind: while an
+    /// the process that asked for it: a daemon forked off); the sweep finds it
+    /// [`Judged::Unheld`] when none does, as the kernel's list can miss a socket that
+    /// starts listening while it is walked. A grant for a bind: while an
     /// owner's socket holds the port ([`Judged::Unheld`] when none does); unconfirmed and
     /// not yet bound, for [`UNCONFIRMED_MS`]. Any other grant: while an owner lives. A
     /// quick look (choosing a port to grant) takes a bind grant of a live owner as standing
@@ -134,7 +136,11 @@ impl Allocation {
         let alive: Vec<u32> = self.owners.iter().filter(|o| procinfo::alive(o.pid, o.start)).map(|o| o.pid).collect();
         let young = !self.confirmed && now_ms.saturating_sub(self.allocated_at_ms) <= UNCONFIRMED_MS;
         if alive.is_empty() {
-            return stands(young || look.held_by_user(self.port));
+            return match young || look.held_by_user(self.port) {
+                true => Judged::Stands,
+                false if look.close => Judged::Unheld,
+                false => Judged::Gone,
+            };
         }
         let quick = !look.close;
         // a quick look: a confirmed grant, or a port something listens on, stands until
@@ -156,10 +162,14 @@ impl Allocation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Judged {
     Stands,
-    /// A grant for a bind whose live owners hold no socket on its port: freed when the
-    /// sweep before found it so too ([`State::sweep_apply`]). A probe closed its socket
-    /// and the program binds the port again in a moment (get-port, then the server): its
-    /// shim binds what it kept without asking again, so the grant must still be there.
+    /// Held by no socket it needs: freed when the sweep before found it so too
+    /// ([`State::sweep_apply`]). A grant for a bind whose live owners hold no socket on
+    /// its port: a probe closed its socket and the program binds the port again in a
+    /// moment (get-port, then the server), and its shim binds what it kept without
+    /// asking again, so the grant must still be there. One without a live owner that no
+    /// socket of the user's holds: the kernel lists the sockets listening, then the ones
+    /// bound and nothing more, and a socket that starts listening in between (a forked
+    /// child's `listen` after its parent exited) is in neither list.
     Unheld,
     Gone,
 }
@@ -287,13 +297,23 @@ pub struct SweepPlan {
     os: Os,
 }
 
-/// What a sweep found: (port, lock id) of the allocations that no longer stand, and of
-/// unconfirmed ones found bound (taken after all).
+/// What a sweep found: the allocations that no longer stand, those held by nothing they
+/// need, and unconfirmed ones found bound (taken after all).
 #[derive(Default)]
 pub struct Verdicts {
-    dead: Vec<(u16, String)>,
-    unheld: Vec<(u16, String)>,
-    confirmed: Vec<(u16, String)>,
+    dead: Vec<Judging>,
+    unheld: Vec<Judging>,
+    confirmed: Vec<Judging>,
+}
+
+/// An allocation as a sweep judged it. Its verdict is carried out only on the same
+/// allocation with the same owners: one a process became an owner of meanwhile (a
+/// forked child's `listen`) was judged without it.
+#[derive(Clone, PartialEq, Eq)]
+struct Judging {
+    port: u16,
+    lock_id: String,
+    owners: Vec<Owner>,
 }
 
 impl SweepPlan {
@@ -302,12 +322,12 @@ impl SweepPlan {
         let look = Look::close(self.os);
         let mut v = Verdicts::default();
         for a in self.allocs {
-            match a.judged(now_ms, &look) {
-                Judged::Gone => v.dead.push((a.port, a.lock_id)),
-                Judged::Unheld => v.unheld.push((a.port, a.lock_id)),
-                Judged::Stands if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS => {
-                    v.confirmed.push((a.port, a.lock_id))
-                }
+            let judged = a.judged(now_ms, &look);
+            let seen = Judging { port: a.port, lock_id: a.lock_id, owners: a.owners };
+            match judged {
+                Judged::Gone => v.dead.push(seen),
+                Judged::Unheld => v.unheld.push(seen),
+                Judged::Stands if !a.confirmed && now_ms.saturating_sub(a.allocated_at_ms) > UNCONFIRMED_MS => v.confirmed.push(seen),
                 Judged::Stands => {}
             }
         }
@@ -430,7 +450,7 @@ pub struct State {
     upstream_held: BTreeMap<u16, AllocationInfo>,
     /// Styxy locks of freed allocations, for the upstream worker to release.
     upstream_releases: Vec<String>,
-    /// Bind grants the last sweep found [`Judged::Unheld`] (port → lock id).
+    /// Grants the last sweep found [`Judged::Unheld`] (port → lock id).
     unheld: BTreeMap<u16, String>,
 }
 
@@ -805,23 +825,24 @@ impl State {
         SweepPlan { allocs: self.allocs.values().cloned().collect(), os: self.os() }
     }
 
-    /// Carries out a sweep's verdicts: frees the allocations found dead and confirms
-    /// the ones found bound, each only if it is still the one judged (same lock id).
+    /// Carries out a sweep's verdicts: frees the allocations found dead, or unheld by
+    /// this sweep and the one before, and confirms the ones found bound; each only if it
+    /// is still as judged ([`Judging`]).
     pub(crate) fn sweep_apply(&mut self, v: Verdicts, now_ms: u64) -> usize {
-        let same = |st: &State, (port, lock): &(u16, String)| st.allocs.get(port).is_some_and(|a| &a.lock_id == lock);
+        let same = |st: &State, j: &Judging| st.allocs.get(&j.port).is_some_and(|a| a.lock_id == j.lock_id && a.owners == j.owners);
         for c in &v.confirmed {
             if same(self, c) {
-                if let Some(a) = self.allocs.get_mut(&c.0) {
+                if let Some(a) = self.allocs.get_mut(&c.port) {
                     a.confirmed = true;
                 }
             }
         }
-        // a live owner's grant found unheld twice in a row is freed; once, it waits
-        let unheld: BTreeMap<u16, String> = v.unheld.into_iter().filter(|u| same(self, u)).collect();
+        // found unheld twice in a row, it is freed; once, it waits
+        let unheld: BTreeMap<u16, String> = v.unheld.into_iter().filter(|u| same(self, u)).map(|u| (u.port, u.lock_id)).collect();
         let twice = |(p, l): (&u16, &String)| self.unheld.get(p) == Some(l);
         let mut dead: Vec<u16> = unheld.iter().filter(|u| twice(*u)).map(|(p, _)| *p).collect();
         self.unheld = unheld.into_iter().filter(|(p, _)| !dead.contains(p)).collect();
-        dead.extend(v.dead.iter().filter(|d| same(self, d)).map(|d| d.0));
+        dead.extend(v.dead.iter().filter(|d| same(self, d)).map(|d| d.port));
         for p in &dead {
             self.remove(*p, now_ms);
         }
@@ -1234,7 +1255,8 @@ mod tests {
         let dead = Claim { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..bind.clone() };
         s.allocate(&dead, 70_000).unwrap();
         *FAKE.lock().unwrap() = (u64::MAX, me_uid.wrapping_add(1));
-        assert_eq!(s.sweep(80_000), 1, "another user's socket on the port keeps nothing alive");
+        assert_eq!(s.sweep(80_000), 0, "unheld once: it waits a sweep");
+        assert_eq!(s.sweep(81_000), 1, "another user's socket on the port keeps nothing alive");
         s.allocate(&dead, 90_000).unwrap();
         *FAKE.lock().unwrap() = (u64::MAX, me_uid);
         assert_eq!(s.sweep(100_000), 0);
@@ -1279,6 +1301,26 @@ mod tests {
         assert_eq!(*ASKED.lock().unwrap(), (2, 1), "every socket looked at once, for both");
     }
 
+    /// A daemonizing server: its parent kept the port, forked and exited; the child's
+    /// `listen()` makes it an owner while a sweep judges the grant without it.
+    #[test]
+    fn a_grant_whose_owner_is_gone_waits_a_sweep_and_is_kept_by_an_owner_added_meanwhile() {
+        let mut s = state();
+        s.os.sockets = |_, _| Some(vec![]); // no socket the sweep can see (it missed one)
+        let parent = Claim { owner: Some(Owner { pid: std::process::id(), start: 1 }), ..for_bind(req("a", 3000)) };
+        s.allocate(&parent, 0).unwrap();
+        assert_eq!(s.sweep(59_000), 0, "unheld once: it waits a sweep");
+        let judged = s.sweep_plan().judge(60_000); // and twice
+        let child = Owner::of(std::process::id()).unwrap();
+        assert!(s.confirm(3000, child.clone()));
+        assert_eq!(s.sweep_apply(judged, 60_000), 0, "judged without the child: not carried out");
+        assert_eq!(s.allocs[&3000].owners.len(), 2);
+        // the child gone too: freed by the second sweep that finds nothing holds it
+        s.allocs.get_mut(&3000).unwrap().owners.retain(|o| *o != child);
+        assert_eq!(s.sweep(62_000), 0, "unheld once: it waits a sweep");
+        assert_eq!(s.sweep(63_000), 1, "unheld twice: freed");
+    }
+
     #[test]
     fn dead_owner_is_freed_and_grace_gives_the_port_back() {
         let mut s = state();
@@ -1286,7 +1328,8 @@ mod tests {
         let mut dead = req("b", 3000);
         dead.owner = Some(Owner { pid: std::process::id(), start: 1 }); // not this process's start time
         assert_eq!(s.allocate(&dead, 0).unwrap().port, 3001);
-        assert_eq!(s.sweep(10), 1);
+        assert_eq!(s.sweep(10), 0, "found unheld once");
+        assert_eq!(s.sweep(11), 1, "and twice: freed");
         assert_eq!(s.allocs.len(), 1);
         s.remove(3000, 10); // session a is gone too: 3000 is free again
                             // within the grace period, session b gets 3001 back although 3000 is free
