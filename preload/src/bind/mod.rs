@@ -171,11 +171,18 @@ fn keep(b: &Bind, ask: &KeepAsk, sock: &mut dyn Socket, coord: &mut dyn Coordina
 
 /// A coordinated bind no one needs to be asked about: a port the process kept before
 /// (a probe then the real bind, a restart, a twin: a kernel call alone), or the session's
-/// own port ([`stuck_to`]), bound and told. `None`: it must ask.
+/// own port ([`stuck_to`]), bound and told. `None`: it must ask — also a port it kept
+/// that is taken now: the supervisor remembers pids, and a pid is reused (after 32,768
+/// processes where `kernel.pid_max` is its default), so the process may be another one.
 fn unasked_for(b: &Bind, ask: &KeepAsk, sock: &mut dyn Socket, coord: &mut dyn Coordinator) -> Option<Verdict> {
     let (pid, port) = (ask.pid, ask.port);
     if ask.flags & hookproto::TAKEN == 0 && b.p.memory.kept_here(pid, port) {
-        return Some(Verdict::AsAsked);
+        return match sock.run(None) {
+            Err(EADDRINUSE) => None,
+            // a privileged port we may not bind: the kernel's, as the program made it
+            Err(libc::EACCES) => Some(Verdict::AsAsked),
+            r => Some(Verdict::Done(r)),
+        };
     }
     let got = stuck_to(b.p, port, ask.flags)?;
     // taken meanwhile, or refused: asked as any bind

@@ -330,12 +330,17 @@ fn every_branch_of_a_bind() {
 }
 
 #[test]
-fn a_process_binding_again_the_port_it_kept_asks_no_one() {
+fn a_process_binding_again_the_port_it_kept_asks_no_one_unless_it_is_taken() {
     let w = World::new(&[]);
     let mut coord = script([grant(3000)]);
     let verdicts: Vec<_> = (0..3).map(|_| bind_in(&w, 3000, &mut tcp(), &mut coord)).collect();
-    assert_eq!(verdicts, [Verdict::Done(Ok(())), Verdict::AsAsked, Verdict::AsAsked], "kept, then the kernel's call as asked");
+    assert_eq!(verdicts, [Verdict::Done(Ok(())); 3], "kept, then bound as asked");
     assert_eq!((coord.asked.len(), coord.dones.as_slice()), (1, &[0][..]), "one KEEP, one DONE");
+    // taken now: the pid is another process's (pids are reused), which asks
+    let mut coord = script([grant(3001)]);
+    let mut taken = refusing(3000, libc::EADDRINUSE);
+    assert_eq!(bind_in(&w, 3000, &mut taken, &mut coord), Verdict::Done(Ok(())));
+    assert_eq!((coord.asked.len(), taken.bound.as_slice()), (1, &[3000, 3001][..]), "asked, and moved");
     // another process (a forked child) asks for itself
     let mut coord = script([existing(3000)]);
     let other = Caller { pid: 4243, comm: "srv", cwd: None };
