@@ -500,6 +500,11 @@ fn ports_lists_a_sessions_server_on_a_port_nobody_coordinates() {
     let (pid, port) = http_server(&mut w, "A", 9515);
     assert_eq!(port, 9515);
     let (_, api) = http_server(&mut w, "B", 8000);
+    // a server of session A in another network namespace: its port is not this one's
+    let mut elsewhere = w.cmd("unshare");
+    elsewhere.args(["--net", "python3", "-m", "http.server", "9516", "--bind", "127.0.0.1"]).env("STYXY_PRELOAD_SESSION", "A");
+    let other = w.spawn(elsewhere, "elsewhere");
+    wait_for(20, "the server elsewhere listening", || (!listening_ports(other).is_empty()).then_some(()));
     let out = run({
         let mut c = w.cli();
         c.arg("ports");
@@ -510,6 +515,7 @@ fn ports_lists_a_sessions_server_on_a_port_nobody_coordinates() {
     let line = table.lines().find(|l| l.split_whitespace().next() == Some("9515")).unwrap_or_else(|| panic!("9515 missing:\n{table}"));
     let python = wait_for(5, "the server's pid", || procinfo_children(pid).into_iter().find(|c| listening_ports(*c).contains(&9515)));
     assert_eq!(line.split_whitespace().collect::<Vec<_>>(), ["9515", "A", &python.to_string(), "python3"], "{table}");
+    assert!(!table.lines().any(|l| l.split_whitespace().next() == Some("9516")), "another namespace's port:\n{table}");
 }
 
 /// `pid` and its descendants.

@@ -47,10 +47,13 @@ struct Listener {
 
 /// The listening ports of processes in a session (`STYXY_PRELOAD_SESSION` in their
 /// environment) that no allocation covers: servers on ports nobody coordinates
-/// (chromedriver's 9515), found in `/proc`; one line per port and session.
+/// (chromedriver's 9515), found in `/proc`; one line per port and session. Only
+/// processes of this network namespace: another one's ports (a container's, `unshare
+/// -n`) are not the ones a connect from here reaches.
 fn uncoordinated(allocated: &[u16]) -> Vec<Listener> {
     let mut out: Vec<Listener> = Vec::new();
-    for pid in procinfo::all_pids() {
+    let here = procinfo::netns(procinfo::SELF);
+    for pid in procinfo::all_pids().into_iter().filter(|p| here.is_none() || procinfo::netns(p) == here) {
         let Some(s) = procinfo::environ(pid).into_iter().find(|(k, _)| k == envvars::SESSION).and_then(|(_, v)| v.into_string().ok())
         else {
             continue;
