@@ -113,6 +113,54 @@ def paired(mode, port, n, env_a, env_b, reps=3 if S else 7):
     return (med(a, 0), med(a, 1)), (med(b, 0), med(b, 1))
 
 
+def cold_with_styxy(rounds):
+    """(Styxy's answer, with the library, the empty library, without), medians in µs: one
+    bind + listen in a fresh process, each of a new session, against a daemon fronting a
+    stand-in Styxy that answers 1 ms late. Styxy's answer is a client's allocate on a fresh
+    connection, as the daemon makes it."""
+    import http.client
+    sw = dict(world, HOME=f"{T}/styxy/home", XDG_RUNTIME_DIR=f"{T}/styxy/run", XDG_STATE_HOME=f"{T}/styxy/state")
+    for d in ("home/.styxy", "run", "state"):
+        os.makedirs(f"{T}/styxy/{d}", mode=0o700, exist_ok=True)
+    token = "ab" * 32
+    with open(f"{T}/styxy/home/.styxy/auth.token", "w") as f:
+        f.write(token)
+    with open(f"{T}/styxy/control", "w") as f:
+        f.write("slow 1")
+    fake = subprocess.Popen(["python3", "tests/fixtures/fake_styxy.py", f"{T}/styxy/log", f"{T}/styxy/control", "0"],
+                            env=dict(sw, FAKE_LIMIT="1000000"), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    procs.append(fake)
+    port = int(fake.stdout.readline())
+    sw["STYXY_DAEMON_PORT"] = str(port)
+    subprocess.run([a.bin, "daemon", "start", "--idle-exit", "0"], env=sw, check=True, capture_output=True)
+    answers_ns = []
+    for i in range(20):
+        c = http.client.HTTPConnection("127.0.0.1", port)
+        body = json.dumps({"service_type": "ui", "instance_id": f"bench-answer-{i}"})
+        t = time.perf_counter_ns()
+        c.request("POST", "/allocate", body, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        c.getresponse().read()
+        answers_ns.append(time.perf_counter_ns() - t)
+        c.close()
+    sock = f"{T}/styxy/run/styxy-preload/daemon.sock"
+    res = {"with": [], "floor": [], "without": []}
+    for i in range(rounds):
+        # a port nobody holds, here or in Styxy: Styxy answers the port asked for
+        argv = [f"{T}/onecall", "bind", str(3010 + i)]
+        ways = [("with", dict(sw, LD_PRELOAD=a.lib, STYXY_URL=f"unix:{sock}", STYXY_PRELOAD_SESSION=f"bench-styxy-{i}",
+                              STYXY_PRELOAD_NOTIFY="off")),
+                ("floor", dict(sw, LD_PRELOAD=f"{T}/empty.so", STYXY_PRELOAD_SESSION=f"bench-styxy-{i}")), ("without", sw)]
+        for k, e in ways[i % 3:] + ways[:i % 3]:
+            t = time.perf_counter()
+            os.waitpid(os.posix_spawn(argv[0], argv, e), 0)
+            res[k].append(time.perf_counter() - t)
+    subprocess.run([a.bin, "daemon", "stop"], env=sw, capture_output=True)
+    with open(f"{T}/styxy/log") as f:
+        asked = sum(1 for l in f if '"bench-styxy-' in l)
+    med = lambda k: statistics.median(res[k]) * 1e6
+    return statistics.median(answers_ns) / 1000, med("with"), med("floor"), med("without"), asked
+
+
 def wait_listen(p, timeout=10):
     end = time.time() + timeout
     while time.time() < end:
@@ -238,6 +286,17 @@ try:
         w_us, floor_us, wo_us = cold(args, f"bench-cold-{args[1]}")
         row(f"cold: {label}, median of {nr}", f"{w_us:.0f} µs", f"empty C lib {floor_us:.0f} µs, none {wo_us:.0f} µs",
             f"{w_us - floor_us:+.0f} µs above the empty lib", f"≤ +{target} µs", w_us - floor_us <= target)
+
+    # 2c. the cold path while Styxy answers: a second daemon fronts a stand-in Styxy that
+    # answers every allocate 1 ms late (tests/fixtures/fake_styxy.py, "slow 1"); each fresh
+    # process is of a session of its own, so that each bind is a new grant the daemon asks
+    # Styxy for, on its side of the one exchange on hook.sock
+    print("cold path with Styxy…", file=sys.stderr)
+    answer_us, w_us, floor_us, wo_us, asked = cold_with_styxy(5 if S else 60)
+    row("cold: coordinated bind + listen of a port nobody holds (3010–3069), a new grant (a session of its own each "
+        f"time), while a Styxy stand-in answers 1 ms late, median of {5 if S else 60}", f"{w_us:.0f} µs", f"empty C lib {floor_us:.0f} µs, none {wo_us:.0f} µs; "
+        f"Styxy's answer {answer_us:.0f} µs, asked for {asked} of them", f"{w_us - floor_us - answer_us:+.0f} µs above the empty lib and Styxy's answer",
+        "≤ Styxy's answer + 60 µs", w_us - floor_us <= answer_us + 60)
 
     # 3. connect cost
     print("connect cost…", file=sys.stderr)
