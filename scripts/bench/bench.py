@@ -114,10 +114,10 @@ def paired(mode, port, n, env_a, env_b, reps=3 if S else 7):
 
 
 def cold_with_styxy(rounds):
-    """(Styxy's answer, with the library, the empty library, without), medians in µs: one
-    bind + listen in a fresh process, each of a new session, against a daemon fronting a
-    stand-in Styxy that answers 1 ms late. Styxy's answer is a client's allocate on a fresh
-    connection, as the daemon makes it."""
+    """(Styxy's answer, with the library, the empty library, without, how many binds asked
+    Styxy), medians in µs: one bind + listen in a fresh process, each of a new session,
+    against a daemon fronting a stand-in Styxy that answers 1 ms late. Styxy's answer is a
+    client's allocate on a fresh connection, as the daemon makes it, one in each round."""
     import http.client
     sw = dict(world, HOME=f"{T}/styxy/home", XDG_RUNTIME_DIR=f"{T}/styxy/run", XDG_STATE_HOME=f"{T}/styxy/state")
     for d in ("home/.styxy", "run", "state"):
@@ -134,7 +134,8 @@ def cold_with_styxy(rounds):
     sw["STYXY_DAEMON_PORT"] = str(port)
     subprocess.run([a.bin, "daemon", "start", "--idle-exit", "0"], env=sw, check=True, capture_output=True)
     answers_ns = []
-    for i in range(20):
+
+    def answer(i):
         c = http.client.HTTPConnection("127.0.0.1", port)
         body = json.dumps({"service_type": "ui", "instance_id": f"bench-answer-{i}"})
         t = time.perf_counter_ns()
@@ -142,9 +143,13 @@ def cold_with_styxy(rounds):
         c.getresponse().read()
         answers_ns.append(time.perf_counter_ns() - t)
         c.close()
+
     sock = f"{T}/styxy/run/styxy-preload/daemon.sock"
     res = {"with": [], "floor": [], "without": []}
     for i in range(rounds):
+        # Styxy's answer, timed in the same rounds as the binds (it moves by ±300 µs from
+        # one minute to the next)
+        answer(i)
         # a port nobody holds, here or in Styxy: Styxy answers the port asked for
         argv = [f"{T}/onecall", "bind", str(3010 + i)]
         ways = [("with", dict(sw, LD_PRELOAD=a.lib, STYXY_URL=f"unix:{sock}", STYXY_PRELOAD_SESSION=f"bench-styxy-{i}",
