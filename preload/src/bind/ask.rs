@@ -5,7 +5,7 @@
 //! as the shim does, for the process the supervisor answers for.
 //! Tests put a fake in its place.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -265,36 +265,13 @@ impl Hook<'_> {
 
 /// A `SOCK_SEQPACKET` connection to `path` (close-on-exec), whose sends and receives wait
 /// at most [`SLICE`] at a time.
-fn connect(path: &Path) -> Result<OwnedFd, c_int> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: all zeroes is a valid sockaddr_un.
-    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= sun.sun_path.len() {
-        return Err(libc::ENAMETOOLONG);
-    }
-    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (to, from) in sun.sun_path.iter_mut().zip(bytes) {
-        *to = *from as libc::c_char;
-    }
-    // SAFETY: socket(2); the fd is owned below.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(errno());
-    }
-    // SAFETY: a fresh fd of ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let tv = libc::timeval { tv_sec: 0, tv_usec: SLICE.as_micros() as libc::suseconds_t };
-    for opt in [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO] {
-        // SAFETY: setsockopt with a value of the option's type and size.
-        unsafe { libc::setsockopt(raw, libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32) };
-    }
-    let len = (size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-    // SAFETY: a sockaddr_un of `len` bytes, NUL-terminated (zeroed beyond the path).
-    if unsafe { libc::connect(raw, (&sun as *const libc::sockaddr_un).cast(), len) } != 0 {
-        return Err(errno());
-    }
-    Ok(fd)
+fn connect(path: &Path) -> std::io::Result<OwnedFd> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+    sock.set_write_timeout(Some(SLICE))?;
+    sock.set_read_timeout(Some(SLICE))?;
+    sock.connect(&SockAddr::unix(path)?)?;
+    Ok(sock.into())
 }
 
 fn send(fd: &OwnedFd, msg: &[u8]) -> Result<(), c_int> {
