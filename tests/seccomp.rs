@@ -14,6 +14,17 @@ fn exec(w: &mut World, session: &str, flags: &[&str], program: &std::path::Path,
     w.spawn(c, name)
 }
 
+/// The static `binder` serving 8000 in session `first`, then in session `second` (each
+/// named after its session): their `exec` pids and the ports they serve.
+fn two_on_8000(w: &mut World, first: &str, second: &str) -> ((u32, u16), (u32, u16)) {
+    let server = static_fixture("binder");
+    let a = exec(w, first, &[], &server, &["serve", "8000"], first);
+    let pa = wait_for(20, &format!("{first}'s server"), || tree_ports(a).into_iter().next());
+    let b = exec(w, second, &[], &server, &["serve", "8000"], second);
+    let pb = wait_for(20, &format!("{second}'s server"), || tree_ports(b).into_iter().next());
+    ((a, pa), (b, pb))
+}
+
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
 }
@@ -21,11 +32,7 @@ fn comm(pid: u32) -> String {
 #[test]
 fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_ports() {
     let mut w = World::new();
-    let server = static_fixture("binder");
-    let a = exec(&mut w, "one", &[], &server, &["serve", "8000"], "one");
-    let pa = wait_for(20, "first static server", || tree_ports(a).into_iter().next());
-    let b = exec(&mut w, "two", &[], &server, &["serve", "8000"], "two");
-    let pb = wait_for(20, "second static server", || tree_ports(b).into_iter().next());
+    let ((_, pa), (b, pb)) = two_on_8000(&mut w, "one", "two");
     assert_eq!(pa, 8000, "{}", w.stderr_of("one"));
     assert_ne!(pb, 8000, "{}", w.stderr_of("two"));
     // each port is its own server's (the kernel's view, then a real request)
@@ -51,11 +58,8 @@ fn two_static_servers_asking_for_8000_in_two_sessions_both_serve_on_distinct_por
 #[test]
 fn a_static_server_restarted_in_its_session_serves_on_the_sessions_port_and_the_daemon_logs_each_start() {
     let mut w = World::new();
+    let (_, (b, pb)) = two_on_8000(&mut w, "one", "two");
     let server = static_fixture("binder");
-    let a = exec(&mut w, "one", &[], &server, &["serve", "8000"], "one");
-    wait_for(20, "the first session's server", || tree_ports(a).into_iter().next());
-    let b = exec(&mut w, "two", &[], &server, &["serve", "8000"], "two");
-    let pb = wait_for(20, "the second session's server", || tree_ports(b).into_iter().next());
     assert_ne!(pb, 8000, "{}", w.stderr_of("two"));
     let first = descendants(b)[0];
     w.kill(b);
@@ -104,11 +108,8 @@ fn two_go_servers_asking_for_8080_both_serve_and_each_reaches_its_own() {
 #[test]
 fn a_blocking_connect_follows_the_remap_and_another_sessions_server_is_refused() {
     let mut w = World::new();
+    let (_, (_, pb)) = two_on_8000(&mut w, "owner", "mine");
     let server = static_fixture("binder");
-    let a = exec(&mut w, "owner", &[], &server, &["serve", "8000"], "owner");
-    wait_for(20, "the owner's server", || tree_ports(a).into_iter().next());
-    let b = exec(&mut w, "mine", &[], &server, &["serve", "8000"], "mine");
-    let pb = wait_for(20, "my server", || tree_ports(b).into_iter().next());
     assert_ne!(pb, 8000);
     let get = |w: &World, session: &str| {
         let mut c = w.cli();
