@@ -512,28 +512,35 @@ fn status_is_quiet_about_what_is_fine_and_names_a_preload_library_before_ours() 
     assert_eq!(out.status.code(), Some(1), "{stdout}");
 }
 
-#[test]
-fn a_styxy_another_user_listens_for_gets_no_token_and_steers_nothing() {
-    let mut w = World::new();
-    std::fs::create_dir_all(w.path("home/.styxy")).unwrap();
-    std::fs::write(w.path("home/.styxy/auth.token"), TOKEN).unwrap();
+/// Another user's stand-in Styxy on `port` (0: a free one), as a process listening where
+/// the user's tools ask: its /config makes 1024-32767 one type, its /allocate answers
+/// whatever it likes. Its uid, its home (its log is `styxy.log` there), its port.
+fn intruder(w: &mut World, port: u16) -> (u32, tempfile::TempDir, u16) {
     let uid = common::user("styxy-intruder");
-    // the intruder's own stand-in, on a port the user's tools would ask: its /config makes
-    // 1024-32767 one type, its /allocate answers whatever it likes
     let dir = tempfile::Builder::new().prefix("intruder-").tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     std::fs::create_dir_all(dir.path().join(".styxy")).unwrap();
     std::fs::write(dir.path().join(".styxy/auth.token"), "ef".repeat(32)).unwrap();
     std::process::Command::new("chown").args(["-R", &format!("{uid}:{uid}")]).arg(dir.path()).status().unwrap();
-    let log = dir.path().join("styxy.log");
     // a python3 every user may run (not one under root's home)
     let python = ["/usr/bin/python3", "/usr/local/bin/python3"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or("python3");
     let mut c = w.cmd("setpriv");
     c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into(), python.into()]);
-    c.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_styxy.py")).arg(&log).arg(dir.path().join("control"));
+    c.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_styxy.py"));
+    c.arg(dir.path().join("styxy.log")).arg(dir.path().join("control")).arg(port.to_string());
     c.env("HOME", dir.path()).env("FAKE_EXTRA_TYPE", "everything:1024:32767");
     w.spawn(c, "intruder");
-    let port: u16 = wait_for(10, "the intruder's Styxy", || w.output_of("intruder").trim().parse().ok());
+    let port = wait_for(10, "the intruder's Styxy", || w.output_of("intruder").trim().parse().ok());
+    (uid, dir, port)
+}
+
+#[test]
+fn a_styxy_another_user_listens_for_gets_no_token_and_steers_nothing() {
+    let mut w = World::new();
+    std::fs::create_dir_all(w.path("home/.styxy")).unwrap();
+    std::fs::write(w.path("home/.styxy/auth.token"), TOKEN).unwrap();
+    let (uid, dir, port) = intruder(&mut w, 0);
+    let log = dir.path().join("styxy.log");
     let mut c = w.cli();
     c.args(["daemon", "start", "--idle-exit", "0"]).env("STYXY_DAEMON_PORT", port.to_string());
     assert!(run(c).status.success());
@@ -740,4 +747,32 @@ fn with_styxy_answering_a_bind_is_mirrored_there_in_one_round_trip_without_the_c
         );
     }
     assert!(s.ports().is_some_and(|p| p.contains(&pa) && p.contains(&pb)), "{}", s.summary());
+}
+
+#[test]
+fn the_daemon_asks_styxy_on_one_kept_connection_and_vets_each_new_one() {
+    let mut w = World::new();
+    let s = Styxy::start(&mut w, 0, &[]);
+    start_daemon(&w, &s, &[]);
+    upstream_when(&w, 10, "Styxy read", |u| u["last_refresh_ms"].is_u64());
+    let (_, pa, _) = python_server(&mut w, &s, "one", ("127.0.0.1", 3000), "one");
+    let (_, pb, _) = python_server(&mut w, &s, "two", ("127.0.0.1", 3001), "two");
+    wait_for(10, "both grants in Styxy", || s.ports().filter(|p| p.contains(&pa) && p.contains(&pb)));
+    // both allocates came on the connection Styxy's status was polled on: no connect, no
+    // check of Styxy's listener for either
+    let asked: Vec<Value> = s.allocates();
+    let polled: BTreeSet<u64> = s.requests().iter().filter(|r| r["path"] == "/status").filter_map(|r| r["peer"].as_u64()).collect();
+    assert_eq!(asked.len(), 2, "{}", s.summary());
+    assert_eq!(asked[0]["peer"], asked[1]["peer"], "{}", s.summary());
+    assert!(polled.contains(&asked[0]["peer"].as_u64().unwrap()), "{}", s.summary());
+    // Styxy ends, and another user listens on its port at once: the kept connection is
+    // gone, and the new one is checked before anything is sent on it
+    w.kill(s.pid);
+    let (uid, dir, _) = intruder(&mut w, s.port);
+    let up = upstream_when(&w, 10, "the intruder noticed", |u| u["untrusted"].is_string());
+    assert!(up["untrusted"].as_str().unwrap().contains(&format!("uid {uid}")), "{up:#}");
+    let (_, pc, _) = python_server(&mut w, &s, "three", ("127.0.0.1", 3002), "three");
+    assert_eq!(pc, 3002);
+    let seen = std::fs::read_to_string(dir.path().join("styxy.log")).unwrap_or_default();
+    assert!(seen.is_empty(), "the daemon talked to the intruder: {seen}");
 }

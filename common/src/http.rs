@@ -1,15 +1,17 @@
 //! HTTP/1.1 to a coordinator, over a Unix socket (the built-in daemon) or TCP (Styxy),
 //! with ureq and a connector of our own.
 //!
-//! One fresh connection per request, never kept: programs close fds they did not
-//! open. Our sockets are `CLOEXEC`, never on fd 0–2, and every wait is bounded by a
-//! connect timeout and a total deadline.
+//! [`call`]: one fresh connection per request, never kept (programs close fds they did
+//! not open). [`Kept`]: the daemon's connections to its Styxy, kept between requests and
+//! vetted when made. Our sockets are `CLOEXEC`, never on fd 0–2, and every wait is bounded
+//! by a connect timeout and a total deadline.
 
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -146,6 +148,51 @@ pub fn call_waiting(ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>
     request(ep, DEFAULT_AGENT, method, path, body, t, Wait::new(ep, Duration::from_millis(crate::mapview::PATIENCE_MS)))
 }
 
+/// Checks a new connection before anything is sent on it; `Err` says why it is not used.
+pub type Vet = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Requests to one coordinator over TCP on kept connections (the daemon to its Styxy): a
+/// request costs no connect while a connection idle less than [`Kept::IDLE`] waits, and
+/// each new connection is vetted ([`Vet`]) before anything is sent on it: what is sent on
+/// a connection goes to the socket that accepted it.
+pub struct Kept {
+    agent: ureq::Agent,
+}
+
+impl Kept {
+    /// How long an idle connection is used again: Node's http server (Styxy's) closes one
+    /// idle 5 s, and a request sent as it closes would be lost.
+    pub const IDLE: Duration = Duration::from_secs(2);
+
+    pub fn new(ep: &Endpoint, user_agent: &str, connect: Duration, vet: Vet) -> Kept {
+        let config = base_config(user_agent)
+            .timeout_connect(Some(connect))
+            .max_idle_connections(2)
+            .max_idle_connections_per_host(2)
+            .max_idle_age(Self::IDLE)
+            .build();
+        let t = Timeouts { connect, total: Duration::ZERO, max_body: 0 };
+        let connector = SockConnector { ep: ep.clone(), t, wait: Wait::new(ep, Duration::ZERO), vet: Some(vet) };
+        Kept { agent: ureq::Agent::with_parts(config, connector, NoResolver) }
+    }
+
+    /// One request (`ep` gives the token; the address is the one this was made for).
+    pub fn call(&self, ep: &Endpoint, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<Response, Error> {
+        send(&self.agent, ep, method, path, body, t, true)
+    }
+}
+
+/// What every request of ours is: no redirects, bounded heads and buffers, our name.
+fn base_config(user_agent: &str) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_response_header_size(16 * 1024)
+        .input_buffer_size(16 * 1024)
+        .output_buffer_size(16 * 1024)
+        .user_agent(user_agent)
+}
+
 fn request(
     ep: &Endpoint,
     user_agent: &str,
@@ -155,18 +202,22 @@ fn request(
     t: Timeouts,
     wait: Wait,
 ) -> Result<Response, Error> {
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(t.total.max(wait.patience)))
-        .timeout_connect(Some(t.connect))
-        .max_idle_connections(0)
-        .max_redirects(0)
-        .max_response_header_size(16 * 1024)
-        .input_buffer_size(16 * 1024)
-        .output_buffer_size(16 * 1024)
-        .user_agent(user_agent)
-        .build();
-    let agent = ureq::Agent::with_parts(config, SockConnector { ep: ep.clone(), t, wait }, NoResolver);
+    let config = base_config(user_agent).timeout_connect(Some(t.connect)).max_idle_connections(0).build();
+    let total = t.total.max(wait.patience);
+    let agent = ureq::Agent::with_parts(config, SockConnector { ep: ep.clone(), t, wait, vet: None }, NoResolver);
+    send(&agent, ep, method, path, body, Timeouts { total, ..t }, false)
+}
+
+/// Sends one request on `agent` (`kept`: the connection may serve the next one).
+fn send(
+    agent: &ureq::Agent,
+    ep: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    t: Timeouts,
+    kept: bool,
+) -> Result<Response, Error> {
     let url = match ep {
         Endpoint::Unix(_) => format!("http://localhost{path}"),
         Endpoint::Tcp { addr, .. } => format!("http://{addr}{path}"),
@@ -176,12 +227,12 @@ fn request(
         _ => None,
     };
     let result = match (method, body) {
-        ("GET", _) => with_auth(agent.get(&url), &auth).call(),
-        ("DELETE", _) => with_auth(agent.delete(&url), &auth).call(),
-        ("POST", Some(b)) => with_auth(agent.post(&url), &auth).header("Content-Type", "application/json").send(b),
-        ("PUT", Some(b)) => with_auth(agent.put(&url), &auth).header("Content-Type", "application/json").send(b),
-        ("POST", None) => with_auth(agent.post(&url), &auth).send_empty(),
-        ("PUT", None) => with_auth(agent.put(&url), &auth).send_empty(),
+        ("GET", _) => with_auth(agent.get(&url), &auth, kept, t.total).call(),
+        ("DELETE", _) => with_auth(agent.delete(&url), &auth, kept, t.total).call(),
+        ("POST", Some(b)) => with_auth(agent.post(&url), &auth, kept, t.total).header("Content-Type", "application/json").send(b),
+        ("PUT", Some(b)) => with_auth(agent.put(&url), &auth, kept, t.total).header("Content-Type", "application/json").send(b),
+        ("POST", None) => with_auth(agent.post(&url), &auth, kept, t.total).send_empty(),
+        ("PUT", None) => with_auth(agent.put(&url), &auth, kept, t.total).send_empty(),
         _ => return Err(Error::Protocol(format!("unsupported method {method}"))),
     };
     let mut res = result.map_err(map_err)?;
@@ -191,10 +242,12 @@ fn request(
     Ok(Response { status, body, retry_after })
 }
 
-/// Adds the bearer token, and `Connection: close`: one request per connection, so the
-/// server closes at once instead of waiting for another request.
-fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: &Option<String>) -> ureq::RequestBuilder<B> {
-    let req = req.header("Connection", "close");
+/// Adds the request's deadline, the bearer token, and unless the connection is `kept`,
+/// `Connection: close`: one request per connection, so the server closes at once instead of
+/// waiting for another request.
+fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: &Option<String>, kept: bool, total: Duration) -> ureq::RequestBuilder<B> {
+    let req = req.config().timeout_global(Some(total)).build();
+    let req = if kept { req } else { req.header("Connection", "close") };
     match auth {
         Some(a) => req.header("Authorization", a),
         None => req,
@@ -272,11 +325,18 @@ impl Wait {
     }
 }
 
-#[derive(Debug)]
 struct SockConnector {
     ep: Endpoint,
     t: Timeouts,
     wait: Wait,
+    /// Checks each new connection ([`Kept`]).
+    vet: Option<Vet>,
+}
+
+impl fmt::Debug for SockConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SockConnector").field("ep", &self.ep).field("vetted", &self.vet.is_some()).finish()
+    }
 }
 
 impl Connector<()> for SockConnector {
@@ -285,6 +345,9 @@ impl Connector<()> for SockConnector {
     fn connect(&self, details: &ConnectionDetails, _: Option<()>) -> Result<Option<SockTransport>, ureq::Error> {
         let timeout = details.timeout.not_zero().map(|t| *t).unwrap_or(Duration::from_millis(50)).min(self.t.connect);
         let sock = connect_waiting(&self.ep, timeout, &self.wait)?;
+        if let Some(vet) = &self.vet {
+            vet().map_err(|why| ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, why)))?;
+        }
         let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
         // connect already set SO_SNDTIMEO on a Unix socket
         let write_timeout = matches!(self.ep, Endpoint::Unix(_)).then_some(self.wait.slice(timeout));
@@ -296,6 +359,7 @@ impl Connector<()> for SockConnector {
             pending: Vec::new(),
             total: self.t.total,
             wait: self.wait.clone(),
+            kept: self.vet.is_some(),
         }))
     }
 }
@@ -382,6 +446,8 @@ struct SockTransport {
     /// The answer's deadline (from the call's start), and how long to wait past it.
     total: Duration,
     wait: Wait,
+    /// May serve another request ([`Kept`]).
+    kept: bool,
 }
 
 impl SockTransport {
@@ -412,15 +478,16 @@ fn send_all(sock: &Socket, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets a socket timeout only when it must shrink by more than a few milliseconds
-/// (ureq hands us the remaining budget each time): one setsockopt per connection in
-/// the common case, and the deadline still holds within that slack.
+/// Sets a socket timeout only when it differs by more than a few milliseconds from the
+/// one set (ureq hands us the remaining budget each time, and a kept connection's next
+/// request its own): one setsockopt per request in the common case, and the deadline still
+/// holds within that slack.
 fn tighten(cached: &mut Option<Duration>, want: Option<Duration>, set: impl FnOnce(Option<Duration>) -> io::Result<()>) -> io::Result<()> {
     const SLACK: Duration = Duration::from_millis(5);
     let stale = match (*cached, want) {
         (_, None) => false,
         (None, Some(_)) => true,
-        (Some(c), Some(w)) => w + SLACK < c,
+        (Some(c), Some(w)) => w.abs_diff(c) > SLACK,
     };
     if stale {
         set(want)?;
@@ -468,8 +535,12 @@ impl Transport for SockTransport {
         Ok(n > 0)
     }
 
+    /// A kept connection serves the next request while the server has neither closed it
+    /// nor said anything unasked (a peek that would block).
     fn is_open(&mut self) -> bool {
-        false
+        let mut byte = [std::mem::MaybeUninit::uninit()];
+        self.kept
+            && matches!(self.sock.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 

@@ -18,8 +18,9 @@
 //! listening socket and the connections waiting for their next message, each with its
 //! deadline, so that a silent client holds up no other and an exchange costs no task, no
 //! wake-up of the runtime's thread and the fewest system calls. A grant that waits for
-//! Styxy finishes on the runtime, and comes back to the loop through an `eventfd`; the
-//! bind's event is written on a blocking thread (the client names the file).
+//! Styxy stays a future of the loop's: Styxy's answer (or the end of its wait) rings an
+//! `eventfd` in the set, and the loop polls it again and answers, with no other thread in
+//! between; the bind's event is written on a thread of its own (the client names the file).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -114,7 +115,7 @@ pub struct Server {
 
 impl Server {
     /// Serves `listener` (peers of `uid` only) on a thread of its own, until [`stop`]ped.
-    /// Call it on the runtime: a grant that waits for Styxy finishes there.
+    /// Call it on the runtime: a grant that waits for Styxy times its wait there.
     ///
     /// [`stop`]: Server::stop
     pub fn start(sh: Arc<Shared>, listener: OwnedFd, mailbox: Option<OwnedFd>, uid: u32) -> io::Result<Server> {
@@ -136,11 +137,11 @@ impl Server {
     }
 }
 
-/// How other threads reach the loop: an `eventfd` in its set, the grants that finished on
-/// the runtime (Styxy consulted), and the order to stop.
+/// How other threads reach the loop: an `eventfd` in its set, the connections whose grant
+/// can go on (Styxy had its word, or its wait ended), and the order to stop.
 struct Wake {
     fd: OwnedFd,
-    granted: Mutex<Vec<(u64, Got)>>,
+    woken: Mutex<Vec<u64>>,
     stop: AtomicBool,
 }
 
@@ -152,7 +153,7 @@ impl Wake {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd was just returned by eventfd and is owned by nobody else.
-        Ok(Wake { fd: unsafe { OwnedFd::from_raw_fd(fd) }, granted: Mutex::new(Vec::new()), stop: AtomicBool::new(false) })
+        Ok(Wake { fd: unsafe { OwnedFd::from_raw_fd(fd) }, woken: Mutex::new(Vec::new()), stop: AtomicBool::new(false) })
     }
 
     fn ring(&self) {
@@ -167,6 +168,28 @@ impl Wake {
         unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
     }
 }
+
+/// What wakes the loop for the grant of one connection: its id, handed over, and the
+/// `eventfd` rung. The grant's future is polled again on the loop's thread, which answers at
+/// once (no other thread in between).
+struct GrantWaker {
+    id: u64,
+    wake: Arc<Wake>,
+}
+
+impl std::task::Wake for GrantWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake.woken.lock().push(self.id);
+        self.wake.ring();
+    }
+}
+
+/// A grant waiting for Styxy's word (`Shared::grant`), polled on the loop's thread.
+type Granting = (Pin<Box<dyn Future<Output = Got> + Send>>, Waker);
 
 /// `epoll` tokens: the listening socket, the [`Wake`] `eventfd`; a connection's is its id.
 const LISTENER: u64 = 0;
@@ -188,6 +211,9 @@ struct Loop {
     /// Accepting waits until then after an accept that failed for want of resources.
     paused: Option<Instant>,
     conns: HashMap<u64, Conn>,
+    /// The grants waiting for Styxy, by connection: one whose client left meanwhile goes
+    /// on, and is withdrawn once made.
+    granting: HashMap<u64, Granting>,
     /// Each connection's deadline, in the order they were accepted (which is time
     /// order); those of connections already closed are skipped.
     deadlines: VecDeque<(Instant, u64)>,
@@ -239,7 +265,7 @@ struct Conn {
 enum Stage {
     /// Accepted: `KEEP` next.
     Keep,
-    /// The grant waits for Styxy's word, on the runtime.
+    /// The grant waits for Styxy's word (`Loop::granting`).
     Granting(Asked),
     /// Answered: `DONE` next. Counted in `hook_pending` until its end.
     Done(KeptBind, Pending),
@@ -268,6 +294,7 @@ impl Loop {
             backoff: Backoff::default(),
             paused: None,
             conns,
+            granting: HashMap::new(),
             deadlines,
             next_id: 2,
             events,
@@ -512,24 +539,23 @@ impl Loop {
                 Err(r) => Got::Declined(Some(crate::server::refusal(&sh, &r))),
             }
         });
-        let polled = {
-            let _rt = self.rt.enter(); // a grant that asks Styxy sets a timer
-            grant.as_mut().poll(&mut Context::from_waker(Waker::noop()))
-        };
-        match polled {
+        let waker = Waker::from(Arc::new(GrantWaker { id, wake: self.wake.clone() }));
+        match self.poll_grant(&mut grant, &waker) {
             Poll::Ready(g) => self.granted(id, Some(asked), g),
             Poll::Pending => {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.stage = Stage::Granting(asked);
                 }
-                let wake = self.wake.clone();
-                self.rt.spawn(async move {
-                    let g = grant.await;
-                    wake.granted.lock().push((id, g));
-                    wake.ring();
-                });
+                self.granting.insert(id, (grant, waker));
             }
         }
+    }
+
+    /// Polls a grant on this thread, within the runtime (a grant that asks Styxy sets a
+    /// timer there, whose end wakes `waker` as Styxy's answer does).
+    fn poll_grant(&self, grant: &mut Pin<Box<dyn Future<Output = Got> + Send>>, waker: &Waker) -> Poll<Got> {
+        let _rt = self.rt.enter();
+        grant.as_mut().poll(&mut Context::from_waker(waker))
     }
 
     /// A refused connect of connection `id`'s process (isolation): told who serves the
@@ -639,11 +665,20 @@ impl Loop {
         self.events.write(Pending::new(self.sh.clone()), move || log_event(&bind, vars, started));
     }
 
-    /// The grants Styxy had its word on.
+    /// The grants woken (Styxy had its word, or its wait ended): polled, and those made
+    /// answered.
     fn finished(&mut self) {
         self.wake.clear();
-        let granted = std::mem::take(&mut *self.wake.granted.lock());
-        for (id, g) in granted {
+        let woken = std::mem::take(&mut *self.wake.woken.lock());
+        for id in woken {
+            let Some((mut grant, waker)) = self.granting.remove(&id) else { continue };
+            let g = match self.poll_grant(&mut grant, &waker) {
+                Poll::Ready(g) => g,
+                Poll::Pending => {
+                    self.granting.insert(id, (grant, waker));
+                    continue;
+                }
+            };
             let asked = self.conns.get_mut(&id).and_then(|c| match std::mem::replace(&mut c.stage, Stage::Keep) {
                 Stage::Granting(asked) => Some(asked),
                 _ => None,

@@ -127,6 +127,17 @@ pub fn trusted(ep: &Endpoint, named: bool) -> Result<(), Option<String>> {
     }
 }
 
+/// The check of each new connection to Styxy ([`trusted`]), which `status` shows when it
+/// fails: nothing is sent on a connection another user's socket accepted.
+fn vet(cfg: &Config, up: Arc<Upstream>) -> http::Vet {
+    let (endpoint, named) = (cfg.endpoint.clone(), cfg.named);
+    Arc::new(move || {
+        let verdict = trusted(&endpoint, named);
+        up.health.lock().untrusted = verdict.clone().err().flatten();
+        verdict.map_err(|why| why.unwrap_or_else(|| "nothing listens there".into()))
+    })
+}
+
 /// What `status` shows of the upstream.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Health {
@@ -325,6 +336,8 @@ struct Client {
     cfg: Config,
     /// The endpoint, with the token as last read (a 401 reads it again).
     endpoint: Mutex<Endpoint>,
+    /// The connections to Styxy, kept between requests; each new one is [`trusted`] first.
+    http: http::Kept,
     shared: std::sync::Weak<Shared>,
     up: Arc<Upstream>,
     budget: Mutex<Budget>,
@@ -366,7 +379,8 @@ enum Failure {
 impl Worker {
     fn new(cfg: Config, shared: std::sync::Weak<Shared>, up: Arc<Upstream>) -> Worker {
         let endpoint = Mutex::new(cfg.endpoint.clone());
-        let client = Client { cfg, endpoint, shared, up, budget: Mutex::new(Budget::default()), count: Mutex::new(None) };
+        let http = http::Kept::new(&cfg.endpoint, &cfg.agent, CALL.connect, vet(&cfg, up.clone()));
+        let client = Client { cfg, endpoint, http, shared, up, budget: Mutex::new(Budget::default()), count: Mutex::new(None) };
         Worker { client: Arc::new(client), next_refresh_ms: 0, next_poll_ms: 0, next_config_ms: 0, last_grant_ms: 0, started_ms: None }
     }
 
@@ -574,17 +588,11 @@ impl Client {
     fn call_within(&self, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<http::Response, Failure> {
         let now = now_ms();
         let endpoint = self.endpoint.lock().clone();
-        if let Err(why) = trusted(&endpoint, self.cfg.named) {
-            self.gone(why.clone().unwrap_or_else(|| "nothing listens there".into()), Silent::Gone);
-            self.up.health.lock().untrusted = why;
-            return Err(Failure::Skipped);
-        }
         if path != "/status" && !self.budget.lock().take(self.cfg.per_minute, now) {
             return Err(Failure::Skipped);
         }
-        let res = http::call_as(&endpoint, &self.cfg.agent, method, path, body, t);
+        let res = self.http.call(&endpoint, method, path, body, t);
         let mut h = self.up.health.lock();
-        h.untrusted = None;
         match res {
             Err(e) => {
                 drop(h);
@@ -644,7 +652,11 @@ impl Client {
 
     fn allocate(&self, a: &Allocation) -> StyxyAnswer {
         let Ok(body) = serde_json::to_vec(&a.request()) else { return StyxyAnswer::Failed };
+        let asked = std::time::Instant::now();
         let Ok(r) = self.call("POST", "/allocate", Some(&body)) else { return StyxyAnswer::Failed };
+        if let Some(sh) = self.shared.upgrade() {
+            sh.metrics.observe_styxy(asked.elapsed());
+        }
         let reply = r.json::<AllocateReply>().ok().filter(|_| r.status == 200);
         match reply.as_ref().and_then(|g| g.port_and_lock().map(|(p, l)| (p, l.map(str::to_string), g.existing == Some(true)))) {
             Some((port, Some(lock_id), existing)) => {
