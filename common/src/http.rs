@@ -456,7 +456,8 @@ impl SockTransport {
             return Ok(());
         }
         let sock = &self.sock;
-        tighten(&mut self.write_timeout, timeout.not_zero().map(|t| *t), |t| sock.set_write_timeout(t)).map_err(ureq::Error::Io)?;
+        tighten(&mut self.write_timeout, timeout.not_zero().map(|t| *t), self.kept, |t| sock.set_write_timeout(t))
+            .map_err(ureq::Error::Io)?;
         let r = send_all(sock, &self.pending).map_err(|e| io_err(e, timeout));
         self.pending.clear();
         r
@@ -478,16 +479,21 @@ fn send_all(sock: &Socket, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets a socket timeout only when it differs by more than a few milliseconds from the
-/// one set (ureq hands us the remaining budget each time, and a kept connection's next
-/// request its own): one setsockopt per request in the common case, and the deadline still
-/// holds within that slack.
-fn tighten(cached: &mut Option<Duration>, want: Option<Duration>, set: impl FnOnce(Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+/// Sets a socket timeout only when it must shrink by more than a few milliseconds (ureq
+/// hands us the remaining budget each time) or, on a kept connection (`grow`), grow by
+/// as much (its next request has a budget of its own): one setsockopt per request in the
+/// common case, and the deadline still holds within that slack.
+fn tighten(
+    cached: &mut Option<Duration>,
+    want: Option<Duration>,
+    grow: bool,
+    set: impl FnOnce(Option<Duration>) -> io::Result<()>,
+) -> io::Result<()> {
     const SLACK: Duration = Duration::from_millis(5);
     let stale = match (*cached, want) {
         (_, None) => false,
         (None, Some(_)) => true,
-        (Some(c), Some(w)) => w.abs_diff(c) > SLACK,
+        (Some(c), Some(w)) => w + SLACK < c || (grow && c + SLACK < w),
     };
     if stale {
         set(want)?;
@@ -523,7 +529,7 @@ impl Transport for SockTransport {
         let timeout = timeout.for_read();
         let sock = &self.sock;
         let slice = timeout.not_zero().map(|t| self.wait.slice(*t));
-        tighten(&mut self.read_timeout, slice, |t| sock.set_read_timeout(t)).map_err(ureq::Error::Io)?;
+        tighten(&mut self.read_timeout, slice, self.kept, |t| sock.set_read_timeout(t)).map_err(ureq::Error::Io)?;
         let n = loop {
             match (&self.sock).read(self.buffers.input_append_buf()) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

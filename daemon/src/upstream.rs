@@ -588,6 +588,16 @@ impl Client {
     fn call_within(&self, method: &str, path: &str, body: Option<&[u8]>, t: Timeouts) -> Result<http::Response, Failure> {
         let now = now_ms();
         let endpoint = self.endpoint.lock().clone();
+        // while Styxy is not reached, who listens is looked at before anything is tried: a
+        // Styxy that is not there costs no budget, and another user's listener no handshake
+        let reached = self.up.health.lock().reachable;
+        if !reached {
+            if let Err(why) = trusted(&endpoint, self.cfg.named) {
+                self.gone(why.clone().unwrap_or_else(|| "nothing listens there".into()), Silent::Gone);
+                self.up.health.lock().untrusted = why;
+                return Err(Failure::Skipped);
+            }
+        }
         if path != "/status" && !self.budget.lock().take(self.cfg.per_minute, now) {
             return Err(Failure::Skipped);
         }
@@ -994,6 +1004,37 @@ mod worker_tests {
         let h = d.up.health.lock().clone();
         assert!(h.refused && h.last_error.as_deref().is_some_and(|e| e.contains("401")), "{h:?}");
         assert!(!d.up.usable());
+    }
+
+    /// A daemon whose Styxy is found by its port (not named), where nothing listens.
+    fn unnamed_gone(name: &str) -> Daemon {
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        let dir = std::env::temp_dir().join(format!("styxy-upstream-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_, _| Some(vec![]) };
+        let sh = Shared::for_tests(os, dir.join("daemon-journal.jsonl"));
+        let mut cfg = Config::new(Endpoint::Tcp { addr, token: Some("secret".into()) });
+        cfg.agent = AGENT.into();
+        let (jobs, _) = mpsc::channel();
+        let up = Arc::new(Upstream { jobs: Mutex::new(jobs), health: Mutex::new(Health::default()) });
+        let _ = sh.upstream.set(up.clone());
+        let worker = Worker::new(cfg, Arc::downgrade(&sh), up.clone());
+        Daemon { dir, sh, up, worker }
+    }
+
+    #[test]
+    fn a_styxy_that_is_not_there_costs_no_budget_and_is_not_called_untrusted() {
+        let d = unnamed_gone("gone-budget");
+        d.up.health.lock().untrusted = Some("127.0.0.1:9876 is listened on by uid 1234".into());
+        for _ in 0..100 {
+            let _ = d.worker.client.release("lock");
+        }
+        assert_eq!(d.worker.client.budget.lock().used, 0, "budget spent on a Styxy that is not there");
+        let h = d.up.health.lock().clone();
+        assert_eq!((h.untrusted, h.reachable), (None, false), "{:?}", h.last_error);
     }
 
     #[test]

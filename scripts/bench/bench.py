@@ -185,9 +185,10 @@ def cold_with_styxy(rounds):
     med = lambda k: statistics.median(res[k]) * 1e6
     # a round whose bind Styxy did not answer once (it did not ask, or asked again) counts
     # as not asked
-    asked = min(asked, sum(1 for _, n in styxy if n == 1))
-    over = statistics.median((w - f - st) * 1e6 for w, f, (st, _) in zip(res["with"], res["floor"], styxy))
-    theirs = statistics.median(st for st, _ in styxy) * 1e6
+    once = [(w, f, st) for w, f, (st, n) in zip(res["with"], res["floor"], styxy) if n == 1]
+    asked = min(asked, len(once))
+    over = statistics.median((w - f - st) * 1e6 for w, f, st in once)
+    theirs = statistics.median(st for _, _, st in once) * 1e6
     return med("with"), med("floor"), med("without"), theirs, over, statistics.median(answers_ns) / 1000, asked
 
 
