@@ -25,8 +25,9 @@
 //!   cannot do now it reconciles later.
 //!
 //! The facts about Styxy this relies on are in docs/STYXY.md. One worker thread does
-//! the talking, with blocking HTTP (`common::http`), and a second one the releases; the
-//! grant path only hands the worker a job and waits, bounded, on a oneshot channel.
+//! the talking, with blocking HTTP on kept connections (`common::http::Kept`, each checked
+//! when made: [`trusted`]), and a second one the releases; the grant path only hands the
+//! worker a job and waits, bounded, on a oneshot channel.
 
 use std::sync::mpsc;
 use std::sync::Arc;
