@@ -890,13 +890,18 @@ mod worker_tests {
 
     impl Daemon {
         fn new(name: &str, addr: SocketAddr) -> Daemon {
+            Daemon::with(name, addr, true)
+        }
+
+        /// As [`Daemon::new`], with a Styxy the user `named` or one found by its port.
+        fn with(name: &str, addr: SocketAddr, named: bool) -> Daemon {
             let dir = std::env::temp_dir().join(format!("styxy-upstream-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_, _| Some(vec![]) };
             let sh = Shared::for_tests(os, dir.join("daemon-journal.jsonl"));
             let mut cfg = Config::new(Endpoint::Tcp { addr, token: Some("secret".into()) });
-            cfg.named = true;
+            cfg.named = named;
             cfg.agent = AGENT.into();
             let (jobs, _) = mpsc::channel();
             let up = Arc::new(Upstream { jobs: Mutex::new(jobs), health: Mutex::new(Health::default()) });
@@ -1012,18 +1017,7 @@ mod worker_tests {
         let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = gone.local_addr().unwrap();
         drop(gone);
-        let dir = std::env::temp_dir().join(format!("styxy-upstream-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let os = Os { in_use: |_| false, styxy_sees: |_| false, sockets: |_, _| Some(vec![]) };
-        let sh = Shared::for_tests(os, dir.join("daemon-journal.jsonl"));
-        let mut cfg = Config::new(Endpoint::Tcp { addr, token: Some("secret".into()) });
-        cfg.agent = AGENT.into();
-        let (jobs, _) = mpsc::channel();
-        let up = Arc::new(Upstream { jobs: Mutex::new(jobs), health: Mutex::new(Health::default()) });
-        let _ = sh.upstream.set(up.clone());
-        let worker = Worker::new(cfg, Arc::downgrade(&sh), up.clone());
-        Daemon { dir, sh, up, worker }
+        Daemon::with(name, addr, false)
     }
 
     #[test]
