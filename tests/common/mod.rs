@@ -236,12 +236,22 @@ impl World {
         self.exit_status(pid).is_some()
     }
 
+    /// What `name` has written to stdout so far, in whole lines: a line still being
+    /// written (Python under `PYTHONUNBUFFERED` writes `print`'s pieces one by one) is
+    /// left out until its newline comes.
     pub fn output_of(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(&format!("{name}.out"))).unwrap_or_default()
+        self.lines_in(&format!("{name}.out"))
     }
 
+    /// What `name` has written to stderr so far, in whole lines (as `output_of`).
     pub fn stderr_of(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(&format!("{name}.err"))).unwrap_or_default()
+        self.lines_in(&format!("{name}.err"))
+    }
+
+    fn lines_in(&self, file: &str) -> String {
+        let mut s = std::fs::read_to_string(self.path(file)).unwrap_or_default();
+        s.truncate(s.rfind('\n').map_or(0, |i| i + 1));
+        s
     }
 
     pub fn kill(&mut self, pid: u32) {
