@@ -452,7 +452,7 @@ fn two_debugpy_on_5678_both_listen_and_each_session_reaches_its_own() {
     }
     let mut w = World::new();
     // debugpy's adapter detaches from its process group: ended by its session when the test ends
-    let _reap = SessionReaper(vec!["dbg-A", "dbg-B"]);
+    let _reap = SessionReaper(w.path("run"), vec!["dbg-A", "dbg-B"]);
     for s in ["dbg-A", "dbg-B"] {
         let dir = site(&w, s);
         std::fs::write(dir.join("app.py"), "import time\nprint('up', flush=True)\ntime.sleep(600)\n").unwrap();
@@ -476,17 +476,20 @@ fn two_debugpy_on_5678_both_listen_and_each_session_reaches_its_own() {
     }
 }
 
-/// Kills, when dropped, every process whose environment names one of these sessions
-/// (processes that left their process group: daemons, detached adapters).
-struct SessionReaper(Vec<&'static str>);
+/// Kills, when dropped, every process of this test's world (its `XDG_RUNTIME_DIR`) whose
+/// environment names one of these sessions: processes that left their process group
+/// (daemons, detached adapters). Another test's processes are never touched.
+struct SessionReaper(std::path::PathBuf, Vec<&'static str>);
 
 impl Drop for SessionReaper {
     fn drop(&mut self) {
+        let world = format!("XDG_RUNTIME_DIR={}", self.0.display()).into_bytes();
         for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
             let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let mine = env.split(|b| *b == 0).any(|kv| self.0.iter().any(|s| kv == format!("STYXY_PRELOAD_SESSION={s}").as_bytes()));
-            if mine {
-                // SAFETY: kill(2) of a process of this test's sessions.
+            let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+            let session = vars.iter().any(|kv| self.1.iter().any(|s| *kv == format!("STYXY_PRELOAD_SESSION={s}").as_bytes()));
+            if session && vars.contains(&world.as_slice()) {
+                // SAFETY: kill(2) of a process of this test's world and sessions.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
