@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use styxy_preload_common::api::FlushReply;
 use styxy_preload_common::http::{self, Endpoint, Timeouts};
 use styxy_preload_common::paths;
 use styxy_preload_common::{discovery, envvars};
@@ -25,10 +26,15 @@ pub fn local() -> Result<Endpoint, String> {
 
 /// Lets the local daemon finish logging the binds it granted through the shim's socket,
 /// so that the event log read next holds them (docs/ARCHITECTURE.md "Hook ↔ daemon
-/// protocol"). No daemon, or no answer within its bound: nothing to wait for.
+/// protocol"). Asked again while the daemon still owes events (a loaded machine), for at
+/// most 2 s. No daemon, or no answer within its bound: nothing to wait for.
 pub fn settle_log() {
-    if let Ok(ep) = local() {
-        let _ = http::call(&ep, "POST", "/flush", None, PROBE);
+    let Ok(ep) = local() else { return };
+    let until = Instant::now() + Duration::from_secs(2);
+    while let Ok(r) = http::call(&ep, "POST", "/flush", None, PROBE) {
+        if !FlushReply::owes(&r.body) || Instant::now() > until {
+            return;
+        }
     }
 }
 

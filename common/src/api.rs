@@ -188,6 +188,26 @@ pub struct ErrorReply {
     pub error: String,
 }
 
+/// `POST /flush`'s answer (the built-in daemon's own): what it still owes the event log
+/// after its wait — `pending` events, and `unread` when the mailbox's notes of before the
+/// call were not read in time.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct FlushReply {
+    pub success: bool,
+    #[serde(default)]
+    pub pending: u64,
+    #[serde(default)]
+    pub unread: bool,
+}
+
+impl FlushReply {
+    /// Whether the daemon that answered `body` still owes events: a reader that must see
+    /// every event so far asks again. Anything else (an error, an old daemon) owes none.
+    pub fn owes(body: &[u8]) -> bool {
+        serde_json::from_slice::<FlushReply>(body).is_ok_and(|r| r.pending > 0 || r.unread)
+    }
+}
+
 /// One entry of `GET /allocations` in Styxy's shape, plus the built-in daemon's extras.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 pub struct AllocationInfo {

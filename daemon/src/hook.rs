@@ -230,26 +230,44 @@ struct Loop {
 /// One thread that writes the events of the shim's exchanges, in the order they were
 /// handed over (a server's bind and its dual-stack twin's are logged in that order), off
 /// the hook server's thread: a client's log on a slow disk costs the log, not the binds.
-struct Events(std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>);
+struct Events {
+    tx: Option<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl Events {
     fn start() -> io::Result<Events> {
         let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
-        std::thread::Builder::new().name("hook-events".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("hook-events".into()).spawn(move || {
             while let Ok(write) = rx.recv() {
                 write();
             }
         })?;
-        Ok(Events(tx))
+        Ok(Events { tx: Some(tx), thread: Some(thread) })
     }
 
     /// Writes with `write` after what was handed over before; `pending` counts it until
     /// it is written (`POST /flush` waits for it).
     fn write(&self, pending: Pending, write: impl FnOnce() + Send + 'static) {
-        let _ = self.0.send(Box::new(move || {
-            write();
-            drop(pending);
-        }));
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Box::new(move || {
+                write();
+                drop(pending);
+            }));
+        }
+    }
+
+    /// Takes no more, and lets the thread write what it was handed (for at most `bound`:
+    /// a log on a frozen disk does not hold up the daemon's exit).
+    fn finish(&mut self, bound: Duration) {
+        self.tx = None;
+        let until = Instant::now() + bound;
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(t) = self.thread.take().filter(|t| t.is_finished()) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -314,6 +332,20 @@ impl Loop {
         while !self.wake.stop.load(Ordering::Acquire) {
             self.turn();
         }
+        self.last_word();
+    }
+
+    /// At the stop: what the shims already said is heard (the mailbox's notes, each
+    /// `DONE` already sent), and every event handed over is written (for at most 2 s), so
+    /// that a stop loses no event of a bind made before it.
+    fn last_word(&mut self) {
+        self.read_mail();
+        let done: Vec<u64> = self.conns.iter().filter(|(_, c)| matches!(c.stage, Stage::Done(..))).map(|(id, _)| *id).collect();
+        for id in done {
+            self.readable(id);
+        }
+        self.sh.pay_wakes();
+        self.events.finish(Duration::from_secs(2));
     }
 
     /// Waits for what is ready (at most until the next deadline) and serves it.
@@ -1338,6 +1370,32 @@ mod tests {
             }
             a
         }
+    }
+
+    /// A stop hears each `DONE` already sent, and writes every event handed over before
+    /// the daemon goes on to exit: none of a bind made before it is lost.
+    #[test]
+    fn a_stop_hears_each_done_already_sent_and_writes_every_event_first() {
+        let f = Fixture::new("stop");
+        let mut lp = f.server();
+        // the events' thread is held up for a while: what it is handed waits behind
+        let (_hold, held) = std::sync::mpsc::channel::<()>();
+        lp.events.write(Pending::new(f.sh.clone()), move || {
+            let _ = held.recv_timeout(Duration::from_millis(300));
+        });
+        let s = f.connect(&mut lp, f.binder.id());
+        send(&s, &ask(KEEP, 3000, 0, b"s1"));
+        let until = Instant::now() + Duration::from_secs(5);
+        while !lp.conns.values().any(|c| matches!(c.stage, Stage::Done(..))) && Instant::now() < until {
+            lp.turn();
+        }
+        assert_eq!(answer(&s).map(|a| a.status), Some(GRANTED));
+        send(&s, &ask(DONE, 3000, 0, b"s1")); // sent, not heard yet: the stop comes first
+        lp.wake.stop.store(true, Ordering::Release);
+        lp.run();
+        let events = f.events();
+        assert!(events.contains("\"action\":\"kept\"") && events.contains("\"port\":3000"), "{events:?}");
+        assert!(f.sh.state.lock().allocation(3000).is_some_and(|a| a.confirmed), "the DONE was heard");
     }
 
     #[test]

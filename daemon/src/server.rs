@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use styxy_preload_common::api::{
     port_of, valid_instance_id, valid_service_name, valid_service_type, AllocateReply, AllocateRequest, ErrorReply, ExhaustedContext,
+    FlushReply,
 };
 use styxy_preload_common::{policy, procinfo};
 
@@ -494,21 +495,25 @@ async fn cleanup(AxState(sh): AxState<Arc<Shared>>, body: Body) -> ApiResult {
 /// Waits (at most 250 ms) until every bind the shim was granted has been logged: a
 /// reader of the event log (`log`, `stats`, `exec`'s summary) asks first, so a bind made
 /// just before it is in the log it reads (docs/ARCHITECTURE.md "Hook ↔ daemon protocol").
+/// The answer says what is still owed: `pending` events, and `unread` when the mailbox's
+/// notes of before the call were not read in time (a reader that must see them asks again).
 async fn flush(AxState(sh): AxState<Arc<Shared>>) -> Response {
     let wait = || std::time::Instant::now() + std::time::Duration::from_millis(250);
     // the notes left in the mailbox before now: read at the hook server's next turn
+    let mut unread = false;
     if let Some(ring) = sh.hook_ring.get() {
         let (asked, until) = (sh.mail_asked.fetch_add(1, Ordering::AcqRel) + 1, wait());
         ring();
         while sh.mail_read.load(Ordering::Acquire) < asked && std::time::Instant::now() < until {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+        unread = sh.mail_read.load(Ordering::Acquire) < asked;
     }
     let until = wait();
     while sh.hook_pending.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    Json(json!({"success": true, "pending": sh.hook_pending.load(Ordering::Acquire)})).into_response()
+    Json(FlushReply { success: true, pending: sh.hook_pending.load(Ordering::Acquire) as u64, unread }).into_response()
 }
 
 async fn metrics(AxState(sh): AxState<Arc<Shared>>) -> Response {
