@@ -71,7 +71,8 @@ fn refused(w: &World, mut c: std::process::Command, marker: &str, needle: &str) 
     assert!(err.contains(needle), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert!(!w.path(marker).exists(), "the command ran: {err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}: {err}", started.elapsed());
+    // well short of the 5 s a daemon gets to start: nothing was waited for
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "took {:?}: {err}", started.elapsed());
     err
 }
 

@@ -49,7 +49,8 @@ fn a_grant_whose_client_gave_up_expires_and_is_not_published() {
     assert!(ms < 3000, "bind + listen against a stalled daemon took {ms} ms");
     // the daemon now serves the abandoned request (3070 is bound: it grants 3071), but
     // nobody confirms that grant: it expires, and the session's map forgets it
-    wait_for(5, "the unconfirmed grant to expire", || allocations(&w).is_empty().then_some(()));
+    wait_for(10, "the abandoned ask served", || (w.metric("styxy_hook_asks_total") >= 1).then_some(()));
+    wait_for(10, "the unconfirmed grant to expire", || allocations(&w).is_empty().then_some(()));
     let mut c = w.cli();
     c.args(["exec", "--session", "gave-up", "--", "python3", "-c"])
         .arg("import socket; socket.create_connection(('127.0.0.1', 3070), 2); print('reached')");

@@ -72,7 +72,7 @@ fn the_notice_never_blocks_and_lands_only_where_a_person_reads() {
     let out = notice_case(&w, full, 3095);
     assert!(out.starts_with("bound True"), "{out}");
     let secs: f64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
-    assert!(secs < 1.0, "the bind waited {secs} s on a full stderr pipe");
+    assert!(secs < 3.0, "the bind waited {secs} s on a full stderr pipe");
     // a Unix socketpair (Node's child_process): the line arrives
     let pair = "a, b = socket.socketpair(); os.dup2(b.fileno(), 2); a.setblocking(False)\nprobe = lambda: 'got' if b'port 3095 is taken' in a.recv(4096) else 'nothing'";
     assert_eq!(notice_case(&w, pair, 3095).split_whitespace().last(), Some("got"));

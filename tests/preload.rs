@@ -267,12 +267,6 @@ fn a_coordinated_bind_kept_or_moved_is_one_round_trip_without_loading_the_core()
     assert_eq!((a["instance_id"].as_str(), a["requested_port"].as_u64()), (Some("slow"), Some(4031)), "{a:#}");
 }
 
-/// A counter of the daemon's `/metrics` (the first sample whose line starts with `name`).
-fn metric(w: &World, name: &str) -> u64 {
-    let body = text(&w.call("GET", "/metrics", None).body);
-    body.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in {body}"))
-}
-
 /// The lock id of the allocation at `port`, and its owners' pids.
 fn allocation_at(w: &World, port: u16) -> Option<(String, Vec<u64>)> {
     let (_, all) = w.json("GET", "/allocations", None);
@@ -297,7 +291,7 @@ fn a_restarted_server_gets_its_session_s_port_with_no_question() {
         assert_ne!(moved, 4051);
         let _ = w.call("POST", "/flush", None);
         let Some((lock, _)) = allocation_at(&w, moved) else { continue }; // swept already
-        let (asks, mailed) = (metric(&w, "styxy_hook_asks_total"), metric(&w, "styxy_hook_notes_total{via=\"mailbox\"}"));
+        let (asks, mailed) = (w.metric("styxy_hook_asks_total"), w.metric("styxy_hook_notes_total{via=\"mailbox\"}"));
         w.kill(first);
         let (second, again) = serve(&mut w, Some(&session), 4051, "second");
         let e = wait_for(10, "the second bind's event", || w.events().into_iter().find(|e| e.pid == second));
@@ -308,8 +302,8 @@ fn a_restarted_server_gets_its_session_s_port_with_no_question() {
             continue;
         }
         assert_eq!(again, moved);
-        assert_eq!(metric(&w, "styxy_hook_asks_total"), asks, "the second bind asked on hook.sock");
-        assert_eq!(metric(&w, "styxy_hook_notes_total{via=\"mailbox\"}"), mailed + 1);
+        assert_eq!(w.metric("styxy_hook_asks_total"), asks, "the second bind asked on hook.sock");
+        assert_eq!(w.metric("styxy_hook_notes_total{via=\"mailbox\"}"), mailed + 1);
         assert_eq!(
             (e.action, e.port, e.requested_port, e.session.as_deref(), e.comm.as_str()),
             (Action::Remapped, moved, 4051, Some(session.as_str()), "binder")
@@ -338,7 +332,7 @@ fn a_fresh_process_reads_its_ports_block_in_one_link_else_in_the_maps() {
         let _ = w.call("POST", "/flush", None);
         text(&out.stdout)
     };
-    let asks = |w: &World| metric(w, "styxy_hook_asks_total");
+    let asks = |w: &World| w.metric("styxy_hook_asks_total");
     let links = w.path("run/styxy-preload/blocks");
     let set_link = |port: u16, classes: &[u8; blocklink::PORTS_PER_LINK as usize], used: bool| {
         let link = links.join(blocklink::link_of(port).to_string());

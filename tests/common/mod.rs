@@ -75,7 +75,7 @@ fn loopback_up() {
     }
 }
 
-/// Compiles a C fixture from tests/fixtures once per test binary.
+/// Compiles a C fixture from tests/fixtures (once: [`fixtures_dir`]).
 pub fn fixture(name: &str) -> PathBuf {
     build_fixture(name, name, &[])
 }
@@ -90,18 +90,17 @@ pub fn static_fixture(name: &str) -> PathBuf {
     build_fixture(name, &format!("{name}-static"), &["-static"])
 }
 
-/// A Go fixture (tests/fixtures/NAME.go) built with the distribution's Go, once per
-/// test binary; the build cache is shared by all tests.
+/// A Go fixture (tests/fixtures/NAME.go) built with the distribution's Go (once:
+/// [`fixtures_dir`]); the build cache is shared by all tests.
 pub fn go_fixture(name: &str) -> PathBuf {
     let out = fixtures_dir().join(name);
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !out.exists() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.go"));
         let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let built = building(&out);
         let status = Command::new("go")
             .args(["build", "-o"])
-            .arg(&out)
+            .arg(&built)
             .arg(&src)
             .env("GOCACHE", tmp.join("go-cache"))
             .env("GOPATH", tmp.join("go-path"))
@@ -111,17 +110,37 @@ pub fn go_fixture(name: &str) -> PathBuf {
             .status()
             .expect("cannot run go: install the distribution's Go (apt-get install golang-go)");
         assert!(status.success(), "go build failed for {}", src.display());
+        std::fs::rename(&built, &out).unwrap();
     }
     out
 }
 
+/// Where the fixtures are built: one directory per content of tests/fixtures, so that a
+/// fixture is built once for every test process that uses it, and a changed source is
+/// never run from an old build. Each build goes to a file of its own, then is renamed into
+/// place: a process never runs another's half-written build.
 fn fixtures_dir() -> &'static Path {
+    use std::hash::{Hash, Hasher};
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fixtures-{}", std::process::id()));
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&src).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+        files.sort();
+        // SipHash with fixed keys: the same in every process
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for f in files {
+            (f.file_name(), std::fs::read(&f).unwrap()).hash(&mut h);
+        }
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fixtures-{:016x}", h.finish()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     })
+}
+
+/// A file of this thread's own beside `out`, to build into before the rename.
+fn building(out: &Path) -> PathBuf {
+    let me = format!("{}.{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], "");
+    out.with_file_name(format!("{}.tmp.{me}", out.file_name().unwrap().to_string_lossy()))
 }
 
 fn build_fixture(name: &str, out_name: &str, flags: &[&str]) -> PathBuf {
@@ -130,7 +149,7 @@ fn build_fixture(name: &str, out_name: &str, flags: &[&str]) -> PathBuf {
     if !out.exists() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
         let compiler = cc::Build::new().cargo_metadata(false).target(&target_triple()).host(&target_triple()).opt_level(1).get_compiler();
-        let tmp = dir.join(format!("{out_name}.tmp.{:?}", std::thread::current().id()));
+        let tmp = building(&out);
         let status = compiler.to_command().args(flags).arg("-o").arg(&tmp).arg(&src).arg("-lpthread").status().unwrap();
         assert!(status.success(), "cc failed for {}", src.display());
         std::fs::rename(&tmp, &out).unwrap();
@@ -273,9 +292,23 @@ impl World {
     }
 
     /// The event log, once the daemon has logged every bind it granted the shim.
+    /// The event log, once the daemon has written every event it owes (`/flush` asked
+    /// until it owes none, for at most 10 s: on a loaded machine one call's 250 ms may
+    /// not do). A world with no daemon has its log read as it is.
     pub fn events(&self) -> Vec<styxy_preload_common::eventlog::Event> {
-        let _ = self.call_maybe("POST", "/flush");
+        let until = Instant::now() + Duration::from_secs(10);
+        while let Some(r) = self.call_maybe("POST", "/flush") {
+            if !styxy_preload_common::api::FlushReply::owes(&r.body) || Instant::now() > until {
+                break;
+            }
+        }
         styxy_preload_common::eventlog::read_all(&self.log_path()).unwrap_or_default()
+    }
+
+    /// A counter of the daemon's `/metrics` (the first sample whose line starts with `name`).
+    pub fn metric(&self, name: &str) -> u64 {
+        let body = String::from_utf8_lossy(&self.call("GET", "/metrics", None).body).into_owned();
+        body.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in {body}"))
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> http::Response {
