@@ -322,12 +322,13 @@ try:
 
     # 2b. a new grant: the first bind of a port in a session, which asks the daemon on
     # hook.sock (the kept and remapped rows above are a restart: the session's own port,
-    # read from its block with no question). The Styxy row below is one of these too.
+    # read from its block with no question). Its budget is the first coordinated bind's,
+    # whose floor is one hook.sock round trip. The Styxy row below is one of these too.
     new_rounds = 5 if S else 60
     w_us, floor_us, wo_us = cold(["bind", "3010"], "bench-new", new_rounds, new=True)
     row(f"cold: coordinated bind + listen of a port nobody holds (3010–3069), a new grant (a session of its own each time), no Styxy, "
         f"median of {new_rounds}", f"{w_us:.0f} µs", f"empty C lib {floor_us:.0f} µs, none {wo_us:.0f} µs",
-        f"{w_us - floor_us:+.0f} µs above the empty lib", "—", "—")
+        f"{w_us - floor_us:+.0f} µs above the empty lib", "≤ +60 µs", w_us - floor_us <= 60)
 
     # 2c. the cold path while Styxy answers: a second daemon fronts a stand-in Styxy that
     # answers every allocate 1 ms late (tests/fixtures/fake_styxy.py, "slow 1"); each fresh
