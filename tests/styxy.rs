@@ -608,7 +608,7 @@ fn a_user_type_in_a_restarted_styxys_config_is_followed() {
     c.args(["exec", "--session", "ml", "--", "python3", "-c"])
         .arg("import socket; s=socket.socket(); s.bind(('127.0.0.1',12705)); s.listen(); print(s.getsockname()[1])");
     assert_eq!(text(&run(with_styxy(&s2, c)).stdout).trim(), "12705");
-    assert!(s2.allocates_at_least(1).iter().any(|a| a["body"]["service_type"] == "ml"), "{}", s2.summary());
+    wait_for(10, "the `ml` allocate in the new Styxy's log", || s2.allocates().into_iter().find(|a| a["body"]["service_type"] == "ml"));
 }
 
 #[test]

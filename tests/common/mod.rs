@@ -291,7 +291,6 @@ impl World {
         c.wait().ok()
     }
 
-    /// The event log, once the daemon has logged every bind it granted the shim.
     /// The event log, once the daemon has written every event it owes (`/flush` asked
     /// until it owes none, for at most 10 s: on a loaded machine one call's 250 ms may
     /// not do). A world with no daemon has its log read as it is.
